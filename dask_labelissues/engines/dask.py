@@ -1,0 +1,217 @@
+"""The Dask engine: blocks are the row chunks of dask arrays.
+
+Pass one runs one task per block that reads pred_probs and returns both the
+block's records and its threshold state; the records are persisted (kept in
+worker memory, spilled by Dask if need be) and the states go up a tree of
+``split_every``-way merges.  Pass two maps over the records.  The selection
+and the gathering of the winners are further tree reductions and per-block
+tasks over the persisted scores, so no process ever holds all N scores.
+
+It runs on whatever scheduler is active: the ``client`` passed in, else
+Dask's current default (a distributed Client, threads or processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Callable, Iterator, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed, delayed
+
+from .. import states
+from ..kernels import ScoreSpec
+from ..states import CountState, HistogramState, ThresholdState, Winners
+from .base import Driver, block_bounds
+
+#: Fan-in of every tree reduction.
+SPLIT_EVERY = 8
+
+
+def tree_reduce(parts: Sequence[Delayed], combine: Callable, split_every: int) -> Delayed:
+    """Merge delayed states ``split_every`` at a time until one is left."""
+    if split_every < 2:
+        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    level = list(parts)
+    while len(level) > 1:
+        level = [
+            delayed(combine, pure=True)(level[i : i + split_every])
+            for i in range(0, len(level), split_every)
+        ]
+    return level[0]
+
+
+def _active_client(client: Any) -> Any:
+    """The distributed Client the job will run on, or None for local schedulers."""
+    if client is not None:
+        return client
+    scheduler = dask.base.get_scheduler()
+    owner = getattr(scheduler, "__self__", None)
+    try:
+        from distributed import Client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    return owner if isinstance(owner, Client) else None
+
+
+class DaskDriver(Driver):
+    """Runs the job's block tasks as Dask graphs.
+
+    Parameters
+    ----------
+    labels, pred_probs
+        Dask arrays with the same row chunks; pred_probs in one column chunk.
+    spec
+        What to compute.
+    client
+        A ``distributed.Client`` to run on; None uses Dask's current scheduler.
+    split_every
+        Fan-in of the tree reductions.
+    progress
+        Show a progress bar on stderr for each pass.
+    """
+
+    def __init__(
+        self,
+        labels: da.Array,
+        pred_probs: da.Array,
+        spec: ScoreSpec,
+        *,
+        client: Any = None,
+        split_every: int = SPLIT_EVERY,
+        progress: bool = False,
+    ) -> None:
+        if labels.chunks[0] != pred_probs.chunks[0] or len(pred_probs.chunks[1]) != 1:
+            raise ValueError("labels and pred_probs must share row chunks, one column chunk")
+        self.labels = labels
+        self.pred_probs = pred_probs
+        self.spec = spec
+        self.client = _active_client(client)
+        self.split_every = split_every
+        self.progress = progress
+        self.n_rows, self.n_classes = (int(s) for s in pred_probs.shape)
+        self.chunks = pred_probs.chunks[0]
+        self.bounds = block_bounds(self.chunks)
+        self._label_blocks = labels.to_delayed().ravel().tolist()
+        self._prob_blocks = pred_probs.to_delayed().ravel().tolist()
+        self.records: da.Array | None = None
+        self.scores: da.Array | None = None
+
+    # -- scheduling ----------------------------------------------------------
+    @contextlib.contextmanager
+    def _local_bar(self) -> Iterator[None]:
+        if self.progress and self.client is None:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar(out=sys.stderr):
+                yield
+        else:
+            yield
+
+    def _persist(self, *collections: Any) -> tuple:
+        if self.client is not None:
+            out = tuple(self.client.persist(list(collections)))
+            if self.progress:
+                from distributed import progress
+
+                progress(out, notebook=False)
+            return out
+        with self._local_bar():
+            return dask.persist(*collections)
+
+    def _compute(self, *collections: Any) -> tuple:
+        if self.client is not None:
+            return tuple(self.client.compute(list(collections), sync=True))
+        return dask.compute(*collections)
+
+    def _array(self, blocks: Sequence[Delayed], dtype: Any) -> da.Array:
+        parts = [
+            da.from_delayed(b, shape=(stop - start,), dtype=dtype)
+            for b, (start, stop) in zip(blocks, self.bounds)
+        ]
+        return da.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _blocks(self, arr: da.Array) -> list[Delayed]:
+        return arr.to_delayed().ravel().tolist()
+
+    # -- stages --------------------------------------------------------------
+    def scan(self) -> ThresholdState:
+        spec = self.spec
+        records, parts = [], []
+        for (start, _), lab, prob in zip(self.bounds, self._label_blocks, self._prob_blocks):
+            rec, state = delayed(states.scan_block, nout=2, pure=True)(lab, prob, start, spec)
+            records.append(rec)
+            parts.append(state)
+        record_array = self._array(records, spec.record_dtype())
+        merged = tree_reduce(parts, ThresholdState.combine, self.split_every)
+        # One graph for both, so each block of pred_probs is read by one task.
+        self.records, merged = self._persist(record_array, merged)
+        (state,) = self._compute(merged)
+        return state
+
+    def score(self, thresholds: np.ndarray) -> CountState:
+        assert self.records is not None, "scan() first"
+        spec = self.spec
+        if spec.rereads:
+            # The adjusted margin needs pred_probs cell by cell: read it again.
+            scores = self._array(
+                [
+                    delayed(states.block_scores, pure=True)(rec, thresholds, spec, lab, prob)
+                    for rec, lab, prob in zip(
+                        self._blocks(self.records), self._label_blocks, self._prob_blocks
+                    )
+                ],
+                np.float64,
+            )
+        else:
+            scores = self.records.map_blocks(
+                states.block_scores, thresholds, spec, dtype=np.float64, meta=np.empty(0, np.float64)
+            )
+        counts = tree_reduce(
+            [delayed(CountState.chunk, pure=True)(rec, thresholds) for rec in self._blocks(self.records)],
+            CountState.combine,
+            self.split_every,
+        )
+        self.scores, counts = self._persist(scores, counts)
+        (state,) = self._compute(counts)
+        return state
+
+    def histogram(self, round_index: int, prefix: int) -> HistogramState:
+        assert self.scores is not None, "score() first"
+        parts = [
+            delayed(HistogramState.chunk, pure=True)(b, round_index, prefix)
+            for b in self._blocks(self.scores)
+        ]
+        (state,) = self._compute(tree_reduce(parts, HistogramState.combine, self.split_every))
+        return state
+
+    def equal_counts(self, cutoff: int) -> list[int]:
+        assert self.scores is not None, "score() first"
+        parts = [delayed(states.equal_count_block, pure=True)(b, cutoff) for b in self._blocks(self.scores)]
+        return [int(c) for c in self._compute(*parts)]
+
+    def gather(self, cutoff: int, quotas: list[int]) -> Winners:
+        assert self.scores is not None and self.records is not None
+        parts = [
+            delayed(_winners, pure=True)(rec, sc, cutoff, q, start)
+            for rec, sc, q, (start, _) in zip(
+                self._blocks(self.records), self._blocks(self.scores), quotas, self.bounds
+            )
+        ]
+        return Winners.combine(list(self._compute(*parts)))
+
+    def outputs(self, cutoff: int, quotas: list[int]) -> tuple[da.Array, da.Array]:
+        assert self.scores is not None and self.records is not None
+        quotas = quotas or [0] * len(self.bounds)
+        masks = [
+            delayed(states.issue_mask_block, pure=True)(rec, sc, cutoff, q)
+            for rec, sc, q in zip(self._blocks(self.records), self._blocks(self.scores), quotas)
+        ]
+        return self.scores, self._array(masks, np.bool_)
+
+
+def _winners(rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, start: int) -> Winners:
+    return Winners.chunk(rec, scores, states.selected_block(scores, cutoff, quota), start)

@@ -1,0 +1,86 @@
+"""The fork engine: a pool of processes that inherit the inputs.
+
+Workers are started with ``fork`` after the job (inputs and shared output
+buffers) is in place, so no array is ever pickled: a task is a method name
+and a block index, and a result is a small state.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import warnings
+from typing import Any, Iterable, Sequence
+
+from ..kernels import ScoreSpec
+from .local import LocalDriver, LocalJob, serial_mapper
+
+# The job the pool's children inherited; set only while a pool is alive.
+_JOB: LocalJob | None = None
+
+
+def _call(task: tuple[str, tuple]) -> Any:
+    name, args = task
+    assert _JOB is not None, "fork worker started without a job"
+    return getattr(_JOB, name)(*args)
+
+
+def fork_available() -> bool:
+    """True where the ``fork`` start method exists (not on Windows)."""
+    return "fork" in mp.get_all_start_methods()
+
+
+class ForkDriver(LocalDriver):
+    """A :class:`LocalDriver` whose block tasks run in ``n_jobs`` forked processes."""
+
+    def __init__(self, job: LocalJob, n_jobs: int, progress: bool = False) -> None:
+        global _JOB
+        if _JOB is not None:
+            raise RuntimeError("another fork-engine job is running in this process")
+        _JOB = job
+        try:
+            self.pool = mp.get_context("fork").Pool(n_jobs)
+        except BaseException:
+            _JOB = None
+            raise
+        super().__init__(job, self._map, progress=progress)
+
+    def _map(self, name: str, args: Sequence[tuple]) -> Iterable[Any]:
+        return self.pool.imap(_call, [(name, a) for a in args], chunksize=1)
+
+    def close(self) -> None:
+        global _JOB
+        self.pool.terminate()
+        self.pool.join()
+        _JOB = None
+
+
+def fork_driver(
+    labels: Any,
+    pred_probs: Any,
+    spec: ScoreSpec,
+    chunk_rows: int,
+    *,
+    n_jobs: int | None = None,
+    progress: bool = False,
+    spill_dir: str | None = None,
+) -> LocalDriver:
+    """A driver running on ``n_jobs`` forked processes (default: all cores).
+
+    Where ``fork`` does not exist, warns and returns the serial driver.
+    """
+    if n_jobs is None:
+        n_jobs = os.cpu_count() or 1
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
+    if not fork_available():
+        warnings.warn(
+            "backend='fork' needs the fork start method, which this platform lacks; "
+            "running serially",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        job = LocalJob(labels, pred_probs, spec, chunk_rows, shared=False, spill_dir=spill_dir)
+        return LocalDriver(job, serial_mapper(job), progress=progress)
+    job = LocalJob(labels, pred_probs, spec, chunk_rows, shared=True, spill_dir=spill_dir)
+    return ForkDriver(job, n_jobs, progress=progress)

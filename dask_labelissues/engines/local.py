@@ -1,0 +1,184 @@
+"""The one-machine driver shared by the serial and fork engines.
+
+Blocks are row ranges of the inputs.  The per-row records, scores and issue
+mask live in buffers allocated before any worker process starts, so forked
+workers share them (anonymous shared memory, or a file in ``spill_dir`` when
+they are large) and write their rows in place; only states travel back.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import tempfile
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .. import states
+from ..kernels import ScoreSpec
+from ..states import CountState, HistogramState, ThresholdState, Winners
+from .base import Driver, block_bounds, even_chunks
+
+#: Buffers larger than this go to a file in ``spill_dir`` instead of memory.
+SPILL_BYTES = 256 * 2**20
+
+
+def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None) -> np.ndarray:
+    """An uninitialized length-``n`` buffer.
+
+    Large buffers are backed by an unlinked temporary file, so that the page
+    cache, not anonymous memory, holds them and nothing is left on disk.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = max(n * dtype.itemsize, 1)
+    if nbytes > SPILL_BYTES:
+        fd, path = tempfile.mkstemp(prefix="dask-labelissues-", dir=spill_dir)
+        try:
+            os.ftruncate(fd, nbytes)
+            buf = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        return np.frombuffer(buf, dtype=dtype, count=n)
+    if shared:
+        return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=n)
+    return np.empty(n, dtype=dtype)
+
+
+class LocalJob:
+    """Inputs, buffers and the block tasks of one job on one machine.
+
+    Every method taking a block index runs one block task; the fork engine
+    calls them in child processes that inherited this object.
+    """
+
+    def __init__(
+        self,
+        labels: Any,
+        pred_probs: Any,
+        spec: ScoreSpec,
+        chunk_rows: int,
+        *,
+        shared: bool,
+        spill_dir: str | None = None,
+    ) -> None:
+        self.labels = labels
+        self.pred_probs = pred_probs
+        self.spec = spec
+        self.n_rows, self.n_classes = (int(s) for s in pred_probs.shape)
+        self.bounds = block_bounds(even_chunks(self.n_rows, chunk_rows))
+        self.records = allocate(self.n_rows, spec.record_dtype(), shared=shared, spill_dir=spill_dir)
+        self.scores = allocate(self.n_rows, np.float64, shared=shared, spill_dir=spill_dir)
+        self.mask = allocate(self.n_rows, np.bool_, shared=shared, spill_dir=spill_dir)
+
+    def _read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.bounds[i]
+        return np.asarray(self.labels[a:b]), np.asarray(self.pred_probs[a:b])
+
+    def scan(self, i: int) -> ThresholdState:
+        a, b = self.bounds[i]
+        labels, probs = self._read(i)
+        rec, state = states.scan_block(labels, probs, a, self.spec)
+        self.records[a:b] = rec
+        return state
+
+    def score(self, i: int, thresholds: np.ndarray) -> CountState:
+        a, b = self.bounds[i]
+        labels = probs = None
+        if self.spec.rereads:
+            labels, probs = self._read(i)
+        scores, count = states.score_block(self.records[a:b], thresholds, self.spec, labels, probs)
+        self.scores[a:b] = scores
+        return count
+
+    def histogram(self, i: int, round_index: int, prefix: int) -> HistogramState:
+        a, b = self.bounds[i]
+        return HistogramState.chunk(self.scores[a:b], round_index, prefix)
+
+    def equal_count(self, i: int, cutoff: int) -> int:
+        a, b = self.bounds[i]
+        return states.equal_count_block(self.scores[a:b], cutoff)
+
+    def gather(self, i: int, cutoff: int, quota: int) -> Winners:
+        a, b = self.bounds[i]
+        sc = self.scores[a:b]
+        return Winners.chunk(self.records[a:b], sc, states.selected_block(sc, cutoff, quota), a)
+
+    def write_mask(self, i: int, cutoff: int, quota: int) -> None:
+        a, b = self.bounds[i]
+        self.mask[a:b] = states.issue_mask_block(self.records[a:b], self.scores[a:b], cutoff, quota)
+
+
+Mapper = Callable[[str, Sequence[tuple]], Iterable[Any]]
+
+
+def _progress(items: Iterable[Any], total: int, desc: str, enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress is a nicety, never a reason to fail
+        return items
+    return tqdm(items, total=total, desc=desc, unit="block", file=sys.stderr)
+
+
+def _fold(parts: Iterable[Any], combine: Callable[[list], Any]) -> Any:
+    """Merge states as they arrive, so memory holds two at a time."""
+    acc = None
+    for part in parts:
+        acc = part if acc is None else combine([acc, part])
+    return acc
+
+
+class LocalDriver(Driver):
+    """Runs a :class:`LocalJob`'s block tasks through ``mapper``.
+
+    ``mapper(method_name, args_per_block)`` yields results in block order;
+    the serial engine maps in-process, the fork engine through a pool.
+    """
+
+    def __init__(self, job: LocalJob, mapper: Mapper, progress: bool = False) -> None:
+        self.job = job
+        self.map = mapper
+        self.progress = progress
+        self.n_rows = job.n_rows
+        self.n_classes = job.n_classes
+        self.n_blocks = len(job.bounds)
+
+    def _each(self, name: str, *args: Any, desc: str | None = None) -> Iterable[Any]:
+        results = self.map(name, [(i, *args) for i in range(self.n_blocks)])
+        return _progress(results, self.n_blocks, desc or name, self.progress and desc is not None)
+
+    def scan(self) -> ThresholdState:
+        return _fold(self._each("scan", desc="pass 1: reading pred_probs"), ThresholdState.combine)
+
+    def score(self, thresholds: np.ndarray) -> CountState:
+        return _fold(self._each("score", thresholds, desc="pass 2: scoring"), CountState.combine)
+
+    def histogram(self, round_index: int, prefix: int) -> HistogramState:
+        return _fold(self._each("histogram", round_index, prefix), HistogramState.combine)
+
+    def equal_counts(self, cutoff: int) -> list[int]:
+        return list(self._each("equal_count", cutoff))
+
+    def gather(self, cutoff: int, quotas: list[int]) -> Winners:
+        args = [(i, cutoff, q) for i, q in enumerate(quotas)]
+        return Winners.combine(list(self.map("gather", args)))
+
+    def outputs(self, cutoff: int, quotas: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        quotas = quotas or [0] * self.n_blocks
+        for _ in self.map("write_mask", [(i, cutoff, q) for i, q in enumerate(quotas)]):
+            pass
+        return self.job.scores, self.job.mask
+
+
+def serial_mapper(job: LocalJob) -> Mapper:
+    """Map block tasks in this process, one after another."""
+
+    def mapper(name: str, args: Sequence[tuple]) -> Iterable[Any]:
+        method = getattr(job, name)
+        return (method(*a) for a in args)
+
+    return mapper

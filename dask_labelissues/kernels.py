@@ -1,0 +1,344 @@
+"""Per-block numpy math of batched confident learning.
+
+Every function here takes numpy blocks of rows and returns numpy arrays or
+plain numbers.  Nothing here knows about Dask, processes or files: the
+engines move blocks to these functions and their outputs back.
+
+A block is a contiguous run of rows ``start:stop``.  Every per-row result
+depends only on that row (and on the thresholds), never on how the rows were
+split into blocks; that is what makes the output identical for any chunking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Margin used by confident learning for "greater or equal" comparisons.
+FLOATING_POINT_COMPARISON = 1e-6
+#: Lower bound applied to every confident threshold.
+THRESHOLD_FLOOR = 2 * FLOATING_POINT_COMPARISON
+#: Threshold of a class that never occurs as a label: no probability reaches it.
+ABSENT_CLASS_THRESHOLD = 2.0
+#: Lower clip used by the confidence-weighted-entropy score.
+CLIP_FLOOR = 1e-6
+
+METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+ESTIMATION_METHODS = ("off_diagonal", "off_diagonal_calibrated")
+
+#: Bits of a radix-select digit; 4 rounds cover a 64-bit key.
+DIGIT_BITS = 16
+N_DIGIT_BINS = 1 << DIGIT_BITS
+N_ROUNDS = 64 // DIGIT_BITS
+
+# Probabilities are summed per class in fixed point with 2**-64 resolution so
+# that the sums are exact integers: integer addition is associative, so the
+# thresholds do not depend on how rows are grouped into blocks.
+_LIMB = 2.0**32
+#: Largest probability value accepted when row sums are not checked.
+MAX_VALUE = 2.0**31
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What to compute: the scoring method and how to estimate the count.
+
+    Parameters
+    ----------
+    method
+        ``self_confidence``, ``normalized_margin`` or
+        ``confidence_weighted_entropy``, as in
+        ``cleanlab.rank.get_label_quality_scores``.
+    adjust_pred_probs
+        Subtract the confident thresholds before scoring.
+    estimation_method
+        ``off_diagonal`` or ``off_diagonal_calibrated``.
+    row_sum_tolerance
+        Largest accepted ``|sum(row) - 1|``; ``None`` accepts unnormalized
+        rows on purpose.
+    """
+
+    method: str = "self_confidence"
+    adjust_pred_probs: bool = False
+    estimation_method: str = "off_diagonal"
+    row_sum_tolerance: float | None = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(
+                f"method={self.method!r} is not one of {', '.join(METHODS)}"
+            )
+        if self.estimation_method not in ESTIMATION_METHODS:
+            raise ValueError(
+                f"estimation_method={self.estimation_method!r} is not one of "
+                f"{', '.join(ESTIMATION_METHODS)}"
+            )
+        if self.adjust_pred_probs and self.method == "confidence_weighted_entropy":
+            raise ValueError(
+                "adjust_pred_probs=True is not supported for "
+                "method='confidence_weighted_entropy'"
+            )
+        if self.row_sum_tolerance is not None and not self.row_sum_tolerance >= 0:
+            raise ValueError(
+                f"row_sum_tolerance must be >= 0 or None, got {self.row_sum_tolerance!r}"
+            )
+
+    @property
+    def rereads(self) -> bool:
+        """True when scoring needs pred_probs again once the thresholds are known.
+
+        The adjusted normalized margin takes a maximum over threshold-shifted
+        cells, which no threshold-free per-row summary can give.
+        """
+        return self.adjust_pred_probs and self.method == "normalized_margin"
+
+    def record_dtype(self) -> np.dtype:
+        """The per-row record kept between pass one and pass two."""
+        fields: list[tuple[str, str]] = [("p_pred", "f8")]
+        if not self.adjust_pred_probs:
+            fields.append(("score", "f8"))
+        elif self.method == "self_confidence":
+            fields += [("p_label", "f8"), ("row_sum", "f8")]
+        fields += [("label", "i4"), ("pred", "i4"), ("reduce", "?")]
+        return np.dtype(fields, align=True)
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """The first bad value found in a block; ``row`` is the global row index."""
+
+    row: int
+    message: str
+    kind: str = "value"  # "value" -> ValueError
+
+
+def find_problem(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    start: int,
+    row_sum_tolerance: float | None,
+    row_sums: np.ndarray,
+    row_mins: np.ndarray,
+    row_maxs: np.ndarray,
+) -> InputProblem | None:
+    """Return the first bad row of a block, or None.
+
+    Uses per-row reductions the scan already computed, so checking costs no
+    extra pass over the matrix; only the first offending row is looked at
+    cell by cell, to name the bad value.
+    """
+    k = probs.shape[1]
+    bad_label = (labels < 0) | (labels >= k)
+    bad = bad_label | ~np.isfinite(row_sums) | ~(row_mins >= 0)
+    if row_sum_tolerance is not None:
+        bad |= ~(np.abs(row_sums - 1.0) <= row_sum_tolerance)
+    else:
+        bad |= ~(row_maxs < MAX_VALUE)
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    row = start + i
+    if bad_label[i]:
+        return InputProblem(
+            row, f"labels[{row}] = {labels[i]} is not a class index in 0..{k - 1}"
+        )
+    values = np.asarray(probs[i])
+    nonfinite = ~np.isfinite(values)
+    if nonfinite.any():
+        j = int(np.argmax(nonfinite))
+        return InputProblem(row, f"pred_probs[{row}, {j}] = {values[j]} is not finite")
+    negative = values < 0
+    if negative.any():
+        j = int(np.argmax(negative))
+        return InputProblem(row, f"pred_probs[{row}, {j}] = {values[j]} is negative")
+    if row_sum_tolerance is None:
+        j = int(np.argmax(values))
+        return InputProblem(
+            row,
+            f"pred_probs[{row}, {j}] = {values[j]} is too large for a probability "
+            f"(limit {MAX_VALUE:g})",
+        )
+    return InputProblem(
+        row,
+        f"pred_probs row {row} sums to {float(row_sums[i])!r}, off 1 by more than "
+        f"{row_sum_tolerance:g} (pass row_sum_tolerance=None to accept unnormalized rows)",
+    )
+
+
+def row_records(
+    labels: np.ndarray, probs: np.ndarray, spec: ScoreSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pass one's per-row work on a block.
+
+    Returns ``(records, p_label, row_sums, row_mins)``.  The records hold what
+    pass two needs, free of the thresholds; ``p_label`` feeds the threshold
+    sums; row sums and minimums feed validation.  Rows with an out-of-range
+    label get a clipped label here; the scan reports them as errors.
+    """
+    n, k = probs.shape
+    rows = np.arange(n)
+    y = np.clip(labels, 0, k - 1).astype(np.int64, copy=False)
+    pred = probs.argmax(axis=1)
+    p_pred = probs[rows, pred]
+    p_label_native = probs[rows, y]
+    # cleanlab adds the margin in the input's own dtype before taking argmax;
+    # doing the same keeps the near-tie rule identical for float32 input.
+    plus = p_label_native + probs.dtype.type(FLOATING_POINT_COMPARISON)
+    reduce = (pred == y) | ((pred < y) & (p_pred < plus)) | ((pred > y) & (p_pred <= plus))
+
+    row_mins = probs.min(axis=1)
+    need_exact_sum = spec.adjust_pred_probs or spec.method == "confidence_weighted_entropy"
+    wide = probs.astype(np.float64) if need_exact_sum else None
+    row_sums = wide.sum(axis=1) if wide is not None else probs.sum(axis=1, dtype=np.float64)
+
+    rec = np.empty(n, dtype=spec.record_dtype())
+    rec["p_pred"] = p_pred
+    rec["label"] = y
+    rec["pred"] = pred
+    rec["reduce"] = reduce
+    p_label = p_label_native.astype(np.float64)
+    if not spec.adjust_pred_probs:
+        if spec.method == "self_confidence":
+            rec["score"] = p_label
+        elif spec.method == "normalized_margin":
+            rec["score"] = (p_label - max_other(probs, y, pred, p_pred) + 1.0) / 2.0
+        else:
+            rec["score"] = _cwe_score(p_label, _normalized_entropy(wide))
+    elif spec.method == "self_confidence":
+        rec["p_label"] = p_label
+        rec["row_sum"] = row_sums
+    return rec, p_label, row_sums, row_mins
+
+
+def max_other(
+    probs: np.ndarray, labels: np.ndarray, pred: np.ndarray, p_pred: np.ndarray
+) -> np.ndarray:
+    """Largest probability of a class other than the given label, as float64."""
+    out = p_pred.astype(np.float64)
+    hit = np.flatnonzero(pred == labels)
+    if hit.size:
+        sub = np.array(probs[hit], dtype=np.float64)
+        sub[np.arange(hit.size), labels[hit]] = -np.inf
+        out[hit] = sub.max(axis=1)
+    return out
+
+
+def _normalized_entropy(wide: np.ndarray) -> np.ndarray:
+    logs = np.zeros_like(wide)
+    np.log(wide, out=logs, where=wide > 0)
+    return -(wide * logs).sum(axis=1) / np.log(wide.shape[1])
+
+
+def _cwe_score(p_label: np.ndarray, entropy: np.ndarray) -> np.ndarray:
+    ratio = entropy / np.maximum(p_label, CLIP_FLOOR)
+    return np.log(ratio + 1.0) / np.maximum(ratio, CLIP_FLOOR)
+
+
+def scores_from_records(rec: np.ndarray, thresholds: np.ndarray, spec: ScoreSpec) -> np.ndarray:
+    """Pass two's score for every row of a block of records."""
+    if not spec.adjust_pred_probs:
+        return np.array(rec["score"], dtype=np.float64)
+    if spec.method != "self_confidence":
+        raise ValueError(f"scores for method={spec.method!r} with adjustment need pred_probs")
+    k = thresholds.shape[0]
+    t_max = thresholds.max()
+    label = rec["label"]
+    numerator = (rec["p_label"] - thresholds[label]) + t_max
+    denominator = (rec["row_sum"] - thresholds.sum()) + k * t_max
+    return numerator / denominator
+
+
+def adjusted_margin_scores(
+    labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray
+) -> np.ndarray:
+    """Normalized margin of threshold-adjusted probabilities, from the raw block."""
+    n = probs.shape[0]
+    rows = np.arange(n)
+    y = labels.astype(np.int64, copy=False)
+    adj = probs - thresholds
+    adj += thresholds.max()
+    adj /= adj.sum(axis=1, keepdims=True)
+    own = adj[rows, y].copy()
+    adj[rows, y] = -np.inf
+    return (own - adj.max(axis=1) + 1.0) / 2.0
+
+
+def confident_off_diagonal(
+    rec: np.ndarray, thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose predicted class clears its threshold, and which of them disagree.
+
+    Returns ``(confident, off_diagonal)`` boolean arrays.
+    """
+    pred = rec["pred"]
+    confident = rec["p_pred"] >= (thresholds - FLOATING_POINT_COMPARISON)[pred]
+    return confident, confident & (pred != rec["label"])
+
+
+def fixed_point_class_sums(labels: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """Exact per-class sums of ``floor(value * 2**64)`` as Python ints.
+
+    ``values`` are finite, non-negative and below :data:`MAX_VALUE`.  Each
+    value is split into two 32-bit limbs held in float64; ``np.bincount``
+    sums them exactly as long as every partial sum stays below 2**53, so the
+    rows go through in steps small enough to guarantee that.
+    """
+    totals = np.zeros(k, dtype=object)
+    totals[:] = 0
+    n = values.shape[0]
+    if n == 0:
+        return totals
+    scaled = values * _LIMB
+    hi = np.floor(scaled)
+    lo = np.floor((scaled - hi) * _LIMB)
+    largest = max(float(hi.max()), _LIMB)
+    step = max(1, int(2.0**52 // largest))
+    shift = 1 << 32
+    for a in range(0, n, step):
+        b = a + step
+        h = np.bincount(labels[a:b], weights=hi[a:b], minlength=k).astype(np.int64)
+        lo_sum = np.bincount(labels[a:b], weights=lo[a:b], minlength=k).astype(np.int64)
+        totals += h.astype(object) * shift + lo_sum.astype(object)
+    return totals
+
+
+def exact_means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Correctly rounded ``sums / (counts * 2**64)``; absent classes get 2.0."""
+    scale = 1 << 64
+    out = np.empty(counts.shape[0], dtype=np.float64)
+    for i, (s, c) in enumerate(zip(sums.tolist(), counts.tolist())):
+        # int / int in Python is correctly rounded, so the mean is the same
+        # float whatever the order the exact sum was assembled in.
+        out[i] = s / (c * scale) if c else ABSENT_CLASS_THRESHOLD
+    return out
+
+
+def score_keys(scores: np.ndarray) -> np.ndarray:
+    """Map float64 scores to uint64 keys with the same order.
+
+    -0.0 is folded onto 0.0 first so that keys compare like the floats do.
+    """
+    bits = (np.asarray(scores, dtype=np.float64) + 0.0).view(np.uint64)
+    negative = (bits >> np.uint64(63)).astype(bool)
+    return np.where(negative, ~bits, bits | np.uint64(1 << 63))
+
+
+def digit_histogram(keys: np.ndarray, round_index: int, prefix: int) -> np.ndarray:
+    """Counts of the next 16-bit digit among keys whose leading digits equal ``prefix``."""
+    done_bits = DIGIT_BITS * round_index
+    shift = np.uint64(64 - done_bits - DIGIT_BITS)
+    if round_index:
+        keys = keys[(keys >> np.uint64(64 - done_bits)) == np.uint64(prefix)]
+    digits = ((keys >> shift) & np.uint64(N_DIGIT_BINS - 1)).astype(np.intp)
+    return np.bincount(digits, minlength=N_DIGIT_BINS).astype(np.int64)
+
+
+def selected_rows(keys: np.ndarray, cutoff: int, quota: int) -> np.ndarray:
+    """Mask of the rows in the top set: keys below the cutoff, plus the first
+    ``quota`` rows (by index) whose key equals it."""
+    cut = np.uint64(cutoff)
+    mask = keys < cut
+    if quota > 0:
+        mask[np.flatnonzero(keys == cut)[:quota]] = True
+    return mask

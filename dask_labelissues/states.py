@@ -1,0 +1,302 @@
+"""Mergeable states of the three reductions, and the block tasks that make them.
+
+Each state has the same three verbs, as in flox's aggregations:
+
+``chunk``
+    build a state from one block (the ``*_block`` task functions below),
+``combine``
+    merge any number of states (associative and commutative, and exact, so
+    that every tree of merges gives the same bits),
+``finalize``
+    turn the merged state into the answer.
+
+The engines only decide where chunk runs and in which tree combine runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from . import kernels
+from .kernels import InputProblem, ScoreSpec
+
+
+class InputValueError(ValueError):
+    """Bad values found in the data; the message names the first bad row."""
+
+
+@dataclass
+class ThresholdState:
+    """Pass one: rows per given label, exact sums of their own-class
+    probability, and the first bad row seen."""
+
+    counts: np.ndarray  # int64 (K,)
+    sums: np.ndarray  # object (K,), Python ints in units of 2**-64
+    rows: int = 0
+    problem: InputProblem | None = None
+
+    @classmethod
+    def empty(cls, k: int) -> "ThresholdState":
+        sums = np.zeros(k, dtype=object)
+        sums[:] = 0
+        return cls(np.zeros(k, dtype=np.int64), sums)
+
+    @classmethod
+    def combine(cls, states: Sequence["ThresholdState"]) -> "ThresholdState":
+        first = states[0]
+        counts = first.counts.copy()
+        sums = first.sums.copy()
+        rows = first.rows
+        problems = [first.problem] if first.problem else []
+        for s in states[1:]:
+            counts += s.counts
+            sums += s.sums
+            rows += s.rows
+            if s.problem:
+                problems.append(s.problem)
+        problem = min(problems, key=lambda p: p.row) if problems else None
+        return cls(counts, sums, rows, problem)
+
+    def raise_problem(self) -> None:
+        """Raise the first bad row's error, if there is one."""
+        if self.problem is not None:
+            raise InputValueError(self.problem.message)
+
+    def finalize(self) -> np.ndarray:
+        """The confident thresholds (K,), float64.
+
+        Equal to the full-data mean of ``pred_probs[labels == k, k]`` for each
+        class k, correctly rounded, 2.0 for a class no row is labelled with,
+        then clipped below at 2e-6.
+        """
+        self.raise_problem()
+        means = kernels.exact_means(self.sums, self.counts)
+        return np.maximum(means, kernels.THRESHOLD_FLOOR)
+
+
+def scan_block(
+    labels: np.ndarray, probs: np.ndarray, start: int, spec: ScoreSpec
+) -> tuple[np.ndarray, ThresholdState]:
+    """Pass one's task on rows ``start:start+len(labels)``: the only read of
+    pred_probs for most settings.  Returns the per-row records and the block's
+    threshold state (bad values are recorded in the state, not raised, so the
+    job can report the globally first one)."""
+    labels = np.asarray(labels)
+    probs = np.asarray(probs)
+    k = probs.shape[1]
+    rec, p_label, row_sums, row_mins = kernels.row_records(labels, probs, spec)
+    row_maxs = rec["p_pred"]
+    problem = kernels.find_problem(
+        labels, probs, start, spec.row_sum_tolerance, row_sums, row_mins, row_maxs
+    )
+    y = rec["label"].astype(np.intp)
+    if problem is not None:
+        # Rows past a bad value are still summed, but the job stops at
+        # finalize; only keep values the fixed-point sums can hold.
+        p_label = np.where(np.isfinite(p_label) & (p_label >= 0), p_label, 0.0)
+        p_label = np.minimum(p_label, kernels.MAX_VALUE / 2)
+    counts = np.bincount(y, minlength=k).astype(np.int64)
+    sums = kernels.fixed_point_class_sums(y, p_label, k)
+    return rec, ThresholdState(counts, sums, len(labels), problem)
+
+
+@dataclass
+class CountState:
+    """Pass two: what the number of label issues is estimated from.
+
+    ``off_diagonal`` needs one number; the calibrated estimate needs, per
+    given label, the rows (``n``), the confident rows (``norm``) and the
+    confident rows predicted as another class (``prune``).
+    """
+
+    prune: np.ndarray  # int64 (K,)
+    norm: np.ndarray  # int64 (K,)
+    n: np.ndarray  # int64 (K,)
+
+    @classmethod
+    def empty(cls, k: int) -> "CountState":
+        return cls(*(np.zeros(k, dtype=np.int64) for _ in range(3)))
+
+    @classmethod
+    def chunk(cls, rec: np.ndarray, thresholds: np.ndarray) -> "CountState":
+        k = thresholds.shape[0]
+        confident, off = kernels.confident_off_diagonal(rec, thresholds)
+        label = rec["label"].astype(np.intp)
+        return cls(
+            np.bincount(label[off], minlength=k).astype(np.int64),
+            np.bincount(label[confident], minlength=k).astype(np.int64),
+            np.bincount(label, minlength=k).astype(np.int64),
+        )
+
+    @classmethod
+    def combine(cls, states: Sequence["CountState"]) -> "CountState":
+        return cls(
+            np.sum([s.prune for s in states], axis=0, dtype=np.int64),
+            np.sum([s.norm for s in states], axis=0, dtype=np.int64),
+            np.sum([s.n for s in states], axis=0, dtype=np.int64),
+        )
+
+    def finalize(self, estimation_method: str) -> int:
+        """The estimated number of label issues, T."""
+        if estimation_method == "off_diagonal":
+            return int(self.prune.sum())
+        calibrated = self.prune * self.n / np.maximum(self.norm, kernels.CLIP_FLOOR)
+        return int(np.rint(np.sum(calibrated)))
+
+
+def block_scores(
+    rec: np.ndarray,
+    thresholds: np.ndarray,
+    spec: ScoreSpec,
+    labels: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+) -> np.ndarray:
+    """Pass two's scores for one block.
+
+    ``labels`` and ``probs`` (the raw block) are needed only when
+    ``spec.rereads``; otherwise the records suffice.
+    """
+    if spec.rereads:
+        if probs is None or labels is None:
+            raise ValueError("this scoring method needs the pred_probs block again")
+        return kernels.adjusted_margin_scores(np.asarray(labels), np.asarray(probs), thresholds)
+    return kernels.scores_from_records(rec, thresholds, spec)
+
+
+def score_block(
+    rec: np.ndarray,
+    thresholds: np.ndarray,
+    spec: ScoreSpec,
+    labels: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+) -> tuple[np.ndarray, CountState]:
+    """Pass two's task on one block: scores and the block's count state."""
+    return block_scores(rec, thresholds, spec, labels, probs), CountState.chunk(rec, thresholds)
+
+
+@dataclass
+class HistogramState:
+    """One radix-select round: counts of the next digit of the score keys."""
+
+    counts: np.ndarray  # int64 (65536,)
+
+    @classmethod
+    def chunk(cls, scores: np.ndarray, round_index: int, prefix: int) -> "HistogramState":
+        keys = kernels.score_keys(scores)
+        return cls(kernels.digit_histogram(keys, round_index, prefix))
+
+    @classmethod
+    def combine(cls, states: Sequence["HistogramState"]) -> "HistogramState":
+        return cls(np.sum([s.counts for s in states], axis=0, dtype=np.int64))
+
+
+@dataclass
+class Selection:
+    """Finds the key of the T-th smallest score by radix select.
+
+    Four rounds, each a tree reduction of :class:`HistogramState`, narrow
+    the cutoff one 16-bit digit at a time; no process ever holds more than
+    one block of scores and a 65,536-bin histogram.  Afterwards ``cutoff``
+    is the key of the T-th smallest score, ``below`` the number of rows with
+    a smaller key, and ``take`` how many rows with the cutoff key belong to
+    the top set (the lowest indices among them).
+    """
+
+    target: int
+    round_index: int = 0
+    prefix: int = 0
+    below: int = 0
+    take: int = 0
+    tied: int = 0
+    history: list[int] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.round_index >= kernels.N_ROUNDS
+
+    @property
+    def cutoff(self) -> int:
+        if not self.done:
+            raise RuntimeError("selection has not finished")
+        return self.prefix
+
+    def advance(self, hist: HistogramState) -> None:
+        """Fold one round's merged histogram into the cutoff."""
+        need = self.target - self.below  # rank of the target within this prefix, 1-based
+        cumulative = np.cumsum(hist.counts)
+        digit = int(np.searchsorted(cumulative, need, side="left"))
+        before = int(cumulative[digit - 1]) if digit else 0
+        self.below += before
+        self.prefix = (self.prefix << kernels.DIGIT_BITS) | digit
+        self.round_index += 1
+        self.history.append(int(hist.counts[digit]))
+        if self.done:
+            self.tied = int(hist.counts[digit])
+            self.take = self.target - self.below
+
+    def quotas(self, equal_per_block: Sequence[int]) -> list[int]:
+        """Per block, how many rows with the cutoff key to take, lowest index first."""
+        left = self.take
+        out = []
+        for count in equal_per_block:
+            q = min(int(count), left)
+            out.append(q)
+            left -= q
+        return out
+
+
+@dataclass
+class Winners:
+    """The rows of the top set, gathered from every block: O(T) in size."""
+
+    index: np.ndarray  # int64
+    score: np.ndarray  # float64
+    label: np.ndarray  # int64
+    reduce: np.ndarray  # bool
+
+    @classmethod
+    def chunk(
+        cls, rec: np.ndarray, scores: np.ndarray, selected: np.ndarray, start: int
+    ) -> "Winners":
+        rows = np.flatnonzero(selected)
+        return cls(
+            (rows + start).astype(np.int64),
+            np.asarray(scores, dtype=np.float64)[rows],
+            rec["label"][rows].astype(np.int64),
+            rec["reduce"][rows].astype(bool),
+        )
+
+    @classmethod
+    def combine(cls, parts: Sequence["Winners"]) -> "Winners":
+        return cls(
+            np.concatenate([p.index for p in parts]),
+            np.concatenate([p.score for p in parts]),
+            np.concatenate([p.label for p in parts]),
+            np.concatenate([p.reduce for p in parts]),
+        )
+
+    def ranked(self) -> "Winners":
+        """Sorted by ascending score, ties by ascending row index."""
+        order = np.lexsort((self.index, self.score))
+        return Winners(
+            self.index[order], self.score[order], self.label[order], self.reduce[order]
+        )
+
+
+def selected_block(scores: np.ndarray, cutoff: int, quota: int) -> np.ndarray:
+    """Mask of the block's rows in the top-T set."""
+    return kernels.selected_rows(kernels.score_keys(scores), cutoff, quota)
+
+
+def equal_count_block(scores: np.ndarray, cutoff: int) -> int:
+    """How many rows of the block have exactly the cutoff key."""
+    return int(np.count_nonzero(kernels.score_keys(scores) == np.uint64(cutoff)))
+
+
+def issue_mask_block(rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int) -> np.ndarray:
+    """``is_label_issue`` for one block: in the top set and not a near tie
+    the given label would win."""
+    return selected_block(scores, cutoff, quota) & ~rec["reduce"]

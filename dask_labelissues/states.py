@@ -179,18 +179,34 @@ def score_block(
 
 @dataclass
 class HistogramState:
-    """One radix-select round: counts of the next digit of the score keys."""
+    """One radix-select round: counts of the next digit of the score keys.
 
-    counts: np.ndarray  # int64 (65536,)
+    Kept sparse (the digits that occur and their counts), because a block
+    of a few rows would otherwise ship a 65,536-bin array.
+    """
+
+    digits: np.ndarray  # int64, ascending, unique
+    counts: np.ndarray  # int64, > 0
 
     @classmethod
     def chunk(cls, scores: np.ndarray, round_index: int, prefix: int) -> "HistogramState":
         keys = kernels.score_keys(scores)
-        return cls(kernels.digit_histogram(keys, round_index, prefix))
+        dense = kernels.digit_histogram(keys, round_index, prefix)
+        digits = np.flatnonzero(dense)
+        return cls(digits.astype(np.int64), dense[digits])
 
     @classmethod
     def combine(cls, states: Sequence["HistogramState"]) -> "HistogramState":
-        return cls(np.sum([s.counts for s in states], axis=0, dtype=np.int64))
+        dense = np.zeros(kernels.N_DIGIT_BINS, dtype=np.int64)
+        for s in states:
+            dense[s.digits] += s.counts
+        digits = np.flatnonzero(dense)
+        return cls(digits.astype(np.int64), dense[digits])
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(kernels.N_DIGIT_BINS, dtype=np.int64)
+        out[self.digits] = self.counts
+        return out
 
 
 @dataclass
@@ -226,15 +242,16 @@ class Selection:
     def advance(self, hist: HistogramState) -> None:
         """Fold one round's merged histogram into the cutoff."""
         need = self.target - self.below  # rank of the target within this prefix, 1-based
-        cumulative = np.cumsum(hist.counts)
+        counts = hist.dense()
+        cumulative = np.cumsum(counts)
         digit = int(np.searchsorted(cumulative, need, side="left"))
         before = int(cumulative[digit - 1]) if digit else 0
         self.below += before
         self.prefix = (self.prefix << kernels.DIGIT_BITS) | digit
         self.round_index += 1
-        self.history.append(int(hist.counts[digit]))
+        self.history.append(int(counts[digit]))
         if self.done:
-            self.tied = int(hist.counts[digit])
+            self.tied = int(counts[digit])
             self.take = self.target - self.below
 
     def quotas(self, equal_per_block: Sequence[int]) -> list[int]:

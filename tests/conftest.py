@@ -1,0 +1,72 @@
+"""Shared test data: noisy classification datasets with known flipped labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+
+@dataclass
+class Dataset:
+    labels: np.ndarray
+    pred_probs: np.ndarray
+    flipped: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.pred_probs.shape[1]
+
+
+def make_dataset(
+    n: int,
+    k: int,
+    *,
+    seed: int = 0,
+    dtype: type = np.float64,
+    noise: float = 0.1,
+    imbalance: float = 0.0,
+    absent: tuple[int, ...] = (),
+    signal: float = 2.5,
+) -> Dataset:
+    """Softmax predictions of a model that mostly knows the true class.
+
+    ``imbalance`` > 0 skews the class prior geometrically; ``absent`` classes
+    are relabelled away (they still get probability mass, as in cleanlab's
+    absent-class defect report).
+    """
+    rng = np.random.default_rng(seed)
+    prior = np.exp(-imbalance * np.arange(k))
+    prior /= prior.sum()
+    true = rng.choice(k, size=n, p=prior)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), true] += signal
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    labels = true.copy()
+    flipped = rng.random(n) < noise
+    labels[flipped] = (true[flipped] + rng.integers(1, k, flipped.sum())) % k
+    for a in absent:
+        moved = labels == a
+        labels[moved] = (a + 1 + rng.integers(0, k - 1, moved.sum())) % k
+        labels[labels == a] = (a + 1) % k
+    probs = probs.astype(dtype)
+    if dtype != np.float64:
+        # Renormalize in the target dtype, as a model exporting float32 would.
+        probs /= probs.sum(axis=1, keepdims=True)
+    return Dataset(labels.astype(np.int64), probs, np.flatnonzero(labels != true))
+
+
+@pytest.fixture(scope="session")
+def small() -> Dataset:
+    return make_dataset(3000, 10, seed=1)
+
+
+@pytest.fixture(scope="session")
+def medium() -> Dataset:
+    return make_dataset(20000, 10, seed=2)

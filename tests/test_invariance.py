@@ -1,0 +1,118 @@
+"""The output does not depend on chunking, engine or worker count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from dask_labelissues import find_label_issues
+
+from .conftest import Dataset, make_dataset
+
+
+def tied_dataset(n: int = 600, k: int = 5, seed: int = 3) -> Dataset:
+    """Rows drawn from a palette of 12 probability vectors: scores tie
+    exactly, many times over, across every block boundary."""
+    rng = np.random.default_rng(seed)
+    palette = rng.dirichlet(np.ones(k) * 0.7, size=12)
+    rows = rng.integers(0, len(palette), n)
+    probs = palette[rows]
+    labels = rng.integers(0, k, n)
+    return Dataset(labels, probs, np.zeros(0, dtype=np.int64))
+
+
+def assert_identical(a, b) -> None:
+    a, b = a.compute(), b.compute()
+    np.testing.assert_array_equal(a.issues, b.issues)
+    np.testing.assert_array_equal(a.confident_thresholds, b.confident_thresholds)
+    np.testing.assert_array_equal(a.label_quality_scores, b.label_quality_scores)
+    np.testing.assert_array_equal(a.is_label_issue, b.is_label_issue)
+    np.testing.assert_array_equal(a.per_class_issues, b.per_class_issues)
+    np.testing.assert_array_equal(a.per_class_count, b.per_class_count)
+    assert a.estimated_num_issues == b.estimated_num_issues
+    assert a.num_issues == b.num_issues
+
+
+SETTINGS = [
+    dict(),
+    dict(method="normalized_margin", adjust_pred_probs=True, estimation_method="off_diagonal_calibrated"),
+    dict(method="self_confidence", adjust_pred_probs=True),
+    dict(method="confidence_weighted_entropy"),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())) or "default")
+@pytest.mark.parametrize("backend", ["serial", "fork", "dask"])
+def test_chunk_sizes_and_engines_agree(backend, settings):
+    data = tied_dataset()
+    n = data.n
+    reference = find_label_issues(
+        data.labels, data.pred_probs, backend="serial", chunk_rows=n, **settings
+    )
+    assert reference.num_issues > 0
+    for rows in [1, 7, n // 4, n, n + 100]:
+        other = find_label_issues(
+            data.labels, data.pred_probs, backend=backend, chunk_rows=rows, n_jobs=2, **settings
+        )
+        assert_identical(reference, other)
+
+
+def test_ties_are_broken_by_row_index():
+    data = tied_dataset()
+    result = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=7).compute()
+    scores = result.label_quality_scores
+    # Rows tied with the last selected score: the selected ones come first by index.
+    cutoff = scores[result.issues[-1]]
+    tied = np.flatnonzero(scores == cutoff)
+    chosen = np.intersect1d(tied, result.issues)
+    assert len(chosen) < len(tied), "dataset should tie across the cutoff"
+    not_reduced = tied[~np.isin(tied, chosen)]
+    # Every tied row not chosen either comes after the chosen ones or was
+    # dropped by the near-tie rule (in the top set but not an issue).
+    assert np.all(not_reduced > chosen.min())
+
+
+def test_larger_dataset_dask_chunks_match_serial():
+    data = make_dataset(30000, 20, seed=8, dtype=np.float32)
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial", chunk_rows=30000)
+    for rows in [1234, 7500, 30100]:
+        assert_identical(
+            reference,
+            find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=rows),
+        )
+    assert_identical(
+        reference,
+        find_label_issues(data.labels, data.pred_probs, backend="fork", chunk_rows=999, n_jobs=2),
+    )
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+        memory_limit="1GiB",
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def test_local_cluster_matches_serial(local_cluster, tmp_path):
+    data = make_dataset(20000, 10, seed=9)
+    # Workers read the Zarr store from disk themselves.
+    zarr.create_array(str(tmp_path / "labels.zarr"), data=data.labels, chunks=(3000,))
+    zarr.create_array(str(tmp_path / "probs.zarr"), data=data.pred_probs, chunks=(3000, 10))
+    labels = zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")
+    probs = zarr.open_array(str(tmp_path / "probs.zarr"), mode="r")
+
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial")
+    for settings in SETTINGS[:2]:
+        reference = find_label_issues(data.labels, data.pred_probs, backend="serial", **settings)
+        on_cluster = find_label_issues(labels, probs, client=local_cluster, **settings)
+        assert_identical(reference, on_cluster)
+    # The default Client is picked up when none is passed.
+    assert_identical(
+        find_label_issues(data.labels, data.pred_probs, backend="serial"),
+        find_label_issues(labels, probs, chunk_rows=6000),
+    )

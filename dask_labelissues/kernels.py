@@ -36,6 +36,8 @@ N_ROUNDS = 64 // DIGIT_BITS
 # that the sums are exact integers: integer addition is associative, so the
 # thresholds do not depend on how rows are grouped into blocks.
 _LIMB = 2.0**32
+#: Rows of a block are processed in slices of about this many bytes.
+SUB_BLOCK_BYTES = 2 * 2**20
 #: Largest probability value accepted when row sums are not checked.
 MAX_VALUE = 2.0**31
 
@@ -177,20 +179,43 @@ def row_records(
     label get a clipped label here; the scan reports them as errors.
     """
     n, k = probs.shape
-    rows = np.arange(n)
     y = np.clip(labels, 0, k - 1).astype(np.int64, copy=False)
-    pred = probs.argmax(axis=1)
-    p_pred = probs[rows, pred]
-    p_label_native = probs[rows, y]
+    pred = np.empty(n, dtype=np.intp)
+    p_pred = np.empty(n, dtype=probs.dtype)
+    p_label_native = np.empty(n, dtype=probs.dtype)
+    row_mins = np.empty(n, dtype=probs.dtype)
+    row_sums = np.empty(n, dtype=np.float64)
+    need_wide = spec.adjust_pred_probs or spec.method == "confidence_weighted_entropy"
+    entropy = np.empty(n, dtype=np.float64) if spec.method == "confidence_weighted_entropy" else None
+    margin = spec.method == "normalized_margin" and not spec.adjust_pred_probs
+    others = np.empty(n, dtype=np.float64) if margin else None
+    # Work through cache-sized slices: every reduction below then re-reads
+    # the slice from cache, not memory, and temporaries stay small (numpy's
+    # argmax copies a read-only input, as memory-mapped blocks are).
+    step = max(1, SUB_BLOCK_BYTES // (k * probs.dtype.itemsize))
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        part = probs[a:b]
+        rows = np.arange(b - a)
+        pred[a:b] = part.argmax(axis=1)
+        p_pred[a:b] = part[rows, pred[a:b]]
+        p_label_native[a:b] = part[rows, y[a:b]]
+        row_mins[a:b] = part.min(axis=1)
+        if need_wide:
+            # An explicit float64 copy, summed per row, gives the same bits
+            # for a row wherever it sits in a block.
+            wide = part.astype(np.float64)
+            row_sums[a:b] = wide.sum(axis=1)
+            if entropy is not None:
+                entropy[a:b] = _normalized_entropy(wide)
+        else:
+            row_sums[a:b] = part.sum(axis=1, dtype=np.float64)
+        if others is not None:
+            others[a:b] = max_other(part, y[a:b], pred[a:b], p_pred[a:b])
     # cleanlab adds the margin in the input's own dtype before taking argmax;
     # doing the same keeps the near-tie rule identical for float32 input.
     plus = p_label_native + probs.dtype.type(FLOATING_POINT_COMPARISON)
     reduce = (pred == y) | ((pred < y) & (p_pred < plus)) | ((pred > y) & (p_pred <= plus))
-
-    row_mins = probs.min(axis=1)
-    need_exact_sum = spec.adjust_pred_probs or spec.method == "confidence_weighted_entropy"
-    wide = probs.astype(np.float64) if need_exact_sum else None
-    row_sums = wide.sum(axis=1) if wide is not None else probs.sum(axis=1, dtype=np.float64)
 
     rec = np.empty(n, dtype=spec.record_dtype())
     rec["p_pred"] = p_pred
@@ -202,9 +227,9 @@ def row_records(
         if spec.method == "self_confidence":
             rec["score"] = p_label
         elif spec.method == "normalized_margin":
-            rec["score"] = (p_label - max_other(probs, y, pred, p_pred) + 1.0) / 2.0
+            rec["score"] = (p_label - others + 1.0) / 2.0
         else:
-            rec["score"] = _cwe_score(p_label, _normalized_entropy(wide))
+            rec["score"] = _cwe_score(p_label, entropy)
     elif spec.method == "self_confidence":
         rec["p_label"] = p_label
         rec["row_sum"] = row_sums
@@ -253,15 +278,21 @@ def adjusted_margin_scores(
     labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray
 ) -> np.ndarray:
     """Normalized margin of threshold-adjusted probabilities, from the raw block."""
-    n = probs.shape[0]
-    rows = np.arange(n)
+    n, k = probs.shape
     y = labels.astype(np.int64, copy=False)
-    adj = probs - thresholds
-    adj += thresholds.max()
-    adj /= adj.sum(axis=1, keepdims=True)
-    own = adj[rows, y].copy()
-    adj[rows, y] = -np.inf
-    return (own - adj.max(axis=1) + 1.0) / 2.0
+    out = np.empty(n, dtype=np.float64)
+    t_max = thresholds.max()
+    step = max(1, SUB_BLOCK_BYTES // (k * 8))
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        rows = np.arange(b - a)
+        adj = probs[a:b] - thresholds
+        adj += t_max
+        adj /= adj.sum(axis=1, keepdims=True)
+        own = adj[rows, y[a:b]].copy()
+        adj[rows, y[a:b]] = -np.inf
+        out[a:b] = (own - adj.max(axis=1) + 1.0) / 2.0
+    return out
 
 
 def confident_off_diagonal(

@@ -1,0 +1,117 @@
+"""Seeded synthetic noisy-label data, generated block by block.
+
+Used by the demo, the tests and the benchmarks: any number of rows can be
+written to a ``.npy`` file or a Zarr store without ever holding them all.
+Block ``b`` of rows is drawn from its own generator seeded with
+``(seed, b)``, so the data do not depend on how they are written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+#: Rows drawn per generator; fixed so the data depend only on the seed.
+GENERATION_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """A noisy dataset: a model that mostly knows the true class, and a
+    fraction ``noise`` of labels flipped to another class."""
+
+    rows: int
+    classes: int
+    noise: float = 0.1
+    seed: int = 0
+    signal: float = 3.0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.classes < 2:
+            raise ValueError("need rows >= 1 and classes >= 2")
+        if not 0 <= self.noise < 1:
+            raise ValueError(f"noise must be in [0, 1), got {self.noise}")
+
+
+def generate_block(spec: SyntheticSpec, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``block * GENERATION_ROWS`` onwards: ``(labels, pred_probs, flipped)``."""
+    start = block * GENERATION_ROWS
+    n = min(GENERATION_ROWS, spec.rows - start)
+    rng = np.random.default_rng([spec.seed, block])
+    k = spec.classes
+    true = rng.integers(0, k, n)
+    logits = rng.standard_normal((n, k), dtype=np.float32)
+    # Confidence varies by row, as with a real model.
+    logits[np.arange(n), true] += spec.signal * rng.random(n, dtype=np.float32) * 2
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    flipped = rng.random(n) < spec.noise
+    labels = true.copy()
+    labels[flipped] = (true[flipped] + rng.integers(1, k, int(flipped.sum()))) % k
+    return labels.astype(np.int64), probs.astype(spec.dtype), flipped
+
+
+def blocks(spec: SyntheticSpec) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Every generation block as ``(start, labels, pred_probs, flipped)``."""
+    for b in range(-(-spec.rows // GENERATION_ROWS)):
+        labels, probs, flipped = generate_block(spec, b)
+        yield b * GENERATION_ROWS, labels, probs, flipped
+
+
+def write_npy(spec: SyntheticSpec, directory: str | os.PathLike) -> dict[str, str]:
+    """Write ``labels.npy``, ``pred_probs.npy`` and ``flipped.npy`` (row indices
+    of the flipped labels) into ``directory``; returns their paths."""
+    from numpy.lib.format import open_memmap
+
+    os.makedirs(directory, exist_ok=True)
+    paths = {name: os.path.join(directory, f"{name}.npy") for name in ("labels", "pred_probs", "flipped")}
+    labels = open_memmap(paths["labels"], mode="w+", dtype=np.int64, shape=(spec.rows,))
+    probs = open_memmap(paths["pred_probs"], mode="w+", dtype=spec.dtype, shape=(spec.rows, spec.classes))
+    flipped = []
+    for start, lab, pp, fl in blocks(spec):
+        labels[start : start + len(lab)] = lab
+        probs[start : start + len(lab)] = pp
+        flipped.append(np.flatnonzero(fl) + start)
+    labels.flush()
+    probs.flush()
+    del labels, probs
+    np.save(paths["flipped"], np.concatenate(flipped).astype(np.int64))
+    return paths
+
+
+def write_zarr(
+    spec: SyntheticSpec, path: str | os.PathLike, chunk_rows: int = GENERATION_ROWS
+) -> None:
+    """Write a Zarr v3 group with arrays ``labels``, ``pred_probs`` and
+    ``flipped`` (row indices of flipped labels), one block at a time."""
+    import zarr
+
+    if chunk_rows % GENERATION_ROWS and GENERATION_ROWS % chunk_rows:
+        raise ValueError(f"chunk_rows must divide or be a multiple of {GENERATION_ROWS}")
+    group = zarr.open_group(str(path), mode="w")
+    labels = group.create_array("labels", shape=(spec.rows,), chunks=(chunk_rows,), dtype="int64")
+    probs = group.create_array(
+        "pred_probs", shape=(spec.rows, spec.classes), chunks=(chunk_rows, spec.classes), dtype=spec.dtype
+    )
+    flipped = []
+    pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+    # Buffer generation blocks until a whole storage chunk can be written,
+    # so no chunk is written twice.
+    for start, lab, pp, fl in blocks(spec):
+        pending.append((start, lab, pp))
+        flipped.append(np.flatnonzero(fl) + start)
+        rows = sum(len(p[1]) for p in pending)
+        end = start + len(lab)
+        if rows >= chunk_rows or end == spec.rows:
+            a = pending[0][0]
+            labels[a:end] = np.concatenate([p[1] for p in pending])
+            probs[a:end] = np.concatenate([p[2] for p in pending])
+            pending = []
+    flips = np.concatenate(flipped).astype(np.int64)
+    group.create_array("flipped", data=flips, chunks=(max(1, min(len(flips), 1 << 20)),))
+    group.attrs.update({"rows": spec.rows, "classes": spec.classes, "noise": spec.noise, "seed": spec.seed})

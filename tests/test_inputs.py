@@ -1,0 +1,213 @@
+"""Every accepted input kind, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import dask.array as da
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from dask_labelissues import find_label_issues, find_label_issues_batched
+
+from .conftest import make_dataset
+
+BACKENDS = ["dask", "fork", "serial"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset(5000, 6, seed=31, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    return find_label_issues(data.labels, data.pred_probs, backend="serial", chunk_rows=5000).compute()
+
+
+def _check(result, reference):
+    result = result.compute()
+    np.testing.assert_array_equal(result.issues, reference.issues)
+    np.testing.assert_array_equal(result.label_quality_scores, reference.label_quality_scores)
+    np.testing.assert_array_equal(result.confident_thresholds, reference.confident_thresholds)
+
+
+@pytest.fixture(scope="module")
+def stores(data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    np.save(d / "labels.npy", data.labels)
+    np.save(d / "probs.npy", data.pred_probs)
+    zarr.create_array(str(d / "labels.zarr"), data=data.labels, chunks=(700,))
+    zarr.create_array(str(d / "probs.zarr"), data=data.pred_probs, chunks=(700, 6))
+    zarr.create_array(str(d / "labels2.zarr"), data=data.labels, chunks=(900,), zarr_format=2)
+    zarr.create_array(str(d / "probs2.zarr"), data=data.pred_probs, chunks=(900, 6), zarr_format=2)
+    with h5py.File(d / "data.h5", "w") as f:
+        f.create_dataset("labels", data=data.labels, chunks=(500,))
+        f.create_dataset("group/probs", data=data.pred_probs, chunks=(500, 6))
+    return d
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_npy_paths_and_memmaps(stores, reference, backend):
+    _check(
+        find_label_issues(str(stores / "labels.npy"), str(stores / "probs.npy"), backend=backend, chunk_rows=1100),
+        reference,
+    )
+    labels = np.load(stores / "labels.npy", mmap_mode="r")
+    probs = np.load(stores / "probs.npy", mmap_mode="r")
+    _check(find_label_issues(labels, probs, backend=backend, chunk_rows=1300), reference)
+
+
+def test_memmap_row_slice_reads_the_right_rows(stores, data):
+    probs = np.load(stores / "probs.npy", mmap_mode="r")[1000:4000]
+    labels = np.load(stores / "labels.npy", mmap_mode="r")[1000:4000]
+    expected = find_label_issues(
+        data.labels[1000:4000], data.pred_probs[1000:4000].copy(), backend="serial"
+    )
+    for backend in BACKENDS:
+        _check(find_label_issues(labels, probs, backend=backend, chunk_rows=777), expected.compute())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", ["", "2"])
+def test_zarr_arrays(stores, reference, backend, fmt):
+    labels = zarr.open_array(str(stores / f"labels{fmt}.zarr"), mode="r")
+    probs = zarr.open_array(str(stores / f"probs{fmt}.zarr"), mode="r")
+    _check(find_label_issues(labels, probs, backend=backend), reference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hdf5_datasets(stores, reference, backend):
+    with h5py.File(stores / "data.h5", "r") as f:
+        _check(find_label_issues(f["labels"], f["group/probs"], backend=backend), reference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dask_arrays_and_lists(data, reference, backend):
+    probs = da.from_array(data.pred_probs, chunks=(800, 3))
+    with pytest.warns(UserWarning, match="class axis") if backend == "dask" else warnings.catch_warnings():
+        result = find_label_issues(list(data.labels), probs, backend=backend)
+    _check(result, reference)
+
+
+def test_unsigned_labels(data, reference):
+    _check(find_label_issues(data.labels.astype(np.uint8), data.pred_probs, backend="dask"), reference)
+
+
+def test_cleanlab_compatible_function_takes_zarr3(stores, reference):
+    labels = zarr.open_array(str(stores / "labels.zarr"), mode="r")
+    probs = zarr.open_array(str(stores / "probs.zarr"), mode="r")
+    # cleanlab 2.9 fails here with "object of type 'Array' has no len()".
+    issues = find_label_issues_batched(labels=labels, pred_probs=probs, batch_size=1000, verbose=False)
+    np.testing.assert_array_equal(issues, reference.issues)
+
+
+def test_from_array_does_not_copy_memmap(stores, monkeypatch):
+    """dask.array.from_array copies anything with .copy(); our sources hide it."""
+    calls = []
+    original = np.memmap.copy
+
+    def spy(self, *a, **k):
+        calls.append(self.shape)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(np.memmap, "copy", spy)
+    probs = np.load(stores / "probs.npy", mmap_mode="r")
+    labels = np.load(stores / "labels.npy", mmap_mode="r")
+    find_label_issues(labels, probs, backend="dask", chunk_rows=1000).compute()
+    assert not [s for s in calls if len(s) == 2 and s[0] == probs.shape[0]]
+
+
+# -- bad input -----------------------------------------------------------------
+
+def _bad(n=2000, k=4):
+    d = make_dataset(n, k, seed=41)
+    return d.labels.copy(), d.pred_probs.copy()
+
+
+def _value_cases():
+    cases = []
+    labels, probs = _bad()
+    probs[1234, 2] = np.nan
+    cases.append(("nan", labels, probs, r"pred_probs\[1234, 2\] = nan is not finite"))
+    labels, probs = _bad()
+    probs[77, 0] = np.inf
+    cases.append(("inf", labels, probs, r"pred_probs\[77, 0\] = inf is not finite"))
+    labels, probs = _bad()
+    probs[1500, 3] = -0.25
+    cases.append(("negative", labels, probs, r"pred_probs\[1500, 3\] = -0.25 is negative"))
+    labels, probs = _bad()
+    probs[999] *= 1.2
+    cases.append(("row sum", labels, probs, r"pred_probs row 999 sums to 1.2\d*, off 1 by more than 0.001"))
+    labels, probs = _bad()
+    labels[1801] = 4
+    cases.append(("label too big", labels, probs, r"labels\[1801\] = 4 is not a class index in 0..3"))
+    labels, probs = _bad()
+    labels[3] = -1
+    cases.append(("label -1", labels, probs, r"labels\[3\] = -1 is not a class index in 0..3"))
+    return cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _value_cases(), ids=lambda c: c[0])
+def test_bad_values_name_row_and_value(case, backend):
+    _, labels, probs, message = case
+    with pytest.raises(ValueError, match=message):
+        find_label_issues(labels, probs, backend=backend, chunk_rows=300, n_jobs=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_bad_row_is_reported_whatever_block_fails_first(backend):
+    labels, probs = _bad(6000)
+    probs[5990, 1] = np.nan  # last block
+    probs[12, 0] = -1.0  # first block
+    labels[3000] = 99
+    with pytest.raises(ValueError, match=r"pred_probs\[12, 0\] = -1.0 is negative"):
+        find_label_issues(labels, probs, backend=backend, chunk_rows=100, n_jobs=2)
+
+
+def test_unnormalized_rows_accepted_on_purpose():
+    labels, probs = _bad()
+    probs *= 3.0
+    result = find_label_issues(labels, probs, backend="serial", row_sum_tolerance=None)
+    assert result.num_issues >= 0
+    with pytest.raises(ValueError, match="sums to 3"):
+        find_label_issues(labels, probs, backend="serial")
+
+
+@pytest.mark.parametrize(
+    "labels,probs,exc,message",
+    [
+        (np.array([0.0, 1.0]), np.full((2, 2), 0.5), TypeError, "labels must be integer class indices, got dtype float64"),
+        (np.array([0, 1], dtype=object), np.full((2, 2), 0.5), TypeError, "labels has object dtype"),
+        (np.array([0, 1]), np.full((2, 2), 0.5).astype(object), TypeError, "pred_probs has object dtype"),
+        (np.array([0, 1]), np.full((2, 2), 1, dtype=np.int64), TypeError, "pred_probs must be floating point"),
+        (np.array([0, 1, 1]), np.full((2, 2), 0.5), ValueError, "labels has 3 rows but pred_probs has 2"),
+        (np.array([0, 1]), np.full(2, 0.5), ValueError, r"pred_probs must be 2-D \(N, K\), got shape \(2,\)"),
+        (np.array([0, 0]), np.ones((2, 1)), ValueError, "at least 2 classes"),
+        (np.zeros(0, dtype=int), np.zeros((0, 3)), ValueError, r"no rows \(N = 0\)"),
+        (np.zeros((2, 1), dtype=int), np.full((2, 2), 0.5), ValueError, "labels must be 1-D"),
+    ],
+)
+def test_bad_shapes_and_types(labels, probs, exc, message):
+    for backend in BACKENDS:
+        with pytest.raises(exc, match=message):
+            find_label_issues(labels, probs, backend=backend)
+
+
+def test_bad_settings():
+    labels, probs = _bad(100)
+    with pytest.raises(ValueError, match="method='margin' is not one of"):
+        find_label_issues(labels, probs, method="margin")
+    with pytest.raises(ValueError, match="not supported for method='confidence_weighted_entropy'"):
+        find_label_issues(labels, probs, method="confidence_weighted_entropy", adjust_pred_probs=True)
+    with pytest.raises(ValueError, match="estimation_method='x'"):
+        find_label_issues(labels, probs, estimation_method="x")
+    with pytest.raises(ValueError, match="backend='gpu'"):
+        find_label_issues(labels, probs, backend="gpu")
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+        find_label_issues(labels, probs, chunk_rows=0)
+    with pytest.raises(FileNotFoundError, match="no such file: /nonexistent.npy"):
+        find_label_issues("/nonexistent.npy", probs)

@@ -1,0 +1,68 @@
+"""A matrix larger than the process may allocate still goes through.
+
+``prlimit --data`` caps the anonymous memory of the child process; file
+mappings do not count, so a job that maps pred_probs and only holds blocks
+and per-row records completes, while loading the matrix fails.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dask_labelissues.synthetic import SyntheticSpec, write_npy
+
+pytestmark = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
+
+ROWS, CLASSES = 3_000_000, 100  # 1.2 GB of float32
+LIMIT = 700_000_000  # bytes of anonymous memory allowed to the child
+
+RUN = """
+import hashlib, sys
+from dask_labelissues import find_label_issues
+r = find_label_issues(sys.argv[1], sys.argv[2], backend=sys.argv[3], n_jobs=2)
+print(r.num_issues, hashlib.sha256(r.issues.tobytes()).hexdigest())
+"""
+
+LOAD = """
+import sys, numpy as np
+x = np.load(sys.argv[1])
+print("loaded", x.nbytes)
+"""
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    d = tmp_path_factory.mktemp("big")
+    paths = write_npy(SyntheticSpec(ROWS, CLASSES, seed=7), d)
+    probs = np.load(paths["pred_probs"], mmap_mode="r")
+    assert probs.nbytes > LIMIT * 1.5
+    return paths
+
+
+def _limited(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["prlimit", f"--data={LIMIT}", sys.executable, "-c", code, *args],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_loading_the_matrix_fails_under_the_cap(big):
+    proc = _limited(LOAD, big["pred_probs"])
+    assert proc.returncode != 0
+    assert "MemoryError" in proc.stderr or "Unable to allocate" in proc.stderr
+
+
+def test_every_engine_completes_under_the_cap(big):
+    outputs = {}
+    for backend in ["serial", "fork", "dask"]:
+        proc = _limited(RUN, big["labels"], big["pred_probs"], backend)
+        assert proc.returncode == 0, f"{backend} failed:\n{proc.stderr[-2000:]}"
+        outputs[backend] = proc.stdout.split()
+    assert outputs["serial"] == outputs["fork"] == outputs["dask"]
+    num_issues = int(outputs["serial"][0])
+    assert 0.02 * ROWS < num_issues < 0.2 * ROWS

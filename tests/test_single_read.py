@@ -1,0 +1,56 @@
+"""pred_probs is read from storage exactly once (twice for the adjusted margin)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+from dask_labelissues import find_label_issues
+
+from .conftest import make_dataset
+
+
+class CountingArray:
+    """An array-like that counts the bytes it serves.
+
+    The counter is shared memory created before any fork, so reads made by
+    fork-engine workers are counted too.
+    """
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.shape = array.shape
+        self.dtype = array.dtype
+        self.ndim = array.ndim
+        self.served = mp.get_context("fork").Value("q", 0)
+
+    def __getitem__(self, key):
+        out = np.asarray(self.array[key])
+        with self.served.get_lock():
+            self.served.value += out.nbytes
+        return out
+
+
+@pytest.mark.parametrize("backend", ["dask", "fork", "serial"])
+@pytest.mark.parametrize(
+    "settings,reads",
+    [
+        (dict(), 1),
+        (dict(method="normalized_margin"), 1),
+        (dict(method="confidence_weighted_entropy", estimation_method="off_diagonal_calibrated"), 1),
+        (dict(method="self_confidence", adjust_pred_probs=True), 1),
+        (dict(method="normalized_margin", adjust_pred_probs=True), 2),
+    ],
+    ids=["default", "margin", "cwe-calibrated", "sc-adjusted", "margin-adjusted"],
+)
+def test_pred_probs_bytes_served(backend, settings, reads):
+    data = make_dataset(12000, 8, seed=51, dtype=np.float32)
+    probs = CountingArray(data.pred_probs)
+    labels = CountingArray(data.labels)
+    result = find_label_issues(labels, probs, backend=backend, chunk_rows=1000, n_jobs=2, **settings)
+    result.compute()
+    assert result.num_issues > 0
+    assert probs.served.value == reads * data.pred_probs.nbytes
+    assert labels.served.value == reads * data.labels.nbytes

@@ -250,16 +250,57 @@ class LabelInspector:
         scores = self._scores[: self._n_scores]
         return np.argsort(scores, kind="stable")[:top].astype(np.int64)
 
+    def scoring_copy(self) -> "LabelInspector":
+        """A new inspector with these thresholds and settings and no scored rows.
+
+        The multi-machine recipe: each machine runs
+        :meth:`update_confident_thresholds` on its rows; the inspectors are
+        merged; each machine scores its rows with a ``scoring_copy()`` of the
+        merged one; the scoring copies are merged.
+        """
+        copy = LabelInspector(
+            num_class=self.num_class,
+            store_results=self.store_results,
+            verbose=self.verbose,
+            quality_score_kwargs={"method": self.spec.method, "adjust_pred_probs": self.spec.adjust_pred_probs},
+            num_issue_kwargs={"estimation_method": self.spec.estimation_method},
+            n_jobs=self.n_jobs,
+        )
+        copy._threshold_state = ThresholdState.combine([self._threshold_state])
+        copy.examples_processed_thresh = self.examples_processed_thresh
+        return copy
+
     def merge(self, other: "LabelInspector") -> "LabelInspector":
-        """Fold ``other``'s state into this one; its scored rows come after ours."""
+        """Fold ``other`` into this inspector and return it.
+
+        Before any row is scored, merging adds the threshold statistics
+        (inspectors that saw different rows).  Once rows are scored, both
+        inspectors must share the same thresholds (see :meth:`scoring_copy`);
+        their counts and scores are then combined, ``other``'s scored rows
+        after ours.
+        """
         if other.num_class != self.num_class or other.spec != self.spec:
             raise ValueError("can only merge inspectors with the same num_class and settings")
         if other.store_results != self.store_results:
             raise ValueError("can only merge inspectors that both store results, or both not")
-        self._threshold_state = ThresholdState.combine([self._threshold_state, other._threshold_state])
+        if self.examples_processed_quality == 0 and other.examples_processed_quality == 0:
+            self._threshold_state = ThresholdState.combine(
+                [self._threshold_state, other._threshold_state]
+            )
+            self.examples_processed_thresh += other.examples_processed_thresh
+            return self
+        mine, theirs = self._threshold_state, other._threshold_state
+        same = (
+            np.array_equal(mine.counts, theirs.counts)
+            and mine.sums.tolist() == theirs.sums.tolist()
+        )
+        if not same:
+            raise ValueError(
+                "these inspectors scored rows with different thresholds; merge the "
+                "threshold-only inspectors first and score with scoring_copy() of the result"
+            )
         self._count_state = CountState.combine([self._count_state, other._count_state])
         if self.store_results:
             self._append(other._scores[: other._n_scores])
-        self.examples_processed_thresh += other.examples_processed_thresh
         self.examples_processed_quality += other.examples_processed_quality
         return self

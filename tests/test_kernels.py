@@ -1,0 +1,114 @@
+"""The math layer on its own: exact sums, score keys, radix selection."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from dask_labelissues import kernels
+from dask_labelissues.states import HistogramState, Selection, ThresholdState, scan_block
+from dask_labelissues.kernels import ScoreSpec
+
+
+def test_fixed_point_sums_are_exact_and_grouping_free():
+    rng = np.random.default_rng(0)
+    values = rng.random(50000) ** 3  # many tiny values
+    labels = rng.integers(0, 4, values.size)
+    whole = kernels.fixed_point_class_sums(labels, values, 4)
+    pieces = [kernels.fixed_point_class_sums(labels[a:a + 333], values[a:a + 333], 4)
+              for a in range(0, values.size, 333)]
+    assert sum(pieces).tolist() == whole.tolist()
+    for k in range(4):
+        exact = sum(Fraction(v) for v in values[labels == k])
+        # Truncation to 2**-64 per value, nothing else.
+        error = exact - Fraction(int(whole[k]), 2**64)
+        assert 0 <= error < Fraction(int((labels == k).sum()), 2**64)
+
+
+def test_exact_means_are_correctly_rounded():
+    values = np.array([0.1, 0.2, 0.3, 0.7])
+    labels = np.array([0, 0, 0, 1])
+    sums = kernels.fixed_point_class_sums(labels, values, 3)
+    means = kernels.exact_means(sums, np.array([3, 1, 0]))
+    assert means[0] == pytest.approx(0.2, rel=1e-15)
+    assert means[1] == pytest.approx(0.7, rel=1e-15)
+    assert means[2] == kernels.ABSENT_CLASS_THRESHOLD
+
+
+def test_thresholds_identical_for_any_block_split():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(5), size=4000)
+    labels = rng.integers(0, 5, 4000)
+    spec = ScoreSpec()
+
+    def thresholds(step):
+        parts = [scan_block(labels[a:a + step], probs[a:a + step], a, spec)[1]
+                 for a in range(0, 4000, step)]
+        return ThresholdState.combine(parts[::-1]).finalize()
+
+    reference = thresholds(4000)
+    for step in (1, 7, 999, 2000):
+        np.testing.assert_array_equal(thresholds(step), reference)
+
+
+def test_score_keys_preserve_order():
+    values = np.array([-np.inf, -1.5, -1e-300, -0.0, 0.0, 5e-324, 1e-300, 0.5, 1.0, np.inf])
+    keys = kernels.score_keys(values)
+    assert np.all(np.diff(keys.astype(object)) >= 0)
+    assert keys[3] == keys[4]  # -0.0 and 0.0 tie, as the floats do
+    assert len(set(keys.tolist())) == len(values) - 1
+
+
+def _select(scores: np.ndarray, target: int, blocks: int) -> np.ndarray:
+    parts = np.array_split(scores, blocks)
+    sel = Selection(target)
+    while not sel.done:
+        sel.advance(HistogramState.combine(
+            [HistogramState.chunk(p, sel.round_index, sel.prefix) for p in parts]
+        ))
+    eq = [int((kernels.score_keys(p) == np.uint64(sel.cutoff)).sum()) for p in parts]
+    quotas = sel.quotas(eq)
+    masks = [kernels.selected_rows(kernels.score_keys(p), sel.cutoff, q) for p, q in zip(parts, quotas)]
+    return np.flatnonzero(np.concatenate(masks))
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 17])
+@pytest.mark.parametrize("target", [1, 2, 50, 999, 1000])
+def test_selection_equals_stable_sort(target, blocks):
+    rng = np.random.default_rng(target)
+    scores = np.round(rng.random(1000), 2)  # many ties
+    expected = np.sort(np.argsort(scores, kind="stable")[:target])
+    np.testing.assert_array_equal(_select(scores, target, blocks), expected)
+
+
+def test_selection_all_equal_and_extremes():
+    scores = np.full(100, 0.25)
+    np.testing.assert_array_equal(_select(scores, 10, 7), np.arange(10))
+    scores = np.array([0.0, 1.0, 0.0, 1e-300, 5e-324])
+    np.testing.assert_array_equal(_select(scores, 3, 2), [0, 2, 4])
+
+
+def test_reduce_flag_matches_cleanlab_rule():
+    from cleanlab.count import _reduce_issues
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64, np.float16):
+        probs = rng.dirichlet(np.ones(4), size=5000).astype(dtype)
+        # Near ties the rule must judge exactly as cleanlab does.
+        probs[:1000, 1] = probs[:1000, 2]
+        probs[1000:2000, 0] = probs[1000:2000, 3] + dtype(1e-6)
+        labels = rng.integers(0, 4, 5000)
+        rec, *_ = kernels.row_records(labels, probs, ScoreSpec(row_sum_tolerance=None))
+        np.testing.assert_array_equal(rec["reduce"], _reduce_issues(probs, labels))
+
+
+def test_fixed_point_step_keeps_bincount_exact():
+    # 2**21 values just below 1: float64 partial sums of 32-bit limbs would
+    # round past 2**53 without the stepping.
+    values = np.full(2**21 + 5, math.nextafter(1.0, 0.0))
+    labels = np.zeros(values.size, dtype=np.intp)
+    total = kernels.fixed_point_class_sums(labels, values, 1)[0]
+    assert total == values.size * int(Fraction(values[0]) * 2**64)

@@ -40,6 +40,9 @@ class LabelIssues:
         Issues per given label (K,).
     issue_scores
         Scores of ``issues``, in the same order.
+    given_label, predicted_label
+        The label and the model's argmax class of every row (N, int32),
+        lazy with the dask backend.
     """
 
     issues: np.ndarray
@@ -51,6 +54,8 @@ class LabelIssues:
     per_class_count: np.ndarray
     per_class_issues: np.ndarray
     issue_scores: np.ndarray
+    given_label: Any
+    predicted_label: Any
     n_rows: int
     n_classes: int
     method: str
@@ -58,14 +63,14 @@ class LabelIssues:
     estimation_method: str
     backend: str
 
+    N_LONG = ("label_quality_scores", "is_label_issue", "given_label", "predicted_label")
+
     def compute(self) -> "LabelIssues":
         """A copy whose N-long arrays are numpy arrays (computes lazy ones)."""
-        scores, mask = self.label_quality_scores, self.is_label_issue
-        if hasattr(scores, "compute") or hasattr(mask, "compute"):
-            import dask
+        import dask
 
-            scores, mask = dask.compute(scores, mask)
-        return replace(self, label_quality_scores=np.asarray(scores), is_label_issue=np.asarray(mask))
+        values = dask.compute(*(getattr(self, name) for name in self.N_LONG))
+        return replace(self, **{name: np.asarray(v) for name, v in zip(self.N_LONG, values)})
 
     def summary(self) -> dict[str, Any]:
         """Counts and settings as plain Python values (no N-long arrays)."""
@@ -198,8 +203,10 @@ def find_label_issues(
         driver.close()
     return LabelIssues(
         issues=raw.issues,
-        is_label_issue=raw.is_label_issue,
-        label_quality_scores=raw.label_quality_scores,
+        is_label_issue=raw.arrays["is_label_issue"],
+        label_quality_scores=raw.arrays["label_quality_scores"],
+        given_label=raw.arrays["given_label"],
+        predicted_label=raw.arrays["predicted_label"],
         confident_thresholds=raw.thresholds,
         num_issues=int(raw.issues.shape[0]),
         estimated_num_issues=raw.estimated_num_issues,

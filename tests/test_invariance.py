@@ -28,6 +28,8 @@ def assert_identical(a, b) -> None:
     np.testing.assert_array_equal(a.confident_thresholds, b.confident_thresholds)
     np.testing.assert_array_equal(a.label_quality_scores, b.label_quality_scores)
     np.testing.assert_array_equal(a.is_label_issue, b.is_label_issue)
+    np.testing.assert_array_equal(a.given_label, b.given_label)
+    np.testing.assert_array_equal(a.predicted_label, b.predicted_label)
     np.testing.assert_array_equal(a.per_class_issues, b.per_class_issues)
     np.testing.assert_array_equal(a.per_class_count, b.per_class_count)
     assert a.estimated_num_issues == b.estimated_num_issues

@@ -126,6 +126,18 @@ def test_issues_are_ranked_by_score_then_index(data):
     np.testing.assert_array_equal(order, np.arange(len(order)))
 
 
+def test_per_row_and_per_class_outputs(data):
+    result = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=3333).compute()
+    np.testing.assert_array_equal(result.given_label, data.labels)
+    np.testing.assert_array_equal(result.predicted_label, data.pred_probs.argmax(axis=1))
+    np.testing.assert_array_equal(result.per_class_count, np.bincount(data.labels, minlength=data.k))
+    np.testing.assert_array_equal(
+        result.per_class_issues, np.bincount(data.labels[result.issues], minlength=data.k)
+    )
+    np.testing.assert_array_equal(np.flatnonzero(result.is_label_issue), np.sort(result.issues))
+    assert result.num_issues <= result.estimated_num_issues
+
+
 def test_many_batches_of_cleanlab_agree(data):
     """cleanlab's running-mean thresholds differ from the exact ones by
     rounding only; on real data that does not change the issues."""

@@ -60,8 +60,9 @@ class Driver(ABC):
         """The rows of the top set, from every block."""
 
     @abstractmethod
-    def outputs(self, cutoff: int, quotas: list[int]) -> tuple[Any, Any]:
-        """``(label_quality_scores, is_label_issue)``, N long, possibly lazy."""
+    def outputs(self, cutoff: int, quotas: list[int]) -> dict[str, Any]:
+        """The N-long outputs, possibly lazy: ``label_quality_scores``,
+        ``is_label_issue``, ``given_label`` and ``predicted_label``."""
 
     def close(self) -> None:
         """Release processes or pools the driver started."""
@@ -77,8 +78,7 @@ class RawResult:
     issue_scores: np.ndarray
     per_class_count: np.ndarray
     per_class_issues: np.ndarray
-    label_quality_scores: Any
-    is_label_issue: Any
+    arrays: dict[str, Any]
 
 
 def run(driver: Driver, spec: ScoreSpec) -> RawResult:
@@ -103,7 +103,7 @@ def run(driver: Driver, spec: ScoreSpec) -> RawResult:
         cutoff = selection.cutoff
         quotas = selection.quotas(driver.equal_counts(cutoff))
     winners = driver.gather(cutoff, quotas).ranked() if target > 0 else None
-    scores, mask = driver.outputs(cutoff, quotas)
+    arrays = driver.outputs(cutoff, quotas)
 
     k = driver.n_classes
     if winners is None:
@@ -122,6 +122,5 @@ def run(driver: Driver, spec: ScoreSpec) -> RawResult:
         issue_scores=issue_scores,
         per_class_count=scan.counts.copy(),
         per_class_issues=per_class_issues,
-        label_quality_scores=scores,
-        is_label_issue=mask,
+        arrays=arrays,
     )

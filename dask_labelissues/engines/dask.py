@@ -203,14 +203,19 @@ class DaskDriver(Driver):
         ]
         return Winners.combine(list(self._compute(*parts)))
 
-    def outputs(self, cutoff: int, quotas: list[int]) -> tuple[da.Array, da.Array]:
+    def outputs(self, cutoff: int, quotas: list[int]) -> dict[str, da.Array]:
         assert self.scores is not None and self.records is not None
         quotas = quotas or [0] * len(self.bounds)
         masks = [
             delayed(states.issue_mask_block, pure=True)(rec, sc, cutoff, q)
             for rec, sc, q in zip(self._blocks(self.records), self._blocks(self.scores), quotas)
         ]
-        return self.scores, self._array(masks, np.bool_)
+        return {
+            "label_quality_scores": self.scores,
+            "is_label_issue": self._array(masks, np.bool_),
+            "given_label": self.records["label"],
+            "predicted_label": self.records["pred"],
+        }
 
 
 def _winners(rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, start: int) -> Winners:

@@ -167,11 +167,16 @@ class LocalDriver(Driver):
         args = [(i, cutoff, q) for i, q in enumerate(quotas)]
         return Winners.combine(list(self.map("gather", args)))
 
-    def outputs(self, cutoff: int, quotas: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def outputs(self, cutoff: int, quotas: list[int]) -> dict[str, np.ndarray]:
         quotas = quotas or [0] * self.n_blocks
         for _ in self.map("write_mask", [(i, cutoff, q) for i, q in enumerate(quotas)]):
             pass
-        return self.job.scores, self.job.mask
+        return {
+            "label_quality_scores": self.job.scores,
+            "is_label_issue": self.job.mask,
+            "given_label": self.job.records["label"],
+            "predicted_label": self.job.records["pred"],
+        }
 
 
 def serial_mapper(job: LocalJob) -> Mapper:

@@ -7,6 +7,7 @@ does not depend on chunking, engine or worker count.
 
 from .api import LabelIssues, find_label_issues
 from .compat import LabelInspector, find_label_issues_batched
+from .store import open_results
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = [
     "__version__",
     "find_label_issues",
     "find_label_issues_batched",
+    "open_results",
 ]

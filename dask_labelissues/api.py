@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,8 @@ class LabelIssues:
     given_label, predicted_label
         The label and the model's argmax class of every row (N, int32),
         lazy with the dask backend.
+    metadata
+        Attributes of the results store it was opened from, if any.
     """
 
     issues: np.ndarray
@@ -62,6 +64,7 @@ class LabelIssues:
     adjust_pred_probs: bool
     estimation_method: str
     backend: str
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     N_LONG = ("label_quality_scores", "is_label_issue", "given_label", "predicted_label")
 
@@ -71,6 +74,20 @@ class LabelIssues:
 
         values = dask.compute(*(getattr(self, name) for name in self.N_LONG))
         return replace(self, **{name: np.asarray(v) for name, v in zip(self.N_LONG, values)})
+
+    def to_zarr(
+        self,
+        path: str,
+        *,
+        overwrite: bool = False,
+        attrs: dict[str, Any] | None = None,
+        client: Any = None,
+    ) -> str:
+        """Write the results to a Zarr v3 store, atomically; see
+        :func:`dask_labelissues.store.write_results`."""
+        from .store import write_results
+
+        return write_results(self, path, overwrite=overwrite, attrs=attrs, client=client)
 
     def summary(self) -> dict[str, Any]:
         """Counts and settings as plain Python values (no N-long arrays)."""

@@ -141,11 +141,14 @@ class HDF5Dataset(RowSource):
     """A dataset in an HDF5 file, opened by name in each process."""
 
     def __init__(self, filename: str, name: str) -> None:
-        import h5py
+        try:
+            import h5py
+        except ImportError:
+            raise ImportError("reading HDF5 needs h5py: pip install 'dask-labelissues[hdf5]'") from None
 
         self.filename = os.fspath(filename)
         self.name = name
-        with h5py.File(self.filename, "r") as f:
+        with self._file() as f:
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise ValueError(f"{self.filename} has no dataset {name!r}")
             dset = f[name]
@@ -156,11 +159,20 @@ class HDF5Dataset(RowSource):
         self._pid: int | None = None
         self._dset: Any = None
 
+    def _file(self) -> Any:
+        import h5py
+
+        if "://" in self.filename:
+            import fsspec
+
+            return h5py.File(fsspec.open(self.filename, "rb").open(), "r")
+        if not os.path.exists(self.filename):
+            raise FileNotFoundError(f"no such file: {self.filename}")
+        return h5py.File(self.filename, "r")
+
     def _open(self) -> Any:
         if self._dset is None or self._pid != os.getpid():
-            import h5py
-
-            self._dset = h5py.File(self.filename, "r")[self.name]
+            self._dset = self._file()[self.name]
             self._pid = os.getpid()
         return self._dset
 
@@ -171,8 +183,7 @@ class HDF5Dataset(RowSource):
         return state
 
     def __dask_tokenize__(self) -> tuple:
-        st = os.stat(self.filename)
-        return (type(self).__name__, self.filename, self.name, st.st_mtime_ns, st.st_size)
+        return (type(self).__name__, self.filename, self.name, self.shape, str(self.dtype))
 
 
 class ZarrArray(RowSource):
@@ -192,6 +203,60 @@ class ZarrArray(RowSource):
 
     def _open(self) -> Any:
         return self.array
+
+
+class RemoteNpy(RowSource):
+    """A ``.npy`` file behind an fsspec URL, read by byte ranges.
+
+    Rows are contiguous in a C-order ``.npy``, so a block of rows is one
+    range request; nothing but the header is read up front.
+    """
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.url = url
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            self.offset = f.tell()
+        if fortran:
+            raise ValueError(f"{url}: Fortran-ordered .npy files cannot be read by rows")
+        if dtype.hasobject:
+            raise TypeError(f"{url} holds Python objects; only numeric .npy files are read")
+        self.shape = tuple(int(x) for x in shape)
+        self.dtype = np.dtype(dtype)
+        self.description = url
+        self._fs: Any = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fs"] = None
+        return state
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("remote .npy sources are read by contiguous row slices")
+        start, stop, _ = rows.indices(self.shape[0])
+        stop = max(start, stop)
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if self._fs is None:
+            import fsspec
+
+            self._fs, self._path = fsspec.core.url_to_fs(self.url)
+        raw = self._fs.cat_file(
+            self._path, start=self.offset + start * row_bytes, end=self.offset + stop * row_bytes
+        )
+        out = np.frombuffer(raw, dtype=self.dtype).reshape((stop - start,) + self.shape[1:])
+        return out[(slice(None),) + rest] if rest else out
+
+    def __dask_tokenize__(self) -> tuple:
+        return (type(self).__name__, self.url, self.offset, self.shape, str(self.dtype))
 
 
 class DaskRows(RowSource):
@@ -216,6 +281,61 @@ def _is_dask_array(obj: Any) -> bool:
     return isinstance(obj, da.Array)
 
 
+_H5_SUFFIXES = (".h5", ".hdf5", ".he5", ".hdf")
+
+
+def open_path(text: str, name: str) -> RowSource:
+    """Open a source given as text, as on the command line.
+
+    Forms: ``file.npy``; ``store.zarr`` or ``store.zarr:path/in/group``;
+    ``file.h5:/dataset``; and any of these behind a URL fsspec understands
+    (``s3://``, ``gs://``, ``https://``, ``file://``) when its backend is
+    installed.
+    """
+    text = os.fspath(text)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    remote = "://" in text
+    lowered = text.lower()
+    base, inner = text, ""
+    for suffix in (".zarr",) + _H5_SUFFIXES:
+        marker = suffix + ":"
+        if marker in lowered:
+            cut = lowered.rindex(marker) + len(suffix)
+            base, inner = text[:cut], text[cut + 1 :]
+            break
+    if base.lower().endswith(".npy"):
+        if inner:
+            raise ValueError(f"{name}: a .npy file has no inner path ({text!r})")
+        return RemoteNpy(base) if remote else RawFile.from_npy(base)
+    if base.lower().endswith(_H5_SUFFIXES):
+        if not inner:
+            raise ValueError(f"{name}: name the dataset inside the HDF5 file, as {base}:/dataset")
+        return HDF5Dataset(base, inner)
+    return _open_zarr(base, inner, name, remote=remote)
+
+
+def _open_zarr(base: str, inner: str, name: str, remote: bool) -> RowSource:
+    import zarr
+    import zarr.errors
+
+    if not remote and not os.path.exists(base):
+        raise FileNotFoundError(f"no such file or store: {base}")
+    try:
+        node = zarr.open(store=base, path=inner or "", mode="r")
+    except (FileNotFoundError, zarr.errors.BaseZarrError, KeyError, ValueError) as exc:
+        where = f"{base}:{inner}" if inner else base
+        raise ValueError(f"{name}: cannot open {where} as a Zarr array ({exc})") from None
+    if isinstance(node, zarr.Group):
+        arrays = sorted(k for k, _ in node.arrays())
+        hint = f"; it holds {', '.join(arrays)}" if arrays else ""
+        raise ValueError(
+            f"{name}: {base}{':' + inner if inner else ''} is a Zarr group, not an array; "
+            f"name the array as {base}:path/in/group{hint}"
+        )
+    return ZarrArray(node)
+
+
 def open_source(obj: Any, name: str) -> RowSource | Any:
     """Turn one user input into a row source (dask arrays are returned as they are).
 
@@ -230,13 +350,7 @@ def open_source(obj: Any, name: str) -> RowSource | Any:
     if isinstance(obj, RowSource) or _is_dask_array(obj):
         return obj
     if isinstance(obj, (str, os.PathLike)):
-        path = os.fspath(obj)
-        if path.endswith(".npy"):
-            return RawFile.from_npy(path)
-        raise ValueError(
-            f"{name}: cannot open {path!r}; pass a .npy path or an opened array "
-            "(Zarr, h5py, numpy or dask)"
-        )
+        return open_path(os.fspath(obj), name)
     if isinstance(obj, np.memmap) and obj.filename is not None and obj.flags.c_contiguous:
         return RawFile.from_memmap(obj)
     if isinstance(obj, np.ndarray):

@@ -54,3 +54,21 @@ def test_pred_probs_bytes_served(backend, settings, reads):
     assert result.num_issues > 0
     assert probs.served.value == reads * data.pred_probs.nbytes
     assert labels.served.value == reads * data.labels.nbytes
+
+
+def test_dask_runs_each_block_task_once(monkeypatch):
+    """Persisting records and the threshold state together must not run the
+    pass-one kernel twice per block (graph fusion would)."""
+    from dask_labelissues import states
+
+    calls = []
+    original = states.scan_block
+
+    def counting(labels, probs, start, spec):
+        calls.append(start)
+        return original(labels, probs, start, spec)
+
+    monkeypatch.setattr(states, "scan_block", counting)
+    data = make_dataset(10000, 5, seed=52)
+    find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000).compute()
+    assert sorted(calls) == list(range(0, 10000, 1000))

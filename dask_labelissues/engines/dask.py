@@ -112,15 +112,17 @@ class DaskDriver(Driver):
             yield
 
     def _persist(self, *collections: Any) -> tuple:
+        # No graph optimization: fusing would give the array and the delayed
+        # state separate copies of the block task, running pass one twice.
         if self.client is not None:
-            out = tuple(self.client.persist(list(collections)))
+            out = tuple(self.client.persist(list(collections), optimize_graph=False))
             if self.progress:
                 from distributed import progress
 
                 progress(out, notebook=False)
             return out
         with self._local_bar():
-            return dask.persist(*collections)
+            return dask.persist(*collections, optimize_graph=False)
 
     def _compute(self, *collections: Any) -> tuple:
         if self.client is not None:

@@ -1,0 +1,325 @@
+"""The ``dask-labelissues`` command: ``demo``, ``find`` and ``summary``.
+
+Every failure a user can cause (bad input, missing file, unreadable store,
+unreachable scheduler, existing output) ends with one ``error:`` line on
+stderr and exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import __version__
+from .kernels import ESTIMATION_METHODS, METHODS
+
+EXIT_ERROR = 2
+
+
+class CommandError(Exception):
+    """A failure to report as one ``error:`` line."""
+
+
+# -- shared ----------------------------------------------------------------------
+
+def _progress_default(args: argparse.Namespace) -> bool:
+    return args.progress if args.progress is not None else sys.stderr.isatty()
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="progress bars on stderr (default: on when stderr is a terminal)",
+    )
+
+
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where it runs")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="an existing Dask scheduler (default: $DASK_SCHEDULER_ADDRESS, else an embedded LocalCluster)")
+    g.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="give up connecting to --scheduler after this long (default 10)")
+    g.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: one per core)")
+    g.add_argument("--threads-per-worker", type=int, default=1, metavar="M")
+    g.add_argument("--memory-limit", default="auto", metavar="X", help="per LocalCluster worker, e.g. 2GB (default: auto)")
+    g.add_argument("--backend", choices=["dask", "fork", "serial"], default="dask")
+    g.add_argument("--n-jobs", type=int, metavar="N", help="processes for --backend fork (default: all cores)")
+    g.add_argument("--tls-ca-file", metavar="PEM", help="CA certificate for a TLS scheduler")
+    g.add_argument("--tls-cert", metavar="PEM", help="client certificate for a TLS scheduler")
+    g.add_argument("--tls-key", metavar="PEM", help="client private key for a TLS scheduler")
+
+
+@contextlib.contextmanager
+def dask_client(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[Any]:
+    """The Client the job runs on: the named scheduler, or an embedded LocalCluster."""
+    if args.backend != "dask":
+        if args.scheduler:
+            raise CommandError(f"--scheduler applies to --backend dask, not --backend {args.backend}")
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if address:
+        security = _security(args)
+        try:
+            client = Client(address, timeout=f"{args.connect_timeout}s", security=security)
+        except (OSError, TimeoutError) as exc:
+            raise CommandError(
+                f"could not connect to the Dask scheduler at {address} within "
+                f"{args.connect_timeout:g} s ({type(exc).__name__})"
+            ) from None
+        try:
+            print(f"scheduler: {address}  dashboard: {client.dashboard_link}", file=log, flush=True)
+            yield client
+        finally:
+            client.close()
+        return
+    workers = args.workers or max(1, os.cpu_count() or 1)
+    with LocalCluster(
+        n_workers=workers, threads_per_worker=args.threads_per_worker,
+        memory_limit=args.memory_limit, processes=True, dashboard_address=":0",
+    ) as cluster, Client(cluster) as client:
+        print(f"LocalCluster: {workers} workers  dashboard: {client.dashboard_link}", file=log, flush=True)
+        yield client
+
+
+def _security(args: argparse.Namespace) -> Any:
+    given = [args.tls_ca_file, args.tls_cert, args.tls_key]
+    if not any(given):
+        return None  # distributed's own configuration applies
+    if not all(given):
+        raise CommandError("TLS needs all three of --tls-ca-file, --tls-cert and --tls-key")
+    for path in given:
+        if not os.path.exists(path):
+            raise CommandError(f"no such file: {path}")
+    from distributed.security import Security
+
+    return Security(
+        tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert,
+        tls_client_key=args.tls_key, require_encryption=True,
+    )
+
+
+def summary_dict(result: Any, top: int) -> dict[str, Any]:
+    from .demo import worst_rows
+
+    out = result.summary()
+    out["worst"] = worst_rows(result, top)
+    return out
+
+
+def format_summary(result: Any, top: int, *, worst: list[dict] | None = None) -> str:
+    from .demo import worst_rows
+
+    lines = [
+        f"rows            {result.n_rows:,}",
+        f"classes         {result.n_classes:,}",
+        f"label issues    {result.num_issues:,} ({100 * result.num_issues / result.n_rows:.3f}%)",
+        f"method          {result.method}{' (adjusted)' if result.adjust_pred_probs else ''}, "
+        f"{result.estimation_method}",
+    ]
+    counts, issues = result.per_class_count, result.per_class_issues
+    order = np.argsort(-issues, kind="stable")[: min(10, result.n_classes)]
+    lines.append("issues per given label (most first):")
+    for k in order:
+        if issues[k] == 0:
+            break
+        lines.append(f"  class {k:>6}: {issues[k]:>10,} of {counts[k]:>12,} ({100 * issues[k] / max(counts[k], 1):.2f}%)")
+    worst = worst if worst is not None else worst_rows(result, top)
+    if worst:
+        lines.append(f"worst {len(worst)} rows:")
+        lines.append(f"  {'index':>12}  {'given':>7}  {'predicted':>9}  {'score':>10}")
+        for w in worst:
+            lines.append(
+                f"  {w['index']:>12}  {w['given_label']:>7}  {w['predicted_label']:>9}  {w['score']:>10.6f}"
+            )
+    return "\n".join(lines)
+
+
+# -- commands --------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(
+        rows=args.rows, classes=args.classes, noise=args.noise, seed=args.seed,
+        workers=args.workers, keep=args.keep, progress=_progress_default(args),
+    )
+    if args.json:
+        payload = dict(report.__dict__, rows_per_second=report.rows_per_second)
+        print(json.dumps(payload, indent=2))
+        return 0
+    print(f"rows            {report.rows:,}")
+    print(f"classes         {report.classes}")
+    print(f"wall time       {report.seconds:.2f} s (data written in {report.write_seconds:.2f} s beforehand)")
+    print(f"rows per second {report.rows_per_second:,.0f}")
+    print(f"issues found    {report.num_issues:,}  (labels flipped on purpose: {report.flipped:,})")
+    print(f"precision       {report.precision:.3f}")
+    print(f"recall          {report.recall:.3f}")
+    print("worst 10 issues:")
+    print(f"  {'index':>12}  {'given':>7}  {'predicted':>9}  {'score':>10}")
+    for w in report.worst:
+        print(f"  {w['index']:>12}  {w['given_label']:>7}  {w['predicted_label']:>9}  {w['score']:>10.6f}")
+    if report.results_path:
+        print(f"data in {report.data_path}, results in {report.results_path}")
+    return 0
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    from .api import find_label_issues
+    from .inputs import open_path
+
+    output = os.path.abspath(args.output)
+    if os.path.exists(output) and not args.overwrite:
+        raise CommandError(f"{output} already exists (use --overwrite to replace it)")
+    labels = open_path(args.labels, "labels")
+    probs = open_path(args.pred_probs, "pred_probs")
+    started = time.perf_counter()
+    with dask_client(args) as client:
+        result = find_label_issues(
+            labels, probs,
+            method=args.method, adjust_pred_probs=args.adjust_pred_probs,
+            estimation_method=args.estimation_method, backend=args.backend,
+            chunk_rows=args.chunk_rows, n_jobs=args.n_jobs, client=client,
+            progress=_progress_default(args),
+        )
+        found = time.perf_counter() - started
+        attrs = {
+            "inputs": {
+                "labels": {"source": args.labels, "shape": list(labels.shape), "dtype": str(labels.dtype)},
+                "pred_probs": {"source": args.pred_probs, "shape": list(probs.shape), "dtype": str(probs.dtype)},
+            },
+            "seconds": round(found, 3),
+        }
+        result.to_zarr(output, overwrite=args.overwrite, attrs=attrs, client=client)
+        seconds = time.perf_counter() - started
+        worst = None
+        if args.json:
+            payload = summary_dict(result, args.top)
+        else:
+            from .demo import worst_rows
+
+            worst = worst_rows(result, args.top)
+    if args.json:
+        payload.update(output=output, seconds=round(seconds, 3))
+        print(json.dumps(payload))
+    else:
+        print(format_summary(result, args.top, worst=worst))
+        print(f"written to      {output} in {seconds:.2f} s")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .store import open_results
+
+    result = open_results(args.store)
+    if args.json:
+        print(json.dumps(summary_dict(result, args.top)))
+    else:
+        print(format_summary(result, args.top))
+    if args.plot:
+        from .plot import plot_summary
+
+        plot_summary(result, args.plot)
+        print(f"plot written to {os.path.abspath(args.plot)}", file=sys.stderr)
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dask-labelissues",
+        description="Find mislabeled rows in classification data of any size (batched confident learning on Dask).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run on a synthetic noisy dataset (nothing to prepare)")
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--noise", type=float, default=0.1, help="fraction of labels flipped (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
+    p.add_argument("--keep", metavar="DIR", help="keep the data and the results store in DIR")
+    p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+    _add_progress(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("find", help="find label issues and write a results store")
+    p.add_argument("--labels", required=True, metavar="SRC",
+                   help="file.npy, store.zarr[:path/in/group], file.h5:/dataset, or a URL of one")
+    p.add_argument("--pred-probs", required=True, metavar="SRC", help="same forms as --labels")
+    p.add_argument("--output", required=True, metavar="OUT.zarr")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--method", choices=METHODS, default="self_confidence")
+    p.add_argument("--adjust-pred-probs", action="store_true")
+    p.add_argument("--estimation-method", choices=ESTIMATION_METHODS, default="off_diagonal")
+    p.add_argument("--chunk-rows", type=int, metavar="N", help="rows per block (default: about 64 MB)")
+    p.add_argument("--top", type=int, default=10, help="worst rows to print (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+    _add_cluster(p)
+    _add_progress(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_find)
+
+    p = sub.add_parser("summary", help="print (and plot) a results store")
+    p.add_argument("store", metavar="OUT.zarr")
+    p.add_argument("--top", type=int, default=20, help="worst rows to print (default 20)")
+    p.add_argument("--plot", metavar="FILE.png", help="write the summary plot (needs matplotlib)")
+    p.add_argument("--json", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing {text}"
+    return " ".join(text.split())
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # Turn SIGTERM into an exception so half-written stores are removed.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        import logging
+
+        # distributed logs shutdown chatter at INFO; users want the result.
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

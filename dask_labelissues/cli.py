@@ -144,7 +144,7 @@ def format_summary(result: Any, top: int, *, worst: list[dict] | None = None) ->
         lines.append(f"  {'index':>12}  {'given':>7}  {'predicted':>9}  {'score':>10}")
         for w in worst:
             lines.append(
-                f"  {w['index']:>12}  {w['given_label']:>7}  {w['predicted_label']:>9}  {w['score']:>10.6f}"
+                f"  {w['index']:>12}  {w['given_label']:>7}  {w['predicted_label']:>9}  {w['score']:>10.4g}"
             )
     return "\n".join(lines)
 
@@ -172,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("worst 10 issues:")
     print(f"  {'index':>12}  {'given':>7}  {'predicted':>9}  {'score':>10}")
     for w in report.worst:
-        print(f"  {w['index']:>12}  {w['given_label']:>7}  {w['predicted_label']:>9}  {w['score']:>10.6f}")
+        print(f"  {w['index']:>12}  {w['given_label']:>7}  {w['predicted_label']:>9}  {w['score']:>10.4g}")
     if report.results_path:
         print(f"data in {report.data_path}, results in {report.results_path}")
     return 0

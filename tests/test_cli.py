@@ -1,0 +1,263 @@
+"""The command line, driven as a user would: subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from dask_labelissues import find_label_issues, open_results
+from dask_labelissues.synthetic import SyntheticSpec, write_npy, write_zarr
+
+CLI = [sys.executable, "-m", "dask_labelissues"]
+
+
+def run(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    spec = SyntheticSpec(40000, 8, seed=3)
+    paths = write_npy(spec, d / "npy")
+    write_zarr(spec, d / "data.zarr", chunk_rows=8192)
+    labels = np.load(paths["labels"])
+    probs = np.load(paths["pred_probs"])
+    with h5py.File(d / "data.h5", "w") as f:
+        f.create_dataset("labels", data=labels, chunks=(5000,))
+        f.create_dataset("probs/all", data=probs, chunks=(5000, 8))
+    expected = find_label_issues(labels, probs, backend="serial").compute()
+    return d, paths, expected
+
+
+def check_store(path, expected) -> None:
+    got = open_results(path).compute()
+    np.testing.assert_array_equal(got.issues, expected.issues)
+    np.testing.assert_array_equal(got.label_quality_scores, expected.label_quality_scores)
+    np.testing.assert_array_equal(got.is_label_issue, expected.is_label_issue)
+    np.testing.assert_array_equal(got.given_label, expected.given_label)
+    np.testing.assert_array_equal(got.predicted_label, expected.predicted_label)
+    np.testing.assert_array_equal(got.confident_thresholds, expected.confident_thresholds)
+    np.testing.assert_array_equal(got.per_class_count, expected.per_class_count)
+    np.testing.assert_array_equal(got.per_class_issues, expected.per_class_issues)
+    group = zarr.open_group(str(path), mode="r")
+    assert group.metadata.zarr_format == 3
+    attrs = dict(group.attrs)
+    assert attrs["num_issues"] == expected.num_issues
+    assert attrs["method"] == "self_confidence"
+    assert set(attrs["versions"]) >= {"dask_labelissues", "dask", "zarr", "numpy"}
+    assert attrs["seconds"] > 0
+    assert attrs["inputs"]["pred_probs"]["shape"] == list(expected.label_quality_scores.shape) + [8]
+
+
+FORMATS = {
+    "npy": ("npy/labels.npy", "npy/pred_probs.npy"),
+    "zarr": ("data.zarr:labels", "data.zarr:pred_probs"),
+    "hdf5": ("data.h5:/labels", "data.h5:/probs/all"),
+    "file-url": ("file://{d}/data.zarr:labels", "file://{d}/npy/pred_probs.npy"),
+}
+
+
+def _sources(d, fmt):
+    out = []
+    for s in FORMATS[fmt]:
+        s = s.format(d=d)
+        out.append(s if "://" in s else str(d / s))
+    return out
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("backend", ["fork", "serial"])
+def test_find_every_format_local_engines(data, fmt, backend, tmp_path):
+    d, _, expected = data
+    labels, probs = _sources(d, fmt)
+    out = tmp_path / "out.zarr"
+    proc = run("find", "--labels", labels, "--pred-probs", probs, "--output", str(out),
+               "--backend", backend, "--n-jobs", "2", "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["num_issues"] == expected.num_issues
+    assert summary["output"] == str(out)
+    check_store(out, expected)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_find_on_embedded_local_cluster(data, fmt, tmp_path):
+    d, _, expected = data
+    labels, probs = _sources(d, fmt)
+    out = tmp_path / "out.zarr"
+    proc = run("find", "--labels", labels, "--pred-probs", probs, "--output", str(out),
+               "--workers", "2", "--memory-limit", "1GB", "--chunk-rows", "7000", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "dashboard: http" in proc.stderr
+    assert f"label issues    {expected.num_issues:,}" in proc.stdout
+    check_store(out, expected)
+
+
+def test_progress_bars_on_request(data, tmp_path):
+    d, paths, _ = data
+    proc = run("find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+               "--output", str(tmp_path / "o.zarr"), "--backend", "serial", "--progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "pass 1: reading pred_probs" in proc.stderr and "100%" in proc.stderr
+
+
+def test_overwrite_and_existing_output(data, tmp_path):
+    d, paths, expected = data
+    out = tmp_path / "out.zarr"
+    args = ["find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+            "--output", str(out), "--backend", "serial"]
+    assert run(*args).returncode == 0
+    before = os.stat(out / "zarr.json").st_mtime_ns
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {out} already exists (use --overwrite to replace it)"
+    assert os.stat(out / "zarr.json").st_mtime_ns == before
+    proc = run(*args, "--overwrite", "--method", "normalized_margin")
+    assert proc.returncode == 0, proc.stderr
+    assert dict(zarr.open_group(str(out), mode="r").attrs)["method"] == "normalized_margin"
+    assert [p for p in os.listdir(tmp_path)] == ["out.zarr"]
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    spec = SyntheticSpec(5000, 4, seed=9)
+    paths = write_npy(spec, tmp_path / "in")
+    probs = np.load(paths["pred_probs"])
+    probs[4321, 2] = np.nan
+    np.save(tmp_path / "nan.npy", probs)
+    (tmp_path / "garbage.npy").write_bytes(b"not a numpy file at all")
+    (tmp_path / "empty.zarr").mkdir()
+    return tmp_path, paths
+
+
+@pytest.mark.parametrize(
+    "labels,probs,extra,message",
+    [
+        ("{in}/labels.npy", "{t}/nan.npy", [], "error: pred_probs[4321, 2] = nan is not finite"),
+        ("{in}/labels.npy", "{t}/missing.npy", [], "error: no such file: {t}/missing.npy"),
+        ("{in}/labels.npy", "{t}/garbage.npy", [], "error: {t}/garbage.npy is not a numpy .npy array"),
+        ("{in}/labels.npy", "{t}/empty.zarr", [], "error: pred_probs: cannot open {t}/empty.zarr as a Zarr array"),
+        ("{in}/labels.npy", "{t}/in/pred_probs.npy",
+         ["--scheduler", "tcp://127.0.0.1:9", "--connect-timeout", "1"],
+         "error: could not connect to the Dask scheduler at tcp://127.0.0.1:9 within 1 s"),
+        ("{in}/pred_probs.npy", "{in}/pred_probs.npy", [], "error: labels must be 1-D"),
+    ],
+    ids=["nan", "missing", "garbage", "not-zarr", "no-scheduler", "2d-labels"],
+)
+def test_errors_are_one_line_exit_2_and_leave_nothing(bad_inputs, labels, probs, extra, message):
+    t, paths = bad_inputs
+    fill = dict(t=t, **{"in": t / "in"})
+    out = t / "out.zarr"
+    proc = run("find", "--labels", labels.format(**fill), "--pred-probs", probs.format(**fill),
+               "--output", str(out), "--backend", "serial" if not extra else "dask", *extra)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) >= 1 and lines[-1].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith(message.format(**fill)), lines[-1]
+    assert not out.exists()
+    assert not [p for p in os.listdir(t) if p.startswith(".out.zarr")]
+
+
+def test_debug_shows_traceback(bad_inputs):
+    t, paths = bad_inputs
+    proc = run("find", "--labels", paths["labels"], "--pred-probs", str(t / "nan.npy"),
+               "--output", str(t / "o.zarr"), "--backend", "serial", "--debug")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "is not finite" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    d = tmp_path_factory.mktemp("large")
+    return write_npy(SyntheticSpec(3_000_000, 16, seed=4), d)
+
+
+def _start(large, out):
+    return subprocess.Popen(
+        [*CLI, "find", "--labels", large["labels"], "--pred-probs", large["pred_probs"],
+         "--output", str(out), "--backend", "serial", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_killed_while_writing_leaves_nothing_at_out(large, tmp_path):
+    out = tmp_path / "out.zarr"
+    proc = _start(large, out)
+    deadline = time.time() + 120
+    seen = False
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.startswith(".out.zarr.partial") for p in os.listdir(tmp_path)):
+            proc.send_signal(signal.SIGKILL)
+            seen = True
+            break
+        time.sleep(0.002)
+    proc.wait(30)
+    assert seen, "the job finished before its partial store was seen"
+    assert not out.exists()
+
+
+def test_terminated_while_computing_cleans_up(large, tmp_path):
+    out = tmp_path / "out.zarr"
+    proc = _start(large, out)
+    time.sleep(2.0)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    assert proc.returncode != 0
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_summary_and_plot(data, tmp_path):
+    d, paths, expected = data
+    out = tmp_path / "out.zarr"
+    assert run("find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+               "--output", str(out), "--backend", "serial").returncode == 0
+    png = tmp_path / "summary.png"
+    proc = run("summary", str(out), "--top", "5", "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    assert f"label issues    {expected.num_issues:,}" in proc.stdout
+    assert "worst 5 rows:" in proc.stdout
+    first = proc.stdout.split("worst 5 rows:")[1].splitlines()[2].split()
+    assert int(first[0]) == expected.issues[0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 20000
+    summary = json.loads(run("summary", str(out), "--json", "--top", "3").stdout)
+    assert summary["num_issues"] == expected.num_issues
+    assert [w["index"] for w in summary["worst"]] == expected.issues[:3].tolist()
+
+    proc = run("summary", str(tmp_path / "nope.zarr"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no results store at")
+
+
+def test_demo_small(tmp_path):
+    proc = run("demo", "--rows", "60000", "--classes", "10", "--workers", "1", "--json",
+               "--keep", str(tmp_path / "kept"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["rows"] == 60000
+    assert 0.9 < report["precision"] <= 1.0
+    assert 0.3 < report["recall"] <= 1.0
+    assert len(report["worst"]) == 10
+    assert "dashboard: http" in proc.stderr
+    assert (tmp_path / "kept" / "results.zarr" / "zarr.json").exists()
+    flipped = zarr.open_group(str(tmp_path / "kept" / "data.zarr"), mode="r")["flipped"][:]
+    assert report["flipped"] == flipped.size
+
+
+def test_demo_text_output():
+    proc = run("demo", "--rows", "30000", "--classes", "5", "--workers", "1", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    for field in ["rows ", "classes ", "wall time", "rows per second", "issues found", "precision", "recall", "worst 10 issues"]:
+        assert field in proc.stdout

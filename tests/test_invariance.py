@@ -118,3 +118,25 @@ def test_local_cluster_matches_serial(local_cluster, tmp_path):
         find_label_issues(data.labels, data.pred_probs, backend="serial"),
         find_label_issues(labels, probs, chunk_rows=6000),
     )
+
+
+def test_processes_scheduler(tmp_path):
+    import dask
+
+    data = make_dataset(8000, 6, seed=10)
+    np.save(tmp_path / "l.npy", data.labels)
+    np.save(tmp_path / "p.npy", data.pred_probs)
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial")
+    with dask.config.set(scheduler="processes", num_workers=2):
+        result = find_label_issues(str(tmp_path / "l.npy"), str(tmp_path / "p.npy"), chunk_rows=1500)
+        assert_identical(reference, result)
+
+
+def test_fork_falls_back_to_serial_where_fork_is_missing(monkeypatch):
+    from dask_labelissues.engines import fork
+
+    monkeypatch.setattr(fork, "fork_available", lambda: False)
+    data = make_dataset(3000, 4, seed=11)
+    with pytest.warns(RuntimeWarning, match="fork start method.*running serially"):
+        result = find_label_issues(data.labels, data.pred_probs, backend="fork", n_jobs=2)
+    assert_identical(find_label_issues(data.labels, data.pred_probs, backend="serial"), result)

@@ -112,6 +112,23 @@ class LabelIssues:
         )
 
 
+def _block_bytes_for(client: Any) -> int:
+    """Automatic block size: about 64 MB, less on workers with little memory.
+
+    A block and its temporaries must fit a worker several times over, or a
+    small memory limit would pause the worker instead of streaming.
+    """
+    target = inputs.TARGET_BLOCK_BYTES
+    if client is None:
+        return target
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    limits = [w.get("memory_limit") or 0 for w in workers.values()]
+    limits = [m for m in limits if m > 0]
+    if limits:
+        target = min(target, max(min(limits) // 16, 1 << 20))
+    return target
+
+
 def find_label_issues(
     labels: Any,
     pred_probs: Any,
@@ -197,9 +214,12 @@ def find_label_issues(
     n, k = inputs.check_shapes(lab, probs)
 
     if backend == "dask":
-        from .engines.dask import DaskDriver
+        from .engines.dask import DaskDriver, active_client
 
-        lab_d, probs_d = inputs.as_dask_arrays(lab, probs, chunk_rows)
+        client = active_client(client)
+        lab_d, probs_d = inputs.as_dask_arrays(
+            lab, probs, chunk_rows, target_bytes=_block_bytes_for(client)
+        )
         driver = DaskDriver(lab_d, probs_d, spec, client=client, progress=progress)
     else:
         rows = inputs.local_chunk_rows(probs, chunk_rows)

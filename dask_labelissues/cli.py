@@ -51,6 +51,8 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
                    help="an existing Dask scheduler (default: $DASK_SCHEDULER_ADDRESS, else an embedded LocalCluster)")
     g.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="give up connecting to --scheduler after this long (default 10)")
+    g.add_argument("--no-workers-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="fail if the cluster has no workers for this long while the job runs (default 60)")
     g.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: one per core)")
     g.add_argument("--threads-per-worker", type=int, default=1, metavar="M")
     g.add_argument("--memory-limit", default="auto", metavar="X", help="per LocalCluster worker, e.g. 2GB (default: auto)")
@@ -188,7 +190,10 @@ def cmd_find(args: argparse.Namespace) -> int:
     labels = open_path(args.labels, "labels")
     probs = open_path(args.pred_probs, "pred_probs")
     started = time.perf_counter()
-    with dask_client(args) as client:
+    import dask
+
+    with dask.config.set({"labelissues.no-workers-timeout": args.no_workers_timeout}), \
+            dask_client(args) as client:
         result = find_label_issues(
             labels, probs,
             method=args.method, adjust_pred_probs=args.adjust_pred_probs,

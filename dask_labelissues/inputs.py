@@ -400,16 +400,20 @@ def check_shapes(labels: Any, pred_probs: Any) -> tuple[int, int]:
     return n, k
 
 
-def auto_chunk_rows(k: int, itemsize: int, storage_rows: int | None) -> int:
-    """Rows per block: about :data:`TARGET_BLOCK_BYTES` of pred_probs,
-    rounded to whole storage chunks so no chunk is decoded twice."""
-    rows = max(1, TARGET_BLOCK_BYTES // (k * itemsize))
+def auto_chunk_rows(
+    k: int, itemsize: int, storage_rows: int | None, target_bytes: int = TARGET_BLOCK_BYTES
+) -> int:
+    """Rows per block: about ``target_bytes`` of pred_probs, rounded to whole
+    storage chunks so no chunk is decoded twice."""
+    rows = max(1, target_bytes // (k * itemsize))
     if storage_rows:
         rows = max(storage_rows, rows // storage_rows * storage_rows)
     return int(rows)
 
 
-def as_dask_arrays(labels: Any, pred_probs: Any, chunk_rows: int | None) -> tuple[Any, Any]:
+def as_dask_arrays(
+    labels: Any, pred_probs: Any, chunk_rows: int | None, target_bytes: int = TARGET_BLOCK_BYTES
+) -> tuple[Any, Any]:
     """Dask arrays of the two inputs with the same row chunks and whole rows.
 
     Row sources become dask arrays whose tasks slice the source, so
@@ -434,7 +438,9 @@ def as_dask_arrays(labels: Any, pred_probs: Any, chunk_rows: int | None) -> tupl
         if _is_dask_array(pred_probs):
             rows = int(max(pred_probs.chunks[0]))
         else:
-            rows = auto_chunk_rows(k, np.dtype(pred_probs.dtype).itemsize, pred_probs.storage_rows)
+            rows = auto_chunk_rows(
+                k, np.dtype(pred_probs.dtype).itemsize, pred_probs.storage_rows, target_bytes
+            )
     else:
         rows = int(chunk_rows)
         if rows < 1:

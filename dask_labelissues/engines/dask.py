@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 import dask
@@ -44,7 +45,7 @@ def tree_reduce(parts: Sequence[Delayed], combine: Callable, split_every: int) -
     return level[0]
 
 
-def _active_client(client: Any) -> Any:
+def active_client(client: Any) -> Any:
     """The distributed Client the job will run on, or None for local schedulers."""
     if client is not None:
         return client
@@ -89,7 +90,7 @@ class DaskDriver(Driver):
         self.labels = labels
         self.pred_probs = pred_probs
         self.spec = spec
-        self.client = _active_client(client)
+        self.client = active_client(client)
         self.split_every = split_every
         self.progress = progress
         self.n_rows, self.n_classes = (int(s) for s in pred_probs.shape)
@@ -115,19 +116,52 @@ class DaskDriver(Driver):
         # No graph optimization: fusing would give the array and the delayed
         # state separate copies of the block task, running pass one twice.
         if self.client is not None:
+            from distributed import futures_of
+
             out = tuple(self.client.persist(list(collections), optimize_graph=False))
             if self.progress:
                 from distributed import progress
 
                 progress(out, notebook=False)
+            self._watch(futures_of(out))
             return out
         with self._local_bar():
             return dask.persist(*collections, optimize_graph=False)
 
     def _compute(self, *collections: Any) -> tuple:
         if self.client is not None:
-            return tuple(self.client.compute(list(collections), sync=True))
+            futures = self.client.compute(list(collections))
+            self._watch(futures)
+            return tuple(self.client.gather(futures))
         return dask.compute(*collections)
+
+    def _watch(self, futures: list) -> None:
+        """Wait for ``futures``, failing if the cluster has no workers for too long.
+
+        Dask waits forever for workers to return; a batch job should not, so
+        after ``labelissues.no-workers-timeout`` seconds (default 60) without
+        a single worker the job is cancelled with a clear error.
+        """
+        from distributed import wait
+
+        limit = float(dask.config.get("labelissues.no-workers-timeout", 60))
+        since: float | None = None
+        while True:
+            try:
+                wait(futures, timeout=1.0)
+                return
+            except TimeoutError:
+                pass
+            if self.client.nthreads():
+                since = None
+                continue
+            since = since if since is not None else time.monotonic()
+            if time.monotonic() - since > limit:
+                self.client.cancel(futures)
+                raise RuntimeError(
+                    f"the Dask cluster at {self.client.scheduler.address} has had no workers "
+                    f"for {limit:g} s; the job was stopped"
+                )
 
     def _array(self, blocks: Sequence[Delayed], dtype: Any) -> da.Array:
         parts = [

@@ -11,7 +11,12 @@ the same issues, with these deliberate differences:
   index), as cleanlab documents, instead of cleanlab's index order;
 * bad input (NaN, inf, negative probabilities, rows not summing to 1,
   labels outside 0..K-1) raises an error naming the row;
-* zarr 3 arrays, h5py datasets and dask arrays are accepted.
+* zarr 3 arrays, h5py datasets and dask arrays are accepted;
+* thresholds are exact means and scores are float64 also for float32 input
+  (cleanlab averages and scores float32 input in float32), and the adjusted
+  self-confidence is computed from each row's sum kept in pass one: equal
+  to cleanlab's to about 1e-16 relative, so rows whose scores differ by less
+  can rank in another order.
 """
 
 from __future__ import annotations

@@ -99,7 +99,10 @@ class RawFile(RowSource):
             raise ValueError(f"{path} is not a numpy .npy array of numbers: {exc}") from None
         if not isinstance(arr, np.memmap):
             raise ValueError(f"{path} could not be memory-mapped")
-        return cls.from_memmap(arr)
+        # Fortran-ordered files are read the same way; a block of rows then
+        # touches one stretch of each column.
+        order = "C" if arr.flags.c_contiguous else "F"
+        return cls(path, arr.offset, arr.dtype, arr.shape, order)
 
     @classmethod
     def from_memmap(cls, arr: np.memmap) -> "RawFile":
@@ -351,7 +354,12 @@ def open_source(obj: Any, name: str) -> RowSource | Any:
         return obj
     if isinstance(obj, (str, os.PathLike)):
         return open_path(os.fspath(obj), name)
-    if isinstance(obj, np.memmap) and obj.filename is not None and obj.flags.c_contiguous:
+    if (
+        isinstance(obj, np.memmap)
+        and obj.filename is not None
+        and obj.flags.c_contiguous
+        and getattr(obj, "mode", "r") != "c"  # copy-on-write: the file is not the data
+    ):
         return RawFile.from_memmap(obj)
     if isinstance(obj, np.ndarray):
         return InMemory(obj)
@@ -359,7 +367,10 @@ def open_source(obj: Any, name: str) -> RowSource | Any:
     if module.startswith("zarr"):
         return ZarrArray(obj)
     if module.startswith("h5py"):
-        return HDF5Dataset(obj.file.filename, obj.name)
+        if obj.file.driver in ("sec2", "stdio") and os.path.exists(obj.file.filename):
+            return HDF5Dataset(obj.file.filename, obj.name)
+        # In-memory or file-object HDF5: read through this handle (one process).
+        return InMemory(obj, description=f"h5py {obj.name}")
     if isinstance(obj, (list, tuple)):
         return InMemory(np.asarray(obj))
     if hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__"):
@@ -375,6 +386,12 @@ def check_shapes(labels: Any, pred_probs: Any) -> tuple[int, int]:
 
     Raises TypeError for wrong dtypes and ValueError for wrong shapes.
     """
+    for name, arr in (("labels", labels), ("pred_probs", pred_probs)):
+        if any(isinstance(s, float) and np.isnan(s) for s in arr.shape):
+            raise ValueError(
+                f"{name} is a dask array with unknown chunk sizes; call "
+                f"{name}.compute_chunk_sizes() first"
+            )
     ldt, pdt = np.dtype(labels.dtype), np.dtype(pred_probs.dtype)
     if pdt == object:
         raise TypeError("pred_probs has object dtype; it must hold floating-point numbers")

@@ -32,10 +32,15 @@ DIGIT_BITS = 16
 N_DIGIT_BINS = 1 << DIGIT_BITS
 N_ROUNDS = 64 // DIGIT_BITS
 
-# Probabilities are summed per class in fixed point with 2**-64 resolution so
-# that the sums are exact integers: integer addition is associative, so the
-# thresholds do not depend on how rows are grouped into blocks.
-_LIMB = 2.0**32
+# Probabilities are summed per class as exact integers (fixed point, unit
+# 2**-137): integer addition is associative, so the thresholds do not depend
+# on how rows are grouped into blocks.
+_LIMB_BITS = 24
+_N_LIMBS = 7
+_UNIT_BITS = _LIMB_BITS * _N_LIMBS - 31  # 137: the top limb starts at 2**30
+_LIMB_BASE = float(1 << _LIMB_BITS)
+_LIMB_SCALE = 2.0 ** (_LIMB_BITS - 31)  # top limb = floor(value / 2**7)
+_EXACT_ROWS = 1 << (53 - _LIMB_BITS)  # float64 sums of this many limbs are exact
 #: Rows of a block are processed in slices of about this many bytes.
 SUB_BLOCK_BYTES = 2 * 2**20
 #: Largest probability value accepted when row sums are not checked.
@@ -133,10 +138,11 @@ def find_problem(
     k = probs.shape[1]
     bad_label = (labels < 0) | (labels >= k)
     bad = bad_label | ~np.isfinite(row_sums) | ~(row_mins >= 0)
+    # A row of zeros is no distribution, and values of 2**31 or more are no
+    # probabilities (and would overflow the exact sums), whatever the tolerance.
+    bad |= ~(row_sums > 0) | ~(row_maxs < MAX_VALUE)
     if row_sum_tolerance is not None:
         bad |= ~(np.abs(row_sums - 1.0) <= row_sum_tolerance)
-    else:
-        bad |= ~(row_maxs < MAX_VALUE)
     if not bad.any():
         return None
     i = int(np.argmax(bad))
@@ -154,13 +160,15 @@ def find_problem(
     if negative.any():
         j = int(np.argmax(negative))
         return InputProblem(row, f"pred_probs[{row}, {j}] = {values[j]} is negative")
-    if row_sum_tolerance is None:
+    if not values.max() < MAX_VALUE:
         j = int(np.argmax(values))
         return InputProblem(
             row,
             f"pred_probs[{row}, {j}] = {values[j]} is too large for a probability "
             f"(limit {MAX_VALUE:g})",
         )
+    if not row_sums[i] > 0:
+        return InputProblem(row, f"pred_probs row {row} is all zeros")
     return InputProblem(
         row,
         f"pred_probs row {row} sums to {float(row_sums[i])!r}, off 1 by more than "
@@ -308,39 +316,42 @@ def confident_off_diagonal(
 
 
 def fixed_point_class_sums(labels: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
-    """Exact per-class sums of ``floor(value * 2**64)`` as Python ints.
+    """Per-class sums of ``values`` as exact integers, in units of 2**-137.
 
-    ``values`` are finite, non-negative and below :data:`MAX_VALUE`.  Each
-    value is split into two 32-bit limbs held in float64; ``np.bincount``
-    sums them exactly as long as every partial sum stays below 2**53, so the
-    rows go through in steps small enough to guarantee that.
+    ``values`` are finite, non-negative and below :data:`MAX_VALUE` (2**31).
+    Each value is cut into seven 24-bit limbs, from 2**30 down to 2**-137;
+    every float64 at or above 2**-85 is represented exactly (smaller ones lose
+    bits below 2**-137, far below any threshold's rounding).  A limb is below
+    2**24, so ``np.bincount``'s float64 sums of up to 2**29 of them are exact;
+    the limb sums are then combined as Python ints.
     """
     totals = np.zeros(k, dtype=object)
     totals[:] = 0
     n = values.shape[0]
     if n == 0:
         return totals
-    scaled = values * _LIMB
-    hi = np.floor(scaled)
-    lo = np.floor((scaled - hi) * _LIMB)
-    largest = max(float(hi.max()), _LIMB)
-    step = max(1, int(2.0**52 // largest))
-    shift = 1 << 32
-    for a in range(0, n, step):
-        b = a + step
-        h = np.bincount(labels[a:b], weights=hi[a:b], minlength=k).astype(np.int64)
-        lo_sum = np.bincount(labels[a:b], weights=lo[a:b], minlength=k).astype(np.int64)
-        totals += h.astype(object) * shift + lo_sum.astype(object)
+    rest = values * _LIMB_SCALE  # exact: a power of two
+    limbs = []
+    for _ in range(_N_LIMBS):
+        limb = np.floor(rest)
+        limbs.append(limb)
+        rest = (rest - limb) * _LIMB_BASE  # both steps exact
+    for a in range(0, n, _EXACT_ROWS):
+        b = a + _EXACT_ROWS
+        for i, limb in enumerate(limbs):
+            part = np.bincount(labels[a:b], weights=limb[a:b], minlength=k).astype(np.int64)
+            totals += part.astype(object) << (_LIMB_BITS * (_N_LIMBS - 1 - i))
     return totals
 
 
 def exact_means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Correctly rounded ``sums / (counts * 2**64)``; absent classes get 2.0."""
-    scale = 1 << 64
+    """Correctly rounded ``sums / counts`` (sums in units of 2**-137); absent
+    classes get 2.0."""
+    scale = 1 << _UNIT_BITS
     out = np.empty(counts.shape[0], dtype=np.float64)
     for i, (s, c) in enumerate(zip(sums.tolist(), counts.tolist())):
         # int / int in Python is correctly rounded, so the mean is the same
-        # float whatever the order the exact sum was assembled in.
+        # float whatever order the exact sum was assembled in.
         out[i] = s / (c * scale) if c else ABSENT_CLASS_THRESHOLD
     return out
 
@@ -348,9 +359,15 @@ def exact_means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
 def score_keys(scores: np.ndarray) -> np.ndarray:
     """Map float64 scores to uint64 keys with the same order.
 
-    -0.0 is folded onto 0.0 first so that keys compare like the floats do.
+    -0.0 is folded onto 0.0 first so that keys compare like the floats do,
+    and every NaN onto the positive quiet NaN, which sorts after +inf as
+    ``np.sort`` puts NaN last.
     """
-    bits = (np.asarray(scores, dtype=np.float64) + 0.0).view(np.uint64)
+    values = np.asarray(scores, dtype=np.float64) + 0.0
+    nan = np.isnan(values)
+    if nan.any():
+        values = np.where(nan, np.nan, values)
+    bits = values.view(np.uint64)
     negative = (bits >> np.uint64(63)).astype(bool)
     return np.where(negative, ~bits, bits | np.uint64(1 << 63))
 

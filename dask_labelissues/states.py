@@ -34,7 +34,7 @@ class ThresholdState:
     probability, and the first bad row seen."""
 
     counts: np.ndarray  # int64 (K,)
-    sums: np.ndarray  # object (K,), Python ints in units of 2**-64
+    sums: np.ndarray  # object (K,), exact Python ints (see kernels.fixed_point_class_sums)
     rows: int = 0
     problem: InputProblem | None = None
 
@@ -68,9 +68,10 @@ class ThresholdState:
     def finalize(self) -> np.ndarray:
         """The confident thresholds (K,), float64.
 
-        Equal to the full-data mean of ``pred_probs[labels == k, k]`` for each
-        class k, correctly rounded, 2.0 for a class no row is labelled with,
-        then clipped below at 2e-6.
+        The full-data mean of ``pred_probs[labels == k, k]`` for each class k,
+        correctly rounded from the exact sum (values below 2**-85 contribute
+        all their bits down to 2**-137 only), 2.0 for a class no row is
+        labelled with, then clipped below at 2e-6.
         """
         self.raise_problem()
         means = kernels.exact_means(self.sums, self.counts)
@@ -97,7 +98,7 @@ def scan_block(
         # Rows past a bad value are still summed, but the job stops at
         # finalize; only keep values the fixed-point sums can hold.
         p_label = np.where(np.isfinite(p_label) & (p_label >= 0), p_label, 0.0)
-        p_label = np.minimum(p_label, kernels.MAX_VALUE / 2)
+        p_label = np.where(p_label < kernels.MAX_VALUE, p_label, 0.0)
     counts = np.bincount(y, minlength=k).astype(np.int64)
     sums = kernels.fixed_point_class_sums(y, p_label, k)
     return rec, ThresholdState(counts, sums, len(labels), problem)
@@ -143,7 +144,9 @@ class CountState:
         """The estimated number of label issues, T."""
         if estimation_method == "off_diagonal":
             return int(self.prune.sum())
-        calibrated = self.prune * self.n / np.maximum(self.norm, kernels.CLIP_FLOOR)
+        # float64 before multiplying: int64 products overflow past ~3e9 rows.
+        prune, n = self.prune.astype(np.float64), self.n.astype(np.float64)
+        calibrated = prune * n / np.maximum(self.norm, kernels.CLIP_FLOOR)
         return int(np.rint(np.sum(calibrated)))
 
 

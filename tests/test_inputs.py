@@ -211,3 +211,58 @@ def test_bad_settings():
         find_label_issues(labels, probs, chunk_rows=0)
     with pytest.raises(FileNotFoundError, match="no such file: /nonexistent.npy"):
         find_label_issues("/nonexistent.npy", probs)
+
+
+# -- edge cases found in review ------------------------------------------------
+
+def test_fortran_ordered_npy_path(data, reference, tmp_path):
+    np.save(tmp_path / "f.npy", np.asfortranarray(data.pred_probs))
+    for backend in BACKENDS:
+        _check(find_label_issues(data.labels, str(tmp_path / "f.npy"), backend=backend, chunk_rows=900), reference)
+
+
+def test_copy_on_write_memmap_uses_the_edited_data(data, tmp_path):
+    np.save(tmp_path / "p.npy", data.pred_probs * 3)
+    edited = np.load(tmp_path / "p.npy", mmap_mode="c")
+    edited /= 3  # in memory only; the file still holds rows summing to 3
+    expected = find_label_issues(data.labels, np.asarray(edited).copy(), backend="serial").compute()
+    _check(find_label_issues(data.labels, edited, backend="dask"), expected)
+
+
+def test_in_memory_hdf5_file(data, reference):
+    import io
+
+    with h5py.File(io.BytesIO(), "w") as f:
+        f.create_dataset("p", data=data.pred_probs)
+        _check(find_label_issues(data.labels, f["p"], backend="serial"), reference)
+        _check(find_label_issues(data.labels, f["p"], backend="dask"), reference)
+
+
+def test_dask_unknown_chunks_are_explained(data):
+    probs = da.from_array(data.pred_probs, chunks=(1000, 6))
+    filtered = probs[da.from_array(np.ones(data.n, dtype=bool), chunks=1000)]
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=r"unknown chunk sizes; call pred_probs.compute_chunk_sizes\(\)"):
+            find_label_issues(data.labels, filtered, backend=backend)
+
+
+def test_zero_rows_and_huge_values_rejected_at_any_tolerance():
+    labels, probs = _bad(100)
+    probs[42] = 0.0
+    with pytest.raises(ValueError, match="pred_probs row 42 is all zeros"):
+        find_label_issues(labels, probs, backend="serial", row_sum_tolerance=None)
+    labels, probs = _bad(100)
+    probs[7, 1] = 4e9
+    for tolerance in (None, 1e12):
+        with pytest.raises(ValueError, match=r"pred_probs\[7, 1\] = 4000000000.0 is too large"):
+            find_label_issues(labels, probs, backend="serial", row_sum_tolerance=tolerance)
+
+
+def test_two_fork_jobs_at_once(data, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(find_label_issues, data.labels, data.pred_probs, backend="fork", n_jobs=2,
+                            chunk_rows=700) for _ in range(2)]
+        for run in runs:
+            _check(run.result(), reference)

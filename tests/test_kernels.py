@@ -13,6 +13,9 @@ from dask_labelissues.states import HistogramState, Selection, ThresholdState, s
 from dask_labelissues.kernels import ScoreSpec
 
 
+UNIT = 2**137
+
+
 def test_fixed_point_sums_are_exact_and_grouping_free():
     rng = np.random.default_rng(0)
     values = rng.random(50000) ** 3  # many tiny values
@@ -23,9 +26,25 @@ def test_fixed_point_sums_are_exact_and_grouping_free():
     assert sum(pieces).tolist() == whole.tolist()
     for k in range(4):
         exact = sum(Fraction(v) for v in values[labels == k])
-        # Truncation to 2**-64 per value, nothing else.
-        error = exact - Fraction(int(whole[k]), 2**64)
-        assert 0 <= error < Fraction(int((labels == k).sum()), 2**64)
+        assert Fraction(int(whole[k]), UNIT) == exact
+
+
+def test_fixed_point_extremes():
+    values = np.array([2.0**-85, math.nextafter(2.0**31, 0.0), math.nextafter(1.0, 0.0), 0.0, 1e-300, 5e-324])
+    labels = np.zeros(values.size, dtype=np.intp)
+    total = kernels.fixed_point_class_sums(labels, values, 1)[0]
+    exact_part = sum(Fraction(v) for v in values[:4])
+    # Everything at or above 2**-85 is exact; the two tiny values are truncated away.
+    assert Fraction(int(total), UNIT) == exact_part
+
+
+def test_small_thresholds_are_correctly_rounded():
+    rng = np.random.default_rng(4)
+    values = rng.uniform(1e-7, 5e-6, 20000)
+    labels = np.zeros(values.size, dtype=np.intp)
+    sums = kernels.fixed_point_class_sums(labels, values, 1)
+    mean = kernels.exact_means(sums, np.array([values.size]))[0]
+    assert mean == float(sum(Fraction(v) for v in values) / values.size)
 
 
 def test_exact_means_are_correctly_rounded():
@@ -105,10 +124,7 @@ def test_reduce_flag_matches_cleanlab_rule():
         np.testing.assert_array_equal(rec["reduce"], _reduce_issues(probs, labels))
 
 
-def test_fixed_point_step_keeps_bincount_exact():
-    # 2**21 values just below 1: float64 partial sums of 32-bit limbs would
-    # round past 2**53 without the stepping.
-    values = np.full(2**21 + 5, math.nextafter(1.0, 0.0))
-    labels = np.zeros(values.size, dtype=np.intp)
-    total = kernels.fixed_point_class_sums(labels, values, 1)[0]
-    assert total == values.size * int(Fraction(values[0]) * 2**64)
+def test_nan_scores_rank_last():
+    keys = kernels.score_keys(np.array([np.nan, -np.nan, np.inf, 0.5, -np.inf]))
+    assert keys[0] == keys[1]
+    assert keys[0] > keys[2] > keys[3] > keys[4]

@@ -15,14 +15,14 @@ from typing import Any, Iterable, Sequence
 from ..kernels import ScoreSpec
 from .local import LocalDriver, LocalJob, serial_mapper
 
-# The job the pool's children inherited; set only while a pool is alive.
-_JOB: LocalJob | None = None
+# Jobs whose pools are alive, by id; each pool's children inherit the
+# registry as it was when they were forked, their own job included.
+_JOBS: dict[int, LocalJob] = {}
 
 
-def _call(task: tuple[str, tuple]) -> Any:
-    name, args = task
-    assert _JOB is not None, "fork worker started without a job"
-    return getattr(_JOB, name)(*args)
+def _call(task: tuple[int, str, tuple]) -> Any:
+    job_id, name, args = task
+    return getattr(_JOBS[job_id], name)(*args)
 
 
 def fork_available() -> bool:
@@ -34,25 +34,22 @@ class ForkDriver(LocalDriver):
     """A :class:`LocalDriver` whose block tasks run in ``n_jobs`` forked processes."""
 
     def __init__(self, job: LocalJob, n_jobs: int, progress: bool = False) -> None:
-        global _JOB
-        if _JOB is not None:
-            raise RuntimeError("another fork-engine job is running in this process")
-        _JOB = job
+        self.job_id = id(job)
+        _JOBS[self.job_id] = job
         try:
             self.pool = mp.get_context("fork").Pool(n_jobs)
         except BaseException:
-            _JOB = None
+            del _JOBS[self.job_id]
             raise
         super().__init__(job, self._map, progress=progress)
 
     def _map(self, name: str, args: Sequence[tuple]) -> Iterable[Any]:
-        return self.pool.imap(_call, [(name, a) for a in args], chunksize=1)
+        return self.pool.imap(_call, [(self.job_id, name, a) for a in args], chunksize=1)
 
     def close(self) -> None:
-        global _JOB
         self.pool.terminate()
         self.pool.join()
-        _JOB = None
+        _JOBS.pop(self.job_id, None)
 
 
 def fork_driver(

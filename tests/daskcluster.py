@@ -22,24 +22,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def make_tls(directory: Path) -> dict[str, str]:
-    """A CA and one certificate signed by it for 127.0.0.1, with openssl."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_key, ca = directory / "ca.key", directory / "ca.pem"
-    key, csr, cert = directory / "node.key", directory / "node.csr", directory / "node.pem"
-    ext = directory / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    steps = [
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=dask-labelissues-test-ca", "-keyout", ca_key, "-out", ca],
-        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-         "-keyout", key, "-out", csr],
-        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-days", "2", "-extfile", ext, "-out", cert],
-    ]
-    for cmd in steps:
-        subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
-    return {"ca": str(ca), "cert": str(cert), "key": str(key)}
+    """A CA and a node certificate for 127.0.0.1, made by the deploy recipe's script."""
+    subprocess.run(
+        ["bash", str(REPO / "deploy" / "tls" / "make-certs.sh"), str(directory)],
+        check=True, capture_output=True,
+    )
+    return {"ca": str(directory / "ca.pem"), "cert": str(directory / "node.pem"),
+            "key": str(directory / "node.key")}
 
 
 class DaskCluster:

@@ -44,9 +44,19 @@ def plot_summary(result: Any, path: str | os.PathLike, *, title: str | None = No
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install 'dask-labelissues[plot]'") from None
+    import matplotlib.pyplot as plt
+
+    fig = summary_figure(result, title=title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.fspath(path)
+
+
+def summary_figure(result: Any, *, title: str | None = None) -> Any:
+    """The summary plot as a matplotlib Figure (for notebooks)."""
+    import matplotlib.pyplot as plt
 
     k = result.n_classes
     # Scores lie in [0, 1] for every method; the issues crowd the low end,
@@ -89,6 +99,4 @@ def plot_summary(result: Any, path: str | os.PathLike, *, title: str | None = No
     ax2.set_title(f"issues per given label (highest rate: class {worst}, {100 * rate[worst]:.1f}%)")
     if k <= 30:
         ax2.set_xticks(classes)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return os.fspath(path)
+    return fig

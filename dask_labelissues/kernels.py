@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import fused
+from .fused import SUB_BLOCK_BYTES
+
 #: Margin used by confident learning for "greater or equal" comparisons.
 FLOATING_POINT_COMPARISON = 1e-6
 #: Lower bound applied to every confident threshold.
@@ -38,11 +41,7 @@ N_ROUNDS = 64 // DIGIT_BITS
 _LIMB_BITS = 24
 _N_LIMBS = 7
 _UNIT_BITS = _LIMB_BITS * _N_LIMBS - 31  # 137: the top limb starts at 2**30
-_LIMB_BASE = float(1 << _LIMB_BITS)
 _LIMB_SCALE = 2.0 ** (_LIMB_BITS - 31)  # top limb = floor(value / 2**7)
-_EXACT_ROWS = 1 << (53 - _LIMB_BITS)  # float64 sums of this many limbs are exact
-#: Rows of a block are processed in slices of about this many bytes.
-SUB_BLOCK_BYTES = 2 * 2**20
 #: Largest probability value accepted when row sums are not checked.
 MAX_VALUE = 2.0**31
 
@@ -188,38 +187,14 @@ def row_records(
     """
     n, k = probs.shape
     y = np.clip(labels, 0, k - 1).astype(np.int64, copy=False)
-    pred = np.empty(n, dtype=np.intp)
-    p_pred = np.empty(n, dtype=probs.dtype)
-    p_label_native = np.empty(n, dtype=probs.dtype)
-    row_mins = np.empty(n, dtype=probs.dtype)
-    row_sums = np.empty(n, dtype=np.float64)
-    need_wide = spec.adjust_pred_probs or spec.method == "confidence_weighted_entropy"
-    entropy = np.empty(n, dtype=np.float64) if spec.method == "confidence_weighted_entropy" else None
     margin = spec.method == "normalized_margin" and not spec.adjust_pred_probs
-    others = np.empty(n, dtype=np.float64) if margin else None
-    # Work through cache-sized slices: every reduction below then re-reads
-    # the slice from cache, not memory, and temporaries stay small (numpy's
-    # argmax copies a read-only input, as memory-mapped blocks are).
-    step = max(1, SUB_BLOCK_BYTES // (k * probs.dtype.itemsize))
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        part = probs[a:b]
-        rows = np.arange(b - a)
-        pred[a:b] = part.argmax(axis=1)
-        p_pred[a:b] = part[rows, pred[a:b]]
-        p_label_native[a:b] = part[rows, y[a:b]]
-        row_mins[a:b] = part.min(axis=1)
-        if need_wide:
-            # An explicit float64 copy, summed per row, gives the same bits
-            # for a row wherever it sits in a block.
-            wide = part.astype(np.float64)
-            row_sums[a:b] = wide.sum(axis=1)
-            if entropy is not None:
-                entropy[a:b] = _normalized_entropy(wide)
-        else:
-            row_sums[a:b] = part.sum(axis=1, dtype=np.float64)
-        if others is not None:
-            others[a:b] = max_other(part, y[a:b], pred[a:b], p_pred[a:b])
+    pred, p_pred, p_label_native, row_mins, row_sums, others = fused.scan_rows(probs, y, margin)
+    entropy = None
+    if spec.method == "confidence_weighted_entropy":
+        entropy = np.empty(n, dtype=np.float64)
+        step = max(1, SUB_BLOCK_BYTES // (k * 8))
+        for a in range(0, n, step):
+            entropy[a : a + step] = _normalized_entropy(probs[a : a + step].astype(np.float64))
     # cleanlab adds the margin in the input's own dtype before taking argmax;
     # doing the same keeps the near-tie rule identical for float32 input.
     plus = p_label_native + probs.dtype.type(FLOATING_POINT_COMPARISON)
@@ -242,19 +217,6 @@ def row_records(
         rec["p_label"] = p_label
         rec["row_sum"] = row_sums
     return rec, p_label, row_sums, row_mins
-
-
-def max_other(
-    probs: np.ndarray, labels: np.ndarray, pred: np.ndarray, p_pred: np.ndarray
-) -> np.ndarray:
-    """Largest probability of a class other than the given label, as float64."""
-    out = p_pred.astype(np.float64)
-    hit = np.flatnonzero(pred == labels)
-    if hit.size:
-        sub = np.array(probs[hit], dtype=np.float64)
-        sub[np.arange(hit.size), labels[hit]] = -np.inf
-        out[hit] = sub.max(axis=1)
-    return out
 
 
 def _normalized_entropy(wide: np.ndarray) -> np.ndarray:
@@ -327,20 +289,11 @@ def fixed_point_class_sums(labels: np.ndarray, values: np.ndarray, k: int) -> np
     """
     totals = np.zeros(k, dtype=object)
     totals[:] = 0
-    n = values.shape[0]
-    if n == 0:
+    if values.shape[0] == 0:
         return totals
-    rest = values * _LIMB_SCALE  # exact: a power of two
-    limbs = []
-    for _ in range(_N_LIMBS):
-        limb = np.floor(rest)
-        limbs.append(limb)
-        rest = (rest - limb) * _LIMB_BASE  # both steps exact
-    for a in range(0, n, _EXACT_ROWS):
-        b = a + _EXACT_ROWS
-        for i, limb in enumerate(limbs):
-            part = np.bincount(labels[a:b], weights=limb[a:b], minlength=k).astype(np.int64)
-            totals += part.astype(object) << (_LIMB_BITS * (_N_LIMBS - 1 - i))
+    sums = fused.limb_sums(labels, values, k, _N_LIMBS, _LIMB_BITS, _LIMB_SCALE)
+    for j in range(_N_LIMBS):
+        totals += sums[:, j].astype(object) << (_LIMB_BITS * (_N_LIMBS - 1 - j))
     return totals
 
 

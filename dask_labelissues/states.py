@@ -212,35 +212,46 @@ class HistogramState:
         return out
 
 
+#: A bucket of at most this many rows is gathered and finished on the client.
+CANDIDATE_CAP = 1 << 18
+
+
 @dataclass
 class Selection:
-    """Finds the key of the T-th smallest score by radix select.
+    """Finds the T rows with the smallest (score, index) by radix select.
 
-    Four rounds, each a tree reduction of :class:`HistogramState`, narrow
-    the cutoff one 16-bit digit at a time; no process ever holds more than
-    one block of scores and a 65,536-bin histogram.  Afterwards ``cutoff``
-    is the key of the T-th smallest score, ``below`` the number of rows with
-    a smaller key, and ``take`` how many rows with the cutoff key belong to
-    the top set (the lowest indices among them).
+    Each round, a tree reduction of :class:`HistogramState`, narrows the
+    cutoff to one bucket of the next 16 bits of the score key.  As soon as
+    the bucket holding the T-th smallest key has at most
+    :data:`CANDIDATE_CAP` rows (usually after one or two rounds), the rows
+    below it and the bucket's rows are gathered and the client finishes the
+    selection exactly (:meth:`finish`).  Only if a single key value is
+    shared by more rows than that do all four rounds run, and the tie is
+    split by per-block counts (:meth:`quotas`).  No process ever holds more
+    than one block of scores, a 65,536-bin histogram, or O(T + cap) rows.
     """
 
     target: int
     round_index: int = 0
     prefix: int = 0
-    below: int = 0
-    take: int = 0
-    tied: int = 0
-    history: list[int] = field(default_factory=list)
+    below: int = 0  # rows whose key prefix is smaller than ``prefix``
+    bucket: int = 0  # rows whose key prefix equals ``prefix``
 
     @property
     def done(self) -> bool:
         return self.round_index >= kernels.N_ROUNDS
 
     @property
-    def cutoff(self) -> int:
-        if not self.done:
-            raise RuntimeError("selection has not finished")
-        return self.prefix
+    def shift(self) -> int:
+        """``key >> shift`` is the part of a key the rounds so far have fixed."""
+        return 64 - kernels.DIGIT_BITS * self.round_index
+
+    def wants_round(self) -> bool:
+        return self.round_index == 0 or (not self.done and self.bucket > CANDIDATE_CAP)
+
+    def gathers_bucket(self) -> bool:
+        """True when the bucket is small enough to gather and finish on the client."""
+        return self.bucket <= CANDIDATE_CAP
 
     def advance(self, hist: HistogramState) -> None:
         """Fold one round's merged histogram into the cutoff."""
@@ -248,18 +259,36 @@ class Selection:
         counts = hist.dense()
         cumulative = np.cumsum(counts)
         digit = int(np.searchsorted(cumulative, need, side="left"))
-        before = int(cumulative[digit - 1]) if digit else 0
-        self.below += before
+        self.below += int(cumulative[digit - 1]) if digit else 0
         self.prefix = (self.prefix << kernels.DIGIT_BITS) | digit
+        self.bucket = int(counts[digit])
         self.round_index += 1
-        self.history.append(int(counts[digit]))
-        if self.done:
-            self.tied = int(counts[digit])
-            self.take = self.target - self.below
+
+    def finish(self, gathered: "Winners", starts: Sequence[int]) -> tuple["Winners", int, list[int]]:
+        """Choose the winners among the rows at or below the bucket.
+
+        Returns ``(winners, cutoff_key, quotas)``: the quotas say, per block,
+        how many rows with the cutoff key are in the top set.
+        """
+        keys = kernels.score_keys(gathered.score)
+        prefixes = keys >> np.uint64(self.shift) if self.shift < 64 else np.zeros_like(keys)
+        sure = prefixes < np.uint64(self.prefix)
+        candidates = np.flatnonzero(~sure)
+        order = candidates[np.lexsort((gathered.index[candidates], keys[candidates]))]
+        taken = order[: self.target - self.below]
+        cutoff = int(keys[taken[-1]])
+        at_cutoff = gathered.index[taken[keys[taken] == np.uint64(cutoff)]]
+        block = np.searchsorted(np.asarray(starts), at_cutoff, side="right") - 1
+        quotas = np.bincount(block, minlength=len(starts)).tolist()
+        keep = np.zeros(keys.size, dtype=bool)
+        keep[sure] = True
+        keep[taken] = True
+        return gathered.take(keep), cutoff, quotas
 
     def quotas(self, equal_per_block: Sequence[int]) -> list[int]:
-        """Per block, how many rows with the cutoff key to take, lowest index first."""
-        left = self.take
+        """After all rounds: per block, how many rows with the cutoff key
+        (now ``prefix``) to take, lowest index first."""
+        left = self.target - self.below
         out = []
         for count in equal_per_block:
             q = min(int(count), left)
@@ -298,6 +327,9 @@ class Winners:
             np.concatenate([p.reduce for p in parts]),
         )
 
+    def take(self, mask: np.ndarray) -> "Winners":
+        return Winners(self.index[mask], self.score[mask], self.label[mask], self.reduce[mask])
+
     def ranked(self) -> "Winners":
         """Sorted by ascending score, ties by ascending row index."""
         order = np.lexsort((self.index, self.score))
@@ -309,6 +341,14 @@ class Winners:
 def selected_block(scores: np.ndarray, cutoff: int, quota: int) -> np.ndarray:
     """Mask of the block's rows in the top-T set."""
     return kernels.selected_rows(kernels.score_keys(scores), cutoff, quota)
+
+
+def prefix_rows_block(scores: np.ndarray, shift: int, prefix: int) -> np.ndarray:
+    """Mask of the block's rows whose key prefix is at most ``prefix``."""
+    keys = kernels.score_keys(scores)
+    if shift >= 64:
+        return np.ones(keys.shape, dtype=bool)
+    return (keys >> np.uint64(shift)) <= np.uint64(prefix)
 
 
 def equal_count_block(scores: np.ndarray, cutoff: int) -> int:

@@ -60,6 +60,20 @@ def test_chunk_sizes_and_engines_agree(backend, settings):
         assert_identical(reference, other)
 
 
+@pytest.mark.parametrize("backend", ["serial", "fork", "dask"])
+def test_tie_split_by_block_counts_agrees(backend, monkeypatch):
+    """With no bucket small enough to gather, the tie at the cutoff is split
+    by per-block counts; the output must not change."""
+    from dask_labelissues import states
+
+    data = tied_dataset()
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial", chunk_rows=data.n)
+    monkeypatch.setattr(states, "CANDIDATE_CAP", 0)
+    for rows in [7, data.n // 4]:
+        other = find_label_issues(data.labels, data.pred_probs, backend=backend, chunk_rows=rows, n_jobs=2)
+        assert_identical(reference, other)
+
+
 def test_ties_are_broken_by_row_index():
     data = tied_dataset()
     result = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=7).compute()

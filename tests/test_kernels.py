@@ -81,33 +81,62 @@ def test_score_keys_preserve_order():
     assert len(set(keys.tolist())) == len(values) - 1
 
 
-def _select(scores: np.ndarray, target: int, blocks: int) -> np.ndarray:
+def _select(scores: np.ndarray, target: int, blocks: int, cap: int | None = None) -> np.ndarray:
+    """Run the selection as the engines do, on blocks of ``scores``."""
+    from dask_labelissues import states
+    from dask_labelissues.states import Winners
+
     parts = np.array_split(scores, blocks)
-    sel = Selection(target)
-    while not sel.done:
-        sel.advance(HistogramState.combine(
-            [HistogramState.chunk(p, sel.round_index, sel.prefix) for p in parts]
-        ))
-    eq = [int((kernels.score_keys(p) == np.uint64(sel.cutoff)).sum()) for p in parts]
-    quotas = sel.quotas(eq)
-    masks = [kernels.selected_rows(kernels.score_keys(p), sel.cutoff, q) for p, q in zip(parts, quotas)]
-    return np.flatnonzero(np.concatenate(masks))
+    starts = np.cumsum([0] + [len(p) for p in parts[:-1]]).tolist()
+    recs = []
+    for p in parts:
+        rec = np.zeros(len(p), dtype=[("label", "i4"), ("reduce", "?")])
+        recs.append(rec)
+    old_cap = states.CANDIDATE_CAP
+    if cap is not None:
+        states.CANDIDATE_CAP = cap
+    try:
+        sel = Selection(target)
+        while sel.wants_round():
+            sel.advance(HistogramState.combine(
+                [HistogramState.chunk(p, sel.round_index, sel.prefix) for p in parts]
+            ))
+        if sel.bucket <= states.CANDIDATE_CAP:
+            gathered = Winners.combine([
+                Winners.chunk(r, p, states.prefix_rows_block(p, sel.shift, sel.prefix), s)
+                for r, p, s in zip(recs, parts, starts)
+            ])
+            winners, cutoff, quotas = sel.finish(gathered, starts)
+        else:
+            cutoff = sel.prefix
+            eq = [int((kernels.score_keys(p) == np.uint64(cutoff)).sum()) for p in parts]
+            quotas = sel.quotas(eq)
+            winners = None
+    finally:
+        states.CANDIDATE_CAP = old_cap
+    masks = [kernels.selected_rows(kernels.score_keys(p), cutoff, q) for p, q in zip(parts, quotas)]
+    chosen = np.flatnonzero(np.concatenate(masks))
+    if winners is not None:
+        np.testing.assert_array_equal(np.sort(winners.index), chosen)
+    return chosen
 
 
+@pytest.mark.parametrize("cap", [None, 0, 5])
 @pytest.mark.parametrize("blocks", [1, 3, 17])
 @pytest.mark.parametrize("target", [1, 2, 50, 999, 1000])
-def test_selection_equals_stable_sort(target, blocks):
+def test_selection_equals_stable_sort(target, blocks, cap):
     rng = np.random.default_rng(target)
     scores = np.round(rng.random(1000), 2)  # many ties
     expected = np.sort(np.argsort(scores, kind="stable")[:target])
-    np.testing.assert_array_equal(_select(scores, target, blocks), expected)
+    np.testing.assert_array_equal(_select(scores, target, blocks, cap), expected)
 
 
-def test_selection_all_equal_and_extremes():
+@pytest.mark.parametrize("cap", [None, 0])
+def test_selection_all_equal_and_extremes(cap):
     scores = np.full(100, 0.25)
-    np.testing.assert_array_equal(_select(scores, 10, 7), np.arange(10))
+    np.testing.assert_array_equal(_select(scores, 10, 7, cap), np.arange(10))
     scores = np.array([0.0, 1.0, 0.0, 1e-300, 5e-324])
-    np.testing.assert_array_equal(_select(scores, 3, 2), [0, 2, 4])
+    np.testing.assert_array_equal(_select(scores, 3, 2, cap), [0, 2, 4])
 
 
 def test_reduce_flag_matches_cleanlab_rule():

@@ -60,6 +60,12 @@ class Driver(ABC):
         """The rows of the top set, from every block."""
 
     @abstractmethod
+    def gather_prefix(self, shift: int, prefix: int) -> Winners:
+        """The rows whose key prefix (``key >> shift``) is at most ``prefix``."""
+
+    block_starts: list[int]
+
+    @abstractmethod
     def outputs(self, cutoff: int, quotas: list[int]) -> dict[str, Any]:
         """The N-long outputs, possibly lazy: ``label_quality_scores``,
         ``is_label_issue``, ``given_label`` and ``predicted_label``."""
@@ -86,7 +92,8 @@ def run(driver: Driver, spec: ScoreSpec) -> RawResult:
 
     1. pass one (scan) -> exact thresholds;
     2. pass two (score) -> the estimated number of issues T;
-    3. radix select of the T lowest scores, ties by row index;
+    3. radix select of the T lowest scores, ties by row index, finished on
+       the client from the rows of the last bucket;
     4. gather the O(T) winners and drop the near ties the given label wins.
     """
     scan = driver.scan()
@@ -95,14 +102,19 @@ def run(driver: Driver, spec: ScoreSpec) -> RawResult:
     estimated = counts.finalize(spec.estimation_method)
     target = min(estimated, driver.n_rows)
 
-    cutoff, quotas = 0, []
+    cutoff, quotas, winners = 0, [], None
     if target > 0:
         selection = Selection(target)
-        while not selection.done:
+        while selection.wants_round():
             selection.advance(driver.histogram(selection.round_index, selection.prefix))
-        cutoff = selection.cutoff
-        quotas = selection.quotas(driver.equal_counts(cutoff))
-    winners = driver.gather(cutoff, quotas).ranked() if target > 0 else None
+        if selection.gathers_bucket():
+            gathered = driver.gather_prefix(selection.shift, selection.prefix)
+            winners, cutoff, quotas = selection.finish(gathered, driver.block_starts)
+        else:  # one key value shared by very many rows: split the tie per block
+            cutoff = selection.prefix
+            quotas = selection.quotas(driver.equal_counts(cutoff))
+            winners = driver.gather(cutoff, quotas)
+        winners = winners.ranked()
     arrays = driver.outputs(cutoff, quotas)
 
     k = driver.n_classes

@@ -96,6 +96,7 @@ class DaskDriver(Driver):
         self.n_rows, self.n_classes = (int(s) for s in pred_probs.shape)
         self.chunks = pred_probs.chunks[0]
         self.bounds = block_bounds(self.chunks)
+        self.block_starts = [a for a, _ in self.bounds]
         self._label_blocks = labels.to_delayed().ravel().tolist()
         self._prob_blocks = pred_probs.to_delayed().ravel().tolist()
         self.records: da.Array | None = None
@@ -239,6 +240,16 @@ class DaskDriver(Driver):
         ]
         return Winners.combine(list(self._compute(*parts)))
 
+    def gather_prefix(self, shift: int, prefix: int) -> Winners:
+        assert self.scores is not None and self.records is not None
+        parts = [
+            delayed(_prefix_rows, pure=True)(rec, sc, shift, prefix, start)
+            for rec, sc, (start, _) in zip(
+                self._blocks(self.records), self._blocks(self.scores), self.bounds
+            )
+        ]
+        return Winners.combine(list(self._compute(*parts)))
+
     def outputs(self, cutoff: int, quotas: list[int]) -> dict[str, da.Array]:
         assert self.scores is not None and self.records is not None
         quotas = quotas or [0] * len(self.bounds)
@@ -252,6 +263,10 @@ class DaskDriver(Driver):
             "given_label": self.records["label"],
             "predicted_label": self.records["pred"],
         }
+
+
+def _prefix_rows(rec: np.ndarray, scores: np.ndarray, shift: int, prefix: int, start: int) -> Winners:
+    return Winners.chunk(rec, scores, states.prefix_rows_block(scores, shift, prefix), start)
 
 
 def _winners(rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, start: int) -> Winners:

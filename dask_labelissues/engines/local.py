@@ -106,6 +106,11 @@ class LocalJob:
         sc = self.scores[a:b]
         return Winners.chunk(self.records[a:b], sc, states.selected_block(sc, cutoff, quota), a)
 
+    def gather_prefix(self, i: int, shift: int, prefix: int) -> Winners:
+        a, b = self.bounds[i]
+        sc = self.scores[a:b]
+        return Winners.chunk(self.records[a:b], sc, states.prefix_rows_block(sc, shift, prefix), a)
+
     def write_mask(self, i: int, cutoff: int, quota: int) -> None:
         a, b = self.bounds[i]
         self.mask[a:b] = states.issue_mask_block(self.records[a:b], self.scores[a:b], cutoff, quota)
@@ -146,6 +151,7 @@ class LocalDriver(Driver):
         self.n_rows = job.n_rows
         self.n_classes = job.n_classes
         self.n_blocks = len(job.bounds)
+        self.block_starts = [a for a, _ in job.bounds]
 
     def _each(self, name: str, *args: Any, desc: str | None = None) -> Iterable[Any]:
         results = self.map(name, [(i, *args) for i in range(self.n_blocks)])
@@ -166,6 +172,9 @@ class LocalDriver(Driver):
     def gather(self, cutoff: int, quotas: list[int]) -> Winners:
         args = [(i, cutoff, q) for i, q in enumerate(quotas)]
         return Winners.combine(list(self.map("gather", args)))
+
+    def gather_prefix(self, shift: int, prefix: int) -> Winners:
+        return Winners.combine(list(self._each("gather_prefix", shift, prefix)))
 
     def outputs(self, cutoff: int, quotas: list[int]) -> dict[str, np.ndarray]:
         quotas = quotas or [0] * self.n_blocks

@@ -1,0 +1,156 @@
+"""The per-row reductions of pass one, in one read of each row.
+
+For every row: the first argmax and its probability, the given label's
+probability, the row minimum, the row sum (float64, added in column order)
+and, on request, the largest probability of a class other than the label.
+
+Two implementations with the same bits: a numba kernel that touches each
+element once, and pure numpy (several vectorized reductions over
+cache-sized slices).  numba is used when it imports, unless the
+environment variable ``DASK_LABELISSUES_KERNEL=numpy`` says otherwise.
+The row sum is defined as the sequential float64 sum so that both agree
+exactly (numpy's own ``sum`` is pairwise).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+#: Rows of a block are processed by numpy in slices of about this many bytes.
+SUB_BLOCK_BYTES = 2 * 2**20
+
+try:  # pragma: no cover - exercised when numba is installed
+    if os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy":
+        raise ImportError("numpy kernel requested")
+    import numba
+
+    @numba.njit(nogil=True, cache=True)
+    def _scan_numba(probs, labels, pred, p_pred, p_label, row_min, row_sum, others, want_others):
+        n, k = probs.shape
+        for i in range(n):
+            y = labels[i]
+            best = probs[i, 0]
+            arg = 0
+            low = best
+            total = np.float64(best)
+            other = -np.inf
+            if y != 0:
+                other = np.float64(best)
+            for j in range(1, k):
+                v = probs[i, j]
+                if v > best:
+                    best = v
+                    arg = j
+                if v < low:
+                    low = v
+                total += v
+                if want_others and j != y and v > other:
+                    other = np.float64(v)
+            pred[i] = arg
+            p_pred[i] = best
+            p_label[i] = probs[i, y]
+            row_min[i] = low
+            row_sum[i] = total
+            if want_others:
+                others[i] = other
+
+    @numba.njit(nogil=True, cache=True)
+    def _limbs_numba(labels, values, out, scale, base, n_limbs):
+        for i in range(values.shape[0]):
+            rest = values[i] * scale
+            y = labels[i]
+            for j in range(n_limbs):
+                limb = np.floor(rest)
+                out[y, j] += np.int64(limb)
+                rest = (rest - limb) * base
+
+    KERNEL = "numba"
+except ImportError:
+    _scan_numba = None
+    _limbs_numba = None
+    KERNEL = "numpy"
+
+
+def scan_rows(
+    probs: np.ndarray, labels: np.ndarray, want_others: bool = False
+) -> tuple[np.ndarray, ...]:
+    """``(pred, p_pred, p_label, row_min, row_sum, others)`` for a block.
+
+    ``labels`` must already lie in ``0..K-1``; ``others`` is None unless
+    ``want_others``.  Rows holding NaN get a NaN row sum (and are rejected
+    by validation), so their other outputs do not matter.
+    """
+    n, k = probs.shape
+    pred = np.empty(n, dtype=np.intp)
+    p_pred = np.empty(n, dtype=probs.dtype)
+    p_label = np.empty(n, dtype=probs.dtype)
+    row_min = np.empty(n, dtype=probs.dtype)
+    row_sum = np.empty(n, dtype=np.float64)
+    others = np.empty(n, dtype=np.float64) if want_others else None
+    if _scan_numba is not None and probs.dtype in (np.float32, np.float64):
+        _scan_numba(
+            np.ascontiguousarray(probs), labels, pred, p_pred, p_label, row_min, row_sum,
+            others if others is not None else np.empty(0), want_others,
+        )
+        return pred, p_pred, p_label, row_min, row_sum, others
+    # Cache-sized slices keep every reduction below in cache and the
+    # temporaries small (numpy's argmax copies a read-only input).
+    step = max(1, SUB_BLOCK_BYTES // (k * probs.dtype.itemsize * 3))
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        part = probs[a:b]
+        rows = np.arange(b - a)
+        pred[a:b] = part.argmax(axis=1)
+        p_pred[a:b] = part[rows, pred[a:b]]
+        p_label[a:b] = part[rows, labels[a:b]]
+        row_min[a:b] = part.min(axis=1)
+        # accumulate is sequential by definition: the numba kernel's order.
+        row_sum[a:b] = np.add.accumulate(part, axis=1, dtype=np.float64)[:, -1]
+        if others is not None:
+            others[a:b] = max_other(part, labels[a:b], pred[a:b], p_pred[a:b])
+    return pred, p_pred, p_label, row_min, row_sum, others
+
+
+def max_other(
+    probs: np.ndarray, labels: np.ndarray, pred: np.ndarray, p_pred: np.ndarray
+) -> np.ndarray:
+    """Largest probability of a class other than the given label, as float64."""
+    out = p_pred.astype(np.float64)
+    hit = np.flatnonzero(pred == labels)
+    if hit.size:
+        sub = np.array(probs[hit], dtype=np.float64)
+        sub[np.arange(hit.size), labels[hit]] = -np.inf
+        out[hit] = sub.max(axis=1)
+    return out
+
+
+def limb_sums(
+    labels: np.ndarray, values: np.ndarray, k: int, n_limbs: int, limb_bits: int, scale: float
+) -> np.ndarray:
+    """Per-class sums of the fixed-point limbs of ``values``, shape (k, n_limbs), int64.
+
+    Limb j of a value v is ``floor(r_j)`` where ``r_0 = v * scale`` and
+    ``r_{j+1} = (r_j - floor(r_j)) * 2**limb_bits``; every step is exact in
+    float64, so both implementations give the same integers.
+    """
+    out = np.zeros((k, n_limbs), dtype=np.int64)
+    base = float(1 << limb_bits)
+    if _limbs_numba is not None:
+        _limbs_numba(labels.astype(np.int64, copy=False), values.astype(np.float64, copy=False),
+                     out, scale, base, n_limbs)
+        return out
+    # float64 bincount sums of limbs below 2**limb_bits are exact for this many rows
+    exact_rows = 1 << (53 - limb_bits)
+    rest = values * scale
+    limbs = []
+    for _ in range(n_limbs):
+        limb = np.floor(rest)
+        limbs.append(limb)
+        rest = (rest - limb) * base
+    for a in range(0, values.shape[0], exact_rows):
+        b = a + exact_rows
+        for j, limb in enumerate(limbs):
+            out[:, j] += np.bincount(labels[a:b], weights=limb[a:b], minlength=k).astype(np.int64)
+    return out

@@ -1,0 +1,73 @@
+"""The numba kernel and the pure-numpy kernel give the same bits."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from dask_labelissues import find_label_issues, fused
+
+from .conftest import make_dataset
+
+SETTINGS = [
+    dict(),
+    dict(method="normalized_margin"),
+    dict(method="normalized_margin", adjust_pred_probs=True),
+    dict(method="self_confidence", adjust_pred_probs=True, estimation_method="off_diagonal_calibrated"),
+    dict(method="confidence_weighted_entropy"),
+]
+
+DIGEST = """
+import hashlib, sys, numpy as np
+from dask_labelissues import find_label_issues, fused
+data = np.load(sys.argv[1])
+labels, probs = data["labels"], data["probs"]
+print(fused.KERNEL)
+for settings in {settings!r}:
+    r = find_label_issues(labels, probs, backend="serial", chunk_rows=777, **settings).compute()
+    h = hashlib.sha256()
+    for a in (r.issues, r.label_quality_scores, r.is_label_issue, r.confident_thresholds,
+              r.predicted_label, np.array([r.estimated_num_issues])):
+        h.update(np.ascontiguousarray(a).tobytes())
+    print(h.hexdigest())
+"""
+
+
+def _digests(path, kernel):
+    env = dict(os.environ, DASK_LABELISSUES_KERNEL=kernel)
+    out = subprocess.run([sys.executable, "-c", DIGEST.format(settings=SETTINGS), str(path)],
+                         capture_output=True, text=True, env=env, timeout=300, check=True)
+    return out.stdout.split()
+
+
+def test_numba_is_the_default_kernel():
+    assert fused.KERNEL == "numba"
+
+
+def test_numba_and_numpy_kernels_agree(tmp_path):
+    for dtype in (np.float32, np.float64):
+        data = make_dataset(6000, 9, seed=71, dtype=dtype)
+        np.savez(tmp_path / "d.npz", labels=data.labels, probs=data.pred_probs)
+        fast = _digests(tmp_path / "d.npz", "numba")
+        slow = _digests(tmp_path / "d.npz", "numpy")
+        assert fast[0] == "numba" and slow[0] == "numpy"
+        assert fast[1:] == slow[1:]
+
+
+def test_scan_rows_paths_agree_on_edge_rows(monkeypatch):
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.ones(6), size=500).astype(np.float32)
+    probs[:50, 2] = probs[:50, 4]  # ties for the argmax
+    probs[50:60] = 1 / 6
+    labels = rng.integers(0, 6, 500)
+    fast = fused.scan_rows(probs, labels, True)
+    monkeypatch.setattr(fused, "_scan_numba", None)
+    slow = fused.scan_rows(probs, labels, True)
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+    ref = np.add.accumulate(probs.astype(np.float64), axis=1)[:, -1]
+    np.testing.assert_array_equal(fast[4], ref)

@@ -65,15 +65,33 @@ class LabelIssues:
     estimation_method: str
     backend: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The distributed Client holding the lazy arrays, if any.
+    client: Any = field(default=None, repr=False, compare=False)
 
     N_LONG = ("label_quality_scores", "is_label_issue", "given_label", "predicted_label")
 
-    def compute(self) -> "LabelIssues":
-        """A copy whose N-long arrays are numpy arrays (computes lazy ones)."""
+    def _compute(self, *values: Any) -> tuple:
         import dask
 
-        values = dask.compute(*(getattr(self, name) for name in self.N_LONG))
+        if self.client is not None:
+            return dask.compute(*values, scheduler=self.client)
+        return dask.compute(*values)
+
+    def compute(self) -> "LabelIssues":
+        """A copy whose N-long arrays are numpy arrays (computes lazy ones)."""
+        values = self._compute(*(getattr(self, name) for name in self.N_LONG))
         return replace(self, **{name: np.asarray(v) for name, v in zip(self.N_LONG, values)})
+
+    def rows(self, indices: Any) -> dict[str, np.ndarray]:
+        """Given label, predicted label, score and issue flag of some rows.
+
+        Only those rows are computed or read, wherever the arrays live.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        names = ("given_label", "predicted_label", "label_quality_scores", "is_label_issue")
+        lazy = [getattr(self, n)[idx] if idx.size else np.zeros(0) for n in names]
+        values = self._compute(*lazy)
+        return {"index": idx, **{n: np.asarray(v) for n, v in zip(names, values)}}
 
     def to_zarr(
         self,
@@ -87,7 +105,9 @@ class LabelIssues:
         :func:`dask_labelissues.store.write_results`."""
         from .store import write_results
 
-        return write_results(self, path, overwrite=overwrite, attrs=attrs, client=client)
+        return write_results(
+            self, path, overwrite=overwrite, attrs=attrs, client=client or self.client
+        )
 
     def summary(self) -> dict[str, Any]:
         """Counts and settings as plain Python values (no N-long arrays)."""
@@ -222,6 +242,7 @@ def find_label_issues(
         )
         driver = DaskDriver(lab_d, probs_d, spec, client=client, progress=progress)
     else:
+        client = None
         rows = inputs.local_chunk_rows(probs, chunk_rows)
         lab_s, probs_s = inputs.as_row_source(lab), inputs.as_row_source(probs)
         if backend == "fork":
@@ -256,4 +277,5 @@ def find_label_issues(
         adjust_pred_probs=bool(adjust_pred_probs),
         estimation_method=estimation_method,
         backend=backend,
+        client=client,
     )

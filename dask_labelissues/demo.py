@@ -136,18 +136,9 @@ def _storage_chunk_rows(classes: int) -> int:
 
 def worst_rows(result: Any, top: int) -> list[dict[str, Any]]:
     """The ``top`` most likely mislabeled rows with their labels and scores."""
-    idx = np.asarray(result.issues[:top], dtype=np.int64)
-    given = _take(result.given_label, idx)
-    predicted = _take(result.predicted_label, idx)
+    rows = result.rows(result.issues[:top])
     return [
         {"index": int(i), "given_label": int(g), "predicted_label": int(p), "score": float(s)}
-        for i, g, p, s in zip(idx, given, predicted, result.issue_scores[:top])
+        for i, g, p, s in zip(rows["index"], rows["given_label"], rows["predicted_label"],
+                              result.issue_scores[:top])
     ]
-
-
-def _take(arr: Any, idx: np.ndarray) -> np.ndarray:
-    if idx.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if hasattr(arr, "dask"):
-        return np.asarray(arr[idx].compute())
-    return np.asarray(arr)[idx]

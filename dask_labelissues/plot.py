@@ -28,7 +28,7 @@ def score_histograms(
             (da.histogram(scores, bins=e)[0], da.histogram(scores, bins=e, weights=weights)[0])
             for e in edge_sets
         ]
-        out = dask.compute(*lazy)
+        out = result._compute(*lazy) if hasattr(result, "_compute") else dask.compute(*lazy)
     else:
         scores, mask = np.asarray(scores), np.asarray(mask)
         out = [(np.histogram(scores, bins=e)[0], np.histogram(scores[mask], bins=e)[0]) for e in edge_sets]

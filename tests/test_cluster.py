@@ -63,6 +63,22 @@ def test_api_on_cluster_identical_to_serial(cluster, dataset, settings):
         assert_identical(reference, on_npy)
 
 
+def test_client_that_is_not_the_default(cluster, dataset, tmp_path):
+    """A Client made with set_as_default=False must be the one used throughout."""
+    from distributed import Client
+
+    d, paths = dataset
+    reference = find_label_issues(paths["labels"], paths["pred_probs"], backend="serial").compute()
+    with Client(cluster.address, set_as_default=False) as client:
+        result = find_label_issues(paths["labels"], paths["pred_probs"], client=client)
+        assert_identical(reference, result)
+        rows = result.rows(result.issues[:5])
+        np.testing.assert_array_equal(rows["given_label"], reference.given_label[reference.issues[:5]])
+        assert rows["is_label_issue"].all()
+        result.to_zarr(tmp_path / "out.zarr")
+    assert_identical(reference, open_results(tmp_path / "out.zarr"))
+
+
 def test_cli_on_cluster_identical_to_serial(cluster, dataset, tmp_path):
     d, paths = dataset
     reference = find_label_issues(paths["labels"], paths["pred_probs"], backend="serial").compute()

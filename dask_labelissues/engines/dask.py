@@ -143,26 +143,28 @@ class DaskDriver(Driver):
         after ``labelissues.no-workers-timeout`` seconds (default 60) without
         a single worker the job is cancelled with a clear error.
         """
-        from distributed import wait
-
         limit = float(dask.config.get("labelissues.no-workers-timeout", 60))
         since: float | None = None
-        while True:
-            try:
-                wait(futures, timeout=1.0)
-                return
-            except TimeoutError:
-                pass
-            if self.client.nthreads():
-                since = None
-                continue
-            since = since if since is not None else time.monotonic()
-            if time.monotonic() - since > limit:
-                self.client.cancel(futures)
-                raise RuntimeError(
-                    f"the Dask cluster at {self.client.scheduler.address} has had no workers "
-                    f"for {limit:g} s; the job was stopped"
-                )
+        for future in futures:
+            while True:
+                try:
+                    # Waits on this future's own client (not the default one)
+                    # and moves no data; a task error is raised here.
+                    if future.exception(timeout=1.0) is not None:
+                        future.result()
+                    break
+                except TimeoutError:
+                    pass
+                if self.client.nthreads():
+                    since = None
+                    continue
+                since = since if since is not None else time.monotonic()
+                if time.monotonic() - since > limit:
+                    self.client.cancel(futures)
+                    raise RuntimeError(
+                        f"the Dask cluster at {self.client.scheduler.address} has had no "
+                        f"workers for {limit:g} s; the job was stopped"
+                    )
 
     def _array(self, blocks: Sequence[Delayed], dtype: Any) -> da.Array:
         parts = [

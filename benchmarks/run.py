@@ -1,0 +1,472 @@
+"""Benchmarks: dask_labelissues beside cleanlab and the one-read floor.
+
+    python benchmarks/run.py [--datasets a,b,c,scaling,memcap] [--repeats 3]
+
+Datasets are generated once into benchmarks/data/ (seeded, block by block)
+as both .npy and Zarr. For each dataset every runner is timed in this one
+process, repeats interleaved, and the median is reported, with its ratio to
+cleanlab's batched function (n_jobs=1) and to the floor: one read of
+pred_probs from the same storage doing the least per-row work (argmax and
+max of each row) on the same 2 threads. Peak memory of the driver and of
+every worker process is sampled from /proc; bytes read are the read()
+syscall bytes of the whole process tree (memory-mapped .npy reads do not
+show there). Results go to benchmarks/results/<time>.json and .md, and
+benchmarks/results/latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from dask_labelissues import find_label_issues  # noqa: E402
+from dask_labelissues.synthetic import SyntheticSpec, write_npy, write_zarr  # noqa: E402
+
+THREADS = 2
+DATASETS = {
+    "a": SyntheticSpec(2_000_000, 100, seed=101),
+    "b": SyntheticSpec(200_000, 1000, seed=102),
+    "c": SyntheticSpec(10_000_000, 100, seed=103),
+}
+ZARR_CHUNK_ROWS = {"a": 131072, "b": 65536, "c": 131072}
+
+
+# -- data ------------------------------------------------------------------------
+
+def ensure_data(name: str, data_dir: Path) -> dict[str, str]:
+    spec = DATASETS[name]
+    d = data_dir / f"{name}-{spec.rows}x{spec.classes}-s{spec.seed}"
+    npy, zarr_path = d / "npy", d / "data.zarr"
+    if not (npy / "pred_probs.npy").exists():
+        print(f"[data] writing {name} as .npy ({spec.rows:,} x {spec.classes})", flush=True)
+        write_npy(spec, npy)
+    if not (zarr_path / "zarr.json").exists():
+        print(f"[data] writing {name} as Zarr", flush=True)
+        write_zarr(spec, zarr_path, chunk_rows=ZARR_CHUNK_ROWS[name])
+    return {
+        "labels_npy": str(npy / "labels.npy"),
+        "probs_npy": str(npy / "pred_probs.npy"),
+        "labels_zarr": f"{zarr_path}:labels",
+        "probs_zarr": f"{zarr_path}:pred_probs",
+        "zarr_dir": str(zarr_path),
+    }
+
+
+def dir_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# -- process-tree measurements -------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo += _children(p)
+    return pids
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM", "RssAnon", "VmRSS")):
+                    key, value = line.split(":")
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _rchar(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("rchar"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_hwm(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+class Monitor:
+    """Samples the process tree every 20 ms: peak RSS and anonymous memory per
+    process, and read() bytes of the whole tree."""
+
+    def __init__(self) -> None:
+        self.root = os.getpid()
+
+    def __enter__(self) -> "Monitor":
+        self.peak_rss: dict[int, int] = {}
+        self.peak_anon: dict[int, int] = {}
+        self.start_rchar = {p: _rchar(p) for p in tree(self.root)}
+        self.last_rchar = dict(self.start_rchar)
+        for p in self.start_rchar:
+            _reset_hwm(p)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        for p in tree(self.root):
+            st = _status(p)
+            if st:
+                self.peak_rss[p] = max(self.peak_rss.get(p, 0), st.get("VmHWM", 0), st.get("VmRSS", 0))
+                self.peak_anon[p] = max(self.peak_anon.get(p, 0), st.get("RssAnon", 0))
+            r = _rchar(p)
+            if r:
+                self.last_rchar[p] = r
+                self.start_rchar.setdefault(p, 0)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, Any]:
+        driver = self.root
+        workers = [p for p in self.peak_rss if p != driver]
+        read = sum(self.last_rchar[p] - self.start_rchar.get(p, 0) for p in self.last_rchar)
+        return {
+            "driver_peak_rss": self.peak_rss.get(driver, 0),
+            "driver_peak_anon": self.peak_anon.get(driver, 0),
+            "worker_peak_rss": max((self.peak_rss[p] for p in workers), default=0),
+            "worker_peak_anon": max((self.peak_anon[p] for p in workers), default=0),
+            "bytes_read": read,
+        }
+
+
+# -- runners -----------------------------------------------------------------------
+
+@dataclass
+class Runner:
+    name: str
+    fn: Callable[[], Any]
+    times: list[float] = field(default_factory=list)
+    memory: list[dict] = field(default_factory=list)
+    issues: Any = None
+    error: str | None = None
+
+
+def floor_runner(kind: str, paths: dict[str, str]) -> Callable[[], Any]:
+    """One read of pred_probs, argmax and max of each row, on THREADS threads."""
+    import zarr
+
+    if kind == "npy":
+        probs = np.load(paths["probs_npy"], mmap_mode="r")
+        step = max(1, (64 << 20) // (probs.shape[1] * probs.itemsize))
+    else:
+        probs = zarr.open_array(paths["zarr_dir"], path="pred_probs", mode="r")
+        step = probs.chunks[0]
+
+    def block(a: int) -> float:
+        b = np.asarray(probs[a : a + step])
+        return float(b.argmax(axis=1).sum()) + float(b.max(axis=1).sum())
+
+    def run() -> None:
+        with ThreadPoolExecutor(THREADS) as pool:
+            list(pool.map(block, range(0, probs.shape[0], step)))
+
+    return run
+
+
+def ours(kind: str, paths: dict[str, str], **kwargs: Any) -> Callable[[], Any]:
+    labels, probs = paths[f"labels_{kind}"], paths[f"probs_{kind}"]
+
+    def run() -> np.ndarray:
+        return find_label_issues(labels, probs, **kwargs).issues
+
+    return run
+
+
+def cleanlab_batched(paths: dict[str, str], n_jobs: int) -> Callable[[], Any]:
+    def run() -> np.ndarray:
+        from cleanlab.experimental.label_issues_batched import find_label_issues_batched
+
+        return find_label_issues_batched(
+            labels_file=paths["labels_npy"], pred_probs_file=paths["probs_npy"],
+            batch_size=100_000, n_jobs=n_jobs, verbose=False,
+        )
+
+    return run
+
+
+def cleanlab_filter(paths: dict[str, str]) -> Callable[[], Any]:
+    def run() -> np.ndarray:
+        from cleanlab.filter import find_label_issues as filter_issues
+
+        labels = np.load(paths["labels_npy"])
+        probs = np.load(paths["probs_npy"])
+        return filter_issues(labels, probs, filter_by="low_self_confidence",
+                             return_indices_ranked_by="self_confidence")
+
+    return run
+
+
+def time_runners(runners: list[Runner], repeats: int) -> None:
+    for rep in range(repeats):
+        for r in runners:
+            if r.error:
+                continue
+            try:
+                with Monitor() as mon:
+                    t = time.perf_counter()
+                    out = r.fn()
+                    elapsed = time.perf_counter() - t
+            except Exception as exc:  # reported, not hidden
+                r.error = f"{type(exc).__name__}: {exc}"
+                print(f"  {r.name}: FAILED {r.error}", flush=True)
+                continue
+            r.times.append(elapsed)
+            r.memory.append(mon.summary())
+            if out is not None and r.issues is None:
+                r.issues = np.asarray(out)
+            print(f"  [{rep + 1}/{repeats}] {r.name:<40} {elapsed:8.3f} s", flush=True)
+
+
+def digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()[:12]
+
+
+def bench_dataset(name: str, paths: dict[str, str], repeats: int) -> dict[str, Any]:
+    from distributed import Client, LocalCluster
+
+    spec = DATASETS[name]
+    rows: list[dict[str, Any]] = []
+    with LocalCluster(n_workers=THREADS, threads_per_worker=1, processes=True,
+                      dashboard_address=None, memory_limit="4GB") as cluster, Client(cluster, set_as_default=False) as client:
+        for kind in ("npy", "zarr"):
+            runners = [
+                Runner(f"floor ({kind}, {THREADS} threads)", floor_runner(kind, paths)),
+                Runner("dask_labelissues dask threads", ours(kind, paths, backend="dask")),
+                Runner(f"dask_labelissues LocalCluster {THREADS}x1", ours(kind, paths, client=client)),
+                Runner(f"dask_labelissues fork n_jobs={THREADS}", ours(kind, paths, backend="fork", n_jobs=THREADS)),
+                Runner("dask_labelissues serial", ours(kind, paths, backend="serial")),
+            ]
+            if kind == "npy":
+                runners += [
+                    Runner("cleanlab batched n_jobs=1", cleanlab_batched(paths, 1)),
+                    Runner("cleanlab batched n_jobs=2", cleanlab_batched(paths, 2)),
+                ]
+                if name != "c":
+                    runners.append(Runner("cleanlab filter (in memory)", cleanlab_filter(paths)))
+            print(f"[{name} {kind}] {spec.rows:,} x {spec.classes}", flush=True)
+            time_runners(runners, repeats)
+            rows += summarize(name, kind, runners, paths)
+    return {"dataset": name, "rows": spec.rows, "classes": spec.classes, "runs": rows}
+
+
+def summarize(name: str, kind: str, runners: list[Runner], paths: dict[str, str]) -> list[dict[str, Any]]:
+    med = {r.name: statistics.median(r.times) for r in runners if r.times}
+    floor = next(v for k, v in med.items() if k.startswith("floor"))
+    baseline = med.get("cleanlab batched n_jobs=1")
+    reference = next((r.issues for r in runners if r.name == "dask_labelissues serial" and r.issues is not None), None)
+    store = dir_bytes(paths["zarr_dir"] + "/pred_probs") if kind == "zarr" else None
+    out = []
+    for r in runners:
+        row: dict[str, Any] = {"dataset": name, "storage": kind, "runner": r.name, "repeats": len(r.times)}
+        if r.error:
+            row["error"] = r.error
+            out.append(row)
+            continue
+        m = med[r.name]
+        mem = {k: max(x[k] for x in r.memory) for k in r.memory[0]}
+        row.update(median_s=m, times_s=r.times, x_floor=m / floor, **mem)
+        if baseline:
+            row["speedup_vs_cleanlab_batched_1"] = baseline / m
+        if store:
+            row["reads_of_store"] = mem["bytes_read"] / store
+        if r.issues is not None and reference is not None:
+            if r.name.startswith("dask_labelissues"):
+                row["same_issues_as_serial"] = digest(r.issues) == digest(reference)
+            else:
+                a, b = set(r.issues.tolist()), set(reference.tolist())
+                row["issue_set_jaccard_vs_ours"] = len(a & b) / max(1, len(a | b))
+            row["num_issues"] = int(len(r.issues))
+        out.append(row)
+    return out
+
+
+def bench_scaling(paths: dict[str, str], repeats: int) -> list[dict[str, Any]]:
+    from distributed import Client, LocalCluster
+
+    print("[scaling] 1 vs 2 single-thread workers on (a) Zarr", flush=True)
+    results = []
+    clusters = {}
+    try:
+        for n in (1, 2):
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, memory_limit="4GB")
+            clusters[n] = (cluster, Client(cluster, set_as_default=False))
+        runners = [Runner(f"LocalCluster {n}x1", ours("zarr", paths, client=clusters[n][1])) for n in (1, 2)]
+        time_runners(runners, repeats)
+        if any(r.error for r in runners):
+            return [{"dataset": "a", "storage": "zarr", "error": "; ".join(r.error for r in runners if r.error)}]
+        one, two = (statistics.median(r.times) for r in runners)
+        results.append({"dataset": "a", "storage": "zarr", "one_worker_s": one, "two_workers_s": two,
+                        "speedup": one / two})
+    finally:
+        for cluster, client in clusters.values():
+            client.close()
+            cluster.close()
+    return results
+
+
+MEMCAP_OURS = """
+import sys, time
+from dask_labelissues import find_label_issues
+t = time.perf_counter()
+r = find_label_issues(sys.argv[1], sys.argv[2])
+print(f"ok {r.num_issues} issues in {time.perf_counter() - t:.1f} s")
+"""
+MEMCAP_CLEANLAB = """
+import sys, time
+from cleanlab.experimental.label_issues_batched import find_label_issues_batched
+t = time.perf_counter()
+r = find_label_issues_batched(labels_file=sys.argv[1], pred_probs_file=sys.argv[2], batch_size=100000, verbose=False)
+print(f"ok {len(r)} issues in {time.perf_counter() - t:.1f} s")
+"""
+
+
+def bench_memcap(paths: dict[str, str], limit: int = 1_500_000_000) -> list[dict[str, Any]]:
+    print(f"[memcap] (c) .npy with prlimit --data={limit}", flush=True)
+    out = []
+    for who, code in (("dask_labelissues (dask threads)", MEMCAP_OURS), ("cleanlab batched n_jobs=1", MEMCAP_CLEANLAB)):
+        t = time.perf_counter()
+        proc = subprocess.run(["prlimit", f"--data={limit}", sys.executable, "-c", code,
+                               paths["labels_npy"], paths["probs_npy"]],
+                              capture_output=True, text=True, timeout=3600)
+        tail = (proc.stdout.strip() or proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "")
+        out.append({"runner": who, "limit_bytes": limit, "completed": proc.returncode == 0,
+                    "seconds": time.perf_counter() - t, "message": tail[-300:]})
+        print(f"  {who}: {'completed' if proc.returncode == 0 else 'FAILED'} ({tail[-120:]})", flush=True)
+    return out
+
+
+# -- report ------------------------------------------------------------------------
+
+def mb(x: int | None) -> str:
+    return f"{x / 2**20:,.0f}" if x else "-"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Benchmarks ({report['when']}, {report['machine']})", ""]
+    lines.append("| dataset | storage | runner | median s | x floor | speed-up vs cleanlab batched n_jobs=1 | "
+                 "driver peak RSS MB (anon) | worker peak RSS MB (anon) | read (x store) | issues | same as serial |")
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    for ds in report["datasets"]:
+        for r in ds["runs"]:
+            if "error" in r:
+                lines.append(f"| {r['dataset']} | {r['storage']} | {r['runner']} | failed: {r['error'][:80]} ||||||||")
+                continue
+            same = r.get("same_issues_as_serial")
+            same = "yes" if same else ("no" if same is False else f"J={r['issue_set_jaccard_vs_ours']:.4f}" if "issue_set_jaccard_vs_ours" in r else "")
+            reads = f"{r['reads_of_store']:.2f}" if "reads_of_store" in r else "mmap"
+            speed = f"{r['speedup_vs_cleanlab_batched_1']:.2f}" if "speedup_vs_cleanlab_batched_1" in r else ""
+            lines.append(
+                f"| {r['dataset']} | {r['storage']} | {r['runner']} | {r['median_s']:.3f} | {r['x_floor']:.2f} | {speed} | "
+                f"{mb(r['driver_peak_rss'])} ({mb(r['driver_peak_anon'])}) | {mb(r['worker_peak_rss'])} ({mb(r['worker_peak_anon'])}) | "
+                f"{reads} | {r.get('num_issues', '')} | {same} |"
+            )
+    for s in report.get("scaling", []):
+        if "error" in s:
+            lines += ["", f"Scaling on (a) Zarr failed: {s['error']}"]
+            continue
+        lines += ["", f"Scaling on (a) Zarr: 1 worker {s['one_worker_s']:.3f} s, 2 workers {s['two_workers_s']:.3f} s, "
+                  f"speed-up {s['speedup']:.2f}x."]
+    for m in report.get("memcap", []):
+        lines += ["", f"Memory cap (prlimit --data={m['limit_bytes']:,}) on (c) .npy, {m['runner']}: "
+                  f"{'completed' if m['completed'] else 'failed'} in {m['seconds']:.1f} s ({m['message']})"]
+    lines += ["", "x floor: median time over the median time of one read of pred_probs (argmax and max per row) "
+              f"from the same storage on {THREADS} threads, measured in the same process. "
+              "RSS includes memory-mapped file pages; anon is anonymous memory only. "
+              "'read (x store)': read() bytes of the process tree over the Zarr array's size on disk.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="a,b,c,scaling,memcap")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--data-dir", type=Path, default=HERE / "data")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every dataset's rows (e.g. 0.02 for a quick check of the harness)")
+    args = p.parse_args(argv)
+    import logging
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    if args.scale != 1.0:
+        from dataclasses import replace
+
+        for key, spec in DATASETS.items():
+            DATASETS[key] = replace(spec, rows=max(1000, int(spec.rows * args.scale)))
+    wanted = args.datasets.split(",")
+    import platform
+
+    report: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, {platform.machine()}",
+        "datasets": [], "scaling": [], "memcap": [],
+    }
+    for name in ("a", "b", "c"):
+        if name in wanted:
+            report["datasets"].append(bench_dataset(name, ensure_data(name, args.data_dir), args.repeats))
+    if "scaling" in wanted:
+        report["scaling"] = bench_scaling(ensure_data("a", args.data_dir), args.repeats)
+    if "memcap" in wanted:
+        report["memcap"] = bench_memcap(ensure_data("c", args.data_dir))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (args.out / f"{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
+    text = markdown(report)
+    (args.out / f"{stamp}.md").write_text(text)
+    (args.out / "latest.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,11 +62,16 @@ def make_dataset(
     return Dataset(labels.astype(np.int64), probs, np.flatnonzero(labels != true))
 
 
-@pytest.fixture(scope="session")
-def small() -> Dataset:
-    return make_dataset(3000, 10, seed=1)
-
-
-@pytest.fixture(scope="session")
-def medium() -> Dataset:
-    return make_dataset(20000, 10, seed=2)
+def assert_identical(a, b) -> None:
+    """Two results are the same to the bit (lazy arrays computed first)."""
+    a, b = a.compute(), b.compute()
+    np.testing.assert_array_equal(a.issues, b.issues)
+    np.testing.assert_array_equal(a.confident_thresholds, b.confident_thresholds)
+    np.testing.assert_array_equal(a.label_quality_scores, b.label_quality_scores)
+    np.testing.assert_array_equal(a.is_label_issue, b.is_label_issue)
+    np.testing.assert_array_equal(a.given_label, b.given_label)
+    np.testing.assert_array_equal(a.predicted_label, b.predicted_label)
+    np.testing.assert_array_equal(a.per_class_issues, b.per_class_issues)
+    np.testing.assert_array_equal(a.per_class_count, b.per_class_count)
+    assert a.estimated_num_issues == b.estimated_num_issues
+    assert a.num_issues == b.num_issues

@@ -17,6 +17,8 @@ import zarr
 from dask_labelissues import find_label_issues, open_results
 from dask_labelissues.synthetic import SyntheticSpec, write_npy, write_zarr
 
+from .conftest import assert_identical
+
 CLI = [sys.executable, "-m", "dask_labelissues"]
 
 
@@ -40,15 +42,7 @@ def data(tmp_path_factory):
 
 
 def check_store(path, expected) -> None:
-    got = open_results(path).compute()
-    np.testing.assert_array_equal(got.issues, expected.issues)
-    np.testing.assert_array_equal(got.label_quality_scores, expected.label_quality_scores)
-    np.testing.assert_array_equal(got.is_label_issue, expected.is_label_issue)
-    np.testing.assert_array_equal(got.given_label, expected.given_label)
-    np.testing.assert_array_equal(got.predicted_label, expected.predicted_label)
-    np.testing.assert_array_equal(got.confident_thresholds, expected.confident_thresholds)
-    np.testing.assert_array_equal(got.per_class_count, expected.per_class_count)
-    np.testing.assert_array_equal(got.per_class_issues, expected.per_class_issues)
+    assert_identical(expected, open_results(path))
     group = zarr.open_group(str(path), mode="r")
     assert group.metadata.zarr_format == 3
     attrs = dict(group.attrs)

@@ -19,7 +19,7 @@ from dask_labelissues import find_label_issues, open_results
 from dask_labelissues.synthetic import SyntheticSpec, write_npy, write_zarr
 
 from .daskcluster import DaskCluster, make_tls
-from .test_invariance import assert_identical
+from .conftest import assert_identical
 
 CLI = [sys.executable, "-m", "dask_labelissues"]
 

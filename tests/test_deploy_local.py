@@ -12,7 +12,7 @@ import pytest
 from dask_labelissues import find_label_issues, open_results
 from dask_labelissues.synthetic import SyntheticSpec, write_zarr
 
-from .test_invariance import assert_identical
+from .conftest import assert_identical
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)

@@ -8,7 +8,7 @@ import zarr
 
 from dask_labelissues import find_label_issues
 
-from .conftest import Dataset, make_dataset
+from .conftest import Dataset, assert_identical, make_dataset
 
 
 def tied_dataset(n: int = 600, k: int = 5, seed: int = 3) -> Dataset:
@@ -20,20 +20,6 @@ def tied_dataset(n: int = 600, k: int = 5, seed: int = 3) -> Dataset:
     probs = palette[rows]
     labels = rng.integers(0, k, n)
     return Dataset(labels, probs, np.zeros(0, dtype=np.int64))
-
-
-def assert_identical(a, b) -> None:
-    a, b = a.compute(), b.compute()
-    np.testing.assert_array_equal(a.issues, b.issues)
-    np.testing.assert_array_equal(a.confident_thresholds, b.confident_thresholds)
-    np.testing.assert_array_equal(a.label_quality_scores, b.label_quality_scores)
-    np.testing.assert_array_equal(a.is_label_issue, b.is_label_issue)
-    np.testing.assert_array_equal(a.given_label, b.given_label)
-    np.testing.assert_array_equal(a.predicted_label, b.predicted_label)
-    np.testing.assert_array_equal(a.per_class_issues, b.per_class_issues)
-    np.testing.assert_array_equal(a.per_class_count, b.per_class_count)
-    assert a.estimated_num_issues == b.estimated_num_issues
-    assert a.num_issues == b.num_issues
 
 
 SETTINGS = [

@@ -9,8 +9,8 @@ cleanlab's batched function (n_jobs=1) and to the floor: one read of
 pred_probs from the same storage doing the least per-row work (argmax and
 max of each row) on the same 2 threads. Peak memory of the driver and of
 every worker process is sampled from /proc; bytes read are the read()
-syscall bytes of the whole process tree (memory-mapped .npy reads do not
-show there). Results go to benchmarks/results/<time>.json and .md, and
+syscall bytes of the driver and its reaped fork workers (memory-mapped .npy
+reads and cluster workers are not counted). Results go to benchmarks/results/<time>.json and .md, and
 benchmarks/results/latest.md.
 """
 
@@ -168,7 +168,10 @@ class Monitor:
     def summary(self) -> dict[str, Any]:
         driver = self.root
         workers = [p for p in self.peak_rss if p != driver]
-        read = sum(self.last_rchar[p] - self.start_rchar.get(p, 0) for p in self.last_rchar)
+        # The driver's read() bytes; the kernel folds those of reaped children
+        # (the fork pool) into it. Cluster workers also read sockets, so
+        # their counters are not storage reads and are left out.
+        read = _rchar(driver) - self.start_rchar.get(driver, 0)
         return {
             "driver_peak_rss": self.peak_rss.get(driver, 0),
             "driver_peak_anon": self.peak_anon.get(driver, 0),
@@ -316,7 +319,7 @@ def summarize(name: str, kind: str, runners: list[Runner], paths: dict[str, str]
         row.update(median_s=m, times_s=r.times, x_floor=m / floor, **mem)
         if baseline:
             row["speedup_vs_cleanlab_batched_1"] = baseline / m
-        if store:
+        if store and "LocalCluster" not in r.name:
             row["reads_of_store"] = mem["bytes_read"] / store
         if r.issues is not None and reference is not None:
             if r.name.startswith("dask_labelissues"):
@@ -403,7 +406,8 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             same = r.get("same_issues_as_serial")
             same = "yes" if same else ("no" if same is False else f"J={r['issue_set_jaccard_vs_ours']:.4f}" if "issue_set_jaccard_vs_ours" in r else "")
-            reads = f"{r['reads_of_store']:.2f}" if "reads_of_store" in r else "mmap"
+            reads = (f"{r['reads_of_store']:.2f}" if "reads_of_store" in r
+                     else "mmap" if r["storage"] == "npy" else "n/a")
             speed = f"{r['speedup_vs_cleanlab_batched_1']:.2f}" if "speedup_vs_cleanlab_batched_1" in r else ""
             lines.append(
                 f"| {r['dataset']} | {r['storage']} | {r['runner']} | {r['median_s']:.3f} | {r['x_floor']:.2f} | {speed} | "

@@ -126,8 +126,25 @@ class RawFile(RowSource):
         return self._map
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        # A plain ndarray view on the mapping: no copy, and no np.memmap subclass.
-        return np.asarray(self._open()[key]).view(np.ndarray)
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if self.order == "C" and isinstance(rows, slice) and rows.step in (None, 1):
+            # Map just these rows, and unmap them when the block is dropped:
+            # pages of a long-lived mapping would stay resident and count
+            # against a Dask worker's memory limit as the job moves on.
+            start, stop, _ = rows.indices(self.shape[0])
+            stop = max(start, stop)
+            inner = self.shape[1:]
+            if stop == start:
+                out = np.empty((0,) + inner, dtype=self.dtype)
+            else:
+                row_bytes = int(np.prod(inner, dtype=np.int64)) * self.dtype.itemsize
+                out = np.asarray(np.memmap(
+                    self.path, dtype=self.dtype, mode="r", offset=self.offset + start * row_bytes,
+                    shape=(stop - start,) + inner,
+                ))
+            return out[(slice(None),) + rest] if rest else out
+        # Anything else (Fortran order, fancy keys): the whole mapping, no copy.
+        return np.asarray(self._open()[key])
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

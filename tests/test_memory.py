@@ -66,3 +66,28 @@ def test_every_engine_completes_under_the_cap(big):
     assert outputs["serial"] == outputs["fork"] == outputs["dask"]
     num_issues = int(outputs["serial"][0])
     assert 0.02 * ROWS < num_issues < 0.2 * ROWS
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_npy_blocks_are_unmapped_after_use(big):
+    """Dask workers count mapped file pages as their memory: a source that kept
+    one long-lived mapping would grow to the whole file and get paused."""
+    from dask_labelissues.inputs import RawFile
+
+    src = RawFile.from_npy(big["pred_probs"])
+    step = 100_000
+    before = _rss()
+    peak = before
+    for a in range(0, src.shape[0], step):
+        block = src[a : a + step]
+        float(block.sum())  # touch every page
+        peak = max(peak, _rss())
+        del block
+    assert peak - before < 300 * 2**20, f"RSS grew by {(peak - before) / 2**20:.0f} MB"

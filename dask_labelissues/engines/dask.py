@@ -136,6 +136,14 @@ class DaskDriver(Driver):
             return tuple(self.client.gather(futures))
         return dask.compute(*collections)
 
+    def _value(self, persisted: Delayed) -> Any:
+        """The value of a persisted state, fetched without a new graph."""
+        if self.client is not None:
+            from distributed import futures_of
+
+            return self.client.gather(futures_of(persisted))[0]
+        return persisted.compute()
+
     def _watch(self, futures: list) -> None:
         """Wait for ``futures``, failing if the cluster has no workers for too long.
 
@@ -188,8 +196,7 @@ class DaskDriver(Driver):
         merged = tree_reduce(parts, ThresholdState.combine, self.split_every)
         # One graph for both, so each block of pred_probs is read by one task.
         self.records, merged = self._persist(record_array, merged)
-        (state,) = self._compute(merged)
-        return state
+        return self._value(merged)
 
     def score(self, thresholds: np.ndarray) -> CountState:
         assert self.records is not None, "scan() first"
@@ -215,8 +222,7 @@ class DaskDriver(Driver):
             self.split_every,
         )
         self.scores, counts = self._persist(scores, counts)
-        (state,) = self._compute(counts)
-        return state
+        return self._value(counts)
 
     def histogram(self, round_index: int, prefix: int) -> HistogramState:
         assert self.scores is not None, "score() first"

@@ -1,6 +1,6 @@
 """Benchmarks: dask_labelissues beside cleanlab and the one-read floor.
 
-    python benchmarks/run.py [--datasets a,b,c,scaling,memcap] [--repeats 3]
+    python benchmarks/run.py [--datasets a,b,c,scaling,memory,memcap] [--repeats 3]
 
 Datasets are generated once into benchmarks/data/ (seeded, block by block)
 as both .npy and Zarr. For each dataset every runner is timed in this one
@@ -357,6 +357,54 @@ def bench_scaling(paths: dict[str, str], repeats: int) -> list[dict[str, Any]]:
     return results
 
 
+def measure_one(engine: str, storage: str, data_dir: Path) -> dict[str, Any]:
+    """Run one job on (c) in this (fresh) process and report its peak memory."""
+    from distributed import Client, LocalCluster
+
+    paths = ensure_data("c", data_dir)
+    kwargs: dict[str, Any] = {"backend": engine} if engine != "localcluster" else {}
+    if engine == "fork":
+        kwargs["n_jobs"] = THREADS
+    cluster = client = None
+    if engine == "localcluster":
+        cluster = LocalCluster(n_workers=THREADS, threads_per_worker=1, processes=True,
+                               dashboard_address=None, memory_limit="2GB")
+        client = Client(cluster, set_as_default=False)
+        kwargs["client"] = client
+    try:
+        with Monitor() as mon:
+            t = time.perf_counter()
+            ours(storage, paths, **kwargs)()
+            seconds = time.perf_counter() - t
+    finally:
+        if client is not None:
+            client.close()
+            cluster.close()
+    return {"engine": engine, "storage": storage, "seconds": seconds, **mon.summary()}
+
+
+def bench_memory(data_dir: Path) -> list[dict[str, Any]]:
+    """Peak memory on (c), each engine in a fresh process, so nothing that
+    earlier runs left in the benchmark process is counted."""
+    print("[memory] (c) in fresh processes", flush=True)
+    out = []
+    for storage in ("zarr", "npy"):
+        for engine in ("dask", "localcluster", "fork", "serial"):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--measure-one", engine, storage, "--data-dir", str(data_dir)],
+                capture_output=True, text=True, timeout=3600,
+            )
+            if proc.returncode != 0:
+                out.append({"engine": engine, "storage": storage, "error": proc.stderr.strip()[-300:]})
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            out.append(row)
+            print(f"  {engine:<13} {storage}: {row['seconds']:.1f} s, driver {mb(row['driver_peak_rss'])} MB "
+                  f"(anon {mb(row['driver_peak_anon'])}), workers {mb(row['worker_peak_rss'])} MB "
+                  f"(anon {mb(row['worker_peak_anon'])})", flush=True)
+    return out
+
+
 MEMCAP_OURS = """
 import sys, time
 from dask_labelissues import find_label_issues
@@ -420,28 +468,46 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         lines += ["", f"Scaling on (a) Zarr: 1 worker {s['one_worker_s']:.3f} s, 2 workers {s['two_workers_s']:.3f} s, "
                   f"speed-up {s['speedup']:.2f}x."]
+    if report.get("memory"):
+        lines += ["", "Peak memory on (c) (10,000,000 x 100, 4 GB of float32), each engine in a fresh process:", "",
+                  "| engine | storage | seconds | driver peak RSS MB (anon) | largest worker peak RSS MB (anon) |",
+                  "|---|---|---:|---:|---:|"]
+        for m in report["memory"]:
+            if "error" in m:
+                lines.append(f"| {m['engine']} | {m['storage']} | failed: {m['error'][:80]} | | |")
+                continue
+            lines.append(f"| {m['engine']} | {m['storage']} | {m['seconds']:.1f} | {mb(m['driver_peak_rss'])} "
+                         f"({mb(m['driver_peak_anon'])}) | {mb(m['worker_peak_rss'])} ({mb(m['worker_peak_anon'])}) |")
+        lines += ["", "RSS counts the pages of memory-mapped .npy files a process has touched (they are "
+                  "page cache, reclaimable); anon is the memory the process itself allocated."]
     for m in report.get("memcap", []):
         lines += ["", f"Memory cap (prlimit --data={m['limit_bytes']:,}) on (c) .npy, {m['runner']}: "
                   f"{'completed' if m['completed'] else 'failed'} in {m['seconds']:.1f} s ({m['message']})"]
     lines += ["", "x floor: median time over the median time of one read of pred_probs (argmax and max per row) "
               f"from the same storage on {THREADS} threads, measured in the same process. "
               "RSS includes memory-mapped file pages; anon is anonymous memory only. "
-              "'read (x store)': read() bytes of the process tree over the Zarr array's size on disk.", ""]
+              "'read (x store)': read() bytes of the driver (with its reaped fork workers) over the Zarr "
+              "array's size on disk; n/a for cluster workers, whose reads include network traffic; "
+              ".npy inputs are memory-mapped and read by page faults, which read() counters miss.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="a,b,c,scaling,memcap")
+    p.add_argument("--datasets", default="a,b,c,scaling,memory,memcap")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--measure-one", nargs=2, metavar=("ENGINE", "STORAGE"), help=argparse.SUPPRESS)
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every dataset's rows (e.g. 0.02 for a quick check of the harness)")
     args = p.parse_args(argv)
     import logging
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
+    if args.measure_one:
+        print(json.dumps(measure_one(*args.measure_one, args.data_dir)))
+        return 0
     if args.scale != 1.0:
         from dataclasses import replace
 
@@ -453,13 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, {platform.machine()}",
-        "datasets": [], "scaling": [], "memcap": [],
+        "datasets": [], "scaling": [], "memory": [], "memcap": [],
     }
     for name in ("a", "b", "c"):
         if name in wanted:
             report["datasets"].append(bench_dataset(name, ensure_data(name, args.data_dir), args.repeats))
     if "scaling" in wanted:
         report["scaling"] = bench_scaling(ensure_data("a", args.data_dir), args.repeats)
+    if "memory" in wanted:
+        report["memory"] = bench_memory(args.data_dir)
     if "memcap" in wanted:
         report["memcap"] = bench_memcap(ensure_data("c", args.data_dir))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -316,13 +316,19 @@ def score_keys(scores: np.ndarray) -> np.ndarray:
     and every NaN onto the positive quiet NaN, which sorts after +inf as
     ``np.sort`` puts NaN last.
     """
-    values = np.asarray(scores, dtype=np.float64) + 0.0
+    values = np.asarray(scores, dtype=np.float64)
+    top = np.uint64(1 << 63)
+    if values.size and values.min() >= 0:
+        # The common case (every method's scores lie in [0, 1]): the same
+        # keys as below, in one pass. -0.0 passes the test and maps to 0.0's key.
+        return values.view(np.uint64) | top
+    values = values + 0.0
     nan = np.isnan(values)
     if nan.any():
         values = np.where(nan, np.nan, values)
     bits = values.view(np.uint64)
     negative = (bits >> np.uint64(63)).astype(bool)
-    return np.where(negative, ~bits, bits | np.uint64(1 << 63))
+    return np.where(negative, ~bits, bits | top)
 
 
 def digit_histogram(keys: np.ndarray, round_index: int, prefix: int) -> np.ndarray:

@@ -126,9 +126,11 @@ class CountState:
         k = thresholds.shape[0]
         confident, off = kernels.confident_off_diagonal(rec, thresholds)
         label = rec["label"].astype(np.intp)
+        # Weighted counts avoid copying the selected labels; float64 counts
+        # are exact far beyond any block's size.
         return cls(
-            np.bincount(label[off], minlength=k).astype(np.int64),
-            np.bincount(label[confident], minlength=k).astype(np.int64),
+            np.bincount(label, weights=off, minlength=k).astype(np.int64),
+            np.bincount(label, weights=confident, minlength=k).astype(np.int64),
             np.bincount(label, minlength=k).astype(np.int64),
         )
 
@@ -169,15 +171,34 @@ def block_scores(
     return kernels.scores_from_records(rec, thresholds, spec)
 
 
+@dataclass
+class ScoreState:
+    """Pass two's merged state: the count state, and the first radix-select
+    round's histogram of the new scores (so selection starts without another
+    pass over them)."""
+
+    counts: CountState
+    first_digits: "HistogramState"
+
+    @classmethod
+    def combine(cls, states: Sequence["ScoreState"]) -> "ScoreState":
+        return cls(
+            CountState.combine([s.counts for s in states]),
+            HistogramState.combine([s.first_digits for s in states]),
+        )
+
+
 def score_block(
     rec: np.ndarray,
     thresholds: np.ndarray,
     spec: ScoreSpec,
     labels: np.ndarray | None = None,
     probs: np.ndarray | None = None,
-) -> tuple[np.ndarray, CountState]:
-    """Pass two's task on one block: scores and the block's count state."""
-    return block_scores(rec, thresholds, spec, labels, probs), CountState.chunk(rec, thresholds)
+) -> tuple[np.ndarray, ScoreState]:
+    """Pass two's task on one block: its scores and its :class:`ScoreState`."""
+    scores = block_scores(rec, thresholds, spec, labels, probs)
+    state = ScoreState(CountState.chunk(rec, thresholds), HistogramState.chunk(scores, 0, 0))
+    return scores, state
 
 
 @dataclass

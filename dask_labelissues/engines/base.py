@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..kernels import ScoreSpec
-from ..states import CountState, HistogramState, Selection, ThresholdState, Winners
+from ..states import HistogramState, ScoreState, Selection, ThresholdState, Winners
 
 
 def block_bounds(chunks: Sequence[int]) -> list[tuple[int, int]]:
@@ -44,8 +44,8 @@ class Driver(ABC):
         """Pass one: read every block once, keep its records, merge its state."""
 
     @abstractmethod
-    def score(self, thresholds: np.ndarray) -> CountState:
-        """Pass two: score every row (kept) and merge the count states."""
+    def score(self, thresholds: np.ndarray) -> ScoreState:
+        """Pass two: score every row (kept) and merge the score states."""
 
     @abstractmethod
     def histogram(self, round_index: int, prefix: int) -> HistogramState:
@@ -98,13 +98,14 @@ def run(driver: Driver, spec: ScoreSpec) -> RawResult:
     """
     scan = driver.scan()
     thresholds = scan.finalize()
-    counts = driver.score(thresholds)
-    estimated = counts.finalize(spec.estimation_method)
+    pass_two = driver.score(thresholds)
+    estimated = pass_two.counts.finalize(spec.estimation_method)
     target = min(estimated, driver.n_rows)
 
     cutoff, quotas, winners = 0, [], None
     if target > 0:
         selection = Selection(target)
+        selection.advance(pass_two.first_digits)
         while selection.wants_round():
             selection.advance(driver.histogram(selection.round_index, selection.prefix))
         if selection.gathers_bucket():

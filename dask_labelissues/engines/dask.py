@@ -25,7 +25,7 @@ from dask.delayed import Delayed, delayed
 
 from .. import states
 from ..kernels import ScoreSpec
-from ..states import CountState, HistogramState, ThresholdState, Winners
+from ..states import HistogramState, ScoreState, ThresholdState, Winners
 from .base import Driver, block_bounds
 
 #: Fan-in of every tree reduction.
@@ -198,31 +198,19 @@ class DaskDriver(Driver):
         self.records, merged = self._persist(record_array, merged)
         return self._value(merged)
 
-    def score(self, thresholds: np.ndarray) -> CountState:
+    def score(self, thresholds: np.ndarray) -> ScoreState:
         assert self.records is not None, "scan() first"
         spec = self.spec
-        if spec.rereads:
+        score_parts, states_parts = [], []
+        for rec, lab, prob in zip(self._blocks(self.records), self._label_blocks, self._prob_blocks):
             # The adjusted margin needs pred_probs cell by cell: read it again.
-            scores = self._array(
-                [
-                    delayed(states.block_scores, pure=True)(rec, thresholds, spec, lab, prob)
-                    for rec, lab, prob in zip(
-                        self._blocks(self.records), self._label_blocks, self._prob_blocks
-                    )
-                ],
-                np.float64,
-            )
-        else:
-            scores = self.records.map_blocks(
-                states.block_scores, thresholds, spec, dtype=np.float64, meta=np.empty(0, np.float64)
-            )
-        counts = tree_reduce(
-            [delayed(CountState.chunk, pure=True)(rec, thresholds) for rec in self._blocks(self.records)],
-            CountState.combine,
-            self.split_every,
-        )
-        self.scores, counts = self._persist(scores, counts)
-        return self._value(counts)
+            raw = (lab, prob) if spec.rereads else ()
+            scores, state = delayed(states.score_block, nout=2, pure=True)(rec, thresholds, spec, *raw)
+            score_parts.append(scores)
+            states_parts.append(state)
+        merged = tree_reduce(states_parts, ScoreState.combine, self.split_every)
+        self.scores, merged = self._persist(self._array(score_parts, np.float64), merged)
+        return self._value(merged)
 
     def histogram(self, round_index: int, prefix: int) -> HistogramState:
         assert self.scores is not None, "score() first"

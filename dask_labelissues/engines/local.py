@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import states
 from ..kernels import ScoreSpec
-from ..states import CountState, HistogramState, ThresholdState, Winners
+from ..states import HistogramState, ScoreState, ThresholdState, Winners
 from .base import Driver, block_bounds, even_chunks
 
 #: Buffers larger than this go to a file in ``spill_dir`` instead of memory.
@@ -84,14 +84,14 @@ class LocalJob:
         self.records[a:b] = rec
         return state
 
-    def score(self, i: int, thresholds: np.ndarray) -> CountState:
+    def score(self, i: int, thresholds: np.ndarray) -> ScoreState:
         a, b = self.bounds[i]
         labels = probs = None
         if self.spec.rereads:
             labels, probs = self._read(i)
-        scores, count = states.score_block(self.records[a:b], thresholds, self.spec, labels, probs)
+        scores, state = states.score_block(self.records[a:b], thresholds, self.spec, labels, probs)
         self.scores[a:b] = scores
-        return count
+        return state
 
     def histogram(self, i: int, round_index: int, prefix: int) -> HistogramState:
         a, b = self.bounds[i]
@@ -160,8 +160,8 @@ class LocalDriver(Driver):
     def scan(self) -> ThresholdState:
         return _fold(self._each("scan", desc="pass 1: reading pred_probs"), ThresholdState.combine)
 
-    def score(self, thresholds: np.ndarray) -> CountState:
-        return _fold(self._each("score", thresholds, desc="pass 2: scoring"), CountState.combine)
+    def score(self, thresholds: np.ndarray) -> ScoreState:
+        return _fold(self._each("score", thresholds, desc="pass 2: scoring"), ScoreState.combine)
 
     def histogram(self, round_index: int, prefix: int) -> HistogramState:
         return _fold(self._each("histogram", round_index, prefix), HistogramState.combine)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
@@ -20,6 +20,8 @@ def test_committed_without_outputs():
 
 
 def test_quickstart_executes(tmp_path, monkeypatch):
+    # The kernel is this environment's Python, whatever "python" is on PATH.
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     monkeypatch.setenv("QUICKSTART_ROWS", "60000")
     monkeypatch.setenv("QUICKSTART_CLASSES", "20")
     nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -132,20 +132,29 @@ class LabelIssues:
         )
 
 
-def _block_bytes_for(client: Any) -> int:
+#: Workers with less memory than this run the pure-numpy kernel: importing
+#: numba and loading its compiled code costs a process about 150 MB.
+SMALL_WORKER_BYTES = 1 << 30
+
+
+def _smallest_worker_memory(client: Any) -> int | None:
+    if client is None:
+        return None
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    limits = [w.get("memory_limit") or 0 for w in workers.values()]
+    limits = [m for m in limits if m > 0]
+    return min(limits) if limits else None
+
+
+def _block_bytes_for(smallest: int | None) -> int:
     """Automatic block size: about 64 MB, less on workers with little memory.
 
     A block and its temporaries must fit a worker several times over, or a
     small memory limit would pause the worker instead of streaming.
     """
     target = inputs.TARGET_BLOCK_BYTES
-    if client is None:
-        return target
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    limits = [w.get("memory_limit") or 0 for w in workers.values()]
-    limits = [m for m in limits if m > 0]
-    if limits:
-        target = min(target, max(min(limits) // 16, 1 << 20))
+    if smallest:
+        target = min(target, max(smallest // 16, 1 << 20))
     return target
 
 
@@ -237,8 +246,11 @@ def find_label_issues(
         from .engines.dask import DaskDriver, active_client
 
         client = active_client(client)
+        smallest = _smallest_worker_memory(client)
+        if smallest is not None and smallest < SMALL_WORKER_BYTES:
+            spec = replace(spec, kernel="numpy")
         lab_d, probs_d = inputs.as_dask_arrays(
-            lab, probs, chunk_rows, target_bytes=_block_bytes_for(client)
+            lab, probs, chunk_rows, target_bytes=_block_bytes_for(smallest)
         )
         driver = DaskDriver(lab_d, probs_d, spec, client=client, progress=progress)
     else:

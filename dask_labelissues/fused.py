@@ -6,8 +6,9 @@ and, on request, the largest probability of a class other than the label.
 
 Two implementations with the same bits: a numba kernel that touches each
 element once, and pure numpy (several vectorized reductions over
-cache-sized slices).  numba is used when it imports, unless the
-environment variable ``DASK_LABELISSUES_KERNEL=numpy`` says otherwise.
+cache-sized slices).  ``kernel="auto"`` uses numba when it imports, unless
+the environment variable ``DASK_LABELISSUES_KERNEL=numpy`` says otherwise;
+the API picks ``"numpy"`` for Dask workers with little memory.
 The row sum is defined as the sequential float64 sum so that both agree
 exactly (numpy's own ``sum`` is pairwise).
 """
@@ -15,19 +16,26 @@ exactly (numpy's own ``sum`` is pairwise).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
 #: Rows of a block are processed by numpy in slices of about this many bytes.
 SUB_BLOCK_BYTES = 2 * 2**20
 
-try:  # pragma: no cover - exercised when numba is installed
-    if os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy":
-        raise ImportError("numpy kernel requested")
-    import numba
+def _build_numba() -> tuple[Any, Any] | None:
+    """Compile (or load from numba's cache) the two kernels; None without numba.
+
+    Imported on first use only: numba adds about 100 MB to a process, which
+    a small Dask worker cannot spare.
+    """
+    try:
+        import numba
+    except ImportError:
+        return None
 
     @numba.njit(nogil=True, cache=True)
-    def _scan_numba(probs, labels, pred, p_pred, p_label, row_min, row_sum, others, want_others):
+    def scan(probs, labels, pred, p_pred, p_label, row_min, row_sum, others, want_others):
         n, k = probs.shape
         for i in range(n):
             y = labels[i]
@@ -57,7 +65,7 @@ try:  # pragma: no cover - exercised when numba is installed
                 others[i] = other
 
     @numba.njit(nogil=True, cache=True)
-    def _limbs_numba(labels, values, out, scale, base, n_limbs):
+    def limbs(labels, values, out, scale, base, n_limbs):
         for i in range(values.shape[0]):
             rest = values[i] * scale
             y = labels[i]
@@ -66,15 +74,33 @@ try:  # pragma: no cover - exercised when numba is installed
                 out[y, j] += np.int64(limb)
                 rest = (rest - limb) * base
 
-    KERNEL = "numba"
-except ImportError:
-    _scan_numba = None
-    _limbs_numba = None
-    KERNEL = "numpy"
+    return scan, limbs
+
+
+_NUMBA: tuple[Any, Any] | None = None
+_NUMBA_TRIED = False
+
+
+def _kernels(kernel: str) -> tuple[Any, Any] | None:
+    """The numba kernels if ``kernel`` allows them and numba is installed."""
+    global _NUMBA, _NUMBA_TRIED
+    if kernel == "numpy" or os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy":
+        return None
+    if not _NUMBA_TRIED:
+        _NUMBA = _build_numba()
+        _NUMBA_TRIED = True
+    if _NUMBA is None and kernel == "numba":
+        raise ImportError("kernel='numba' needs numba installed")
+    return _NUMBA
+
+
+def kernel_name(kernel: str = "auto") -> str:
+    """Which implementation ``kernel`` ("auto", "numba", "numpy") resolves to here."""
+    return "numba" if _kernels(kernel) is not None else "numpy"
 
 
 def scan_rows(
-    probs: np.ndarray, labels: np.ndarray, want_others: bool = False
+    probs: np.ndarray, labels: np.ndarray, want_others: bool = False, kernel: str = "auto"
 ) -> tuple[np.ndarray, ...]:
     """``(pred, p_pred, p_label, row_min, row_sum, others)`` for a block.
 
@@ -89,8 +115,9 @@ def scan_rows(
     row_min = np.empty(n, dtype=probs.dtype)
     row_sum = np.empty(n, dtype=np.float64)
     others = np.empty(n, dtype=np.float64) if want_others else None
-    if _scan_numba is not None and probs.dtype in (np.float32, np.float64):
-        _scan_numba(
+    fast = _kernels(kernel) if probs.dtype in (np.float32, np.float64) else None
+    if fast is not None:
+        fast[0](
             np.ascontiguousarray(probs), labels, pred, p_pred, p_label, row_min, row_sum,
             others if others is not None else np.empty(0), want_others,
         )
@@ -127,7 +154,8 @@ def max_other(
 
 
 def limb_sums(
-    labels: np.ndarray, values: np.ndarray, k: int, n_limbs: int, limb_bits: int, scale: float
+    labels: np.ndarray, values: np.ndarray, k: int, n_limbs: int, limb_bits: int, scale: float,
+    kernel: str = "auto",
 ) -> np.ndarray:
     """Per-class sums of the fixed-point limbs of ``values``, shape (k, n_limbs), int64.
 
@@ -137,8 +165,9 @@ def limb_sums(
     """
     out = np.zeros((k, n_limbs), dtype=np.int64)
     base = float(1 << limb_bits)
-    if _limbs_numba is not None:
-        _limbs_numba(labels.astype(np.int64, copy=False), values.astype(np.float64, copy=False),
+    fast = _kernels(kernel)
+    if fast is not None:
+        fast[1](labels.astype(np.int64, copy=False), values.astype(np.float64, copy=False),
                      out, scale, base, n_limbs)
         return out
     # float64 bincount sums of limbs below 2**limb_bits are exact for this many rows

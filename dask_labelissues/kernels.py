@@ -63,14 +63,20 @@ class ScoreSpec:
     row_sum_tolerance
         Largest accepted ``|sum(row) - 1|``; ``None`` accepts unnormalized
         rows on purpose.
+    kernel
+        ``"auto"``, ``"numba"`` or ``"numpy"``: which implementation of the
+        row reductions runs (the results are the same bits).
     """
 
     method: str = "self_confidence"
     adjust_pred_probs: bool = False
     estimation_method: str = "off_diagonal"
     row_sum_tolerance: float | None = 1e-3
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kernel not in ("auto", "numba", "numpy"):
+            raise ValueError(f"kernel={self.kernel!r} is not one of auto, numba, numpy")
         if self.method not in METHODS:
             raise ValueError(
                 f"method={self.method!r} is not one of {', '.join(METHODS)}"
@@ -188,7 +194,9 @@ def row_records(
     n, k = probs.shape
     y = np.clip(labels, 0, k - 1).astype(np.int64, copy=False)
     margin = spec.method == "normalized_margin" and not spec.adjust_pred_probs
-    pred, p_pred, p_label_native, row_mins, row_sums, others = fused.scan_rows(probs, y, margin)
+    pred, p_pred, p_label_native, row_mins, row_sums, others = fused.scan_rows(
+        probs, y, margin, spec.kernel
+    )
     entropy = None
     if spec.method == "confidence_weighted_entropy":
         entropy = np.empty(n, dtype=np.float64)
@@ -277,7 +285,9 @@ def confident_off_diagonal(
     return confident, confident & (pred != rec["label"])
 
 
-def fixed_point_class_sums(labels: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+def fixed_point_class_sums(
+    labels: np.ndarray, values: np.ndarray, k: int, kernel: str = "auto"
+) -> np.ndarray:
     """Per-class sums of ``values`` as exact integers, in units of 2**-137.
 
     ``values`` are finite, non-negative and below :data:`MAX_VALUE` (2**31).
@@ -291,7 +301,7 @@ def fixed_point_class_sums(labels: np.ndarray, values: np.ndarray, k: int) -> np
     totals[:] = 0
     if values.shape[0] == 0:
         return totals
-    sums = fused.limb_sums(labels, values, k, _N_LIMBS, _LIMB_BITS, _LIMB_SCALE)
+    sums = fused.limb_sums(labels, values, k, _N_LIMBS, _LIMB_BITS, _LIMB_SCALE, kernel)
     for j in range(_N_LIMBS):
         totals += sums[:, j].astype(object) << (_LIMB_BITS * (_N_LIMBS - 1 - j))
     return totals

@@ -100,7 +100,7 @@ def scan_block(
         p_label = np.where(np.isfinite(p_label) & (p_label >= 0), p_label, 0.0)
         p_label = np.where(p_label < kernels.MAX_VALUE, p_label, 0.0)
     counts = np.bincount(y, minlength=k).astype(np.int64)
-    sums = kernels.fixed_point_class_sums(y, p_label, k)
+    sums = kernels.fixed_point_class_sums(y, p_label, k, spec.kernel)
     return rec, ThresholdState(counts, sums, len(labels), problem)
 
 

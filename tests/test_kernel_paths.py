@@ -26,7 +26,7 @@ import hashlib, sys, numpy as np
 from dask_labelissues import find_label_issues, fused
 data = np.load(sys.argv[1])
 labels, probs = data["labels"], data["probs"]
-print(fused.KERNEL)
+print(fused.kernel_name())
 for settings in {settings!r}:
     r = find_label_issues(labels, probs, backend="serial", chunk_rows=777, **settings).compute()
     h = hashlib.sha256()
@@ -45,7 +45,8 @@ def _digests(path, kernel):
 
 
 def test_numba_is_the_default_kernel():
-    assert fused.KERNEL == "numba"
+    assert fused.kernel_name() == "numba"
+    assert fused.kernel_name("numpy") == "numpy"
 
 
 def test_numba_and_numpy_kernels_agree(tmp_path):
@@ -58,16 +59,35 @@ def test_numba_and_numpy_kernels_agree(tmp_path):
         assert fast[1:] == slow[1:]
 
 
-def test_scan_rows_paths_agree_on_edge_rows(monkeypatch):
+def test_scan_rows_paths_agree_on_edge_rows():
     rng = np.random.default_rng(5)
     probs = rng.dirichlet(np.ones(6), size=500).astype(np.float32)
     probs[:50, 2] = probs[:50, 4]  # ties for the argmax
     probs[50:60] = 1 / 6
     labels = rng.integers(0, 6, 500)
-    fast = fused.scan_rows(probs, labels, True)
-    monkeypatch.setattr(fused, "_scan_numba", None)
-    slow = fused.scan_rows(probs, labels, True)
+    fast = fused.scan_rows(probs, labels, True, "numba")
+    slow = fused.scan_rows(probs, labels, True, "numpy")
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a, b)
     ref = np.add.accumulate(probs.astype(np.float64), axis=1)[:, -1]
     np.testing.assert_array_equal(fast[4], ref)
+
+
+def test_small_workers_get_the_numpy_kernel_and_the_same_result(monkeypatch):
+    from dask_labelissues import api
+
+    data = make_dataset(5000, 7, seed=72)
+    seen = []
+    original = api.run
+
+    def spy(driver, spec):
+        seen.append(spec.kernel)
+        return original(driver, spec)
+
+    monkeypatch.setattr(api, "run", spy)
+    monkeypatch.setattr(api, "_smallest_worker_memory", lambda client: 300 * 2**20)
+    small = find_label_issues(data.labels, data.pred_probs, backend="dask")
+    monkeypatch.setattr(api, "_smallest_worker_memory", lambda client: None)
+    default = find_label_issues(data.labels, data.pred_probs, backend="dask")
+    assert seen == ["numpy", "auto"]
+    np.testing.assert_array_equal(small.issues, default.issues)

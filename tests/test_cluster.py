@@ -181,7 +181,7 @@ def test_killed_workers_change_nothing(tmp_path, big_zarr):
         thread = threading.Thread(target=job)
         thread.start()
         first = _kill_worker_running(client, "scan_block")
-        second = _kill_worker_running(client, "block_scores")
+        second = _kill_worker_running(client, "score_block")
         thread.join(300)
         assert not thread.is_alive()
         assert "error" not in box, box.get("error")

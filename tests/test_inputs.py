@@ -266,3 +266,23 @@ def test_two_fork_jobs_at_once(data, reference):
                             chunk_rows=700) for _ in range(2)]
         for run in runs:
             _check(run.result(), reference)
+
+
+def test_remote_npy_reads_byte_ranges(data, reference, tmp_path):
+    """A .npy behind an fsspec URL is read by row ranges, not downloaded whole."""
+    import fsspec
+
+    from dask_labelissues.inputs import RemoteNpy
+
+    np.save(tmp_path / "p.npy", data.pred_probs)
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/remote/p.npy", (tmp_path / "p.npy").read_bytes())
+    src = RemoteNpy("memory://remote/p.npy")
+    assert src.shape == data.pred_probs.shape and src.dtype == data.pred_probs.dtype
+    np.testing.assert_array_equal(src[10:20], data.pred_probs[10:20])
+    np.testing.assert_array_equal(src[(slice(4990, 6000), slice(1, 3))], data.pred_probs[4990:, 1:3])
+    with pytest.raises(TypeError, match="contiguous row slices"):
+        src[[1, 2]]
+    # The in-process schedulers see the same memory filesystem.
+    _check(find_label_issues(data.labels, src, backend="serial", chunk_rows=1234), reference)
+    _check(find_label_issues(data.labels, "memory://remote/p.npy", backend="dask", chunk_rows=999), reference)

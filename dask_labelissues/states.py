@@ -15,7 +15,7 @@ The engines only decide where chunk runs and in which tree combine runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np

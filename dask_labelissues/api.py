@@ -8,8 +8,12 @@ from typing import Any
 import numpy as np
 
 from . import inputs
-from .engines import BACKENDS, run
-from .kernels import ScoreSpec
+from .engines import BACKENDS, run, run_filter
+from .filters import FilterSpec
+from .kernels import METHODS, ScoreSpec
+
+#: ``return_indices_ranked_by``'s default: rank by ``method``.
+SAME_AS_METHOD = "method"
 
 
 @dataclass
@@ -43,6 +47,14 @@ class LabelIssues:
     given_label, predicted_label
         The label and the model's argmax class of every row (N, int32),
         lazy with the dask backend.
+    filter_by
+        The cleanlab filter that chose the issues, or None for the batched
+        method.
+    confident_joint
+        The calibrated confident joint (K, K), rows the given label and
+        columns the class counted (filters only; None otherwise).
+    reads
+        How many times pred_probs was read from storage.
     metadata
         Attributes of the results store it was opened from, if any.
     """
@@ -67,6 +79,9 @@ class LabelIssues:
     metadata: dict[str, Any] = field(default_factory=dict)
     #: The distributed Client holding the lazy arrays, if any.
     client: Any = field(default=None, repr=False, compare=False)
+    filter_by: str | None = None
+    confident_joint: np.ndarray | None = None
+    reads: int = 1
 
     N_LONG = ("label_quality_scores", "is_label_issue", "given_label", "predicted_label")
 
@@ -109,6 +124,12 @@ class LabelIssues:
             self, path, overwrite=overwrite, attrs=attrs, client=client or self.client
         )
 
+    def _in_row_order(self, yes: bool) -> "LabelIssues":
+        if not yes:
+            return self
+        order = np.argsort(self.issues, kind="stable")
+        return replace(self, issues=self.issues[order], issue_scores=self.issue_scores[order])
+
     def summary(self) -> dict[str, Any]:
         """Counts and settings as plain Python values (no N-long arrays)."""
         return {
@@ -121,6 +142,8 @@ class LabelIssues:
             "adjust_pred_probs": self.adjust_pred_probs,
             "estimation_method": self.estimation_method,
             "backend": self.backend,
+            "filter_by": self.filter_by,
+            "reads": self.reads,
             "per_class_count": self.per_class_count.tolist(),
             "per_class_issues": self.per_class_issues.tolist(),
         }
@@ -128,7 +151,8 @@ class LabelIssues:
     def __repr__(self) -> str:
         return (
             f"LabelIssues(rows={self.n_rows}, classes={self.n_classes}, "
-            f"num_issues={self.num_issues}, method={self.method!r}, backend={self.backend!r})"
+            f"num_issues={self.num_issues}, method={self.method!r}, "
+            f"filter_by={self.filter_by!r}, backend={self.backend!r})"
         )
 
 
@@ -172,6 +196,11 @@ def find_label_issues(
     progress: bool = False,
     row_sum_tolerance: float | None = 1e-3,
     spill_dir: str | None = None,
+    filter_by: str | None = None,
+    return_indices_ranked_by: str | None = SAME_AS_METHOD,
+    frac_noise: float = 1.0,
+    num_to_remove_per_class: Any = None,
+    min_examples_per_class: int = 1,
 ) -> LabelIssues:
     """Find the rows whose given label is most likely wrong.
 
@@ -183,6 +212,22 @@ def find_label_issues(
     argmax after adding 1e-6 to its probability.  pred_probs is read once,
     except for ``method="normalized_margin"`` with ``adjust_pred_probs=True``,
     which reads it twice.
+
+    With ``filter_by``, the issues are instead those of that method of
+    ``cleanlab.filter.find_label_issues`` on single-label data, run
+    distributed: the confident joint is a second read of pred_probs and a
+    tree reduction; the rows to prune in each (given, counted) cell or class
+    are selected by tree reductions of per-block candidates.  pred_probs is
+    read twice (once for ``predicted_neq_given``), plus once more for the
+    noise-rate cells the per-row candidates cannot decide (rare; the count
+    is in ``reads``) and once more for the adjusted normalized margin.
+
+    ``filter_by="low_self_confidence"`` is cleanlab.filter's method, not
+    the default batched one: it counts the issues from the confident joint
+    (a row counts where its class clears the threshold, the argmax only when
+    several do) and keeps near ties, where the default counts rows whose
+    argmax clears its threshold and drops rows whose given label would win
+    with 1e-6 more.  On imbalanced data the two differ by a few percent.
 
     Parameters
     ----------
@@ -221,6 +266,22 @@ def find_label_issues(
     spill_dir
         Where the fork and serial engines put large per-row buffers
         (default: the system's temporary directory).
+    filter_by
+        None (default): batched confident learning as above, what cleanlab's
+        ``find_label_issues_batched`` runs.  Otherwise one of
+        ``prune_by_noise_rate``, ``prune_by_class``, ``both``,
+        ``confident_learning``, ``predicted_neq_given``,
+        ``low_normalized_margin``, ``low_self_confidence``, with the meaning
+        it has in ``cleanlab.filter.find_label_issues``.
+    return_indices_ranked_by
+        The score that orders ``issues`` (and fills ``label_quality_scores``):
+        one of ``self_confidence``, ``normalized_margin``,
+        ``confidence_weighted_entropy``; by default ``method``.  None lists
+        the issues in row order.
+    frac_noise, num_to_remove_per_class, min_examples_per_class
+        As in ``cleanlab.filter.find_label_issues``; only with the prune
+        filters (``prune_by_noise_rate``, ``prune_by_class``, ``both``), except
+        ``frac_noise=1``, ``min_examples_per_class=1`` which are defaults.
 
     Returns
     -------
@@ -235,12 +296,27 @@ def find_label_issues(
         inf, negative probability, row sum off 1, label outside 0..K-1); the
         message names the first offending row and its value.
     """
+    ranked = return_indices_ranked_by is not None
+    if return_indices_ranked_by not in (None, SAME_AS_METHOD):
+        if return_indices_ranked_by not in METHODS:
+            raise ValueError(
+                f"return_indices_ranked_by={return_indices_ranked_by!r} is not one of "
+                f"{', '.join(METHODS)} or None"
+            )
+        method = return_indices_ranked_by
     spec = ScoreSpec(method, bool(adjust_pred_probs), estimation_method, row_sum_tolerance)
+    fspec = _filter_spec(filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
     lab = inputs.open_source(labels, "labels")
     probs = inputs.open_source(pred_probs, "pred_probs")
     n, k = inputs.check_shapes(lab, probs)
+    if fspec is not None and fspec.num_to_remove_per_class is not None:
+        if len(fspec.num_to_remove_per_class) != k:
+            raise ValueError(
+                f"num_to_remove_per_class has {len(fspec.num_to_remove_per_class)} entries; "
+                f"pred_probs has {k} classes, one entry per class is needed"
+            )
 
     if backend == "dask":
         from .engines.dask import DaskDriver, active_client
@@ -261,14 +337,17 @@ def find_label_issues(
             from .engines.fork import fork_driver
 
             driver = fork_driver(
-                lab_s, probs_s, spec, rows, n_jobs=n_jobs, progress=progress, spill_dir=spill_dir
+                lab_s, probs_s, spec, rows, n_jobs=n_jobs, progress=progress,
+                spill_dir=spill_dir, fspec=fspec,
             )
         else:
             from .engines.serial import serial_driver
 
-            driver = serial_driver(lab_s, probs_s, spec, rows, progress=progress, spill_dir=spill_dir)
+            driver = serial_driver(
+                lab_s, probs_s, spec, rows, progress=progress, spill_dir=spill_dir, fspec=fspec
+            )
     try:
-        raw = run(driver, spec)
+        raw = run(driver, spec) if fspec is None else run_filter(driver, spec, fspec, ranked)
     finally:
         driver.close()
     return LabelIssues(
@@ -290,4 +369,26 @@ def find_label_issues(
         estimation_method=estimation_method,
         backend=backend,
         client=client,
-    )
+        filter_by=filter_by,
+        confident_joint=raw.confident_joint,
+        reads=raw.reads,
+    )._in_row_order(not ranked)
+
+
+def _filter_spec(
+    filter_by: str | None,
+    frac_noise: float,
+    num_to_remove_per_class: Any,
+    min_examples_per_class: int,
+) -> FilterSpec | None:
+    if filter_by is None:
+        if frac_noise != 1.0 or num_to_remove_per_class is not None or min_examples_per_class != 1:
+            raise ValueError(
+                "frac_noise, num_to_remove_per_class and min_examples_per_class need filter_by "
+                "(one of cleanlab.filter's methods)"
+            )
+        return None
+    remove = None
+    if num_to_remove_per_class is not None:
+        remove = tuple(int(x) for x in np.asarray(num_to_remove_per_class).ravel())
+    return FilterSpec(filter_by, float(frac_noise), remove, int(min_examples_per_class))

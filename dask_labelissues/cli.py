@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import __version__
+from .filters import FILTERS
 from .kernels import ESTIMATION_METHODS, METHODS
 
 EXIT_ERROR = 2
@@ -131,7 +132,8 @@ def format_summary(result: Any, top: int, *, worst: list[dict] | None = None) ->
         f"classes         {result.n_classes:,}",
         f"label issues    {result.num_issues:,} ({100 * result.num_issues / result.n_rows:.3f}%)",
         f"method          {result.method}{' (adjusted)' if result.adjust_pred_probs else ''}, "
-        f"{result.estimation_method}",
+        + (f"filter_by={result.filter_by}" if result.filter_by else result.estimation_method),
+        f"pred_probs read {result.reads} time{'s' if result.reads != 1 else ''}",
     ]
     counts, issues = result.per_class_count, result.per_class_issues
     order = np.argsort(-issues, kind="stable")[: min(10, result.n_classes)]
@@ -200,6 +202,10 @@ def cmd_find(args: argparse.Namespace) -> int:
             estimation_method=args.estimation_method, backend=args.backend,
             chunk_rows=args.chunk_rows, n_jobs=args.n_jobs, client=client,
             progress=_progress_default(args),
+            filter_by=args.filter_by, frac_noise=args.frac_noise,
+            num_to_remove_per_class=_int_list(args.num_to_remove_per_class),
+            min_examples_per_class=args.min_examples_per_class,
+            return_indices_ranked_by=None if args.row_order else "method",
         )
         found = time.perf_counter() - started
         attrs = {
@@ -225,6 +231,17 @@ def cmd_find(args: argparse.Namespace) -> int:
         print(format_summary(result, args.top, worst=worst))
         print(f"written to      {output} in {seconds:.2f} s")
     return 0
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise CommandError(
+            f"--num-to-remove-per-class wants comma-separated integers, one per class, got {text!r}"
+        ) from None
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -275,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adjust-pred-probs", action="store_true")
     p.add_argument("--estimation-method", choices=ESTIMATION_METHODS, default="off_diagonal")
     p.add_argument("--chunk-rows", type=int, metavar="N", help="rows per block (default: about 64 MB)")
+    g = p.add_argument_group(
+        "cleanlab.filter's methods",
+        "with --filter-by, the issues are those of cleanlab.filter.find_label_issues(filter_by=...), "
+        "ranked by --method; without it, the batched method (cleanlab's find_label_issues_batched)",
+    )
+    g.add_argument("--filter-by", choices=FILTERS, metavar="NAME", help=", ".join(FILTERS))
+    g.add_argument("--frac-noise", type=float, default=1.0, metavar="F",
+                   help="keep this fraction of the estimated noise (prune filters; default 1)")
+    g.add_argument("--num-to-remove-per-class", metavar="N,N,...",
+                   help="issues to remove per class, one integer per class (prune filters)")
+    g.add_argument("--min-examples-per-class", type=int, default=1, metavar="N",
+                   help="leave at least N rows in every class (prune filters; default 1)")
+    g.add_argument("--row-order", action="store_true",
+                   help="store the issues in row order instead of ranked by score")
     p.add_argument("--top", type=int, default=10, help="worst rows to print (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     _add_cluster(p)

@@ -136,9 +136,11 @@ def _storage_chunk_rows(classes: int) -> int:
 
 def worst_rows(result: Any, top: int) -> list[dict[str, Any]]:
     """The ``top`` most likely mislabeled rows with their labels and scores."""
-    rows = result.rows(result.issues[:top])
+    # Issues may be stored in row order (--row-order): pick by score.
+    pick = np.lexsort((result.issues, result.issue_scores))[:top]
+    rows = result.rows(result.issues[pick])
     return [
         {"index": int(i), "given_label": int(g), "predicted_label": int(p), "score": float(s)}
         for i, g, p, s in zip(rows["index"], rows["given_label"], rows["predicted_label"],
-                              result.issue_scores[:top])
+                              result.issue_scores[pick])
     ]

@@ -116,6 +116,8 @@ def write_results(
         }
         for name, values in small.items():
             group.create_array(name, data=values, chunks=(max(1, min(len(values), LOCAL_CHUNK_ROWS)),))
+        if result.confident_joint is not None:
+            group.create_array("confident_joint", data=np.asarray(result.confident_joint, dtype=np.int64))
 
         sources, targets = [], []
         for name, dtype in N_LONG.items():
@@ -154,6 +156,8 @@ def write_results(
             "adjust_pred_probs": result.adjust_pred_probs,
             "estimation_method": result.estimation_method,
             "backend": result.backend,
+            "filter_by": result.filter_by,
+            "reads": result.reads,
             "versions": _versions(),
         }
         meta.update(attrs or {})
@@ -216,4 +220,7 @@ def open_results(path: str | os.PathLike) -> "LabelIssues":
         estimation_method=attrs["estimation_method"],
         backend=attrs["backend"],
         metadata=attrs,
+        filter_by=attrs.get("filter_by"),
+        confident_joint=group["confident_joint"][:] if "confident_joint" in group else None,
+        reads=int(attrs.get("reads", 1)),
     )

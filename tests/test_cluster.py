@@ -63,6 +63,26 @@ def test_api_on_cluster_identical_to_serial(cluster, dataset, settings):
         assert_identical(reference, on_npy)
 
 
+@pytest.mark.parametrize("filter_by", ["prune_by_noise_rate", "both", "low_self_confidence"])
+def test_filters_on_cluster_match_cleanlab(cluster, dataset, tmp_path, filter_by):
+    """cleanlab.filter's methods on real workers, from Zarr: the same as the
+    serial engine and as cleanlab in memory, and the store written from the
+    workers holds the same mask."""
+    from cleanlab.filter import find_label_issues as cleanlab_filter
+
+    d, paths = dataset
+    labels, probs = np.load(paths["labels"]), np.load(paths["pred_probs"])
+    expected = cleanlab_filter(labels, probs, filter_by=filter_by, n_jobs=1)
+    reference = find_label_issues(paths["labels"], paths["pred_probs"], backend="serial", filter_by=filter_by)
+    group = zarr.open_group(str(d / "data.zarr"), mode="r")
+    with cluster.client() as client:
+        result = find_label_issues(group["labels"], group["pred_probs"], client=client, filter_by=filter_by)
+        assert_identical(reference, result)
+        assert result.reads == 2
+        result.to_zarr(tmp_path / "out.zarr", client=client)
+    np.testing.assert_array_equal(np.asarray(open_results(tmp_path / "out.zarr").is_label_issue), expected)
+
+
 def test_client_that_is_not_the_default(cluster, dataset, tmp_path):
     """A Client made with set_as_default=False must be the one used throughout."""
     from distributed import Client

@@ -4,8 +4,8 @@
 processes on one machine, ``serial`` in this process: the reference.
 """
 
-from .base import Driver, RawResult, run
+from .base import Driver, RawResult, run, run_filter
 
 BACKENDS = ("dask", "fork", "serial")
 
-__all__ = ["BACKENDS", "Driver", "RawResult", "run"]
+__all__ = ["BACKENDS", "Driver", "RawResult", "run", "run_filter"]

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .. import filters
+from ..filters import FilterSpec, GroupTop, JointState, MaskRule
 from ..kernels import ScoreSpec
 from ..states import HistogramState, ScoreState, Selection, ThresholdState, Winners
+
+#: What a block task can ask for in :meth:`Driver.reduce_blocks`: the block's
+#: pass-one records, its joint records, its first row, and the raw inputs
+#: (asking for ``probs`` reads pred_probs again).
+SOURCES = ("rec", "joint", "start", "labels", "probs")
 
 
 def block_bounds(chunks: Sequence[int]) -> list[tuple[int, int]]:
@@ -70,6 +77,27 @@ class Driver(ABC):
         """The N-long outputs, possibly lazy: ``label_quality_scores``,
         ``is_label_issue``, ``given_label`` and ``predicted_label``."""
 
+    # -- the filters of issue 6: a second read and generic block reductions --
+    @abstractmethod
+    def joint(self, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
+        """Read pred_probs again: keep every block's joint records, merge the
+        confident joint (:func:`dask_labelissues.filters.joint_block`)."""
+
+    @abstractmethod
+    def reduce_blocks(
+        self, fn: Callable[..., Any], combine: Callable[[list], Any], needs: Sequence[str], args: tuple
+    ) -> Any:
+        """``fn(*sources, *args)`` on every block, merged with ``combine``;
+        ``needs`` names the sources (see :data:`SOURCES`), in order."""
+
+    @abstractmethod
+    def gather_mask(self, rule: MaskRule) -> Winners:
+        """The rows a filter flags, from every block, in row order."""
+
+    @abstractmethod
+    def filter_outputs(self, rule: MaskRule) -> dict[str, Any]:
+        """As :meth:`outputs`, with ``is_label_issue`` from a filter's rule."""
+
     def close(self) -> None:
         """Release processes or pools the driver started."""
 
@@ -85,6 +113,8 @@ class RawResult:
     per_class_count: np.ndarray
     per_class_issues: np.ndarray
     arrays: dict[str, Any]
+    reads: int = 1
+    confident_joint: np.ndarray | None = None
 
 
 def run(driver: Driver, spec: ScoreSpec) -> RawResult:
@@ -136,4 +166,84 @@ def run(driver: Driver, spec: ScoreSpec) -> RawResult:
         per_class_count=scan.counts.copy(),
         per_class_issues=per_class_issues,
         arrays=arrays,
+        reads=2 if spec.rereads else 1,
+    )
+
+
+def run_filter(driver: Driver, spec: ScoreSpec, fspec: FilterSpec, ranked: bool = True) -> RawResult:
+    """Run one of cleanlab.filter's methods on a driver.
+
+    1. pass one (scan) -> exact thresholds, per-row records;
+    2. scores of ``spec`` for every row (from the records: the ranking);
+    3. the second read -> the confident joint and per-row joint records
+       (not needed by ``predicted_neq_given``);
+    4. the client turns the joint into per-group counts
+       (:func:`dask_labelissues.filters.plan`), and tree reductions select
+       the rows of each group; a noise-rate cell the kept candidates cannot
+       decide is recomputed from pred_probs (a third read, of those cells);
+    5. every block's mask follows from its records and the selected rows;
+       the flagged rows are gathered, ranked by score (ties by index) or,
+       with ``ranked=False``, in row order.
+    """
+    k = driver.n_classes
+    scan = driver.scan()
+    thresholds = scan.finalize()
+    driver.score(thresholds)
+    reads = 2 if spec.rereads else 1
+    counts = scan.counts.copy()
+    selected: tuple[np.ndarray, ...] = ()
+    calibrated = None
+    estimated = None
+    if fspec.needs_joint:
+        joint = driver.joint(thresholds, fspec)
+        reads += 1
+        estimated = joint.off_diagonal
+        plan, calibrated = filters.plan(fspec, joint, counts)
+        if plan.cells is not None:
+            cells = plan.cells
+            top = driver.reduce_blocks(
+                filters.noise_rate_block, GroupTop.combine, ("joint", "rec", "start"), (cells,)
+            )
+            unsure = top.uncertain(cells.given)
+            if unsure.size:
+                exact = driver.reduce_blocks(
+                    filters.exact_cells_block,
+                    GroupTop.combine,
+                    ("labels", "probs", "start"),
+                    (cells.subset(unsure),),
+                )
+                reads += 1
+                exact.group = unsure[exact.group]
+                top = top.replace_groups(unsure, exact)
+            selected += (top.rows(),)
+        if plan.class_limits is not None:
+            top = driver.reduce_blocks(
+                filters.class_block, GroupTop.combine, ("joint", "rec", "start"),
+                (plan.class_limits, plan.class_enough),
+            )
+            selected += (top.rows(),)
+        if fspec.filter_by.startswith("low_"):
+            field = "p_label" if fspec.filter_by == "low_self_confidence" else "margin_score"
+            top = driver.reduce_blocks(
+                filters.lowest_block, GroupTop.combine, ("joint", "start"),
+                (field, plan.lowest, plan.lowest_enough),
+            )
+            selected += (top.rows(),)
+    rule = MaskRule(fspec.filter_by, selected)
+    winners = driver.gather_mask(rule)
+    if ranked:
+        winners = winners.ranked()
+    arrays = driver.filter_outputs(rule)
+    if estimated is None:
+        estimated = int(winners.index.size)
+    return RawResult(
+        thresholds=thresholds,
+        estimated_num_issues=int(estimated),
+        issues=winners.index,
+        issue_scores=winners.score,
+        per_class_count=counts,
+        per_class_issues=np.bincount(winners.label, minlength=k).astype(np.int64),
+        arrays=arrays,
+        reads=reads,
+        confident_joint=calibrated,
     )

@@ -23,7 +23,8 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 
-from .. import states
+from .. import filters, states
+from ..filters import FilterSpec, JointState, MaskRule
 from ..kernels import ScoreSpec
 from ..states import HistogramState, ScoreState, ThresholdState, Winners
 from .base import Driver, block_bounds
@@ -101,6 +102,7 @@ class DaskDriver(Driver):
         self._prob_blocks = pred_probs.to_delayed().ravel().tolist()
         self.records: da.Array | None = None
         self.scores: da.Array | None = None
+        self.joint_records: da.Array | None = None
 
     # -- scheduling ----------------------------------------------------------
     @contextlib.contextmanager
@@ -259,6 +261,84 @@ class DaskDriver(Driver):
             "given_label": self.records["label"],
             "predicted_label": self.records["pred"],
         }
+
+
+    # -- filters -------------------------------------------------------------
+    def joint(self, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
+        assert self.records is not None, "scan() first"
+        dtype = fspec.joint_dtype(self.n_classes, self.pred_probs.dtype)
+        rows, parts = [], []
+        for rec, prob in zip(self._blocks(self.records), self._prob_blocks):
+            out, state = delayed(filters.joint_block, nout=2, pure=True)(rec, prob, thresholds, fspec)
+            rows.append(out)
+            parts.append(state)
+        merged = tree_reduce(parts, JointState.combine, self.split_every)
+        self.joint_records, merged = self._persist(self._array(rows, dtype), merged)
+        return self._value(merged)
+
+    def _sources(self, needs: Sequence[str]) -> list[list[Any]]:
+        per_source = {
+            "rec": lambda: self._blocks(self.records),
+            "joint": lambda: self._blocks(self.joint_records),
+            "joint_or_none": lambda: (
+                self._blocks(self.joint_records)
+                if self.joint_records is not None
+                else [None] * len(self.bounds)
+            ),
+            "scores": lambda: self._blocks(self.scores),
+            "start": lambda: list(self.block_starts),
+            "labels": lambda: self._label_blocks,
+            "probs": lambda: self._prob_blocks,
+        }
+        columns = [per_source[name]() for name in needs]
+        return [list(row) for row in zip(*columns)]
+
+    def reduce_blocks(
+        self, fn: Callable[..., Any], combine: Callable[[list], Any], needs: Sequence[str], args: tuple
+    ) -> Any:
+        # Each argument enters the graph once, not once per block.
+        shared = [delayed(a, pure=False) for a in args]
+        parts = [delayed(fn, pure=True)(*row, *shared) for row in self._sources(needs)]
+        (state,) = self._compute(tree_reduce(parts, combine, self.split_every))
+        return state
+
+    def _masks(self, rule: MaskRule) -> list[Delayed]:
+        # Unoptimized block handles keep the persisted joint records alive as
+        # long as the mask array exists (optimized ones hold only keys); each
+        # task gets only its own block's share of the selected rows.
+        joint = (
+            self.joint_records.to_delayed(optimize_graph=False).ravel().tolist()
+            if self.joint_records is not None
+            else [None] * len(self.bounds)
+        )
+        records = self.records.to_delayed(optimize_graph=False).ravel().tolist()
+        return [
+            delayed(filters.mask_block, pure=True)(rule.restrict(start, stop), rec, jr, start)
+            for rec, jr, (start, stop) in zip(records, joint, self.bounds)
+        ]
+
+    def gather_mask(self, rule: MaskRule) -> Winners:
+        rows = self._sources(("rec", "joint_or_none", "scores"))
+        parts = [
+            delayed(_flagged, pure=True)(rule.restrict(start, stop), rec, joint, sc, start)
+            for (rec, joint, sc), (start, stop) in zip(rows, self.bounds)
+        ]
+        return Winners.combine(list(self._compute(*parts)))
+
+    def filter_outputs(self, rule: MaskRule) -> dict[str, da.Array]:
+        assert self.scores is not None and self.records is not None
+        return {
+            "label_quality_scores": self.scores,
+            "is_label_issue": self._array(self._masks(rule), np.bool_),
+            "given_label": self.records["label"],
+            "predicted_label": self.records["pred"],
+        }
+
+
+def _flagged(
+    rule: MaskRule, rec: np.ndarray, joint: np.ndarray | None, scores: np.ndarray, start: int
+) -> Winners:
+    return Winners.chunk(rec, scores, filters.mask_block(rule, rec, joint, start), start)
 
 
 def _prefix_rows(rec: np.ndarray, scores: np.ndarray, shift: int, prefix: int, start: int) -> Winners:

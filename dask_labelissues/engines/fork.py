@@ -12,6 +12,7 @@ import os
 import warnings
 from typing import Any, Iterable, Sequence
 
+from ..filters import FilterSpec
 from ..kernels import ScoreSpec
 from .local import LocalDriver, LocalJob, serial_mapper
 
@@ -61,6 +62,7 @@ def fork_driver(
     n_jobs: int | None = None,
     progress: bool = False,
     spill_dir: str | None = None,
+    fspec: FilterSpec | None = None,
 ) -> LocalDriver:
     """A driver running on ``n_jobs`` forked processes (default: all cores).
 
@@ -77,7 +79,7 @@ def fork_driver(
             RuntimeWarning,
             stacklevel=3,
         )
-        job = LocalJob(labels, pred_probs, spec, chunk_rows, shared=False, spill_dir=spill_dir)
+        job = LocalJob(labels, pred_probs, spec, chunk_rows, shared=False, spill_dir=spill_dir, fspec=fspec)
         return LocalDriver(job, serial_mapper(job), progress=progress)
-    job = LocalJob(labels, pred_probs, spec, chunk_rows, shared=True, spill_dir=spill_dir)
+    job = LocalJob(labels, pred_probs, spec, chunk_rows, shared=True, spill_dir=spill_dir, fspec=fspec)
     return ForkDriver(job, n_jobs, progress=progress)

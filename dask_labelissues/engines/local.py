@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .. import states
+from .. import filters, states
+from ..filters import FilterSpec, JointState, MaskRule
 from ..kernels import ScoreSpec
 from ..states import HistogramState, ScoreState, ThresholdState, Winners
 from .base import Driver, block_bounds, even_chunks
@@ -63,6 +64,7 @@ class LocalJob:
         *,
         shared: bool,
         spill_dir: str | None = None,
+        fspec: FilterSpec | None = None,
     ) -> None:
         self.labels = labels
         self.pred_probs = pred_probs
@@ -72,6 +74,12 @@ class LocalJob:
         self.records = allocate(self.n_rows, spec.record_dtype(), shared=shared, spill_dir=spill_dir)
         self.scores = allocate(self.n_rows, np.float64, shared=shared, spill_dir=spill_dir)
         self.mask = allocate(self.n_rows, np.bool_, shared=shared, spill_dir=spill_dir)
+        # Forked workers share only what exists before the fork, so the
+        # joint records of a filter's second read are allocated now too.
+        self.joint_records = None
+        if fspec is not None and fspec.needs_joint:
+            dtype = fspec.joint_dtype(self.n_classes, np.dtype(pred_probs.dtype))
+            self.joint_records = allocate(self.n_rows, dtype, shared=shared, spill_dir=spill_dir)
 
     def _read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.bounds[i]
@@ -114,6 +122,40 @@ class LocalJob:
     def write_mask(self, i: int, cutoff: int, quota: int) -> None:
         a, b = self.bounds[i]
         self.mask[a:b] = states.issue_mask_block(self.records[a:b], self.scores[a:b], cutoff, quota)
+
+
+    def joint(self, i: int, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
+        a, b = self.bounds[i]
+        _, probs = self._read(i)
+        rows, state = filters.joint_block(self.records[a:b], probs, thresholds, fspec)
+        self.joint_records[a:b] = rows
+        return state
+
+    def _source(self, i: int, name: str) -> Any:
+        a, b = self.bounds[i]
+        if name == "rec":
+            return self.records[a:b]
+        if name == "joint":
+            return self.joint_records[a:b]
+        if name == "scores":
+            return self.scores[a:b]
+        if name == "start":
+            return a
+        if name == "labels":
+            return np.asarray(self.labels[a:b])
+        if name == "probs":
+            return np.asarray(self.pred_probs[a:b])
+        raise ValueError(f"unknown block source {name!r}")
+
+    def apply(self, i: int, fn: Callable[..., Any], needs: Sequence[str], args: tuple) -> Any:
+        return fn(*(self._source(i, name) for name in needs), *args)
+
+    def flagged(self, i: int, rule: MaskRule) -> Winners:
+        a, b = self.bounds[i]
+        joint = None if self.joint_records is None else self.joint_records[a:b]
+        mask = filters.mask_block(rule, self.records[a:b], joint, a)
+        self.mask[a:b] = mask
+        return Winners.chunk(self.records[a:b], self.scores[a:b], mask, a)
 
 
 Mapper = Callable[[str, Sequence[tuple]], Iterable[Any]]
@@ -180,6 +222,28 @@ class LocalDriver(Driver):
         quotas = quotas or [0] * self.n_blocks
         for _ in self.map("write_mask", [(i, cutoff, q) for i, q in enumerate(quotas)]):
             pass
+        return {
+            "label_quality_scores": self.job.scores,
+            "is_label_issue": self.job.mask,
+            "given_label": self.job.records["label"],
+            "predicted_label": self.job.records["pred"],
+        }
+
+
+    def joint(self, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
+        parts = self._each("joint", thresholds, fspec, desc="second read: confident joint")
+        return _fold(parts, JointState.combine)
+
+    def reduce_blocks(
+        self, fn: Callable[..., Any], combine: Callable[[list], Any], needs: Sequence[str], args: tuple
+    ) -> Any:
+        return _fold(self._each("apply", fn, tuple(needs), args), combine)
+
+    def gather_mask(self, rule: MaskRule) -> Winners:
+        # Writes the mask buffer as it goes; filter_outputs hands it out.
+        return Winners.combine(list(self._each("flagged", rule)))
+
+    def filter_outputs(self, rule: MaskRule) -> dict[str, np.ndarray]:
         return {
             "label_quality_scores": self.job.scores,
             "is_label_issue": self.job.mask,

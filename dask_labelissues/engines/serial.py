@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..filters import FilterSpec
 from ..kernels import ScoreSpec
 from .local import LocalDriver, LocalJob, serial_mapper
 
@@ -19,7 +20,8 @@ def serial_driver(
     *,
     progress: bool = False,
     spill_dir: str | None = None,
+    fspec: FilterSpec | None = None,
 ) -> LocalDriver:
     """A driver over row-sliceable ``labels`` and ``pred_probs``."""
-    job = LocalJob(labels, pred_probs, spec, chunk_rows, shared=False, spill_dir=spill_dir)
+    job = LocalJob(labels, pred_probs, spec, chunk_rows, shared=False, spill_dir=spill_dir, fspec=fspec)
     return LocalDriver(job, serial_mapper(job), progress=progress)

@@ -1,0 +1,652 @@
+"""The confident-learning filters of ``cleanlab.filter.find_label_issues``, as
+block math and small-matrix math.
+
+Nothing here knows about Dask or processes.  The filters need a second read
+of pred_probs, once the thresholds are known, which builds two things per
+block (:func:`joint_block`):
+
+* the block's part of the confident joint (K x K counts, kept sparse), and
+* a per-row *joint record*: the class each row is confidently counted in,
+  its own-class probability and, for ``prune_by_noise_rate``, the ``M``
+  classes with the largest probabilities besides the given label with
+  their margins, plus an upper bound on the margin of every class not kept.
+
+Everything after that works on those records: the K x K calibration on the
+client (:func:`prune_counts`), then per-group selections of the n best rows
+(:class:`GroupTop`: a (given, predicted) cell, a class, or the whole data)
+as tree reductions of per-block candidates, so no process gathers N rows.
+The noise-rate selection of a cell is exact when its n-th margin is above
+every bound of the rows that do not keep the cell's class; cells where that
+fails (rare: see :meth:`GroupTop.uncertain`) are recomputed exactly from
+pred_probs by :func:`exact_cells_block`.
+
+Ties are broken by row index everywhere, where cleanlab's unstable sorts
+break them arbitrarily.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .fused import SUB_BLOCK_BYTES
+from .kernels import FLOATING_POINT_COMPARISON
+
+FILTERS = (
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "predicted_neq_given",
+    "low_normalized_margin",
+    "low_self_confidence",
+)
+PRUNE_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both")
+RANKINGS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+
+#: Candidate classes kept per row for the noise-rate selection.
+CANDIDATES = 8
+#: cleanlab's divisor floor when calibrating rows of the confident joint.
+_TINY = 1e-100
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """Which cleanlab filter to run, with its options.
+
+    Parameters
+    ----------
+    filter_by
+        One of :data:`FILTERS`, with the meaning it has in
+        ``cleanlab.filter.find_label_issues``.
+    frac_noise
+        Keep only this fraction of the estimated noise (prune filters).
+    num_to_remove_per_class
+        Issues to remove per class (prune filters), or None.
+    min_examples_per_class
+        Leave at least this many rows in every class (prune filters).
+    candidates
+        Candidate classes kept per row for the noise-rate selection; a cell
+        the kept candidates cannot decide is recomputed from pred_probs.
+    """
+
+    filter_by: str
+    frac_noise: float = 1.0
+    num_to_remove_per_class: tuple[int, ...] | None = None
+    min_examples_per_class: int = 1
+    candidates: int = CANDIDATES
+
+    def __post_init__(self) -> None:
+        if self.filter_by not in FILTERS:
+            raise ValueError(f"filter_by={self.filter_by!r} is not one of {', '.join(FILTERS)}")
+        if not 0.0 <= self.frac_noise <= 1.0:
+            raise ValueError(f"frac_noise must be in [0, 1], got {self.frac_noise!r}")
+        if self.min_examples_per_class < 0:
+            raise ValueError(
+                f"min_examples_per_class must be >= 0, got {self.min_examples_per_class!r}"
+            )
+        if self.num_to_remove_per_class is not None and self.filter_by not in PRUNE_FILTERS:
+            raise ValueError(
+                f"num_to_remove_per_class works only with filter_by in {', '.join(PRUNE_FILTERS)}, "
+                f"not {self.filter_by!r}"
+            )
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+
+    @property
+    def by_noise_rate(self) -> bool:
+        return self.filter_by in ("prune_by_noise_rate", "both")
+
+    @property
+    def by_class(self) -> bool:
+        return self.filter_by in ("prune_by_class", "both")
+
+    @property
+    def needs_joint(self) -> bool:
+        """False only for predicted_neq_given, which pass one's records decide."""
+        return self.filter_by != "predicted_neq_given"
+
+    def kept_candidates(self, k: int) -> int:
+        return min(self.candidates, k - 1) if self.by_noise_rate else 0
+
+    def joint_dtype(self, k: int, native: np.dtype) -> np.dtype:
+        """The per-row record of the second read."""
+        m = self.kept_candidates(k)
+        fields: list[tuple] = [("guess", "i4"), ("p_label", native)]
+        if self.filter_by == "low_normalized_margin":
+            fields.append(("margin_score", "f8"))
+        if m:
+            fields += [("cand", "i4", (m,)), ("margin", native, (m,)), ("bound", native)]
+        return np.dtype(fields, align=True)
+
+
+# -- the second read ---------------------------------------------------------
+#: Selections first look below this key (a positive margin, a score under
+#: one half) and skip everything above it when enough rows lie below.
+SPLIT = {"margin": 0.0, "p_label": 0.5, "margin_score": 0.5}
+
+
+@dataclass
+class JointState:
+    """The confident joint, sparse: counts of (given label, counted class)
+    codes ``given * K + counted``; the rows counted off the diagonal that
+    are no near ties (cleanlab's ``num_label_issues``); and how many rows
+    lie below each selection's split (see :data:`SPLIT`): kept candidates
+    with a positive margin per cell (sparse codes, as the joint), rows with
+    ``p_label`` under 1/2 per class, rows with ``margin_score`` under 1/2."""
+
+    codes: np.ndarray  # int64, ascending, unique
+    counts: np.ndarray  # int64
+    off_diagonal: int = 0
+    positive_codes: np.ndarray | None = None
+    positive_counts: np.ndarray | None = None
+    low_label: np.ndarray | None = None  # int64 (K,)
+    low_margin_score: int = 0
+
+    @classmethod
+    def combine(cls, states: Sequence["JointState"]) -> "JointState":
+        codes, counts = _sparse_sum([s.codes for s in states], [s.counts for s in states])
+        pos_codes, pos_counts = _sparse_sum(
+            [s.positive_codes for s in states], [s.positive_counts for s in states]
+        )
+        return cls(
+            codes,
+            counts,
+            sum(s.off_diagonal for s in states),
+            pos_codes,
+            pos_counts,
+            np.sum([s.low_label for s in states], axis=0, dtype=np.int64),
+            sum(s.low_margin_score for s in states),
+        )
+
+    def matrix(self, k: int) -> np.ndarray:
+        """The (K, K) confident joint, diagonal at least 1 as in cleanlab."""
+        cj = np.zeros(k * k, dtype=np.int64)
+        cj[self.codes] = self.counts
+        cj = cj.reshape(k, k)
+        np.fill_diagonal(cj, np.maximum(cj.diagonal(), 1))
+        return cj
+
+    def positives(self, codes: np.ndarray) -> np.ndarray:
+        """Kept candidates with a positive margin in each cell of ``codes``."""
+        pos = np.minimum(np.searchsorted(self.positive_codes, codes), max(self.positive_codes.size - 1, 0))
+        if self.positive_codes.size == 0:
+            return np.zeros(codes.size, dtype=np.int64)
+        return np.where(self.positive_codes[pos] == codes, self.positive_counts[pos], 0)
+
+
+def _sparse_sum(codes: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    codes_all = np.concatenate(codes)
+    unique, where = np.unique(codes_all, return_inverse=True)
+    summed = np.bincount(where, weights=np.concatenate(counts), minlength=unique.size)
+    return unique.astype(np.int64), summed.astype(np.int64)
+
+
+def _sparse_counts(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    unique, counts = np.unique(codes, return_counts=True)
+    return unique.astype(np.int64), counts.astype(np.int64)
+
+
+def joint_block(
+    rec: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, fspec: FilterSpec
+) -> tuple[np.ndarray, JointState]:
+    """The second read of a block: joint records and the block's confident joint.
+
+    A row is counted in the class whose probability clears its threshold
+    (``p >= t - 1e-6``); when several do, in the row's argmax class (even if
+    that one does not clear its own); when none does, nowhere.
+    """
+    probs = np.asarray(probs)
+    n, k = probs.shape
+    native = probs.dtype
+    m = fspec.kept_candidates(k)
+    out = np.empty(n, dtype=fspec.joint_dtype(k, native))
+    y = rec["label"].astype(np.intp)
+    cut = thresholds - FLOATING_POINT_COMPARISON
+    step = max(1, SUB_BLOCK_BYTES // (k * 8))
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        p = probs[a:b]
+        yy = y[a:b]
+        rows = np.arange(b - a)
+        confident = p >= cut
+        n_confident = confident.sum(axis=1)
+        guess = np.where(n_confident > 1, rec["pred"][a:b], confident.argmax(axis=1))
+        guess[n_confident == 0] = -1
+        out["guess"][a:b] = guess
+        own = p[rows, yy]
+        out["p_label"][a:b] = own
+        if m or fspec.filter_by == "low_normalized_margin":
+            others = p.copy()
+            others[rows, yy] = -np.inf
+            if fspec.filter_by == "low_normalized_margin":
+                # cleanlab's arithmetic, in the input's dtype.
+                out["margin_score"][a:b] = (own - others.max(axis=1) + 1) / 2
+            if m:
+                _keep_candidates(out[a:b], others, own, m)
+    off = (out["guess"] >= 0) & (out["guess"] != y)
+    counted = out["guess"] >= 0
+    codes, counts = _sparse_counts(y[counted] * k + out["guess"][counted])
+    if m:
+        positive = out["margin"] > 0
+        rows, slots = np.nonzero(positive)
+        pos_codes, pos_counts = _sparse_counts(y[rows] * k + out["cand"][rows, slots])
+    else:
+        pos_codes = pos_counts = np.zeros(0, dtype=np.int64)
+    low_label = np.bincount(
+        y, weights=out["p_label"] < SPLIT["p_label"], minlength=k
+    ).astype(np.int64)
+    low_margin = 0
+    if fspec.filter_by == "low_normalized_margin":
+        low_margin = int(np.count_nonzero(out["margin_score"] < SPLIT["margin_score"]))
+    state = JointState(
+        codes,
+        counts,
+        int(np.count_nonzero(off & ~rec["reduce"])),
+        pos_codes,
+        pos_counts,
+        low_label,
+        low_margin,
+    )
+    return out, state
+
+
+def _keep_candidates(out: np.ndarray, others: np.ndarray, own: np.ndarray, m: int) -> None:
+    k = others.shape[1]
+    # With more classes than candidates, a row whose own probability holds
+    # at least half its mass has no positive margin; its bound comes from
+    # the row sum, and only the other rows pay for finding their m largest.  The slack covers the rounding
+    # of a margin computed in float32.
+    total = np.where(np.isfinite(others), others, 0).sum(axis=1, dtype=np.float64) + own
+    own64 = own.astype(np.float64)
+    out["cand"] = -1
+    out["margin"] = 0
+    out["bound"] = (total - 2.0 * own64) + 1e-6 * np.maximum(total, 1.0)
+    if m + 1 >= k:
+        rows = np.arange(own.size)  # every class fits: keep them all, decide every cell
+    else:
+        rows = np.flatnonzero(own64 < total / 2.0)
+    if rows.size == 0:
+        return
+    sub = others[rows]
+    if m + 1 < k:
+        # The m + 1 largest (the given label is -inf, so never among them).
+        top = np.argpartition(-sub, m, axis=1)[:, : m + 1]
+    else:
+        top = np.broadcast_to(np.arange(k), (rows.size, k))
+    values = np.take_along_axis(sub, top, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    values = np.take_along_axis(values, order, axis=1)
+    # Margins as cleanlab computes them: p_j - p_label in the input dtype.
+    # Rounding is monotone, so the (m+1)-th value bounds every class not kept.
+    mine = own[rows, None]
+    out["cand"][rows] = top[:, :m]
+    out["margin"][rows] = values[:, :m] - mine
+    if m + 1 < k:
+        out["bound"][rows] = values[:, m] - mine[:, 0]
+    else:
+        out["bound"][rows] = -np.inf
+
+
+# -- selections: the n best rows of each group -------------------------------
+@dataclass
+class GroupTop:
+    """The ``limits[g]`` rows with the smallest (key, index) in each group g.
+
+    ``bound`` is, per class, the largest margin any row of that class may
+    have in a cell whose class it did not keep (noise-rate selection only;
+    -inf means every row kept every class).
+    """
+
+    group: np.ndarray  # int64
+    key: np.ndarray  # float64
+    index: np.ndarray  # int64
+    limits: np.ndarray  # int64, per group
+    bound: np.ndarray | None = None  # float64 (K,)
+
+    @classmethod
+    def chunk(
+        cls,
+        group: np.ndarray,
+        key: np.ndarray,
+        index: np.ndarray,
+        limits: np.ndarray,
+        bound: np.ndarray | None = None,
+    ) -> "GroupTop":
+        order = np.lexsort((index, key, group))
+        group, key, index = group[order], key[order], index[order]
+        first = np.searchsorted(group, group, side="left")
+        keep = np.arange(group.size) - first < limits[group]
+        return cls(group[keep], key[keep], index[keep], limits, bound)
+
+    @classmethod
+    def combine(cls, states: Sequence["GroupTop"]) -> "GroupTop":
+        bounds = [s.bound for s in states if s.bound is not None]
+        return cls.chunk(
+            np.concatenate([s.group for s in states]),
+            np.concatenate([s.key for s in states]),
+            np.concatenate([s.index for s in states]),
+            states[0].limits,
+            np.maximum.reduce(bounds) if bounds else None,
+        )
+
+    def found(self) -> np.ndarray:
+        """Rows kept per group."""
+        return np.bincount(self.group, minlength=self.limits.size)
+
+    def uncertain(self, group_class: np.ndarray) -> np.ndarray:
+        """Groups (cells) whose selection the kept candidates do not decide.
+
+        A cell of given class k is decided when it has its n rows and the
+        n-th margin is above the bound of class k (no row that did not keep
+        the cell's class can reach it), or when no such row exists.
+        """
+        found = self.found()
+        last = np.full(self.limits.size, np.inf)
+        has = found > 0
+        ends = np.cumsum(found)[has] - 1
+        last[has] = self.key[ends]  # key = -margin; the n-th best is the last kept
+        bound = self.bound[group_class]
+        decided = (bound == -np.inf) | ((found == self.limits) & (-last > bound))
+        return np.flatnonzero(~decided)
+
+    def replace_groups(self, groups: np.ndarray, other: "GroupTop") -> "GroupTop":
+        """These selections, with ``groups`` taken from ``other`` instead."""
+        drop = np.isin(self.group, groups)
+        take = np.isin(other.group, groups)
+        return GroupTop(
+            np.concatenate([self.group[~drop], other.group[take]]),
+            np.concatenate([self.key[~drop], other.key[take]]),
+            np.concatenate([self.index[~drop], other.index[take]]),
+            self.limits,
+            self.bound,
+        )
+
+    def rows(self) -> np.ndarray:
+        """The selected rows of every group, ascending, without repeats."""
+        return np.unique(self.index)
+
+
+@dataclass(frozen=True)
+class Cells:
+    """The (given, other) cells a noise-rate selection prunes from, and how many."""
+
+    given: np.ndarray  # int64
+    other: np.ndarray  # int64
+    limits: np.ndarray  # int64
+    k: int
+    #: The cell has at least ``limits`` kept candidates with a positive
+    #: margin, so its choice has a positive margin too.
+    enough: np.ndarray | None = None
+
+    @property
+    def codes(self) -> np.ndarray:
+        return self.given * self.k + self.other
+
+    def subset(self, groups: np.ndarray) -> "Cells":
+        enough = None if self.enough is None else self.enough[groups]
+        return Cells(self.given[groups], self.other[groups], self.limits[groups], self.k, enough)
+
+
+def _empty_top(limits: np.ndarray, bound: np.ndarray | None = None) -> GroupTop:
+    z = np.zeros(0, dtype=np.int64)
+    return GroupTop(z, np.zeros(0), z, limits, bound)
+
+
+def noise_rate_block(joint: np.ndarray, rec: np.ndarray, start: int, cells: Cells) -> GroupTop:
+    """A block's candidates for each cell, from the kept classes and margins."""
+    k = cells.k
+    y = rec["label"].astype(np.int64)
+    bound = np.full(k, -np.inf)
+    if joint.size:
+        np.maximum.at(bound, y, joint["bound"].astype(np.float64))
+    if joint.size == 0 or cells.limits.size == 0:
+        return _empty_top(cells.limits, bound)
+    m = joint["cand"].shape[1]
+    rows = np.flatnonzero(joint["cand"][:, 0] >= 0)  # rows that kept candidates
+    cand = joint["cand"][rows]
+    codes = (y[rows, None] * k + cand).ravel()
+    sorted_codes = cells.codes
+    pos = np.minimum(np.searchsorted(sorted_codes, codes), sorted_codes.size - 1)
+    hit = sorted_codes[pos] == codes
+    group = pos[hit]
+    margin = joint["margin"][rows].ravel()[hit]
+    # Where enough positive margins exist, nothing else can be chosen.
+    keep = (margin > SPLIT["margin"]) | ~cells.enough[group]
+    index = np.repeat(rows, m)[hit][keep] + start
+    key = -margin[keep].astype(np.float64)
+    return GroupTop.chunk(group[keep].astype(np.int64), key, index, cells.limits, bound)
+
+
+def exact_cells_block(
+    labels: np.ndarray, probs: np.ndarray, start: int, cells: Cells
+) -> GroupTop:
+    """A block's candidates for each cell, from pred_probs itself."""
+    y = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs)
+    parts = []
+    for k in np.unique(cells.given):
+        groups = np.flatnonzero(cells.given == k)
+        rows = np.flatnonzero(y == k)
+        if rows.size == 0:
+            continue
+        p = probs[rows]
+        margin = p[:, cells.other[groups]] - p[:, [k]]  # input dtype, as cleanlab
+        parts.append(
+            (
+                np.repeat(groups[None, :], rows.size, axis=0).ravel(),
+                -margin.ravel().astype(np.float64),
+                np.repeat(rows + start, groups.size),
+            )
+        )
+    if not parts:
+        return _empty_top(cells.limits)
+    g, key, idx = (np.concatenate(x) for x in zip(*parts))
+    return GroupTop.chunk(g.astype(np.int64), key, idx.astype(np.int64), cells.limits)
+
+
+def class_block(
+    joint: np.ndarray, rec: np.ndarray, start: int, limits: np.ndarray, enough: np.ndarray
+) -> GroupTop:
+    """A block's candidates for prune_by_class: lowest own-class probability
+    per class (only those under 1/2 where the class has enough of them)."""
+    y = rec["label"].astype(np.int64)
+    low = joint["p_label"] < SPLIT["p_label"]
+    rows = np.flatnonzero((limits[y] > 0) & (low | ~enough[y]))
+    key = joint["p_label"][rows].astype(np.float64)
+    return GroupTop.chunk(y[rows], key, rows + start, limits)
+
+
+def lowest_block(joint: np.ndarray, start: int, field: str, limit: int, enough: bool) -> GroupTop:
+    """A block's candidates for the low_* filters: its ``limit`` lowest scores
+    (only those under 1/2 when the data has enough of them)."""
+    key = joint[field].astype(np.float64)
+    rows = np.flatnonzero(key < SPLIT[field]) if enough else np.arange(key.size)
+    return GroupTop.chunk(
+        np.zeros(rows.size, dtype=np.int64),
+        key[rows],
+        rows.astype(np.int64) + start,
+        np.array([limit], dtype=np.int64),
+    )
+
+
+# -- the mask ----------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskRule:
+    """How a block's ``is_label_issue`` follows from its records.
+
+    ``selected`` are the rows chosen by the selections (ascending); both
+    prune filters keep the rows in both lists.
+    """
+
+    filter_by: str
+    selected: tuple[np.ndarray, ...] = ()
+
+    def restrict(self, start: int, stop: int) -> "MaskRule":
+        """The rule for rows ``start:stop`` only (what one block task needs)."""
+        parts = []
+        for rows in self.selected:
+            lo, hi = np.searchsorted(rows, [start, stop])
+            parts.append(rows[lo:hi])
+        return MaskRule(self.filter_by, tuple(parts))
+
+
+def mask_block(rule: MaskRule, rec: np.ndarray, joint: np.ndarray | None, start: int) -> np.ndarray:
+    """``is_label_issue`` of one block."""
+    n = rec.shape[0]
+    f = rule.filter_by
+    if f == "predicted_neq_given":
+        mask = rec["pred"] != rec["label"]
+    elif f == "confident_learning":
+        mask = (joint["guess"] >= 0) & (joint["guess"] != rec["label"])
+    else:
+        mask = np.ones(n, dtype=bool)
+        for rows in rule.selected:
+            lo, hi = np.searchsorted(rows, [start, start + n])
+            chosen = np.zeros(n, dtype=bool)
+            chosen[rows[lo:hi] - start] = True
+            mask &= chosen
+    if f not in ("low_normalized_margin", "low_self_confidence"):
+        # Rows whose given label wins once it gets 1e-6 more are no issues.
+        mask &= ~rec["reduce"]
+    return mask
+
+
+# -- K x K math on the client ------------------------------------------------
+def calibrate(cj: np.ndarray, label_counts: np.ndarray) -> np.ndarray:
+    """Scale the confident joint so row i sums to the rows labelled i and the
+    whole to N, then round to integers keeping the row totals (as
+    ``cleanlab.count.calibrate_confident_joint``)."""
+    per_row = np.clip(cj.sum(axis=1), _TINY, None)
+    scaled = (cj.T / per_row * label_counts).T
+    scaled = scaled / np.clip(np.sum(scaled), _TINY, None) * np.sum(label_counts)
+    return round_rows(scaled)
+
+
+def round_rows(matrix: np.ndarray) -> np.ndarray:
+    """Round every row to integers without changing its rounded total."""
+    return np.array([_round_keeping_total(row) for row in np.asarray(matrix, dtype=float)]).astype(
+        np.int64
+    ).reshape(np.shape(matrix))
+
+
+def _round_keeping_total(values: np.ndarray) -> np.ndarray:
+    # Round each value, then move the rounding error onto the entries whose
+    # remainders point most that way: largest remainders when the total is
+    # short, smallest when it is over.  numpy's default argsort is used for
+    # the order so that equal remainders resolve as in cleanlab.
+    ints = values.round()
+    target = values.sum().round()
+    total = ints.sum().round()
+    while abs(total - target) > FLOATING_POINT_COMPARISON:
+        diff = np.round(target - total)
+        step = -1 if diff < 0 else 1
+        changes = min(int(abs(diff)), values.size)
+        order = np.argsort(values - ints)
+        picks = order[::-1][:changes] if step > 0 else order[:changes]
+        ints[picks] += step
+        total = ints.sum().round()
+    return ints
+
+
+def prune_counts(
+    calibrated: np.ndarray, label_counts: np.ndarray, fspec: FilterSpec
+) -> np.ndarray:
+    """The prune count matrix: entry ``[j, k]`` is how many rows labelled k
+    to flag as really class j (the diagonal: rows of class k to keep)."""
+    pcm = _keep_at_least(calibrated.T, fspec.min_examples_per_class, fspec.frac_noise)
+    if fspec.num_to_remove_per_class is not None:
+        remove = np.asarray(fspec.num_to_remove_per_class)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # Divides column j by row total j, as cleanlab does.
+            share = pcm / np.sum(pcm, axis=1)
+            noise = share.sum(axis=1) - share.diagonal()
+            target = (share.T * remove / noise).T
+        np.fill_diagonal(target, label_counts - remove)
+        pcm = round_rows(target)
+    return pcm
+
+
+def _keep_at_least(pcm: np.ndarray, n: int, frac_noise: float) -> np.ndarray:
+    diag = np.diagonal(pcm)
+    new_diag = np.maximum(diag, n)
+    raised = new_diag - diag
+    # Spread each column's raise over its other non-zero entries.
+    spread = np.maximum(np.count_nonzero(pcm, axis=0) - 1.0, 1.0)
+    out = pcm - raised / spread
+    out[out < 0] = 0
+    np.fill_diagonal(out, new_diag)
+    # Keep frac_noise of the noise; the rest goes back to the diagonal so
+    # column totals stay.  Truncation to int is cleanlab's.
+    reduced = out * frac_noise
+    np.fill_diagonal(reduced, out.diagonal())
+    np.fill_diagonal(reduced, out.diagonal() + np.sum(out - reduced, axis=0))
+    return round_rows(reduced.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to select once the confident joint is known."""
+
+    cells: Cells | None  # noise-rate cells
+    class_limits: np.ndarray | None  # prune_by_class: rows to take per class
+    lowest: int  # low_* filters: rows to take
+    prune_count_matrix: np.ndarray | None
+    too_small: tuple[int, ...]  # classes left alone by min_examples_per_class
+    class_enough: np.ndarray | None = None  # per class: enough rows under the split
+    lowest_enough: bool = False
+
+
+def plan(
+    fspec: FilterSpec, joint: JointState, label_counts: np.ndarray
+) -> tuple[Plan, np.ndarray]:
+    """From the confident joint to the selections; also returns the
+    calibrated confident joint."""
+    k = label_counts.shape[0]
+    cj = joint.matrix(k)
+    off_diagonal = joint.off_diagonal
+    calibrated = calibrate(cj, label_counts)
+    if fspec.num_to_remove_per_class is not None and len(fspec.num_to_remove_per_class) != k:
+        raise ValueError(
+            f"num_to_remove_per_class has {len(fspec.num_to_remove_per_class)} entries, "
+            f"one per class ({k}) is needed"
+        )
+    if fspec.filter_by not in PRUNE_FILTERS:
+        lowest = off_diagonal if fspec.filter_by.startswith("low_") else 0
+        below = (
+            int(joint.low_label.sum())
+            if fspec.filter_by == "low_self_confidence"
+            else joint.low_margin_score
+        )
+        return Plan(None, None, lowest, None, (), lowest_enough=below >= lowest), calibrated
+    pcm = prune_counts(calibrated, label_counts, fspec)
+    # A class is pruned only with more rows than min_examples_per_class, and
+    # (cleanlab drops the mask of a one-row class) at least two.
+    prunable = (label_counts > fspec.min_examples_per_class) & (label_counts > 1)
+    too_small = tuple(
+        int(c) for c in np.flatnonzero(label_counts <= fspec.min_examples_per_class)
+    )
+    if too_small:
+        warnings.warn(
+            f"classes {list(too_small)} have min_examples_per_class="
+            f"{fspec.min_examples_per_class} rows or fewer; none of their rows is flagged",
+            stacklevel=4,
+        )
+    cells = class_limits = None
+    if fspec.by_noise_rate:
+        counts = pcm.T.copy()  # [given, other]
+        np.fill_diagonal(counts, 0)
+        counts[~prunable] = 0
+        given, other = np.nonzero(counts > 0)
+        limits = counts[given, other].astype(np.int64)
+        codes = given.astype(np.int64) * k + other
+        enough = joint.positives(codes) >= limits
+        cells = Cells(given.astype(np.int64), other.astype(np.int64), limits, k, enough)
+    if fspec.by_class:
+        class_limits = np.where(prunable, np.maximum(label_counts - pcm.diagonal(), 0), 0).astype(np.int64)
+    class_enough = joint.low_label >= (class_limits if class_limits is not None else 0)
+    return Plan(cells, class_limits, 0, pcm, too_small, class_enough), calibrated

@@ -1,0 +1,286 @@
+"""cleanlab.filter's methods, distributed (issue 6): parity with
+``cleanlab.filter.find_label_issues``, identical output for any chunking and
+engine, the number of reads, the K x K math, and bad arguments."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from cleanlab.count import calibrate_confident_joint, compute_confident_joint
+from cleanlab.filter import _keep_at_least_n_per_class
+from cleanlab.filter import find_label_issues as cleanlab_filter
+from cleanlab.experimental.label_issues_batched import find_label_issues_batched
+from cleanlab.internal.util import round_preserving_row_totals
+
+from dask_labelissues import filters, find_label_issues, open_results
+from dask_labelissues.engines import run_filter
+from dask_labelissues.engines.serial import serial_driver
+from dask_labelissues.kernels import ScoreSpec
+
+from .conftest import assert_identical, make_dataset
+from .test_single_read import CountingArray
+
+DATASETS = {
+    "k2": dict(n=6000, k=2, seed=61),
+    "k10": dict(n=20000, k=10, seed=62),
+    "k100": dict(n=20000, k=100, seed=63),
+    "imbalanced": dict(n=20000, k=10, seed=64, imbalance=0.5),
+    "absent-class": dict(n=12000, k=10, seed=65, absent=(4,)),
+    "float32": dict(n=20000, k=10, seed=66, dtype=np.float32),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def dataset(name: str):
+    spec = dict(DATASETS[name])
+    return make_dataset(spec.pop("n"), spec.pop("k"), **spec)
+
+
+def reference(d, **kwargs) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cleanlab_filter(d.labels, d.pred_probs, n_jobs=1, **kwargs)
+
+
+def ours(d, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs.setdefault("backend", "serial")
+        kwargs.setdefault("chunk_rows", 1777)
+        return find_label_issues(d.labels, d.pred_probs, **kwargs).compute()
+
+
+# -- parity ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(DATASETS))
+@pytest.mark.parametrize("filter_by", filters.FILTERS)
+def test_mask_matches_cleanlab(name, filter_by):
+    d = dataset(name)
+    expected = reference(d, filter_by=filter_by)
+    result = ours(d, filter_by=filter_by)
+    assert expected.sum() > 0
+    np.testing.assert_array_equal(result.is_label_issue, expected)
+    np.testing.assert_array_equal(np.sort(result.issues), np.flatnonzero(expected))
+    assert result.num_issues == int(expected.sum())
+    assert result.per_class_issues.sum() == result.num_issues
+
+
+@pytest.mark.parametrize("name", ["k10", "imbalanced", "absent-class", "k100"])
+def test_confident_joint_matches_cleanlab(name):
+    d = dataset(name)
+    result = ours(d, filter_by="prune_by_class")
+    np.testing.assert_array_equal(
+        result.confident_joint, compute_confident_joint(d.labels, d.pred_probs)
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(frac_noise=0.5),
+        dict(frac_noise=0.1),
+        dict(min_examples_per_class=900),
+        dict(num_to_remove_per_class=[30, 0, 55, 10, 10, 10, 10, 10, 10, 200]),
+    ],
+    ids=["frac-0.5", "frac-0.1", "min-examples", "num-to-remove"],
+)
+@pytest.mark.parametrize("filter_by", filters.PRUNE_FILTERS)
+def test_prune_options_match_cleanlab(filter_by, options):
+    d = dataset("imbalanced")
+    expected = reference(d, filter_by=filter_by, **options)
+    result = ours(d, filter_by=filter_by, **options)
+    np.testing.assert_array_equal(result.is_label_issue, expected)
+
+
+def test_min_examples_per_class_warns_and_spares_small_classes():
+    d = dataset("imbalanced")
+    counts = np.bincount(d.labels, minlength=d.k)
+    with pytest.warns(UserWarning, match="min_examples_per_class"):
+        result = find_label_issues(
+            d.labels, d.pred_probs, filter_by="prune_by_noise_rate", min_examples_per_class=900,
+            backend="serial",
+        )
+    small = counts <= 900
+    assert small.any() and (~small).any()
+    assert result.per_class_issues[small].sum() == 0
+
+
+@pytest.mark.parametrize("filter_by", ["prune_by_noise_rate", "both", "confident_learning", "low_normalized_margin"])
+@pytest.mark.parametrize("ranked_by", ["self_confidence", "normalized_margin", "confidence_weighted_entropy"])
+def test_ranking_matches_cleanlab(filter_by, ranked_by):
+    d = dataset("k10")  # float64, continuous: no ties for cleanlab's unstable sort to break
+    expected = reference(d, filter_by=filter_by, return_indices_ranked_by=ranked_by)
+    result = ours(d, filter_by=filter_by, return_indices_ranked_by=ranked_by)
+    assert result.method == ranked_by
+    np.testing.assert_array_equal(result.issues, expected)
+    scores = np.asarray(result.label_quality_scores)
+    np.testing.assert_array_equal(result.issue_scores, scores[result.issues])
+
+
+def test_row_order_when_not_ranked():
+    d = dataset("k10")
+    ranked = ours(d, filter_by="both")
+    in_rows = ours(d, filter_by="both", return_indices_ranked_by=None)
+    np.testing.assert_array_equal(in_rows.issues, np.sort(ranked.issues))
+    assert not np.array_equal(in_rows.issues, ranked.issues)
+    scores = np.asarray(in_rows.label_quality_scores)
+    np.testing.assert_array_equal(in_rows.issue_scores, scores[in_rows.issues])
+
+
+def test_low_self_confidence_filter_is_not_the_batched_default():
+    """An explicit filter_by='low_self_confidence' is cleanlab.filter's method;
+    without filter_by it is the batched one. On imbalanced data they differ."""
+    d = make_dataset(40000, 10, seed=67, imbalance=0.5)
+    as_filter = ours(d, filter_by="low_self_confidence")
+    default = ours(d)
+    np.testing.assert_array_equal(as_filter.is_label_issue, reference(d, filter_by="low_self_confidence"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batched = find_label_issues_batched(d.labels, d.pred_probs, batch_size=10000, n_jobs=1)
+    np.testing.assert_array_equal(np.sort(default.issues), np.sort(batched))
+    assert set(as_filter.issues) != set(default.issues)
+
+
+# -- the same output everywhere --------------------------------------------------
+@pytest.mark.parametrize("filter_by", ["prune_by_noise_rate", "both", "low_self_confidence", "confident_learning"])
+def test_identical_across_chunkings_and_engines(filter_by):
+    d = dataset("k100")
+    base = ours(d, filter_by=filter_by, backend="serial", chunk_rows=20000)
+    for backend, rows in (("serial", 997), ("fork", 4096), ("dask", 3000), ("dask", 777)):
+        other = ours(d, filter_by=filter_by, backend=backend, chunk_rows=rows, n_jobs=2)
+        assert_identical(base, other)
+        np.testing.assert_array_equal(base.confident_joint, other.confident_joint)
+        assert base.reads == other.reads
+
+
+def _run_with_candidates(d, filter_by: str, candidates: int, chunk_rows: int = 2500):
+    fspec = filters.FilterSpec(filter_by, candidates=candidates)
+    driver = serial_driver(d.labels, d.pred_probs, ScoreSpec(), chunk_rows, fspec=fspec)
+    try:
+        return run_filter(driver, ScoreSpec(), fspec)
+    finally:
+        driver.close()
+
+
+@pytest.mark.parametrize("name", ["k10", "k100"])
+def test_undecided_cells_are_recomputed_exactly(name):
+    """With one candidate per row many cells are undecided and a third read
+    recomputes them; the mask is the same as with every class kept."""
+    d = dataset(name)
+    expected = reference(d, filter_by="prune_by_noise_rate")
+    few = _run_with_candidates(d, "prune_by_noise_rate", 1)
+    full = _run_with_candidates(d, "prune_by_noise_rate", d.k - 1)
+    assert few.reads == 3
+    assert full.reads == 2  # every class kept: every cell decided
+    np.testing.assert_array_equal(np.asarray(few.arrays["is_label_issue"]), expected)
+    np.testing.assert_array_equal(np.asarray(full.arrays["is_label_issue"]), expected)
+    np.testing.assert_array_equal(few.issues, full.issues)
+
+
+@pytest.mark.parametrize("backend", ["dask", "fork", "serial"])
+@pytest.mark.parametrize("filter_by,reads", [
+    ("prune_by_noise_rate", 2), ("both", 2), ("low_normalized_margin", 2), ("predicted_neq_given", 1),
+])
+def test_pred_probs_read_at_most_twice(backend, filter_by, reads):
+    # K = 8: every row keeps every other class, so no cell needs a third read.
+    data = make_dataset(12000, 8, seed=68, dtype=np.float32)
+    probs, labels = CountingArray(data.pred_probs), CountingArray(data.labels)
+    result = find_label_issues(labels, probs, backend=backend, chunk_rows=1000, n_jobs=2, filter_by=filter_by)
+    result.compute()
+    assert result.num_issues > 0
+    assert result.reads == reads
+    assert probs.served.value == reads * data.pred_probs.nbytes
+
+
+# -- K x K math ------------------------------------------------------------------
+def test_calibration_and_prune_counts_match_cleanlab():
+    rng = np.random.default_rng(69)
+    for _ in range(200):
+        k = int(rng.integers(2, 40))
+        cj = rng.integers(0, 60, (k, k)) * (rng.random((k, k)) < 0.5)
+        np.fill_diagonal(cj, np.maximum(cj.diagonal(), 1) + rng.integers(0, 800, k))
+        labels = np.repeat(np.arange(k), rng.integers(0, 900, k))
+        counts = np.bincount(labels, minlength=k)
+        calibrated = filters.calibrate(cj, counts)
+        np.testing.assert_array_equal(calibrated, calibrate_confident_joint(cj, labels))
+        n, frac = int(rng.integers(0, 6)), float(rng.choice([1.0, 0.7, 0.25]))
+        np.testing.assert_array_equal(
+            filters._keep_at_least(calibrated.T, n, frac),
+            _keep_at_least_n_per_class(calibrated.T, n=n, frac_noise=frac),
+        )
+        floats = rng.random((k, k)) * 50
+        np.testing.assert_array_equal(filters.round_rows(floats), round_preserving_row_totals(floats))
+
+
+def test_group_top_keeps_the_smallest_per_group_ties_by_index():
+    group = np.array([0, 0, 0, 1, 1, 0, 1])
+    key = np.array([0.5, 0.1, 0.1, 0.3, 0.2, 0.9, 0.2])
+    index = np.array([10, 12, 11, 13, 16, 15, 14])
+    top = filters.GroupTop.chunk(group, key, index, np.array([2, 1]))
+    assert top.index.tolist() == [11, 12, 14]
+    halves = [filters.GroupTop.chunk(group[s], key[s], index[s], np.array([2, 1])) for s in (slice(0, 4), slice(4, 7))]
+    merged = filters.GroupTop.combine(halves)
+    assert merged.index.tolist() == top.index.tolist()
+
+
+# -- arguments ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(filter_by="prune_by_magic"), "filter_by='prune_by_magic' is not one of"),
+        (dict(filter_by="confident_learning", num_to_remove_per_class=[1] * 6), "works only with filter_by"),
+        (dict(frac_noise=0.5), "need filter_by"),
+        (dict(filter_by="both", frac_noise=1.5), "frac_noise must be in"),
+        (dict(filter_by="both", num_to_remove_per_class=[1, 2]), "one entry per class"),
+        (dict(filter_by="both", return_indices_ranked_by="entropy"), "return_indices_ranked_by='entropy'"),
+    ],
+)
+def test_bad_arguments_fail_before_reading(kwargs, match):
+    data = make_dataset(3000, 6, seed=70)
+    probs = CountingArray(data.pred_probs)
+    with pytest.raises(ValueError, match=match):
+        find_label_issues(data.labels, probs, backend="serial", **kwargs)
+    assert probs.served.value == 0
+
+
+# -- store and CLI -----------------------------------------------------------------
+def test_results_store_keeps_filter_outputs(tmp_path):
+    d = dataset("k10")
+    result = ours(d, filter_by="prune_by_noise_rate")
+    result.to_zarr(str(tmp_path / "out.zarr"))
+    back = open_results(str(tmp_path / "out.zarr"))
+    assert back.filter_by == "prune_by_noise_rate"
+    assert back.reads == result.reads
+    np.testing.assert_array_equal(back.confident_joint, result.confident_joint)
+    np.testing.assert_array_equal(np.asarray(back.is_label_issue), result.is_label_issue)
+
+
+def test_cli_filter_by(tmp_path):
+    d = dataset("imbalanced")
+    np.save(tmp_path / "labels.npy", d.labels)
+    np.save(tmp_path / "probs.npy", d.pred_probs)
+    cmd = [
+        sys.executable, "-m", "dask_labelissues", "find",
+        "--labels", str(tmp_path / "labels.npy"), "--pred-probs", str(tmp_path / "probs.npy"),
+        "--output", str(tmp_path / "out.zarr"), "--backend", "fork", "--n-jobs", "2",
+        "--filter-by", "both", "--frac-noise", "0.5",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "filter_by=both" in done.stdout
+    assert "pred_probs read 2 times" in done.stdout
+    back = open_results(str(tmp_path / "out.zarr"))
+    np.testing.assert_array_equal(
+        np.asarray(back.is_label_issue), reference(d, filter_by="both", frac_noise=0.5)
+    )
+
+    bad = cmd[:-4] + ["--filter-by", "both", "--num-to-remove-per-class", "1,x"]
+    bad[bad.index("--output") + 1] = str(tmp_path / "bad.zarr")
+    done = subprocess.run(bad, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --num-to-remove-per-class")
+    assert not (tmp_path / "bad.zarr").exists()

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .fused import SUB_BLOCK_BYTES
+from . import fused
 from .kernels import FLOATING_POINT_COMPARISON
 
 FILTERS = (
@@ -191,7 +191,11 @@ def _sparse_counts(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def joint_block(
-    rec: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, fspec: FilterSpec
+    rec: np.ndarray,
+    probs: np.ndarray,
+    thresholds: np.ndarray,
+    fspec: FilterSpec,
+    kernel: str = "auto",
 ) -> tuple[np.ndarray, JointState]:
     """The second read of a block: joint records and the block's confident joint.
 
@@ -201,32 +205,21 @@ def joint_block(
     """
     probs = np.asarray(probs)
     n, k = probs.shape
-    native = probs.dtype
     m = fspec.kept_candidates(k)
-    out = np.empty(n, dtype=fspec.joint_dtype(k, native))
+    out = np.empty(n, dtype=fspec.joint_dtype(k, probs.dtype))
     y = rec["label"].astype(np.intp)
     cut = thresholds - FLOATING_POINT_COMPARISON
-    step = max(1, SUB_BLOCK_BYTES // (k * 8))
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        p = probs[a:b]
-        yy = y[a:b]
-        rows = np.arange(b - a)
-        confident = p >= cut
-        n_confident = confident.sum(axis=1)
-        guess = np.where(n_confident > 1, rec["pred"][a:b], confident.argmax(axis=1))
-        guess[n_confident == 0] = -1
-        out["guess"][a:b] = guess
-        own = p[rows, yy]
-        out["p_label"][a:b] = own
-        if m or fspec.filter_by == "low_normalized_margin":
-            others = p.copy()
-            others[rows, yy] = -np.inf
-            if fspec.filter_by == "low_normalized_margin":
-                # cleanlab's arithmetic, in the input's dtype.
-                out["margin_score"][a:b] = (own - others.max(axis=1) + 1) / 2
-            if m:
-                _keep_candidates(out[a:b], others, own, m)
+    guess, max_other, cand, margin, bound = fused.joint_rows(probs, y, rec["pred"], cut, m, kernel)
+    out["guess"] = guess
+    own = probs[np.arange(n), y]
+    out["p_label"] = own
+    if fspec.filter_by == "low_normalized_margin":
+        # cleanlab's arithmetic, in the input's dtype.
+        out["margin_score"] = (own - max_other + 1) / 2
+    if m:
+        out["cand"] = cand
+        out["margin"] = margin
+        out["bound"] = bound
     off = (out["guess"] >= 0) & (out["guess"] != y)
     counted = out["guess"] >= 0
     codes, counts = _sparse_counts(y[counted] * k + out["guess"][counted])
@@ -252,44 +245,6 @@ def joint_block(
         low_margin,
     )
     return out, state
-
-
-def _keep_candidates(out: np.ndarray, others: np.ndarray, own: np.ndarray, m: int) -> None:
-    k = others.shape[1]
-    # With more classes than candidates, a row whose own probability holds
-    # at least half its mass has no positive margin; its bound comes from
-    # the row sum, and only the other rows pay for finding their m largest.  The slack covers the rounding
-    # of a margin computed in float32.
-    total = np.where(np.isfinite(others), others, 0).sum(axis=1, dtype=np.float64) + own
-    own64 = own.astype(np.float64)
-    out["cand"] = -1
-    out["margin"] = 0
-    out["bound"] = (total - 2.0 * own64) + 1e-6 * np.maximum(total, 1.0)
-    if m + 1 >= k:
-        rows = np.arange(own.size)  # every class fits: keep them all, decide every cell
-    else:
-        rows = np.flatnonzero(own64 < total / 2.0)
-    if rows.size == 0:
-        return
-    sub = others[rows]
-    if m + 1 < k:
-        # The m + 1 largest (the given label is -inf, so never among them).
-        top = np.argpartition(-sub, m, axis=1)[:, : m + 1]
-    else:
-        top = np.broadcast_to(np.arange(k), (rows.size, k))
-    values = np.take_along_axis(sub, top, axis=1)
-    order = np.argsort(-values, axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
-    values = np.take_along_axis(values, order, axis=1)
-    # Margins as cleanlab computes them: p_j - p_label in the input dtype.
-    # Rounding is monotone, so the (m+1)-th value bounds every class not kept.
-    mine = own[rows, None]
-    out["cand"][rows] = top[:, :m]
-    out["margin"][rows] = values[:, :m] - mine
-    if m + 1 < k:
-        out["bound"][rows] = values[:, m] - mine[:, 0]
-    else:
-        out["bound"][rows] = -np.inf
 
 
 # -- selections: the n best rows of each group -------------------------------

@@ -23,8 +23,8 @@ import numpy as np
 #: Rows of a block are processed by numpy in slices of about this many bytes.
 SUB_BLOCK_BYTES = 2 * 2**20
 
-def _build_numba() -> tuple[Any, Any] | None:
-    """Compile (or load from numba's cache) the two kernels; None without numba.
+def _build_numba() -> tuple[Any, Any, Any] | None:
+    """Compile (or load from numba's cache) the kernels; None without numba.
 
     Imported on first use only: numba adds about 100 MB to a process, which
     a small Dask worker cannot spare.
@@ -74,14 +74,71 @@ def _build_numba() -> tuple[Any, Any] | None:
                 out[y, j] += np.int64(limb)
                 rest = (rest - limb) * base
 
-    return scan, limbs
+    @numba.njit(nogil=True, cache=True)
+    def joint(probs, labels, pred, cut, m, guess, max_other, cand, margin, bound, top_v, top_j):
+        n, k = probs.shape
+        full = m + 1 >= k
+        for i in range(n):
+            y = labels[i]
+            own = probs[i, y]
+            total = 0.0
+            n_confident = 0
+            first = -1
+            best = -np.inf
+            count = 0
+            for j in range(k):
+                v = probs[i, j]
+                total += v
+                if v >= cut[j]:
+                    n_confident += 1
+                    if first < 0:
+                        first = j
+                if j == y:
+                    continue
+                if v > best:
+                    best = v
+                if m > 0 and (count <= m or v > top_v[m]):
+                    # insertion into the m + 1 largest, earlier classes first on ties
+                    pos = count if count <= m else m
+                    while pos > 0 and top_v[pos - 1] < v:
+                        top_v[pos] = top_v[pos - 1]
+                        top_j[pos] = top_j[pos - 1]
+                        pos -= 1
+                    top_v[pos] = v
+                    top_j[pos] = j
+                    if count <= m:
+                        count += 1
+            if n_confident == 0:
+                guess[i] = -1
+            elif n_confident == 1:
+                guess[i] = first
+            else:
+                guess[i] = pred[i]
+            max_other[i] = best
+            if m == 0:
+                continue
+            if full or own < total / 2.0:
+                for s in range(m):
+                    cand[i, s] = top_j[s]
+                    margin[i, s] = top_v[s] - own
+                if full:
+                    bound[i] = -np.inf
+                else:
+                    bound[i] = top_v[m] - own
+            else:
+                for s in range(m):
+                    cand[i, s] = -1
+                    margin[i, s] = 0
+                bound[i] = (total - 2.0 * own) + 1e-6 * max(total, 1.0)
+
+    return scan, limbs, joint
 
 
-_NUMBA: tuple[Any, Any] | None = None
+_NUMBA: tuple[Any, Any, Any] | None = None
 _NUMBA_TRIED = False
 
 
-def _kernels(kernel: str) -> tuple[Any, Any] | None:
+def _kernels(kernel: str) -> tuple[Any, Any, Any] | None:
     """The numba kernels if ``kernel`` allows them and numba is installed."""
     global _NUMBA, _NUMBA_TRIED
     if kernel == "numpy" or os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy":
@@ -183,3 +240,94 @@ def limb_sums(
         for j, limb in enumerate(limbs):
             out[:, j] += np.bincount(labels[a:b], weights=limb[a:b], minlength=k).astype(np.int64)
     return out
+
+
+def joint_rows(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    pred: np.ndarray,
+    cut: np.ndarray,
+    m: int,
+    kernel: str = "auto",
+) -> tuple[np.ndarray, ...]:
+    """The per-row part of a filter's second read, in one pass over each row.
+
+    Returns ``(guess, max_other, cand, margin, bound)``:
+
+    * ``guess``: the class a row is counted in by the confident joint: the
+      one class with ``p >= cut``, the argmax ``pred`` when several are, -1
+      when none is;
+    * ``max_other``: the largest probability of another class than the label;
+    * for ``m > 0``: ``cand`` (n, m) the m classes besides the label with the
+      largest probabilities and ``margin`` their ``p_j - p_label`` (input
+      dtype); ``bound`` at least the margin of any class not kept.  With
+      more classes than ``m + 1``, a row whose label holds at least half of
+      the row's (sequential float64) sum keeps none (``cand`` -1) and its
+      bound is ``sum - 2 p_label`` plus a slack for float32 rounding.
+
+    Both implementations give the same guesses, maxima and bounds; on equal
+    probabilities they may keep different classes, which changes no result.
+    """
+    n, k = probs.shape
+    native = probs.dtype
+    y = labels.astype(np.int64, copy=False)
+    guess = np.empty(n, dtype=np.int32)
+    max_other = np.empty(n, dtype=native)
+    cand = np.empty((n, m), dtype=np.int32)
+    margin = np.empty((n, m), dtype=native)
+    bound = np.empty(n, dtype=native)
+    fast = _kernels(kernel) if native in (np.float32, np.float64) else None
+    if fast is not None:
+        fast[2](
+            np.ascontiguousarray(probs), y, pred.astype(np.int64, copy=False), cut, m,
+            guess, max_other, cand, margin, bound,
+            np.empty(m + 1, dtype=native), np.empty(m + 1, dtype=np.int64),
+        )
+        return guess, max_other, cand, margin, bound
+    step = max(1, SUB_BLOCK_BYTES // (k * 8))
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        p = probs[a:b]
+        rows = np.arange(b - a)
+        confident = p >= cut
+        n_confident = confident.sum(axis=1)
+        g = np.where(n_confident > 1, pred[a:b], confident.argmax(axis=1))
+        g[n_confident == 0] = -1
+        guess[a:b] = g
+        own = p[rows, y[a:b]]
+        others = np.array(p, dtype=native)
+        others[rows, y[a:b]] = -np.inf
+        max_other[a:b] = others.max(axis=1)
+        if m:
+            total = np.add.accumulate(p, axis=1, dtype=np.float64)[:, -1]
+            _top_candidates(others, own, total, m, cand[a:b], margin[a:b], bound[a:b])
+    return guess, max_other, cand, margin, bound
+
+
+def _top_candidates(
+    others: np.ndarray, own: np.ndarray, total: np.ndarray, m: int,
+    cand: np.ndarray, margin: np.ndarray, bound: np.ndarray,
+) -> None:
+    k = others.shape[1]
+    own64 = own.astype(np.float64)
+    cand[:] = -1
+    margin[:] = 0
+    bound[:] = (total - 2.0 * own64) + 1e-6 * np.maximum(total, 1.0)
+    full = m + 1 >= k
+    rows = np.arange(own.size) if full else np.flatnonzero(own64 < total / 2.0)
+    if rows.size == 0:
+        return
+    sub = others[rows]
+    if full:
+        top = np.broadcast_to(np.arange(k), (rows.size, k))
+    else:
+        # The m + 1 largest (the given label is -inf, so never among them).
+        top = np.argpartition(-sub, m, axis=1)[:, : m + 1]
+    values = np.take_along_axis(sub, top, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    values = np.take_along_axis(values, order, axis=1)
+    mine = own[rows, None]
+    cand[rows] = top[:, :m]
+    margin[rows] = values[:, :m] - mine
+    bound[rows] = -np.inf if full else values[:, m] - mine[:, 0]

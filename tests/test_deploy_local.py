@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from dask_labelissues import find_label_issues, open_results
 from dask_labelissues.synthetic import SyntheticSpec, write_zarr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -19,6 +18,10 @@ SETTINGS = [
     dict(method="normalized_margin", adjust_pred_probs=True),
     dict(method="self_confidence", adjust_pred_probs=True, estimation_method="off_diagonal_calibrated"),
     dict(method="confidence_weighted_entropy"),
+    dict(filter_by="prune_by_noise_rate"),
+    dict(filter_by="both", return_indices_ranked_by="normalized_margin"),
+    dict(filter_by="low_normalized_margin"),
+    dict(filter_by="confident_learning"),
 ]
 
 DIGEST = """
@@ -30,8 +33,9 @@ print(fused.kernel_name())
 for settings in {settings!r}:
     r = find_label_issues(labels, probs, backend="serial", chunk_rows=777, **settings).compute()
     h = hashlib.sha256()
+    cj = r.confident_joint if r.confident_joint is not None else np.zeros(0)
     for a in (r.issues, r.label_quality_scores, r.is_label_issue, r.confident_thresholds,
-              r.predicted_label, np.array([r.estimated_num_issues])):
+              r.predicted_label, np.array([r.estimated_num_issues]), cj):
         h.update(np.ascontiguousarray(a).tobytes())
     print(h.hexdigest())
 """
@@ -50,8 +54,9 @@ def test_numba_is_the_default_kernel():
 
 
 def test_numba_and_numpy_kernels_agree(tmp_path):
-    for dtype in (np.float32, np.float64):
-        data = make_dataset(6000, 9, seed=71, dtype=dtype)
+    # 9 classes: every row keeps every other class; 30: rows keep 8.
+    for dtype, k in ((np.float32, 9), (np.float64, 9), (np.float32, 30)):
+        data = make_dataset(6000, k, seed=71, dtype=dtype)
         np.savez(tmp_path / "d.npz", labels=data.labels, probs=data.pred_probs)
         fast = _digests(tmp_path / "d.npz", "numba")
         slow = _digests(tmp_path / "d.npz", "numpy")
@@ -71,6 +76,36 @@ def test_scan_rows_paths_agree_on_edge_rows():
         np.testing.assert_array_equal(a, b)
     ref = np.add.accumulate(probs.astype(np.float64), axis=1)[:, -1]
     np.testing.assert_array_equal(fast[4], ref)
+
+
+def test_joint_rows_paths_agree_on_edge_rows():
+    rng = np.random.default_rng(6)
+    for k, m in ((6, 5), (40, 8), (40, 1)):
+        probs = rng.dirichlet(np.full(k, 0.3), size=600).astype(np.float32)
+        probs[:40, 1] = probs[:40, 3]  # ties
+        probs[40:60] = np.float32(1 / k)  # all equal
+        labels = rng.integers(0, k, 600)
+        pred = probs.argmax(axis=1)
+        cut = rng.uniform(0.05, 0.6, k)
+        fast = fused.joint_rows(probs, labels, pred, cut, m, "numba")
+        slow = fused.joint_rows(probs, labels, pred, cut, m, "numpy")
+        for name, a, b in zip(("guess", "max_other", "cand", "margin", "bound"), fast, slow):
+            if name == "cand":  # equal probabilities may keep different classes
+                continue
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        kept = fast[2][:, 0] >= 0
+        # the kept margins are p_j - p_label of the kept classes, in float32
+        own = probs[np.arange(600), labels]
+        rows = np.flatnonzero(kept)
+        np.testing.assert_array_equal(
+            fast[3][rows], probs[rows[:, None], fast[2][rows]] - own[rows, None]
+        )
+        # the bound covers every class not kept
+        for i in range(600):
+            others = np.delete(np.arange(k), labels[i])
+            missing = np.setdiff1d(others, fast[2][i])
+            if missing.size:
+                assert (probs[i, missing] - own[i]).max() <= fast[4][i]
 
 
 def test_small_workers_get_the_numpy_kernel_and_the_same_result(monkeypatch):

@@ -269,7 +269,9 @@ class DaskDriver(Driver):
         dtype = fspec.joint_dtype(self.n_classes, self.pred_probs.dtype)
         rows, parts = [], []
         for rec, prob in zip(self._blocks(self.records), self._prob_blocks):
-            out, state = delayed(filters.joint_block, nout=2, pure=True)(rec, prob, thresholds, fspec)
+            out, state = delayed(filters.joint_block, nout=2, pure=True)(
+                rec, prob, thresholds, fspec, self.spec.kernel
+            )
             rows.append(out)
             parts.append(state)
         merged = tree_reduce(parts, JointState.combine, self.split_every)

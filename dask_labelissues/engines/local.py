@@ -127,7 +127,7 @@ class LocalJob:
     def joint(self, i: int, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
         a, b = self.bounds[i]
         _, probs = self._read(i)
-        rows, state = filters.joint_block(self.records[a:b], probs, thresholds, fspec)
+        rows, state = filters.joint_block(self.records[a:b], probs, thresholds, fspec, self.spec.kernel)
         self.joint_records[a:b] = rows
         return state
 
@@ -171,12 +171,17 @@ def _progress(items: Iterable[Any], total: int, desc: str, enabled: bool) -> Ite
     return tqdm(items, total=total, desc=desc, unit="block", file=sys.stderr)
 
 
-def _fold(parts: Iterable[Any], combine: Callable[[list], Any]) -> Any:
-    """Merge states as they arrive, so memory holds two at a time."""
-    acc = None
+def _fold(parts: Iterable[Any], combine: Callable[[list], Any], fan_in: int = 8) -> Any:
+    """Merge states as they arrive, ``fan_in`` at a time (as the Dask
+    engine's tree does), so memory holds at most ``fan_in + 1`` of them."""
+    acc: list[Any] = []
     for part in parts:
-        acc = part if acc is None else combine([acc, part])
-    return acc
+        acc.append(part)
+        if len(acc) > fan_in:
+            acc = [combine(acc)]
+    if not acc:
+        return None
+    return acc[0] if len(acc) == 1 else combine(acc)
 
 
 class LocalDriver(Driver):

@@ -1,6 +1,6 @@
 """Benchmarks: dask_labelissues beside cleanlab and the one-read floor.
 
-    python benchmarks/run.py [--datasets a,b,c,scaling,memory,memcap] [--repeats 3]
+    python benchmarks/run.py [--datasets a,b,c,scaling,memory,memcap,filters] [--repeats 3]
 
 Datasets are generated once into benchmarks/data/ (seeded, block by block)
 as both .npy and Zarr. For each dataset every runner is timed in this one
@@ -248,6 +248,96 @@ def cleanlab_filter(paths: dict[str, str]) -> Callable[[], Any]:
     return run
 
 
+def ours_filter(kind: str, paths: dict[str, str], filter_by: str, stats: dict, **kwargs: Any) -> Callable[[], Any]:
+    """Our filter_by run; records pred_probs reads and the time of the K x K step."""
+    from dask_labelissues import filters
+
+    labels, probs = paths[f"labels_{kind}"], paths[f"probs_{kind}"]
+
+    def run() -> np.ndarray:
+        original = filters.plan
+        spent = []
+
+        def timed(*args: Any) -> Any:
+            t = time.perf_counter()
+            out = original(*args)
+            spent.append(time.perf_counter() - t)
+            cells = out[0].cells
+            stats["cells"] = 0 if cells is None else int(cells.limits.size)
+            return out
+
+        filters.plan = timed
+        try:
+            result = find_label_issues(labels, probs, filter_by=filter_by, **kwargs)
+        finally:
+            filters.plan = original
+        stats.setdefault("reads", []).append(result.reads)
+        stats.setdefault("kxk_s", []).append(sum(spent))
+        return np.sort(result.issues)
+
+    return run
+
+
+def cleanlab_filter_by(paths: dict[str, str], filter_by: str, n_jobs: int) -> Callable[[], Any]:
+    def run() -> np.ndarray:
+        import warnings
+
+        from cleanlab.filter import find_label_issues as filter_issues
+
+        labels = np.load(paths["labels_npy"])
+        probs = np.load(paths["probs_npy"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.flatnonzero(filter_issues(labels, probs, filter_by=filter_by, n_jobs=n_jobs))
+
+    return run
+
+
+def bench_filters(data_dir: Path, repeats: int) -> list[dict[str, Any]]:
+    """prune_by_noise_rate (cleanlab.filter's default) on (a) and on (b), K = 1,000."""
+    out = []
+    for name in ("a", "b"):
+        paths = ensure_data(name, data_dir)
+        spec = DATASETS[name]
+        stats: dict[str, dict] = {"dask": {}, "fork": {}}
+        runners = [
+            Runner(f"floor (npy, {THREADS} threads)", floor_runner("npy", paths)),
+            Runner("dask_labelissues dask threads", ours_filter("npy", paths, "prune_by_noise_rate", stats["dask"])),
+            Runner(f"dask_labelissues fork n_jobs={THREADS}",
+                   ours_filter("npy", paths, "prune_by_noise_rate", stats["fork"], backend="fork", n_jobs=THREADS)),
+            Runner("cleanlab filter in memory n_jobs=1", cleanlab_filter_by(paths, "prune_by_noise_rate", 1)),
+            Runner(f"cleanlab filter in memory n_jobs={THREADS}", cleanlab_filter_by(paths, "prune_by_noise_rate", THREADS)),
+        ]
+        print(f"[filters {name}] prune_by_noise_rate, {spec.rows:,} x {spec.classes}", flush=True)
+        time_runners(runners, repeats)
+        med = {r.name: statistics.median(r.times) for r in runners if r.times}
+        floor = med[runners[0].name]
+        baseline = med.get("cleanlab filter in memory n_jobs=1")
+        reference = next((r.issues for r in runners if r.name.startswith("cleanlab") and r.issues is not None), None)
+        for r in runners:
+            row: dict[str, Any] = {"dataset": name, "runner": r.name, "filter_by": "prune_by_noise_rate"}
+            if r.error:
+                row["error"] = r.error
+                out.append(row)
+                continue
+            m = med[r.name]
+            mem = {k: max(x[k] for x in r.memory) for k in r.memory[0]}
+            row.update(median_s=m, times_s=r.times, x_floor=m / floor,
+                       driver_peak_rss=mem["driver_peak_rss"], driver_peak_anon=mem["driver_peak_anon"])
+            if baseline:
+                row["speedup_vs_cleanlab_filter_1"] = baseline / m
+            if r.issues is not None and not r.name.startswith("floor"):
+                row["num_issues"] = int(len(r.issues))
+                if reference is not None:
+                    row["same_as_cleanlab"] = digest(np.sort(r.issues)) == digest(np.sort(reference))
+            for key, st in (("dask", stats["dask"]), ("fork", stats["fork"])):
+                if r.name.startswith("dask_labelissues") and key in r.name:
+                    row.update(reads=max(st.get("reads", [0])), kxk_s=statistics.median(st.get("kxk_s", [0])),
+                               cells=st.get("cells"))
+            out.append(row)
+    return out
+
+
 def time_runners(runners: list[Runner], repeats: int) -> None:
     for rep in range(repeats):
         for r in runners:
@@ -480,6 +570,27 @@ def markdown(report: dict[str, Any]) -> str:
                          f"({mb(m['driver_peak_anon'])}) | {mb(m['worker_peak_rss'])} ({mb(m['worker_peak_anon'])}) |")
         lines += ["", "RSS counts the pages of memory-mapped .npy files a process has touched (they are "
                   "page cache, reclaimable); anon is the memory the process itself allocated."]
+    if report.get("filters"):
+        lines += ["", "cleanlab.filter's default method, `filter_by=\"prune_by_noise_rate\"`, from .npy "
+                  "(cleanlab loads the arrays into memory first; its load is in its time):", "",
+                  "| dataset | runner | median s | x floor | speed-up vs cleanlab n_jobs=1 "
+                  "| pred_probs reads | K x K step s | cells | issues | same as cleanlab |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+        for r in report["filters"]:
+            if "error" in r:
+                lines.append(f"| {r['dataset']} | {r['runner']} | failed: {r['error'][:80]} |||||||||")
+                continue
+            same = r.get("same_as_cleanlab")
+            speed = f"{r['speedup_vs_cleanlab_filter_1']:.2f}" if "speedup_vs_cleanlab_filter_1" in r else ""
+            lines.append(
+                f"| {r['dataset']} | {r['runner']} | {r['median_s']:.3f} | {r['x_floor']:.2f} | {speed} | "
+                f"{r.get('reads', '')} | "
+                f"{r['kxk_s']:.3f} | {r.get('cells', '')} | {r.get('num_issues', '')} | "
+                f"{'' if same is None else 'yes' if same else 'no'} |" if "kxk_s" in r else
+                f"| {r['dataset']} | {r['runner']} | {r['median_s']:.3f} | {r['x_floor']:.2f} | {speed} | "
+                f"| | | {r.get('num_issues', '')} | "
+                f"{'' if same is None else 'yes' if same else 'no'} |"
+            )
     for m in report.get("memcap", []):
         lines += ["", f"Memory cap (prlimit --data={m['limit_bytes']:,}) on (c) .npy, {m['runner']}: "
                   f"{'completed' if m['completed'] else 'failed'} in {m['seconds']:.1f} s ({m['message']})"]
@@ -494,7 +605,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="a,b,c,scaling,memory,memcap")
+    p.add_argument("--datasets", default="a,b,c,scaling,memory,memcap,filters")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -519,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, {platform.machine()}",
-        "datasets": [], "scaling": [], "memory": [], "memcap": [],
+        "datasets": [], "scaling": [], "memory": [], "memcap": [], "filters": [],
     }
     for name in ("a", "b", "c"):
         if name in wanted:
@@ -530,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         report["memory"] = bench_memory(args.data_dir)
     if "memcap" in wanted:
         report["memcap"] = bench_memcap(ensure_data("c", args.data_dir))
+    if "filters" in wanted:
+        report["filters"] = bench_filters(args.data_dir, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.out / f"{stamp}.json").write_text(json.dumps(report, indent=1, default=str))

@@ -380,28 +380,35 @@ def noise_rate_block(joint: np.ndarray, rec: np.ndarray, start: int, cells: Cell
 def exact_cells_block(
     labels: np.ndarray, probs: np.ndarray, start: int, cells: Cells
 ) -> GroupTop:
-    """A block's candidates for each cell, from pred_probs itself."""
+    """A block's candidates for each cell, from pred_probs itself.
+
+    Every row meets each cell of its given class once; rows are taken in
+    slices so the (row, cell) pairs stay about the size of the slice.
+    """
     y = np.asarray(labels).astype(np.int64)
     probs = np.asarray(probs)
+    k = cells.k
+    # cells are ordered by given class (plan builds them row-major)
+    first = np.searchsorted(cells.given, np.arange(k), side="left")
+    per_class = np.searchsorted(cells.given, np.arange(k), side="right") - first
     parts = []
-    for k in np.unique(cells.given):
-        groups = np.flatnonzero(cells.given == k)
-        rows = np.flatnonzero(y == k)
+    step = max(1, fused.SUB_BLOCK_BYTES // (8 * max(1, int(per_class.max(initial=1)))))
+    for a in range(0, y.size, step):
+        yy = y[a : a + step]
+        counts = per_class[yy]
+        rows = np.repeat(np.arange(yy.size), counts)
         if rows.size == 0:
             continue
-        p = probs[rows]
-        margin = p[:, cells.other[groups]] - p[:, [k]]  # input dtype, as cleanlab
+        offset = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        group = first[yy][rows] + offset
+        p = probs[a : a + step]
+        margin = p[rows, cells.other[group]] - p[rows, yy[rows]]  # input dtype, as cleanlab
         parts.append(
-            (
-                np.repeat(groups[None, :], rows.size, axis=0).ravel(),
-                -margin.ravel().astype(np.float64),
-                np.repeat(rows + start, groups.size),
-            )
+            GroupTop.chunk(group, -margin.astype(np.float64), rows + a + start, cells.limits)
         )
     if not parts:
         return _empty_top(cells.limits)
-    g, key, idx = (np.concatenate(x) for x in zip(*parts))
-    return GroupTop.chunk(g.astype(np.int64), key, idx.astype(np.int64), cells.limits)
+    return GroupTop.combine(parts)
 
 
 def class_block(

@@ -157,6 +157,24 @@ def test_identical_across_chunkings_and_engines(filter_by):
         assert base.reads == other.reads
 
 
+def test_filters_on_a_local_cluster():
+    """A LocalCluster of two worker processes gives cleanlab's mask and the
+    serial engine's result, for the default filter and the one-read one."""
+    from distributed import Client, LocalCluster
+
+    d = dataset("imbalanced")
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        for filter_by in ("prune_by_noise_rate", "predicted_neq_given"):
+            result = find_label_issues(
+                d.labels, d.pred_probs, filter_by=filter_by, client=client, chunk_rows=3000
+            )
+            assert result.client is client
+            np.testing.assert_array_equal(result.compute().is_label_issue, reference(d, filter_by=filter_by))
+            assert_identical(ours(d, filter_by=filter_by), result)
+
+
 def _run_with_candidates(d, filter_by: str, candidates: int, chunk_rows: int = 2500):
     fspec = filters.FilterSpec(filter_by, candidates=candidates)
     driver = serial_driver(d.labels, d.pred_probs, ScoreSpec(), chunk_rows, fspec=fspec)

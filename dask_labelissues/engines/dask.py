@@ -100,9 +100,11 @@ class DaskDriver(Driver):
         self.block_starts = [a for a, _ in self.bounds]
         self._label_blocks = labels.to_delayed().ravel().tolist()
         self._prob_blocks = pred_probs.to_delayed().ravel().tolist()
-        self.records: da.Array | None = None
-        self.scores: da.Array | None = None
-        self.joint_records: da.Array | None = None
+        # Persisted blocks (one Delayed per block, each holding its data on
+        # the cluster); arrays over them are built only for the outputs.
+        self.rec_blocks: list[Delayed] | None = None
+        self.score_blocks: list[Delayed] | None = None
+        self.joint_blocks: list[Delayed] | None = None
 
     # -- scheduling ----------------------------------------------------------
     @contextlib.contextmanager
@@ -115,8 +117,13 @@ class DaskDriver(Driver):
         else:
             yield
 
-    def _persist(self, *collections: Any) -> tuple:
-        # No graph optimization: fusing would give the array and the delayed
+    def _persist(self, blocks: list[Delayed], state: Delayed) -> tuple[list[Delayed], Delayed]:
+        """Persist per-block outputs and a merged state in one graph."""
+        out = self._persist_all(*blocks, state)
+        return list(out[:-1]), out[-1]
+
+    def _persist_all(self, *collections: Any) -> tuple:
+        # No graph optimization: fusing would give the blocks and the merged
         # state separate copies of the block task, running pass one twice.
         if self.client is not None:
             from distributed import futures_of
@@ -183,9 +190,6 @@ class DaskDriver(Driver):
         ]
         return da.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _blocks(self, arr: da.Array) -> list[Delayed]:
-        return arr.to_delayed().ravel().tolist()
-
     # -- stages --------------------------------------------------------------
     def scan(self) -> ThresholdState:
         spec = self.spec
@@ -194,100 +198,96 @@ class DaskDriver(Driver):
             rec, state = delayed(states.scan_block, nout=2, pure=True)(lab, prob, start, spec)
             records.append(rec)
             parts.append(state)
-        record_array = self._array(records, spec.record_dtype())
         merged = tree_reduce(parts, ThresholdState.combine, self.split_every)
         # One graph for both, so each block of pred_probs is read by one task.
-        self.records, merged = self._persist(record_array, merged)
+        self.rec_blocks, merged = self._persist(records, merged)
         return self._value(merged)
 
     def score(self, thresholds: np.ndarray) -> ScoreState:
-        assert self.records is not None, "scan() first"
+        assert self.rec_blocks is not None, "scan() first"
         spec = self.spec
         score_parts, states_parts = [], []
-        for rec, lab, prob in zip(self._blocks(self.records), self._label_blocks, self._prob_blocks):
+        for rec, lab, prob in zip(self.rec_blocks, self._label_blocks, self._prob_blocks):
             # The adjusted margin needs pred_probs cell by cell: read it again.
             raw = (lab, prob) if spec.rereads else ()
             scores, state = delayed(states.score_block, nout=2, pure=True)(rec, thresholds, spec, *raw)
             score_parts.append(scores)
             states_parts.append(state)
         merged = tree_reduce(states_parts, ScoreState.combine, self.split_every)
-        self.scores, merged = self._persist(self._array(score_parts, np.float64), merged)
+        self.score_blocks, merged = self._persist(score_parts, merged)
         return self._value(merged)
 
     def histogram(self, round_index: int, prefix: int) -> HistogramState:
-        assert self.scores is not None, "score() first"
+        assert self.score_blocks is not None, "score() first"
         parts = [
             delayed(HistogramState.chunk, pure=True)(b, round_index, prefix)
-            for b in self._blocks(self.scores)
+            for b in self.score_blocks
         ]
         (state,) = self._compute(tree_reduce(parts, HistogramState.combine, self.split_every))
         return state
 
     def equal_counts(self, cutoff: int) -> list[int]:
-        assert self.scores is not None, "score() first"
-        parts = [delayed(states.equal_count_block, pure=True)(b, cutoff) for b in self._blocks(self.scores)]
+        assert self.score_blocks is not None, "score() first"
+        parts = [delayed(states.equal_count_block, pure=True)(b, cutoff) for b in self.score_blocks]
         return [int(c) for c in self._compute(*parts)]
 
     def gather(self, cutoff: int, quotas: list[int]) -> Winners:
-        assert self.scores is not None and self.records is not None
+        assert self.score_blocks is not None and self.rec_blocks is not None
         parts = [
             delayed(_winners, pure=True)(rec, sc, cutoff, q, start)
-            for rec, sc, q, (start, _) in zip(
-                self._blocks(self.records), self._blocks(self.scores), quotas, self.bounds
-            )
+            for rec, sc, q, (start, _) in zip(self.rec_blocks, self.score_blocks, quotas, self.bounds)
         ]
         return Winners.combine(list(self._compute(*parts)))
 
     def gather_prefix(self, shift: int, prefix: int) -> Winners:
-        assert self.scores is not None and self.records is not None
+        assert self.score_blocks is not None and self.rec_blocks is not None
         parts = [
             delayed(_prefix_rows, pure=True)(rec, sc, shift, prefix, start)
-            for rec, sc, (start, _) in zip(
-                self._blocks(self.records), self._blocks(self.scores), self.bounds
-            )
+            for rec, sc, (start, _) in zip(self.rec_blocks, self.score_blocks, self.bounds)
         ]
         return Winners.combine(list(self._compute(*parts)))
 
     def outputs(self, cutoff: int, quotas: list[int]) -> dict[str, da.Array]:
-        assert self.scores is not None and self.records is not None
+        assert self.score_blocks is not None and self.rec_blocks is not None
         quotas = quotas or [0] * len(self.bounds)
         masks = [
             delayed(states.issue_mask_block, pure=True)(rec, sc, cutoff, q)
-            for rec, sc, q in zip(self._blocks(self.records), self._blocks(self.scores), quotas)
+            for rec, sc, q in zip(self.rec_blocks, self.score_blocks, quotas)
         ]
+        return self._outputs(masks)
+
+    def _outputs(self, masks: list[Delayed]) -> dict[str, da.Array]:
+        # Built from the persisted blocks, whose graphs hold the futures:
+        # the data stays on the cluster as long as these arrays exist.
+        records = self._array(self.rec_blocks, self.spec.record_dtype())
         return {
-            "label_quality_scores": self.scores,
+            "label_quality_scores": self._array(self.score_blocks, np.float64),
             "is_label_issue": self._array(masks, np.bool_),
-            "given_label": self.records["label"],
-            "predicted_label": self.records["pred"],
+            "given_label": records["label"],
+            "predicted_label": records["pred"],
         }
 
 
     # -- filters -------------------------------------------------------------
     def joint(self, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
-        assert self.records is not None, "scan() first"
-        dtype = fspec.joint_dtype(self.n_classes, self.pred_probs.dtype)
+        assert self.rec_blocks is not None, "scan() first"
         rows, parts = [], []
-        for rec, prob in zip(self._blocks(self.records), self._prob_blocks):
+        for rec, prob in zip(self.rec_blocks, self._prob_blocks):
             out, state = delayed(filters.joint_block, nout=2, pure=True)(
                 rec, prob, thresholds, fspec, self.spec.kernel
             )
             rows.append(out)
             parts.append(state)
         merged = tree_reduce(parts, JointState.combine, self.split_every)
-        self.joint_records, merged = self._persist(self._array(rows, dtype), merged)
+        self.joint_blocks, merged = self._persist(rows, merged)
         return self._value(merged)
 
     def _sources(self, needs: Sequence[str]) -> list[list[Any]]:
         per_source = {
-            "rec": lambda: self._blocks(self.records),
-            "joint": lambda: self._blocks(self.joint_records),
-            "joint_or_none": lambda: (
-                self._blocks(self.joint_records)
-                if self.joint_records is not None
-                else [None] * len(self.bounds)
-            ),
-            "scores": lambda: self._blocks(self.scores),
+            "rec": lambda: self.rec_blocks,
+            "joint": lambda: self.joint_blocks,
+            "joint_or_none": lambda: self.joint_blocks or [None] * len(self.bounds),
+            "scores": lambda: self.score_blocks,
             "start": lambda: list(self.block_starts),
             "labels": lambda: self._label_blocks,
             "probs": lambda: self._prob_blocks,
@@ -305,18 +305,11 @@ class DaskDriver(Driver):
         return state
 
     def _masks(self, rule: MaskRule) -> list[Delayed]:
-        # Unoptimized block handles keep the persisted joint records alive as
-        # long as the mask array exists (optimized ones hold only keys); each
-        # task gets only its own block's share of the selected rows.
-        joint = (
-            self.joint_records.to_delayed(optimize_graph=False).ravel().tolist()
-            if self.joint_records is not None
-            else [None] * len(self.bounds)
-        )
-        records = self.records.to_delayed(optimize_graph=False).ravel().tolist()
+        # Each task gets only its own block's share of the selected rows.
+        joint = self.joint_blocks or [None] * len(self.bounds)
         return [
             delayed(filters.mask_block, pure=True)(rule.restrict(start, stop), rec, jr, start)
-            for rec, jr, (start, stop) in zip(records, joint, self.bounds)
+            for rec, jr, (start, stop) in zip(self.rec_blocks, joint, self.bounds)
         ]
 
     def gather_mask(self, rule: MaskRule) -> Winners:
@@ -328,13 +321,8 @@ class DaskDriver(Driver):
         return Winners.combine(list(self._compute(*parts)))
 
     def filter_outputs(self, rule: MaskRule) -> dict[str, da.Array]:
-        assert self.scores is not None and self.records is not None
-        return {
-            "label_quality_scores": self.scores,
-            "is_label_issue": self._array(self._masks(rule), np.bool_),
-            "given_label": self.records["label"],
-            "predicted_label": self.records["pred"],
-        }
+        assert self.score_blocks is not None and self.rec_blocks is not None
+        return self._outputs(self._masks(rule))
 
 
 def _flagged(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from . import inputs
 from .engines import BACKENDS, run, run_filter
-from .filters import FilterSpec
+from .filters import PRUNE_FILTERS, FilterSpec
 from .kernels import METHODS, ScoreSpec
 
 #: ``return_indices_ranked_by``'s default: rank by ``method``.
@@ -388,6 +389,12 @@ def _filter_spec(
                 "(one of cleanlab.filter's methods)"
             )
         return None
+    if frac_noise != 1.0 and filter_by not in PRUNE_FILTERS:
+        warnings.warn(
+            f"frac_noise applies to the prune filters only; filter_by={filter_by!r} ignores it",
+            UserWarning,
+            stacklevel=3,
+        )
     remove = None
     if num_to_remove_per_class is not None:
         remove = tuple(int(x) for x in np.asarray(num_to_remove_per_class).ravel())

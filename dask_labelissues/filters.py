@@ -16,9 +16,12 @@ client (:func:`prune_counts`), then per-group selections of the n best rows
 (:class:`GroupTop`: a (given, predicted) cell, a class, or the whole data)
 as tree reductions of per-block candidates, so no process gathers N rows.
 The noise-rate selection of a cell is exact when its n-th margin is above
-every bound of the rows that do not keep the cell's class; cells where that
-fails (rare: see :meth:`GroupTop.uncertain`) are recomputed exactly from
-pred_probs by :func:`exact_cells_block`.
+every bound of the rows that do not keep the cell's class.  Cells where
+that fails (flat predictions, or a cell asking for more rows than have a
+positive margin, as with many small classes: see :meth:`GroupTop.uncertain`)
+are recomputed exactly from pred_probs by :func:`exact_cells_block`, a
+third read.  With at most ``CANDIDATES + 1`` classes every row keeps every
+class and two reads always suffice.
 
 Ties are broken by row index everywhere, where cleanlab's unstable sorts
 break them arbitrarily.
@@ -45,7 +48,6 @@ FILTERS = (
     "low_self_confidence",
 )
 PRUNE_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both")
-RANKINGS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 
 #: Candidate classes kept per row for the noise-rate selection.
 CANDIDATES = 8
@@ -172,9 +174,9 @@ class JointState:
 
     def positives(self, codes: np.ndarray) -> np.ndarray:
         """Kept candidates with a positive margin in each cell of ``codes``."""
-        pos = np.minimum(np.searchsorted(self.positive_codes, codes), max(self.positive_codes.size - 1, 0))
         if self.positive_codes.size == 0:
             return np.zeros(codes.size, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.positive_codes, codes), self.positive_codes.size - 1)
         return np.where(self.positive_codes[pos] == codes, self.positive_counts[pos], 0)
 
 

@@ -315,15 +315,11 @@ def bench_filters(data_dir: Path, repeats: int) -> list[dict[str, Any]]:
         baseline = med.get("cleanlab filter in memory n_jobs=1")
         reference = next((r.issues for r in runners if r.name.startswith("cleanlab") and r.issues is not None), None)
         for r in runners:
-            row: dict[str, Any] = {"dataset": name, "runner": r.name, "filter_by": "prune_by_noise_rate"}
-            if r.error:
-                row["error"] = r.error
-                out.append(row)
+            row = timing_row(r, med, floor, {"dataset": name, "runner": r.name, "filter_by": "prune_by_noise_rate"})
+            out.append(row)
+            if "error" in row:
                 continue
-            m = med[r.name]
-            mem = {k: max(x[k] for x in r.memory) for k in r.memory[0]}
-            row.update(median_s=m, times_s=r.times, x_floor=m / floor,
-                       driver_peak_rss=mem["driver_peak_rss"], driver_peak_anon=mem["driver_peak_anon"])
+            m = row["median_s"]
             if baseline:
                 row["speedup_vs_cleanlab_filter_1"] = baseline / m
             if r.issues is not None and not r.name.startswith("floor"):
@@ -334,7 +330,6 @@ def bench_filters(data_dir: Path, repeats: int) -> list[dict[str, Any]]:
                 if r.name.startswith("dask_labelissues") and key in r.name:
                     row.update(reads=max(st.get("reads", [0])), kxk_s=statistics.median(st.get("kxk_s", [0])),
                                cells=st.get("cells"))
-            out.append(row)
     return out
 
 
@@ -391,6 +386,14 @@ def bench_dataset(name: str, paths: dict[str, str], repeats: int) -> dict[str, A
     return {"dataset": name, "rows": spec.rows, "classes": spec.classes, "runs": rows}
 
 
+def timing_row(r: Runner, med: dict[str, float], floor: float, row: dict[str, Any]) -> dict[str, Any]:
+    """A runner's median, its ratio to the floor and its peak memory (or its error)."""
+    if r.error:
+        return dict(row, error=r.error)
+    mem = {k: max(x[k] for x in r.memory) for k in r.memory[0]}
+    return dict(row, median_s=med[r.name], times_s=r.times, x_floor=med[r.name] / floor, **mem)
+
+
 def summarize(name: str, kind: str, runners: list[Runner], paths: dict[str, str]) -> list[dict[str, Any]]:
     med = {r.name: statistics.median(r.times) for r in runners if r.times}
     floor = next(v for k, v in med.items() if k.startswith("floor"))
@@ -399,18 +402,15 @@ def summarize(name: str, kind: str, runners: list[Runner], paths: dict[str, str]
     store = dir_bytes(paths["zarr_dir"] + "/pred_probs") if kind == "zarr" else None
     out = []
     for r in runners:
-        row: dict[str, Any] = {"dataset": name, "storage": kind, "runner": r.name, "repeats": len(r.times)}
-        if r.error:
-            row["error"] = r.error
+        row = timing_row(r, med, floor, {"dataset": name, "storage": kind, "runner": r.name, "repeats": len(r.times)})
+        if "error" in row:
             out.append(row)
             continue
-        m = med[r.name]
-        mem = {k: max(x[k] for x in r.memory) for k in r.memory[0]}
-        row.update(median_s=m, times_s=r.times, x_floor=m / floor, **mem)
+        m = row["median_s"]
         if baseline:
             row["speedup_vs_cleanlab_batched_1"] = baseline / m
         if store and "LocalCluster" not in r.name:
-            row["reads_of_store"] = mem["bytes_read"] / store
+            row["reads_of_store"] = row["bytes_read"] / store
         if r.issues is not None and reference is not None:
             if r.name.startswith("dask_labelissues"):
                 row["same_issues_as_serial"] = digest(r.issues) == digest(reference)
@@ -582,14 +582,10 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             same = r.get("same_as_cleanlab")
             speed = f"{r['speedup_vs_cleanlab_filter_1']:.2f}" if "speedup_vs_cleanlab_filter_1" in r else ""
+            ours = (f"{r['reads']} | {r['kxk_s']:.3f} | {r['cells']}" if "kxk_s" in r else " | | ")
             lines.append(
                 f"| {r['dataset']} | {r['runner']} | {r['median_s']:.3f} | {r['x_floor']:.2f} | {speed} | "
-                f"{r.get('reads', '')} | "
-                f"{r['kxk_s']:.3f} | {r.get('cells', '')} | {r.get('num_issues', '')} | "
-                f"{'' if same is None else 'yes' if same else 'no'} |" if "kxk_s" in r else
-                f"| {r['dataset']} | {r['runner']} | {r['median_s']:.3f} | {r['x_floor']:.2f} | {speed} | "
-                f"| | | {r.get('num_issues', '')} | "
-                f"{'' if same is None else 'yes' if same else 'no'} |"
+                f"{ours} | {r.get('num_issues', '')} | {'' if same is None else 'yes' if same else 'no'} |"
             )
     for m in report.get("memcap", []):
         lines += ["", f"Memory cap (prlimit --data={m['limit_bytes']:,}) on (c) .npy, {m['runner']}: "

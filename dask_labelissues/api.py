@@ -38,7 +38,10 @@ class LabelIssues:
         ``len(issues)``.
     estimated_num_issues
         The estimate T of the number of issues before rows whose given label
-        wins a near tie are dropped (cleanlab's ``num_label_issues``).
+        wins a near tie are dropped (what the batched method ranks).  With
+        ``filter_by``: cleanlab's ``count.num_label_issues``, the rows off the
+        diagonal of the confident joint that are no near ties (for
+        ``predicted_neq_given``, which has no joint, ``num_issues``).
     per_class_count
         Rows per given label (K,).
     per_class_issues

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import zarr
@@ -140,3 +142,24 @@ def test_fork_falls_back_to_serial_where_fork_is_missing(monkeypatch):
     with pytest.warns(RuntimeWarning, match="fork start method.*running serially"):
         result = find_label_issues(data.labels, data.pred_probs, backend="fork", n_jobs=2)
     assert_identical(find_label_issues(data.labels, data.pred_probs, backend="serial"), result)
+
+
+class DiesInWorker:
+    """An array whose reads kill any process but the one that made it."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+        self.parent = os.getpid()
+
+    def __getitem__(self, key):
+        if os.getpid() != self.parent:
+            os._exit(3)
+        return self.array[key]
+
+
+def test_fork_worker_that_dies_fails_the_job_instead_of_hanging():
+    from concurrent.futures.process import BrokenProcessPool
+
+    data = make_dataset(4000, 5, seed=41)
+    with pytest.raises(BrokenProcessPool):
+        find_label_issues(data.labels, DiesInWorker(data.pred_probs), backend="fork", n_jobs=2, chunk_rows=1000)

@@ -267,7 +267,6 @@ class DaskDriver(Driver):
             "predicted_label": records["pred"],
         }
 
-
     # -- filters -------------------------------------------------------------
     def joint(self, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
         assert self.rec_blocks is not None, "scan() first"

@@ -2,7 +2,10 @@
 
 Workers are started with ``fork`` after the job (inputs and shared output
 buffers) is in place, so no array is ever pickled: a task is a method name
-and a block index, and a result is a small state.
+and a block index, and a result is a small state.  The pool is a
+``ProcessPoolExecutor``: a worker that dies (killed, out of memory, a crash
+in native code) fails the job with ``BrokenProcessPool`` instead of leaving
+it waiting forever, as ``multiprocessing.Pool`` would.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Iterable, Sequence
 
 from ..filters import FilterSpec
@@ -38,18 +42,19 @@ class ForkDriver(LocalDriver):
         self.job_id = id(job)
         _JOBS[self.job_id] = job
         try:
-            self.pool = mp.get_context("fork").Pool(n_jobs)
+            # With fork, the executor starts all its processes at the first
+            # submit, before its own manager thread exists.
+            self.pool = ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork"))
         except BaseException:
             del _JOBS[self.job_id]
             raise
         super().__init__(job, self._map, progress=progress)
 
     def _map(self, name: str, args: Sequence[tuple]) -> Iterable[Any]:
-        return self.pool.imap(_call, [(self.job_id, name, a) for a in args], chunksize=1)
+        return self.pool.map(_call, [(self.job_id, name, a) for a in args])
 
     def close(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
         _JOBS.pop(self.job_id, None)
 
 

@@ -307,6 +307,18 @@ def find_label_issues(
                 f"return_indices_ranked_by={return_indices_ranked_by!r} is not one of "
                 f"{', '.join(METHODS)} or None"
             )
+        if return_indices_ranked_by != method:
+            if filter_by is None:
+                raise ValueError(
+                    f"return_indices_ranked_by={return_indices_ranked_by!r} differs from "
+                    f"method={method!r}: without filter_by the score chooses the issues as well "
+                    "as ranking them, so pass method= alone"
+                )
+            if method != "self_confidence":
+                raise ValueError(
+                    f"return_indices_ranked_by={return_indices_ranked_by!r} and "
+                    f"method={method!r} disagree; give one of them"
+                )
         method = return_indices_ranked_by
     spec = ScoreSpec(method, bool(adjust_pred_probs), estimation_method, row_sum_tolerance)
     fspec = _filter_spec(filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class)
@@ -392,13 +404,27 @@ def _filter_spec(
                 "(one of cleanlab.filter's methods)"
             )
         return None
-    if frac_noise != 1.0 and filter_by not in PRUNE_FILTERS:
-        warnings.warn(
-            f"frac_noise applies to the prune filters only; filter_by={filter_by!r} ignores it",
-            UserWarning,
-            stacklevel=3,
-        )
+    if filter_by not in PRUNE_FILTERS:
+        for name, value, default in (
+            ("frac_noise", frac_noise, 1.0),
+            ("min_examples_per_class", min_examples_per_class, 1),
+        ):
+            if value != default:
+                warnings.warn(
+                    f"{name} applies to the prune filters only; filter_by={filter_by!r} ignores it",
+                    UserWarning,
+                    stacklevel=3,
+                )
     remove = None
     if num_to_remove_per_class is not None:
-        remove = tuple(int(x) for x in np.asarray(num_to_remove_per_class).ravel())
-    return FilterSpec(filter_by, float(frac_noise), remove, int(min_examples_per_class))
+        remove = tuple(_whole(x, f"num_to_remove_per_class[{i}]") for i, x in
+                       enumerate(np.asarray(num_to_remove_per_class).ravel().tolist()))
+    minimum = _whole(min_examples_per_class, "min_examples_per_class")
+    return FilterSpec(filter_by, float(frac_noise), remove, minimum)
+
+
+def _whole(value: Any, name: str) -> int:
+    """A count given as a number: a whole one, not below zero."""
+    if isinstance(value, bool) or not float(value).is_integer() or value < 0:
+        raise ValueError(f"{name} = {value!r} is not a whole number >= 0")
+    return int(value)

@@ -165,10 +165,16 @@ class JointState:
         )
 
     def matrix(self, k: int) -> np.ndarray:
-        """The (K, K) confident joint, diagonal at least 1 as in cleanlab."""
-        cj = np.zeros(k * k, dtype=np.int64)
-        cj[self.codes] = self.counts
-        cj = cj.reshape(k, k)
+        """The (K, K) confident joint, diagonal at least 1 as in cleanlab.
+
+        Laid out column-major, as cleanlab's (a transposed confusion
+        matrix): the calibration's float sums run in memory order, and a
+        different order can move a total by an ulp and a rounding by one.
+        """
+        counted_by_given = np.zeros((k, k), dtype=np.int64)
+        given, counted = np.divmod(self.codes, k)
+        counted_by_given[counted, given] = self.counts
+        cj = counted_by_given.T
         np.fill_diagonal(cj, np.maximum(cj.diagonal(), 1))
         return cj
 

@@ -69,6 +69,18 @@ def test_mask_matches_cleanlab(name, filter_by):
     assert result.per_class_issues.sum() == result.num_issues
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_small_data_prune_filters_match_cleanlab(seed):
+    """Small data: calibrated cells land on exact halves and equal remainders,
+    where the order of the float sums decides the rounding (the joint must be
+    laid out as cleanlab's, column-major)."""
+    d = make_dataset(2000, 10, seed=100 + seed, noise=0.2)
+    for filter_by in ("prune_by_noise_rate", "prune_by_class"):
+        result = ours(d, filter_by=filter_by, chunk_rows=333)
+        np.testing.assert_array_equal(result.is_label_issue, reference(d, filter_by=filter_by))
+        np.testing.assert_array_equal(result.confident_joint, compute_confident_joint(d.labels, d.pred_probs))
+
+
 @pytest.mark.parametrize("name", ["k10", "imbalanced", "absent-class", "k100"])
 def test_confident_joint_matches_cleanlab(name):
     d = dataset(name)
@@ -255,6 +267,14 @@ def test_group_top_keeps_the_smallest_per_group_ties_by_index():
         (dict(filter_by="both", frac_noise=1.5), "frac_noise must be in"),
         (dict(filter_by="both", num_to_remove_per_class=[1, 2]), "one entry per class"),
         (dict(filter_by="both", return_indices_ranked_by="entropy"), "return_indices_ranked_by='entropy'"),
+        (dict(return_indices_ranked_by="normalized_margin"), "without filter_by the score chooses"),
+        (dict(filter_by="both", method="normalized_margin", return_indices_ranked_by="self_confidence"),
+         "disagree"),
+        (dict(filter_by="prune_by_class", num_to_remove_per_class=[2.5, 1, 1, 1, 1, 1]),
+         r"num_to_remove_per_class\[0\] = 2.5 is not a whole number"),
+        (dict(filter_by="prune_by_class", num_to_remove_per_class=[2, 1, -1, 1, 1, 1]),
+         r"num_to_remove_per_class\[2\] = -1 is not a whole number"),
+        (dict(filter_by="both", min_examples_per_class=1.5), "min_examples_per_class = 1.5"),
     ],
 )
 def test_bad_arguments_fail_before_reading(kwargs, match):

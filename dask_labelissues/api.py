@@ -223,15 +223,16 @@ def find_label_issues(
     tree reduction; the rows to prune in each (given, counted) cell or class
     are selected by tree reductions of per-block candidates.  pred_probs is
     read twice (once for ``predicted_neq_given``), plus once more for the
-    noise-rate cells the per-row candidates cannot decide (rare; the count
-    is in ``reads``) and once more for the adjusted normalized margin.
+    noise-rate cells the per-row candidates cannot decide exactly (flat
+    predictions, or many small classes; ``reads`` says when) and once more
+    for the adjusted normalized margin.
 
     ``filter_by="low_self_confidence"`` is cleanlab.filter's method, not
     the default batched one: it counts the issues from the confident joint
     (a row counts where its class clears the threshold, the argmax only when
     several do) and keeps near ties, where the default counts rows whose
     argmax clears its threshold and drops rows whose given label would win
-    with 1e-6 more.  On imbalanced data the two differ by a few percent.
+    with 1e-6 more.  On imbalanced data the two can differ by several percent.
 
     Parameters
     ----------
@@ -281,7 +282,9 @@ def find_label_issues(
         The score that orders ``issues`` (and fills ``label_quality_scores``):
         one of ``self_confidence``, ``normalized_margin``,
         ``confidence_weighted_entropy``; by default ``method``.  None lists
-        the issues in row order.
+        the issues in row order.  A score other than ``method`` is taken only
+        with ``filter_by`` and ``method`` left at its default (without
+        ``filter_by`` the score also chooses the issues).
     frac_noise, num_to_remove_per_class, min_examples_per_class
         As in ``cleanlab.filter.find_label_issues``; only with the prune
         filters (``prune_by_noise_rate``, ``prune_by_class``, ``both``), except

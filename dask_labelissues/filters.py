@@ -565,8 +565,6 @@ class Plan:
     cells: Cells | None  # noise-rate cells
     class_limits: np.ndarray | None  # prune_by_class: rows to take per class
     lowest: int  # low_* filters: rows to take
-    prune_count_matrix: np.ndarray | None
-    too_small: tuple[int, ...]  # classes left alone by min_examples_per_class
     class_enough: np.ndarray | None = None  # per class: enough rows under the split
     lowest_enough: bool = False
 
@@ -592,7 +590,7 @@ def plan(
             if fspec.filter_by == "low_self_confidence"
             else joint.low_margin_score
         )
-        return Plan(None, None, lowest, None, (), lowest_enough=below >= lowest), calibrated
+        return Plan(None, None, lowest, lowest_enough=below >= lowest), calibrated
     pcm = prune_counts(calibrated, label_counts, fspec)
     # A class is pruned only with more rows than min_examples_per_class, and
     # (cleanlab drops the mask of a one-row class) at least two.
@@ -619,4 +617,4 @@ def plan(
     if fspec.by_class:
         class_limits = np.where(prunable, np.maximum(label_counts - pcm.diagonal(), 0), 0).astype(np.int64)
     class_enough = joint.low_label >= (class_limits if class_limits is not None else 0)
-    return Plan(cells, class_limits, 0, pcm, too_small, class_enough), calibrated
+    return Plan(cells, class_limits, 0, class_enough), calibrated

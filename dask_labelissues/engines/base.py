@@ -18,9 +18,9 @@ from ..kernels import ScoreSpec
 from ..states import HistogramState, ScoreState, Selection, ThresholdState, Winners
 
 #: What a block task can ask for in :meth:`Driver.reduce_blocks`: the block's
-#: pass-one records, its joint records, its first row, and the raw inputs
-#: (asking for ``probs`` reads pred_probs again).
-SOURCES = ("rec", "joint", "start", "labels", "probs")
+#: pass-one records, its joint records, its scores, its first row, and the
+#: raw inputs (asking for ``probs`` reads pred_probs again).
+SOURCES = ("rec", "joint", "scores", "start", "labels", "probs")
 
 
 def block_bounds(chunks: Sequence[int]) -> list[tuple[int, int]]:

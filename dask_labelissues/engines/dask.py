@@ -119,24 +119,21 @@ class DaskDriver(Driver):
 
     def _persist(self, blocks: list[Delayed], state: Delayed) -> tuple[list[Delayed], Delayed]:
         """Persist per-block outputs and a merged state in one graph."""
-        out = self._persist_all(*blocks, state)
-        return list(out[:-1]), out[-1]
-
-    def _persist_all(self, *collections: Any) -> tuple:
         # No graph optimization: fusing would give the blocks and the merged
         # state separate copies of the block task, running pass one twice.
         if self.client is not None:
             from distributed import futures_of
 
-            out = tuple(self.client.persist(list(collections), optimize_graph=False))
+            out = self.client.persist([*blocks, state], optimize_graph=False)
             if self.progress:
                 from distributed import progress
 
                 progress(out, notebook=False)
             self._watch(futures_of(out))
-            return out
-        with self._local_bar():
-            return dask.persist(*collections, optimize_graph=False)
+        else:
+            with self._local_bar():
+                out = dask.persist(*blocks, state, optimize_graph=False)
+        return list(out[:-1]), out[-1]
 
     def _compute(self, *collections: Any) -> tuple:
         if self.client is not None:

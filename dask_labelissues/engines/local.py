@@ -123,10 +123,9 @@ class LocalJob:
         a, b = self.bounds[i]
         self.mask[a:b] = states.issue_mask_block(self.records[a:b], self.scores[a:b], cutoff, quota)
 
-
     def joint(self, i: int, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
         a, b = self.bounds[i]
-        _, probs = self._read(i)
+        probs = self._source(i, "probs")  # the labels are in the records already
         rows, state = filters.joint_block(self.records[a:b], probs, thresholds, fspec, self.spec.kernel)
         self.joint_records[a:b] = rows
         return state
@@ -227,13 +226,15 @@ class LocalDriver(Driver):
         quotas = quotas or [0] * self.n_blocks
         for _ in self.map("write_mask", [(i, cutoff, q) for i, q in enumerate(quotas)]):
             pass
+        return self._outputs()
+
+    def _outputs(self) -> dict[str, np.ndarray]:
         return {
             "label_quality_scores": self.job.scores,
             "is_label_issue": self.job.mask,
             "given_label": self.job.records["label"],
             "predicted_label": self.job.records["pred"],
         }
-
 
     def joint(self, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
         parts = self._each("joint", thresholds, fspec, desc="second read: confident joint")
@@ -246,15 +247,12 @@ class LocalDriver(Driver):
 
     def gather_mask(self, rule: MaskRule) -> Winners:
         # Writes the mask buffer as it goes; filter_outputs hands it out.
-        return Winners.combine(list(self._each("flagged", rule)))
+        # Each task gets only its own block's share of the selected rows.
+        args = [(i, rule.restrict(a, b)) for i, (a, b) in enumerate(self.job.bounds)]
+        return Winners.combine(list(self.map("flagged", args)))
 
     def filter_outputs(self, rule: MaskRule) -> dict[str, np.ndarray]:
-        return {
-            "label_quality_scores": self.job.scores,
-            "is_label_issue": self.job.mask,
-            "given_label": self.job.records["label"],
-            "predicted_label": self.job.records["pred"],
-        }
+        return self._outputs()
 
 
 def serial_mapper(job: LocalJob) -> Mapper:

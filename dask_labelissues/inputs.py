@@ -220,9 +220,30 @@ class ZarrArray(RowSource):
         shards = getattr(array, "shards", None)
         self.storage_rows = int((shards or array.chunks)[0])
         self.description = f"zarr {getattr(array, 'store_path', '')}".strip()
+        self._reader: Any = None
 
     def _open(self) -> Any:
         return self.array
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        return state
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        whole_rows = all(isinstance(r, slice) and r == slice(None) for r in rest)
+        if isinstance(rows, slice) and rows.step in (None, 1) and whole_rows:
+            if self._reader is None:
+                from .zarr_chunks import ChunkReader
+
+                self._reader = ChunkReader.for_array(self.array) or False
+            if self._reader:
+                start, stop, _ = rows.indices(self.shape[0])
+                block = self._reader.read(start, stop)
+                if block is not None:
+                    return block
+        return np.asarray(self.array[key])
 
 
 class RemoteNpy(RowSource):

@@ -1,0 +1,126 @@
+"""The direct chunk reader returns exactly what zarr returns, or steps aside."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+import zarr.codecs as zc
+from numcodecs import Zstd
+
+from dask_labelissues import find_label_issues
+from dask_labelissues.inputs import open_path
+from dask_labelissues.zarr_chunks import ChunkReader, zstd_content_size
+
+from .conftest import make_dataset
+
+RANGES = [(0, 64), (64, 192), (192, 250), (192, 10_000), (5, 100), (64, 71), (0, 250)]
+
+COMPRESSORS = {
+    "none": None,
+    "zstd": zc.ZstdCodec(level=1),
+    "zstd-checksum": zc.ZstdCodec(level=3, checksum=True),
+    "blosc": zc.BloscCodec(cname="lz4", shuffle="shuffle"),
+    "gzip": zc.GzipCodec(level=1),
+}
+
+
+def _write(path, values, chunks, **kwargs):
+    arr = zarr.create_array(str(path), shape=values.shape, chunks=chunks, dtype=values.dtype, **kwargs)
+    arr[...] = values
+    return str(path)
+
+
+def _same_as_zarr(path):
+    src = open_path(path, "x")
+    for a, b in RANGES:
+        np.testing.assert_array_equal(src[a:b], src.array[a:b], err_msg=f"rows {a}:{b}")
+        np.testing.assert_array_equal(src[a:b, :] if src.ndim == 2 else src[a:b], src.array[a:b])
+    return src
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_codecs_read_directly_and_match_zarr(tmp_path, name, dtype):
+    rng = np.random.default_rng(1)
+    values = (rng.random((250, 7)) * 100).astype(dtype)
+    compressors = COMPRESSORS[name]
+    path = _write(tmp_path / "a.zarr", values, (64, 7), compressors=compressors)
+    src = _same_as_zarr(path)
+    assert isinstance(src._reader, ChunkReader)
+    np.testing.assert_array_equal(src[0:250], values)
+    labels = _write(tmp_path / "l.zarr", values[:, 0].astype(np.int64), (64,), compressors=compressors)
+    assert isinstance(_same_as_zarr(labels)._reader, ChunkReader)
+
+
+def test_missing_chunks_read_as_the_fill_value(tmp_path):
+    values = np.ones((250, 4), dtype=np.float32)
+    values[64:128] = 0.5
+    arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=values.shape, chunks=(64, 4),
+                            dtype=np.float32, fill_value=0.5)
+    arr[...] = values  # the chunk equal to the fill value is not written
+    assert not os.path.exists(tmp_path / "a.zarr" / "c" / "1" / "0")
+    src = _same_as_zarr(str(tmp_path / "a.zarr"))
+    assert isinstance(src._reader, ChunkReader)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"chunks": (64, 4), "shards": (128, 8)},  # sharded
+        {"chunks": (64, 4)},  # columns split across chunks
+        {"chunks": (64, 8), "serializer": zc.BytesCodec(endian="big")},
+        {"chunks": (64, 8), "filters": [zc.TransposeCodec(order=(1, 0))]},
+        {"chunks": (64, 8), "compressors": [zc.Crc32cCodec()]},
+        {"chunks": (64, 8), "zarr_format": 2},
+    ],
+    ids=["sharded", "column-chunks", "big-endian", "transpose", "crc32c", "format-2"],
+)
+def test_other_layouts_are_read_by_zarr(tmp_path, kwargs):
+    values = np.random.default_rng(2).random((250, 8)).astype(np.float32)
+    path = _write(tmp_path / "a.zarr", values, **kwargs)
+    src = _same_as_zarr(path)
+    assert src._reader is False
+    np.testing.assert_array_equal(src[0:250], values)
+
+
+def test_a_chunk_that_does_not_hold_one_chunk_is_left_to_zarr(tmp_path):
+    values = np.random.default_rng(3).random((250, 8)).astype(np.float32)
+    path = _write(tmp_path / "a.zarr", values, (64, 8), compressors=zc.ZstdCodec(level=1))
+    # A frame of the right format but half the size: ours must not return a
+    # half-filled block; zarr rejects the chunk.
+    with open(os.path.join(path, "c", "1", "0"), "wb") as f:
+        f.write(Zstd(level=1).encode(values[:32].copy()))
+    src = open_path(path, "x")
+    np.testing.assert_array_equal(src[0:64], values[:64])
+    with pytest.raises(Exception) as ours:
+        src[64:128]
+    with pytest.raises(Exception) as theirs:
+        src.array[64:128]
+    assert type(ours.value) is type(theirs.value)
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 65_791, 65_792, 1 << 20, 52_428_800])
+def test_zstd_content_size(n):
+    frame = Zstd(level=1).encode(np.zeros(n, dtype=np.uint8))
+    assert zstd_content_size(frame) == n
+
+
+def test_zstd_content_size_rejects_non_frames():
+    assert zstd_content_size(b"not a zstd frame") is None
+    assert zstd_content_size(b"\x28\xb5\x2f\xfd\x00") is None  # truncated header
+
+
+def test_job_on_directly_read_zarr_equals_in_memory(tmp_path):
+    data = make_dataset(20_000, 9, seed=5, dtype=np.float32)
+    probs = _write(tmp_path / "p.zarr", data.pred_probs, (3000, 9), compressors=zc.ZstdCodec(level=1))
+    labels = _write(tmp_path / "l.zarr", data.labels, (3000,), compressors=zc.ZstdCodec(level=1))
+    assert isinstance(ChunkReader.for_array(open_path(probs, "pred_probs").array), ChunkReader)
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial").compute()
+    for backend in ("dask", "fork", "serial"):
+        for chunk_rows in (None, 3000, 4500):  # 4500: blocks that start inside a chunk
+            got = find_label_issues(labels, probs, backend=backend, chunk_rows=chunk_rows).compute()
+            np.testing.assert_array_equal(got.issues, reference.issues)
+            np.testing.assert_array_equal(got.label_quality_scores, reference.label_quality_scores)

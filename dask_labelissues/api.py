@@ -347,7 +347,12 @@ def find_label_issues(
         lab_d, probs_d = inputs.as_dask_arrays(
             lab, probs, chunk_rows, target_bytes=_block_bytes_for(smallest)
         )
-        driver = DaskDriver(lab_d, probs_d, spec, client=client, progress=progress)
+        # File-backed inputs are read inside the scan tasks.
+        direct = inputs.reads_in_tasks(lab, probs)
+        driver = DaskDriver(
+            lab_d, probs_d, spec, client=client, progress=progress,
+            sources=(lab, probs) if direct else None,
+        )
     else:
         client = None
         rows = inputs.local_chunk_rows(probs, chunk_rows)

@@ -517,6 +517,14 @@ def as_dask_arrays(
     return labs, probs
 
 
+def reads_in_tasks(labels: Any, pred_probs: Any) -> bool:
+    """Whether the Dask engine's tasks may read both inputs themselves: both
+    are sources that pickle small (files and stores, not in-memory arrays
+    or dask arrays)."""
+    small = (RawFile, HDF5Dataset, ZarrArray, RemoteNpy)
+    return isinstance(labels, small) and isinstance(pred_probs, small)
+
+
 def as_row_source(obj: Any) -> RowSource:
     """The fork and serial engines read row sources; wrap a dask array for them."""
     return DaskRows(obj) if _is_dask_array(obj) else obj

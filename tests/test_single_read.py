@@ -72,3 +72,48 @@ def test_dask_runs_each_block_task_once(monkeypatch):
     data = make_dataset(10000, 5, seed=52)
     find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000).compute()
     assert sorted(calls) == list(range(0, 10000, 1000))
+
+
+@pytest.mark.parametrize("storage", ["npy", "zarr"])
+def test_dask_scan_tasks_read_file_inputs_themselves(tmp_path, monkeypatch, storage):
+    """With files or stores as input, each pass-one task reads its own rows
+    (no separate read tasks), and every row of pred_probs is read once."""
+    import zarr
+
+    from dask_labelissues import inputs
+    from dask_labelissues.engines import dask as engine
+
+    data = make_dataset(12000, 8, seed=53, dtype=np.float32)
+    if storage == "npy":
+        np.save(tmp_path / "labels.npy", data.labels)
+        np.save(tmp_path / "probs.npy", data.pred_probs)
+        labels, probs, cls = str(tmp_path / "labels.npy"), str(tmp_path / "probs.npy"), inputs.RawFile
+    else:
+        for name, values, chunks in (("labels", data.labels, (3000,)), ("probs", data.pred_probs, (3000, 8))):
+            z = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=values.shape, chunks=chunks,
+                                  dtype=values.dtype)
+            z[...] = values
+        labels, probs, cls = str(tmp_path / "labels.zarr"), str(tmp_path / "probs.zarr"), inputs.ZarrArray
+
+    served, ranges = [0], []
+    original_getitem = cls.__getitem__
+
+    def counting_getitem(self, key):
+        out = original_getitem(self, key)
+        if out.ndim == 2:
+            served[0] += out.nbytes
+        return out
+
+    original_scan = engine.scan_block
+
+    def recording_scan(labels, probs, start, spec, stop=None):
+        ranges.append((start, stop))
+        return original_scan(labels, probs, start, spec, stop)
+
+    monkeypatch.setattr(cls, "__getitem__", counting_getitem)
+    monkeypatch.setattr(engine, "scan_block", recording_scan)
+    result = find_label_issues(labels, probs, backend="dask", chunk_rows=5000).compute()
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial").compute()
+    np.testing.assert_array_equal(result.issues, reference.issues)
+    assert sorted(ranges) == [(0, 5000), (5000, 10000), (10000, 12000)]
+    assert served[0] == data.pred_probs.nbytes

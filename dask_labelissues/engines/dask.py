@@ -14,8 +14,11 @@ Dask's current default (a distributed Client, threads or processes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import dask
@@ -33,17 +36,89 @@ from .base import Driver, block_bounds
 SPLIT_EVERY = 8
 
 
+@dataclass(frozen=True)
+class Pair:
+    """A block task's two results as one task output: per-row ``data`` that
+    stays on the worker, and the small ``state`` that goes up the tree.
+
+    One output instead of two saves the two ``getitem`` tasks per block that
+    ``delayed(..., nout=2)`` adds, each a scheduler round trip.
+    """
+
+    data: Any
+    state: Any
+
+
+def _data(x: Any) -> Any:
+    return x.data if isinstance(x, Pair) else x
+
+
+def _state(x: Any) -> Any:
+    return x.state if isinstance(x, Pair) else x
+
+
+@functools.lru_cache(maxsize=None)
+def block_task(fn: Callable) -> Callable:
+    """``fn`` as a task that takes :class:`Pair` outputs for their data.
+
+    Keeps ``fn``'s name, which Dask uses for the task keys a user sees on the
+    dashboard; cached so every task of a stage shares one wrapper.
+    """
+
+    @functools.wraps(fn)
+    def task(*args: Any) -> Any:
+        return fn(*(_data(a) for a in args))
+
+    return task
+
+
+@functools.lru_cache(maxsize=None)
+def _merging(combine: Callable) -> Callable:
+    @functools.wraps(combine)
+    def task(parts: list) -> Any:
+        return combine([_state(p) for p in parts])
+
+    return task
+
+
 def tree_reduce(parts: Sequence[Delayed], combine: Callable, split_every: int) -> Delayed:
-    """Merge delayed states ``split_every`` at a time until one is left."""
+    """Merge delayed states (or the states of :class:`Pair` outputs)
+    ``split_every`` at a time until one is left; always at least one merge,
+    so the result is a state even for a single block."""
     if split_every < 2:
         raise ValueError(f"split_every must be >= 2, got {split_every}")
+    merge = _merging(combine)
     level = list(parts)
-    while len(level) > 1:
+    while True:
         level = [
-            delayed(combine, pure=True)(level[i : i + split_every])
+            delayed(merge, pure=True)(level[i : i + split_every])
             for i in range(0, len(level), split_every)
         ]
-    return level[0]
+        if len(level) == 1:
+            return level[0]
+
+
+def scan_block(labels: Any, probs: Any, start: int, spec: ScoreSpec, stop: int | None = None) -> Pair:
+    """Pass one on a block (:func:`dask_labelissues.states.scan_block`).
+
+    With ``stop``, ``labels`` and ``probs`` are row sources and rows
+    ``start:stop`` are read here: reading where the block is scanned keeps
+    the block out of worker memory between tasks and off the network, and
+    saves two read tasks per block.
+    """
+    if stop is not None:
+        labels, probs = labels[start:stop], probs[start:stop]
+    return Pair(*states.scan_block(labels, probs, start, spec))
+
+
+def score_block(rec: Any, thresholds: np.ndarray, spec: ScoreSpec, *raw: Any) -> Pair:
+    """Pass two on a block (:func:`dask_labelissues.states.score_block`)."""
+    return Pair(*states.score_block(_data(rec), thresholds, spec, *raw))
+
+
+def joint_block(rec: Any, probs: Any, thresholds: np.ndarray, fspec: FilterSpec, kernel: str) -> Pair:
+    """A filter's second read of a block (:func:`dask_labelissues.filters.joint_block`)."""
+    return Pair(*filters.joint_block(_data(rec), probs, thresholds, fspec, kernel))
 
 
 def active_client(client: Any) -> Any:
@@ -74,6 +149,10 @@ class DaskDriver(Driver):
         Fan-in of the tree reductions.
     progress
         Show a progress bar on stderr for each pass.
+    sources
+        The row sources (files, Zarr arrays) the two dask arrays were made
+        from, if any: pass one then reads each block inside its scan task
+        instead of in separate read tasks.
     """
 
     def __init__(
@@ -85,6 +164,7 @@ class DaskDriver(Driver):
         client: Any = None,
         split_every: int = SPLIT_EVERY,
         progress: bool = False,
+        sources: tuple[Any, Any] | None = None,
     ) -> None:
         if labels.chunks[0] != pred_probs.chunks[0] or len(pred_probs.chunks[1]) != 1:
             raise ValueError("labels and pred_probs must share row chunks, one column chunk")
@@ -100,7 +180,8 @@ class DaskDriver(Driver):
         self.block_starts = [a for a, _ in self.bounds]
         self._label_blocks = labels.to_delayed().ravel().tolist()
         self._prob_blocks = pred_probs.to_delayed().ravel().tolist()
-        # Persisted blocks (one Delayed per block, each holding its data on
+        self.sources = sources
+        # Persisted blocks (one Delayed per block, each holding a Pair on
         # the cluster); arrays over them are built only for the outputs.
         self.rec_blocks: list[Delayed] | None = None
         self.score_blocks: list[Delayed] | None = None
@@ -182,7 +263,7 @@ class DaskDriver(Driver):
 
     def _array(self, blocks: Sequence[Delayed], dtype: Any) -> da.Array:
         parts = [
-            da.from_delayed(b, shape=(stop - start,), dtype=dtype)
+            da.from_delayed(delayed(_data, pure=True)(b), shape=(stop - start,), dtype=dtype)
             for b, (start, stop) in zip(blocks, self.bounds)
         ]
         return da.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -190,34 +271,42 @@ class DaskDriver(Driver):
     # -- stages --------------------------------------------------------------
     def scan(self) -> ThresholdState:
         spec = self.spec
-        records, parts = [], []
-        for (start, _), lab, prob in zip(self.bounds, self._label_blocks, self._prob_blocks):
-            rec, state = delayed(states.scan_block, nout=2, pure=True)(lab, prob, start, spec)
-            records.append(rec)
-            parts.append(state)
-        merged = tree_reduce(parts, ThresholdState.combine, self.split_every)
+        if self.sources is not None:
+            token = uuid.uuid4().hex[:12]  # a source is one graph key, not one per task
+            lab_src, prob_src = (
+                delayed(src, name=f"{name}-source-{token}")
+                for src, name in zip(self.sources, ("labels", "pred_probs"))
+            )
+            pairs = [
+                delayed(scan_block, pure=True)(lab_src, prob_src, start, spec, stop)
+                for start, stop in self.bounds
+            ]
+        else:
+            pairs = [
+                delayed(scan_block, pure=True)(lab, prob, start, spec)
+                for (start, _), lab, prob in zip(self.bounds, self._label_blocks, self._prob_blocks)
+            ]
+        merged = tree_reduce(pairs, ThresholdState.combine, self.split_every)
         # One graph for both, so each block of pred_probs is read by one task.
-        self.rec_blocks, merged = self._persist(records, merged)
+        self.rec_blocks, merged = self._persist(pairs, merged)
         return self._value(merged)
 
     def score(self, thresholds: np.ndarray) -> ScoreState:
         assert self.rec_blocks is not None, "scan() first"
         spec = self.spec
-        score_parts, states_parts = [], []
+        pairs = []
         for rec, lab, prob in zip(self.rec_blocks, self._label_blocks, self._prob_blocks):
             # The adjusted margin needs pred_probs cell by cell: read it again.
             raw = (lab, prob) if spec.rereads else ()
-            scores, state = delayed(states.score_block, nout=2, pure=True)(rec, thresholds, spec, *raw)
-            score_parts.append(scores)
-            states_parts.append(state)
-        merged = tree_reduce(states_parts, ScoreState.combine, self.split_every)
-        self.score_blocks, merged = self._persist(score_parts, merged)
+            pairs.append(delayed(score_block, pure=True)(rec, thresholds, spec, *raw))
+        merged = tree_reduce(pairs, ScoreState.combine, self.split_every)
+        self.score_blocks, merged = self._persist(pairs, merged)
         return self._value(merged)
 
     def histogram(self, round_index: int, prefix: int) -> HistogramState:
         assert self.score_blocks is not None, "score() first"
         parts = [
-            delayed(HistogramState.chunk, pure=True)(b, round_index, prefix)
+            delayed(block_task(HistogramState.chunk), pure=True)(b, round_index, prefix)
             for b in self.score_blocks
         ]
         (state,) = self._compute(tree_reduce(parts, HistogramState.combine, self.split_every))
@@ -225,13 +314,13 @@ class DaskDriver(Driver):
 
     def equal_counts(self, cutoff: int) -> list[int]:
         assert self.score_blocks is not None, "score() first"
-        parts = [delayed(states.equal_count_block, pure=True)(b, cutoff) for b in self.score_blocks]
+        parts = [delayed(block_task(states.equal_count_block), pure=True)(b, cutoff) for b in self.score_blocks]
         return [int(c) for c in self._compute(*parts)]
 
     def gather(self, cutoff: int, quotas: list[int]) -> Winners:
         assert self.score_blocks is not None and self.rec_blocks is not None
         parts = [
-            delayed(_winners, pure=True)(rec, sc, cutoff, q, start)
+            delayed(block_task(_winners), pure=True)(rec, sc, cutoff, q, start)
             for rec, sc, q, (start, _) in zip(self.rec_blocks, self.score_blocks, quotas, self.bounds)
         ]
         return Winners.combine(list(self._compute(*parts)))
@@ -239,7 +328,7 @@ class DaskDriver(Driver):
     def gather_prefix(self, shift: int, prefix: int) -> Winners:
         assert self.score_blocks is not None and self.rec_blocks is not None
         parts = [
-            delayed(_prefix_rows, pure=True)(rec, sc, shift, prefix, start)
+            delayed(block_task(_prefix_rows), pure=True)(rec, sc, shift, prefix, start)
             for rec, sc, (start, _) in zip(self.rec_blocks, self.score_blocks, self.bounds)
         ]
         return Winners.combine(list(self._compute(*parts)))
@@ -248,7 +337,7 @@ class DaskDriver(Driver):
         assert self.score_blocks is not None and self.rec_blocks is not None
         quotas = quotas or [0] * len(self.bounds)
         masks = [
-            delayed(states.issue_mask_block, pure=True)(rec, sc, cutoff, q)
+            delayed(block_task(states.issue_mask_block), pure=True)(rec, sc, cutoff, q)
             for rec, sc, q in zip(self.rec_blocks, self.score_blocks, quotas)
         ]
         return self._outputs(masks)
@@ -267,14 +356,12 @@ class DaskDriver(Driver):
     # -- filters -------------------------------------------------------------
     def joint(self, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
         assert self.rec_blocks is not None, "scan() first"
-        rows, parts = [], []
+        rows = []
         for rec, prob in zip(self.rec_blocks, self._prob_blocks):
-            out, state = delayed(filters.joint_block, nout=2, pure=True)(
-                rec, prob, thresholds, fspec, self.spec.kernel
+            rows.append(
+                delayed(joint_block, pure=True)(rec, prob, thresholds, fspec, self.spec.kernel)
             )
-            rows.append(out)
-            parts.append(state)
-        merged = tree_reduce(parts, JointState.combine, self.split_every)
+        merged = tree_reduce(rows, JointState.combine, self.split_every)
         self.joint_blocks, merged = self._persist(rows, merged)
         return self._value(merged)
 
@@ -296,7 +383,7 @@ class DaskDriver(Driver):
     ) -> Any:
         # Each argument enters the graph once, not once per block.
         shared = [delayed(a, pure=False) for a in args]
-        parts = [delayed(fn, pure=True)(*row, *shared) for row in self._sources(needs)]
+        parts = [delayed(block_task(fn), pure=True)(*row, *shared) for row in self._sources(needs)]
         (state,) = self._compute(tree_reduce(parts, combine, self.split_every))
         return state
 
@@ -304,14 +391,14 @@ class DaskDriver(Driver):
         # Each task gets only its own block's share of the selected rows.
         joint = self.joint_blocks or [None] * len(self.bounds)
         return [
-            delayed(filters.mask_block, pure=True)(rule.restrict(start, stop), rec, jr, start)
+            delayed(block_task(filters.mask_block), pure=True)(rule.restrict(start, stop), rec, jr, start)
             for rec, jr, (start, stop) in zip(self.rec_blocks, joint, self.bounds)
         ]
 
     def gather_mask(self, rule: MaskRule) -> Winners:
         rows = self._sources(("rec", "joint_or_none", "scores"))
         parts = [
-            delayed(_flagged, pure=True)(rule.restrict(start, stop), rec, joint, sc, start)
+            delayed(block_task(_flagged), pure=True)(rule.restrict(start, stop), rec, joint, sc, start)
             for (rec, joint, sc), (start, stop) in zip(rows, self.bounds)
         ]
         return Winners.combine(list(self._compute(*parts)))

@@ -15,9 +15,9 @@ are always the ones zarr would return.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
-import mmap
 import sys
 from typing import Any, Callable
 
@@ -144,7 +144,6 @@ class ChunkReader:
     """
 
     def __init__(self, array: Any, directory: str, decode: Decoder) -> None:
-        self.array = array
         self.directory = directory
         self.decode = decode
         self.metadata = array.metadata

@@ -1,11 +1,15 @@
 """The Dask engine: blocks are the row chunks of dask arrays.
 
-Pass one runs one task per block that reads pred_probs and returns both the
-block's records and its threshold state; the records are persisted (kept in
-worker memory, spilled by Dask if need be) and the states go up a tree of
-``split_every``-way merges.  Pass two maps over the records.  The selection
-and the gathering of the winners are further tree reductions and per-block
-tasks over the persisted scores, so no process ever holds all N scores.
+Pass one runs one task per block that reads pred_probs (file and store
+inputs are read inside the task itself; a dask array's blocks come from its
+own graph) and returns a :class:`Pair` of the block's records and its
+threshold state; the records are persisted (kept in worker memory, spilled
+by Dask if need be) and the states go up a tree of ``split_every``-way
+merges.  Pass two maps over the records.  The selection and the gathering
+of the winners are further tree reductions and per-block tasks over the
+persisted scores, so no process ever holds all N scores.  Each stage is one
+graph layer of plain tasks (:func:`layer`), so building a graph costs the
+client little even with tens of thousands of blocks.
 
 It runs on whatever scheduler is active: the ``client`` passed in, else
 Dask's current default (a distributed Client, threads or processes).

@@ -16,6 +16,9 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
+from .. import fused, states
 from ..filters import FilterSpec
 from ..kernels import ScoreSpec
 from .local import LocalDriver, LocalJob, serial_mapper
@@ -87,4 +90,21 @@ def fork_driver(
         job = LocalJob(labels, pred_probs, spec, chunk_rows, shared=False, spill_dir=spill_dir, fspec=fspec)
         return LocalDriver(job, serial_mapper(job), progress=progress)
     job = LocalJob(labels, pred_probs, spec, chunk_rows, shared=True, spill_dir=spill_dir, fspec=fspec)
+    _warm_up(job, fspec)
     return ForkDriver(job, n_jobs, progress=progress)
+
+
+def _warm_up(job: LocalJob, fspec: FilterSpec | None) -> None:
+    """Run the block kernels on one made-up row here, before the fork.
+
+    The workers then inherit numba's compiled kernels; otherwise every
+    worker of every job imports numba and loads them from its cache again
+    (0.73 s per job on the development machine, whatever its size; 0.07 s
+    with this).
+    """
+    k = job.n_classes
+    probs = np.full((1, k), 1.0 / k, dtype=job.pred_probs.dtype)
+    label = np.zeros(1, dtype=np.int64)
+    states.scan_block(label, probs, 0, job.spec)
+    if fspec is not None and fspec.needs_joint:
+        fused.joint_rows(probs, label, label, np.full(k, 2.0), min(1, k - 1), job.spec.kernel)

@@ -189,6 +189,12 @@ def cmd_find(args: argparse.Namespace) -> int:
     output = os.path.abspath(args.output)
     if os.path.exists(output) and not args.overwrite:
         raise CommandError(f"{output} already exists (use --overwrite to replace it)")
+    # Checked before any work: the store is written only at the end.
+    parent = os.path.dirname(output)
+    if not os.path.isdir(parent):
+        raise CommandError(f"directory {parent} does not exist (create it first, or choose another --output)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"directory {parent} is not writable")
     labels = open_path(args.labels, "labels")
     probs = open_path(args.pred_probs, "pred_probs")
     started = time.perf_counter()

@@ -122,6 +122,18 @@ def test_overwrite_and_existing_output(data, tmp_path):
     assert [p for p in os.listdir(tmp_path)] == ["out.zarr"]
 
 
+def test_output_directory_is_checked_before_any_work(data, tmp_path):
+    labels, probs = _sources(data[0], "npy")
+    out = tmp_path / "missing" / "out.zarr"
+    proc = run("find", "--labels", labels, "--pred-probs", probs, "--output", str(out))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: directory {out.parent} does not exist (create it first, or choose another --output)"
+    )
+    assert "LocalCluster" not in proc.stdout + proc.stderr  # failed before starting one
+    assert not out.parent.exists()
+
+
 @pytest.fixture
 def bad_inputs(tmp_path):
     spec = SyntheticSpec(5000, 4, seed=9)

@@ -232,7 +232,9 @@ class ZarrArray(RowSource):
 
     def __getitem__(self, key: Any) -> np.ndarray:
         rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
-        whole_rows = all(isinstance(r, slice) and r == slice(None) for r in rest)
+        whole_rows = len(rest) < len(self.shape) and all(
+            isinstance(r, slice) and r.indices(n) == (0, n, 1) for r, n in zip(rest, self.shape[1:])
+        )
         if isinstance(rows, slice) and rows.step in (None, 1) and whole_rows:
             if self._reader is None:
                 from .zarr_chunks import ChunkReader

@@ -163,3 +163,14 @@ def test_fork_worker_that_dies_fails_the_job_instead_of_hanging():
     data = make_dataset(4000, 5, seed=41)
     with pytest.raises(BrokenProcessPool):
         find_label_issues(data.labels, DiesInWorker(data.pred_probs), backend="fork", n_jobs=2, chunk_rows=1000)
+
+
+def test_dask_sees_the_size_of_kept_blocks():
+    """Block tasks return a Pair; Dask must count its arrays, or it would
+    neither spill kept records under memory pressure nor weigh moving them."""
+    from dask.sizeof import sizeof
+
+    from dask_labelissues.engines.dask import Pair
+
+    records = np.zeros(100_000, dtype=np.float64)
+    assert sizeof(Pair(records, None)) >= records.nbytes

@@ -37,8 +37,32 @@ def _same_as_zarr(path):
     src = open_path(path, "x")
     for a, b in RANGES:
         np.testing.assert_array_equal(src[a:b], src.array[a:b], err_msg=f"rows {a}:{b}")
-        np.testing.assert_array_equal(src[a:b, :] if src.ndim == 2 else src[a:b], src.array[a:b])
+        if src.ndim == 2:
+            np.testing.assert_array_equal(src[a:b, :], src.array[a:b])
+            # How dask.array.from_array asks for a block.
+            np.testing.assert_array_equal(src[a:b, 0 : src.shape[1]], src.array[a:b])
     return src
+
+
+def test_dask_style_keys_take_the_direct_path(tmp_path, monkeypatch):
+    values = np.random.default_rng(4).random((250, 6)).astype(np.float32)
+    src = open_path(_write(tmp_path / "a.zarr", values, (64, 6), compressors=zc.ZstdCodec(level=1)), "x")
+    calls = []
+    original = ChunkReader.read
+    monkeypatch.setattr(ChunkReader, "read", lambda self, a, b: calls.append((a, b)) or original(self, a, b))
+    np.testing.assert_array_equal(src[64:192, 0:6], values[64:192])
+    np.testing.assert_array_equal(src[(slice(0, 64), slice(None))], values[:64])
+    np.testing.assert_array_equal(src[0:64, 1:3], values[:64, 1:3])  # not whole rows: zarr
+    assert calls == [(64, 192), (0, 64)]
+
+
+def test_a_small_block_does_not_keep_its_whole_chunk(tmp_path):
+    values = np.random.default_rng(5).random((250, 6)).astype(np.float32)
+    src = open_path(_write(tmp_path / "a.zarr", values, (64, 6), compressors=zc.ZstdCodec(level=1)), "x")
+    small = src[64:70]
+    np.testing.assert_array_equal(small, values[64:70])
+    assert small.base is None  # a copy of 6 rows, not a view of 64
+    assert src[0:128].base is not None  # whole chunks: no copy
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSORS))
@@ -124,3 +148,13 @@ def test_job_on_directly_read_zarr_equals_in_memory(tmp_path):
             got = find_label_issues(labels, probs, backend=backend, chunk_rows=chunk_rows).compute()
             np.testing.assert_array_equal(got.issues, reference.issues)
             np.testing.assert_array_equal(got.label_quality_scores, reference.label_quality_scores)
+
+
+def test_zstd_content_size_reads_headers_with_a_dictionary_id():
+    magic = (0xFD2FB528).to_bytes(4, "little")
+    # FCS flag 2 (4 bytes), no single segment (so a window byte), a 2-byte dictionary id.
+    header = magic + bytes([0b1000_0010, 0x40]) + (7).to_bytes(2, "little") + (123_456).to_bytes(4, "little")
+    assert zstd_content_size(header) == 123_456
+    # Single segment, FCS flag 0 (1 byte), 4-byte dictionary id.
+    header = magic + bytes([0b0010_0011]) + (9).to_bytes(4, "little") + bytes([200])
+    assert zstd_content_size(header) == 200

@@ -30,6 +30,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 from dask.highlevelgraph import HighLevelGraph
+from dask.sizeof import sizeof
 
 from .. import filters, states
 from ..filters import FilterSpec, JointState, MaskRule
@@ -52,6 +53,13 @@ class Pair:
 
     data: Any
     state: Any
+
+
+@sizeof.register(Pair)
+def _sizeof_pair(pair: Pair) -> int:
+    # Without this Dask would count a kept block as a few dozen bytes, and
+    # neither spill it when memory runs short nor weigh moving it.
+    return int(sizeof(pair.data)) + int(sizeof(pair.state))
 
 
 def _data(x: Any) -> Any:

@@ -22,6 +22,11 @@ import numpy as np
 TARGET_BLOCK_BYTES = 64 * 2**20
 
 
+def _split_key(key: Any) -> tuple[Any, tuple]:
+    """``(rows, rest)``: an index's part on rows and its parts on other axes."""
+    return (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+
+
 class RowSource:
     """A read-only 1-D or 2-D array read by row ranges.
 
@@ -33,6 +38,9 @@ class RowSource:
     dtype: np.dtype
     storage_rows: int | None = None
     description: str = "array"
+    #: Attributes that hold this process's open handles or caches: pickled
+    #: as None, so each process opens the source itself.
+    _per_process: tuple[str, ...] = ()
 
     @property
     def ndim(self) -> int:
@@ -46,6 +54,12 @@ class RowSource:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         return np.asarray(self._open()[key])
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in self._per_process:
+            state[name] = None
+        return state
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.description} shape={self.shape} dtype={self.dtype}>"
@@ -77,6 +91,8 @@ class RawFile(RowSource):
     Only the path, offset, dtype and shape are pickled; each process maps
     the file itself, and reading a block touches only that block's pages.
     """
+
+    _per_process = ("_map", "_pid")
 
     def __init__(self, path: str, offset: int, dtype: Any, shape: tuple, order: str = "C") -> None:
         self.path = os.fspath(path)
@@ -126,7 +142,7 @@ class RawFile(RowSource):
         return self._map
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        rows, rest = _split_key(key)
         if self.order == "C" and isinstance(rows, slice) and rows.step in (None, 1):
             # Map just these rows, and unmap them when the block is dropped:
             # pages of a long-lived mapping would stay resident and count
@@ -146,12 +162,6 @@ class RawFile(RowSource):
         # Anything else (Fortran order, fancy keys): the whole mapping, no copy.
         return np.asarray(self._open()[key])
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_map"] = None
-        state["_pid"] = None
-        return state
-
     def __dask_tokenize__(self) -> tuple:
         st = os.stat(self.path)
         return (type(self).__name__, self.path, st.st_mtime_ns, st.st_size, self.offset, self.shape, str(self.dtype))
@@ -159,6 +169,8 @@ class RawFile(RowSource):
 
 class HDF5Dataset(RowSource):
     """A dataset in an HDF5 file, opened by name in each process."""
+
+    _per_process = ("_dset", "_pid")
 
     def __init__(self, filename: str, name: str) -> None:
         try:
@@ -196,12 +208,6 @@ class HDF5Dataset(RowSource):
             self._pid = os.getpid()
         return self._dset
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_dset"] = None
-        state["_pid"] = None
-        return state
-
     def __dask_tokenize__(self) -> tuple:
         return (type(self).__name__, self.filename, self.name, self.shape, str(self.dtype))
 
@@ -212,6 +218,8 @@ class ZarrArray(RowSource):
     The zarr object pickles as its store and path, so workers open it
     themselves; zarr resets its I/O thread after a fork.
     """
+
+    _per_process = ("_reader",)
 
     def __init__(self, array: Any) -> None:
         self.array = array
@@ -225,13 +233,8 @@ class ZarrArray(RowSource):
     def _open(self) -> Any:
         return self.array
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_reader"] = None
-        return state
-
     def __getitem__(self, key: Any) -> np.ndarray:
-        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        rows, rest = _split_key(key)
         whole_rows = len(rest) < len(self.shape) and all(
             isinstance(r, slice) and r.indices(n) == (0, n, 1) for r, n in zip(rest, self.shape[1:])
         )
@@ -255,6 +258,8 @@ class RemoteNpy(RowSource):
     range request; nothing but the header is read up front.
     """
 
+    _per_process = ("_fs",)
+
     def __init__(self, url: str) -> None:
         import fsspec
 
@@ -276,13 +281,8 @@ class RemoteNpy(RowSource):
         self.description = url
         self._fs: Any = None
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_fs"] = None
-        return state
-
     def __getitem__(self, key: Any) -> np.ndarray:
-        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        rows, rest = _split_key(key)
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError("remote .npy sources are read by contiguous row slices")
         start, stop, _ = rows.indices(self.shape[0])

@@ -83,23 +83,17 @@ def _gzip(codec: Any) -> Decoder:
     numcodec = GZip(level=codec.level)
 
     def decode(raw: bytes, out: np.ndarray) -> bool:
-        data = numcodec.decode(raw)
-        if len(data) != out.nbytes:
-            return False
-        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
-        return True
+        return _copy(numcodec.decode(raw), out)
 
     return decode
 
 
-def _raw(codec: Any) -> Decoder:
-    def decode(raw: bytes, out: np.ndarray) -> bool:
-        if len(raw) != out.nbytes:
-            return False
-        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
-        return True
-
-    return decode
+def _copy(data: Any, out: np.ndarray) -> bool:
+    """The decoder of uncompressed chunks: ``data``'s bytes into ``out``."""
+    if len(data) != out.nbytes:
+        return False
+    out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+    return True
 
 
 def _decoder(codecs: tuple) -> Decoder | None:
@@ -111,7 +105,7 @@ def _decoder(codecs: tuple) -> Decoder | None:
     if endian is not None and endian.value != sys.byteorder:
         return None
     if len(codecs) == 1:
-        return _raw(None)
+        return _copy
     makers = {zc.ZstdCodec: _zstd, zc.BloscCodec: _blosc, zc.GzipCodec: _gzip}
     maker = makers.get(type(codecs[1]))
     return maker(codecs[1]) if maker else None

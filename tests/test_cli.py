@@ -214,13 +214,28 @@ def test_killed_while_writing_leaves_nothing_at_out(large, tmp_path):
 
 
 def test_terminated_while_computing_cleans_up(large, tmp_path):
+    # Stop the job once pass one has begun, and only then send SIGTERM: a
+    # fixed sleep raced the job itself on a fast machine (it finished first).
     out = tmp_path / "out.zarr"
-    proc = _start(large, out)
-    time.sleep(2.0)
-    assert proc.poll() is None
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
-    assert proc.returncode != 0
+    proc = subprocess.Popen(
+        [*CLI, "find", "--labels", large["labels"], "--pred-probs", large["pred_probs"],
+         "--output", str(out), "--backend", "serial", "--progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    seen = b""
+    while b"pass 1" not in seen:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, f"the job ended before pass one began: {seen!r}"
+        seen += chunk
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        assert proc.poll() is None
+        assert not out.exists(), "the job finished before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
     assert not out.exists()
     assert os.listdir(tmp_path) == []
 

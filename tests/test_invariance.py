@@ -174,3 +174,28 @@ def test_dask_sees_the_size_of_kept_blocks():
 
     records = np.zeros(100_000, dtype=np.float64)
     assert sizeof(Pair(records, None)) >= records.nbytes
+
+
+@pytest.mark.parametrize("filter_by", [None, "prune_by_noise_rate"])
+def test_merges_take_block_states_not_kept_blocks(monkeypatch, filter_by):
+    """A tree reduction must depend on the small per-block states only: a
+    merge that took the block tasks' outputs themselves would pull every
+    block's kept records across the network to the merging worker."""
+    from dask_labelissues.engines.dask import DaskDriver
+
+    seen: list = []
+    persist = DaskDriver._persist
+
+    def spy(self, blocks, state):
+        seen.append(state.dask)
+        return persist(self, blocks, state)
+
+    monkeypatch.setattr(DaskDriver, "_persist", spy)
+    data = make_dataset(6000, 6, seed=5)
+    find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000, filter_by=filter_by)
+    assert len(seen) == (3 if filter_by else 2)  # scan, score (and joint)
+    for graph in seen:
+        merges = {name: deps for name, deps in graph.dependencies.items() if str(name).startswith("combine-")}
+        assert merges
+        for name, deps in merges.items():
+            assert all(str(d).startswith(("combine-", "block_state-")) for d in deps), (name, deps)

@@ -47,8 +47,9 @@ class Pair:
     """A block task's two results as one task output: per-row ``data`` that
     stays on the worker, and the small ``state`` that goes up the tree.
 
-    One output instead of two saves the two ``getitem`` tasks per block that
-    ``delayed(..., nout=2)`` adds, each a scheduler round trip.
+    One output instead of two saves a ``getitem`` task per block (of the two
+    ``delayed(..., nout=2)`` adds); the state reaches the tree reduction
+    through a :func:`block_state` task, which runs beside the Pair.
     """
 
     data: Any
@@ -66,8 +67,12 @@ def _data(x: Any) -> Any:
     return x.data if isinstance(x, Pair) else x
 
 
-def _state(x: Any) -> Any:
-    return x.state if isinstance(x, Pair) else x
+def block_state(pair: Pair) -> Any:
+    """A block task's state, as a task of its own: it runs where the
+    :class:`Pair` is, so only the state crosses the network to the merges
+    (merging the Pairs themselves pulled every block's records to the
+    merging worker)."""
+    return pair.state
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,15 +86,6 @@ def block_task(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def task(*args: Any) -> Any:
         return fn(*(_data(a) for a in args))
-
-    return task
-
-
-@functools.lru_cache(maxsize=None)
-def _merging(combine: Callable) -> Callable:
-    @functools.wraps(combine)
-    def task(parts: list) -> Any:
-        return combine([_state(p) for p in parts])
 
     return task
 
@@ -128,15 +124,14 @@ def shared(value: Any) -> Delayed:
 
 
 def tree_reduce(parts: Sequence[Delayed], combine: Callable, split_every: int) -> Delayed:
-    """Merge delayed states (or the states of :class:`Pair` outputs)
-    ``split_every`` at a time until one is left; always at least one merge,
-    so the result is a state even for a single block."""
+    """Merge delayed states ``split_every`` at a time until one is left;
+    always at least one merge, so the result is a state even for a single
+    block."""
     if split_every < 2:
         raise ValueError(f"split_every must be >= 2, got {split_every}")
-    merge = _merging(combine)
     level = list(parts)
     while True:
-        level = layer(merge, [(level[i : i + split_every],) for i in range(0, len(level), split_every)])
+        level = layer(combine, [(level[i : i + split_every],) for i in range(0, len(level), split_every)])
         if len(level) == 1:
             return level[0]
 
@@ -322,7 +317,7 @@ class DaskDriver(Driver):
                 for (start, _), lab, prob in zip(self.bounds, self._label_blocks, self._prob_blocks)
             ]
         pairs = layer(scan_block, rows)
-        merged = tree_reduce(pairs, ThresholdState.combine, self.split_every)
+        merged = tree_reduce(layer(block_state, [(p,) for p in pairs]), ThresholdState.combine, self.split_every)
         # One graph for both, so each block of pred_probs is read by one task.
         self.rec_blocks, merged = self._persist(pairs, merged)
         return self._value(merged)
@@ -337,7 +332,7 @@ class DaskDriver(Driver):
             for rec, lab, prob in zip(self.rec_blocks, self._label_blocks, self._prob_blocks)
         ]
         pairs = layer(score_block, rows)
-        merged = tree_reduce(pairs, ScoreState.combine, self.split_every)
+        merged = tree_reduce(layer(block_state, [(p,) for p in pairs]), ScoreState.combine, self.split_every)
         self.score_blocks, merged = self._persist(pairs, merged)
         return self._value(merged)
 
@@ -390,7 +385,7 @@ class DaskDriver(Driver):
         assert self.rec_blocks is not None, "scan() first"
         args = (shared(thresholds), shared(fspec), self.spec.kernel)
         rows = layer(joint_block, [(rec, prob, *args) for rec, prob in zip(self.rec_blocks, self._prob_blocks)])
-        merged = tree_reduce(rows, JointState.combine, self.split_every)
+        merged = tree_reduce(layer(block_state, [(p,) for p in rows]), JointState.combine, self.split_every)
         self.joint_blocks, merged = self._persist(rows, merged)
         return self._value(merged)
 

@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import dask
 import dask.array as da
@@ -114,8 +114,35 @@ def layer(fn: Callable, rows: Sequence[tuple]) -> list[Delayed]:
     name = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:16]}"
     deps: dict[Any, Delayed] = {}
     tasks = {(name, i): (fn, *(_ref(a, deps) for a in row)) for i, row in enumerate(rows)}
-    graph = HighLevelGraph.from_collections(name, tasks, dependencies=list(deps.values()))
+    graph = _with_inputs(name, tasks, deps.values())
     return [Delayed(key, graph, layer=name) for key in tasks]
+
+
+def _with_inputs(name: str, tasks: dict, inputs: Iterable[Delayed]) -> HighLevelGraph:
+    """The graph of layer ``name`` over the graphs of its ``inputs``.
+
+    What ``HighLevelGraph.from_collections`` does, without its
+    ``is_dask_collection`` check: on a Delayed that check asks for
+    attributes a Delayed lacks, and each miss builds (and tokenizes) a new
+    Delayed; that was a third of the client's time building a job's graphs.
+    """
+    layers: dict[str, Any] = {name: tasks}
+    dependencies: dict[str, set] = {name: set()}
+    seen: set[int] = set()
+    for d in inputs:
+        graph = d.dask
+        dependencies[name].update(d.__dask_layers__())
+        if id(graph) in seen:
+            continue
+        seen.add(id(graph))
+        if isinstance(graph, HighLevelGraph):
+            layers.update(graph.layers)
+            dependencies.update(graph.dependencies)
+        else:
+            (key,) = d.__dask_layers__()
+            layers[key] = graph
+            dependencies.setdefault(key, set())
+    return HighLevelGraph(layers, dependencies)
 
 
 def shared(value: Any) -> Delayed:
@@ -216,14 +243,22 @@ class DaskDriver(Driver):
         self.chunks = pred_probs.chunks[0]
         self.bounds = block_bounds(self.chunks)
         self.block_starts = [a for a, _ in self.bounds]
-        self._label_blocks = labels.to_delayed().ravel().tolist()
-        self._prob_blocks = pred_probs.to_delayed().ravel().tolist()
         self.sources = sources
         # Persisted blocks (one Delayed per block, each holding a Pair on
         # the cluster); arrays over them are built only for the outputs.
         self.rec_blocks: list[Delayed] | None = None
         self.score_blocks: list[Delayed] | None = None
         self.joint_blocks: list[Delayed] | None = None
+
+    # Built only when a stage reads the arrays' own blocks: to_delayed()
+    # optimizes the array's graph, and file inputs are read by the scan tasks.
+    @functools.cached_property
+    def _label_blocks(self) -> list[Delayed]:
+        return self.labels.to_delayed().ravel().tolist()
+
+    @functools.cached_property
+    def _prob_blocks(self) -> list[Delayed]:
+        return self.pred_probs.to_delayed().ravel().tolist()
 
     # -- scheduling ----------------------------------------------------------
     @contextlib.contextmanager
@@ -279,7 +314,7 @@ class DaskDriver(Driver):
         limit = float(dask.config.get("labelissues.no-workers-timeout", 60))
         since: float | None = None
         for future in futures:
-            while True:
+            while future.status != "finished":  # read locally: no round trip
                 try:
                     # Waits on this future's own client (not the default one)
                     # and moves no data; a task error is raised here.
@@ -326,11 +361,13 @@ class DaskDriver(Driver):
         assert self.rec_blocks is not None, "scan() first"
         spec, thresholds_d = shared(self.spec), shared(thresholds)
         # The adjusted margin needs pred_probs cell by cell: read it again.
-        raw = self.spec.rereads
-        rows = [
-            (rec, thresholds_d, spec, *((lab, prob) if raw else ()))
-            for rec, lab, prob in zip(self.rec_blocks, self._label_blocks, self._prob_blocks)
-        ]
+        if self.spec.rereads:
+            rows = [
+                (rec, thresholds_d, spec, lab, prob)
+                for rec, lab, prob in zip(self.rec_blocks, self._label_blocks, self._prob_blocks)
+            ]
+        else:
+            rows = [(rec, thresholds_d, spec) for rec in self.rec_blocks]
         pairs = layer(score_block, rows)
         merged = tree_reduce(layer(block_state, [(p,) for p in pairs]), ScoreState.combine, self.split_every)
         self.score_blocks, merged = self._persist(pairs, merged)

@@ -199,3 +199,22 @@ def test_merges_take_block_states_not_kept_blocks(monkeypatch, filter_by):
         assert merges
         for name, deps in merges.items():
             assert all(str(d).startswith(("combine-", "block_state-")) for d in deps), (name, deps)
+
+
+def test_shared_arguments_inlined_or_keyed_give_the_same_result(monkeypatch):
+    """A stage's common arguments (spec, thresholds, row sources) go into
+    each task when small and are one graph key when large; both ways agree."""
+    from dask.delayed import Delayed
+
+    from dask_labelissues.engines import dask as engine
+
+    data = make_dataset(5000, 7, seed=12)
+    settings = dict(method="normalized_margin", adjust_pred_probs=True, filter_by="prune_by_noise_rate")
+    inlined = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=700, **settings)
+    assert isinstance(engine.shared(np.zeros(7), 8), np.ndarray)
+    monkeypatch.setattr(engine, "INLINE_BYTES", 0)
+    assert isinstance(engine.shared(np.zeros(7), 8), Delayed)
+    keyed = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=700, **settings)
+    assert_identical(inlined, keyed)
+    with pytest.raises(TypeError, match="opaque values"):
+        engine.shared((1, 2), 3)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import pickle
 import sys
 import time
 import uuid
@@ -145,8 +146,25 @@ def _with_inputs(name: str, tasks: dict, inputs: Iterable[Delayed]) -> HighLevel
     return HighLevelGraph(layers, dependencies)
 
 
-def shared(value: Any) -> Delayed:
-    """``value`` as one graph key, for an argument every task of a stage takes."""
+#: A stage's common argument is copied into each of its tasks if all the
+#: copies together pickle to at most this many bytes, else it is one key.
+INLINE_BYTES = 1 << 20
+
+
+def shared(value: Any, copies: int) -> Any:
+    """An argument all ``copies`` tasks of a stage take.
+
+    Small values (the spec, the thresholds of a job with few blocks) go into
+    each task: a key of their own is a task that must run, and then travel
+    to every other worker, before the stage can start.  Large ones, or many
+    copies (tens of thousands of blocks), are one key.  Only opaque objects
+    and arrays come here, never tuples, lists or dicts, which Dask would
+    read as tasks or keys.
+    """
+    if isinstance(value, (tuple, list, dict)):
+        raise TypeError(f"shared() takes opaque values, not {type(value).__name__}")
+    if len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)) * copies <= INLINE_BYTES:
+        return value
     return delayed(value, pure=False)
 
 
@@ -342,9 +360,10 @@ class DaskDriver(Driver):
 
     # -- stages --------------------------------------------------------------
     def scan(self) -> ThresholdState:
-        spec = shared(self.spec)
+        n = len(self.bounds)
+        spec = shared(self.spec, n)
         if self.sources is not None:
-            lab_src, prob_src = (shared(src) for src in self.sources)
+            lab_src, prob_src = (shared(src, n) for src in self.sources)
             rows = [(lab_src, prob_src, start, spec, stop) for start, stop in self.bounds]
         else:
             rows = [
@@ -359,7 +378,8 @@ class DaskDriver(Driver):
 
     def score(self, thresholds: np.ndarray) -> ScoreState:
         assert self.rec_blocks is not None, "scan() first"
-        spec, thresholds_d = shared(self.spec), shared(thresholds)
+        n = len(self.bounds)
+        spec, thresholds_d = shared(self.spec, n), shared(thresholds, n)
         # The adjusted margin needs pred_probs cell by cell: read it again.
         if self.spec.rereads:
             rows = [
@@ -420,7 +440,8 @@ class DaskDriver(Driver):
     # -- filters -------------------------------------------------------------
     def joint(self, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
         assert self.rec_blocks is not None, "scan() first"
-        args = (shared(thresholds), shared(fspec), self.spec.kernel)
+        n = len(self.bounds)
+        args = (shared(thresholds, n), shared(fspec, n), self.spec.kernel)
         rows = layer(joint_block, [(rec, prob, *args) for rec, prob in zip(self.rec_blocks, self._prob_blocks)])
         merged = tree_reduce(layer(block_state, [(p,) for p in rows]), JointState.combine, self.split_every)
         self.joint_blocks, merged = self._persist(rows, merged)
@@ -443,7 +464,7 @@ class DaskDriver(Driver):
         self, fn: Callable[..., Any], combine: Callable[[list], Any], needs: Sequence[str], args: tuple
     ) -> Any:
         # Each argument enters the graph once, not once per block.
-        common = [shared(a) for a in args]
+        common = [delayed(a, pure=False) for a in args]
         parts = layer(block_task(fn), [(*row, *common) for row in self._sources(needs)])
         (state,) = self._compute(tree_reduce(parts, combine, self.split_every))
         return state

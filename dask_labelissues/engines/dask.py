@@ -163,9 +163,17 @@ def shared(value: Any, copies: int) -> Any:
     """
     if isinstance(value, (tuple, list, dict)):
         raise TypeError(f"shared() takes opaque values, not {type(value).__name__}")
-    if len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)) * copies <= INLINE_BYTES:
-        return value
-    return delayed(value, pure=False)
+    try:
+        small = len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)) * copies <= INLINE_BYTES
+    except Exception:  # not picklable: fine for local schedulers, as one key
+        small = False
+    return value if small else delayed(value, pure=False)
+
+
+def merge_states(pairs: Sequence[Delayed], combine: Callable, split_every: int) -> Delayed:
+    """The tree reduction of the states of :class:`Pair` outputs, each taken
+    out by a :func:`block_state` task beside its Pair."""
+    return tree_reduce(layer(block_state, [(p,) for p in pairs]), combine, split_every)
 
 
 def tree_reduce(parts: Sequence[Delayed], combine: Callable, split_every: int) -> Delayed:
@@ -371,7 +379,7 @@ class DaskDriver(Driver):
                 for (start, _), lab, prob in zip(self.bounds, self._label_blocks, self._prob_blocks)
             ]
         pairs = layer(scan_block, rows)
-        merged = tree_reduce(layer(block_state, [(p,) for p in pairs]), ThresholdState.combine, self.split_every)
+        merged = merge_states(pairs, ThresholdState.combine, self.split_every)
         # One graph for both, so each block of pred_probs is read by one task.
         self.rec_blocks, merged = self._persist(pairs, merged)
         return self._value(merged)
@@ -389,7 +397,7 @@ class DaskDriver(Driver):
         else:
             rows = [(rec, thresholds_d, spec) for rec in self.rec_blocks]
         pairs = layer(score_block, rows)
-        merged = tree_reduce(layer(block_state, [(p,) for p in pairs]), ScoreState.combine, self.split_every)
+        merged = merge_states(pairs, ScoreState.combine, self.split_every)
         self.score_blocks, merged = self._persist(pairs, merged)
         return self._value(merged)
 
@@ -443,7 +451,7 @@ class DaskDriver(Driver):
         n = len(self.bounds)
         args = (shared(thresholds, n), shared(fspec, n), self.spec.kernel)
         rows = layer(joint_block, [(rec, prob, *args) for rec, prob in zip(self.rec_blocks, self._prob_blocks)])
-        merged = tree_reduce(layer(block_state, [(p,) for p in rows]), JointState.combine, self.split_every)
+        merged = merge_states(rows, JointState.combine, self.split_every)
         self.joint_blocks, merged = self._persist(rows, merged)
         return self._value(merged)
 

@@ -443,6 +443,53 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_unit(_: int) -> int:
+    """A unit of CPU-bound work (the interpreter, in cache)."""
+    total = 0
+    for i in range(4_000_000):
+        total += i * i
+    return total
+
+
+_BIG: np.ndarray | None = None
+
+
+def _memory_unit(_: int) -> float:
+    """A unit of memory-bound work: summing 512 MB, 4 times (the array is
+    made once per process, so the unit is the sums alone)."""
+    global _BIG
+    if _BIG is None:
+        _BIG = np.ones(64 << 20, dtype=np.float64)
+    return float(sum(_BIG.sum() for _ in range(4)))
+
+
+def bench_machine(repeats: int) -> dict[str, float]:
+    """How far this machine lets 2 processes scale, for context beside the
+    scaling rows: the same unit of work in 1 process, then in 2 at once;
+    speed-up = 2 x (seconds for 1 unit) / (seconds for 2 units at once), wall
+    time as the pool sees it.  CPU-bound work
+    shows the cores; memory-bound work shows their shared memory bandwidth."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out: dict[str, float] = {}
+    with ctx.Pool(2) as pool:
+        for label, unit in (("cpu_bound", _cpu_unit), ("memory_bound", _memory_unit)):
+            one, two = [], []
+            pool.map(unit, [0, 1], chunksize=1)  # warm both processes
+            for _ in range(max(repeats, 5)):
+                t = time.perf_counter()
+                pool.apply(unit, (0,))
+                one.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                pool.map(unit, [0, 1], chunksize=1)
+                two.append(time.perf_counter() - t)
+            out[label] = 2 * statistics.median(one) / statistics.median(two)
+    print(f"[machine] 2 processes against 1: CPU-bound {out['cpu_bound']:.2f}x, "
+          f"memory-bound {out['memory_bound']:.2f}x", flush=True)
+    return out
+
+
 def bench_scaling(name: str, paths: dict[str, str], repeats: int) -> list[dict[str, Any]]:
     """1 vs 2 single-thread workers on a dataset's Zarr store, interleaved,
     with the CPU time each process spends per run.  Each timed run gets a
@@ -585,6 +632,11 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{mb(r['driver_peak_rss'])} ({mb(r['driver_peak_anon'])}) | {mb(r['worker_peak_rss'])} ({mb(r['worker_peak_anon'])}) | "
                 f"{reads} | {r.get('num_issues', '')} | {same} |"
             )
+    if report.get("machine"):
+        m = report["machine"]
+        lines += ["", f"This machine, 2 processes against 1 on the same work (wall time, medians): "
+                  f"CPU-bound (a Python loop) {m['cpu_bound']:.2f}x, memory-bound (numpy sums of 512 MB) "
+                  f"{m['memory_bound']:.2f}x; context for the scaling rows, measured just before them."]
     for s in report.get("scaling", []):
         if "error" in s:
             lines += ["", f"Scaling on ({s['dataset']}) Zarr failed: {s['error']}"]
@@ -674,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in wanted:
             report["datasets"].append(bench_dataset(name, ensure_data(name, args.data_dir), args.repeats))
     if "scaling" in wanted:
+        report["machine"] = bench_machine(args.repeats)
         for name in ("a", "c"):
             report["scaling"] += bench_scaling(name, ensure_data(name, args.data_dir), args.repeats)
     if "memory" in wanted:

@@ -443,47 +443,53 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_unit(_: int) -> int:
-    """A unit of CPU-bound work (the interpreter, in cache)."""
-    total = 0
-    for i in range(4_000_000):
-        total += i * i
-    return total
-
-
 _BIG: np.ndarray | None = None
+_START: Any = None
 
 
-def _memory_unit(_: int) -> float:
-    """A unit of memory-bound work: summing 512 MB, 4 times (the array is
-    made once per process, so the unit is the sums alone)."""
-    global _BIG
-    if _BIG is None:
-        _BIG = np.ones(64 << 20, dtype=np.float64)
-    return float(sum(_BIG.sum() for _ in range(4)))
+def _probe_init(start: Any) -> None:
+    global _BIG, _START
+    _BIG = np.ones(64 << 20, dtype=np.float64)  # 512 MB, made before any timing
+    _START = start
+
+
+def _probe_unit(kind: str, together: bool) -> int:
+    """One unit of work: a Python loop (CPU-bound, in cache) or 4 numpy sums
+    of 512 MB (memory-bound).  With ``together``, wait until the other
+    process is ready too, so the two units surely run at once."""
+    if together:
+        _START.wait(60)
+    if kind == "cpu":
+        total = 0
+        for i in range(4_000_000):
+            total += i * i
+    else:
+        for _ in range(4):
+            _BIG.sum()
+    return os.getpid()
 
 
 def bench_machine(repeats: int) -> dict[str, float]:
     """How far this machine lets 2 processes scale, for context beside the
     scaling rows: the same unit of work in 1 process, then in 2 at once;
     speed-up = 2 x (seconds for 1 unit) / (seconds for 2 units at once), wall
-    time as the pool sees it.  CPU-bound work
-    shows the cores; memory-bound work shows their shared memory bandwidth."""
+    time as the pool sees it.  CPU-bound work shows the cores; memory-bound
+    work shows their shared memory bandwidth."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     out: dict[str, float] = {}
-    with ctx.Pool(2) as pool:
-        for label, unit in (("cpu_bound", _cpu_unit), ("memory_bound", _memory_unit)):
+    with ctx.Pool(2, initializer=_probe_init, initargs=(ctx.Barrier(2),)) as pool:
+        for label, kind in (("cpu_bound", "cpu"), ("memory_bound", "memory")):
             one, two = [], []
-            pool.map(unit, [0, 1], chunksize=1)  # warm both processes
             for _ in range(max(repeats, 5)):
                 t = time.perf_counter()
-                pool.apply(unit, (0,))
+                pool.apply(_probe_unit, (kind, False))
                 one.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                pool.map(unit, [0, 1], chunksize=1)
+                pids = pool.starmap(_probe_unit, [(kind, True)] * 2, chunksize=1)
                 two.append(time.perf_counter() - t)
+                assert len(set(pids)) == 2, "the two units ran in one process"
             out[label] = 2 * statistics.median(one) / statistics.median(two)
     print(f"[machine] 2 processes against 1: CPU-bound {out['cpu_bound']:.2f}x, "
           f"memory-bound {out['memory_bound']:.2f}x", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -222,19 +223,27 @@ def test_terminated_while_computing_cleans_up(large, tmp_path):
          "--output", str(out), "--backend", "serial", "--progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    seen = b""
-    while b"pass 1" not in seen:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        assert chunk, f"the job ended before pass one began: {seen!r}"
-        seen += chunk
-    proc.send_signal(signal.SIGSTOP)
     try:
-        assert proc.poll() is None
-        assert not out.exists(), "the job finished before it could be stopped"
-        proc.send_signal(signal.SIGTERM)
+        seen = b""
+        deadline = time.monotonic() + 120
+        while b"pass 1" not in seen:
+            assert time.monotonic() < deadline, f"pass one never began: {seen!r}"
+            if select.select([proc.stderr], [], [], 1.0)[0]:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, f"the job ended before pass one began: {seen!r}"
+                seen += chunk
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            assert proc.poll() is None
+            assert not out.exists(), "the job finished before it could be stopped"
+            proc.send_signal(signal.SIGTERM)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=60)
     finally:
-        proc.send_signal(signal.SIGCONT)
-    _, err = proc.communicate(timeout=60)
+        if proc.poll() is None:  # a failed check above: do not leave the job running
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert not out.exists()
     assert os.listdir(tmp_path) == []

@@ -216,5 +216,6 @@ def test_shared_arguments_inlined_or_keyed_give_the_same_result(monkeypatch):
     assert isinstance(engine.shared(np.zeros(7), 8), Delayed)
     keyed = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=700, **settings)
     assert_identical(inlined, keyed)
-    with pytest.raises(TypeError, match="opaque values"):
-        engine.shared((1, 2), 3)
+    for container in ((1, 2), [1], {1: 2}, {1}, frozenset({1})):
+        with pytest.raises(TypeError, match="opaque values"):
+            engine.shared(container, 3)

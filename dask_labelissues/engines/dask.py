@@ -133,10 +133,10 @@ def _with_inputs(name: str, tasks: dict, inputs: Iterable[Delayed]) -> HighLevel
     for d in inputs:
         graph = d.dask
         dependencies[name].update(d.__dask_layers__())
-        if id(graph) in seen:
-            continue
-        seen.add(id(graph))
         if isinstance(graph, HighLevelGraph):
+            if id(graph) in seen:  # the blocks of one stage share a graph
+                continue
+            seen.add(id(graph))
             layers.update(graph.layers)
             dependencies.update(graph.dependencies)
         else:
@@ -146,8 +146,9 @@ def _with_inputs(name: str, tasks: dict, inputs: Iterable[Delayed]) -> HighLevel
     return HighLevelGraph(layers, dependencies)
 
 
-#: A stage's common argument is copied into each of its tasks if all the
-#: copies together pickle to at most this many bytes, else it is one key.
+#: A stage's common argument is copied into each of its tasks if all its
+#: copies together pickle to at most this many bytes, else it is one key
+#: (a limit per argument).
 INLINE_BYTES = 1 << 20
 
 
@@ -157,11 +158,12 @@ def shared(value: Any, copies: int) -> Any:
     Small values (the spec, the thresholds of a job with few blocks) go into
     each task: a key of their own is a task that must run, and then travel
     to every other worker, before the stage can start.  Large ones, or many
-    copies (tens of thousands of blocks), are one key.  Only opaque objects
-    and arrays come here, never tuples, lists or dicts, which Dask would
-    read as tasks or keys.
+    copies (tens of thousands of blocks), are one key.  Only small opaque
+    objects and arrays come here (each copy is unpickled on its own), never
+    containers, which Dask would search for tasks and keys.  Row sources do
+    not: a copy per task would reopen its file in every task.
     """
-    if isinstance(value, (tuple, list, dict)):
+    if isinstance(value, (tuple, list, dict, set, frozenset)):
         raise TypeError(f"shared() takes opaque values, not {type(value).__name__}")
     try:
         small = len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)) * copies <= INLINE_BYTES
@@ -371,7 +373,9 @@ class DaskDriver(Driver):
         n = len(self.bounds)
         spec = shared(self.spec, n)
         if self.sources is not None:
-            lab_src, prob_src = (shared(src, n) for src in self.sources)
+            # One key each, not copies in every task: a worker then holds one
+            # source object, and its open file or store handle, for all blocks.
+            lab_src, prob_src = (delayed(src, pure=False) for src in self.sources)
             rows = [(lab_src, prob_src, start, spec, stop) for start, stop in self.bounds]
         else:
             rows = [

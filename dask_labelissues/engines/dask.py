@@ -125,7 +125,7 @@ def _with_inputs(name: str, tasks: dict, inputs: Iterable[Delayed]) -> HighLevel
     What ``HighLevelGraph.from_collections`` does, without its
     ``is_dask_collection`` check: on a Delayed that check asks for
     attributes a Delayed lacks, and each miss builds (and tokenizes) a new
-    Delayed; that was a third of the client's time building a job's graphs.
+    Delayed; that was most of the time it took to build each layer.
     """
     layers: dict[str, Any] = {name: tasks}
     dependencies: dict[str, set] = {name: set()}

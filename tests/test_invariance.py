@@ -202,7 +202,7 @@ def test_merges_take_block_states_not_kept_blocks(monkeypatch, filter_by):
 
 
 def test_shared_arguments_inlined_or_keyed_give_the_same_result(monkeypatch):
-    """A stage's common arguments (spec, thresholds, row sources) go into
+    """A stage's common arguments (spec, thresholds, filter spec) go into
     each task when small and are one graph key when large; both ways agree."""
     from dask.delayed import Delayed
 

@@ -219,3 +219,37 @@ def test_shared_arguments_inlined_or_keyed_give_the_same_result(monkeypatch):
     for container in ((1, 2), [1], {1: 2}, {1}, frozenset({1})):
         with pytest.raises(TypeError, match="opaque values"):
             engine.shared(container, 3)
+
+
+def test_layer_keeps_the_graph_of_every_input():
+    """A layer over inputs that make a new graph each time they are asked
+    (as ``delayed(value)`` does) holds every one of those graphs.
+
+    Telling shared graphs apart by ``id`` alone dropped inputs whose new
+    graph took the freed id of an earlier one: on a cluster, a KeyError
+    when the graph was culled, seen as a flaky failure of a filter test.
+    """
+    from dask.delayed import delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    from dask_labelissues.engines.dask import _with_inputs, layer
+
+    class Fresh:
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        @property
+        def dask(self) -> HighLevelGraph:
+            return HighLevelGraph({self.key: {self.key: 1}}, {self.key: set()})
+
+        def __dask_layers__(self) -> tuple:
+            return (self.key,)
+
+    inputs = [Fresh(f"input-{i}") for i in range(300)]
+    graph = _with_inputs("total", {("total", 0): (sum, [x.key for x in inputs])}, inputs)
+    assert all(x.key in graph.layers for x in inputs)
+
+    values = [delayed(i, pure=False) for i in range(200)]
+    (task,) = layer(lambda *xs: sum(xs), [tuple(values)])
+    assert all(v.key in task.dask.layers for v in values)
+    assert task.compute(scheduler="sync") == sum(range(200))

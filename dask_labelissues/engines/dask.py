@@ -129,14 +129,17 @@ def _with_inputs(name: str, tasks: dict, inputs: Iterable[Delayed]) -> HighLevel
     """
     layers: dict[str, Any] = {name: tasks}
     dependencies: dict[str, set] = {name: set()}
-    seen: set[int] = set()
+    # The graphs are held, not only their ids: a DelayedLeaf makes a new
+    # graph each time it is asked, and a freed graph's id can come back as
+    # the id of the next one, whose layers would then be left out.
+    seen: dict[int, HighLevelGraph] = {}
     for d in inputs:
         graph = d.dask
         dependencies[name].update(d.__dask_layers__())
         if isinstance(graph, HighLevelGraph):
             if id(graph) in seen:  # the blocks of one stage share a graph
                 continue
-            seen.add(id(graph))
+            seen[id(graph)] = graph
             layers.update(graph.layers)
             dependencies.update(graph.dependencies)
         else:

@@ -258,6 +258,17 @@ class Selection:
     below: int = 0  # rows whose key prefix is smaller than ``prefix``
     bucket: int = 0  # rows whose key prefix equals ``prefix``
 
+    @classmethod
+    def after_pass_two(cls, state: ScoreState, estimation_method: str, n_rows: int) -> "Selection | None":
+        """The selection of the estimated number of issues, its first round
+        taken from pass two's histogram; None when there is nothing to select."""
+        target = min(state.counts.finalize(estimation_method), n_rows)
+        if target <= 0:
+            return None
+        selection = cls(target)
+        selection.advance(state.first_digits)
+        return selection
+
     @property
     def done(self) -> bool:
         return self.round_index >= kernels.N_ROUNDS
@@ -370,6 +381,19 @@ def prefix_rows_block(scores: np.ndarray, shift: int, prefix: int) -> np.ndarray
     if shift >= 64:
         return np.ones(keys.shape, dtype=bool)
     return (keys >> np.uint64(shift)) <= np.uint64(prefix)
+
+
+def first_bucket(state: ScoreState, estimation_method: str, n_rows: int) -> tuple[int, int] | None:
+    """``(shift, prefix)`` of the rows the selection gathers right after pass
+    two, or None when it needs another round first (or selects nothing).
+
+    What the client will ask for next, known from pass two's merged state
+    alone: an engine can gather those rows in the same job as the passes.
+    """
+    selection = Selection.after_pass_two(state, estimation_method, n_rows)
+    if selection is None or selection.wants_round() or not selection.gathers_bucket():
+        return None
+    return selection.shift, selection.prefix
 
 
 def equal_count_block(scores: np.ndarray, cutoff: int) -> int:

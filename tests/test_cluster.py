@@ -63,6 +63,19 @@ def test_api_on_cluster_identical_to_serial(cluster, dataset, settings):
         assert_identical(reference, on_npy)
 
 
+def test_bad_input_found_on_the_cluster_is_reported_as_such(cluster):
+    """Pass one's input errors are raised by a task on a worker (the
+    thresholds task of the one-graph passes); the client sees the error
+    itself, with the row and value, not a failure of some other task."""
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet(np.ones(5), size=6000)
+    labels = probs.argmax(axis=1)
+    probs[4321, 2] = -0.5
+    with cluster.client() as client:
+        with pytest.raises(ValueError, match=r"pred_probs\[4321, 2\] = -0.5 is negative"):
+            find_label_issues(labels, probs, client=client, chunk_rows=1000)
+
+
 @pytest.mark.parametrize("filter_by", ["prune_by_noise_rate", "both", "low_self_confidence"])
 def test_filters_on_cluster_match_cleanlab(cluster, dataset, tmp_path, filter_by):
     """cleanlab.filter's methods on real workers, from Zarr: the same as the

@@ -186,16 +186,17 @@ def test_merges_take_block_states_not_kept_blocks(monkeypatch, filter_by):
     seen: list = []
     persist = DaskDriver._persist
 
-    def spy(self, blocks, state):
-        seen.append(state.dask)
-        return persist(self, blocks, state)
+    def spy(self, blocks, wanted):
+        seen.append({k: v for w in wanted for k, v in w.dask.dependencies.items()})
+        return persist(self, blocks, wanted)
 
     monkeypatch.setattr(DaskDriver, "_persist", spy)
     data = make_dataset(6000, 6, seed=5)
     find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000, filter_by=filter_by)
-    assert len(seen) == (3 if filter_by else 2)  # scan, score (and joint)
-    for graph in seen:
-        merges = {name: deps for name, deps in graph.dependencies.items() if str(name).startswith("combine-")}
+    assert len(seen) == (2 if filter_by else 1)  # both passes (and the joint)
+    assert sum(str(name).startswith("combine-") for name in seen[0]) == 2  # pass one's, pass two's
+    for dependencies in seen:
+        merges = {name: deps for name, deps in dependencies.items() if str(name).startswith("combine-")}
         assert merges
         for name, deps in merges.items():
             assert all(str(d).startswith(("combine-", "block_state-")) for d in deps), (name, deps)
@@ -253,3 +254,34 @@ def test_layer_keeps_the_graph_of_every_input():
     (task,) = layer(lambda *xs: sum(xs), [tuple(values)])
     assert all(v.key in task.dask.layers for v in values)
     assert task.compute(scheduler="sync") == sum(range(200))
+
+
+@pytest.mark.parametrize("cap", [None, 2])
+def test_passes_and_first_bucket_run_as_one_graph(monkeypatch, cap):
+    """The Dask engine runs both passes and gathers the selection's first
+    bucket in one graph; when that bucket is too large to gather
+    (``cap``), the selection goes on round by round as before, and the
+    issues are the same either way."""
+    from dask_labelissues import states
+    from dask_labelissues.engines.dask import DaskDriver
+
+    data = make_dataset(8000, 6, seed=31)
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial")
+    if cap is not None:
+        monkeypatch.setattr(states, "CANDIDATE_CAP", cap)
+    calls = {"_persist": 0, "_compute": 0}
+    for name in calls:
+        original = getattr(DaskDriver, name)
+
+        def spy(self, *args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(DaskDriver, name, spy)
+    result = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000)
+    assert_identical(reference, result)
+    assert calls["_persist"] == 1
+    if cap is None:
+        assert calls["_compute"] == 0  # nothing left to ask the cluster for
+    else:
+        assert calls["_compute"] >= 2  # histogram rounds, then the gather

@@ -54,6 +54,18 @@ class Driver(ABC):
     def score(self, thresholds: np.ndarray) -> ScoreState:
         """Pass two: score every row (kept) and merge the score states."""
 
+    def first_passes(self, select: bool) -> tuple[ThresholdState, ScoreState]:
+        """Pass one, then pass two with pass one's thresholds.
+
+        An engine may run the two as one job, with the thresholds made where
+        the merged state is; with ``select`` it may also gather, in that job,
+        the rows the selection will ask :meth:`gather_prefix` for next
+        (:func:`dask_labelissues.states.first_bucket`).  Either way the
+        states returned are those of :meth:`scan` and :meth:`score`.
+        """
+        scan = self.scan()
+        return scan, self.score(scan.finalize())
+
     @abstractmethod
     def histogram(self, round_index: int, prefix: int) -> HistogramState:
         """One radix-select round over the kept scores."""
@@ -126,16 +138,13 @@ def run(driver: Driver, spec: ScoreSpec) -> RawResult:
        the client from the rows of the last bucket;
     4. gather the O(T) winners and drop the near ties the given label wins.
     """
-    scan = driver.scan()
+    scan, pass_two = driver.first_passes(select=True)
     thresholds = scan.finalize()
-    pass_two = driver.score(thresholds)
     estimated = pass_two.counts.finalize(spec.estimation_method)
-    target = min(estimated, driver.n_rows)
+    selection = Selection.after_pass_two(pass_two, spec.estimation_method, driver.n_rows)
 
     cutoff, quotas, winners = 0, [], None
-    if target > 0:
-        selection = Selection(target)
-        selection.advance(pass_two.first_digits)
+    if selection is not None:
         while selection.wants_round():
             selection.advance(driver.histogram(selection.round_index, selection.prefix))
         if selection.gathers_bucket():
@@ -186,9 +195,8 @@ def run_filter(driver: Driver, spec: ScoreSpec, fspec: FilterSpec, ranked: bool 
        with ``ranked=False``, in row order.
     """
     k = driver.n_classes
-    scan = driver.scan()
+    scan, _ = driver.first_passes(select=False)
     thresholds = scan.finalize()
-    driver.score(thresholds)
     reads = 2 if spec.rereads else 1
     counts = scan.counts.copy()
     selected: tuple[np.ndarray, ...] = ()

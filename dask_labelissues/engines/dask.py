@@ -5,9 +5,13 @@ inputs are read inside the task itself; a dask array's blocks come from its
 own graph) and returns a :class:`Pair` of the block's records and its
 threshold state; the records are persisted (kept in worker memory, spilled
 by Dask if need be) and the states go up a tree of ``split_every``-way
-merges.  Pass two maps over the records.  The selection and the gathering
-of the winners are further tree reductions and per-block tasks over the
-persisted scores, so no process ever holds all N scores.  Each stage is one
+merges.  Pass two maps over the records, with the thresholds made by a
+task on the merged state, and a task on pass two's merged state picks the
+selection's first bucket, whose rows the same graph gathers: the two passes
+and the usual selection are one graph, with no stop at the client between
+them.  Further selection rounds, when a bucket is too large, are tree
+reductions and per-block tasks over the persisted scores, so no process
+ever holds all N scores.  Each stage is one
 graph layer of plain tasks (:func:`layer`), so building a graph costs the
 client little even with tens of thousands of blocks.
 
@@ -280,6 +284,8 @@ class DaskDriver(Driver):
         self.rec_blocks: list[Delayed] | None = None
         self.score_blocks: list[Delayed] | None = None
         self.joint_blocks: list[Delayed] | None = None
+        # ((shift, prefix), rows) gathered by first_passes(select=True).
+        self._prefetched: tuple[tuple[int, int], Winners] | None = None
 
     # Built only when a stage reads the arrays' own blocks: to_delayed()
     # optimizes the array's graph, and file inputs are read by the scan tasks.
@@ -302,23 +308,27 @@ class DaskDriver(Driver):
         else:
             yield
 
-    def _persist(self, blocks: list[Delayed], state: Delayed) -> tuple[list[Delayed], Delayed]:
-        """Persist per-block outputs and a merged state in one graph."""
+    def _persist(self, blocks: list[Delayed], wanted: list[Delayed]) -> tuple[list[Delayed], list[Any]]:
+        """Persist per-block outputs and compute the ``wanted`` values (merged
+        states) in one graph: the blocks stay on the cluster, the values come
+        back."""
         # No graph optimization: fusing would give the blocks and the merged
         # state separate copies of the block task, running pass one twice.
         if self.client is not None:
             from distributed import futures_of
 
-            out = self.client.persist([*blocks, state], optimize_graph=False)
+            out = self.client.persist([*blocks, *wanted], optimize_graph=False)
             if self.progress:
                 from distributed import progress
 
                 progress(out, notebook=False)
             self._watch(futures_of(out))
+            values = self.client.gather([f for d in out[len(blocks):] for f in futures_of(d)])
         else:
             with self._local_bar():
-                out = dask.persist(*blocks, state, optimize_graph=False)
-        return list(out[:-1]), out[-1]
+                out = dask.persist(*blocks, *wanted, optimize_graph=False)
+            values = dask.compute(*out[len(blocks):])
+        return list(out[: len(blocks)]), list(values)
 
     def _compute(self, *collections: Any) -> tuple:
         if self.client is not None:
@@ -326,14 +336,6 @@ class DaskDriver(Driver):
             self._watch(futures)
             return tuple(self.client.gather(futures))
         return dask.compute(*collections)
-
-    def _value(self, persisted: Delayed) -> Any:
-        """The value of a persisted state, fetched without a new graph."""
-        if self.client is not None:
-            from distributed import futures_of
-
-            return self.client.gather(futures_of(persisted))[0]
-        return persisted.compute()
 
     def _watch(self, futures: list) -> None:
         """Wait for ``futures``, failing if the cluster has no workers for too long.
@@ -372,7 +374,8 @@ class DaskDriver(Driver):
         return da.Array(parts[0].dask, parts[0].key[0], chunks=(tuple(self.chunks),), dtype=dtype)
 
     # -- stages --------------------------------------------------------------
-    def scan(self) -> ThresholdState:
+    def _scan_layer(self) -> list[Delayed]:
+        """Pass one's tasks, one per block."""
         n = len(self.bounds)
         spec = shared(self.spec, n)
         if self.sources is not None:
@@ -385,28 +388,76 @@ class DaskDriver(Driver):
                 (lab, prob, start, spec)
                 for (start, _), lab, prob in zip(self.bounds, self._label_blocks, self._prob_blocks)
             ]
-        pairs = layer(scan_block, rows)
-        merged = merge_states(pairs, ThresholdState.combine, self.split_every)
-        # One graph for both, so each block of pred_probs is read by one task.
-        self.rec_blocks, merged = self._persist(pairs, merged)
-        return self._value(merged)
+        return layer(scan_block, rows)
 
-    def score(self, thresholds: np.ndarray) -> ScoreState:
-        assert self.rec_blocks is not None, "scan() first"
+    def _score_layer(self, recs: Sequence[Delayed], thresholds: Any) -> list[Delayed]:
+        """Pass two's tasks, one per block, over pass one's ``recs``."""
         n = len(self.bounds)
-        spec, thresholds_d = shared(self.spec, n), shared(thresholds, n)
+        spec = shared(self.spec, n)
         # The adjusted margin needs pred_probs cell by cell: read it again.
         if self.spec.rereads:
             rows = [
-                (rec, thresholds_d, spec, lab, prob)
-                for rec, lab, prob in zip(self.rec_blocks, self._label_blocks, self._prob_blocks)
+                (rec, thresholds, spec, lab, prob)
+                for rec, lab, prob in zip(recs, self._label_blocks, self._prob_blocks)
             ]
         else:
-            rows = [(rec, thresholds_d, spec) for rec in self.rec_blocks]
-        pairs = layer(score_block, rows)
+            rows = [(rec, thresholds, spec) for rec in recs]
+        return layer(score_block, rows)
+
+    def scan(self) -> ThresholdState:
+        pairs = self._scan_layer()
+        merged = merge_states(pairs, ThresholdState.combine, self.split_every)
+        # One graph for both, so each block of pred_probs is read by one task.
+        self.rec_blocks, (state,) = self._persist(pairs, [merged])
+        return state
+
+    def score(self, thresholds: np.ndarray) -> ScoreState:
+        assert self.rec_blocks is not None, "scan() first"
+        pairs = self._score_layer(self.rec_blocks, shared(thresholds, len(self.bounds)))
         merged = merge_states(pairs, ScoreState.combine, self.split_every)
-        self.score_blocks, merged = self._persist(pairs, merged)
-        return self._value(merged)
+        self.score_blocks, (state,) = self._persist(pairs, [merged])
+        return state
+
+    def first_passes(self, select: bool) -> tuple[ThresholdState, ScoreState]:
+        """Both passes, and with ``select`` the rows of the selection's first
+        bucket, as one graph.
+
+        The thresholds are a task on the merged pass-one state and the first
+        bucket a task on the merged pass-two state, so the workers go from
+        one stage to the next without waiting for the client.  Each
+        separate stage had cost a round trip through the client (gather the
+        state, build and send the next graph) during which the workers sat
+        idle.  An input error found in pass one is raised by the thresholds
+        task, and so here, as :meth:`scan` would.
+
+        A score that reads pred_probs again runs the passes as two graphs:
+        in one graph the two reads of a block would be one task, whose
+        output Dask would then hold until pass two, every block of it.
+        """
+        if self.spec.rereads:
+            return super().first_passes(select)
+        scan_pairs = self._scan_layer()
+        scan_state = merge_states(scan_pairs, ThresholdState.combine, self.split_every)
+        (thresholds,) = layer(_thresholds, [(scan_state,)])
+        score_pairs = self._score_layer(scan_pairs, thresholds)
+        score_state = merge_states(score_pairs, ScoreState.combine, self.split_every)
+        wanted = [scan_state, score_state]
+        if select:
+            (bucket,) = layer(
+                states.first_bucket, [(score_state, self.spec.estimation_method, self.n_rows)]
+            )
+            rows = [
+                (rec, sc, bucket, start)
+                for rec, sc, (start, _) in zip(scan_pairs, score_pairs, self.bounds)
+            ]
+            wanted += [bucket, *layer(block_task(_bucket_rows), rows)]
+        n = len(self.bounds)
+        kept, small = self._persist([*scan_pairs, *score_pairs], wanted)
+        self.rec_blocks, self.score_blocks = kept[:n], kept[n:]
+        scan, score, *rest = small
+        if select and rest[0] is not None:
+            self._prefetched = (rest[0], Winners.combine(rest[1:]))
+        return scan, score
 
     def histogram(self, round_index: int, prefix: int) -> HistogramState:
         assert self.score_blocks is not None, "score() first"
@@ -429,6 +480,8 @@ class DaskDriver(Driver):
 
     def gather_prefix(self, shift: int, prefix: int) -> Winners:
         assert self.score_blocks is not None and self.rec_blocks is not None
+        if self._prefetched is not None and self._prefetched[0] == (shift, prefix):
+            return self._prefetched[1]
         rows = [
             (rec, sc, shift, prefix, start)
             for rec, sc, (start, _) in zip(self.rec_blocks, self.score_blocks, self.bounds)
@@ -459,8 +512,8 @@ class DaskDriver(Driver):
         args = (shared(thresholds, n), shared(fspec, n), self.spec.kernel)
         rows = layer(joint_block, [(rec, prob, *args) for rec, prob in zip(self.rec_blocks, self._prob_blocks)])
         merged = merge_states(rows, JointState.combine, self.split_every)
-        self.joint_blocks, merged = self._persist(rows, merged)
-        return self._value(merged)
+        self.joint_blocks, (state,) = self._persist(rows, [merged])
+        return state
 
     def _sources(self, needs: Sequence[str]) -> list[list[Any]]:
         per_source = {
@@ -509,6 +562,15 @@ def _flagged(
     rule: MaskRule, rec: np.ndarray, joint: np.ndarray | None, scores: np.ndarray, start: int
 ) -> Winners:
     return Winners.chunk(rec, scores, filters.mask_block(rule, rec, joint, start), start)
+
+
+def _thresholds(state: ThresholdState) -> np.ndarray:
+    return state.finalize()
+
+
+def _bucket_rows(rec: np.ndarray, scores: np.ndarray, bucket: tuple[int, int] | None, start: int) -> Winners | None:
+    """:func:`_prefix_rows` for the bucket :func:`dask_labelissues.states.first_bucket` chose, if any."""
+    return None if bucket is None else _prefix_rows(rec, scores, *bucket, start)
 
 
 def _prefix_rows(rec: np.ndarray, scores: np.ndarray, shift: int, prefix: int, start: int) -> Winners:

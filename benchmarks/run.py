@@ -17,6 +17,7 @@ benchmarks/results/latest.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from dask_labelissues import find_label_issues  # noqa: E402
+from dask_labelissues.cluster import BATCH_SETTINGS, local_cluster  # noqa: E402
 from dask_labelissues.inputs import open_path  # noqa: E402
 from dask_labelissues.synthetic import SyntheticSpec, write_npy, write_zarr  # noqa: E402
 
@@ -365,12 +367,12 @@ def digest(a: np.ndarray) -> str:
 
 
 def bench_dataset(name: str, paths: dict[str, str], repeats: int) -> dict[str, Any]:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     spec = DATASETS[name]
     rows: list[dict[str, Any]] = []
-    with LocalCluster(n_workers=THREADS, threads_per_worker=1, processes=True,
-                      dashboard_address=None, memory_limit="4GB") as cluster, Client(cluster, set_as_default=False) as client:
+    with local_cluster(THREADS, dashboard_address=None, memory_limit="4GB") as cluster, \
+            Client(cluster, set_as_default=False) as client:
         for kind in ("npy", "zarr"):
             runners = [
                 Runner(f"floor ({kind}, {THREADS} threads)", floor_runner(kind, paths)),
@@ -498,64 +500,91 @@ def bench_machine(repeats: int) -> dict[str, float]:
 
 def bench_scaling(name: str, paths: dict[str, str], repeats: int) -> list[dict[str, Any]]:
     """1 vs 2 single-thread workers on a dataset's Zarr store, interleaved,
-    with the CPU time each process spends per run.  Each timed run gets a
-    fresh cluster (after one untimed run to warm it), so no idle second
-    cluster shares the machine's 2 cores with the one being measured."""
-    from distributed import Client, LocalCluster
+    with the CPU time each process spends per run; on the LocalCluster the
+    CLI starts (:func:`dask_labelissues.cluster.local_cluster`) and on one
+    with distributed's default settings.  Each timed run gets a fresh
+    cluster (after one untimed run to warm it), so no idle second cluster
+    shares the machine's 2 cores with the one being measured."""
+    from distributed import Client
 
     print(f"[scaling] 1 vs 2 single-thread workers on ({name}) Zarr", flush=True)
-    times: dict[int, list[float]] = {1: [], 2: []}
-    cpu: dict[int, dict[str, list[float]]] = {n: {"driver": [], "workers": []} for n in (1, 2)}
+    variants = {"package": BATCH_SETTINGS, "defaults": {k: _distributed_default(k) for k in BATCH_SETTINGS}}
+    times = {(v, n): [] for v in variants for n in (1, 2)}
+    cpu = {(v, n): {"driver": [], "workers": []} for v in variants for n in (1, 2)}
     try:
         for rep in range(repeats):
-            for n in (1, 2):
-                with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0", memory_limit="4GB") as cluster, \
-                        Client(cluster, set_as_default=False) as client:
-                    job = ours("zarr", paths, client=client)
-                    job()
-                    workers = list(client.run(os.getpid).values())
-                    before = {p: _cpu_seconds(p) for p in [os.getpid(), *workers]}
-                    t = time.perf_counter()
-                    job()
-                    times[n].append(time.perf_counter() - t)
-                    after = {p: _cpu_seconds(p) for p in before}
-                cpu[n]["driver"].append(after[os.getpid()] - before[os.getpid()])
-                cpu[n]["workers"].append(sum(after[p] - before[p] for p in workers))
-                print(f"  [{rep + 1}/{repeats}] LocalCluster {n}x1 {times[n][-1]:8.3f} s", flush=True)
+            for variant, settings in variants.items():
+                for n in (1, 2):
+                    start = (local_cluster(n, memory_limit="4GB", dashboard_address=None) if variant == "package"
+                             else _default_cluster(n, settings))
+                    with start as cluster, Client(cluster, set_as_default=False) as client:
+                        job = ours("zarr", paths, client=client)
+                        job()
+                        workers = list(client.run(os.getpid).values())
+                        before = {p: _cpu_seconds(p) for p in [os.getpid(), *workers]}
+                        t = time.perf_counter()
+                        job()
+                        times[variant, n].append(time.perf_counter() - t)
+                        after = {p: _cpu_seconds(p) for p in before}
+                    cpu[variant, n]["driver"].append(after[os.getpid()] - before[os.getpid()])
+                    cpu[variant, n]["workers"].append(sum(after[p] - before[p] for p in workers))
+                    print(f"  [{rep + 1}/{repeats}] LocalCluster {n}x1 ({variant} settings) "
+                          f"{times[variant, n][-1]:8.3f} s", flush=True)
     except Exception as exc:  # reported, not hidden
         return [{"dataset": name, "storage": "zarr", "error": f"{type(exc).__name__}: {exc}"}]
-    one, two = (statistics.median(times[n]) for n in (1, 2))
-    row = {"dataset": name, "storage": "zarr", "one_worker_s": one, "two_workers_s": two,
-           "speedup": one / two, "times_s": times}
-    for n in (1, 2):
-        row[f"cpu_{n}"] = {k: statistics.median(v) for k, v in cpu[n].items()}
+    row: dict[str, Any] = {"dataset": name, "storage": "zarr", "settings": BATCH_SETTINGS}
+    for variant in variants:
+        one, two = (statistics.median(times[variant, n]) for n in (1, 2))
+        suffix = "" if variant == "package" else "_defaults"
+        row.update({f"one_worker_s{suffix}": one, f"two_workers_s{suffix}": two, f"speedup{suffix}": one / two,
+                    f"times_s{suffix}": {n: times[variant, n] for n in (1, 2)}})
+        for n in (1, 2):
+            row[f"cpu_{n}{suffix}"] = {k: statistics.median(v) for k, v in cpu[variant, n].items()}
     return [row]
+
+
+def _distributed_default(key: str) -> Any:
+    """A setting's value in the defaults distributed ships (not a config file's)."""
+    import dask
+
+    for defaults in reversed(dask.config.defaults):
+        try:
+            return dask.config.get(key, config=defaults)
+        except KeyError:
+            continue
+    raise KeyError(key)
+
+
+@contextlib.contextmanager
+def _default_cluster(n: int, settings: dict[str, Any]) -> Any:
+    """A LocalCluster like local_cluster's, with ``settings`` (distributed's
+    defaults, set explicitly so that no configuration file changes them)."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set(settings):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address=None, memory_limit="4GB")
+    with cluster:
+        yield cluster
 
 
 def measure_one(engine: str, storage: str, data_dir: Path) -> dict[str, Any]:
     """Run one job on (c) in this (fresh) process and report its peak memory."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     paths = ensure_data("c", data_dir)
     kwargs: dict[str, Any] = {"backend": engine} if engine != "localcluster" else {}
     if engine == "fork":
         kwargs["n_jobs"] = THREADS
-    cluster = client = None
-    if engine == "localcluster":
-        cluster = LocalCluster(n_workers=THREADS, threads_per_worker=1, processes=True,
-                               dashboard_address=None, memory_limit="2GB")
-        client = Client(cluster, set_as_default=False)
-        kwargs["client"] = client
-    try:
+    with contextlib.ExitStack() as stack:
+        if engine == "localcluster":
+            cluster = stack.enter_context(local_cluster(THREADS, dashboard_address=None, memory_limit="2GB"))
+            kwargs["client"] = stack.enter_context(Client(cluster, set_as_default=False))
         with Monitor() as mon:
             t = time.perf_counter()
             ours(storage, paths, **kwargs)()
             seconds = time.perf_counter() - t
-    finally:
-        if client is not None:
-            client.close()
-            cluster.close()
     return {"engine": engine, "storage": storage, "seconds": seconds, **mon.summary()}
 
 
@@ -647,13 +676,17 @@ def markdown(report: dict[str, Any]) -> str:
         if "error" in s:
             lines += ["", f"Scaling on ({s['dataset']}) Zarr failed: {s['error']}"]
             continue
-        cpu = "".join(
-            f"; with {n} worker{'s' * (n > 1)}, CPU per run: workers {s[f'cpu_{n}']['workers']:.2f} s, "
-            f"client and scheduler process {s[f'cpu_{n}']['driver']:.2f} s"
-            for n in (1, 2) if f"cpu_{n}" in s
-        )
-        lines += ["", f"Scaling on ({s['dataset']}) Zarr: 1 worker {s['one_worker_s']:.3f} s, "
-                  f"2 workers {s['two_workers_s']:.3f} s, speed-up {s['speedup']:.2f}x{cpu}."]
+        for suffix, what in (("", "the CLI's LocalCluster (dask_labelissues.cluster.BATCH_SETTINGS)"),
+                             ("_defaults", "a LocalCluster with distributed's default settings")):
+            if f"speedup{suffix}" not in s:
+                continue
+            cpu = "".join(
+                f"; with {n} worker{'s' * (n > 1)}, CPU per run: workers {s[f'cpu_{n}{suffix}']['workers']:.2f} s, "
+                f"client and scheduler process {s[f'cpu_{n}{suffix}']['driver']:.2f} s"
+                for n in (1, 2) if f"cpu_{n}{suffix}" in s
+            )
+            lines += ["", f"Scaling on ({s['dataset']}) Zarr, {what}: 1 worker {s[f'one_worker_s{suffix}']:.3f} s, "
+                      f"2 workers {s[f'two_workers_s{suffix}']:.3f} s, speed-up {s[f'speedup{suffix}']:.2f}x{cpu}."]
     if report.get("memory"):
         lines += ["", "Peak memory on (c) (10,000,000 x 100, 4 GB of float32), each engine in a fresh process:", "",
                   "| engine | storage | seconds | driver peak RSS MB (anon) | largest worker peak RSS MB (anon) |",

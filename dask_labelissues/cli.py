@@ -72,7 +72,9 @@ def dask_client(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[Any
             raise CommandError(f"--scheduler applies to --backend dask, not --backend {args.backend}")
         yield None
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from .cluster import local_cluster
 
     address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if address:
@@ -91,9 +93,8 @@ def dask_client(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[Any
             client.close()
         return
     workers = args.workers or max(1, os.cpu_count() or 1)
-    with LocalCluster(
-        n_workers=workers, threads_per_worker=args.threads_per_worker,
-        memory_limit=args.memory_limit, processes=True, dashboard_address=":0",
+    with local_cluster(
+        workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit,
     ) as cluster, Client(cluster) as client:
         print(f"LocalCluster: {workers} workers  dashboard: {client.dashboard_link}", file=log, flush=True)
         yield client

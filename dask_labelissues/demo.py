@@ -70,9 +70,10 @@ def run_demo(
     log
         Where to print what is happening (the dashboard link among it).
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from .api import find_label_issues
+    from .cluster import local_cluster
 
     spec = SyntheticSpec(rows=rows, classes=classes, noise=noise, seed=seed)
     workdir = os.path.abspath(keep) if keep else tempfile.mkdtemp(prefix="dask-labelissues-demo-")
@@ -89,10 +90,7 @@ def run_demo(
 
         group = zarr.open_group(data_path, mode="r")
         n_workers = workers or default_workers()
-        with LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True,
-            dashboard_address=":0",
-        ) as cluster, Client(cluster) as client:
+        with local_cluster(n_workers) as cluster, Client(cluster) as client:
             print(f"dashboard: {client.dashboard_link}", file=log, flush=True)
             t0 = time.perf_counter()
             result = find_label_issues(

@@ -93,13 +93,37 @@ def test_larger_dataset_dask_chunks_match_serial():
 
 @pytest.fixture(scope="module")
 def local_cluster():
-    from distributed import Client, LocalCluster
+    """The LocalCluster the CLI and the demo start."""
+    from distributed import Client
 
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-        memory_limit="1GiB",
-    ) as cluster, Client(cluster) as client:
+    from dask_labelissues.cluster import local_cluster as start
+
+    with start(2, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
         yield client
+
+
+def test_local_cluster_settings_reach_every_process(local_cluster):
+    """The embedded cluster's background settings hold in its scheduler and
+    in each worker process, and only there."""
+    import dask
+
+    from dask_labelissues.cluster import BATCH_SETTINGS
+
+    def settings(dask_scheduler=None):
+        return {key: dask.config.get(key) for key in BATCH_SETTINGS}
+
+    def periodic(dask_worker=None, dask_scheduler=None):
+        server = dask_worker or dask_scheduler
+        return sorted(server.periodic_callbacks), server._tick_interval
+
+    for per_worker in local_cluster.run(settings).values():
+        assert per_worker == BATCH_SETTINGS
+    for callbacks, tick in local_cluster.run(periodic).values():
+        assert "profile" not in callbacks and tick == 1.0
+    callbacks, tick = local_cluster.run_on_scheduler(periodic)
+    assert tick == 1.0
+    # This process's own configuration is left as it was.
+    assert dask.config.get("distributed.admin.tick.interval") != "1s"
 
 
 def test_local_cluster_matches_serial(local_cluster, tmp_path):

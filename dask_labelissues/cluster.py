@@ -7,10 +7,11 @@ worker wake every 20 ms to time their event loop and every 500 ms to read
 their CPU and memory.  On a 2-core machine that idle work came to about 0.16 of a
 core (0.06 in the process holding the scheduler and the nannies, 0.05 in
 each worker), CPU the workers of a job on every core no longer have.  A
-batch job run from the command line has no use for the profile, and its
-event-loop warnings still come at a 1 s tick; so the embedded cluster turns
-the profiler off and wakes less often.  A cluster of one's own
-(``--scheduler``) keeps its own configuration.
+batch job run from the command line has no use for the profile (the
+dashboard's Profile page stays empty), and a 1 s tick still warns of a
+blocked event loop, for stalls of about 2 s or more rather than 3 s; so the
+embedded cluster turns the profiler off and wakes less often.  A cluster
+of one's own (``--scheduler``) keeps its own configuration.
 """
 
 from __future__ import annotations

@@ -181,6 +181,12 @@ class ScoreState:
     first_digits: "HistogramState"
 
     @classmethod
+    def empty(cls, k: int = 0) -> "ScoreState":
+        """No rows: nothing counted, nothing to select."""
+        none = np.zeros(0, dtype=np.int64)
+        return cls(CountState.empty(k), HistogramState(none, none.copy()))
+
+    @classmethod
     def combine(cls, states: Sequence["ScoreState"]) -> "ScoreState":
         return cls(
             CountState.combine([s.counts for s in states]),

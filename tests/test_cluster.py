@@ -64,16 +64,24 @@ def test_api_on_cluster_identical_to_serial(cluster, dataset, settings):
 
 
 def test_bad_input_found_on_the_cluster_is_reported_as_such(cluster):
-    """Pass one's input errors are raised by a task on a worker (the
-    thresholds task of the one-graph passes); the client sees the error
-    itself, with the row and value, not a failure of some other task."""
+    """Pass one's input errors reach the client as themselves, with the row
+    and the value, when both passes run as one graph on the cluster."""
     rng = np.random.default_rng(4)
     probs = rng.dirichlet(np.ones(5), size=6000)
     labels = probs.argmax(axis=1)
     probs[4321, 2] = -0.5
+
+    def failures(client) -> int:
+        logs = client.get_worker_logs()
+        return sum("Compute Failed" in message for lines in logs.values() for _, message in lines)
+
     with cluster.client() as client:
+        before = failures(client)
         with pytest.raises(ValueError, match=r"pred_probs\[4321, 2\] = -0.5 is negative"):
             find_label_issues(labels, probs, client=client, chunk_rows=1000)
+        # Raised by the client from the merged state, not by a failing task,
+        # which the worker would log with a traceback beside the error.
+        assert failures(client) == before
 
 
 @pytest.mark.parametrize("filter_by", ["prune_by_noise_rate", "both", "low_self_confidence"])

@@ -103,8 +103,8 @@ def local_cluster():
 
 
 def test_local_cluster_settings_reach_every_process(local_cluster):
-    """The embedded cluster's background settings hold in its scheduler and
-    in each worker process, and only there."""
+    """The embedded cluster's background settings hold in its scheduler,
+    its nannies and each worker process, and not in this process's config."""
     import dask
 
     from dask_labelissues.cluster import BATCH_SETTINGS
@@ -112,16 +112,21 @@ def test_local_cluster_settings_reach_every_process(local_cluster):
     def settings(dask_scheduler=None):
         return {key: dask.config.get(key) for key in BATCH_SETTINGS}
 
+    def summary(server):
+        return "profile" in server.periodic_callbacks, server._tick_interval, \
+            server.periodic_callbacks["monitor"].callback_time
+
     def periodic(dask_worker=None, dask_scheduler=None):
-        server = dask_worker or dask_scheduler
-        return sorted(server.periodic_callbacks), server._tick_interval
+        return summary(dask_worker or dask_scheduler)
 
     for per_worker in local_cluster.run(settings).values():
         assert per_worker == BATCH_SETTINGS
-    for callbacks, tick in local_cluster.run(periodic).values():
-        assert "profile" not in callbacks and tick == 1.0
-    callbacks, tick = local_cluster.run_on_scheduler(periodic)
-    assert tick == 1.0
+
+    for state in local_cluster.run(periodic).values():
+        assert state == (False, 1.0, 2000)
+    assert local_cluster.run_on_scheduler(periodic) == (False, 1.0, 2000)
+    for nanny in local_cluster.cluster.workers.values():
+        assert summary(nanny) == (False, 1.0, 2000)
     # This process's own configuration is left as it was.
     assert dask.config.get("distributed.admin.tick.interval") != "1s"
 

@@ -9,7 +9,7 @@ merges.  Pass two maps over the records, with the thresholds made by a
 task on the merged state, and a task on pass two's merged state picks the
 selection's first bucket, whose rows the same graph gathers: the two passes
 and the usual selection are one graph, with no stop at the client between
-them.  Further selection rounds, when a bucket is too large, are tree
+them (two graphs for a score that reads pred_probs again).  Further selection rounds, when a bucket is too large, are tree
 reductions and per-block tasks over the persisted scores, so no process
 ever holds all N scores.  Each stage is one
 graph layer of plain tasks (:func:`layer`), so building a graph costs the
@@ -211,8 +211,14 @@ def scan_block(labels: Any, probs: Any, start: int, spec: ScoreSpec, stop: int |
     return Pair(*states.scan_block(labels, probs, start, spec))
 
 
-def score_block(rec: Any, thresholds: np.ndarray, spec: ScoreSpec, *raw: Any) -> Pair:
-    """Pass two on a block (:func:`dask_labelissues.states.score_block`)."""
+def score_block(rec: Any, thresholds: np.ndarray | None, spec: ScoreSpec, *raw: Any) -> Pair:
+    """Pass two on a block (:func:`dask_labelissues.states.score_block`).
+
+    No ``thresholds`` (pass one found bad input, see :func:`_thresholds`):
+    no scores, and a state that selects nothing.
+    """
+    if thresholds is None:
+        return Pair(None, ScoreState.empty())
     return Pair(*states.score_block(_data(rec), thresholds, spec, *raw))
 
 
@@ -310,8 +316,8 @@ class DaskDriver(Driver):
 
     def _persist(self, blocks: list[Delayed], wanted: list[Delayed]) -> tuple[list[Delayed], list[Any]]:
         """Persist per-block outputs and compute the ``wanted`` values (merged
-        states) in one graph: the blocks stay on the cluster, the values come
-        back."""
+        states, a first bucket's rows) in one graph: the blocks stay on the
+        cluster, the values come back."""
         # No graph optimization: fusing would give the blocks and the merged
         # state separate copies of the block task, running pass one twice.
         if self.client is not None:
@@ -427,13 +433,17 @@ class DaskDriver(Driver):
         one stage to the next without waiting for the client.  Each
         separate stage had cost a round trip through the client (gather the
         state, build and send the next graph) during which the workers sat
-        idle.  An input error found in pass one is raised by the thresholds
-        task, and so here, as :meth:`scan` would.
+        idle.  Bad input found in pass one leaves the thresholds task empty
+        and pass two idle, and its error is raised here, on the client.
 
-        A score that reads pred_probs again runs the passes as two graphs:
-        in one graph the two reads of a block would be one task, whose
-        output Dask would then hold until pass two, every block of it.
+        A score that reads pred_probs again runs the passes as two graphs,
+        with no bucket gathered ahead.  In one graph, each block's second
+        read would either be the first read's task (an array input: the
+        same key), whose output Dask would hold until pass two, or a task
+        with no inputs that Dask may run early and hold just as long:
+        every block of pred_probs in memory.
         """
+        self._prefetched = None
         if self.spec.rereads:
             return super().first_passes(select)
         scan_pairs = self._scan_layer()
@@ -455,6 +465,7 @@ class DaskDriver(Driver):
         kept, small = self._persist([*scan_pairs, *score_pairs], wanted)
         self.rec_blocks, self.score_blocks = kept[:n], kept[n:]
         scan, score, *rest = small
+        scan.raise_problem()
         if select and rest[0] is not None:
             self._prefetched = (rest[0], Winners.combine(rest[1:]))
         return scan, score
@@ -480,8 +491,9 @@ class DaskDriver(Driver):
 
     def gather_prefix(self, shift: int, prefix: int) -> Winners:
         assert self.score_blocks is not None and self.rec_blocks is not None
-        if self._prefetched is not None and self._prefetched[0] == (shift, prefix):
-            return self._prefetched[1]
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == (shift, prefix):
+            return prefetched[1]
         rows = [
             (rec, sc, shift, prefix, start)
             for rec, sc, (start, _) in zip(self.rec_blocks, self.score_blocks, self.bounds)
@@ -564,8 +576,14 @@ def _flagged(
     return Winners.chunk(rec, scores, filters.mask_block(rule, rec, joint, start), start)
 
 
-def _thresholds(state: ThresholdState) -> np.ndarray:
-    return state.finalize()
+def _thresholds(state: ThresholdState) -> np.ndarray | None:
+    """The thresholds, or None when pass one found bad input.
+
+    The client raises that error itself from the merged state: a task that
+    raised would also be logged by its worker, traceback and all, beside
+    the one-line error a user should see.
+    """
+    return None if state.problem is not None else state.finalize()
 
 
 def _bucket_rows(rec: np.ndarray, scores: np.ndarray, bucket: tuple[int, int] | None, start: int) -> Winners | None:

@@ -4,14 +4,14 @@ A LocalCluster with distributed's defaults keeps every process busy in the
 background: each worker samples the stacks of its running tasks every
 10 ms for the dashboard's profile, and the scheduler, each nanny and each
 worker wake every 20 ms to time their event loop and every 500 ms to read
-their CPU and memory.  On a 2-core machine that idle work came to about 0.16 of a
-core (0.06 in the process holding the scheduler and the nannies, 0.05 in
-each worker), CPU the workers of a job on every core no longer have.  A
-batch job run from the command line has no use for the profile (the
-dashboard's Profile page stays empty), and a 1 s tick still warns of a
-blocked event loop, for stalls of about 2 s or more rather than 3 s; so the
-embedded cluster turns the profiler off and wakes less often.  A cluster
-of one's own (``--scheduler``) keeps its own configuration.
+their CPU and memory.  On a 2-core machine that idle work came to about
+0.16 of a core (0.06 in the process holding the scheduler and the nannies,
+0.05 in each worker), CPU the workers of a job on every core no longer
+have.  A batch job run from the command line has no use for the profile
+(the dashboard's Profile page stays empty), and a 1 s tick still warns of
+a blocked event loop, for stalls of about 2 s or more rather than 3 s; so
+the embedded cluster turns the profiler off and wakes less often.  A
+cluster of one's own (``--scheduler``) keeps its own configuration.
 """
 
 from __future__ import annotations

@@ -9,11 +9,12 @@ merges.  Pass two maps over the records, with the thresholds made by a
 task on the merged state, and a task on pass two's merged state picks the
 selection's first bucket, whose rows the same graph gathers: the two passes
 and the usual selection are one graph, with no stop at the client between
-them (two graphs for a score that reads pred_probs again).  Further selection rounds, when a bucket is too large, are tree
-reductions and per-block tasks over the persisted scores, so no process
-ever holds all N scores.  Each stage is one
-graph layer of plain tasks (:func:`layer`), so building a graph costs the
-client little even with tens of thousands of blocks.
+them (two graphs for a score that reads pred_probs again).  Further
+selection rounds, when a bucket is too large, are tree reductions and
+per-block tasks over the persisted scores, so no process ever holds all N
+scores.  Each stage is one graph layer of plain tasks (:func:`layer`), so
+building a graph costs the client little even with tens of thousands of
+blocks.
 
 It runs on whatever scheduler is active: the ``client`` passed in, else
 Dask's current default (a distributed Client, threads or processes).

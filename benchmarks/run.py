@@ -515,9 +515,8 @@ def bench_scaling(name: str, paths: dict[str, str], repeats: int) -> list[dict[s
         for rep in range(repeats):
             for variant, settings in variants.items():
                 for n in (1, 2):
-                    start = (local_cluster(n, memory_limit="4GB", dashboard_address=None) if variant == "package"
-                             else _default_cluster(n, settings))
-                    with start as cluster, Client(cluster, set_as_default=False) as client:
+                    with local_cluster(n, memory_limit="4GB", dashboard_address=None, settings=settings) as cluster, \
+                            Client(cluster, set_as_default=False) as client:
                         job = ours("zarr", paths, client=client)
                         job()
                         workers = list(client.run(os.getpid).values())
@@ -544,7 +543,8 @@ def bench_scaling(name: str, paths: dict[str, str], repeats: int) -> list[dict[s
 
 
 def _distributed_default(key: str) -> Any:
-    """A setting's value in the defaults distributed ships (not a config file's)."""
+    """A setting's value in the defaults distributed ships, not a config
+    file's: the comparison is with distributed as installed."""
     import dask
 
     for defaults in reversed(dask.config.defaults):
@@ -553,20 +553,6 @@ def _distributed_default(key: str) -> Any:
         except KeyError:
             continue
     raise KeyError(key)
-
-
-@contextlib.contextmanager
-def _default_cluster(n: int, settings: dict[str, Any]) -> Any:
-    """A LocalCluster like local_cluster's, with ``settings`` (distributed's
-    defaults, set explicitly so that no configuration file changes them)."""
-    import dask
-    from distributed import LocalCluster
-
-    with dask.config.set(settings):
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address=None, memory_limit="4GB")
-    with cluster:
-        yield cluster
 
 
 def measure_one(engine: str, storage: str, data_dir: Path) -> dict[str, Any]:

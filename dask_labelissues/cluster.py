@@ -17,7 +17,7 @@ cluster of one's own (``--scheduler``) keeps its own configuration.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import dask
 
@@ -38,6 +38,7 @@ def local_cluster(
     threads_per_worker: int = 1,
     memory_limit: str | float | None = "auto",
     dashboard_address: str | None = ":0",
+    settings: Mapping[str, Any] = BATCH_SETTINGS,
     **kwargs: Any,
 ) -> Iterator[Any]:
     """A ``distributed.LocalCluster`` of worker processes, with :data:`BATCH_SETTINGS`.
@@ -46,6 +47,9 @@ def local_cluster(
     ----------
     n_workers, threads_per_worker, memory_limit, dashboard_address
         As for ``LocalCluster``; workers are always processes.
+    settings
+        The Dask configuration the cluster's processes are made with
+        (the benchmark passes distributed's defaults to compare).
     **kwargs
         Passed on to ``LocalCluster``.
 
@@ -59,7 +63,7 @@ def local_cluster(
     # The scheduler and nannies read these when they are made, and each
     # nanny hands its worker the configuration it was made with: the
     # settings need only hold while the cluster starts.
-    with dask.config.set(BATCH_SETTINGS):
+    with dask.config.set(dict(settings)):
         cluster = LocalCluster(
             n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
             memory_limit=memory_limit, dashboard_address=dashboard_address, **kwargs,

@@ -544,7 +544,9 @@ def bench_scaling(name: str, paths: dict[str, str], repeats: int) -> list[dict[s
 
 def _distributed_default(key: str) -> Any:
     """A setting's value in the defaults distributed ships, not a config
-    file's: the comparison is with distributed as installed."""
+    file's: the comparison is with distributed as installed.  None for a
+    variable those defaults do not set (None leaves it out of the workers'
+    pre-spawn environment)."""
     import dask
 
     for defaults in reversed(dask.config.defaults):
@@ -552,6 +554,8 @@ def _distributed_default(key: str) -> Any:
             return dask.config.get(key, config=defaults)
         except KeyError:
             continue
+    if key.startswith("distributed.nanny.pre-spawn-environ."):
+        return None
     raise KeyError(key)
 
 

@@ -17,8 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
 
 
+MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
 def sh(*args: str, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], PYTHON=sys.executable)
+    # As from a fresh shell: a LocalCluster started earlier in this process
+    # leaves distributed's allocator setting in its environment.
+    for name in MALLOC_VARIABLES:
+        env.pop(name, None)
     return subprocess.run(["bash", *args], capture_output=True, text=True, env=env, timeout=180, **kw)
 
 
@@ -63,6 +70,20 @@ def test_walkthrough_with_tls(tmp_path):
         reference = find_label_issues(f"{tmp_path}/data.zarr:labels", f"{tmp_path}/data.zarr:pred_probs",
                                       backend="serial")
         assert_identical(reference, open_results(out))
+
+        from distributed import Client
+        from distributed.security import Security
+
+        security = Security(tls_ca_file=str(certs / "ca.pem"), tls_client_cert=str(certs / "node.pem"),
+                            tls_client_key=str(certs / "node.key"), require_encryption=True)
+        names = MALLOC_VARIABLES
+
+        def allocator_environment() -> dict:  # nested: the workers cannot import this module
+            return {name: os.environ.get(name) for name in names}
+
+        with Client(address, security=security, timeout="30s") as client:
+            environments = client.run(allocator_environment)
+        assert list(environments.values()) == [dict.fromkeys(MALLOC_VARIABLES, "134217728")] * 2
     finally:
         stopped = sh(str(REPO / "deploy/local/stop-cluster.sh"), "-d", str(state))
     assert stopped.returncode == 0, stopped.stderr

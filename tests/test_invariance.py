@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import zarr
 
 from dask_labelissues import find_label_issues
+from dask_labelissues.cluster import MALLOC_THRESHOLD
 
 from .conftest import Dataset, assert_identical, make_dataset
 
@@ -91,15 +93,44 @@ def test_larger_dataset_dask_chunks_match_serial():
     )
 
 
+MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+@contextlib.contextmanager
+def environment(**values):
+    """This process's environment with ``values`` (None: unset), restored after."""
+    before = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def worker_environment(dask_worker=None):
+    return {name: os.environ.get(name) for name in MALLOC_VARIABLES}
+
+
 @pytest.fixture(scope="module")
 def local_cluster():
-    """The LocalCluster the CLI and the demo start."""
+    """The LocalCluster the CLI and the demo start, as in a fresh process:
+    a LocalCluster started earlier in this one (test_filters has one) leaves
+    distributed's allocator setting in the environment, where it would win."""
     from distributed import Client
 
     from dask_labelissues.cluster import local_cluster as start
 
-    with start(2, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
-        yield client
+    with environment(**dict.fromkeys(MALLOC_VARIABLES)):
+        with start(2, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
+            yield client
 
 
 def test_local_cluster_settings_reach_every_process(local_cluster):
@@ -127,8 +158,28 @@ def test_local_cluster_settings_reach_every_process(local_cluster):
     assert local_cluster.run_on_scheduler(periodic) == (False, 1.0, 2000)
     for nanny in local_cluster.cluster.workers.values():
         assert summary(nanny) == (False, 1.0, 2000)
-    # This process's own configuration is left as it was.
+    # Each worker started with the allocator's thresholds in its environment.
+    threshold = str(MALLOC_THRESHOLD)
+    for env in local_cluster.run(worker_environment).values():
+        assert env == dict.fromkeys(MALLOC_VARIABLES, threshold)
+    # This process's own configuration and environment are left as they were.
     assert dask.config.get("distributed.admin.tick.interval") != "1s"
+    assert worker_environment() == dict.fromkeys(MALLOC_VARIABLES)
+
+
+def test_local_cluster_leaves_a_set_allocator_variable_alone():
+    """A threshold already in the environment wins (distributed's order), and
+    the environment is the same after the cluster starts as before."""
+    from distributed import Client
+
+    from dask_labelissues.cluster import local_cluster as start
+
+    mine = {"MALLOC_TRIM_THRESHOLD_": "1048576", "MALLOC_MMAP_THRESHOLD_": None}
+    with environment(**mine):
+        with start(1, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
+            (env,) = client.run(worker_environment).values()
+            assert worker_environment() == mine
+        assert env == {"MALLOC_TRIM_THRESHOLD_": "1048576", "MALLOC_MMAP_THRESHOLD_": str(MALLOC_THRESHOLD)}
 
 
 def test_local_cluster_matches_serial(local_cluster, tmp_path):

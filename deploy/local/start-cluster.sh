@@ -59,6 +59,13 @@ for _ in $(seq 1 $((timeout * 10))); do
 done
 [[ -s "$state/scheduler.json" ]] || { echo "error: scheduler did not start; see $state/logs/scheduler.log" >&2; exit 1; }
 
+# glibc keeps up to 128 MiB of freed memory per arena for reuse, as in the
+# LocalCluster `dask-labelissues find` starts (dask_labelissues/cluster.py):
+# with distributed's MALLOC_TRIM_THRESHOLD_=65536 every block-sized array is
+# a fresh mmap whose pages the kernel faults in and zeroes. Values already
+# in the environment win.
+export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-134217728}"
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-134217728}"
 for i in $(seq 1 "$workers"); do
     setsid "$DASK" worker --scheduler-file "$state/scheduler.json" --host 127.0.0.1 \
         --nthreads "$threads" --memory-limit "$memory" --name "local-$i" \

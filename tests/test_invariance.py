@@ -274,12 +274,16 @@ def test_merges_take_block_states_not_kept_blocks(monkeypatch, filter_by):
     data = make_dataset(6000, 6, seed=5)
     find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000, filter_by=filter_by)
     assert len(seen) == (2 if filter_by else 1)  # both passes (and the joint)
-    assert sum(str(name).startswith("combine-") for name in seen[0]) == 2  # pass one's, pass two's
+    merge_names = ("combine-", "combine_thresholds-", "combine_first_bucket-")
+    # Six blocks, one merge each: pass one's root makes the thresholds, and
+    # pass two's picks the first bucket unless a filter takes over from there.
+    first = {str(name).split("-")[0] for name in seen[0] if str(name).startswith(merge_names)}
+    assert first == {"combine_thresholds", "combine" if filter_by else "combine_first_bucket"}
     for dependencies in seen:
-        merges = {name: deps for name, deps in dependencies.items() if str(name).startswith("combine-")}
+        merges = {name: deps for name, deps in dependencies.items() if str(name).startswith(merge_names)}
         assert merges
         for name, deps in merges.items():
-            assert all(str(d).startswith(("combine-", "block_state-")) for d in deps), (name, deps)
+            assert all(str(d).startswith((*merge_names, "block_state-")) for d in deps), (name, deps)
 
 
 def test_shared_arguments_inlined_or_keyed_give_the_same_result(monkeypatch):

@@ -103,8 +103,7 @@ def _select(scores: np.ndarray, target: int, blocks: int, cap: int | None = None
             ))
         if sel.bucket <= states.CANDIDATE_CAP:
             gathered = Winners.combine([
-                Winners.chunk(r, p, states.prefix_rows_block(p, sel.shift, sel.prefix), s)
-                for r, p, s in zip(recs, parts, starts)
+                states.prefix_winners(r, p, sel.shift, sel.prefix, s) for r, p, s in zip(recs, parts, starts)
             ])
             winners, cutoff, quotas = sel.finish(gathered, starts)
         else:
@@ -118,7 +117,38 @@ def _select(scores: np.ndarray, target: int, blocks: int, cap: int | None = None
     chosen = np.flatnonzero(np.concatenate(masks))
     if winners is not None:
         np.testing.assert_array_equal(np.sort(winners.index), chosen)
+        by_rank = np.lexsort((np.arange(scores.size), scores))[:target]
+        np.testing.assert_array_equal(winners.ranked().index, by_rank)
     return chosen
+
+
+def test_rank_order_is_by_value_then_index_whatever_the_given_order():
+    from dask_labelissues.states import rank_order
+
+    rng = np.random.default_rng(5)
+    values = np.round(rng.random(5000), 2)  # many ties
+    values[rng.choice(5000, 40, replace=False)] = np.nan
+    values[rng.choice(5000, 40, replace=False)] = -0.0
+    values[rng.choice(5000, 40, replace=False)] = 0.0
+    index = np.arange(values.size) * 3 + 7
+    runs = np.array_split(np.arange(values.size), 9)
+    ranked_runs = np.concatenate([r[np.lexsort((index[r], values[r]))] for r in runs])
+    orders = {
+        "index order": np.arange(values.size),
+        "ranked runs": ranked_runs,
+        "shuffled": rng.permutation(values.size),  # ties out of index order: the fallback
+        "reversed": np.arange(values.size)[::-1],
+    }
+    for name, given in orders.items():
+        v, i = values[given], index[given]
+        got = rank_order(v, i)
+        expected = np.lexsort((i, v))
+        np.testing.assert_array_equal(i[got], i[expected], err_msg=name)
+    # Only NaNs tie, out of index order: NaN != NaN must still count as a tie.
+    v = np.array([0.5, np.nan, 0.1, np.nan, 0.3])
+    np.testing.assert_array_equal(rank_order(v, np.array([0, 9, 2, 4, 1])), [2, 4, 0, 3, 1])
+    keys = np.array([5, 3, 5, 3, 1], dtype=np.uint64)
+    np.testing.assert_array_equal(rank_order(keys, np.array([4, 3, 2, 1, 0])), [4, 3, 1, 2, 0])
 
 
 @pytest.mark.parametrize("cap", [None, 0, 5])

@@ -45,7 +45,7 @@ from ..states import HistogramState, ScoreState, ThresholdState, Winners
 from .base import Driver, block_bounds
 
 #: Fan-in of every tree reduction.
-SPLIT_EVERY = 8
+SPLIT_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -180,20 +180,33 @@ def shared(value: Any, copies: int) -> Any:
     return value if small else delayed(value, pure=False)
 
 
-def merge_states(pairs: Sequence[Delayed], combine: Callable, split_every: int) -> Delayed:
+def merge_states(
+    pairs: Sequence[Delayed], combine: Callable, split_every: int, root: Callable | None = None, root_args: tuple = ()
+) -> Delayed:
     """The tree reduction of the states of :class:`Pair` outputs, each taken
-    out by a :func:`block_state` task beside its Pair."""
-    return tree_reduce(layer(block_state, [(p,) for p in pairs]), combine, split_every)
+    out by a :func:`block_state` task beside its Pair (``root``: see
+    :func:`tree_reduce`)."""
+    return tree_reduce(layer(block_state, [(p,) for p in pairs]), combine, split_every, root, root_args)
 
 
-def tree_reduce(parts: Sequence[Delayed], combine: Callable, split_every: int) -> Delayed:
+def tree_reduce(
+    parts: Sequence[Delayed], combine: Callable, split_every: int, root: Callable | None = None, root_args: tuple = ()
+) -> Delayed:
     """Merge delayed states ``split_every`` at a time until one is left;
     always at least one merge, so the result is a state even for a single
-    block."""
+    block.
+
+    With ``root``, the last merge is ``root(states, *root_args)`` instead,
+    which merges and also computes what the next stage needs from the
+    merged state, in the same task: a task of its own would be one more
+    trip through the scheduler on the way from one pass to the next.
+    """
     if split_every < 2:
         raise ValueError(f"split_every must be >= 2, got {split_every}")
     level = list(parts)
     while True:
+        if root is not None and len(level) <= split_every:
+            return layer(root, [(level, *root_args)])[0]
         level = layer(combine, [(level[i : i + split_every],) for i in range(0, len(level), split_every)])
         if len(level) == 1:
             return level[0]
@@ -212,12 +225,14 @@ def scan_block(labels: Any, probs: Any, start: int, spec: ScoreSpec, stop: int |
     return Pair(*states.scan_block(labels, probs, start, spec))
 
 
-def score_block(rec: Any, thresholds: np.ndarray | None, spec: ScoreSpec, *raw: Any) -> Pair:
+def score_block(rec: Any, thresholds: Any, spec: ScoreSpec, *raw: Any) -> Pair:
     """Pass two on a block (:func:`dask_labelissues.states.score_block`).
 
-    No ``thresholds`` (pass one found bad input, see :func:`_thresholds`):
-    no scores, and a state that selects nothing.
+    ``thresholds`` may come as the data of a :class:`Pair`
+    (:func:`combine_thresholds`).  None (pass one found bad input): no
+    scores, and a state that selects nothing.
     """
+    thresholds = _data(thresholds)
     if thresholds is None:
         return Pair(None, ScoreState.empty())
     return Pair(*states.score_block(_data(rec), thresholds, spec, *raw))
@@ -448,27 +463,30 @@ class DaskDriver(Driver):
         if self.spec.rereads:
             return super().first_passes(select)
         scan_pairs = self._scan_layer()
-        scan_state = merge_states(scan_pairs, ThresholdState.combine, self.split_every)
-        (thresholds,) = layer(_thresholds, [(scan_state,)])
-        score_pairs = self._score_layer(scan_pairs, thresholds)
-        score_state = merge_states(score_pairs, ScoreState.combine, self.split_every)
-        wanted = [scan_state, score_state]
+        # Pair(thresholds, merged state): the score tasks take the first.
+        scan_root = merge_states(scan_pairs, ThresholdState.combine, self.split_every, combine_thresholds)
+        score_pairs = self._score_layer(scan_pairs, scan_root)
         if select:
-            (bucket,) = layer(
-                states.first_bucket, [(score_state, self.spec.estimation_method, self.n_rows)]
-            )
+            # Pair(first bucket, merged state): the bucket's row tasks take the first.
+            args = (self.spec.estimation_method, self.n_rows)
+            score_root = merge_states(score_pairs, ScoreState.combine, self.split_every, combine_first_bucket, args)
             rows = [
-                (rec, sc, bucket, start)
+                (rec, sc, score_root, start)
                 for rec, sc, (start, _) in zip(scan_pairs, score_pairs, self.bounds)
             ]
-            wanted += [bucket, *layer(block_task(_bucket_rows), rows)]
+            wanted = [scan_root, score_root, *layer(block_task(_bucket_rows), rows)]
+        else:
+            wanted = [scan_root, merge_states(score_pairs, ScoreState.combine, self.split_every)]
         n = len(self.bounds)
         kept, small = self._persist([*scan_pairs, *score_pairs], wanted)
         self.rec_blocks, self.score_blocks = kept[:n], kept[n:]
-        scan, score, *rest = small
+        scan, score, *rows_gathered = small
+        scan = scan.state
         scan.raise_problem()
-        if select and rest[0] is not None:
-            self._prefetched = (rest[0], Winners.combine(rest[1:]))
+        if select:
+            bucket, score = score.data, score.state
+            if bucket is not None:
+                self._prefetched = (bucket, Winners.combine(rows_gathered))
         return scan, score
 
     def histogram(self, round_index: int, prefix: int) -> HistogramState:
@@ -488,7 +506,7 @@ class DaskDriver(Driver):
             (rec, sc, cutoff, q, start)
             for rec, sc, q, (start, _) in zip(self.rec_blocks, self.score_blocks, quotas, self.bounds)
         ]
-        return Winners.combine(list(self._compute(*layer(block_task(_winners), rows))))
+        return Winners.combine(list(self._compute(*layer(block_task(states.top_winners), rows))))
 
     def gather_prefix(self, shift: int, prefix: int) -> Winners:
         assert self.score_blocks is not None and self.rec_blocks is not None
@@ -499,7 +517,7 @@ class DaskDriver(Driver):
             (rec, sc, shift, prefix, start)
             for rec, sc, (start, _) in zip(self.rec_blocks, self.score_blocks, self.bounds)
         ]
-        return Winners.combine(list(self._compute(*layer(block_task(_prefix_rows), rows))))
+        return Winners.combine(list(self._compute(*layer(block_task(states.prefix_winners), rows))))
 
     def outputs(self, cutoff: int, quotas: list[int]) -> dict[str, da.Array]:
         assert self.score_blocks is not None and self.rec_blocks is not None
@@ -577,24 +595,26 @@ def _flagged(
     return Winners.chunk(rec, scores, filters.mask_block(rule, rec, joint, start), start)
 
 
-def _thresholds(state: ThresholdState) -> np.ndarray | None:
-    """The thresholds, or None when pass one found bad input.
+def combine_thresholds(parts: list[ThresholdState]) -> Pair:
+    """The root of pass one's tree: ``Pair(thresholds, merged state)``.
 
-    The client raises that error itself from the merged state: a task that
-    raised would also be logged by its worker, traceback and all, beside
-    the one-line error a user should see.
+    The thresholds are None when pass one found bad input.  The client
+    raises that error itself from the merged state: a task that raised
+    would also be logged by its worker, traceback and all, beside the
+    one-line error a user should see.
     """
-    return None if state.problem is not None else state.finalize()
+    state = ThresholdState.combine(parts)
+    return Pair(None if state.problem is not None else state.finalize(), state)
+
+
+def combine_first_bucket(parts: list[ScoreState], estimation_method: str, n_rows: int) -> Pair:
+    """The root of pass two's tree: ``Pair(first bucket, merged state)``
+    (:func:`dask_labelissues.states.first_bucket`)."""
+    state = ScoreState.combine(parts)
+    return Pair(states.first_bucket(state, estimation_method, n_rows), state)
 
 
 def _bucket_rows(rec: np.ndarray, scores: np.ndarray, bucket: tuple[int, int] | None, start: int) -> Winners | None:
-    """:func:`_prefix_rows` for the bucket :func:`dask_labelissues.states.first_bucket` chose, if any."""
-    return None if bucket is None else _prefix_rows(rec, scores, *bucket, start)
-
-
-def _prefix_rows(rec: np.ndarray, scores: np.ndarray, shift: int, prefix: int, start: int) -> Winners:
-    return Winners.chunk(rec, scores, states.prefix_rows_block(scores, shift, prefix), start)
-
-
-def _winners(rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, start: int) -> Winners:
-    return Winners.chunk(rec, scores, states.selected_block(scores, cutoff, quota), start)
+    """:func:`dask_labelissues.states.prefix_winners` for the bucket
+    :func:`dask_labelissues.states.first_bucket` chose, if any."""
+    return None if bucket is None else states.prefix_winners(rec, scores, *bucket, start)

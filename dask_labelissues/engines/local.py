@@ -112,12 +112,12 @@ class LocalJob:
     def gather(self, i: int, cutoff: int, quota: int) -> Winners:
         a, b = self.bounds[i]
         sc = self.scores[a:b]
-        return Winners.chunk(self.records[a:b], sc, states.selected_block(sc, cutoff, quota), a)
+        return states.top_winners(self.records[a:b], sc, cutoff, quota, a)
 
     def gather_prefix(self, i: int, shift: int, prefix: int) -> Winners:
         a, b = self.bounds[i]
         sc = self.scores[a:b]
-        return Winners.chunk(self.records[a:b], sc, states.prefix_rows_block(sc, shift, prefix), a)
+        return states.prefix_winners(self.records[a:b], sc, shift, prefix, a)
 
     def write_mask(self, i: int, cutoff: int, quota: int) -> None:
         a, b = self.bounds[i]

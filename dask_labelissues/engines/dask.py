@@ -5,8 +5,8 @@ inputs are read inside the task itself; a dask array's blocks come from its
 own graph) and returns a :class:`Pair` of the block's records and its
 threshold state; the records are persisted (kept in worker memory, spilled
 by Dask if need be) and the states go up a tree of ``split_every``-way
-merges.  Pass two maps over the records, with the thresholds made by a
-task on the merged state, and a task on pass two's merged state picks the
+merges.  Pass two maps over the records, with the thresholds made by the
+last merge of pass one's tree, and the last merge of pass two's picks the
 selection's first bucket, whose rows the same graph gathers: the two passes
 and the usual selection are one graph, with no stop at the client between
 them (two graphs for a score that reads pred_probs again).  Further
@@ -444,9 +444,9 @@ class DaskDriver(Driver):
         """Both passes, and with ``select`` the rows of the selection's first
         bucket, as one graph.
 
-        The thresholds are a task on the merged pass-one state and the first
-        bucket a task on the merged pass-two state, so the workers go from
-        one stage to the next without waiting for the client.  Each
+        The last merge of pass one's tree also makes the thresholds, and
+        the last merge of pass two's picks the first bucket, so the workers
+        go from one stage to the next without waiting for the client.  Each
         separate stage had cost a round trip through the client (gather the
         state, build and send the next graph) during which the workers sat
         idle.  Bad input found in pass one leaves the thresholds task empty

@@ -305,23 +305,20 @@ class Selection:
     def finish(self, gathered: "Winners", starts: Sequence[int]) -> tuple["Winners", int, list[int]]:
         """Choose the winners among the rows at or below the bucket.
 
-        Returns ``(winners, cutoff_key, quotas)``: the quotas say, per block,
-        how many rows with the cutoff key are in the top set.
+        Returns ``(winners, cutoff_key, quotas)``: the winners ranked, and
+        per block, how many rows with the cutoff key are in the top set.
         """
+        # ``gathered`` holds every row whose key prefix is at most the
+        # bucket's: the ``below`` rows under the bucket, whose keys are all
+        # smaller than any in it, then the bucket's.  So the first ``target``
+        # rows by (key, index) are the winners, already ranked.
         keys = kernels.score_keys(gathered.score)
-        prefixes = keys >> np.uint64(self.shift) if self.shift < 64 else np.zeros_like(keys)
-        sure = prefixes < np.uint64(self.prefix)
-        candidates = np.flatnonzero(~sure)
-        order = candidates[rank_order(keys[candidates], gathered.index[candidates])]
-        taken = order[: self.target - self.below]
+        taken = rank_order(keys, gathered.index)[: self.target]
         cutoff = int(keys[taken[-1]])
         at_cutoff = gathered.index[taken[keys[taken] == np.uint64(cutoff)]]
         block = np.searchsorted(np.asarray(starts), at_cutoff, side="right") - 1
         quotas = np.bincount(block, minlength=len(starts)).tolist()
-        keep = np.zeros(keys.size, dtype=bool)
-        keep[sure] = True
-        keep[taken] = True
-        return gathered.take(keep), cutoff, quotas
+        return gathered.take(taken), cutoff, quotas
 
     def quotas(self, equal_per_block: Sequence[int]) -> list[int]:
         """After all rounds: per block, how many rows with the cutoff key
@@ -365,8 +362,9 @@ class Winners:
             np.concatenate([p.reduce for p in parts]),
         )
 
-    def take(self, mask: np.ndarray) -> "Winners":
-        return Winners(self.index[mask], self.score[mask], self.label[mask], self.reduce[mask])
+    def take(self, rows: np.ndarray) -> "Winners":
+        """The rows a boolean mask or an array of positions picks, in its order."""
+        return Winners(self.index[rows], self.score[rows], self.label[rows], self.reduce[rows])
 
     def ranked(self) -> "Winners":
         """Sorted by ascending score, ties by ascending row index."""

@@ -312,6 +312,11 @@ class Selection:
         # bucket's: the ``below`` rows under the bucket, whose keys are all
         # smaller than any in it, then the bucket's.  So the first ``target``
         # rows by (key, index) are the winners, already ranked.
+        if gathered.index.size != self.below + self.bucket:
+            raise RuntimeError(
+                f"the selection gathered {gathered.index.size} rows, not the "
+                f"{self.below} + {self.bucket} at or below its bucket"
+            )
         keys = kernels.score_keys(gathered.score)
         taken = rank_order(keys, gathered.index)[: self.target]
         cutoff = int(keys[taken[-1]])

@@ -115,8 +115,14 @@ def environment(**values):
                 os.environ[name] = value
 
 
-def worker_environment(dask_worker=None):
-    return {name: os.environ.get(name) for name in MALLOC_VARIABLES}
+def environment_reader(names=MALLOC_VARIABLES + ("PYTHONHASHSEED",)):
+    """A function that reads ``names`` from its process's environment,
+    defined here so that workers need not import this module."""
+
+    def read(dask_worker=None):
+        return {name: os.environ.get(name) for name in names}
+
+    return read
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +134,7 @@ def local_cluster():
 
     from dask_labelissues.cluster import local_cluster as start
 
-    with environment(**dict.fromkeys(MALLOC_VARIABLES)):
+    with environment(**dict.fromkeys((*MALLOC_VARIABLES, "PYTHONHASHSEED"))):
         with start(2, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
             yield client
 
@@ -160,11 +166,11 @@ def test_local_cluster_settings_reach_every_process(local_cluster):
         assert summary(nanny) == (False, 1.0, 2000)
     # Each worker started with the allocator's thresholds in its environment.
     threshold = str(MALLOC_THRESHOLD)
-    for env in local_cluster.run(worker_environment).values():
+    for env in local_cluster.run(environment_reader(MALLOC_VARIABLES)).values():
         assert env == dict.fromkeys(MALLOC_VARIABLES, threshold)
     # This process's own configuration and environment are left as they were.
     assert dask.config.get("distributed.admin.tick.interval") != "1s"
-    assert worker_environment() == dict.fromkeys(MALLOC_VARIABLES)
+    assert environment_reader()() == dict.fromkeys((*MALLOC_VARIABLES, "PYTHONHASHSEED"))
 
 
 def test_local_cluster_leaves_a_set_allocator_variable_alone():
@@ -174,12 +180,15 @@ def test_local_cluster_leaves_a_set_allocator_variable_alone():
 
     from dask_labelissues.cluster import local_cluster as start
 
-    mine = {"MALLOC_TRIM_THRESHOLD_": "1048576", "MALLOC_MMAP_THRESHOLD_": None}
+    mine = {"MALLOC_TRIM_THRESHOLD_": "1048576", "MALLOC_MMAP_THRESHOLD_": None, "PYTHONHASHSEED": None}
+    read = environment_reader()
     with environment(**mine):
         with start(1, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
-            (env,) = client.run(worker_environment).values()
-            assert worker_environment() == mine
-        assert env == {"MALLOC_TRIM_THRESHOLD_": "1048576", "MALLOC_MMAP_THRESHOLD_": str(MALLOC_THRESHOLD)}
+            (env,) = client.run(read).values()
+            assert read() == mine
+        assert read() == mine
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "1048576"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(MALLOC_THRESHOLD)
 
 
 def test_local_cluster_matches_serial(local_cluster, tmp_path):

@@ -449,7 +449,7 @@ class DaskDriver(Driver):
         go from one stage to the next without waiting for the client.  Each
         separate stage had cost a round trip through the client (gather the
         state, build and send the next graph) during which the workers sat
-        idle.  Bad input found in pass one leaves the thresholds task empty
+        idle.  Bad input found in pass one leaves the thresholds empty
         and pass two idle, and its error is raised here, on the client.
 
         A score that reads pred_probs again runs the passes as two graphs,

@@ -172,7 +172,8 @@ def _progress(items: Iterable[Any], total: int, desc: str, enabled: bool) -> Ite
 
 def _fold(parts: Iterable[Any], combine: Callable[[list], Any], fan_in: int = 8) -> Any:
     """Merge states as they arrive, ``fan_in`` at a time (as the Dask
-    engine's tree does), so memory holds at most ``fan_in + 1`` of them."""
+    engine's tree does, with its own fan-in), so memory holds at most
+    ``fan_in + 1`` of them."""
     acc: list[Any] = []
     for part in parts:
         acc.append(part)

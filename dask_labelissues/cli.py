@@ -74,7 +74,7 @@ def dask_client(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[Any
         return
     from distributed import Client
 
-    from .cluster import local_cluster
+    from .cluster import dashboard_link, local_cluster
 
     address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if address:
@@ -96,7 +96,7 @@ def dask_client(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[Any
     with local_cluster(
         workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit,
     ) as cluster, Client(cluster) as client:
-        print(f"LocalCluster: {workers} workers  dashboard: {client.dashboard_link}", file=log, flush=True)
+        print(f"LocalCluster: {workers} workers  dashboard: {dashboard_link(client)}", file=log, flush=True)
         yield client
 
 

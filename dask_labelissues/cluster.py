@@ -121,6 +121,18 @@ def local_cluster(
         _put_back(before)
 
 
+def dashboard_link(client: Any) -> str:
+    """The dashboard's address, with a hint when this process (which holds
+    the embedded cluster's scheduler) lacks bokeh: the address then serves
+    only distributed's page saying so."""
+    import importlib.util
+
+    link = str(client.dashboard_link)
+    if importlib.util.find_spec("bokeh") is None:
+        link += " (needs bokeh: pip install bokeh)"
+    return link
+
+
 def _put_back(environment: Mapping[str, str | None]) -> None:
     """Set these variables of this process's environment (None: unset)."""
     for name, value in environment.items():

@@ -73,7 +73,7 @@ def run_demo(
     from distributed import Client
 
     from .api import find_label_issues
-    from .cluster import local_cluster
+    from .cluster import dashboard_link, local_cluster
 
     spec = SyntheticSpec(rows=rows, classes=classes, noise=noise, seed=seed)
     workdir = os.path.abspath(keep) if keep else tempfile.mkdtemp(prefix="dask-labelissues-demo-")
@@ -91,7 +91,7 @@ def run_demo(
         group = zarr.open_group(data_path, mode="r")
         n_workers = workers or default_workers()
         with local_cluster(n_workers) as cluster, Client(cluster) as client:
-            print(f"dashboard: {client.dashboard_link}", file=log, flush=True)
+            print(f"dashboard: {dashboard_link(client)}", file=log, flush=True)
             t0 = time.perf_counter()
             result = find_label_issues(
                 group["labels"], group["pred_probs"], client=client, progress=progress

@@ -291,3 +291,19 @@ def test_demo_text_output():
     assert proc.returncode == 0, proc.stderr
     for field in ["rows ", "classes ", "wall time", "rows per second", "issues found", "precision", "recall", "worst 10 issues"]:
         assert field in proc.stdout
+
+
+def test_dashboard_link_says_when_bokeh_is_missing(monkeypatch):
+    """Without bokeh in the scheduler's process the dashboard address serves
+    only a page asking for it; the printed link says so."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from dask_labelissues.cluster import dashboard_link
+
+    client = SimpleNamespace(dashboard_link="http://127.0.0.1:8787/status")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bokeh" else real(name, *a))
+    assert dashboard_link(client) == "http://127.0.0.1:8787/status (needs bokeh: pip install bokeh)"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bokeh" else real(name, *a))
+    assert dashboard_link(client) == "http://127.0.0.1:8787/status"

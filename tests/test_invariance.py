@@ -99,20 +99,13 @@ MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 @contextlib.contextmanager
 def environment(**values):
     """This process's environment with ``values`` (None: unset), restored after."""
-    before = {name: os.environ.get(name) for name in values}
-    try:
+    with pytest.MonkeyPatch.context() as patch:
         for name, value in values.items():
             if value is None:
-                os.environ.pop(name, None)
+                patch.delenv(name, raising=False)
             else:
-                os.environ[name] = value
+                patch.setenv(name, value)
         yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def environment_reader(names=MALLOC_VARIABLES + ("PYTHONHASHSEED",)):

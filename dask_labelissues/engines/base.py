@@ -149,12 +149,11 @@ def run(driver: Driver, spec: ScoreSpec) -> RawResult:
             selection.advance(driver.histogram(selection.round_index, selection.prefix))
         if selection.gathers_bucket():
             gathered = driver.gather_prefix(selection.shift, selection.prefix)
-            winners, cutoff, quotas = selection.finish(gathered, driver.block_starts)
+            winners, cutoff, quotas = selection.finish(gathered, driver.block_starts)  # ranked
         else:  # one key value shared by very many rows: split the tie per block
             cutoff = selection.prefix
             quotas = selection.quotas(driver.equal_counts(cutoff))
-            winners = driver.gather(cutoff, quotas)
-        winners = winners.ranked()
+            winners = driver.gather(cutoff, quotas).ranked()
     arrays = driver.outputs(cutoff, quotas)
 
     k = driver.n_classes

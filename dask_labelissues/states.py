@@ -436,6 +436,98 @@ def first_bucket(state: ScoreState, estimation_method: str, n_rows: int) -> tupl
     return selection.shift, selection.prefix
 
 
+@dataclass
+class OutlookState:
+    """Pass one's outlook on pass two, for scores the records already hold
+    (no ``adjust_pred_probs``): the first radix-select digits of the scores,
+    and per predicted class, a histogram of ``p_pred`` over the rows
+    predicted as another class than their label.
+
+    Once the thresholds are known, the second bounds the ``off_diagonal``
+    estimate of T from above (:meth:`upper_count`), and the first then
+    names the bucket whose rows, with those below it, include the T lowest
+    scores (:meth:`bucket`).  An engine can gather those rows in the same
+    per-block tasks that count T, rather than in a stage after them.
+    """
+
+    digits: "HistogramState"
+    off_diagonal: np.ndarray  # int64 (K, bins)
+
+    @staticmethod
+    def n_bins(k: int) -> int:
+        """Bins per class: fewer for many classes, so that a block's state
+        stays about 128 KB however many classes there are."""
+        return int(np.clip((1 << 14) // max(k, 1), 16, 256))
+
+    @classmethod
+    def chunk(cls, rec: np.ndarray, k: int) -> "OutlookState":
+        bins = cls.n_bins(k)
+        off = rec["pred"] != rec["label"]
+        flat = rec["pred"][off].astype(np.intp) * bins + cls._bin(rec["p_pred"][off], bins)
+        counts = np.bincount(flat, minlength=k * bins).astype(np.int64)
+        return cls(HistogramState.chunk(rec["score"], 0, 0), counts.reshape(k, bins))
+
+    @staticmethod
+    def _bin(p: np.ndarray, bins: int) -> np.ndarray:
+        # Non-decreasing in p (NaN, which only bad input has, in the top
+        # bin): a row clearing a threshold is never in a lower bin than it.
+        p = np.nan_to_num(np.clip(p, 0.0, 1.0), nan=1.0)
+        return np.minimum((p * bins).astype(np.intp), bins - 1)
+
+    @classmethod
+    def combine(cls, states: Sequence["OutlookState"]) -> "OutlookState":
+        return cls(
+            HistogramState.combine([s.digits for s in states]),
+            np.sum([s.off_diagonal for s in states], axis=0, dtype=np.int64),
+        )
+
+    def upper_count(self, thresholds: np.ndarray) -> int:
+        """At least the ``off_diagonal`` estimate of T these thresholds give
+        (:meth:`CountState.finalize`); more by the rows of one bin per class
+        at most."""
+        k, bins = self.off_diagonal.shape
+        lowest = self._bin(thresholds - kernels.FLOATING_POINT_COMPARISON, bins)
+        at_or_above = np.cumsum(self.off_diagonal[:, ::-1], axis=1)[:, ::-1]
+        return int(at_or_above[np.arange(k), lowest].sum())
+
+    def bucket(self, thresholds: np.ndarray, n_rows: int) -> tuple[int, int] | None:
+        """``(shift, prefix)`` of rows that include the lowest ``off_diagonal``
+        T, or None when there is nothing to select or the bucket is too large
+        to gather (:data:`CANDIDATE_CAP`)."""
+        bound = min(self.upper_count(thresholds), n_rows)
+        if bound <= 0:
+            return None
+        selection = Selection(bound)
+        selection.advance(self.digits)
+        if not selection.gathers_bucket():
+            return None
+        return selection.shift, selection.prefix
+
+
+def outlook_count_block(
+    rec: np.ndarray, thresholds: np.ndarray, spec: ScoreSpec, bucket: tuple[int, int] | None, start: int
+) -> tuple[CountState, "Winners | None"]:
+    """Pass two's count for a block whose scores are in its records, with
+    the rows of :meth:`OutlookState.bucket` (ranked) when there is one."""
+    counts = CountState.chunk(rec, thresholds)
+    if bucket is None:
+        return counts, None
+    return counts, prefix_winners(rec, block_scores(rec, thresholds, spec), *bucket, start)
+
+
+def narrow_prefix(rows: "Winners", held: tuple[int, int], shift: int, prefix: int) -> "Winners | None":
+    """The rows of ``rows`` (those with ``key >> held[0] <= held[1]``) whose
+    ``key >> shift`` is at most ``prefix``, in their order; None when the
+    rows asked for need not all be among them."""
+    held_shift, held_prefix = held
+    if shift > held_shift or (prefix >> (held_shift - shift)) > held_prefix:
+        return None
+    if (shift, prefix) == held:
+        return rows
+    keys = kernels.score_keys(rows.score)
+    return rows.take((keys >> np.uint64(shift)) <= np.uint64(prefix))
+
+
 def equal_count_block(scores: np.ndarray, cutoff: int) -> int:
     """How many rows of the block have exactly the cutoff key."""
     return int(np.count_nonzero(kernels.score_keys(scores) == np.uint64(cutoff)))

@@ -276,11 +276,15 @@ def test_merges_take_block_states_not_kept_blocks(monkeypatch, filter_by):
     data = make_dataset(6000, 6, seed=5)
     find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000, filter_by=filter_by)
     assert len(seen) == (2 if filter_by else 1)  # both passes (and the joint)
-    merge_names = ("combine-", "combine_thresholds-", "combine_first_bucket-")
-    # Six blocks, one merge each: pass one's root makes the thresholds, and
-    # pass two's picks the first bucket unless a filter takes over from there.
+    merge_names = (
+        "combine-", "combine_thresholds-", "combine_first_bucket-", "combine_scan_outlook-",
+        "combine_thresholds_outlook-",
+    )
+    # Six blocks, one merge each: pass one's root makes the thresholds (and
+    # without a filter, the bucket to gather); with a filter, pass two's
+    # tree follows.
     first = {str(name).split("-")[0] for name in seen[0] if str(name).startswith(merge_names)}
-    assert first == {"combine_thresholds", "combine" if filter_by else "combine_first_bucket"}
+    assert first == ({"combine_thresholds", "combine"} if filter_by else {"combine_thresholds_outlook"})
     for dependencies in seen:
         merges = {name: deps for name, deps in dependencies.items() if str(name).startswith(merge_names)}
         assert merges
@@ -347,7 +351,13 @@ def test_passes_and_first_bucket_run_as_one_graph(monkeypatch, cap):
     """The Dask engine runs both passes and gathers the selection's first
     bucket in one graph; when that bucket is too large to gather
     (``cap``), the selection goes on round by round as before, and the
-    issues are the same either way."""
+    issues are the same either way.
+
+    On threads: the cap is patched in this process only, and this module's
+    cluster fixture may be the default client by now.
+    """
+    import dask
+
     from dask_labelissues import states
     from dask_labelissues.engines.dask import DaskDriver
 
@@ -364,7 +374,8 @@ def test_passes_and_first_bucket_run_as_one_graph(monkeypatch, cap):
             return _original(self, *args)
 
         monkeypatch.setattr(DaskDriver, name, spy)
-    result = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000)
+    with dask.config.set(scheduler="threads"):
+        result = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000)
     assert_identical(reference, result)
     assert calls["_persist"] == 1
     if cap is None:

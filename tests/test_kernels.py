@@ -187,3 +187,93 @@ def test_nan_scores_rank_last():
     keys = kernels.score_keys(np.array([np.nan, -np.nan, np.inf, 0.5, -np.inf]))
     assert keys[0] == keys[1]
     assert keys[0] > keys[2] > keys[3] > keys[4]
+
+
+def _outlook_records(seed: int, k: int, absent: tuple[int, ...] = ()):
+    from tests.conftest import make_dataset
+
+    data = make_dataset(6000, k, seed=seed, absent=absent, noise=0.2, signal=1.5)
+    rec, state = scan_block(data.labels, data.pred_probs, 0, ScoreSpec())
+    return rec, state.finalize()
+
+
+@pytest.mark.parametrize("k, absent", [(3, ()), (7, (2, 5)), (120, ()), (2000, ())])
+def test_outlook_bounds_the_off_diagonal_count_from_above(k, absent):
+    """The bucket gathered with pass two's count must hold the T lowest
+    scores, so the outlook's count may be too high but never too low, and
+    too high by at most the rows of one bin per class; its states merge
+    exactly, however the rows are split."""
+    from dask_labelissues.states import CountState, OutlookState
+
+    rec, thresholds = _outlook_records(k, k, absent)
+    # Rows exactly at a threshold's edge count (>=): put some there.
+    rows = np.flatnonzero(rec["pred"] != rec["label"])[:50]
+    rec["p_pred"][rows] = (thresholds - kernels.FLOATING_POINT_COMPARISON)[rec["pred"][rows]]
+    outlook = OutlookState.chunk(rec, k)
+    bins = OutlookState.n_bins(k)
+    assert outlook.off_diagonal.shape == (k, bins) and outlook.off_diagonal.size * 8 <= 1 << 18
+    for t in (thresholds, np.full(k, 2.0), np.full(k, kernels.THRESHOLD_FLOOR), np.random.default_rng(k).random(k)):
+        exact = CountState.chunk(rec, t).finalize("off_diagonal")
+        bound = outlook.upper_count(t)
+        # The slack: rows below their class's threshold in that threshold's bin.
+        off = rec["pred"] != rec["label"]
+        p, c = rec["p_pred"][off], rec["pred"][off]
+        edge = t - kernels.FLOATING_POINT_COMPARISON
+        same_bin = OutlookState._bin(p, bins) == OutlookState._bin(edge, bins)[c]
+        assert exact <= bound == exact + int(np.count_nonzero(same_bin & (p < edge[c])))
+    parts = [OutlookState.chunk(rec[a:b], k) for a, b in ((0, 1), (1, 2500), (2500, 2500), (2500, 6000))]
+    merged = OutlookState.combine(parts)
+    np.testing.assert_array_equal(merged.off_diagonal, outlook.off_diagonal)
+    np.testing.assert_array_equal(merged.digits.dense(), outlook.digits.dense())
+    np.testing.assert_array_equal(outlook.digits.dense(), HistogramState.chunk(rec["score"], 0, 0).dense())
+
+
+def test_outlook_of_bad_values_does_not_fail():
+    """Bad input is reported by pass one's threshold state; the outlook of
+    the same block must not raise first."""
+    from dask_labelissues.states import OutlookState
+
+    rec, thresholds = _outlook_records(3, 4)
+    rec["p_pred"][:4] = [np.nan, np.inf, -1.0, 7.0]
+    outlook = OutlookState.chunk(rec, 4)
+    assert outlook.off_diagonal.sum() == np.count_nonzero(rec["pred"] != rec["label"])
+    assert outlook.upper_count(thresholds) >= 0
+
+
+@pytest.mark.parametrize("cap", [None, 3])
+def test_outlook_bucket_covers_the_selection_and_narrows_exactly(monkeypatch, cap):
+    """The rows of the outlook's bucket, narrowed to the bucket the
+    selection ends on, are exactly (and in the order of) what a gather of
+    that bucket from the blocks would return."""
+    from dask_labelissues import states
+    from dask_labelissues.states import CountState, OutlookState, Winners, narrow_prefix, prefix_winners
+
+    if cap is not None:
+        monkeypatch.setattr(states, "CANDIDATE_CAP", cap)
+    rec, thresholds = _outlook_records(11, 9)
+    rec["score"] = np.round(rec["score"], 3)  # ties, across blocks too
+    n = rec.size
+    starts = [0, 1000, 1001, 4000]
+    bounds = list(zip(starts, [*starts[1:], n]))
+    outlook = OutlookState.combine([OutlookState.chunk(rec[a:b], 9) for a, b in bounds])
+    bucket = outlook.bucket(thresholds, n)
+    if cap is not None:
+        assert bucket is None  # too many rows share the bound's bucket
+        return
+    assert bucket is not None
+    scores = rec["score"].astype(np.float64)
+    held = Winners.combine([prefix_winners(rec[a:b], scores[a:b], *bucket, a) for a, b in bounds])
+    target = CountState.chunk(rec, thresholds).finalize("off_diagonal")
+    assert 0 < target <= held.index.size
+    keys = kernels.score_keys(scores)
+    for shift in (48, 32, 16):
+        # The prefix of the target-th lowest key, and one below it.
+        kth = np.sort(keys)[target - 1] >> np.uint64(shift)
+        for prefix in (int(kth), int(kth) - 1):
+            fresh = Winners.combine([prefix_winners(rec[a:b], scores[a:b], shift, prefix, a) for a, b in bounds])
+            narrowed = narrow_prefix(held, bucket, shift, prefix)
+            for field in ("index", "score", "label", "reduce"):
+                np.testing.assert_array_equal(getattr(narrowed, field), getattr(fresh, field))
+    # Rows the held ones need not include are never answered from them.
+    assert narrow_prefix(held, bucket, bucket[0], bucket[1] + 1) is None
+    assert narrow_prefix(held, bucket, 64, 0) is None

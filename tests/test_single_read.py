@@ -106,9 +106,9 @@ def test_dask_scan_tasks_read_file_inputs_themselves(tmp_path, monkeypatch, stor
 
     original_scan = engine.scan_block
 
-    def recording_scan(labels, probs, start, spec, stop=None):
+    def recording_scan(labels, probs, start, spec, stop=None, *rest):
         ranges.append((start, stop))
-        return original_scan(labels, probs, start, spec, stop)
+        return original_scan(labels, probs, start, spec, stop, *rest)
 
     monkeypatch.setattr(cls, "__getitem__", counting_getitem)
     monkeypatch.setattr(engine, "scan_block", recording_scan)

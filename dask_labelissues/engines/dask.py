@@ -136,15 +136,23 @@ def _with_inputs(name: str, tasks: dict, inputs: Iterable[Delayed]) -> HighLevel
     attributes a Delayed lacks, and each miss builds (and tokenizes) a new
     Delayed; that was most of the time it took to build each layer.
     """
-    layers: dict[str, Any] = {name: tasks}
-    dependencies: dict[str, set] = {name: set()}
+    inputs = list(inputs)
+    graph = merged_graph(inputs)
+    layers = {**graph.layers, name: tasks}
+    dependencies = {**graph.dependencies, name: {k for d in inputs for k in d.__dask_layers__()}}
+    return HighLevelGraph(layers, dependencies)
+
+
+def merged_graph(collections: Iterable[Delayed]) -> HighLevelGraph:
+    """One graph holding the graphs of all ``collections``."""
+    layers: dict[str, Any] = {}
+    dependencies: dict[str, set] = {}
     # The graphs are held, not only their ids: a DelayedLeaf makes a new
     # graph each time it is asked, and a freed graph's id can come back as
     # the id of the next one, whose layers would then be left out.
     seen: dict[int, HighLevelGraph] = {}
-    for d in inputs:
+    for d in collections:
         graph = d.dask
-        dependencies[name].update(d.__dask_layers__())
         if isinstance(graph, HighLevelGraph):
             if id(graph) in seen:  # the blocks of one stage share a graph
                 continue
@@ -347,19 +355,23 @@ class DaskDriver(Driver):
         # No graph optimization: fusing would give the blocks and the merged
         # state separate copies of the block task, running pass one twice.
         if self.client is not None:
-            from distributed import futures_of
-
-            out = self.client.persist([*blocks, *wanted], optimize_graph=False)
+            # The graph as it is (Client.get does not optimize it), sent as
+            # one graph.  Client.persist first makes and tokenizes an
+            # expression of each Delayed: sending the first graph of a job
+            # on (a) took the client 11 to 14 ms that way, 3 to 6 ms this way.
+            everything = [*blocks, *wanted]
+            futures = self.client.get(merged_graph(everything), [d.key for d in everything], sync=False)
             if self.progress:
                 from distributed import progress
 
-                progress(out, notebook=False)
-            self._watch(futures_of(out))
-            values = self.client.gather([f for d in out[len(blocks):] for f in futures_of(d)])
-        else:
-            with self._local_bar():
-                out = dask.persist(*blocks, *wanted, optimize_graph=False)
-            values = dask.compute(*out[len(blocks):])
+                progress(futures, notebook=False)
+            self._watch(futures)
+            values = self.client.gather(futures[len(blocks):])
+            # What Client.persist returns for a Delayed: its key, on a future.
+            return [Delayed(f.key, {f.key: f}) for f in futures[: len(blocks)]], list(values)
+        with self._local_bar():
+            out = dask.persist(*blocks, *wanted, optimize_graph=False)
+        values = dask.compute(*out[len(blocks):])
         return list(out[: len(blocks)]), list(values)
 
     def _compute(self, *collections: Any) -> tuple:

@@ -455,8 +455,8 @@ class OutlookState:
 
     @staticmethod
     def n_bins(k: int) -> int:
-        """Bins per class: fewer for many classes, so that a block's state
-        stays about 128 KB however many classes there are."""
+        """Bins per class: fewer for more classes, so that a block's state
+        is at most about 128 KB up to 1,024 classes (16 bins a class beyond)."""
         return int(np.clip((1 << 14) // max(k, 1), 16, 256))
 
     @classmethod

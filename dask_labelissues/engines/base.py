@@ -60,8 +60,10 @@ class Driver(ABC):
         An engine may run the two as one job, with the thresholds made where
         the merged state is; with ``select`` it may also gather, in that job,
         the rows the selection will ask :meth:`gather_prefix` for next
-        (:func:`dask_labelissues.states.first_bucket`).  Either way the
-        states returned are those of :meth:`scan` and :meth:`score`.
+        (:func:`dask_labelissues.states.first_bucket`), or rows sure to
+        include them (:class:`dask_labelissues.states.OutlookState`).
+        Either way the states returned are those of :meth:`scan` and
+        :meth:`score`.
         """
         scan = self.scan()
         return scan, self.score(scan.finalize())

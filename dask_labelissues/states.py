@@ -135,6 +135,15 @@ class CountState:
         )
 
     @classmethod
+    def off_diagonal_total(cls, rec: np.ndarray, thresholds: np.ndarray) -> "CountState":
+        """A block's count for the ``off_diagonal`` estimate alone, as the
+        state of one pseudo-class: 3 numbers instead of 3 K to gather per
+        block (only ``finalize("off_diagonal")`` is meaningful on it)."""
+        _, off = kernels.confident_off_diagonal(rec, thresholds)
+        one = np.zeros(1, dtype=np.int64)
+        return cls(np.array([np.count_nonzero(off)], dtype=np.int64), one, one.copy())
+
+    @classmethod
     def combine(cls, states: Sequence["CountState"]) -> "CountState":
         return cls(
             np.sum([s.prune for s in states], axis=0, dtype=np.int64),
@@ -481,21 +490,32 @@ class OutlookState:
             np.sum([s.off_diagonal for s in states], axis=0, dtype=np.int64),
         )
 
-    def upper_count(self, thresholds: np.ndarray) -> int:
-        """At least the ``off_diagonal`` estimate of T these thresholds give
-        (:meth:`CountState.finalize`); more by the rows of one bin per class
-        at most."""
+    def count_bounds(self, thresholds: np.ndarray) -> tuple[int, int]:
+        """``(lower, upper)`` around the ``off_diagonal`` estimate of T these
+        thresholds give (:meth:`CountState.finalize`): they differ by the
+        rows in each class's threshold bin."""
         k, bins = self.off_diagonal.shape
-        lowest = self._bin(thresholds - kernels.FLOATING_POINT_COMPARISON, bins)
+        edge = self._bin(thresholds - kernels.FLOATING_POINT_COMPARISON, bins)
         at_or_above = np.cumsum(self.off_diagonal[:, ::-1], axis=1)[:, ::-1]
-        return int(at_or_above[np.arange(k), lowest].sum())
+        # Rows in a bin above the edge's clear the threshold; those in the
+        # edge's bin may.
+        above = np.concatenate([at_or_above[:, 1:], np.zeros((k, 1), dtype=np.int64)], axis=1)
+        rows = np.arange(k)
+        return int(above[rows, edge].sum()), int(at_or_above[rows, edge].sum())
+
+    def upper_count(self, thresholds: np.ndarray) -> int:
+        """At least the ``off_diagonal`` estimate of T these thresholds give;
+        more by the rows of one bin per class at most."""
+        return self.count_bounds(thresholds)[1]
 
     def bucket(self, thresholds: np.ndarray, n_rows: int) -> tuple[int, int] | None:
         """``(shift, prefix)`` of rows that include the lowest ``off_diagonal``
-        T, or None when there is nothing to select or the bucket is too large
-        to gather (:data:`CANDIDATE_CAP`)."""
-        bound = min(self.upper_count(thresholds), n_rows)
-        if bound <= 0:
+        T, or None when there is nothing to select, or the bucket or the
+        bounds' spread is more than :data:`CANDIDATE_CAP` rows (so that the
+        rows gathered stay within T + 2 caps)."""
+        lower, upper = self.count_bounds(thresholds)
+        bound = min(upper, n_rows)
+        if bound <= 0 or upper - lower > CANDIDATE_CAP:
             return None
         selection = Selection(bound)
         selection.advance(self.digits)
@@ -507,9 +527,10 @@ class OutlookState:
 def outlook_count_block(
     rec: np.ndarray, thresholds: np.ndarray, spec: ScoreSpec, bucket: tuple[int, int] | None, start: int
 ) -> tuple[CountState, "Winners | None"]:
-    """Pass two's count for a block whose scores are in its records, with
-    the rows of :meth:`OutlookState.bucket` (ranked) when there is one."""
-    counts = CountState.chunk(rec, thresholds)
+    """Pass two's ``off_diagonal`` count for a block whose scores are in its
+    records (:meth:`CountState.off_diagonal_total`), with the rows of
+    :meth:`OutlookState.bucket` (ranked) when there is one."""
+    counts = CountState.off_diagonal_total(rec, thresholds)
     if bucket is None:
         return counts, None
     return counts, prefix_winners(rec, block_scores(rec, thresholds, spec), *bucket, start)

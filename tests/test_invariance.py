@@ -382,3 +382,35 @@ def test_passes_and_first_bucket_run_as_one_graph(monkeypatch, cap):
         assert calls["_compute"] == 0  # nothing left to ask the cluster for
     else:
         assert calls["_compute"] >= 2  # histogram rounds, then the gather
+
+
+def test_kept_blocks_enter_later_graphs_as_one_layer(local_cluster, monkeypatch):
+    """A graph over the blocks a job keeps on the cluster (here the filter's
+    second read, over pass one's records) holds them in one layer, not one
+    layer per block: the scheduler's intake of a graph grows with its
+    layers times its keys, seconds for a few thousand blocks."""
+    from dask.highlevelgraph import HighLevelGraph
+    from distributed import Client
+
+    sent: list[int] = []
+    original = Client.get
+
+    def spy(self, dsk, keys, **kwargs):
+        if isinstance(dsk, HighLevelGraph):  # ours; dask.compute passes expressions
+            sent.append(len(dsk.layers))
+        return original(self, dsk, keys, **kwargs)
+
+    monkeypatch.setattr(Client, "get", spy)
+    data = make_dataset(6000, 6, seed=44)
+    layers = {}
+    results = {}
+    for chunk_rows in (1000, 500):
+        sent.clear()
+        results[chunk_rows] = find_label_issues(
+            data.labels, data.pred_probs, client=local_cluster, chunk_rows=chunk_rows,
+            filter_by="prune_by_noise_rate",
+        )
+        assert len(sent) == 2  # both passes, then the second read
+        layers[chunk_rows] = sent[1]
+    assert layers[1000] == layers[500]
+    assert_identical(results[1000], results[500])

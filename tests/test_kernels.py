@@ -221,6 +221,8 @@ def test_outlook_bounds_the_off_diagonal_count_from_above(k, absent):
         edge = t - kernels.FLOATING_POINT_COMPARISON
         same_bin = OutlookState._bin(p, bins) == OutlookState._bin(edge, bins)[c]
         assert exact <= bound == exact + int(np.count_nonzero(same_bin & (p < edge[c])))
+        assert outlook.count_bounds(t) == (exact - int(np.count_nonzero(same_bin & (p >= edge[c]))), bound)
+        assert CountState.off_diagonal_total(rec, t).finalize("off_diagonal") == exact
     parts = [OutlookState.chunk(rec[a:b], k) for a, b in ((0, 1), (1, 2500), (2500, 2500), (2500, 6000))]
     merged = OutlookState.combine(parts)
     np.testing.assert_array_equal(merged.off_diagonal, outlook.off_diagonal)

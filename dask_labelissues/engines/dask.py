@@ -319,8 +319,10 @@ class DaskDriver(Driver):
         self.bounds = block_bounds(self.chunks)
         self.block_starts = [a for a, _ in self.bounds]
         self.sources = sources
-        # Persisted blocks (one Delayed per block, each holding a Pair on
-        # the cluster); arrays over them are built only for the outputs.
+        # Per-block outputs, one Delayed per block: persisted Pairs on the
+        # cluster, except score_blocks on the path of _outlook_passes, a
+        # task per block that copies the scores out of the kept records.
+        # Arrays over them are built only for the outputs.
         self.rec_blocks: list[Delayed] | None = None
         self.score_blocks: list[Delayed] | None = None
         self.joint_blocks: list[Delayed] | None = None
@@ -367,8 +369,15 @@ class DaskDriver(Driver):
                 progress(futures, notebook=False)
             self._watch(futures)
             values = self.client.gather(futures[len(blocks):])
-            # What Client.persist returns for a Delayed: its key, on a future.
-            return [Delayed(f.key, {f.key: f}) for f in futures[: len(blocks)]], list(values)
+            # As Client.persist returns a Delayed (its key, on a future), but
+            # all the blocks' futures in one shared layer: a graph over
+            # thousands of kept blocks then has one layer for them, not one
+            # each (the scheduler's intake of such graphs grows with layers
+            # times keys).
+            kept = futures[: len(blocks)]
+            name = f"kept-{uuid.uuid4().hex[:16]}"
+            graph = HighLevelGraph({name: {f.key: f for f in kept}}, {name: set()})
+            return [Delayed(f.key, graph, layer=name) for f in kept], list(values)
         with self._local_bar():
             out = dask.persist(*blocks, *wanted, optimize_graph=False)
         values = dask.compute(*out[len(blocks):])
@@ -468,7 +477,9 @@ class DaskDriver(Driver):
 
         The last merge of pass one's tree also makes the thresholds, and
         the last merge of pass two's picks the first bucket, so the workers
-        go from one stage to the next without waiting for the client.  Each
+        go from one stage to the next without waiting for the client (or,
+        for the default count and scores, pass one's tree picks the bucket
+        and pass two takes its rows: :meth:`_outlook_passes`).  Each
         separate stage had cost a round trip through the client (gather the
         state, build and send the next graph) during which the workers sat
         idle.  Bad input found in pass one leaves the thresholds empty
@@ -522,7 +533,8 @@ class DaskDriver(Driver):
         makes the thresholds and, from the merged outlook, a bucket whose
         rows include the T lowest scores whatever T turns out to be
         (:meth:`OutlookState.bucket`).  Then one task per block counts T
-        and takes that bucket's rows (:func:`outlook_count_block`), and the
+        and takes that bucket's rows
+        (:func:`dask_labelissues.states.outlook_count_block`), and the
         client gets both.  The selection then finds its bucket's rows among
         them (:meth:`gather_prefix`).  Against :meth:`first_passes`'s other
         graph, this has no pass-two tree and no stage after pass two: from

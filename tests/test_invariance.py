@@ -414,3 +414,30 @@ def test_kept_blocks_enter_later_graphs_as_one_layer(local_cluster, monkeypatch)
         layers[chunk_rows] = sent[1]
     assert layers[1000] == layers[500]
     assert_identical(results[1000], results[500])
+
+
+def test_many_classes_keep_the_two_stage_graph(monkeypatch):
+    """Above OUTLOOK_MAX_CLASSES the outlook (K x bins per kept block) is
+    not made, and pass two's tree picks the bucket, with the same issues."""
+    import dask
+
+    from dask_labelissues.engines import dask as engine
+
+    data = make_dataset(6000, 12, seed=45)
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial")
+    roots = []
+    original = engine.tree_reduce
+
+    def spy(parts, combine, split_every, root=None, root_args=()):
+        roots.append(getattr(root, "__name__", None))
+        return original(parts, combine, split_every, root, root_args)
+
+    monkeypatch.setattr(engine, "tree_reduce", spy)
+    with dask.config.set(scheduler="threads"):
+        cases = ((12, ["combine_thresholds_outlook"]), (11, ["combine_thresholds", "combine_first_bucket"]))
+        for limit, expected in cases:
+            roots.clear()
+            monkeypatch.setattr(engine, "OUTLOOK_MAX_CLASSES", limit)
+            result = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000)
+            assert roots == expected
+            assert_identical(reference, result)

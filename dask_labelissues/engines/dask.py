@@ -51,6 +51,13 @@ from .base import Driver, block_bounds
 #: Fan-in of every tree reduction.
 SPLIT_EVERY = 16
 
+#: Most classes for which :meth:`DaskDriver._outlook_passes` runs.  Each kept
+#: block also keeps its :class:`OutlookState`, K x 16 or more counts: at most
+#: 128 KB up to here, where a block's records (32 bytes a row, about 64 MB of
+#: pred_probs a block) are about 500 KB; with more classes the state would
+#: outgrow the records it sits beside.
+OUTLOOK_MAX_CLASSES = 1024
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -495,7 +502,8 @@ class DaskDriver(Driver):
         self._prefetched = None
         if self.spec.rereads:
             return super().first_passes(select)
-        if select and not self.spec.adjust_pred_probs and self.spec.estimation_method == "off_diagonal":
+        outlook = not self.spec.adjust_pred_probs and self.spec.estimation_method == "off_diagonal"
+        if select and outlook and self.n_classes <= OUTLOOK_MAX_CLASSES:
             return self._outlook_passes()
         scan_pairs = self._scan_layer()
         # Pair(thresholds, merged state): the score tasks take the first.

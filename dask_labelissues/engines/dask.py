@@ -10,13 +10,15 @@ last merge of pass one's tree, and the selection's first bucket is gathered
 in the same graph: the two passes and the usual selection are one graph,
 with no stop at the client between them (two graphs for a score that reads
 pred_probs again).  When the records hold the scores (no
-``adjust_pred_probs``) and T is the ``off_diagonal`` count, pass one's tree
-also picks a bucket sure to hold the T lowest scores, and pass two's task
-per block counts T and takes that bucket's rows at once
+``adjust_pred_probs``), T is the ``off_diagonal`` count and there are at
+most :data:`OUTLOOK_MAX_CLASSES` classes, pass one's tree also picks a
+bucket sure to hold the T lowest scores, and pass two's task per block
+counts T and takes that bucket's rows at once
 (:meth:`DaskDriver._outlook_passes`); otherwise pass two's tree picks the
 bucket and a third stage takes its rows.  Further selection rounds, when a
 bucket is too large, are tree reductions and per-block tasks over the
-blocks' scores, so no process ever holds all N scores.  Each stage is one graph layer of plain tasks (:func:`layer`), so
+blocks' scores, so no process ever holds all N scores.  Each stage is one
+graph layer of plain tasks (:func:`layer`), so
 building a graph costs the client little even with tens of thousands of
 blocks.
 

@@ -453,7 +453,7 @@ class OutlookState:
     predicted as another class than their label.
 
     Once the thresholds are known, the second bounds the ``off_diagonal``
-    estimate of T from above (:meth:`upper_count`), and the first then
+    estimate of T from both sides (:meth:`count_bounds`), and the first then
     names the bucket whose rows, with those below it, include the T lowest
     scores (:meth:`bucket`).  An engine can gather those rows in the same
     per-block tasks that count T, rather than in a stage after them.
@@ -502,11 +502,6 @@ class OutlookState:
         above = np.concatenate([at_or_above[:, 1:], np.zeros((k, 1), dtype=np.int64)], axis=1)
         rows = np.arange(k)
         return int(above[rows, edge].sum()), int(at_or_above[rows, edge].sum())
-
-    def upper_count(self, thresholds: np.ndarray) -> int:
-        """At least the ``off_diagonal`` estimate of T these thresholds give;
-        more by the rows of one bin per class at most."""
-        return self.count_bounds(thresholds)[1]
 
     def bucket(self, thresholds: np.ndarray, n_rows: int) -> tuple[int, int] | None:
         """``(shift, prefix)`` of rows that include the lowest ``off_diagonal``

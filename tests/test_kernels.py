@@ -214,7 +214,7 @@ def test_outlook_bounds_the_off_diagonal_count_from_above(k, absent):
     assert outlook.off_diagonal.shape == (k, bins) and outlook.off_diagonal.size * 8 <= 1 << 18
     for t in (thresholds, np.full(k, 2.0), np.full(k, kernels.THRESHOLD_FLOOR), np.random.default_rng(k).random(k)):
         exact = CountState.chunk(rec, t).finalize("off_diagonal")
-        bound = outlook.upper_count(t)
+        bound = outlook.count_bounds(t)[1]
         # The slack: rows below their class's threshold in that threshold's bin.
         off = rec["pred"] != rec["label"]
         p, c = rec["p_pred"][off], rec["pred"][off]
@@ -239,7 +239,7 @@ def test_outlook_of_bad_values_does_not_fail():
     rec["p_pred"][:4] = [np.nan, np.inf, -1.0, 7.0]
     outlook = OutlookState.chunk(rec, 4)
     assert outlook.off_diagonal.sum() == np.count_nonzero(rec["pred"] != rec["label"])
-    assert outlook.upper_count(thresholds) >= 0
+    assert outlook.count_bounds(thresholds)[1] >= 0
 
 
 @pytest.mark.parametrize("cap", [None, 3])

@@ -712,11 +712,11 @@ def combine_thresholds_outlook(parts: list[tuple[ThresholdState, OutlookState]],
     ``Pair((thresholds, bucket), (threshold state, outlook))``, with
     ``(None, None)`` when pass one found bad input (see
     :func:`combine_thresholds`)."""
-    scan, outlook = combine_scan_outlook(parts)
-    if scan.problem is not None:
-        return Pair((None, None), (scan, outlook))
-    thresholds = scan.finalize()
-    return Pair((thresholds, outlook.bucket(thresholds, n_rows)), (scan, outlook))
+    scan = combine_thresholds([p[0] for p in parts])
+    outlook = OutlookState.combine([p[1] for p in parts])
+    thresholds = scan.data
+    bucket = None if thresholds is None else outlook.bucket(thresholds, n_rows)
+    return Pair((thresholds, bucket), (scan.state, outlook))
 
 
 def count_block(

@@ -117,3 +117,35 @@ def test_dask_scan_tasks_read_file_inputs_themselves(tmp_path, monkeypatch, stor
     np.testing.assert_array_equal(result.issues, reference.issues)
     assert sorted(ranges) == [(0, 5000), (5000, 10000), (10000, 12000)]
     assert served[0] == data.pred_probs.nbytes
+
+
+def test_dask_scan_tasks_take_small_sources_inline(tmp_path, monkeypatch):
+    """File sources that pickle small go into each scan task, which then
+    depends on nothing (no task per source to run and fetch first); with
+    more copies than ``INLINE_BYTES`` allows they are one key each.  Both
+    ways read the same rows and give the same result."""
+    from dask_labelissues.engines import dask as engine
+
+    data = make_dataset(12000, 8, seed=54, dtype=np.float32)
+    np.save(tmp_path / "labels.npy", data.labels)
+    np.save(tmp_path / "probs.npy", data.pred_probs)
+    scan_deps = []
+    original_persist = engine.DaskDriver._persist
+
+    def recording_persist(self, blocks, wanted):
+        graph = engine.merged_graph([*blocks, *wanted])
+        deps = graph.get_all_dependencies()
+        scan_deps.append([set(deps[k]) for k in deps if str(k[0] if isinstance(k, tuple) else k).startswith("scan_block-")])
+        return original_persist(self, blocks, wanted)
+
+    monkeypatch.setattr(engine.DaskDriver, "_persist", recording_persist)
+    run = lambda: find_label_issues(str(tmp_path / "labels.npy"), str(tmp_path / "probs.npy"),
+                                    backend="dask", chunk_rows=5000)
+    inline = run()
+    monkeypatch.setattr(engine, "INLINE_BYTES", 0)
+    keyed = run()
+    assert [len(d) for d in scan_deps[0]] == [0, 0, 0]
+    # The two sources and the spec, one key each, shared by the three tasks.
+    assert [len(d) for d in scan_deps[1]] == [3, 3, 3] and len(set.union(*scan_deps[1])) == 3
+    np.testing.assert_array_equal(inline.issues, keyed.issues)
+    np.testing.assert_array_equal(inline.compute().label_quality_scores, keyed.compute().label_quality_scores)

@@ -490,6 +490,68 @@ def _probe_unit(kind: str, together: bool) -> int:
     return os.getpid()
 
 
+_SOURCES: tuple[Any, Any] | None = None
+
+
+def _scan_init(labels: str, probs: str) -> None:
+    global _SOURCES
+    _SOURCES = (open_path(labels, "labels"), open_path(probs, "pred_probs"))
+
+
+def _scan_unit(start: int, stop: int) -> None:
+    """Pass one's work on rows ``start:stop``: read and decode them, then
+    the scan kernel, as a Dask scan task does, without Dask."""
+    from dask_labelissues import states
+    from dask_labelissues.kernels import ScoreSpec
+
+    labels, probs = _SOURCES
+    states.scan_block(labels[start:stop], probs[start:stop], start, ScoreSpec())
+
+
+def bench_plain_scan(name: str, paths: dict[str, str], rounds: int) -> dict[str, float]:
+    """Pass one's per-block work on the dataset's Zarr store in plain
+    processes, one block at a time against 2 at once (wall time, medians):
+    how far the work itself scales on this machine, with no scheduler,
+    workers or task overhead.  The processes get the workers' allocator
+    settings (:data:`dask_labelissues.cluster.MALLOC_THRESHOLD`)."""
+    import multiprocessing
+
+    from dask_labelissues.cluster import MALLOC_THRESHOLD
+
+    # The job's blocks on a store are its chunks.
+    probs = open_path(paths["probs_zarr"], "pred_probs")
+    rows, n = int(probs.storage_rows), int(probs.shape[0])
+    bounds = [(a, min(a + rows, n)) for a in range(0, n, rows)]
+    names = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+    before = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: str(MALLOC_THRESHOLD) for k in names})
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        pool = ctx.Pool(2, initializer=_scan_init, initargs=(paths["labels_zarr"], paths["probs_zarr"]))
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    one, two = [], []
+    with pool:
+        pool.starmap(_scan_unit, bounds[:2], chunksize=1)  # imports, kernels, first reads
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for a, b in bounds:
+                pool.apply(_scan_unit, (a, b))
+            one.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            pool.starmap(_scan_unit, bounds, chunksize=1)
+            two.append(time.perf_counter() - t)
+    out = {"one_process_s": statistics.median(one), "two_processes_s": statistics.median(two)}
+    out["speedup"] = out["one_process_s"] / out["two_processes_s"]
+    print(f"[scaling] pass one's block work on ({name}) Zarr in plain processes: 1 at a time "
+          f"{out['one_process_s']:.3f} s, 2 at once {out['two_processes_s']:.3f} s, {out['speedup']:.2f}x", flush=True)
+    return out
+
+
 def bench_machine(repeats: int) -> dict[str, float]:
     """How far this machine lets 2 processes scale, for context beside the
     scaling rows: the same unit of work in 1 process, then in 2 at once;
@@ -517,16 +579,25 @@ def bench_machine(repeats: int) -> dict[str, float]:
     return out
 
 
+#: Fewest rounds of the scaling rows: a ratio of two medians moves more
+#: from run to run than either time (1.62x to 1.75x over four runs of 3 to 4
+#: rounds on one commit).
+SCALING_ROUNDS = 5
+
+
 def bench_scaling(name: str, paths: dict[str, str], repeats: int) -> list[dict[str, Any]]:
     """1 vs 2 single-thread workers on a dataset's Zarr store, interleaved,
     with the CPU time each process spends per run; on the LocalCluster the
     CLI starts (:func:`dask_labelissues.cluster.local_cluster`) and on one
-    with distributed's default settings.  Each timed run gets a fresh
+    with distributed's default settings, then pass one's block work in
+    plain processes (:func:`bench_plain_scan`).  Each timed run gets a fresh
     cluster (after one untimed run to warm it), so no idle second cluster
-    shares the machine's 2 cores with the one being measured."""
+    shares the machine's 2 cores with the one being measured.  At least
+    :data:`SCALING_ROUNDS` rounds."""
     from distributed import Client
 
-    print(f"[scaling] 1 vs 2 single-thread workers on ({name}) Zarr", flush=True)
+    repeats = max(repeats, SCALING_ROUNDS)
+    print(f"[scaling] 1 vs 2 single-thread workers on ({name}) Zarr, {repeats} rounds", flush=True)
     variants = {"package": BATCH_SETTINGS, "defaults": {k: _distributed_default(k) for k in BATCH_SETTINGS}}
     times = {(v, n): [] for v in variants for n in (1, 2)}
     cpu = {(v, n): {"driver": [], "workers": []} for v in variants for n in (1, 2)}
@@ -550,7 +621,11 @@ def bench_scaling(name: str, paths: dict[str, str], repeats: int) -> list[dict[s
                           f"{times[variant, n][-1]:8.3f} s", flush=True)
     except Exception as exc:  # reported, not hidden
         return [{"dataset": name, "storage": "zarr", "error": f"{type(exc).__name__}: {exc}"}]
-    row: dict[str, Any] = {"dataset": name, "storage": "zarr", "settings": BATCH_SETTINGS}
+    row: dict[str, Any] = {"dataset": name, "storage": "zarr", "settings": BATCH_SETTINGS, "rounds": repeats}
+    try:
+        row["plain_processes"] = bench_plain_scan(name, paths, repeats)
+    except Exception as exc:  # reported, not hidden
+        row["plain_processes"] = {"error": f"{type(exc).__name__}: {exc}"}
     for variant in variants:
         one, two = (statistics.median(times[variant, n]) for n in (1, 2))
         suffix = "" if variant == "package" else "_defaults"
@@ -695,7 +770,15 @@ def markdown(report: dict[str, Any]) -> str:
                 for n in (1, 2) if f"cpu_{n}{suffix}" in s
             )
             lines += ["", f"Scaling on ({s['dataset']}) Zarr, {what}: 1 worker {s[f'one_worker_s{suffix}']:.3f} s, "
-                      f"2 workers {s[f'two_workers_s{suffix}']:.3f} s, speed-up {s[f'speedup{suffix}']:.2f}x{cpu}."]
+                      f"2 workers {s[f'two_workers_s{suffix}']:.3f} s, speed-up {s[f'speedup{suffix}']:.2f}x "
+                      f"(medians of {s.get('rounds', '?')} rounds){cpu}."]
+        plain = s.get("plain_processes")
+        if plain and "error" in plain:
+            lines += ["", f"Pass one's block work on ({s['dataset']}) Zarr in plain processes failed: {plain['error']}"]
+        elif plain:
+            lines += ["", f"Pass one's block work on ({s['dataset']}) Zarr (read, decode, scan kernel) in plain "
+                      f"processes, without Dask: one block at a time {plain['one_process_s']:.3f} s, 2 at once "
+                      f"{plain['two_processes_s']:.3f} s, {plain['speedup']:.2f}x: how far the work itself scales here."]
     if report.get("memory"):
         lines += ["", "Peak memory on (c) (10,000,000 x 100, 4 GB of float32), each engine in a fresh process:", "",
                   "| engine | storage | seconds | driver peak RSS MB (anon) | largest worker peak RSS MB (anon) |",

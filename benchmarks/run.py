@@ -517,10 +517,11 @@ def bench_plain_scan(name: str, paths: dict[str, str], rounds: int) -> dict[str,
     import multiprocessing
 
     from dask_labelissues.cluster import MALLOC_THRESHOLD
+    from dask_labelissues.inputs import auto_chunk_rows
 
-    # The job's blocks on a store are its chunks.
     probs = open_path(paths["probs_zarr"], "pred_probs")
-    rows, n = int(probs.storage_rows), int(probs.shape[0])
+    n, k = (int(x) for x in probs.shape)
+    rows = auto_chunk_rows(k, probs.dtype.itemsize, probs.storage_rows)  # the job's blocks
     bounds = [(a, min(a + rows, n)) for a in range(0, n, rows)]
     names = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
     before = {k: os.environ.get(k) for k in names}
@@ -579,9 +580,9 @@ def bench_machine(repeats: int) -> dict[str, float]:
     return out
 
 
-#: Fewest rounds of the scaling rows: a ratio of two medians moves more
-#: from run to run than either time (1.62x to 1.75x over four runs of 3 to 4
-#: rounds on one commit).
+#: Fewest rounds of the scaling rows: their ratio of two medians moved from
+#: 1.62x to 1.75x over six A/B runs of one commit (a8dbcae) with 3 or 4
+#: fresh clusters a side.
 SCALING_ROUNDS = 5
 
 

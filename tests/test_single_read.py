@@ -133,14 +133,16 @@ def test_dask_scan_tasks_take_small_sources_inline(tmp_path, monkeypatch):
     original_persist = engine.DaskDriver._persist
 
     def recording_persist(self, blocks, wanted):
-        graph = engine.merged_graph([*blocks, *wanted])
-        deps = graph.get_all_dependencies()
-        scan_deps.append([set(deps[k]) for k in deps if str(k[0] if isinstance(k, tuple) else k).startswith("scan_block-")])
+        deps = engine.merged_graph([*blocks, *wanted]).get_all_dependencies()
+        scans = [key for key in deps if isinstance(key, tuple) and str(key[0]).startswith("scan_block-")]
+        scan_deps.append([set(deps[key]) for key in scans])
         return original_persist(self, blocks, wanted)
 
+    def run():
+        return find_label_issues(str(tmp_path / "labels.npy"), str(tmp_path / "probs.npy"),
+                                 backend="dask", chunk_rows=5000)
+
     monkeypatch.setattr(engine.DaskDriver, "_persist", recording_persist)
-    run = lambda: find_label_issues(str(tmp_path / "labels.npy"), str(tmp_path / "probs.npy"),
-                                    backend="dask", chunk_rows=5000)
     inline = run()
     monkeypatch.setattr(engine, "INLINE_BYTES", 0)
     keyed = run()

@@ -189,10 +189,11 @@ def shared(value: Any, copies: int) -> Any:
     to every other worker, before the stage can start.  Large ones, or many
     copies (tens of thousands of blocks), are one key.  Only small opaque
     objects and arrays come here (each copy is unpickled on its own), never
-    containers, which Dask would search for tasks and keys.  That includes
-    the file and store row sources (:func:`dask_labelissues.inputs.reads_in_tasks`):
-    a copy reopens its file or store in its task, which took 0.02 to 0.33 ms
-    more than a read from an open one (``.npy``, HDF5, Zarr).
+    containers, which Dask would search for tasks and keys.  The file and
+    store row sources come here too
+    (:func:`dask_labelissues.inputs.reads_in_tasks`): a copy reopens its
+    file or store in its task, 0.02 to 0.33 ms more than a read from an
+    open one (``.npy``, HDF5, Zarr).
     """
     if isinstance(value, (tuple, list, dict, set, frozenset)):
         raise TypeError(f"shared() takes opaque values, not {type(value).__name__}")

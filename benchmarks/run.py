@@ -512,29 +512,27 @@ def bench_plain_scan(name: str, paths: dict[str, str], rounds: int) -> dict[str,
     """Pass one's per-block work on the dataset's Zarr store in plain
     processes, one block at a time against 2 at once (wall time, medians):
     how far the work itself scales on this machine, with no scheduler,
-    workers or task overhead.  The processes get the workers' allocator
-    settings (:data:`dask_labelissues.cluster.MALLOC_THRESHOLD`)."""
+    workers or task overhead.  The processes get the environment the CLI's
+    LocalCluster gives its workers (:data:`BATCH_SETTINGS`: glibc's
+    allocator thresholds)."""
     import multiprocessing
 
-    from dask_labelissues.cluster import MALLOC_THRESHOLD
+    from dask_labelissues.cluster import _ENV, _put_back
+    from dask_labelissues.engines.base import block_bounds, even_chunks
     from dask_labelissues.inputs import auto_chunk_rows
 
     probs = open_path(paths["probs_zarr"], "pred_probs")
     n, k = (int(x) for x in probs.shape)
-    rows = auto_chunk_rows(k, probs.dtype.itemsize, probs.storage_rows)  # the job's blocks
-    bounds = [(a, min(a + rows, n)) for a in range(0, n, rows)]
-    names = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
-    before = {k: os.environ.get(k) for k in names}
-    os.environ.update({k: str(MALLOC_THRESHOLD) for k in names})
+    # The job's blocks.
+    bounds = block_bounds(even_chunks(n, auto_chunk_rows(k, probs.dtype.itemsize, probs.storage_rows)))
+    environ = {key.rsplit(".", 1)[1]: str(v) for key, v in BATCH_SETTINGS.items() if key.startswith(f"{_ENV}.")}
+    before = {name: os.environ.get(name) for name in environ}
+    os.environ.update(environ)
     try:
         ctx = multiprocessing.get_context("spawn")
         pool = ctx.Pool(2, initializer=_scan_init, initargs=(paths["labels_zarr"], paths["probs_zarr"]))
     finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _put_back(before)
     one, two = [], []
     with pool:
         pool.starmap(_scan_unit, bounds[:2], chunksize=1)  # imports, kernels, first reads

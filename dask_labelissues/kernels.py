@@ -182,14 +182,16 @@ def find_problem(
 
 
 def row_records(
-    labels: np.ndarray, probs: np.ndarray, spec: ScoreSpec
+    labels: np.ndarray, probs: np.ndarray, spec: ScoreSpec, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pass one's per-row work on a block.
 
     Returns ``(records, p_label, row_sums, row_mins)``.  The records hold what
     pass two needs, free of the thresholds; ``p_label`` feeds the threshold
     sums; row sums and minimums feed validation.  Rows with an out-of-range
-    label get a clipped label here; the scan reports them as errors.
+    label get a clipped label here; the scan reports them as errors.  With
+    ``out`` (``len(labels)`` records of ``spec.record_dtype()``), the
+    records are written there and ``out`` is returned.
     """
     n, k = probs.shape
     y = np.clip(labels, 0, k - 1).astype(np.int64, copy=False)
@@ -208,7 +210,12 @@ def row_records(
     plus = p_label_native + probs.dtype.type(FLOATING_POINT_COMPARISON)
     reduce = (pred == y) | ((pred < y) & (p_pred < plus)) | ((pred > y) & (p_pred <= plus))
 
-    rec = np.empty(n, dtype=spec.record_dtype())
+    if out is None:
+        rec = np.empty(n, dtype=spec.record_dtype())
+    elif out.shape != (n,) or out.dtype != spec.record_dtype():
+        raise ValueError(f"out must hold {n} records of {spec.record_dtype()}, not {out.shape} of {out.dtype}")
+    else:
+        rec = out
     rec["p_pred"] = p_pred
     rec["label"] = y
     rec["pred"] = pred

@@ -79,16 +79,17 @@ class ThresholdState:
 
 
 def scan_block(
-    labels: np.ndarray, probs: np.ndarray, start: int, spec: ScoreSpec
+    labels: np.ndarray, probs: np.ndarray, start: int, spec: ScoreSpec, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, ThresholdState]:
     """Pass one's task on rows ``start:start+len(labels)``: the only read of
-    pred_probs for most settings.  Returns the per-row records and the block's
-    threshold state (bad values are recorded in the state, not raised, so the
-    job can report the globally first one)."""
+    pred_probs for most settings.  Returns the per-row records (written to
+    ``out`` if given) and the block's threshold state (bad values are
+    recorded in the state, not raised, so the job can report the globally
+    first one)."""
     labels = np.asarray(labels)
     probs = np.asarray(probs)
     k = probs.shape[1]
-    rec, p_label, row_sums, row_mins = kernels.row_records(labels, probs, spec)
+    rec, p_label, row_sums, row_mins = kernels.row_records(labels, probs, spec, out)
     row_maxs = rec["p_pred"]
     problem = kernels.find_problem(
         labels, probs, start, spec.row_sum_tolerance, row_sums, row_mins, row_maxs

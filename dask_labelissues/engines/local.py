@@ -88,8 +88,7 @@ class LocalJob:
     def scan(self, i: int) -> ThresholdState:
         a, b = self.bounds[i]
         labels, probs = self._read(i)
-        rec, state = states.scan_block(labels, probs, a, self.spec)
-        self.records[a:b] = rec
+        _, state = states.scan_block(labels, probs, a, self.spec, out=self.records[a:b])
         return state
 
     def score(self, i: int, thresholds: np.ndarray) -> ScoreState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -165,13 +166,19 @@ class LabelIssues:
 SMALL_WORKER_BYTES = 1 << 30
 
 
-def _smallest_worker_memory(client: Any) -> int | None:
+def _workers(client: Any) -> tuple[int | None, int]:
+    """The smallest worker memory limit (None if none is set) and the total
+    worker threads of a distributed ``client``; without one, Dask's local
+    scheduler's threads."""
     if client is None:
-        return None
+        import dask
+
+        return None, int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     limits = [w.get("memory_limit") or 0 for w in workers.values()]
     limits = [m for m in limits if m > 0]
-    return min(limits) if limits else None
+    threads = sum(int(w.get("nthreads") or 0) for w in workers.values())
+    return (min(limits) if limits else None), threads
 
 
 def _block_bytes_for(smallest: int | None) -> int:
@@ -258,7 +265,11 @@ def find_label_issues(
         processes on this machine) or ``"serial"``.
     chunk_rows
         Rows per block. Default: about 64 MB of pred_probs per block, in
-        whole storage chunks; a dask array keeps its own row chunks.
+        whole storage chunks; a dask array keeps its own row chunks.  The
+        dask backend reads files and stores in such pieces, and when
+        pass one is its only read of pred_probs, its default blocks hold up
+        to 4 of them (two blocks per worker thread at least), read one at a
+        time (:func:`dask_labelissues.inputs.dask_block_rows`).
     n_jobs
         Processes for ``backend="fork"`` (default: all cores).
     client
@@ -341,17 +352,29 @@ def find_label_issues(
         from .engines.dask import DaskDriver, active_client
 
         client = active_client(client)
-        smallest = _smallest_worker_memory(client)
+        smallest, threads = _workers(client)
         if smallest is not None and smallest < SMALL_WORKER_BYTES:
             spec = replace(spec, kernel="numpy")
-        lab_d, probs_d = inputs.as_dask_arrays(
-            lab, probs, chunk_rows, target_bytes=_block_bytes_for(smallest)
-        )
-        # File-backed inputs are read inside the scan tasks.
+        target = _block_bytes_for(smallest)
+        # File-backed inputs are read inside the scan tasks, in pieces of
+        # the size a block would otherwise have.
         direct = inputs.reads_in_tasks(lab, probs)
+        read_rows = None
+        if direct:
+            itemsize = np.dtype(probs.dtype).itemsize
+            read_rows = inputs.auto_chunk_rows(k, itemsize, probs.storage_rows, target)
+            # Other reads of pred_probs (the adjusted margin's second pass,
+            # a filter's) take a whole block at once: only a job the scan
+            # reads for alone gets blocks of several pieces.
+            single_read = not spec.rereads and (fspec is None or not fspec.needs_joint)
+            if chunk_rows is None and single_read:
+                chunk_rows = inputs.dask_block_rows(
+                    n, read_rows, k * itemsize, spec.record_dtype().itemsize, threads
+                )
+        lab_d, probs_d = inputs.as_dask_arrays(lab, probs, chunk_rows, target_bytes=target)
         driver = DaskDriver(
             lab_d, probs_d, spec, client=client, progress=progress,
-            sources=(lab, probs) if direct else None,
+            sources=(lab, probs) if direct else None, read_rows=read_rows,
         )
     else:
         client = None

@@ -120,9 +120,9 @@ def test_small_workers_get_the_numpy_kernel_and_the_same_result(monkeypatch):
         return original(driver, spec)
 
     monkeypatch.setattr(api, "run", spy)
-    monkeypatch.setattr(api, "_smallest_worker_memory", lambda client: 300 * 2**20)
+    monkeypatch.setattr(api, "_workers", lambda client: (300 * 2**20, 2))
     small = find_label_issues(data.labels, data.pred_probs, backend="dask")
-    monkeypatch.setattr(api, "_smallest_worker_memory", lambda client: None)
+    monkeypatch.setattr(api, "_workers", lambda client: (None, 2))
     default = find_label_issues(data.labels, data.pred_probs, backend="dask")
     assert seen == ["numpy", "auto"]
     np.testing.assert_array_equal(small.issues, default.issues)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+import dask
 import numpy as np
 import pytest
 
@@ -64,9 +65,9 @@ def test_dask_runs_each_block_task_once(monkeypatch):
     calls = []
     original = states.scan_block
 
-    def counting(labels, probs, start, spec):
+    def counting(labels, probs, start, spec, out=None):
         calls.append(start)
-        return original(labels, probs, start, spec)
+        return original(labels, probs, start, spec, out)
 
     monkeypatch.setattr(states, "scan_block", counting)
     data = make_dataset(10000, 5, seed=52)
@@ -151,3 +152,106 @@ def test_dask_scan_tasks_take_small_sources_inline(tmp_path, monkeypatch):
     assert [len(d) for d in scan_deps[1]] == [3, 3, 3] and len(set.union(*scan_deps[1])) == 3
     np.testing.assert_array_equal(inline.issues, keyed.issues)
     np.testing.assert_array_equal(inline.compute().label_quality_scores, keyed.compute().label_quality_scores)
+
+
+def test_piece_bounds_cut_on_the_grid_of_the_read_size():
+    from dask_labelissues.engines.base import piece_bounds
+
+    assert piece_bounds(0, 1000, 400) == [(0, 400), (400, 800), (800, 1000)]
+    # A block that starts off the grid is cut at the next multiple, so no
+    # piece shares a storage chunk with another piece of the block.
+    assert piece_bounds(300, 1300, 400) == [(300, 400), (400, 800), (800, 1200), (1200, 1300)]
+    assert piece_bounds(400, 800, 400) == [(400, 800)]
+    assert piece_bounds(5, 17, None) == [(5, 17)]
+    with pytest.raises(ValueError, match="piece_rows must be >= 1"):
+        piece_bounds(0, 10, 0)
+
+
+def test_dask_block_rows():
+    from dask_labelissues.inputs import dask_block_rows
+
+    # (a): 2,000,000 x 100 float32 in 131,072-row chunks, 2 worker threads:
+    # 16 pieces, 4 blocks of 4.
+    assert dask_block_rows(2_000_000, 131072, 400, 32, 2) == 4 * 131072
+    # Two blocks a thread: 16 threads get one piece a block.
+    assert dask_block_rows(2_000_000, 131072, 400, 32, 16) == 131072
+    assert dask_block_rows(2_000_000, 131072, 400, 32, 5) == 2 * 131072
+    # At most MAX_PIECES_PER_BLOCK, however few the threads.
+    assert dask_block_rows(10_000_000, 131072, 400, 32, 1) == 4 * 131072
+    # Records (32 bytes a row) may not outweigh a piece of pred_probs: with
+    # 8 float32 classes, 32 bytes a row, one piece; with 16, two.
+    assert dask_block_rows(2_000_000, 131072, 32, 32, 1) == 131072
+    assert dask_block_rows(2_000_000, 131072, 64, 32, 1) == 2 * 131072
+    # No threads known (a cluster still starting): one piece a block.
+    assert dask_block_rows(2_000_000, 131072, 400, 32, 0) == 131072
+
+
+@pytest.mark.parametrize("bad_piece", [0, 1])
+def test_a_block_scanned_in_pieces_equals_one_scan(bad_piece):
+    """Records and state of a block scanned piece by piece are those of one
+    scan of the block, bad rows included (the first one is reported)."""
+    from dask_labelissues.engines import dask as engine
+    from dask_labelissues.kernels import ScoreSpec
+
+    data = make_dataset(3000, 40, seed=55, dtype=np.float32)
+    probs = data.pred_probs.copy()
+    probs[1700, 3] = np.nan
+    probs[400 + 1000 * bad_piece, 5] = -1.0
+    spec = ScoreSpec()
+    whole = engine.scan_block(data.labels, probs, 300, spec, 2900)
+    pieces = engine.scan_block(data.labels, probs, 300, spec, 2900, False, 512)
+    for field in whole.data.dtype.names:  # not the bytes: the records have padding
+        np.testing.assert_array_equal(whole.data[field], pieces.data[field])
+    np.testing.assert_array_equal(whole.state.counts, pieces.state.counts)
+    np.testing.assert_array_equal(whole.state.sums, pieces.state.sums)
+    assert whole.state.rows == pieces.state.rows == 2600
+    assert whole.state.problem == pieces.state.problem
+    assert pieces.state.problem.row == (400 if bad_piece == 0 else 1400)
+
+
+@pytest.mark.parametrize("settings,several", [
+    (dict(), True),
+    (dict(method="normalized_margin", adjust_pred_probs=True), False),  # read twice
+    (dict(filter_by="prune_by_noise_rate"), False),  # a filter's second read
+    (dict(filter_by="predicted_neq_given"), True),  # read once
+], ids=["default", "margin-adjusted", "prune_by_noise_rate", "predicted_neq_given"])
+def test_dask_blocks_of_several_pieces_read_one_piece_at_a_time(tmp_path, monkeypatch, settings, several):
+    """With a Zarr input, the Dask engine's automatic blocks hold several
+    pieces of the size a block would otherwise have, each read by itself on
+    the storage grid, when pass one is the only read of pred_probs; results
+    are those of the serial engine."""
+    import zarr
+
+    from dask_labelissues import inputs
+
+    data = make_dataset(12000, 40, seed=56, dtype=np.float32)  # 160 bytes a row
+    for name, values, chunks in (("labels", data.labels, (200,)), ("probs", data.pred_probs, (200, 40))):
+        z = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=values.shape, chunks=chunks, dtype=values.dtype)
+        z[...] = values
+    # Pieces of 64 KB: 409 rows, 400 in whole chunks; 30 pieces.
+    monkeypatch.setattr(inputs, "TARGET_BLOCK_BYTES", 64 * 2**10)
+    reads = []
+    original_getitem = inputs.ZarrArray.__getitem__
+
+    def recording_getitem(self, key):
+        out = original_getitem(self, key)
+        if out.ndim == 2:
+            rows = key[0] if isinstance(key, tuple) else key
+            reads.append(rows.indices(self.shape[0])[:2])
+        return out
+
+    monkeypatch.setattr(inputs.ZarrArray, "__getitem__", recording_getitem)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        lazy = find_label_issues(str(tmp_path / "labels.zarr"), str(tmp_path / "probs.zarr"),
+                                 backend="dask", **settings)
+        result = lazy.compute()
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial", **settings).compute()
+    np.testing.assert_array_equal(result.issues, reference.issues)
+    np.testing.assert_array_equal(result.label_quality_scores, reference.label_quality_scores)
+    np.testing.assert_array_equal(result.is_label_issue, reference.is_label_issue)
+    # 2 threads, 30 pieces: blocks of 4 pieces (ceil(30 / 4) = 8, at most 4),
+    # or one where pred_probs is read again.
+    assert lazy.is_label_issue.chunks[0] == ((1600,) * 7 + (800,) if several else (400,) * 30)
+    # Every read of pred_probs is one piece of 400 rows on the grid.
+    grid = [(a, a + 400) for a in range(0, 12000, 400)]
+    assert sorted(reads) == sorted(grid * result.reads)

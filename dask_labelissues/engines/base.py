@@ -38,6 +38,23 @@ def even_chunks(n_rows: int, chunk_rows: int) -> tuple[int, ...]:
     return (chunk_rows,) * full + ((rest,) if rest else ())
 
 
+def piece_bounds(start: int, stop: int, piece_rows: int | None) -> list[tuple[int, int]]:
+    """Rows ``start:stop`` cut where a row index is a multiple of
+    ``piece_rows`` (None: one piece), the pieces a block is read in.
+
+    Cuts on that grid, not from ``start``: ``piece_rows`` is a whole number
+    of storage chunks, so no piece decodes a chunk another piece of the
+    block decodes too.
+    """
+    if piece_rows is None or stop <= start:
+        return [(start, stop)]
+    if piece_rows < 1:
+        raise ValueError(f"piece_rows must be >= 1, got {piece_rows}")
+    first = (start // piece_rows + 1) * piece_rows
+    edges = [start, *range(first, stop, piece_rows), stop]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 class Driver(ABC):
     """What an engine must provide: one method per stage, each running a block
     task (from :mod:`dask_labelissues.states`) on every block and returning

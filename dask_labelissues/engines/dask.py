@@ -1,9 +1,9 @@
 """The Dask engine: blocks are the row chunks of dask arrays.
 
 Pass one runs one task per block that reads pred_probs (file and store
-inputs are read inside the task itself; a dask array's blocks come from its
-own graph) and returns a :class:`Pair` of the block's records and its
-threshold state; the records are persisted (kept in worker memory, spilled
+inputs are read inside the task itself, a piece of whole storage chunks at
+a time; a dask array's blocks come from its own graph) and returns a
+:class:`Pair` of the block's records and its threshold state; the records are persisted (kept in worker memory, spilled
 by Dask if need be) and the states go up a tree of ``split_every``-way
 merges.  Pass two maps over the records, with the thresholds made by the
 last merge of pass one's tree, and the selection's first bucket is gathered
@@ -48,7 +48,7 @@ from .. import filters, states
 from ..filters import FilterSpec, JointState, MaskRule
 from ..kernels import ScoreSpec
 from ..states import CountState, HistogramState, OutlookState, ScoreState, ThresholdState, Winners
-from .base import Driver, block_bounds
+from .base import Driver, block_bounds, piece_bounds
 
 #: Fan-in of every tree reduction.
 SPLIT_EVERY = 16
@@ -237,19 +237,35 @@ def tree_reduce(
 
 
 def scan_block(
-    labels: Any, probs: Any, start: int, spec: ScoreSpec, stop: int | None = None, outlook: bool = False
+    labels: Any,
+    probs: Any,
+    start: int,
+    spec: ScoreSpec,
+    stop: int | None = None,
+    outlook: bool = False,
+    read_rows: int | None = None,
 ) -> Pair:
     """Pass one on a block (:func:`dask_labelissues.states.scan_block`).
 
     With ``stop``, ``labels`` and ``probs`` are row sources and rows
     ``start:stop`` are read here: reading where the block is scanned keeps
     the block out of worker memory between tasks and off the network, and
-    saves two read tasks per block.  With ``outlook``, the state is
-    ``(threshold state, the block's OutlookState)``.
+    saves two read tasks per block.  They are read, and scanned, in pieces
+    cut at multiples of ``read_rows`` (:func:`~.base.piece_bounds`), so the
+    task holds one piece of pred_probs at a time however large its block.
+    With ``outlook``, the state is ``(threshold state, the block's
+    OutlookState)``.
     """
-    if stop is not None:
-        labels, probs = labels[start:stop], probs[start:stop]
-    rec, state = states.scan_block(labels, probs, start, spec)
+    if stop is None:
+        rec, state = states.scan_block(labels, probs, start, spec)
+    else:
+        pieces = piece_bounds(start, stop, read_rows)
+        rec = np.empty(stop - start, dtype=spec.record_dtype())
+        parts = [
+            states.scan_block(labels[a:b], probs[a:b], a, spec, out=rec[a - start : b - start])[1]
+            for a, b in pieces
+        ]
+        state = parts[0] if len(parts) == 1 else ThresholdState.combine(parts)
     if outlook:
         return Pair(rec, (state, OutlookState.chunk(rec, len(state.counts))))
     return Pair(rec, state)
@@ -305,6 +321,12 @@ class DaskDriver(Driver):
         The row sources (files, Zarr arrays) the two dask arrays were made
         from, if any: pass one then reads each block inside its scan task
         instead of in separate read tasks.
+    read_rows
+        With ``sources``, the scan task reads its block in pieces cut at
+        multiples of this many rows (whole storage chunks); None reads the
+        block at once.  Blocks can then be larger than what a worker
+        should hold of pred_probs at a time (see
+        :func:`dask_labelissues.inputs.dask_block_rows`).
     """
 
     def __init__(
@@ -317,6 +339,7 @@ class DaskDriver(Driver):
         split_every: int = SPLIT_EVERY,
         progress: bool = False,
         sources: tuple[Any, Any] | None = None,
+        read_rows: int | None = None,
     ) -> None:
         if labels.chunks[0] != pred_probs.chunks[0] or len(pred_probs.chunks[1]) != 1:
             raise ValueError("labels and pred_probs must share row chunks, one column chunk")
@@ -331,6 +354,7 @@ class DaskDriver(Driver):
         self.bounds = block_bounds(self.chunks)
         self.block_starts = [a for a, _ in self.bounds]
         self.sources = sources
+        self.read_rows = read_rows
         # Per-block outputs, one Delayed per block: persisted Pairs on the
         # cluster, except score_blocks on the path of _outlook_passes, a
         # task per block that copies the scores out of the kept records.
@@ -448,13 +472,13 @@ class DaskDriver(Driver):
             # own they were two more tasks, which each worker but one then
             # had to fetch before its first scan.
             lab_src, prob_src = (shared(src, n) for src in self.sources)
-            rows = [(lab_src, prob_src, start, spec, stop) for start, stop in self.bounds]
+            rows = [(lab_src, prob_src, start, spec, stop, outlook, self.read_rows) for start, stop in self.bounds]
         else:
             rows = [
-                (lab, prob, start, spec, None)
+                (lab, prob, start, spec, None, outlook)
                 for (start, _), lab, prob in zip(self.bounds, self._label_blocks, self._prob_blocks)
             ]
-        return layer(scan_block, [(*row, True) for row in rows] if outlook else rows)
+        return layer(scan_block, rows)
 
     def _score_layer(self, recs: Sequence[Delayed], thresholds: Any) -> list[Delayed]:
         """Pass two's tasks, one per block, over pass one's ``recs``."""

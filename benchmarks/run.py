@@ -509,8 +509,8 @@ def _scan_unit(start: int, stop: int) -> None:
 
 
 def bench_plain_scan(name: str, paths: dict[str, str], rounds: int) -> dict[str, float]:
-    """Pass one's per-block work on the dataset's Zarr store in plain
-    processes, one block at a time against 2 at once (wall time, medians):
+    """Pass one's work on the dataset's Zarr store, piece by piece, in plain
+    processes, one piece at a time against 2 at once (wall time, medians):
     how far the work itself scales on this machine, with no scheduler,
     workers or task overhead.  The processes get the environment the CLI's
     LocalCluster gives its workers (:data:`BATCH_SETTINGS`: glibc's
@@ -523,7 +523,7 @@ def bench_plain_scan(name: str, paths: dict[str, str], rounds: int) -> dict[str,
 
     probs = open_path(paths["probs_zarr"], "pred_probs")
     n, k = (int(x) for x in probs.shape)
-    # The job's blocks.
+    # The pieces the job's scan tasks read and scan one at a time.
     bounds = block_bounds(even_chunks(n, auto_chunk_rows(k, probs.dtype.itemsize, probs.storage_rows)))
     environ = {key.rsplit(".", 1)[1]: str(v) for key, v in BATCH_SETTINGS.items() if key.startswith(f"{_ENV}.")}
     before = {name: os.environ.get(name) for name in environ}
@@ -546,7 +546,7 @@ def bench_plain_scan(name: str, paths: dict[str, str], rounds: int) -> dict[str,
             two.append(time.perf_counter() - t)
     out = {"one_process_s": statistics.median(one), "two_processes_s": statistics.median(two)}
     out["speedup"] = out["one_process_s"] / out["two_processes_s"]
-    print(f"[scaling] pass one's block work on ({name}) Zarr in plain processes: 1 at a time "
+    print(f"[scaling] pass one's work on ({name}) Zarr in plain processes: 1 piece at a time "
           f"{out['one_process_s']:.3f} s, 2 at once {out['two_processes_s']:.3f} s, {out['speedup']:.2f}x", flush=True)
     return out
 
@@ -588,7 +588,7 @@ def bench_scaling(name: str, paths: dict[str, str], repeats: int) -> list[dict[s
     """1 vs 2 single-thread workers on a dataset's Zarr store, interleaved,
     with the CPU time each process spends per run; on the LocalCluster the
     CLI starts (:func:`dask_labelissues.cluster.local_cluster`) and on one
-    with distributed's default settings, then pass one's block work in
+    with distributed's default settings, then pass one's work in
     plain processes (:func:`bench_plain_scan`).  Each timed run gets a fresh
     cluster (after one untimed run to warm it), so no idle second cluster
     shares the machine's 2 cores with the one being measured.  At least
@@ -773,10 +773,10 @@ def markdown(report: dict[str, Any]) -> str:
                       f"(medians of {s.get('rounds', '?')} rounds){cpu}."]
         plain = s.get("plain_processes")
         if plain and "error" in plain:
-            lines += ["", f"Pass one's block work on ({s['dataset']}) Zarr in plain processes failed: {plain['error']}"]
+            lines += ["", f"Pass one's work on ({s['dataset']}) Zarr in plain processes failed: {plain['error']}"]
         elif plain:
-            lines += ["", f"Pass one's block work on ({s['dataset']}) Zarr (read, decode, scan kernel) in plain "
-                      f"processes, without Dask: one block at a time {plain['one_process_s']:.3f} s, 2 at once "
+            lines += ["", f"Pass one's work on ({s['dataset']}) Zarr (read, decode, scan kernel) in plain "
+                      f"processes, without Dask, piece by piece: one piece at a time {plain['one_process_s']:.3f} s, 2 at once "
                       f"{plain['two_processes_s']:.3f} s, {plain['speedup']:.2f}x: how far the work itself scales here."]
     if report.get("memory"):
         lines += ["", "Peak memory on (c) (10,000,000 x 100, 4 GB of float32), each engine in a fresh process:", "",

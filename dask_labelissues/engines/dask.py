@@ -3,9 +3,9 @@
 Pass one runs one task per block that reads pred_probs (file and store
 inputs are read inside the task itself, a piece of whole storage chunks at
 a time; a dask array's blocks come from its own graph) and returns a
-:class:`Pair` of the block's records and its threshold state; the records are persisted (kept in worker memory, spilled
-by Dask if need be) and the states go up a tree of ``split_every``-way
-merges.  Pass two maps over the records, with the thresholds made by the
+:class:`Pair` of the block's records and its threshold state; the records
+are persisted (kept in worker memory, spilled by Dask if need be) and the
+states go up a tree of ``split_every``-way merges.  Pass two maps over the records, with the thresholds made by the
 last merge of pass one's tree, and the selection's first bucket is gathered
 in the same graph: the two passes and the usual selection are one graph,
 with no stop at the client between them (two graphs for a score that reads

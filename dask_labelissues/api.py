@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -171,9 +170,9 @@ def _workers(client: Any) -> tuple[int | None, int]:
     worker threads of a distributed ``client``; without one, Dask's local
     scheduler's threads."""
     if client is None:
-        import dask
+        import dask.system
 
-        return None, int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+        return None, int(dask.config.get("num_workers", None) or dask.system.CPU_COUNT)
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     limits = [w.get("memory_limit") or 0 for w in workers.values()]
     limits = [m for m in limits if m > 0]
@@ -268,8 +267,8 @@ def find_label_issues(
         whole storage chunks; a dask array keeps its own row chunks.  The
         dask backend reads files and stores in such pieces, and when
         pass one is its only read of pred_probs, its default blocks hold up
-        to 4 of them (two blocks per worker thread at least), read one at a
-        time (:func:`dask_labelissues.inputs.dask_block_rows`).
+        to 4 of them (leaving two blocks per worker thread at least), read
+        one at a time (:func:`dask_labelissues.inputs.dask_block_rows`).
     n_jobs
         Processes for ``backend="fork"`` (default: all cores).
     client

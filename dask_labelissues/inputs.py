@@ -484,20 +484,20 @@ def dask_block_rows(n_rows: int, read_rows: int, row_bytes: int, record_bytes: i
     rows, with 2 single-thread workers (medians of 16 runs), 16 blocks of
     one chunk took 1.13 s a job, for 0.19 s of CPU in the client and
     scheduler's process and 1.86 s in the workers; 4 blocks of 4 chunks
-    took 1.02 s, for 0.09 s and 1.75 s.  So a block holds
-    several pieces, as many as make two blocks per worker thread (enough
-    for every thread to have work to the end), but at most
-    :data:`MAX_PIECES_PER_BLOCK`, and at most as many as keep the block's
-    records (``record_bytes`` a row) within one piece of pred_probs
-    (``row_bytes`` a row), so a worker holds about one piece either way.
-    ``threads``: the cluster's worker threads, 0 if unknown (one piece a
-    block).
+    took 1.02 s, for 0.09 s and 1.75 s (an A/B outside the benchmark).
+    So a block holds several pieces, but no more than leave at least two
+    blocks per worker thread (so every thread has work to the end), at
+    most :data:`MAX_PIECES_PER_BLOCK`, and at most as many as keep the
+    block's records (``record_bytes`` a row) within the size of one piece
+    of pred_probs (``row_bytes`` a row): a scan task holds one piece of
+    pred_probs and at most about as much again in records.  ``threads``:
+    the cluster's worker threads, 0 if unknown (one piece a block).
     """
     if threads < 1 or read_rows < 1:
         return max(read_rows, 1)
     pieces = -(-n_rows // read_rows)
     most = max(1, min(MAX_PIECES_PER_BLOCK, row_bytes // max(record_bytes, 1)))
-    return read_rows * max(1, min(most, -(-pieces // (2 * threads))))
+    return read_rows * max(1, min(most, pieces // (2 * threads)))
 
 
 def as_dask_arrays(

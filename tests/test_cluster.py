@@ -40,10 +40,14 @@ def dataset(tmp_path_factory):
 
 
 def test_cluster_has_two_registered_workers(cluster):
+    from dask_labelissues import api
+
     with cluster.client() as client:
         workers = client.scheduler_info(n_workers=-1)["workers"]
         assert len(workers) == 2
         assert all(w["nthreads"] == 1 for w in workers.values())
+        # What the automatic block size is made for: 1 GB workers, 2 threads.
+        assert api._workers(client) == (10**9, 2)
 
 
 @pytest.mark.parametrize("settings", [

@@ -173,9 +173,12 @@ def test_dask_block_rows():
     # (a): 2,000,000 x 100 float32 in 131,072-row chunks, 2 worker threads:
     # 16 pieces, 4 blocks of 4.
     assert dask_block_rows(2_000_000, 131072, 400, 32, 2) == 4 * 131072
-    # Two blocks a thread: 16 threads get one piece a block.
-    assert dask_block_rows(2_000_000, 131072, 400, 32, 16) == 131072
-    assert dask_block_rows(2_000_000, 131072, 400, 32, 5) == 2 * 131072
+    # At least two blocks a thread: 3 threads, 16 pieces in 8 blocks; 5
+    # threads, in 16; 9 pieces on 2 threads in 5 blocks (5 and 4 pieces a
+    # thread, as with blocks of one; blocks of 3 would make it 6 and 3).
+    assert dask_block_rows(2_000_000, 131072, 400, 32, 3) == 2 * 131072
+    assert dask_block_rows(2_000_000, 131072, 400, 32, 5) == 131072
+    assert dask_block_rows(9 * 131072, 131072, 400, 32, 2) == 2 * 131072
     # At most MAX_PIECES_PER_BLOCK, however few the threads.
     assert dask_block_rows(10_000_000, 131072, 400, 32, 1) == 4 * 131072
     # Records (32 bytes a row) may not outweigh a piece of pred_probs: with
@@ -255,3 +258,53 @@ def test_dask_blocks_of_several_pieces_read_one_piece_at_a_time(tmp_path, monkey
     # Every read of pred_probs is one piece of 400 rows on the grid.
     grid = [(a, a + 400) for a in range(0, 12000, 400)]
     assert sorted(reads) == sorted(grid * result.reads)
+
+
+@pytest.mark.parametrize("storage", ["npy", "zarr", "hdf5"])
+def test_blocks_off_the_read_grid_read_each_piece_and_labels_once(tmp_path, monkeypatch, storage):
+    """A given chunk_rows off the grid of the read size: every block reads
+    pred_probs in pieces cut on that grid and its labels once, with the
+    serial engine's result."""
+    import h5py
+    import zarr
+
+    from dask_labelissues import inputs
+
+    data = make_dataset(5000, 40, seed=57, dtype=np.float32)
+    if storage == "npy":
+        np.save(tmp_path / "labels.npy", data.labels)
+        np.save(tmp_path / "probs.npy", data.pred_probs)
+        labels, probs, cls = str(tmp_path / "labels.npy"), str(tmp_path / "probs.npy"), inputs.RawFile
+    elif storage == "zarr":
+        for name, values, chunks in (("labels", data.labels, (200,)), ("probs", data.pred_probs, (200, 40))):
+            z = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=values.shape, chunks=chunks,
+                                  dtype=values.dtype)
+            z[...] = values
+        labels, probs, cls = str(tmp_path / "labels.zarr"), str(tmp_path / "probs.zarr"), inputs.ZarrArray
+    else:
+        with h5py.File(tmp_path / "data.h5", "w") as f:
+            f.create_dataset("labels", data=data.labels, chunks=(200,))
+            f.create_dataset("probs", data=data.pred_probs, chunks=(200, 40))
+        labels, probs, cls = f"{tmp_path / 'data.h5'}:/labels", f"{tmp_path / 'data.h5'}:/probs", inputs.HDF5Dataset
+    # Pieces of 64 KB: 409 rows of 160 bytes, 400 where chunks are 200 rows.
+    monkeypatch.setattr(inputs, "TARGET_BLOCK_BYTES", 64 * 2**10)
+    read_rows = 409 if storage == "npy" else 400
+    reads = {1: [], 2: []}
+    original_getitem = cls.__getitem__
+
+    def recording_getitem(self, key):
+        out = original_getitem(self, key)
+        rows = key[0] if isinstance(key, tuple) else key
+        reads[out.ndim].append(rows.indices(self.shape[0])[:2])
+        return out
+
+    monkeypatch.setattr(cls, "__getitem__", recording_getitem)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        result = find_label_issues(labels, probs, backend="dask", chunk_rows=1100).compute()
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial").compute()
+    np.testing.assert_array_equal(result.issues, reference.issues)
+    np.testing.assert_array_equal(result.label_quality_scores, reference.label_quality_scores)
+    blocks = [(a, min(a + 1100, 5000)) for a in range(0, 5000, 1100)]
+    assert sorted(reads[1]) == blocks
+    edges = sorted({0, 5000, *range(0, 5000, read_rows), *(a for a, _ in blocks)})
+    assert sorted(reads[2]) == list(zip(edges[:-1], edges[1:]))

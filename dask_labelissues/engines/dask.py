@@ -1,13 +1,14 @@
 """The Dask engine: blocks are the row chunks of dask arrays.
 
 Pass one runs one task per block that reads pred_probs (file and store
-inputs are read inside the task itself, a piece of whole storage chunks at
-a time; a dask array's blocks come from its own graph) and returns a
-:class:`Pair` of the block's records and its threshold state; the records
-are persisted (kept in worker memory, spilled by Dask if need be) and the
-states go up a tree of ``split_every``-way merges.  Pass two maps over the records, with the thresholds made by the
-last merge of pass one's tree, and the selection's first bucket is gathered
-in the same graph: the two passes and the usual selection are one graph,
+inputs are read inside the task itself, a piece of about 64 MB, in whole
+storage chunks, at a time; a dask array's blocks come from its own graph)
+and returns a :class:`Pair` of the block's records and its threshold
+state; the records are persisted (kept in worker memory, spilled by Dask
+if need be) and the states go up a tree of ``split_every``-way merges.
+Pass two maps over the records, with the thresholds made by the last merge
+of pass one's tree, and the selection's first bucket is gathered in the
+same graph: the two passes and the usual selection are one graph,
 with no stop at the client between them (two graphs for a score that reads
 pred_probs again).  When the records hold the scores (no
 ``adjust_pred_probs``), T is the ``off_diagonal`` count and there are at
@@ -250,20 +251,23 @@ def scan_block(
     With ``stop``, ``labels`` and ``probs`` are row sources and rows
     ``start:stop`` are read here: reading where the block is scanned keeps
     the block out of worker memory between tasks and off the network, and
-    saves two read tasks per block.  They are read, and scanned, in pieces
-    cut at multiples of ``read_rows`` (:func:`~.base.piece_bounds`), so the
-    task holds one piece of pred_probs at a time however large its block.
-    With ``outlook``, the state is ``(threshold state, the block's
+    saves two read tasks per block.  pred_probs is read, and scanned, in
+    pieces cut at multiples of ``read_rows`` (:func:`~.base.piece_bounds`),
+    so the task holds one piece of it at a time however large its block;
+    the labels (a few bytes a row, chunked on a grid of their own) are read
+    once.  With ``outlook``, the state is ``(threshold state, the block's
     OutlookState)``.
     """
     if stop is None:
         rec, state = states.scan_block(labels, probs, start, spec)
     else:
-        pieces = piece_bounds(start, stop, read_rows)
+        labels = np.asarray(labels[start:stop])
         rec = np.empty(stop - start, dtype=spec.record_dtype())
         parts = [
-            states.scan_block(labels[a:b], probs[a:b], a, spec, out=rec[a - start : b - start])[1]
-            for a, b in pieces
+            states.scan_block(
+                labels[a - start : b - start], probs[a:b], a, spec, out=rec[a - start : b - start]
+            )[1]
+            for a, b in piece_bounds(start, stop, read_rows)
         ]
         state = parts[0] if len(parts) == 1 else ThresholdState.combine(parts)
     if outlook:

@@ -366,10 +366,12 @@ def find_label_issues(
             # a filter's) take a whole block at once: only a job the scan
             # reads for alone gets blocks of several pieces.
             single_read = not spec.rereads and (fspec is None or not fspec.needs_joint)
-            if chunk_rows is None and single_read:
-                chunk_rows = inputs.dask_block_rows(
-                    n, read_rows, k * itemsize, spec.record_dtype().itemsize, threads
-                )
+            if chunk_rows is None:
+                chunk_rows = read_rows
+                if single_read:
+                    chunk_rows = inputs.dask_block_rows(
+                        n, read_rows, k * itemsize, spec.record_dtype().itemsize, threads
+                    )
         lab_d, probs_d = inputs.as_dask_arrays(lab, probs, chunk_rows, target_bytes=target)
         driver = DaskDriver(
             lab_d, probs_d, spec, client=client, progress=progress,

@@ -34,6 +34,50 @@ class CountingArray:
         return out
 
 
+def write_inputs(tmp_path, data, storage: str, chunk_rows: int) -> tuple[str, str, type]:
+    """The dataset's labels and pred_probs as ``.npy`` files, Zarr stores or
+    HDF5 datasets (row chunks of ``chunk_rows``): the two paths as the API
+    takes them, and the row source class that reads them."""
+    from dask_labelissues import inputs
+
+    k = data.pred_probs.shape[1]
+    if storage == "npy":
+        np.save(tmp_path / "labels.npy", data.labels)
+        np.save(tmp_path / "probs.npy", data.pred_probs)
+        return str(tmp_path / "labels.npy"), str(tmp_path / "probs.npy"), inputs.RawFile
+    if storage == "zarr":
+        import zarr
+
+        shapes = (("labels", data.labels, (chunk_rows,)), ("probs", data.pred_probs, (chunk_rows, k)))
+        for name, values, chunks in shapes:
+            z = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=values.shape, chunks=chunks,
+                                  dtype=values.dtype)
+            z[...] = values
+        return str(tmp_path / "labels.zarr"), str(tmp_path / "probs.zarr"), inputs.ZarrArray
+    import h5py
+
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f.create_dataset("labels", data=data.labels, chunks=(chunk_rows,))
+        f.create_dataset("probs", data=data.pred_probs, chunks=(chunk_rows, k))
+    return f"{tmp_path / 'data.h5'}:/labels", f"{tmp_path / 'data.h5'}:/probs", inputs.HDF5Dataset
+
+
+def record_reads(monkeypatch, cls: type) -> dict[int, list[tuple[int, int]]]:
+    """Every read of a ``cls`` source from now on, as ``(start, stop)`` rows,
+    by the number of dimensions read (1: labels, 2: pred_probs)."""
+    reads: dict[int, list[tuple[int, int]]] = {1: [], 2: []}
+    original_getitem = cls.__getitem__
+
+    def recording_getitem(self, key):
+        out = original_getitem(self, key)
+        rows = key[0] if isinstance(key, tuple) else key
+        reads[out.ndim].append(rows.indices(self.shape[0])[:2])
+        return out
+
+    monkeypatch.setattr(cls, "__getitem__", recording_getitem)
+    return reads
+
+
 @pytest.mark.parametrize("backend", ["dask", "fork", "serial"])
 @pytest.mark.parametrize(
     "settings,reads",
@@ -79,45 +123,25 @@ def test_dask_runs_each_block_task_once(monkeypatch):
 def test_dask_scan_tasks_read_file_inputs_themselves(tmp_path, monkeypatch, storage):
     """With files or stores as input, each pass-one task reads its own rows
     (no separate read tasks), and every row of pred_probs is read once."""
-    import zarr
-
-    from dask_labelissues import inputs
     from dask_labelissues.engines import dask as engine
 
     data = make_dataset(12000, 8, seed=53, dtype=np.float32)
-    if storage == "npy":
-        np.save(tmp_path / "labels.npy", data.labels)
-        np.save(tmp_path / "probs.npy", data.pred_probs)
-        labels, probs, cls = str(tmp_path / "labels.npy"), str(tmp_path / "probs.npy"), inputs.RawFile
-    else:
-        for name, values, chunks in (("labels", data.labels, (3000,)), ("probs", data.pred_probs, (3000, 8))):
-            z = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=values.shape, chunks=chunks,
-                                  dtype=values.dtype)
-            z[...] = values
-        labels, probs, cls = str(tmp_path / "labels.zarr"), str(tmp_path / "probs.zarr"), inputs.ZarrArray
+    labels, probs, cls = write_inputs(tmp_path, data, storage, 3000)
 
-    served, ranges = [0], []
-    original_getitem = cls.__getitem__
-
-    def counting_getitem(self, key):
-        out = original_getitem(self, key)
-        if out.ndim == 2:
-            served[0] += out.nbytes
-        return out
-
+    reads, ranges = record_reads(monkeypatch, cls), []
     original_scan = engine.scan_block
 
     def recording_scan(labels, probs, start, spec, stop=None, *rest):
         ranges.append((start, stop))
         return original_scan(labels, probs, start, spec, stop, *rest)
 
-    monkeypatch.setattr(cls, "__getitem__", counting_getitem)
     monkeypatch.setattr(engine, "scan_block", recording_scan)
     result = find_label_issues(labels, probs, backend="dask", chunk_rows=5000).compute()
     reference = find_label_issues(data.labels, data.pred_probs, backend="serial").compute()
     np.testing.assert_array_equal(result.issues, reference.issues)
     assert sorted(ranges) == [(0, 5000), (5000, 10000), (10000, 12000)]
-    assert served[0] == data.pred_probs.nbytes
+    served = sum(b - a for a, b in reads[2]) * data.pred_probs[0].nbytes
+    assert served == data.pred_probs.nbytes
 
 
 def test_dask_scan_tasks_take_small_sources_inline(tmp_path, monkeypatch):
@@ -128,8 +152,7 @@ def test_dask_scan_tasks_take_small_sources_inline(tmp_path, monkeypatch):
     from dask_labelissues.engines import dask as engine
 
     data = make_dataset(12000, 8, seed=54, dtype=np.float32)
-    np.save(tmp_path / "labels.npy", data.labels)
-    np.save(tmp_path / "probs.npy", data.pred_probs)
+    labels, probs, _ = write_inputs(tmp_path, data, "npy", 12000)
     scan_deps = []
     original_persist = engine.DaskDriver._persist
 
@@ -140,8 +163,7 @@ def test_dask_scan_tasks_take_small_sources_inline(tmp_path, monkeypatch):
         return original_persist(self, blocks, wanted)
 
     def run():
-        return find_label_issues(str(tmp_path / "labels.npy"), str(tmp_path / "probs.npy"),
-                                 backend="dask", chunk_rows=5000)
+        return find_label_issues(labels, probs, backend="dask", chunk_rows=5000)
 
     monkeypatch.setattr(engine.DaskDriver, "_persist", recording_persist)
     inline = run()
@@ -223,41 +245,26 @@ def test_dask_blocks_of_several_pieces_read_one_piece_at_a_time(tmp_path, monkey
     pieces of the size a block would otherwise have, each read by itself on
     the storage grid, when pass one is the only read of pred_probs; results
     are those of the serial engine."""
-    import zarr
-
     from dask_labelissues import inputs
 
     data = make_dataset(12000, 40, seed=56, dtype=np.float32)  # 160 bytes a row
-    for name, values, chunks in (("labels", data.labels, (200,)), ("probs", data.pred_probs, (200, 40))):
-        z = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=values.shape, chunks=chunks, dtype=values.dtype)
-        z[...] = values
+    labels, probs, cls = write_inputs(tmp_path, data, "zarr", 200)
     # Pieces of 64 KB: 409 rows, 400 in whole chunks; 30 pieces.
     monkeypatch.setattr(inputs, "TARGET_BLOCK_BYTES", 64 * 2**10)
-    reads = []
-    original_getitem = inputs.ZarrArray.__getitem__
-
-    def recording_getitem(self, key):
-        out = original_getitem(self, key)
-        if out.ndim == 2:
-            rows = key[0] if isinstance(key, tuple) else key
-            reads.append(rows.indices(self.shape[0])[:2])
-        return out
-
-    monkeypatch.setattr(inputs.ZarrArray, "__getitem__", recording_getitem)
+    reads = record_reads(monkeypatch, cls)
     with dask.config.set(scheduler="threads", num_workers=2):
-        lazy = find_label_issues(str(tmp_path / "labels.zarr"), str(tmp_path / "probs.zarr"),
-                                 backend="dask", **settings)
+        lazy = find_label_issues(labels, probs, backend="dask", **settings)
         result = lazy.compute()
     reference = find_label_issues(data.labels, data.pred_probs, backend="serial", **settings).compute()
     np.testing.assert_array_equal(result.issues, reference.issues)
     np.testing.assert_array_equal(result.label_quality_scores, reference.label_quality_scores)
     np.testing.assert_array_equal(result.is_label_issue, reference.is_label_issue)
-    # 2 threads, 30 pieces: blocks of 4 pieces (ceil(30 / 4) = 8, at most 4),
-    # or one where pred_probs is read again.
+    # 2 threads, 30 pieces: blocks of 4 pieces (30 // 4 = 7, at most 4), or
+    # one where pred_probs is read again.
     assert lazy.is_label_issue.chunks[0] == ((1600,) * 7 + (800,) if several else (400,) * 30)
     # Every read of pred_probs is one piece of 400 rows on the grid.
     grid = [(a, a + 400) for a in range(0, 12000, 400)]
-    assert sorted(reads) == sorted(grid * result.reads)
+    assert sorted(reads[2]) == sorted(grid * result.reads)
 
 
 @pytest.mark.parametrize("storage", ["npy", "zarr", "hdf5"])
@@ -265,40 +272,14 @@ def test_blocks_off_the_read_grid_read_each_piece_and_labels_once(tmp_path, monk
     """A given chunk_rows off the grid of the read size: every block reads
     pred_probs in pieces cut on that grid and its labels once, with the
     serial engine's result."""
-    import h5py
-    import zarr
-
     from dask_labelissues import inputs
 
     data = make_dataset(5000, 40, seed=57, dtype=np.float32)
-    if storage == "npy":
-        np.save(tmp_path / "labels.npy", data.labels)
-        np.save(tmp_path / "probs.npy", data.pred_probs)
-        labels, probs, cls = str(tmp_path / "labels.npy"), str(tmp_path / "probs.npy"), inputs.RawFile
-    elif storage == "zarr":
-        for name, values, chunks in (("labels", data.labels, (200,)), ("probs", data.pred_probs, (200, 40))):
-            z = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=values.shape, chunks=chunks,
-                                  dtype=values.dtype)
-            z[...] = values
-        labels, probs, cls = str(tmp_path / "labels.zarr"), str(tmp_path / "probs.zarr"), inputs.ZarrArray
-    else:
-        with h5py.File(tmp_path / "data.h5", "w") as f:
-            f.create_dataset("labels", data=data.labels, chunks=(200,))
-            f.create_dataset("probs", data=data.pred_probs, chunks=(200, 40))
-        labels, probs, cls = f"{tmp_path / 'data.h5'}:/labels", f"{tmp_path / 'data.h5'}:/probs", inputs.HDF5Dataset
+    labels, probs, cls = write_inputs(tmp_path, data, storage, 200)
     # Pieces of 64 KB: 409 rows of 160 bytes, 400 where chunks are 200 rows.
     monkeypatch.setattr(inputs, "TARGET_BLOCK_BYTES", 64 * 2**10)
     read_rows = 409 if storage == "npy" else 400
-    reads = {1: [], 2: []}
-    original_getitem = cls.__getitem__
-
-    def recording_getitem(self, key):
-        out = original_getitem(self, key)
-        rows = key[0] if isinstance(key, tuple) else key
-        reads[out.ndim].append(rows.indices(self.shape[0])[:2])
-        return out
-
-    monkeypatch.setattr(cls, "__getitem__", recording_getitem)
+    reads = record_reads(monkeypatch, cls)
     with dask.config.set(scheduler="threads", num_workers=2):
         result = find_label_issues(labels, probs, backend="dask", chunk_rows=1100).compute()
     reference = find_label_issues(data.labels, data.pred_probs, backend="serial").compute()

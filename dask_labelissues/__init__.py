@@ -7,7 +7,7 @@ does not depend on chunking, engine or worker count.
 
 from .api import LabelIssues, find_label_issues
 from .compat import LabelInspector, find_label_issues_batched
-from .store import open_results
+from .results import open_results
 
 __version__ = "0.1.0"
 

@@ -76,7 +76,8 @@ def find_label_issues_batched(
     batch_size
         Rows per block.
     n_jobs
-        1 runs serially; more runs that many forked processes; None all cores.
+        1 runs serially; more runs that many threads of this process; None
+        one per core.
     verbose
         Progress bars on stderr.
     quality_score_kwargs
@@ -105,7 +106,7 @@ def find_label_issues_batched(
     if pred_probs is None:
         raise ValueError("pred_probs (or pred_probs_file) is required")
     spec = _spec(quality_score_kwargs, num_issue_kwargs)
-    backend = "serial" if n_jobs == 1 else "fork"
+    backend = "serial" if n_jobs == 1 else "threads"
     result = find_label_issues(
         labels,
         pred_probs,

@@ -151,6 +151,12 @@ def _kernels(kernel: str) -> tuple[Any, Any, Any] | None:
     return _NUMBA
 
 
+def numba_loaded() -> bool:
+    """Whether numba's kernels are loaded in this process already (a job
+    here then pays nothing more for them)."""
+    return _NUMBA is not None
+
+
 def kernel_name(kernel: str = "auto") -> str:
     """Which implementation ``kernel`` ("auto", "numba", "numpy") resolves to here."""
     return "numba" if _kernels(kernel) is not None else "numpy"

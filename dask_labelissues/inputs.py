@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import uuid
 import warnings
 from typing import Any
@@ -316,12 +317,12 @@ class DaskRows(RowSource):
         return np.asarray(self.array[key].compute(scheduler="sync"))
 
 
-def _is_dask_array(obj: Any) -> bool:
-    try:
-        import dask.array as da
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, da.Array)
+def is_dask_array(obj: Any) -> bool:
+    # No dask array exists before dask.array is imported, and importing it
+    # (with scipy.sparse behind it, where installed) costs a fresh process
+    # about half a second that the fork and serial engines never need.
+    da = sys.modules.get("dask.array")
+    return da is not None and isinstance(obj, da.Array)
 
 
 _H5_SUFFIXES = (".h5", ".hdf5", ".he5", ".hdf")
@@ -390,7 +391,7 @@ def open_source(obj: Any, name: str) -> RowSource | Any:
     name
         ``"labels"`` or ``"pred_probs"``, for error messages.
     """
-    if isinstance(obj, RowSource) or _is_dask_array(obj):
+    if isinstance(obj, RowSource) or is_dask_array(obj):
         return obj
     if isinstance(obj, (str, os.PathLike)):
         return open_path(os.fspath(obj), name)
@@ -514,7 +515,7 @@ def as_dask_arrays(
     token = uuid.uuid4().hex[:12]
 
     def to_dask(src: Any, label: str, rows: int) -> Any:
-        if _is_dask_array(src):
+        if is_dask_array(src):
             return src
         chunks = (rows,) + tuple(src.shape[1:])
         return da.from_array(
@@ -524,7 +525,7 @@ def as_dask_arrays(
 
     k = int(pred_probs.shape[1])
     if chunk_rows is None:
-        if _is_dask_array(pred_probs):
+        if is_dask_array(pred_probs):
             rows = int(max(pred_probs.chunks[0]))
         else:
             rows = auto_chunk_rows(
@@ -543,7 +544,7 @@ def as_dask_arrays(
             stacklevel=3,
         )
         probs = probs.rechunk({1: -1})
-    if chunk_rows is not None and _is_dask_array(pred_probs):
+    if chunk_rows is not None and is_dask_array(pred_probs):
         probs = probs.rechunk({0: rows})
     labs = to_dask(labels, "labels", rows)
     if labs.chunks[0] != probs.chunks[0]:
@@ -561,7 +562,7 @@ def reads_in_tasks(labels: Any, pred_probs: Any) -> bool:
 
 def as_row_source(obj: Any) -> RowSource:
     """The fork and serial engines read row sources; wrap a dask array for them."""
-    return DaskRows(obj) if _is_dask_array(obj) else obj
+    return DaskRows(obj) if is_dask_array(obj) else obj
 
 
 def local_chunk_rows(pred_probs: Any, chunk_rows: int | None) -> int:

@@ -19,12 +19,9 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .api import LabelIssues
 
 N_LONG = {
     "label_quality_scores": np.float64,
@@ -34,6 +31,8 @@ N_LONG = {
 }
 #: Rows per chunk of the N-long arrays written from numpy.
 LOCAL_CHUNK_ROWS = 1 << 20
+#: Rows written per call when the N-long arrays are numpy: 8 chunks.
+LOCAL_WRITE_ROWS = 8 * LOCAL_CHUNK_ROWS
 
 
 def _is_remote(path: str) -> bool:
@@ -52,23 +51,22 @@ def _local(path: str | os.PathLike) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import dask
-    import distributed
-    import zarr
+    # From the installed packages' metadata: importing distributed only to
+    # read its version cost a job on the threads engine half a second.
+    from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
-
-    return {
-        "dask_labelissues": __version__,
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "zarr": zarr.__version__,
-        "numpy": np.__version__,
-    }
+    out = {}
+    for name, dist in (("dask_labelissues", "dask-labelissues"), ("dask", "dask"),
+                       ("distributed", "distributed"), ("zarr", "zarr"), ("numpy", "numpy")):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def write_results(
-    result: "LabelIssues",
+    result: Any,
     path: str | os.PathLike,
     *,
     overwrite: bool = False,
@@ -80,7 +78,8 @@ def write_results(
     Parameters
     ----------
     result
-        What :func:`~dask_labelissues.find_label_issues` returned.
+        A :class:`~dask_labelissues.LabelIssues`, as
+        :func:`~dask_labelissues.find_label_issues` returns.
     path
         The store's path (local, or a filesystem every worker shares).
     overwrite
@@ -95,7 +94,6 @@ def write_results(
     str
         The absolute path written.
     """
-    import dask
     import zarr
 
     target = _local(path)
@@ -135,16 +133,14 @@ def write_results(
                 arr = group.create_array(
                     name, shape=values.shape, chunks=(min(len(values), LOCAL_CHUNK_ROWS),), dtype=dtype
                 )
-                for a in range(0, len(values), LOCAL_CHUNK_ROWS):
-                    arr[a : a + LOCAL_CHUNK_ROWS] = values[a : a + LOCAL_CHUNK_ROWS].astype(dtype)
+                # Several chunks per call, which zarr encodes and writes
+                # concurrently (0.11 s against 0.17 s one chunk at a time,
+                # for four arrays of 2,000,000 rows), while the converted
+                # copy stays a bounded size whatever N is.
+                for a in range(0, len(values), LOCAL_WRITE_ROWS):
+                    arr[a : a + LOCAL_WRITE_ROWS] = values[a : a + LOCAL_WRITE_ROWS].astype(dtype)
         if sources:
-            import dask.array as da
-
-            stored = da.store(sources, targets, lock=False, compute=False)
-            if client is not None:
-                dask.compute(stored, scheduler=client)
-            else:
-                dask.compute(stored)
+            _store_lazy(sources, targets, client)
 
         meta = {
             "format": "dask_labelissues results 1",
@@ -176,17 +172,16 @@ def write_results(
     return target
 
 
-def open_results(path: str | os.PathLike) -> "LabelIssues":
-    """Open a results store as a :class:`~dask_labelissues.LabelIssues`.
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """The fields of a :class:`~dask_labelissues.LabelIssues` held in the
+    results store at ``path`` (see :func:`dask_labelissues.open_results`).
 
     The small arrays are loaded; the N-long ones are dask arrays over the
-    store, read only when used.  The store's attributes are in ``metadata``.
+    store, read only when used; the store's attributes are ``metadata``.
     """
     import dask.array as da
     import zarr
     import zarr.errors
-
-    from .api import LabelIssues
 
     target = _local(path)
     if not os.path.exists(target):
@@ -201,7 +196,7 @@ def open_results(path: str | os.PathLike) -> "LabelIssues":
             "issues", "issue_scores", "confident_thresholds", "per_class_count", "per_class_issues")}
     except (KeyError, ValueError, TypeError, zarr.errors.BaseZarrError) as exc:
         raise ValueError(f"{target} is not a dask_labelissues results store ({exc})") from None
-    return LabelIssues(
+    return dict(
         issues=small["issues"],
         is_label_issue=lazy["is_label_issue"],
         label_quality_scores=lazy["label_quality_scores"],
@@ -224,3 +219,36 @@ def open_results(path: str | os.PathLike) -> "LabelIssues":
         confident_joint=group["confident_joint"][:] if "confident_joint" in group else None,
         reads=int(attrs.get("reads", 1)),
     )
+
+
+def _store_lazy(sources: list, targets: list, client: Any) -> None:
+    """Write dask arrays into Zarr arrays; when that fails or is
+    interrupted, cancel what has not started and wait for what has, so that
+    no write lands in the temporary store after it is removed."""
+    import dask
+    import dask.array as da
+
+    stored = da.store(sources, targets, lock=False, compute=False)
+    if client is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .engines.threads import default_threads
+
+        pool = ThreadPoolExecutor(default_threads(), thread_name_prefix="dask-labelissues-store")
+        try:
+            dask.compute(stored, scheduler="threads", pool=pool)
+        finally:
+            # On failure too: running writes finish, queued ones are dropped.
+            pool.shutdown(wait=True, cancel_futures=True)
+        return
+    stored = list(stored) if isinstance(stored, (list, tuple)) else [stored]
+    futures = client.compute(stored)
+    try:
+        client.gather(futures)
+    except BaseException:
+        from .engines.dask import cancel_and_drain
+
+        # Before the temporary store is removed: a write still running
+        # would otherwise recreate part of it.
+        cancel_and_drain(client, futures, stored)
+        raise

@@ -162,7 +162,7 @@ def test_low_self_confidence_filter_is_not_the_batched_default():
 def test_identical_across_chunkings_and_engines(filter_by):
     d = dataset("k100")
     base = ours(d, filter_by=filter_by, backend="serial", chunk_rows=20000)
-    for backend, rows in (("serial", 997), ("fork", 4096), ("dask", 3000), ("dask", 777)):
+    for backend, rows in (("serial", 997), ("threads", 1500), ("fork", 4096), ("dask", 3000), ("dask", 777)):
         other = ours(d, filter_by=filter_by, backend=backend, chunk_rows=rows, n_jobs=2)
         assert_identical(base, other)
         np.testing.assert_array_equal(base.confident_joint, other.confident_joint)
@@ -211,7 +211,7 @@ def test_undecided_cells_are_recomputed_exactly(name):
     np.testing.assert_array_equal(few.issues, full.issues)
 
 
-@pytest.mark.parametrize("backend", ["dask", "fork", "serial"])
+@pytest.mark.parametrize("backend", ["dask", "threads", "fork", "serial"])
 @pytest.mark.parametrize("filter_by,reads", [
     ("prune_by_noise_rate", 2), ("both", 2), ("low_normalized_margin", 2), ("predicted_neq_given", 1),
 ])

@@ -14,7 +14,7 @@ from dask_labelissues import find_label_issues, find_label_issues_batched
 
 from .conftest import make_dataset
 
-BACKENDS = ["dask", "fork", "serial"]
+BACKENDS = ["dask", "threads", "fork", "serial"]
 
 
 @pytest.fixture(scope="module")

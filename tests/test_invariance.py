@@ -35,7 +35,7 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())) or "default")
-@pytest.mark.parametrize("backend", ["serial", "fork", "dask"])
+@pytest.mark.parametrize("backend", ["serial", "threads", "fork", "dask"])
 def test_chunk_sizes_and_engines_agree(backend, settings):
     data = tied_dataset()
     n = data.n
@@ -50,7 +50,7 @@ def test_chunk_sizes_and_engines_agree(backend, settings):
         assert_identical(reference, other)
 
 
-@pytest.mark.parametrize("backend", ["serial", "fork", "dask"])
+@pytest.mark.parametrize("backend", ["serial", "threads", "fork", "dask"])
 def test_tie_split_by_block_counts_agrees(backend, monkeypatch):
     """With no bucket small enough to gather, the tie at the cutoff is split
     by per-block counts; the output must not change."""

@@ -59,11 +59,11 @@ def test_loading_the_matrix_fails_under_the_cap(big):
 
 def test_every_engine_completes_under_the_cap(big):
     outputs = {}
-    for backend in ["serial", "fork", "dask"]:
+    for backend in ["serial", "threads", "fork", "dask"]:
         proc = _limited(RUN, big["labels"], big["pred_probs"], backend)
         assert proc.returncode == 0, f"{backend} failed:\n{proc.stderr[-2000:]}"
         outputs[backend] = proc.stdout.split()
-    assert outputs["serial"] == outputs["fork"] == outputs["dask"]
+    assert outputs["serial"] == outputs["threads"] == outputs["fork"] == outputs["dask"]
     num_issues = int(outputs["serial"][0])
     assert 0.02 * ROWS < num_issues < 0.2 * ROWS
 

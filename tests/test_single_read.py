@@ -78,7 +78,7 @@ def record_reads(monkeypatch, cls: type) -> dict[int, list[tuple[int, int]]]:
     return reads
 
 
-@pytest.mark.parametrize("backend", ["dask", "fork", "serial"])
+@pytest.mark.parametrize("backend", ["dask", "threads", "fork", "serial"])
 @pytest.mark.parametrize(
     "settings,reads",
     [

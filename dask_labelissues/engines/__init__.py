@@ -1,11 +1,22 @@
 """Drivers that run the kernels of :mod:`dask_labelissues.states` on blocks.
 
-``dask`` (default) runs on any Dask scheduler, ``fork`` on a pool of forked
-processes on one machine, ``serial`` in this process: the reference.
+``dask`` runs on any Dask scheduler, ``threads`` on a pool of threads in
+this process, ``fork`` on a pool of forked processes on one machine,
+``serial`` in this process, one block after another: the reference.
+:func:`make_driver` chooses among them (``backend="auto"``).
 """
 
 from .base import Driver, RawResult, run, run_filter
+from .plan import BACKEND_CHOICES, BACKENDS, choose_backend, choose_kernel, make_driver
 
-BACKENDS = ("dask", "fork", "serial")
-
-__all__ = ["BACKENDS", "Driver", "RawResult", "run", "run_filter"]
+__all__ = [
+    "BACKENDS",
+    "BACKEND_CHOICES",
+    "Driver",
+    "RawResult",
+    "choose_backend",
+    "choose_kernel",
+    "make_driver",
+    "run",
+    "run_filter",
+]

@@ -55,6 +55,27 @@ def piece_bounds(start: int, stop: int, piece_rows: int | None) -> list[tuple[in
     return list(zip(edges[:-1], edges[1:]))
 
 
+def group_chunks(chunks: Sequence[int], rows: int) -> list[tuple[int, int]]:
+    """Consecutive chunks grouped into blocks of about ``rows`` rows:
+    ``[(first chunk, end chunk), ...]``.
+
+    A group closes once it holds ``rows`` rows or more, so every group
+    but the last holds at least ``rows`` and at most ``rows`` plus one
+    chunk.
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    groups, first, held = [], 0, 0
+    for i, size in enumerate(chunks):
+        held += size
+        if held >= rows:
+            groups.append((first, i + 1))
+            first, held = i + 1, 0
+    if first < len(chunks):
+        groups.append((first, len(chunks)))
+    return groups
+
+
 class Driver(ABC):
     """What an engine must provide: one method per stage, each running a block
     task (from :mod:`dask_labelissues.states`) on every block and returning

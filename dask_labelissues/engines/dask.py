@@ -35,7 +35,7 @@ import pickle
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import dask
@@ -45,11 +45,11 @@ from dask.delayed import Delayed, delayed
 from dask.highlevelgraph import HighLevelGraph
 from dask.sizeof import sizeof
 
-from .. import filters, states
+from .. import filters, inputs, states
 from ..filters import FilterSpec, JointState, MaskRule
 from ..kernels import ScoreSpec
 from ..states import CountState, HistogramState, OutlookState, ScoreState, ThresholdState, Winners
-from .base import Driver, block_bounds, piece_bounds
+from .base import Driver, block_bounds, group_chunks, piece_bounds
 
 #: Fan-in of every tree reduction.
 SPLIT_EVERY = 16
@@ -248,7 +248,9 @@ def scan_block(
 ) -> Pair:
     """Pass one on a block (:func:`dask_labelissues.states.scan_block`).
 
-    With ``stop``, ``labels`` and ``probs`` are row sources and rows
+    ``labels`` and ``probs`` may be lists of consecutive chunks (a block
+    of a dask array's small chunks, :func:`~.base.group_chunks`), scanned
+    one chunk at a time.  With ``stop``, ``labels`` and ``probs`` are row sources and rows
     ``start:stop`` are read here: reading where the block is scanned keeps
     the block out of worker memory between tasks and off the network, and
     saves two read tasks per block.  pred_probs is read, and scanned, in
@@ -258,7 +260,18 @@ def scan_block(
     once.  With ``outlook``, the state is ``(threshold state, the block's
     OutlookState)``.
     """
-    if stop is None:
+    if stop is None and isinstance(probs, list):
+        # A block of several chunks of a dask array, scanned chunk by chunk
+        # into one record buffer (no copy of the chunks into one block).
+        labels = np.concatenate(labels) if len(labels) > 1 else labels[0]
+        rec = np.empty(len(labels), dtype=spec.record_dtype())
+        parts, a = [], 0
+        for piece in probs:
+            b = a + len(piece)
+            parts.append(states.scan_block(labels[a:b], piece, start + a, spec, out=rec[a:b])[1])
+            a = b
+        state = parts[0] if len(parts) == 1 else ThresholdState.combine(parts)
+    elif stop is None:
         rec, state = states.scan_block(labels, probs, start, spec)
     else:
         labels = np.asarray(labels[start:stop])
@@ -291,6 +304,142 @@ def score_block(rec: Any, thresholds: Any, spec: ScoreSpec, *raw: Any) -> Pair:
 def joint_block(rec: Any, probs: Any, thresholds: np.ndarray, fspec: FilterSpec, kernel: str) -> Pair:
     """A filter's second read of a block (:func:`dask_labelissues.filters.joint_block`)."""
     return Pair(*filters.joint_block(_data(rec), probs, thresholds, fspec, kernel))
+
+
+#: Workers with less memory than this run the pure-numpy kernel: importing
+#: numba and loading its compiled code costs a process about 150 MB.
+SMALL_WORKER_BYTES = 1 << 30
+
+
+def cluster_workers(client: Any) -> tuple[int | None, int]:
+    """The smallest worker memory limit (None if none is set) and the total
+    worker threads of a distributed ``client``; without one, Dask's local
+    scheduler's threads."""
+    if client is None:
+        import dask.system
+
+        return None, int(dask.config.get("num_workers", None) or dask.system.CPU_COUNT)
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    limits = [w.get("memory_limit") or 0 for w in workers.values()]
+    limits = [m for m in limits if m > 0]
+    threads = sum(int(w.get("nthreads") or 0) for w in workers.values())
+    return (min(limits) if limits else None), threads
+
+
+def block_bytes_for(smallest: int | None) -> int:
+    """Automatic block size: about 64 MB, less on workers with little memory.
+
+    A block and its temporaries must fit a worker several times over, or a
+    small memory limit would pause the worker instead of streaming.
+    """
+    target = inputs.TARGET_BLOCK_BYTES
+    if smallest:
+        target = min(target, max(smallest // 16, 1 << 20))
+    return target
+
+
+def dask_driver(
+    labels: Any,
+    pred_probs: Any,
+    spec: ScoreSpec,
+    fspec: FilterSpec | None,
+    *,
+    chunk_rows: int | None = None,
+    client: Any = None,
+    progress: bool = False,
+) -> "DaskDriver":
+    """The Dask engine's driver for a job, with its blocks and kernel chosen.
+
+    Workers with less than :data:`SMALL_WORKER_BYTES` run the numpy kernel,
+    as does a small job (:func:`~.plan.choose_kernel`).  File and store
+    inputs are read inside the scan tasks, in pieces of about 64 MB in
+    whole storage chunks (``read_rows``); when pass one is the only read of
+    pred_probs and ``chunk_rows`` is not given, a block holds several
+    pieces (:func:`dask_labelissues.inputs.dask_block_rows`).
+    """
+    from .plan import choose_kernel
+
+    client = active_client(client)
+    smallest, threads = cluster_workers(client)
+    n, k = (int(s) for s in pred_probs.shape)
+    if smallest is not None and smallest < SMALL_WORKER_BYTES:
+        spec = replace(spec, kernel="numpy")
+    spec = choose_kernel(spec, n * k, in_process=client is None)
+    target = block_bytes_for(smallest)
+    direct = inputs.reads_in_tasks(labels, pred_probs)
+    read_rows = None
+    if direct:
+        itemsize = np.dtype(pred_probs.dtype).itemsize
+        read_rows = inputs.auto_chunk_rows(k, itemsize, pred_probs.storage_rows, target)
+        # Other reads of pred_probs (the adjusted margin's second pass,
+        # a filter's) take a whole block at once: only a job the scan
+        # reads for alone gets blocks of several pieces.
+        single_read = not spec.rereads and (fspec is None or not fspec.needs_joint)
+        if chunk_rows is None:
+            chunk_rows = read_rows
+            if single_read:
+                chunk_rows = inputs.dask_block_rows(
+                    n, read_rows, k * itemsize, spec.record_dtype().itemsize, threads
+                )
+    lab_d, probs_d = inputs.as_dask_arrays(labels, pred_probs, chunk_rows, target_bytes=target)
+    groups = None
+    if not direct and chunk_rows is None:
+        # A dask array's own chunks, when small, are grouped into blocks of
+        # about the automatic size: each block costs a few milliseconds of
+        # scheduling whatever its size, which 2,000-row chunks multiply.
+        rows = inputs.auto_chunk_rows(k, np.dtype(pred_probs.dtype).itemsize, None, target)
+        rows = min(rows, max(1, -(-n // (2 * max(threads, 1)))))
+        if 2 * max(probs_d.chunks[0]) <= rows:
+            groups = group_chunks(probs_d.chunks[0], rows)
+    return DaskDriver(
+        lab_d, probs_d, spec, client=client, progress=progress,
+        sources=(labels, pred_probs) if direct else None, read_rows=read_rows, groups=groups,
+    )
+
+
+#: Longest :func:`cancel_and_drain` waits for running tasks to end.
+DRAIN_SECONDS = 60.0
+
+
+def cancel_and_drain(client: Any, futures: Sequence[Any], graphs: Iterable[Any] | None = None) -> None:
+    """Cancel ``futures`` and wait, up to :data:`DRAIN_SECONDS`, until no
+    worker still runs a task of the dask collections ``graphs`` (None: any
+    task).
+
+    A worker finishes a task it has started even when it is cancelled: a
+    store write would then land after its temporary store is removed.
+    Never raises: a cluster that is gone runs nothing.
+    """
+    try:
+        if futures:
+            client.cancel(list(futures))
+        deadline = time.monotonic() + DRAIN_SECONDS
+        wanted = None
+        if graphs is not None:
+            wanted = sorted({_layer_name(k) for g in graphs for k in dict(g.__dask_graph__())})
+        while time.monotonic() < deadline:
+            if not any(client.run(_running_tasks, names=wanted).values()):
+                return
+            time.sleep(0.05)
+    except Exception:
+        return
+
+
+def _running_tasks(dask_worker: Any, names: list[str] | None) -> list[str]:
+    """This worker's tasks (of layers ``names``, if given) that it is running
+    or still finishing after a cancel."""
+    busy = ("executing", "long-running", "cancelled", "resumed")
+    # Graph optimization renames fused layers around the original names
+    # (``store-map-<token>`` runs as ``data-store-map-<token>``), whose
+    # tokens are unique: a layer is ours when it holds one of the names.
+    return [
+        str(ts.key) for ts in list(dask_worker.state.tasks.values())
+        if ts.state in busy and (names is None or any(n in _layer_name(ts.key) for n in names))
+    ]
+
+
+def _layer_name(key: Any) -> str:
+    return str(key[0] if isinstance(key, tuple) else key)
 
 
 def active_client(client: Any) -> Any:
@@ -331,6 +480,9 @@ class DaskDriver(Driver):
         block at once.  Blocks can then be larger than what a worker
         should hold of pred_probs at a time (see
         :func:`dask_labelissues.inputs.dask_block_rows`).
+    groups
+        Blocks as runs of the arrays' row chunks, ``[(first, end), ...]``
+        (:func:`~.base.group_chunks`); None: one chunk a block.
     """
 
     def __init__(
@@ -344,6 +496,7 @@ class DaskDriver(Driver):
         progress: bool = False,
         sources: tuple[Any, Any] | None = None,
         read_rows: int | None = None,
+        groups: list[tuple[int, int]] | None = None,
     ) -> None:
         if labels.chunks[0] != pred_probs.chunks[0] or len(pred_probs.chunks[1]) != 1:
             raise ValueError("labels and pred_probs must share row chunks, one column chunk")
@@ -354,7 +507,11 @@ class DaskDriver(Driver):
         self.split_every = split_every
         self.progress = progress
         self.n_rows, self.n_classes = (int(s) for s in pred_probs.shape)
-        self.chunks = pred_probs.chunks[0]
+        chunks = pred_probs.chunks[0]
+        self.groups = groups
+        if groups is not None:
+            chunks = tuple(sum(chunks[a:b]) for a, b in groups)
+        self.chunks = chunks
         self.bounds = block_bounds(self.chunks)
         self.block_starts = [a for a, _ in self.bounds]
         self.sources = sources
@@ -372,12 +529,28 @@ class DaskDriver(Driver):
     # Built only when a stage reads the arrays' own blocks: to_delayed()
     # optimizes the array's graph, and file inputs are read by the scan tasks.
     @functools.cached_property
+    def _label_pieces(self) -> list[list[Delayed]]:
+        return self._pieces(self.labels)
+
+    @functools.cached_property
+    def _prob_pieces(self) -> list[list[Delayed]]:
+        return self._pieces(self.pred_probs)
+
+    def _pieces(self, array: da.Array) -> list[list[Delayed]]:
+        """Each block's chunks of ``array``, in order."""
+        chunks = array.to_delayed().ravel().tolist()
+        groups = self.groups or [(i, i + 1) for i in range(len(chunks))]
+        return [chunks[a:b] for a, b in groups]
+
+    # The stages after pass one that read the inputs again take a block
+    # whole: a block of several chunks is joined by a task of its own.
+    @functools.cached_property
     def _label_blocks(self) -> list[Delayed]:
-        return self.labels.to_delayed().ravel().tolist()
+        return _joined(self._label_pieces)
 
     @functools.cached_property
     def _prob_blocks(self) -> list[Delayed]:
-        return self.pred_probs.to_delayed().ravel().tolist()
+        return _joined(self._prob_pieces)
 
     # -- scheduling ----------------------------------------------------------
     @contextlib.contextmanager
@@ -480,7 +653,7 @@ class DaskDriver(Driver):
         else:
             rows = [
                 (lab, prob, start, spec, None, outlook)
-                for (start, _), lab, prob in zip(self.bounds, self._label_blocks, self._prob_blocks)
+                for (start, _), lab, prob in zip(self.bounds, self._label_pieces, self._prob_pieces)
             ]
         return layer(scan_block, rows)
 
@@ -707,6 +880,17 @@ class DaskDriver(Driver):
     def filter_outputs(self, rule: MaskRule) -> dict[str, da.Array]:
         assert self.score_blocks is not None and self.rec_blocks is not None
         return self._outputs(self._masks(rule))
+
+
+def _joined(pieces: list[list[Delayed]]) -> list[Delayed]:
+    """One Delayed per block: its one chunk, or a task joining its chunks."""
+    if all(len(p) == 1 for p in pieces):
+        return [p[0] for p in pieces]
+    return layer(_concatenate, [(p,) for p in pieces])
+
+
+def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _flagged(

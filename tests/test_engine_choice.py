@@ -1,0 +1,152 @@
+"""Which engine, blocks and kernel a job gets, and that the choice changes
+no result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from dask_labelissues import find_label_issues
+from dask_labelissues.engines import choose_backend, choose_kernel, plan
+from dask_labelissues.engines.base import group_chunks
+from dask_labelissues.engines.threads import ThreadDriver, default_threads
+from dask_labelissues.kernels import ScoreSpec
+
+from .conftest import assert_identical, make_dataset
+
+
+def test_auto_runs_numpy_input_on_threads_and_returns_numpy():
+    data = make_dataset(5000, 6, seed=3)
+    result = find_label_issues(data.labels, data.pred_probs)
+    assert result.backend == "threads"
+    assert isinstance(result.label_quality_scores, np.ndarray)
+    assert_identical(find_label_issues(data.labels, data.pred_probs, backend="serial"), result)
+
+
+def test_auto_runs_dask_input_on_dask_and_stays_lazy():
+    data = make_dataset(5000, 6, seed=3)
+    labels = da.from_array(data.labels, chunks=1000)
+    probs = da.from_array(data.pred_probs, chunks=(1000, 6))
+    result = find_label_issues(labels, probs)
+    assert result.backend == "dask"
+    assert isinstance(result.label_quality_scores, da.Array)
+    assert_identical(find_label_issues(data.labels, data.pred_probs, backend="serial"), result.compute())
+
+
+def test_auto_runs_on_a_current_distributed_client():
+    from distributed import Client, LocalCluster
+
+    data = make_dataset(3000, 5, seed=4)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        assert choose_backend("auto", data.labels, data.pred_probs) == "dask"
+        result = find_label_issues(data.labels, data.pred_probs)
+        assert result.backend == "dask" and result.client is client
+    assert choose_backend("auto", data.labels, data.pred_probs) == "threads"
+
+
+def test_backend_names_are_checked_before_any_input_is_opened():
+    with pytest.raises(ValueError, match="backend='gpu' is not one of auto, dask, threads, fork, serial"):
+        find_label_issues("/no/such/labels.npy", "/no/such/probs.npy", backend="gpu")
+
+
+def test_small_jobs_get_the_numpy_kernel_unless_numba_is_loaded(monkeypatch):
+    from dask_labelissues import fused
+
+    auto = ScoreSpec()
+    small, large = plan.NUMBA_MIN_CELLS - 1, plan.NUMBA_MIN_CELLS
+    monkeypatch.setattr(fused, "numba_loaded", lambda: False)
+    assert choose_kernel(auto, small, in_process=True).kernel == "numpy"
+    assert choose_kernel(auto, large, in_process=True).kernel == "auto"
+    monkeypatch.setattr(fused, "numba_loaded", lambda: True)
+    assert choose_kernel(auto, small, in_process=True).kernel == "auto"
+    # Loaded here says nothing of a cluster's workers.
+    assert choose_kernel(auto, small, in_process=False).kernel == "numpy"
+    for kernel in ("numba", "numpy"):
+        assert choose_kernel(ScoreSpec(kernel=kernel), small, in_process=False).kernel == kernel
+        assert choose_kernel(ScoreSpec(kernel=kernel), large, in_process=True).kernel == kernel
+
+
+FRESH = r"""
+import json, sys
+import numpy as np
+from dask_labelissues import find_label_issues
+rng = np.random.default_rng(0)
+probs = rng.dirichlet(np.ones(10), 10_000).astype(np.float32)
+labels = rng.integers(0, 10, 10_000)
+result = find_label_issues(labels, probs)
+print(json.dumps({"backend": result.backend, "issues": result.issues.tolist(),
+                  "modules": sorted(m for m in ("numba", "dask", "dask.array", "distributed", "zarr")
+                                    if m in sys.modules)}))
+"""
+
+
+def test_a_small_first_call_imports_no_numba_dask_or_zarr():
+    """What makes the first call in a fresh process cheap: a small job
+    loads neither numba's kernels nor Dask."""
+    proc = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout)
+    assert out["backend"] == "threads"
+    assert out["modules"] == []
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10), 10_000).astype(np.float32)
+    labels = rng.integers(0, 10, 10_000)
+    assert out["issues"] == find_label_issues(labels, probs, backend="serial").issues.tolist()
+
+
+def test_group_chunks():
+    assert group_chunks([2000] * 10, 4500) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert group_chunks([2000] * 9, 6000) == [(0, 3), (3, 6), (6, 9)]
+    assert group_chunks([5, 1, 1, 7, 2], 3) == [(0, 1), (1, 4), (4, 5)]
+    assert group_chunks([10], 100) == [(0, 1)]
+    assert group_chunks([], 10) == []
+    with pytest.raises(ValueError):
+        group_chunks([1], 0)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(method="normalized_margin", adjust_pred_probs=True),
+                                      dict(filter_by="prune_by_noise_rate")],
+                         ids=["default", "margin-adjusted", "prune_by_noise_rate"])
+def test_small_dask_chunks_are_grouped_into_blocks_with_the_same_result(settings, monkeypatch):
+    from dask_labelissues import inputs
+    from dask_labelissues.engines import dask as dask_engine
+
+    data = make_dataset(24000, 8, seed=12, dtype=np.float32)
+    labels = da.from_array(data.labels, chunks=500)
+    probs = da.from_array(data.pred_probs, chunks=(500, 8))
+    # Blocks of about 2,000 rows here (the automatic 64 MB would be one block).
+    monkeypatch.setattr(inputs, "TARGET_BLOCK_BYTES", 2000 * 8 * 4)
+    src_l, src_p = inputs.open_source(labels, "labels"), inputs.open_source(probs, "pred_probs")
+    driver = dask_engine.dask_driver(src_l, src_p, ScoreSpec(), None)
+    assert driver.groups is not None
+    assert [b - a for a, b in driver.bounds] == [2000] * 12
+    grouped = find_label_issues(labels, probs, backend="dask", **settings)
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial", **settings)
+    assert_identical(reference, grouped.compute())
+    if "filter_by" in settings:
+        np.testing.assert_array_equal(reference.confident_joint, grouped.confident_joint)
+
+
+def test_threads_engine_uses_n_jobs_threads_and_closes_its_pool():
+    data = make_dataset(6000, 5, seed=2)
+    from dask_labelissues.engines.threads import threads_driver
+    from dask_labelissues.inputs import InMemory
+
+    driver = threads_driver(InMemory(data.labels), InMemory(data.pred_probs), ScoreSpec(), 1000, n_jobs=3)
+    assert isinstance(driver, ThreadDriver) and driver.pool._max_workers == 3
+    driver.close()
+    with pytest.raises(RuntimeError):
+        driver.pool.submit(int)
+    with pytest.raises(ValueError, match="n_jobs must be >= 1"):
+        threads_driver(InMemory(data.labels), InMemory(data.pred_probs), ScoreSpec(), 1000, n_jobs=0)
+
+
+def test_default_threads_counts_usable_cores():
+    import dask.system
+
+    assert default_threads() == dask.system.CPU_COUNT

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from . import __version__
+from .engines.plan import BACKEND_CHOICES
 from .filters import FILTERS
 from .kernels import ESTIMATION_METHODS, METHODS
 
@@ -47,36 +50,57 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
 
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("where it runs")
+    g = p.add_argument_group(
+        "where it runs",
+        "by default on threads in this process; on a Dask cluster with --scheduler "
+        "(or $DASK_SCHEDULER_ADDRESS), on an embedded LocalCluster of worker processes "
+        "with --workers, on an in-process LocalCluster with a dashboard with --dashboard",
+    )
     g.add_argument("--scheduler", metavar="ADDRESS",
-                   help="an existing Dask scheduler (default: $DASK_SCHEDULER_ADDRESS, else an embedded LocalCluster)")
+                   help="an existing Dask scheduler (default: $DASK_SCHEDULER_ADDRESS if set)")
     g.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="give up connecting to --scheduler after this long (default 10)")
     g.add_argument("--no-workers-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="fail if the cluster has no workers for this long while the job runs (default 60)")
-    g.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: one per core)")
-    g.add_argument("--threads-per-worker", type=int, default=1, metavar="M")
-    g.add_argument("--memory-limit", default="auto", metavar="X", help="per LocalCluster worker, e.g. 2GB (default: auto)")
-    g.add_argument("--backend", choices=["dask", "fork", "serial"], default="dask")
-    g.add_argument("--n-jobs", type=int, metavar="N", help="processes for --backend fork (default: all cores)")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="start an embedded LocalCluster of N worker processes and run on it")
+    g.add_argument("--dashboard", action="store_true",
+                   help="run on an in-process LocalCluster (threads) and print its dashboard's address")
+    g.add_argument("--threads-per-worker", type=int, default=1, metavar="M",
+                   help="threads of each --workers process (default 1)")
+    g.add_argument("--memory-limit", default="auto", metavar="X",
+                   help="per --workers process, e.g. 2GB (default: auto)")
+    g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="auto (default): dask on a scheduler or cluster named above, else threads")
+    g.add_argument("--n-jobs", type=int, metavar="N",
+                   help="threads for --backend threads, processes for --backend fork (default: one per core)")
     g.add_argument("--tls-ca-file", metavar="PEM", help="CA certificate for a TLS scheduler")
     g.add_argument("--tls-cert", metavar="PEM", help="client certificate for a TLS scheduler")
     g.add_argument("--tls-key", metavar="PEM", help="client private key for a TLS scheduler")
 
 
 @contextlib.contextmanager
-def dask_client(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[Any]:
-    """The Client the job runs on: the named scheduler, or an embedded LocalCluster."""
-    if args.backend != "dask":
-        if args.scheduler:
-            raise CommandError(f"--scheduler applies to --backend dask, not --backend {args.backend}")
-        yield None
+def where_it_runs(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[tuple[str, Any]]:
+    """``(backend, client)`` for the job: a Client of the named scheduler or
+    of an embedded LocalCluster where one is asked for, else no Client and
+    the engine ``--backend`` names (threads for ``auto``)."""
+    address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    wants_cluster = bool(args.scheduler or args.workers or args.dashboard)
+    if args.backend not in ("auto", "dask"):
+        if wants_cluster:
+            given = "--scheduler" if args.scheduler else "--workers" if args.workers else "--dashboard"
+            raise CommandError(f"{given} runs the job on Dask; it does not go with --backend {args.backend}")
+        yield args.backend, None
+        return
+    if not address and not wants_cluster:
+        # No cluster asked for: the job runs here, on threads (or on Dask's
+        # local threaded scheduler with --backend dask).
+        yield ("threads" if args.backend == "auto" else "dask"), None
         return
     from distributed import Client
 
-    from .cluster import dashboard_link, local_cluster
+    from .cluster import dashboard_link, local_cluster, quiet_workers
 
-    address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if address:
         security = _security(args)
         try:
@@ -88,16 +112,23 @@ def dask_client(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[Any
             ) from None
         try:
             print(f"scheduler: {address}  dashboard: {client.dashboard_link}", file=log, flush=True)
-            yield client
+            yield "dask", client
         finally:
             client.close()
         return
-    workers = args.workers or max(1, os.cpu_count() or 1)
-    with local_cluster(
-        workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit,
-    ) as cluster, Client(cluster) as client:
-        print(f"LocalCluster: {workers} workers  dashboard: {dashboard_link(client)}", file=log, flush=True)
-        yield client
+    if args.workers:
+        cluster_cm = local_cluster(
+            args.workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit,
+        )
+        what = f"LocalCluster: {args.workers} worker process{'es' if args.workers != 1 else ''}"
+    else:
+        cluster_cm = local_cluster(1, processes=False, threads_per_worker=args.n_jobs)
+        what = "LocalCluster in this process"
+    with cluster_cm as cluster, Client(cluster) as client:
+        if not args.debug:
+            quiet_workers(client)
+        print(f"{what}  dashboard: {dashboard_link(client)}", file=log, flush=True)
+        yield "dask", client
 
 
 def _security(args: argparse.Namespace) -> Any:
@@ -159,10 +190,11 @@ def format_summary(result: Any, top: int, *, worst: list[dict] | None = None) ->
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(
-        rows=args.rows, classes=args.classes, noise=args.noise, seed=args.seed,
-        workers=args.workers, keep=args.keep, progress=_progress_default(args),
-    )
+    with where_it_runs(args) as (backend, client):
+        report = run_demo(
+            rows=args.rows, classes=args.classes, noise=args.noise, seed=args.seed,
+            backend=backend, client=client, keep=args.keep, progress=_progress_default(args),
+        )
     if args.json:
         payload = dict(report.__dict__, rows_per_second=report.rows_per_second)
         print(json.dumps(payload, indent=2))
@@ -184,6 +216,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
+    # zarr is needed only for the results store at the end; imported beside
+    # the job, its 0.1 to 0.3 s overlap the job's first reads (whose
+    # kernels release the GIL) instead of following them.
+    threading.Thread(target=_import_quietly, args=("zarr",), daemon=True).start()
     from .api import find_label_issues
     from .inputs import open_path
 
@@ -199,14 +235,11 @@ def cmd_find(args: argparse.Namespace) -> int:
     labels = open_path(args.labels, "labels")
     probs = open_path(args.pred_probs, "pred_probs")
     started = time.perf_counter()
-    import dask
-
-    with dask.config.set({"labelissues.no-workers-timeout": args.no_workers_timeout}), \
-            dask_client(args) as client:
+    with _job_settings(args), where_it_runs(args) as (backend, client):
         result = find_label_issues(
             labels, probs,
             method=args.method, adjust_pred_probs=args.adjust_pred_probs,
-            estimation_method=args.estimation_method, backend=args.backend,
+            estimation_method=args.estimation_method, backend=backend,
             chunk_rows=args.chunk_rows, n_jobs=args.n_jobs, client=client,
             progress=_progress_default(args),
             filter_by=args.filter_by, frac_noise=args.frac_noise,
@@ -222,7 +255,13 @@ def cmd_find(args: argparse.Namespace) -> int:
             },
             "seconds": round(found, 3),
         }
-        result.to_zarr(output, overwrite=args.overwrite, attrs=attrs, client=client)
+        _Interrupts.check()
+        try:
+            result.to_zarr(output, overwrite=args.overwrite, attrs=attrs, client=client)
+        except Exception as exc:
+            if args.debug:
+                raise
+            raise CommandError(f"could not write {output}: {_one_line(exc)}; {_left_as_it_was(args)}") from None
         seconds = time.perf_counter() - started
         worst = None
         if args.json:
@@ -240,6 +279,33 @@ def cmd_find(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _job_settings(args: argparse.Namespace) -> Iterator[None]:
+    """The Dask settings of a job on a cluster (dask is imported only then)."""
+    if not (args.scheduler or args.workers or args.dashboard or os.environ.get("DASK_SCHEDULER_ADDRESS")):
+        yield
+        return
+    import dask
+
+    with dask.config.set({"labelissues.no-workers-timeout": args.no_workers_timeout}):
+        yield
+
+
+def _left_as_it_was(args: argparse.Namespace) -> str:
+    """What a failed or interrupted ``find`` left at its output path."""
+    output = os.path.abspath(args.output)
+    if args.overwrite and os.path.exists(output):
+        return f"the store at {output} is as it was"
+    return f"nothing was left at {output}"
+
+
+def _import_quietly(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except Exception:  # the import is retried, and reported, where it is needed
+        pass
+
+
 def _int_list(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -252,7 +318,7 @@ def _int_list(text: str | None) -> list[int] | None:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .store import open_results
+    from .results import open_results
 
     result = open_results(args.store)
     if args.json:
@@ -278,15 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run on a synthetic noisy dataset (nothing to prepare)")
-    p.add_argument("--rows", type=int, default=2_000_000)
-    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--rows", type=int, default=2_000_000, help="rows of the synthetic dataset (default 2,000,000)")
+    p.add_argument("--classes", type=int, default=100, help="classes K (default 100)")
     p.add_argument("--noise", type=float, default=0.1, help="fraction of labels flipped (default 0.1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run on an embedded LocalCluster of N worker processes (default: threads in this process)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="run on an in-process LocalCluster (threads) and print its dashboard's address")
     p.add_argument("--keep", metavar="DIR", help="keep the data and the results store in DIR")
     p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     _add_progress(p)
     _add_common(p)
+    p.set_defaults(scheduler=None, backend="auto", threads_per_worker=1, memory_limit="auto", n_jobs=None)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("find", help="find label issues and write a results store")
@@ -337,6 +407,34 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+class _Interrupts:
+    """SIGINT as KeyboardInterrupt, remembered: Python raises it wherever
+    the main thread is, and where that is a garbage-collector callback
+    (distributed installs one) the exception is printed and dropped, and
+    the job would go on to write its results.  The command checks
+    :meth:`check` before it writes anything."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        cls.seen = True
+        raise KeyboardInterrupt
+
+    @classmethod
+    def unraisable(cls, info: Any) -> None:
+        # Where the interrupt was dropped: remembered, and not printed.
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            cls.seen = True
+            return
+        sys.__unraisablehook__(info)
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.seen:
+            raise KeyboardInterrupt
+
+
 def _terminate(signum: int, frame: Any) -> None:
     # Turn SIGTERM into an exception so half-written stores are removed.
     raise SystemExit(128 + signum)
@@ -350,10 +448,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # distributed logs shutdown chatter at INFO; users want the result.
         logging.getLogger("distributed").setLevel(logging.WARNING)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    previous_int = None
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous_int = signal.signal(signal.SIGINT, _Interrupts.handler)
+        sys.unraisablehook = _Interrupts.unraisable
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        where = f"; {_left_as_it_was(args)}" if getattr(args, "output", None) else ""
+        print(f"error: interrupted{where}", file=sys.stderr)
         return 130
     except Exception as exc:
         if args.debug:
@@ -362,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
+            sys.unraisablehook = sys.__unraisablehook__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,10 +39,14 @@ A cluster of one's own (``--scheduler``) keeps its own configuration; see
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
+import threading
 from typing import Any, Iterator, Mapping
 
 import dask
+from distributed.diagnostics.plugin import WorkerPlugin
 
 #: glibc's trim and mmap thresholds in the embedded cluster's workers, in
 #: bytes (128 MiB, twice the 64 MiB blocks the automatic chunking aims at;
@@ -71,18 +75,28 @@ BATCH_SETTINGS: dict[str, Any] = {
 def local_cluster(
     n_workers: int,
     *,
-    threads_per_worker: int = 1,
+    processes: bool = True,
+    threads_per_worker: int | None = 1,
     memory_limit: str | float | None = "auto",
     dashboard_address: str | None = ":0",
     settings: Mapping[str, Any] = BATCH_SETTINGS,
     **kwargs: Any,
 ) -> Iterator[Any]:
-    """A ``distributed.LocalCluster`` of worker processes, with :data:`BATCH_SETTINGS`.
+    """A ``distributed.LocalCluster`` with :data:`BATCH_SETTINGS`.
+
+    Worker processes start with SIGINT ignored: Ctrl-C in a terminal goes
+    to every process of the foreground group, and workers that took it
+    printed their own tracebacks before the client's one-line error.  They
+    stop when this process closes the cluster.
 
     Parameters
     ----------
     n_workers, threads_per_worker, memory_limit, dashboard_address
-        As for ``LocalCluster``; workers are always processes.
+        As for ``LocalCluster`` (``threads_per_worker=None``: one per core).
+    processes
+        Workers in processes of their own (default), or threads of this
+        process (``False``: one worker holding the dashboard, and the job's
+        tasks run beside the client).
     settings
         The Dask configuration the cluster's processes are made with
         (the benchmark passes distributed's defaults to compare).
@@ -108,10 +122,11 @@ def local_cluster(
         names = [*(dask.config.get(_ENV, default=None) or {}), "PYTHONHASHSEED"]
         before = {name: os.environ.get(name) for name in names}
         try:
-            cluster = LocalCluster(
-                n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                memory_limit=memory_limit, dashboard_address=dashboard_address, **kwargs,
-            )
+            with _children_ignore_sigint(processes):
+                cluster = LocalCluster(
+                    n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
+                    memory_limit=memory_limit, dashboard_address=dashboard_address, **kwargs,
+                )
         finally:
             _put_back(before)
     try:
@@ -119,6 +134,45 @@ def local_cluster(
             yield cluster
     finally:
         _put_back(before)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint(yes: bool) -> Iterator[None]:
+    """Ignore SIGINT while worker processes are spawned, so that they start
+    with it ignored (an ignored signal stays ignored across exec, and
+    Python then installs no KeyboardInterrupt handler).  Only the main
+    thread may change a handler; elsewhere nothing changes."""
+    if not yes or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class QuietWorkers(WorkerPlugin):
+    """Keeps a worker from logging a failed task's traceback, and from
+    warning about tasks cancelled when its cluster closes under them (see
+    :func:`quiet_workers`)."""
+
+    name = "dask-labelissues-quiet-workers"
+
+    def setup(self, worker: Any) -> None:
+        logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+        logging.getLogger("distributed.worker").addFilter(_no_failed_tasks)
+
+
+def _no_failed_tasks(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Compute Failed")
+
+
+def quiet_workers(client: Any) -> None:
+    """For an embedded cluster: the command reports a failed task, or a
+    Ctrl-C, in one line, so its workers should not print a traceback or a
+    warning about the same event (see :class:`QuietWorkers`)."""
+    client.register_plugin(QuietWorkers())
 
 
 def dashboard_link(client: Any) -> str:

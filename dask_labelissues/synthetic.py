@@ -9,6 +9,7 @@ Block ``b`` of rows is drawn from its own generator seeded with
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -50,12 +51,12 @@ def generate_block(spec: SyntheticSpec, block: int) -> tuple[np.ndarray, np.ndar
     # (about 90% accuracy at 100 classes with the default).
     logits[np.arange(n), true] += rng.gamma(4.0, spec.signal / 4.0, n).astype(np.float32)
     logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
+    probs = np.exp(logits, out=logits)
     probs /= probs.sum(axis=1, keepdims=True)
     flipped = rng.random(n) < spec.noise
     labels = true.copy()
     labels[flipped] = (true[flipped] + rng.integers(1, k, int(flipped.sum()))) % k
-    return labels.astype(np.int64), probs.astype(spec.dtype), flipped
+    return labels.astype(np.int64), probs.astype(spec.dtype, copy=False), flipped
 
 
 def blocks(spec: SyntheticSpec) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
@@ -87,33 +88,48 @@ def write_npy(spec: SyntheticSpec, directory: str | os.PathLike) -> dict[str, st
 
 
 def write_zarr(
-    spec: SyntheticSpec, path: str | os.PathLike, chunk_rows: int = GENERATION_ROWS
+    spec: SyntheticSpec,
+    path: str | os.PathLike,
+    chunk_rows: int = GENERATION_ROWS,
+    threads: int | None = None,
+    compress: bool = True,
 ) -> None:
     """Write a Zarr v3 group with arrays ``labels``, ``pred_probs`` and
-    ``flipped`` (row indices of flipped labels), one block at a time."""
+    ``flipped`` (row indices of flipped labels).
+
+    Storage chunks are generated and written on ``threads`` threads
+    (default: one per core; the generator, the codec and the writes release
+    the GIL), each task a run of whole chunks, so no chunk is written
+    twice and memory holds about ``threads`` chunks.  The data do not
+    depend on ``threads``.  ``compress=False`` stores pred_probs without
+    zarr's default compressor: zstd shrinks these random probabilities by
+    about 8% and takes a quarter of the writing time.
+    """
     import zarr
+
+    from .engines.threads import default_threads
 
     if chunk_rows % GENERATION_ROWS and GENERATION_ROWS % chunk_rows:
         raise ValueError(f"chunk_rows must divide or be a multiple of {GENERATION_ROWS}")
     group = zarr.open_group(str(path), mode="w")
     labels = group.create_array("labels", shape=(spec.rows,), chunks=(chunk_rows,), dtype="int64")
     probs = group.create_array(
-        "pred_probs", shape=(spec.rows, spec.classes), chunks=(chunk_rows, spec.classes), dtype=spec.dtype
+        "pred_probs", shape=(spec.rows, spec.classes), chunks=(chunk_rows, spec.classes), dtype=spec.dtype,
+        **({} if compress else {"compressors": None}),
     )
-    flipped = []
-    pending: list[tuple[int, np.ndarray, np.ndarray]] = []
-    # Buffer generation blocks until a whole storage chunk can be written,
-    # so no chunk is written twice.
-    for start, lab, pp, fl in blocks(spec):
-        pending.append((start, lab, pp))
-        flipped.append(np.flatnonzero(fl) + start)
-        rows = sum(len(p[1]) for p in pending)
-        end = start + len(lab)
-        if rows >= chunk_rows or end == spec.rows:
-            a = pending[0][0]
-            labels[a:end] = np.concatenate([p[1] for p in pending])
-            probs[a:end] = np.concatenate([p[2] for p in pending])
-            pending = []
+    n_blocks = -(-spec.rows // GENERATION_ROWS)
+    per_task = max(1, chunk_rows // GENERATION_ROWS)
+
+    def write(first: int) -> np.ndarray:
+        parts = [generate_block(spec, b) for b in range(first, min(first + per_task, n_blocks))]
+        start = first * GENERATION_ROWS
+        stop = start + sum(len(p[0]) for p in parts)
+        labels[start:stop] = np.concatenate([p[0] for p in parts])
+        probs[start:stop] = np.concatenate([p[1] for p in parts])
+        return np.flatnonzero(np.concatenate([p[2] for p in parts])) + start
+
+    with ThreadPoolExecutor(threads or default_threads(), thread_name_prefix="synthetic") as pool:
+        flipped = list(pool.map(write, range(0, n_blocks, per_task)))
     flips = np.concatenate(flipped).astype(np.int64)
     group.create_array("flipped", data=flips, chunks=(max(1, min(len(flips), 1 << 20)),))
     group.attrs.update({"rows": spec.rows, "classes": spec.classes, "noise": spec.noise, "seed": spec.seed})

@@ -307,3 +307,75 @@ def test_dashboard_link_says_when_bokeh_is_missing(monkeypatch):
     assert dashboard_link(client) == "http://127.0.0.1:8787/status (needs bokeh: pip install bokeh)"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bokeh" else real(name, *a))
     assert dashboard_link(client) == "http://127.0.0.1:8787/status"
+
+
+def test_find_runs_on_threads_in_this_process_by_default(data, tmp_path):
+    d, paths, expected = data
+    out = tmp_path / "o.zarr"
+    proc = run("find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+               "--output", str(out), "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["backend"] == "threads"
+    assert "LocalCluster" not in proc.stderr and "dashboard" not in proc.stderr
+    check_store(out, expected)
+
+
+def test_find_with_dashboard_runs_on_an_in_process_cluster(data, tmp_path):
+    d, paths, expected = data
+    out = tmp_path / "o.zarr"
+    proc = run("find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+               "--output", str(out), "--dashboard", "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["backend"] == "dask"
+    assert "LocalCluster in this process  dashboard: http" in proc.stderr
+    check_store(out, expected)
+
+
+@pytest.mark.parametrize("option", [["--workers", "2"], ["--dashboard"], ["--scheduler", "tcp://127.0.0.1:1"]])
+def test_cluster_options_do_not_go_with_a_local_backend(data, tmp_path, option):
+    d, paths, _ = data
+    proc = run("find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+               "--output", str(tmp_path / "o.zarr"), "--backend", "serial", *option)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {option[0]} runs the job on Dask; it does not go with --backend serial")
+
+
+def test_ctrl_c_on_the_embedded_cluster_prints_one_line_and_leaves_nothing(large, tmp_path):
+    """Ctrl-C reaches every process of the terminal's foreground group: the
+    command, and the worker processes it started.  The command is stopped
+    while the job runs, the group is sent SIGINT, and the command resumed."""
+    out = tmp_path / "out.zarr"
+    proc = subprocess.Popen(
+        [*CLI, "find", "--labels", large["labels"], "--pred-probs", large["pred_probs"],
+         "--output", str(out), "--workers", "2", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        seen = b""
+        deadline = time.monotonic() + 120
+        while b"dashboard:" not in seen:
+            assert time.monotonic() < deadline, f"the cluster never started: {seen!r}"
+            if select.select([proc.stderr], [], [], 1.0)[0]:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, f"the command ended before its cluster started: {seen!r}"
+                seen += chunk
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            assert proc.poll() is None and not out.exists(), "the job finished before it could be stopped"
+            os.killpg(proc.pid, signal.SIGINT)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = (seen + rest).decode()
+    assert proc.returncode == 130, err
+    assert err.startswith("LocalCluster: 2 worker processes  dashboard:"), err
+    # Nothing from the workers or the scheduler: no traceback, no warning.
+    assert err.rstrip().endswith(f"error: interrupted; nothing was left at {out}"), err
+    assert err.count("error:") == 1 and "Traceback" not in err and " - WARNING - " not in err, err
+    assert len(err.strip().splitlines()) <= 2, err
+    assert os.listdir(tmp_path) == []

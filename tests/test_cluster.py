@@ -40,14 +40,14 @@ def dataset(tmp_path_factory):
 
 
 def test_cluster_has_two_registered_workers(cluster):
-    from dask_labelissues import api
+    from dask_labelissues.engines.dask import cluster_workers
 
     with cluster.client() as client:
         workers = client.scheduler_info(n_workers=-1)["workers"]
         assert len(workers) == 2
         assert all(w["nthreads"] == 1 for w in workers.values())
         # What the automatic block size is made for: 1 GB workers, 2 threads.
-        assert api._workers(client) == (10**9, 2)
+        assert cluster_workers(client) == (10**9, 2)
 
 
 @pytest.mark.parametrize("settings", [
@@ -273,3 +273,29 @@ def test_small_worker_memory_streams_a_larger_store(tmp_path_factory):
     reference = find_label_issues(group["labels"], group["pred_probs"], backend="fork", n_jobs=2)
     assert hashlib.sha256(issues.tobytes()).digest() == hashlib.sha256(reference.issues.tobytes()).digest()
     assert mask_count == reference.num_issues
+
+
+def test_a_failed_store_write_waits_for_running_writes_and_leaves_nothing(cluster, dataset, tmp_path):
+    """One block's write fails while the other worker is still writing its
+    own: the temporary store is removed only after that write has ended,
+    so it is not recreated behind the error."""
+    from dataclasses import replace
+
+    d, paths = dataset
+    out = tmp_path / "out"
+    out.mkdir()
+    with cluster.client() as client:
+        result = find_label_issues(paths["labels"], paths["pred_probs"], client=client, chunk_rows=6000)
+
+        def fail_first(block, block_info=None):
+            if block_info[0]["chunk-location"][0] == 0:
+                time.sleep(0.05)
+                raise OSError(28, "No space left on device")
+            time.sleep(0.5)
+            return block
+
+        scores = result.label_quality_scores.map_blocks(fail_first, dtype=np.float64)
+        with pytest.raises(OSError, match="No space left on device"):
+            replace(result, label_quality_scores=scores).to_zarr(out / "results.zarr")
+        time.sleep(1.0)  # a write still running after the error would have landed by now
+        assert os.listdir(out) == []

@@ -23,7 +23,7 @@ import numpy as np
 #: Rows of a block are processed by numpy in slices of about this many bytes.
 SUB_BLOCK_BYTES = 2 * 2**20
 
-def _build_numba() -> tuple[Any, Any, Any] | None:
+def _build_numba() -> tuple[Any, Any, Any, Any] | None:
     """Compile (or load from numba's cache) the kernels; None without numba.
 
     Imported on first use only: numba adds about 100 MB to a process, which
@@ -131,14 +131,70 @@ def _build_numba() -> tuple[Any, Any, Any] | None:
                     margin[i, s] = 0
                 bound[i] = (total - 2.0 * own) + 1e-6 * max(total, 1.0)
 
-    return scan, limbs, joint
+    @numba.njit(nogil=True, cache=True)
+    def records(probs, raw_labels, eps, tolerance, max_value, margin,
+                p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs):
+        # The whole of pass one's per-row work in one read of each row: the
+        # scan above, the records, the near-tie rule, the checks of
+        # find_problem, the class counts and the limbs of the exact sums.
+        n, k = probs.shape
+        first_bad = -1
+        for i in range(n):
+            raw = raw_labels[i]
+            y = min(max(raw, 0), k - 1)
+            best = probs[i, 0]
+            arg = 0
+            low = best
+            total = np.float64(best)
+            other = -np.inf
+            if y != 0:
+                other = np.float64(best)
+            for j in range(1, k):
+                v = probs[i, j]
+                if v > best:
+                    best = v
+                    arg = j
+                if v < low:
+                    low = v
+                total += v
+                if margin and j != y and v > other:
+                    other = np.float64(v)
+            own = probs[i, y]
+            if first_bad < 0:
+                fine = raw >= 0 and raw < k and np.isfinite(total) and low >= 0 and total > 0
+                fine = fine and np.float64(best) < max_value
+                if tolerance >= 0 and not abs(total - 1.0) <= tolerance:
+                    fine = False
+                if not fine:
+                    first_bad = i
+            plus = own + eps  # in the input's dtype, as cleanlab adds it
+            p_pred[i] = best
+            label[i] = y
+            pred[i] = arg
+            reduce[i] = arg == y or (arg < y and best < plus) or (arg > y and best <= plus)
+            own64 = np.float64(own)
+            if margin:
+                score[i] = (own64 - other + 1.0) / 2.0
+            else:
+                score[i] = own64
+            counts[y] += 1
+            if not (np.isfinite(own64) and own64 >= 0 and own64 < max_value):
+                own64 = 0.0  # a bad row: the job fails, the sums need only stay finite
+            rest = own64 * scale
+            for j in range(n_limbs):
+                limb = np.floor(rest)
+                sums[y, j] += np.int64(limb)
+                rest = (rest - limb) * base
+        return first_bad
+
+    return scan, limbs, joint, records
 
 
-_NUMBA: tuple[Any, Any, Any] | None = None
+_NUMBA: tuple[Any, Any, Any, Any] | None = None
 _NUMBA_TRIED = False
 
 
-def _kernels(kernel: str) -> tuple[Any, Any, Any] | None:
+def _kernels(kernel: str) -> tuple[Any, Any, Any, Any] | None:
     """The numba kernels if ``kernel`` allows them and numba is installed."""
     global _NUMBA, _NUMBA_TRIED
     if kernel == "numpy" or os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy":
@@ -201,6 +257,50 @@ def scan_rows(
         if others is not None:
             others[a:b] = max_other(part, labels[a:b], pred[a:b], p_pred[a:b])
     return pred, p_pred, p_label, row_min, row_sum, others
+
+
+def scan_records(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    rec: np.ndarray,
+    margin: bool,
+    tolerance: float | None,
+    max_value: float,
+    eps: float,
+    limbs: tuple[int, int, float],
+    kernel: str = "auto",
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Pass one on a block in one numba loop, for scores the records hold
+    without the thresholds (``self_confidence``, or ``normalized_margin``
+    with ``margin``); None where numba does not run (the caller then takes
+    the numpy path, :func:`scan_rows` and the reductions after it, which
+    gives the same bits).
+
+    Fills ``rec`` (``p_pred``, ``score``, ``label`` clipped to 0..K-1,
+    ``pred``, ``reduce``: the near-tie rule with ``eps`` added in the
+    input's dtype) and returns ``(counts, limb sums, first bad row)``:
+    rows per clipped label (K,), the per-class sums of the fixed-point limbs
+    of each row's own probability, ``limbs = (n_limbs, limb_bits, scale)``
+    as :func:`limb_sums` takes them (K, n_limbs), and the index of the first
+    row the checks of :func:`dask_labelissues.kernels.find_problem` reject,
+    or -1.
+    """
+    if probs.dtype not in (np.float32, np.float64):
+        return None
+    fast = _kernels(kernel)
+    if fast is None:
+        return None
+    n, k = probs.shape
+    n_limbs, limb_bits, scale = limbs
+    counts = np.zeros(k, dtype=np.int64)
+    sums = np.zeros((k, n_limbs), dtype=np.int64)
+    first_bad = fast[3](
+        np.ascontiguousarray(probs), labels.astype(np.int64, copy=False), probs.dtype.type(eps),
+        -1.0 if tolerance is None else float(tolerance), float(max_value), margin,
+        rec["p_pred"], rec["score"], rec["label"], rec["pred"], rec["reduce"],
+        counts, sums, scale, float(1 << limb_bits), n_limbs,
+    )
+    return counts, sums, int(first_bad)
 
 
 def max_other(

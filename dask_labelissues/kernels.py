@@ -210,12 +210,7 @@ def row_records(
     plus = p_label_native + probs.dtype.type(FLOATING_POINT_COMPARISON)
     reduce = (pred == y) | ((pred < y) & (p_pred < plus)) | ((pred > y) & (p_pred <= plus))
 
-    if out is None:
-        rec = np.empty(n, dtype=spec.record_dtype())
-    elif out.shape != (n,) or out.dtype != spec.record_dtype():
-        raise ValueError(f"out must hold {n} records of {spec.record_dtype()}, not {out.shape} of {out.dtype}")
-    else:
-        rec = out
+    rec = _records_out(n, spec, out)
     rec["p_pred"] = p_pred
     rec["label"] = y
     rec["pred"] = pred
@@ -304,14 +299,59 @@ def fixed_point_class_sums(
     2**24, so ``np.bincount``'s float64 sums of up to 2**29 of them are exact;
     the limb sums are then combined as Python ints.
     """
-    totals = np.zeros(k, dtype=object)
-    totals[:] = 0
     if values.shape[0] == 0:
-        return totals
-    sums = fused.limb_sums(labels, values, k, _N_LIMBS, _LIMB_BITS, _LIMB_SCALE, kernel)
+        return limb_totals(np.zeros((k, _N_LIMBS), dtype=np.int64))
+    return limb_totals(fused.limb_sums(labels, values, k, _N_LIMBS, _LIMB_BITS, _LIMB_SCALE, kernel))
+
+
+def limb_totals(sums: np.ndarray) -> np.ndarray:
+    """Per-class limb sums (K, 7) combined into exact Python ints (units of 2**-137)."""
+    totals = np.zeros(sums.shape[0], dtype=object)
+    totals[:] = 0
     for j in range(_N_LIMBS):
         totals += sums[:, j].astype(object) << (_LIMB_BITS * (_N_LIMBS - 1 - j))
     return totals
+
+
+def fused_records(
+    labels: np.ndarray, probs: np.ndarray, start: int, spec: ScoreSpec, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, InputProblem | None] | None:
+    """Pass one's per-row work on a block in one numba loop
+    (:func:`dask_labelissues.fused.scan_records`): ``(records, class counts,
+    exact class sums, first bad row)``, the same values as
+    :func:`row_records`, :func:`find_problem`, ``np.bincount`` and
+    :func:`fixed_point_class_sums` give.  None where that loop does not
+    apply (scores needing the thresholds or the whole row, or no numba).
+    """
+    if spec.adjust_pred_probs or spec.method == "confidence_weighted_entropy" or spec.kernel == "numpy":
+        return None
+    rec = _records_out(labels.shape[0], spec, out)
+    got = fused.scan_records(
+        probs, labels, rec, spec.method == "normalized_margin", spec.row_sum_tolerance, MAX_VALUE,
+        FLOATING_POINT_COMPARISON, (_N_LIMBS, _LIMB_BITS, _LIMB_SCALE), spec.kernel,
+    )
+    if got is None:
+        return None
+    counts, sums, bad = got
+    problem = None
+    if bad >= 0:
+        # The loop found the row; the message is made from it alone.
+        row = np.asarray(probs[bad : bad + 1])
+        problem = find_problem(
+            labels[bad : bad + 1], row, start + bad, spec.row_sum_tolerance,
+            np.add.accumulate(row, axis=1, dtype=np.float64)[:, -1], row.min(axis=1), rec["p_pred"][bad : bad + 1],
+        )
+        assert problem is not None, "the fused loop and find_problem disagree on a row"
+    return rec, counts, limb_totals(sums), problem
+
+
+def _records_out(n: int, spec: ScoreSpec, out: np.ndarray | None) -> np.ndarray:
+    """``out`` checked to hold ``n`` records of ``spec``, or a new buffer."""
+    if out is None:
+        return np.empty(n, dtype=spec.record_dtype())
+    if out.shape != (n,) or out.dtype != spec.record_dtype():
+        raise ValueError(f"out must hold {n} records of {spec.record_dtype()}, not {out.shape} of {out.dtype}")
+    return out
 
 
 def exact_means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -89,6 +89,10 @@ def scan_block(
     labels = np.asarray(labels)
     probs = np.asarray(probs)
     k = probs.shape[1]
+    fused = kernels.fused_records(labels, probs, start, spec, out)
+    if fused is not None:
+        rec, counts, sums, problem = fused
+        return rec, ThresholdState(counts, sums, len(labels), problem)
     rec, p_label, row_sums, row_mins = kernels.row_records(labels, probs, spec, out)
     row_maxs = rec["p_pred"]
     problem = kernels.find_problem(

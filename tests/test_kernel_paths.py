@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from dask_labelissues import find_label_issues, fused
 
@@ -134,3 +135,58 @@ def test_small_workers_get_the_numpy_kernel_and_the_same_result(monkeypatch):
     default = find_label_issues(data.labels, data.pred_probs, backend="dask")
     assert seen == ["numpy", "auto"]
     np.testing.assert_array_equal(small.issues, default.issues)
+
+
+def _edge_block(dtype, k=7, n=3000, seed=9):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(k) * 0.3, size=n).astype(dtype)
+    probs[:40, 1] = probs[:40, 3]  # argmax ties
+    probs[40:60] = dtype(1 / k)  # flat rows
+    labels = rng.integers(0, k, n)
+    # Near ties of the label with the argmax, within the 1e-6 margin.
+    rows = np.arange(60, 120)
+    top = probs[rows].argmax(axis=1)
+    probs[rows, labels[rows]] = probs[rows, top] - dtype(5e-7)
+    # Rows sum to 1 again; equal values stay equal.
+    probs /= probs.sum(axis=1, keepdims=True, dtype=np.float64).astype(dtype)
+    return labels, probs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])
+@pytest.mark.parametrize("bad", [None, "nan", "negative", "label", "sum", "zeros", "huge"])
+def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
+    from dask_labelissues import states
+    from dask_labelissues.kernels import ScoreSpec
+
+    labels, probs = _edge_block(dtype)
+    if bad == "nan":
+        probs[2500, 3] = np.nan
+    elif bad == "negative":
+        probs[1700, 0] = -0.25
+    elif bad == "label":
+        labels[1900] = 7
+    elif bad == "sum":
+        probs[2100] *= dtype(1.01)
+    elif bad == "zeros":
+        probs[800] = 0
+    elif bad == "huge":
+        probs[1200, 2] = dtype(3e38) if dtype == np.float32 else 1e300
+    numba_spec, numpy_spec = ScoreSpec(method, kernel="numba"), ScoreSpec(method, kernel="numpy")
+    assert fused.scan_records(probs, labels, np.empty(len(labels), numba_spec.record_dtype()),
+                              method != "self_confidence", 1e-3, 2.0**31, 1e-6, (7, 24, 2.0**-7)) is not None
+    rec_a, st_a = states.scan_block(labels, probs, 1000, numba_spec)
+    rec_b, st_b = states.scan_block(labels, probs, 1000, numpy_spec)
+    # A NaN row's records differ (numpy's argmax takes the NaN, the loop
+    # passes over it); the job fails on that row whatever they hold.
+    for name in rec_a.dtype.names:
+        same = rec_a[name] == rec_b[name]
+        if bad == "nan":
+            same[2500] = True
+        assert same.all(), name
+    np.testing.assert_array_equal(st_a.counts, st_b.counts)
+    assert st_a.sums.tolist() == st_b.sums.tolist()
+    assert st_a.problem == st_b.problem
+    assert (st_a.problem is None) == (bad is None)
+    if bad is not None:
+        assert 1000 <= st_a.problem.row < 4000

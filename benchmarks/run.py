@@ -35,6 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 from dask_labelissues import find_label_issues  # noqa: E402
 from dask_labelissues.cluster import BATCH_SETTINGS, local_cluster  # noqa: E402
@@ -223,6 +224,31 @@ def floor_runner(kind: str, paths: dict[str, str]) -> Callable[[], Any]:
     return run
 
 
+def fused_floor_runner(kind: str, paths: dict[str, str]) -> Callable[[], Any]:
+    """One read of pred_probs with one fused numba pass per row (argmax,
+    max, the label's probability, the row sum: benchmarks/one_process.py's
+    kernel), on THREADS threads; Zarr through the job's direct chunk reads.
+    The tighter floor: numpy's argmax and max take about twice as long."""
+    import one_process
+
+    key = "npy" if kind == "npy" else "zarr"
+    labels = open_path(paths[f"labels_{key}"], "labels")
+    probs = open_path(paths[f"probs_{key}"], "pred_probs")
+    n, k = probs.shape
+    step = probs.storage_rows or max(1, (64 << 20) // (k * probs.dtype.itemsize))
+    bufs = (np.empty(n, np.int32), np.empty(n, probs.dtype), np.empty(n, probs.dtype), np.empty(n, np.float64))
+
+    def block(a: int) -> None:
+        b = min(a + step, n)
+        one_process.fused(probs[a:b], np.asarray(labels[a:b]), *(x[a:b] for x in bufs))
+
+    def run() -> None:
+        with ThreadPoolExecutor(THREADS) as pool:
+            list(pool.map(block, range(0, n, step)))
+
+    return run
+
+
 def ours(kind: str, paths: dict[str, str], **kwargs: Any) -> Callable[[], Any]:
     labels, probs = paths[f"labels_{kind}"], paths[f"probs_{kind}"]
 
@@ -393,9 +419,11 @@ def bench_dataset(name: str, paths: dict[str, str], repeats: int) -> dict[str, A
             Client(cluster, set_as_default=False) as client:
         for kind in ("npy", "zarr"):
             runners = [
+                Runner(f"floor fused ({kind}, {THREADS} threads)", fused_floor_runner(kind, paths)),
                 Runner(f"floor ({kind}, {THREADS} threads)", floor_runner(kind, paths)),
                 *([Runner(f"floor (zarr direct, {THREADS} threads)", floor_runner("zarr direct", paths))]
                   if kind == "zarr" else []),
+                Runner(f"dask_labelissues threads n_jobs={THREADS}", ours(kind, paths, backend="threads", n_jobs=THREADS)),
                 Runner("dask_labelissues dask threads", ours(kind, paths, backend="dask")),
                 Runner(f"dask_labelissues LocalCluster {THREADS}x1", ours(kind, paths, client=client)),
                 Runner(f"dask_labelissues fork n_jobs={THREADS}", ours(kind, paths, backend="fork", n_jobs=THREADS)),

@@ -122,7 +122,9 @@ def where_it_runs(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[t
         )
         what = f"LocalCluster: {args.workers} worker process{'es' if args.workers != 1 else ''}"
     else:
-        cluster_cm = local_cluster(1, processes=False, threads_per_worker=args.n_jobs)
+        cluster_cm = local_cluster(
+            1, processes=False, threads_per_worker=args.n_jobs, dashboard_address="127.0.0.1:0",
+        )
         what = "LocalCluster in this process"
     with cluster_cm as cluster, Client(cluster) as client:
         if not args.debug:
@@ -363,11 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, metavar="SRC",
                    help="file.npy, store.zarr[:path/in/group], file.h5:/dataset, or a URL of one")
     p.add_argument("--pred-probs", required=True, metavar="SRC", help="same forms as --labels")
-    p.add_argument("--output", required=True, metavar="OUT.zarr")
+    p.add_argument("--output", required=True, metavar="OUT.zarr",
+                   help="the results store to write (Zarr v3, put in place only when complete)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--method", choices=METHODS, default="self_confidence")
-    p.add_argument("--adjust-pred-probs", action="store_true")
-    p.add_argument("--estimation-method", choices=ESTIMATION_METHODS, default="off_diagonal")
+    p.add_argument("--method", choices=METHODS, default="self_confidence",
+                   help="label quality score, lower is worse (default self_confidence)")
+    p.add_argument("--adjust-pred-probs", action="store_true",
+                   help="subtract the class thresholds from pred_probs before scoring, as cleanlab's option")
+    p.add_argument("--estimation-method", choices=ESTIMATION_METHODS, default="off_diagonal",
+                   help="how the number of issues is estimated (default off_diagonal)")
     p.add_argument("--chunk-rows", type=int, metavar="N", help="rows per block (default: about 64 MB)")
     g = p.add_argument_group(
         "cleanlab.filter's methods",
@@ -383,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave at least N rows in every class (prune filters; default 1)")
     g.add_argument("--row-order", action="store_true",
                    help="store the issues in row order instead of ranked by score")
-    p.add_argument("--top", type=int, default=10, help="worst rows to print (default 10)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="worst rows to print (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     _add_cluster(p)
     _add_progress(p)

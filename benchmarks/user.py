@@ -13,7 +13,7 @@ not the seconds (this machine's speed drifts between runs).  Rows:
   to a Zarr store);
 * the first call in a fresh process against the next call in it, on
   10,000 x 10 in memory and on (a);
-* the warm job in this process on (a) with each engine, against the fused
+* the warm job in this process on (a) and (c) with each engine, against the fused
   one-pass floor (the same numba pass as the script, on the same 2
   threads, mapping the file in each run as a job given its path does;
   also with the mapping kept between runs, where no page faults are left)
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -155,7 +154,7 @@ def bench_first_calls(paths: dict[str, str], rounds: int) -> dict[str, Any]:
     return out
 
 
-def bench_warm(paths: dict[str, str], rounds: int, work: Path) -> dict[str, Any]:
+def bench_warm(name: str, paths: dict[str, str], rounds: int, work: Path) -> dict[str, Any]:
     kept = (np.load(paths["labels_npy"], mmap_mode="r"), np.load(paths["probs_npy"], mmap_mode="r"))
     labels, probs = kept
     n, k = probs.shape
@@ -203,11 +202,11 @@ def bench_warm(paths: dict[str, str], rounds: int, work: Path) -> dict[str, Any]
     }
     for case in cases.values():  # compile, load, fault in, once
         case()
-    print("[warm, in this process, (a) .npy]", flush=True)
+    print(f"[warm, in this process, ({name}) .npy]", flush=True)
     times = interleave(cases, rounds)
     med = {k: median(v) for k, v in times.items()}
     floor = med["fused floor (numba, 2 threads)"]
-    return {"times": times, "median": med, "x_fused_floor": {k: v / floor for k, v in med.items()},
+    return {"dataset": name, "times": times, "median": med, "x_fused_floor": {k: v / floor for k, v in med.items()},
             "fork_speedup_over_serial": med["job: serial"] / med["job: fork n_jobs=2"],
             "threads_speedup_over_serial": med["job: serial"] / med["job: default (threads)"]}
 
@@ -265,11 +264,12 @@ def markdown(report: dict[str, Any]) -> str:
               "| --- | ---: | ---: | ---: | ---: |"]
     for k, v in report["first_calls"].items():
         lines.append(f"| {k} | {v['import_s']:.3f} s | {v['first_s']:.3f} s | {v['warm_s']:.4f} s | {v['extra_s']:.3f} s |")
-    warm = report["warm"]
-    lines += ["", "## Warm, in one process, (a) .npy", "", "| run | median | x fused floor |", "| --- | ---: | ---: |"]
-    lines += [f"| {k} | {v:.3f} s | {warm['x_fused_floor'][k]:.2f} |" for k, v in warm["median"].items()]
-    lines += ["", f"threads over serial: {warm['threads_speedup_over_serial']:.2f}x; "
-              f"fork over serial: {warm['fork_speedup_over_serial']:.2f}x.", ""]
+    for warm in report["warm"]:
+        lines += ["", f"## Warm, in one process, ({warm['dataset']}) .npy", "", "| run | median | x fused floor |",
+                  "| --- | ---: | ---: |"]
+        lines += [f"| {k} | {v:.3f} s | {warm['x_fused_floor'][k]:.2f} |" for k, v in warm["median"].items()]
+        lines += ["", f"threads over serial: {warm['threads_speedup_over_serial']:.2f}x; "
+                  f"fork over serial: {warm['fork_speedup_over_serial']:.2f}x.", ""]
     sc = report["small_chunks"]
     lines += ["## Dask array input in small chunks", "", "| input | median |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.3f} s |" for k, v in sc["median"].items()]
@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--datasets", default="a,b", help="CLI datasets (a, b)")
+    parser.add_argument("--warm-datasets", default="a,c", help="datasets of the warm rows (a, b, c)")
     parser.add_argument("--data-dir", default=str(HERE / "data"))
     args = parser.parse_args(argv)
     started = time.strftime("%Y%m%d-%H%M%S")
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {"started": started, "commit": commit, "rounds": args.rounds,
                   "cli": [bench_cli(n, p, args.rounds, work) for n, p in paths.items()],
                   "first_calls": bench_first_calls(a, args.rounds),
-                  "warm": bench_warm(a, args.rounds, work),
+                  "warm": [bench_warm(n, ensure_data(n, data), args.rounds, work)
+                           for n in args.warm_datasets.split(",")],
                   "small_chunks": bench_small_chunks(a, args.rounds),
                   "demo": bench_demo(max(3, args.rounds // 2))}
     finally:

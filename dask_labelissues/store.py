@@ -255,9 +255,9 @@ def _store_lazy(sources: list, targets: list, client: Any) -> None:
     if client is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from .engines.threads import default_threads
+        from .engines.local import usable_cores
 
-        pool = ThreadPoolExecutor(default_threads(), thread_name_prefix="dask-labelissues-store")
+        pool = ThreadPoolExecutor(usable_cores(), thread_name_prefix="dask-labelissues-store")
         try:
             dask.compute(stored, scheduler="threads", pool=pool)
         finally:

@@ -107,7 +107,7 @@ def write_zarr(
     """
     import zarr
 
-    from .engines.threads import default_threads
+    from .engines.local import usable_cores
 
     if chunk_rows % GENERATION_ROWS and GENERATION_ROWS % chunk_rows:
         raise ValueError(f"chunk_rows must divide or be a multiple of {GENERATION_ROWS}")
@@ -128,7 +128,7 @@ def write_zarr(
         probs[start:stop] = np.concatenate([p[1] for p in parts])
         return np.flatnonzero(np.concatenate([p[2] for p in parts])) + start
 
-    with ThreadPoolExecutor(threads or default_threads(), thread_name_prefix="synthetic") as pool:
+    with ThreadPoolExecutor(threads or usable_cores(), thread_name_prefix="synthetic") as pool:
         flipped = list(pool.map(write, range(0, n_blocks, per_task)))
     flips = np.concatenate(flipped).astype(np.int64)
     group.create_array("flipped", data=flips, chunks=(max(1, min(len(flips), 1 << 20)),))

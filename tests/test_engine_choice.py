@@ -14,7 +14,8 @@ import pytest
 from dask_labelissues import find_label_issues
 from dask_labelissues.engines import choose_backend, choose_kernel, plan
 from dask_labelissues.engines.base import group_chunks
-from dask_labelissues.engines.threads import ThreadDriver, default_threads
+from dask_labelissues.engines.local import usable_cores
+from dask_labelissues.engines.threads import ThreadDriver
 from dask_labelissues.kernels import ScoreSpec
 
 from .conftest import assert_identical, make_dataset
@@ -146,7 +147,7 @@ def test_threads_engine_uses_n_jobs_threads_and_closes_its_pool():
         threads_driver(InMemory(data.labels), InMemory(data.pred_probs), ScoreSpec(), 1000, n_jobs=0)
 
 
-def test_default_threads_counts_usable_cores():
+def test_usable_cores_match_dask():
     import dask.system
 
-    assert default_threads() == dask.system.CPU_COUNT
+    assert usable_cores() == dask.system.CPU_COUNT

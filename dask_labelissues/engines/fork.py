@@ -14,7 +14,6 @@ the job with ``BrokenProcessPool`` instead of leaving it waiting forever.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import signal
 import warnings
 from concurrent.futures.process import BrokenProcessPool
@@ -26,7 +25,7 @@ import numpy as np
 from .. import fused, states
 from ..filters import FilterSpec
 from ..kernels import ScoreSpec
-from .local import LocalDriver, LocalJob, serial_mapper
+from .local import LocalDriver, LocalJob, pool_size, serial_mapper
 
 # Jobs whose workers are alive, by id; each worker inherits the registry
 # as it was when it was forked, its own job included.
@@ -170,14 +169,12 @@ def fork_driver(
     spill_dir: str | None = None,
     fspec: FilterSpec | None = None,
 ) -> LocalDriver:
-    """A driver running on ``n_jobs`` forked processes (default: all cores).
+    """A driver running on ``n_jobs`` forked processes (default: one per
+    usable core).
 
     Where ``fork`` does not exist, warns and returns the serial driver.
     """
-    if n_jobs is None:
-        n_jobs = os.cpu_count() or 1
-    if n_jobs < 1:
-        raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
+    n_jobs = pool_size(n_jobs)
     if not fork_available():
         warnings.warn(
             "backend='fork' needs the fork start method, which this platform lacks; "

@@ -8,6 +8,7 @@ they are large) and write their rows in place; only states travel back.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
@@ -154,6 +155,52 @@ class LocalJob:
         mask = filters.mask_block(rule, self.records[a:b], joint, a)
         self.mask[a:b] = mask
         return Winners.chunk(self.records[a:b], self.scores[a:b], mask, a)
+
+
+def usable_cores() -> int:
+    """The cores this process may use,
+    within its CPU affinity and any cgroup CPU quota (what
+    ``dask.system.CPU_COUNT`` counts, without importing dask for it)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota is not None:
+        cores = min(cores, quota)
+    return max(1, cores)
+
+
+def _cgroup_cpus() -> int | None:
+    """Whole CPUs a cgroup quota allows (v2 ``cpu.max``, v1 ``cfs_quota``), if any."""
+    for path, pair in (
+        ("/sys/fs/cgroup/cpu.max", None),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            with open(path) as f:
+                fields = f.read().split()
+            if pair is not None:
+                with open(pair) as f:
+                    fields += f.read().split()
+        except OSError:
+            continue
+        if len(fields) >= 2 and fields[0] not in ("max", "-1"):
+            quota, period = int(fields[0]), int(fields[1])
+            if quota > 0 and period > 0:
+                return max(1, math.ceil(quota / period))
+        return None
+    return None
+
+
+def pool_size(n_jobs: int | None) -> int:
+    """Threads or processes for a one-machine pool: ``n_jobs``, checked, or
+    one per usable core."""
+    if n_jobs is None:
+        return usable_cores()
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
+    return int(n_jobs)
 
 
 Mapper = Callable[[str, Sequence[tuple]], Iterable[Any]]

@@ -97,6 +97,17 @@ def where_it_runs(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[t
         # local threaded scheduler with --backend dask).
         yield ("threads" if args.backend == "auto" else "dask"), None
         return
+    import dask
+
+    with dask.config.set({"labelissues.no-workers-timeout": args.no_workers_timeout}), \
+            _cluster_client(args, address, log) as client:
+        yield "dask", client
+
+
+@contextlib.contextmanager
+def _cluster_client(args: argparse.Namespace, address: str | None, log: Any) -> Iterator[Any]:
+    """A Client of the scheduler at ``address``, or of the embedded
+    LocalCluster ``--workers`` or ``--dashboard`` asks for."""
     from distributed import Client
 
     from .cluster import dashboard_link, local_cluster, quiet_workers
@@ -112,7 +123,7 @@ def where_it_runs(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[t
             ) from None
         try:
             print(f"scheduler: {address}  dashboard: {client.dashboard_link}", file=log, flush=True)
-            yield "dask", client
+            yield client
         finally:
             client.close()
         return
@@ -130,7 +141,7 @@ def where_it_runs(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[t
         if not args.debug:
             quiet_workers(client)
         print(f"{what}  dashboard: {dashboard_link(client)}", file=log, flush=True)
-        yield "dask", client
+        yield client
 
 
 def _security(args: argparse.Namespace) -> Any:
@@ -237,7 +248,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     labels = open_path(args.labels, "labels")
     probs = open_path(args.pred_probs, "pred_probs")
     started = time.perf_counter()
-    with _job_settings(args), where_it_runs(args) as (backend, client):
+    with where_it_runs(args) as (backend, client):
         result = find_label_issues(
             labels, probs,
             method=args.method, adjust_pred_probs=args.adjust_pred_probs,
@@ -279,18 +290,6 @@ def cmd_find(args: argparse.Namespace) -> int:
         print(format_summary(result, args.top, worst=worst))
         print(f"written to      {output} in {seconds:.2f} s")
     return 0
-
-
-@contextlib.contextmanager
-def _job_settings(args: argparse.Namespace) -> Iterator[None]:
-    """The Dask settings of a job on a cluster (dask is imported only then)."""
-    if not (args.scheduler or args.workers or args.dashboard or os.environ.get("DASK_SCHEDULER_ADDRESS")):
-        yield
-        return
-    import dask
-
-    with dask.config.set({"labelissues.no-workers-timeout": args.no_workers_timeout}):
-        yield
 
 
 def _left_as_it_was(args: argparse.Namespace) -> str:
@@ -358,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     _add_progress(p)
     _add_common(p)
-    p.set_defaults(scheduler=None, backend="auto", threads_per_worker=1, memory_limit="auto", n_jobs=None)
+    p.set_defaults(scheduler=None, backend="auto", threads_per_worker=1, memory_limit="auto", n_jobs=None,
+                   no_workers_timeout=60.0)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("find", help="find label issues and write a results store")
@@ -421,6 +421,7 @@ class _Interrupts:
     :meth:`check` before it writes anything."""
 
     seen = False
+    previous_hook: Any = sys.__unraisablehook__
 
     @classmethod
     def handler(cls, signum: int, frame: Any) -> None:
@@ -433,7 +434,7 @@ class _Interrupts:
         if isinstance(info.exc_value, KeyboardInterrupt):
             cls.seen = True
             return
-        sys.__unraisablehook__(info)
+        _Interrupts.previous_hook(info)
 
     @classmethod
     def check(cls) -> None:
@@ -454,9 +455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # distributed logs shutdown chatter at INFO; users want the result.
         logging.getLogger("distributed").setLevel(logging.WARNING)
     previous = signal.signal(signal.SIGTERM, _terminate)
-    previous_int = None
+    previous_int = previous_hook = None
+    _Interrupts.seen = False
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         previous_int = signal.signal(signal.SIGINT, _Interrupts.handler)
+        previous_hook = _Interrupts.previous_hook = sys.unraisablehook
         sys.unraisablehook = _Interrupts.unraisable
     try:
         return int(args.func(args))
@@ -473,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
         if previous_int is not None:
             signal.signal(signal.SIGINT, previous_int)
-            sys.unraisablehook = sys.__unraisablehook__
+            sys.unraisablehook = previous_hook
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -379,3 +379,34 @@ def test_ctrl_c_on_the_embedded_cluster_prints_one_line_and_leaves_nothing(large
     assert err.count("error:") == 1 and "Traceback" not in err and " - WARNING - " not in err, err
     assert len(err.strip().splitlines()) <= 2, err
     assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupt_python_had_to_drop_still_stops_find_before_it_writes(data, tmp_path, monkeypatch, capsys):
+    """Raised inside a garbage-collector callback, KeyboardInterrupt is
+    handed to sys.unraisablehook instead: find must still end as
+    interrupted, with nothing written."""
+    from types import SimpleNamespace
+
+    from dask_labelissues import api, cli
+
+    d, paths, _ = data
+    real = api.find_label_issues
+
+    def interrupted_meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        sys.unraisablehook(SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(),
+                                           exc_traceback=None, err_msg=None, object=None))
+        return result
+
+    monkeypatch.setattr(api, "find_label_issues", interrupted_meanwhile)
+    out = tmp_path / "o.zarr"
+    code = cli.main(["find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+                     "--output", str(out), "--no-progress"])
+    assert code == 130
+    assert capsys.readouterr().err == f"error: interrupted; nothing was left at {out}\n"
+    assert os.listdir(tmp_path) == []
+    # The next command in the same process starts afresh.
+    monkeypatch.setattr(api, "find_label_issues", real)
+    assert cli.main(["find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+                     "--output", str(out), "--no-progress"]) == 0
+    assert sys.unraisablehook is not cli._Interrupts.unraisable  # put back

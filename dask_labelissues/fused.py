@@ -34,35 +34,28 @@ def _build_numba() -> tuple[Any, Any, Any, Any] | None:
     except ImportError:
         return None
 
-    @numba.njit(nogil=True, cache=True, inline="always")
-    def row(probs, i, y, want_others):
-        # One read of row i: the first argmax and its probability, the
-        # minimum, the sequential float64 sum and, with want_others, the
-        # largest probability of a class other than y.
-        best = probs[i, 0]
-        arg = 0
-        low = best
-        total = np.float64(best)
-        other = -np.inf
-        if y != 0:
-            other = np.float64(best)
-        for j in range(1, probs.shape[1]):
-            v = probs[i, j]
-            if v > best:
-                best = v
-                arg = j
-            if v < low:
-                low = v
-            total += v
-            if want_others and j != y and v > other:
-                other = np.float64(v)
-        return arg, best, low, total, other
-
     @numba.njit(nogil=True, cache=True)
     def scan(probs, labels, pred, p_pred, p_label, row_min, row_sum, others, want_others):
-        for i in range(probs.shape[0]):
+        n, k = probs.shape
+        for i in range(n):
             y = labels[i]
-            arg, best, low, total, other = row(probs, i, y, want_others)
+            best = probs[i, 0]
+            arg = 0
+            low = best
+            total = np.float64(best)
+            other = -np.inf
+            if y != 0:
+                other = np.float64(best)
+            for j in range(1, k):
+                v = probs[i, j]
+                if v > best:
+                    best = v
+                    arg = j
+                if v < low:
+                    low = v
+                total += v
+                if want_others and j != y and v > other:
+                    other = np.float64(v)
             pred[i] = arg
             p_pred[i] = best
             p_label[i] = probs[i, y]
@@ -142,14 +135,34 @@ def _build_numba() -> tuple[Any, Any, Any, Any] | None:
     def records(probs, raw_labels, eps, tolerance, max_value, margin,
                 p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs):
         # The whole of pass one's per-row work in one read of each row: the
-        # row's reductions, the records, the near-tie rule, the checks of
+        # scan above, the records, the near-tie rule, the checks of
         # find_problem, the class counts and the limbs of the exact sums.
+        # The row loop is scan's, written out again: with the loop in a
+        # shared njit helper (inline="always"), numba missed its on-disk
+        # cache in every new process and compiled again, for about a second
+        # (147 cache entries after one benchmark run).
         n, k = probs.shape
         first_bad = -1
         for i in range(n):
             raw = raw_labels[i]
             y = min(max(raw, 0), k - 1)
-            arg, best, low, total, other = row(probs, i, y, margin)
+            best = probs[i, 0]
+            arg = 0
+            low = best
+            total = np.float64(best)
+            other = -np.inf
+            if y != 0:
+                other = np.float64(best)
+            for j in range(1, k):
+                v = probs[i, j]
+                if v > best:
+                    best = v
+                    arg = j
+                if v < low:
+                    low = v
+                total += v
+                if margin and j != y and v > other:
+                    other = np.float64(v)
             own = probs[i, y]
             if first_bad < 0:
                 fine = raw >= 0 and raw < k and np.isfinite(total) and low >= 0 and total > 0

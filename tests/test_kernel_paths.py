@@ -190,3 +190,24 @@ def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
     assert (st_a.problem is None) == (bad is None)
     if bad is not None:
         assert 1000 <= st_a.problem.row < 4000
+
+
+CACHED_CALL = """
+import numpy as np
+from dask_labelissues import states
+from dask_labelissues.kernels import ScoreSpec
+probs = np.full((4, 5), 0.2, dtype=np.float32)
+states.scan_block(np.zeros(4, dtype=np.int64), probs, 0, ScoreSpec(kernel="numba"))
+"""
+
+
+def test_a_new_process_loads_the_kernel_from_numbas_cache(tmp_path):
+    """The first call in each new process must find the kernel numba
+    compiled before, not compile (and cache) it again."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    entries = []
+    for _ in range(3):
+        subprocess.run([sys.executable, "-c", CACHED_CALL], env=env, check=True, timeout=300)
+        entries.append(sorted(p.name for p in tmp_path.rglob("*.nbc")))
+    assert entries[0], "numba cached nothing"
+    assert entries[1] == entries[0] and entries[2] == entries[0]

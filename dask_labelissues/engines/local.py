@@ -26,12 +26,21 @@ from .base import Driver, block_bounds, even_chunks
 #: Buffers larger than this go to a file in ``spill_dir`` instead of memory.
 SPILL_BYTES = 256 * 2**20
 
+#: Buffers from this size on ask for transparent huge pages.
+HUGE_PAGE_BYTES = 2 << 20
+
 
 def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None) -> np.ndarray:
     """An uninitialized length-``n`` buffer.
 
-    Large buffers are backed by an unlinked temporary file, so that the page
-    cache, not anonymous memory, holds them and nothing is left on disk.
+    Large buffers are backed by an unlinked temporary file, so that the
+    page cache, not anonymous memory, holds them and nothing is left on
+    disk.  Others are anonymous mappings, shared with forked workers if
+    ``shared``; private ones of 2 MiB or more ask for transparent huge
+    pages, since a job's first write to each 4 KiB page of a fresh buffer
+    is a page fault: touching a fresh 320 MB mapping took 0.12 to 0.13 s
+    with 4 KiB pages and 0.02 to 0.04 s with huge pages (development
+    machine, kernel 6.18, THP in madvise mode).
     """
     dtype = np.dtype(dtype)
     nbytes = max(n * dtype.itemsize, 1)
@@ -46,7 +55,13 @@ def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None) ->
         return np.frombuffer(buf, dtype=dtype, count=n)
     if shared:
         return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=n)
-    return np.empty(n, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if nbytes >= HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: 4 KiB pages
+            pass
+    return np.frombuffer(buf, dtype=dtype, count=n)
 
 
 class LocalJob:

@@ -214,6 +214,20 @@ def test_killed_while_writing_leaves_nothing_at_out(large, tmp_path):
     assert not out.exists()
 
 
+def _read_stderr_until(proc: subprocess.Popen, marker: bytes, event: str, timeout: float = 120) -> bytes:
+    """What ``proc`` wrote to stderr up to ``marker`` (read unbuffered, so
+    the process can be signalled at that point)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        assert time.monotonic() < deadline, f"never saw that {event}: {seen!r}"
+        if select.select([proc.stderr], [], [], 1.0)[0]:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, f"the command ended before {event}: {seen!r}"
+            seen += chunk
+    return seen
+
+
 def test_terminated_while_computing_cleans_up(large, tmp_path):
     # Stop the job once pass one has begun, and only then send SIGTERM: a
     # fixed sleep raced the job itself on a fast machine (it finished first).
@@ -224,14 +238,7 @@ def test_terminated_while_computing_cleans_up(large, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        seen = b""
-        deadline = time.monotonic() + 120
-        while b"pass 1" not in seen:
-            assert time.monotonic() < deadline, f"pass one never began: {seen!r}"
-            if select.select([proc.stderr], [], [], 1.0)[0]:
-                chunk = os.read(proc.stderr.fileno(), 4096)
-                assert chunk, f"the job ended before pass one began: {seen!r}"
-                seen += chunk
+        _read_stderr_until(proc, b"pass 1", "pass one began")
         proc.send_signal(signal.SIGSTOP)
         try:
             assert proc.poll() is None
@@ -352,14 +359,7 @@ def test_ctrl_c_on_the_embedded_cluster_prints_one_line_and_leaves_nothing(large
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        seen = b""
-        deadline = time.monotonic() + 120
-        while b"dashboard:" not in seen:
-            assert time.monotonic() < deadline, f"the cluster never started: {seen!r}"
-            if select.select([proc.stderr], [], [], 1.0)[0]:
-                chunk = os.read(proc.stderr.fileno(), 4096)
-                assert chunk, f"the command ended before its cluster started: {seen!r}"
-                seen += chunk
+        seen = _read_stderr_until(proc, b"dashboard:", "its cluster started")
         proc.send_signal(signal.SIGSTOP)
         try:
             assert proc.poll() is None and not out.exists(), "the job finished before it could be stopped"

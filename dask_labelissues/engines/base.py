@@ -6,6 +6,7 @@ and merge the resulting states; this module knows the order of the passes.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -21,6 +22,24 @@ from ..states import HistogramState, ScoreState, Selection, ThresholdState, Winn
 #: pass-one records, its joint records, its scores, its first row, and the
 #: raw inputs (asking for ``probs`` reads pred_probs again).
 SOURCES = ("rec", "joint", "scores", "start", "labels", "probs")
+
+
+def distributed_client(client: Any = None) -> Any:
+    """The distributed Client a job would run on: ``client``, or the
+    scheduler Dask would use now if that is a Client; else None.
+
+    Asks nothing of Dask where neither dask nor distributed is imported:
+    no Client can exist then.
+    """
+    if client is not None:
+        return client
+    if "distributed" not in sys.modules or "dask" not in sys.modules:
+        return None
+    import dask.base
+    from distributed import Client
+
+    owner = getattr(dask.base.get_scheduler(), "__self__", None)
+    return owner if isinstance(owner, Client) else None
 
 
 def block_bounds(chunks: Sequence[int]) -> list[tuple[int, int]]:

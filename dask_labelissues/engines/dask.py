@@ -49,7 +49,7 @@ from .. import filters, inputs, states
 from ..filters import FilterSpec, JointState, MaskRule
 from ..kernels import ScoreSpec
 from ..states import CountState, HistogramState, OutlookState, ScoreState, ThresholdState, Winners
-from .base import Driver, block_bounds, group_chunks, piece_bounds
+from .base import Driver, block_bounds, distributed_client, group_chunks, piece_bounds
 
 #: Fan-in of every tree reduction.
 SPLIT_EVERY = 16
@@ -350,21 +350,19 @@ def dask_driver(
 ) -> "DaskDriver":
     """The Dask engine's driver for a job, with its blocks and kernel chosen.
 
-    Workers with less than :data:`SMALL_WORKER_BYTES` run the numpy kernel,
-    as does a small job (:func:`~.plan.choose_kernel`).  File and store
+    Workers with less than :data:`SMALL_WORKER_BYTES` run the numpy kernel
+    (``spec`` comes with the kernel the job's size calls for,
+    :func:`~.plan.choose_kernel`).  File and store
     inputs are read inside the scan tasks, in pieces of about 64 MB in
     whole storage chunks (``read_rows``); when pass one is the only read of
     pred_probs and ``chunk_rows`` is not given, a block holds several
     pieces (:func:`dask_labelissues.inputs.dask_block_rows`).
     """
-    from .plan import choose_kernel
-
-    client = active_client(client)
+    client = distributed_client(client)
     smallest, threads = cluster_workers(client)
     n, k = (int(s) for s in pred_probs.shape)
     if smallest is not None and smallest < SMALL_WORKER_BYTES:
         spec = replace(spec, kernel="numpy")
-    spec = choose_kernel(spec, n * k, in_process=client is None)
     target = block_bytes_for(smallest)
     direct = inputs.reads_in_tasks(labels, pred_probs)
     read_rows = None
@@ -442,19 +440,6 @@ def _layer_name(key: Any) -> str:
     return str(key[0] if isinstance(key, tuple) else key)
 
 
-def active_client(client: Any) -> Any:
-    """The distributed Client the job will run on, or None for local schedulers."""
-    if client is not None:
-        return client
-    scheduler = dask.base.get_scheduler()
-    owner = getattr(scheduler, "__self__", None)
-    try:
-        from distributed import Client
-    except ImportError:  # pragma: no cover - distributed is a dependency
-        return None
-    return owner if isinstance(owner, Client) else None
-
-
 class DaskDriver(Driver):
     """Runs the job's block tasks as Dask graphs.
 
@@ -503,7 +488,7 @@ class DaskDriver(Driver):
         self.labels = labels
         self.pred_probs = pred_probs
         self.spec = spec
-        self.client = active_client(client)
+        self.client = distributed_client(client)
         self.split_every = split_every
         self.progress = progress
         self.n_rows, self.n_classes = (int(s) for s in pred_probs.shape)

@@ -8,14 +8,13 @@ factories, from the inputs, the scheduler in use and the job's size.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from typing import Any
 
 from .. import fused, inputs
 from ..filters import FilterSpec
 from ..kernels import ScoreSpec
-from .base import Driver
+from .base import Driver, distributed_client
 
 #: The engines, by the name ``backend=`` takes.
 BACKENDS = ("dask", "threads", "fork", "serial")
@@ -29,24 +28,6 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 #: (on one thread): it pays off from about 120 million cells, and a job of
 #: 50 million cells loses at most about 0.25 s to numpy the first time.
 NUMBA_MIN_CELLS = 50_000_000
-
-
-def distributed_client(client: Any = None) -> Any:
-    """The distributed Client a job would run on: ``client``, or the
-    scheduler Dask would use now if that is a Client; else None.
-
-    Asks nothing of Dask where neither dask nor distributed is imported:
-    no Client can exist then.
-    """
-    if client is not None:
-        return client
-    if "distributed" not in sys.modules or "dask" not in sys.modules:
-        return None
-    import dask.base
-    from distributed import Client
-
-    owner = getattr(dask.base.get_scheduler(), "__self__", None)
-    return owner if isinstance(owner, Client) else None
 
 
 def choose_backend(backend: str, labels: Any, pred_probs: Any, client: Any = None) -> str:
@@ -105,10 +86,12 @@ def make_driver(
     if name == "dask":
         from .dask import dask_driver
 
+        client = distributed_client(client)
+        spec = choose_kernel(spec, n * k, in_process=client is None)
         driver = dask_driver(
             labels, pred_probs, spec, fspec, chunk_rows=chunk_rows, client=client, progress=progress
         )
-        return driver, name, driver.client
+        return driver, name, client
     spec = choose_kernel(spec, n * k, in_process=True)
     rows = inputs.local_chunk_rows(pred_probs, chunk_rows)
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)

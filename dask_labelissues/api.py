@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from . import inputs
-from .engines import BACKEND_CHOICES, make_driver, run, run_filter
+from .engines import BACKEND_CHOICES, joint_of, make_driver, run, run_filter
 from .filters import PRUNE_FILTERS, FilterSpec
 from .kernels import METHODS, ScoreSpec
 from .results import LabelIssues
@@ -38,6 +39,7 @@ def find_label_issues(
     frac_noise: float = 1.0,
     num_to_remove_per_class: Any = None,
     min_examples_per_class: int = 1,
+    health: bool = False,
 ) -> LabelIssues:
     """Find the rows whose given label is most likely wrong.
 
@@ -128,9 +130,14 @@ def find_label_issues(
         with ``filter_by`` and ``method`` left at its default (without
         ``filter_by`` the score also chooses the issues).
     frac_noise, num_to_remove_per_class, min_examples_per_class
-        As in ``cleanlab.filter.find_label_issues``; only with the prune
+        As in ``cleanlab.filter.find_label_issues`` (one number as
+        ``num_to_remove_per_class`` applies to every class); only with the prune
         filters (``prune_by_noise_rate``, ``prune_by_class``, ``both``), except
         ``frac_noise=1``, ``min_examples_per_class=1`` which are defaults.
+    health
+        Also compute the confident joint, where ``filter_by`` does not (one
+        more read of pred_probs), so that the result's dataset-health views
+        (:meth:`LabelIssues.health_summary` and the others) work.
 
     Returns
     -------
@@ -173,6 +180,8 @@ def find_label_issues(
     probs = inputs.open_source(pred_probs, "pred_probs")
     n, k = inputs.check_shapes(lab, probs)
     if fspec is not None and fspec.num_to_remove_per_class is not None:
+        if np.ndim(num_to_remove_per_class) == 0:  # one number: the same for every class
+            fspec = replace(fspec, num_to_remove_per_class=fspec.num_to_remove_per_class * k)
         if len(fspec.num_to_remove_per_class) != k:
             raise ValueError(
                 f"num_to_remove_per_class has {len(fspec.num_to_remove_per_class)} entries; "
@@ -184,6 +193,11 @@ def find_label_issues(
     )
     try:
         raw = run(driver, spec) if fspec is None else run_filter(driver, spec, fspec, ranked)
+        if health and raw.confident_joint is None:
+            raw.confident_joint, raw.num_label_issues = joint_of(
+                driver, raw.thresholds, raw.per_class_count, spec
+            )
+            raw.reads += 1
     finally:
         driver.close()
     return LabelIssues(
@@ -208,6 +222,7 @@ def find_label_issues(
         filter_by=filter_by,
         confident_joint=raw.confident_joint,
         reads=raw.reads,
+        num_label_issues=raw.num_label_issues,
     )._in_row_order(not ranked)
 
 
@@ -248,3 +263,4 @@ def _whole(value: Any, name: str) -> int:
     if isinstance(value, bool) or not float(value).is_integer() or value < 0:
         raise ValueError(f"{name} = {value!r} is not a whole number >= 0")
     return int(value)
+

@@ -166,7 +166,43 @@ def summary_dict(result: Any, top: int) -> dict[str, Any]:
 
     out = result.summary()
     out["worst"] = worst_rows(result, top)
+    health = health_view(result, HEALTH_TOP)
+    if health is not None:
+        out["health"] = health
     return out
+
+
+#: Classes and pairs the dataset-health part of a summary shows.
+HEALTH_TOP = 5
+
+
+def health_view(result: Any, top: int) -> dict[str, Any] | None:
+    """The overall label health score, the ``top`` classes of lowest label
+    quality and the ``top`` most confused (given, true) pairs, where the
+    result holds a confident joint; else None."""
+    if result.confident_joint is None:
+        return None
+    from . import health
+
+    joint = health.estimate_joint(result.confident_joint)
+    score, issues = health.health_score(result.n_rows, num_label_issues=result.num_label_issues, joint=joint)
+    classes = health.class_quality(joint, result.n_rows)
+    pairs = health.overlapping_classes(joint, result.n_rows, asymmetric=True)
+    return {
+        "overall_label_health_score": score,
+        "estimated_label_issues": issues,
+        "worst_classes": [
+            {"class": int(c), "label_quality": float(q), "label_issues": int(n)}
+            for c, q, n in zip(classes["Class Index"][:top], classes["Label Quality Score"][:top],
+                               classes["Label Issues"][:top])
+        ],
+        "confused_pairs": [
+            {"given": int(a), "true": int(b), "rows": int(n), "joint_probability": float(p)}
+            for a, b, n, p in zip(pairs["Class Index A"][:top], pairs["Class Index B"][:top],
+                                  pairs["Num Overlapping Examples"][:top], pairs["Joint Probability"][:top])
+            if n > 0
+        ],
+    }
 
 
 def format_summary(result: Any, top: int, *, worst: list[dict] | None = None) -> str:
@@ -187,6 +223,17 @@ def format_summary(result: Any, top: int, *, worst: list[dict] | None = None) ->
         if issues[k] == 0:
             break
         lines.append(f"  class {k:>6}: {issues[k]:>10,} of {counts[k]:>12,} ({100 * issues[k] / max(counts[k], 1):.2f}%)")
+    health = health_view(result, HEALTH_TOP)
+    if health is not None:
+        lines.append(f"label health    {health['overall_label_health_score']:.4f} (1 is clean; "
+                     f"{health['estimated_label_issues']:,} labels estimated wrong)")
+        lines.append("lowest label quality (p(true = given)):")
+        for c in health["worst_classes"]:
+            lines.append(f"  class {c['class']:>6}: {c['label_quality']:.4f}  ({c['label_issues']:,} labelled wrongly)")
+        if health["confused_pairs"]:
+            lines.append("most confused (given -> true class):")
+            for p in health["confused_pairs"]:
+                lines.append(f"  {p['given']:>6} -> {p['true']:<6} {p['rows']:>10,} rows")
     worst = worst if worst is not None else worst_rows(result, top)
     if worst:
         lines.append(f"worst {len(worst)} rows:")
@@ -259,6 +306,7 @@ def cmd_find(args: argparse.Namespace) -> int:
             num_to_remove_per_class=_int_list(args.num_to_remove_per_class),
             min_examples_per_class=args.min_examples_per_class,
             return_indices_ranked_by=None if args.row_order else "method",
+            health=args.health,
         )
         found = time.perf_counter() - started
         attrs = {
@@ -307,15 +355,17 @@ def _import_quietly(name: str) -> None:
         pass
 
 
-def _int_list(text: str | None) -> list[int] | None:
+def _int_list(text: str | None) -> list[int] | int | None:
     if text is None:
         return None
     try:
-        return [int(x) for x in text.split(",")]
+        values = [int(x) for x in text.split(",")]
     except ValueError:
         raise CommandError(
-            f"--num-to-remove-per-class wants comma-separated integers, one per class, got {text!r}"
+            f"--num-to-remove-per-class wants one integer (for every class) or comma-separated "
+            f"integers, one per class, got {text!r}"
         ) from None
+    return values[0] if len(values) == 1 else values
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -384,11 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frac-noise", type=float, default=1.0, metavar="F",
                    help="keep this fraction of the estimated noise (prune filters; default 1)")
     g.add_argument("--num-to-remove-per-class", metavar="N,N,...",
-                   help="issues to remove per class, one integer per class (prune filters)")
+                   help="issues to remove per class: one integer for every class, or one per class (prune filters)")
     g.add_argument("--min-examples-per-class", type=int, default=1, metavar="N",
                    help="leave at least N rows in every class (prune filters; default 1)")
     g.add_argument("--row-order", action="store_true",
                    help="store the issues in row order instead of ranked by score")
+    p.add_argument("--health", action="store_true",
+                   help="also compute the confident joint for dataset health (one more read of "
+                        "pred_probs; --filter-by computes it anyway)")
     p.add_argument("--top", type=int, default=10, metavar="N", help="worst rows to print (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     _add_cluster(p)
@@ -396,11 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_find)
 
-    p = sub.add_parser("summary", help="print (and plot) a results store")
-    p.add_argument("store", metavar="OUT.zarr")
+    p = sub.add_parser("summary", help="print (and plot) a results store: counts, worst rows and, "
+                                       "where it holds the confident joint, the dataset's health")
+    p.add_argument("store", metavar="OUT.zarr", help="a results store written by find")
     p.add_argument("--top", type=int, default=20, help="worst rows to print (default 20)")
     p.add_argument("--plot", metavar="FILE.png", help="write the summary plot (needs matplotlib)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     _add_common(p)
     p.set_defaults(func=cmd_summary)
     return parser

@@ -255,6 +255,18 @@ def joint_block(
     return out, state
 
 
+def joint_counts_block(
+    rec: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, kernel: str = "auto"
+) -> JointState:
+    """A block's part of the confident joint alone, for dataset health:
+    :func:`joint_block` with the smallest record, which is dropped."""
+    return joint_block(rec, probs, thresholds, COUNTS_ONLY, kernel)[1]
+
+
+#: The filter whose joint record is smallest (no candidates, no margins).
+COUNTS_ONLY = FilterSpec("confident_learning")
+
+
 # -- selections: the n best rows of each group -------------------------------
 @dataclass
 class GroupTop:

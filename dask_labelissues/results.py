@@ -51,7 +51,12 @@ class LabelIssues:
         method.
     confident_joint
         The calibrated confident joint (K, K), rows the given label and
-        columns the class counted (filters only; None otherwise).
+        columns the class counted (with ``filter_by`` or ``health=True``;
+        None otherwise).
+    num_label_issues
+        cleanlab's ``count.num_label_issues``: the rows the confident joint
+        counts off its diagonal, near ties excluded (where the joint is
+        known; None otherwise).
     reads
         How many times pred_probs was read from storage.
     metadata
@@ -81,6 +86,7 @@ class LabelIssues:
     filter_by: str | None = None
     confident_joint: np.ndarray | None = None
     reads: int = 1
+    num_label_issues: int | None = None
 
     N_LONG = ("label_quality_scores", "is_label_issue", "given_label", "predicted_label")
 
@@ -146,6 +152,51 @@ class LabelIssues:
             "per_class_count": self.per_class_count.tolist(),
             "per_class_issues": self.per_class_issues.tolist(),
         }
+
+    # -- dataset health: the views of dask_labelissues.dataset ---------------
+    def _estimate(self) -> Any:
+        if self.confident_joint is None:
+            raise ValueError(
+                "this result holds no confident joint: run find_label_issues with health=True "
+                "(one more read of pred_probs) or with filter_by"
+            )
+        from .dataset import from_calibrated
+
+        return from_calibrated(self.confident_joint, self.n_rows, self.num_label_issues)
+
+    def health_summary(self, *, asymmetric: bool = False, class_names: Any = None,
+                       verbose: bool = True, stream: Any = None) -> dict[str, Any]:
+        """As :func:`dask_labelissues.dataset.health_summary`, from the joint
+        this result holds (nothing is read); printed to ``stream``
+        (default stdout) with ``verbose``."""
+        from .dataset import summary_of
+
+        return summary_of(self._estimate(), asymmetric=asymmetric, class_names=class_names,
+                          verbose=verbose, stream=stream)
+
+    def rank_classes_by_label_quality(self, *, class_names: Any = None) -> Any:
+        """As :func:`dask_labelissues.dataset.rank_classes_by_label_quality`."""
+        from .dataset import rank_classes_by_label_quality
+
+        est = self._estimate()
+        return rank_classes_by_label_quality(joint=est.joint, num_examples=est.num_examples,
+                                             class_names=class_names)
+
+    def find_overlapping_classes(self, *, asymmetric: bool = False, class_names: Any = None) -> Any:
+        """As :func:`dask_labelissues.dataset.find_overlapping_classes`."""
+        from .dataset import find_overlapping_classes
+
+        est = self._estimate()
+        return find_overlapping_classes(joint=est.joint, num_examples=est.num_examples,
+                                        asymmetric=asymmetric, class_names=class_names)
+
+    def overall_label_health_score(self) -> float:
+        """As :func:`dask_labelissues.dataset.overall_label_health_score`
+        from labels and pred_probs (silent)."""
+        from .health import health_score
+
+        est = self._estimate()
+        return health_score(est.num_examples, num_label_issues=est.num_label_issues, joint=est.joint)[0]
 
     def __repr__(self) -> str:
         return (

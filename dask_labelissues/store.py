@@ -151,6 +151,7 @@ def write_results(
             "backend": result.backend,
             "filter_by": result.filter_by,
             "reads": result.reads,
+            "num_label_issues": result.num_label_issues,
             "versions": _versions(),
         }
         meta.update(attrs or {})
@@ -215,6 +216,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
         filter_by=attrs.get("filter_by"),
         confident_joint=group["confident_joint"][:] if "confident_joint" in group else None,
         reads=int(attrs.get("reads", 1)),
+        num_label_issues=attrs.get("num_label_issues"),
     )
 
 

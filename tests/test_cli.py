@@ -410,3 +410,45 @@ def test_an_interrupt_python_had_to_drop_still_stops_find_before_it_writes(data,
     assert cli.main(["find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
                      "--output", str(out), "--no-progress"]) == 0
     assert sys.unraisablehook is not cli._Interrupts.unraisable  # put back
+
+
+def test_health_in_the_store_and_the_summary(data, tmp_path):
+    """``find --health`` keeps the confident joint; ``summary`` shows the
+    dataset's health from it, with cleanlab.dataset's numbers."""
+    import cleanlab.dataset as cl_dataset
+
+    d, paths, expected = data
+    out = tmp_path / "health.zarr"
+    proc = run("find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+               "--output", str(out), "--health", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "label health" in proc.stdout and "most confused (given -> true class):" in proc.stdout
+    labels, probs = np.load(paths["labels"]), np.load(paths["pred_probs"])
+    health = json.loads(run("summary", str(out), "--json").stdout)["health"]
+    theirs = cl_dataset.overall_label_health_score(labels, probs, verbose=False)
+    assert health["overall_label_health_score"] == theirs
+    worst = cl_dataset.rank_classes_by_label_quality(labels, probs)
+    assert health["worst_classes"][0]["label_quality"] == pytest.approx(worst["Label Quality Score"][0], abs=1e-12)
+    # Without --health (and without --filter-by), the store has no joint.
+    plain = tmp_path / "plain.zarr"
+    assert run("find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+               "--output", str(plain), "--no-progress").returncode == 0
+    assert "health" not in json.loads(run("summary", str(plain), "--json").stdout)
+
+
+def test_every_option_of_every_subcommand_has_help():
+    import argparse
+
+    from dask_labelissues.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{name} {' '.join(a.option_strings) or a.dest}"
+        for name, p in sub.choices.items()
+        for a in p._actions
+        if not a.help or a.help == argparse.SUPPRESS
+    ]
+    assert missing == []
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    assert set(helps) == set(sub.choices) and all(helps.values())

@@ -97,8 +97,9 @@ def test_confident_joint_matches_cleanlab(name):
         dict(frac_noise=0.1),
         dict(min_examples_per_class=900),
         dict(num_to_remove_per_class=[30, 0, 55, 10, 10, 10, 10, 10, 10, 200]),
+        dict(num_to_remove_per_class=25),
     ],
-    ids=["frac-0.5", "frac-0.1", "min-examples", "num-to-remove"],
+    ids=["frac-0.5", "frac-0.1", "min-examples", "num-to-remove", "num-to-remove-scalar"],
 )
 @pytest.mark.parametrize("filter_by", filters.PRUNE_FILTERS)
 def test_prune_options_match_cleanlab(filter_by, options):

@@ -6,17 +6,20 @@ this process, ``fork`` on a pool of forked processes on one machine,
 :func:`make_driver` chooses among them (``backend="auto"``).
 """
 
-from .base import Driver, RawResult, run, run_filter
+from .base import Driver, JointResult, RawResult, joint_of, run, run_filter, run_joint
 from .plan import BACKEND_CHOICES, BACKENDS, choose_backend, choose_kernel, make_driver
 
 __all__ = [
     "BACKENDS",
     "BACKEND_CHOICES",
     "Driver",
+    "JointResult",
     "RawResult",
     "choose_backend",
     "choose_kernel",
+    "joint_of",
     "make_driver",
     "run",
     "run_filter",
+    "run_joint",
 ]

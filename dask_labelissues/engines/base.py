@@ -186,6 +186,8 @@ class RawResult:
     arrays: dict[str, Any]
     reads: int = 1
     confident_joint: np.ndarray | None = None
+    #: cleanlab's ``count.num_label_issues``, where the joint was computed.
+    num_label_issues: int | None = None
 
 
 def run(driver: Driver, spec: ScoreSpec) -> RawResult:
@@ -312,4 +314,36 @@ def run_filter(driver: Driver, spec: ScoreSpec, fspec: FilterSpec, ranked: bool 
         arrays=arrays,
         reads=reads,
         confident_joint=calibrated,
+        num_label_issues=None if calibrated is None else int(estimated),
     )
+
+
+@dataclass
+class JointResult:
+    """What :func:`run_joint` computes: dataset health's inputs."""
+
+    thresholds: np.ndarray
+    per_class_count: np.ndarray
+    confident_joint: np.ndarray  # calibrated, (K, K) int64
+    num_label_issues: int
+    reads: int
+
+
+def joint_of(driver: Driver, thresholds: np.ndarray, counts: np.ndarray, spec: ScoreSpec) -> tuple[np.ndarray, int]:
+    """The calibrated confident joint and cleanlab's ``num_label_issues``
+    from one more read of pred_probs, after pass one (no per-row records
+    are kept)."""
+    state = driver.reduce_blocks(
+        filters.joint_counts_block, JointState.combine, ("rec", "probs"), (thresholds, spec.kernel)
+    )
+    return filters.calibrate(state.matrix(driver.n_classes), counts), int(state.off_diagonal)
+
+
+def run_joint(driver: Driver, spec: ScoreSpec) -> JointResult:
+    """Pass one (the exact thresholds), then the confident joint: two reads."""
+    scan = driver.scan()
+    thresholds = scan.finalize()
+    counts = scan.counts.copy()
+    calibrated, off_diagonal = joint_of(driver, thresholds, counts, spec)
+    return JointResult(thresholds, counts, calibrated, off_diagonal, reads=2)
+

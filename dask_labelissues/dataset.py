@@ -1,0 +1,350 @@
+"""Dataset health at any size: cleanlab.dataset's functions, distributed.
+
+``health_summary``, ``rank_classes_by_label_quality``,
+``find_overlapping_classes`` and ``overall_label_health_score`` take the
+arguments of their namesakes in ``cleanlab.dataset`` and give the same
+values.  From ``labels`` and ``pred_probs`` (any input
+:func:`dask_labelissues.find_label_issues` takes), the confident joint is
+computed where the job runs: pass one for the exact thresholds, one more
+read of pred_probs for the joint, both tree reductions of per-block
+states; only K x K counts reach this process.  From ``joint`` (with
+``num_examples``) or ``confident_joint``, nothing is read.  A
+:class:`~dask_labelissues.LabelIssues` that holds a joint has the same
+views as methods.
+
+Tables are pandas DataFrames when pandas imports, else lists of dicts
+(one per row).  Rows with equal scores are in class order.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import health, inputs
+from .engines import BACKEND_CHOICES, make_driver, run_joint
+from .filters import calibrate
+from .kernels import ScoreSpec
+
+__all__ = [
+    "confident_joint_of",
+    "find_overlapping_classes",
+    "health_summary",
+    "overall_label_health_score",
+    "rank_classes_by_label_quality",
+]
+
+#: Rows of the labels read at a time to count them.
+_COUNT_ROWS = 1 << 22
+
+
+def rank_classes_by_label_quality(
+    labels: Any = None,
+    pred_probs: Any = None,
+    *,
+    class_names: Sequence[Any] | None = None,
+    num_examples: int | None = None,
+    joint: np.ndarray | None = None,
+    confident_joint: np.ndarray | None = None,
+    multi_label: bool = False,
+    **engine: Any,
+) -> Any:
+    """Every class with its estimated label issues and label quality, the
+    worst class first.
+
+    Give one of: ``labels`` and ``pred_probs``; ``joint`` and
+    ``num_examples``; ``confident_joint`` (with ``labels`` it is
+    calibrated to their class counts first).
+
+    Parameters
+    ----------
+    labels, pred_probs
+        As for :func:`dask_labelissues.find_label_issues`.
+    class_names
+        Names of the classes in index order; adds a ``Class Name`` column.
+    num_examples
+        N, needed with ``joint`` only.
+    joint
+        The estimated joint distribution p(given, true), (K, K), summing to 1.
+    confident_joint
+        The (K, K) confident joint, rows the given label.
+    multi_label
+        Not supported here yet (multi-label data has its own functions).
+    **engine
+        Where a job from ``labels`` and ``pred_probs`` runs: ``backend``,
+        ``client``, ``chunk_rows``, ``n_jobs``, ``progress``,
+        ``row_sum_tolerance``, as for ``find_label_issues``.
+
+    Returns
+    -------
+    DataFrame or list of dict
+        Columns ``Class Index``, ``Label Issues`` (rows labelled k that
+        belong to another class), ``Inverse Label Issues`` (rows of class k
+        labelled otherwise), ``Label Noise``, ``Inverse Label Noise`` (those
+        as shares of the class) and ``Label Quality Score``
+        (p(true = k | given = k)), ascending.
+    """
+    est = _estimate(labels, pred_probs, joint, confident_joint, num_examples, multi_label, engine)
+    return _table(health.with_names(health.class_quality(est.joint, est.num_examples), class_names,
+                                    ["Class Index"]))
+
+
+def find_overlapping_classes(
+    labels: Any = None,
+    pred_probs: Any = None,
+    *,
+    asymmetric: bool = False,
+    class_names: Sequence[Any] | None = None,
+    num_examples: int | None = None,
+    joint: np.ndarray | None = None,
+    confident_joint: np.ndarray | None = None,
+    multi_label: bool = False,
+    **engine: Any,
+) -> Any:
+    """Pairs of classes that are often labelled as one another, the most
+    confused first (candidates to merge, or to define more clearly).
+
+    Inputs as for :func:`rank_classes_by_label_quality`.  With
+    ``asymmetric=False`` each pair appears once (A < B) with
+    p(given A, true B) + p(given B, true A); with ``asymmetric=True``
+    every ordered pair, with p(given A, true B).
+
+    Returns
+    -------
+    DataFrame or list of dict
+        Columns ``Class Index A``, ``Class Index B``, ``Num Overlapping
+        Examples`` and ``Joint Probability`` (that count over N), descending.
+    """
+    est = _estimate(labels, pred_probs, joint, confident_joint, num_examples, multi_label, engine)
+    table = health.overlapping_classes(est.joint, est.num_examples, asymmetric)
+    return _table(health.with_names(table, class_names, ["Class Index A", "Class Index B"]))
+
+
+def overall_label_health_score(
+    labels: Any = None,
+    pred_probs: Any = None,
+    *,
+    num_examples: int | None = None,
+    confident_joint: np.ndarray | None = None,
+    joint: np.ndarray | None = None,
+    multi_label: bool = False,
+    verbose: bool = True,
+    **engine: Any,
+) -> float:
+    """The share of labels estimated correct, between 0 and 1.
+
+    From ``labels`` and ``pred_probs``: one minus the rows the confident
+    joint counts off its diagonal (near ties the given label wins
+    excluded: ``cleanlab.count.num_label_issues``) over N.  From a joint
+    or confident joint alone: the joint's trace.  ``verbose`` prints the
+    estimate on stdout.
+    """
+    est = _estimate(labels, pred_probs, joint, confident_joint, num_examples, multi_label, engine)
+    score, issues = health.health_score(est.num_examples, num_label_issues=est.num_label_issues,
+                                        joint=est.joint)
+    if verbose:
+        _say_score(score, issues, est.num_examples)
+    return score
+
+
+def health_summary(
+    labels: Any = None,
+    pred_probs: Any = None,
+    *,
+    asymmetric: bool = False,
+    class_names: Sequence[Any] | None = None,
+    num_examples: int | None = None,
+    joint: np.ndarray | None = None,
+    confident_joint: np.ndarray | None = None,
+    multi_label: bool = False,
+    verbose: bool = True,
+    **engine: Any,
+) -> dict[str, Any]:
+    """The three views at once, from one computation of the joint.
+
+    Returns
+    -------
+    dict
+        ``overall_label_health_score``, ``joint`` (K, K),
+        ``classes_by_label_quality`` and ``overlapping_classes`` (as the
+        functions of those names return them).  ``verbose`` prints them.
+    """
+    est = _estimate(labels, pred_probs, joint, confident_joint, num_examples, multi_label, engine)
+    return summary_of(est, asymmetric=asymmetric, class_names=class_names, verbose=verbose)
+
+
+def confident_joint_of(
+    labels: Any,
+    pred_probs: Any,
+    *,
+    backend: str = "auto",
+    client: Any = None,
+    chunk_rows: int | None = None,
+    n_jobs: int | None = None,
+    progress: bool = False,
+    row_sum_tolerance: float | None = 1e-3,
+) -> Any:
+    """The calibrated confident joint of ``labels`` and ``pred_probs`` and
+    cleanlab's ``count.num_label_issues``, as dataset health needs them.
+
+    Two reads of pred_probs (the exact thresholds, then the joint), both
+    tree reductions where the job runs; the arguments are those of
+    :func:`dask_labelissues.find_label_issues`, and so are the input checks.
+    Returns a :class:`dask_labelissues.engines.JointResult`.
+    """
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
+    spec = ScoreSpec("self_confidence", False, "off_diagonal", row_sum_tolerance)
+    lab = inputs.open_source(labels, "labels")
+    probs = inputs.open_source(pred_probs, "pred_probs")
+    inputs.check_shapes(lab, probs)
+    driver, _, _ = make_driver(
+        backend, lab, probs, spec, None, chunk_rows=chunk_rows, n_jobs=n_jobs,
+        client=client, progress=progress,
+    )
+    try:
+        return run_joint(driver, spec)
+    finally:
+        driver.close()
+
+
+# -- shared by these functions and LabelIssues ---------------------------------
+class Estimate:
+    """The joint, N and (where the rows were seen) num_label_issues."""
+
+    def __init__(self, joint: np.ndarray, num_examples: int, num_label_issues: int | None) -> None:
+        self.joint = joint
+        self.num_examples = int(num_examples)
+        self.num_label_issues = num_label_issues
+
+
+def from_calibrated(calibrated: np.ndarray, num_examples: int, num_label_issues: int | None) -> Estimate:
+    """An :class:`Estimate` from a job's calibrated confident joint."""
+    return Estimate(health.estimate_joint(calibrated), num_examples, num_label_issues)
+
+
+def summary_of(est: Estimate, *, asymmetric: bool = False, class_names: Sequence[Any] | None = None,
+               verbose: bool = True, stream: Any = None) -> dict[str, Any]:
+    """:func:`health_summary`'s result from an :class:`Estimate`."""
+    stream = stream or sys.stdout
+    classes = health.with_names(health.class_quality(est.joint, est.num_examples), class_names, ["Class Index"])
+    pairs = health.with_names(health.overlapping_classes(est.joint, est.num_examples, asymmetric),
+                              class_names, ["Class Index A", "Class Index B"])
+    score, issues = health.health_score(est.num_examples, num_label_issues=est.num_label_issues, joint=est.joint)
+    if verbose:
+        print(f"Dataset health: {est.num_examples:,} examples, {len(est.joint):,} classes", file=stream)
+        print("\nClasses by label quality, worst first:", file=stream)
+        print(format_table(classes, 10), file=stream)
+        print("\nClasses most often labelled as one another (candidates to merge):", file=stream)
+        print(format_table(pairs, 10), file=stream)
+        print(file=stream)
+        _say_score(score, issues, est.num_examples, stream)
+    return {
+        "overall_label_health_score": score,
+        "joint": est.joint,
+        "classes_by_label_quality": _table(classes),
+        "overlapping_classes": _table(pairs),
+    }
+
+
+def format_table(table: dict[str, np.ndarray], top: int | None = None) -> str:
+    """A table's first ``top`` rows as aligned text."""
+    names = list(table)
+    n = len(next(iter(table.values()))) if names else 0
+    rows = range(n if top is None else min(n, top))
+
+    def cell(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.4g}"
+        return str(v)
+
+    cols = [[name] + [cell(table[name][i]) for i in rows] for name in names]
+    widths = [max(len(c) for c in col) for col in cols]
+    lines = ["  ".join(col[r].rjust(w) for col, w in zip(cols, widths)) for r in range(len(rows) + 1)]
+    if top is not None and n > top:
+        lines.append(f"... {n - top:,} more rows")
+    return "\n".join(lines)
+
+
+def _say_score(score: float, issues: int, n: int, stream: Any = None) -> None:
+    print(f"About {1 - score:.0%} of the labels ({issues:,} of {n:,}) look wrong; "
+          f"overall label health score {score:.2f} (1 is clean).", file=stream or sys.stdout)
+
+
+def _table(table: dict[str, np.ndarray]) -> Any:
+    try:
+        import pandas as pd
+    except ImportError:
+        names = list(table)
+        return [dict(zip(names, (col[i].item() if hasattr(col[i], "item") else col[i]
+                                 for col in table.values())))
+                for i in range(len(next(iter(table.values()))))]
+    return pd.DataFrame(table)
+
+
+def _estimate(
+    labels: Any,
+    pred_probs: Any,
+    joint: np.ndarray | None,
+    confident_joint: np.ndarray | None,
+    num_examples: int | None,
+    multi_label: bool,
+    engine: dict[str, Any],
+) -> Estimate:
+    if multi_label:
+        raise ValueError("multi_label=True is not supported by dask_labelissues.dataset yet")
+    unknown = set(engine) - {"backend", "client", "chunk_rows", "n_jobs", "progress", "row_sum_tolerance"}
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    given = [name for name, v in (("labels and pred_probs", pred_probs), ("joint", joint),
+                                  ("confident_joint", confident_joint)) if v is not None]
+    if len(given) != 1 or (pred_probs is not None and labels is None):
+        raise ValueError(
+            "give exactly one of: labels and pred_probs; joint (with num_examples); confident_joint "
+            f"(optionally with labels, to calibrate it); got {', '.join(given) or 'none'}"
+            + ("" if pred_probs is None or labels is not None else " without labels")
+        )
+    if pred_probs is not None:
+        job = confident_joint_of(labels, pred_probs, **engine)
+        n = int(job.per_class_count.sum())
+        return from_calibrated(job.confident_joint, num_examples or n, job.num_label_issues)
+    if joint is not None:
+        joint = _square(joint, "joint")
+        if num_examples is None:
+            raise ValueError("num_examples is needed with joint (the joint does not say how many rows it covers)")
+        return Estimate(joint.astype(np.float64), num_examples, None)
+    cj = _square(confident_joint, "confident_joint")
+    if labels is not None:
+        counts = label_counts(labels, len(cj))
+        cj = calibrate(cj, counts)
+        n = int(counts.sum())
+    else:
+        n = int(np.sum(cj))
+    return Estimate(health.estimate_joint(cj), num_examples or n, None)
+
+
+def _square(matrix: Any, name: str) -> np.ndarray:
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
+        raise ValueError(f"{name} must be a (K, K) matrix with K >= 2, got shape {matrix.shape}")
+    return matrix
+
+
+def label_counts(labels: Any, k: int) -> np.ndarray:
+    """Rows per class, reading ``labels`` in slices; a label outside
+    0..K-1 is an error naming its row."""
+    source = inputs.open_source(labels, "labels")
+    n = source.shape[0]
+    counts = np.zeros(k, dtype=np.int64)
+    for a in range(0, n, _COUNT_ROWS):
+        block = source[a : a + _COUNT_ROWS]
+        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
+        if not np.issubdtype(block.dtype, np.integer):
+            raise TypeError(f"labels must be integers, got {block.dtype}")
+        bad = np.flatnonzero((block < 0) | (block >= k))
+        if bad.size:
+            raise ValueError(f"labels[{a + bad[0]}] = {block[bad[0]]} is outside 0..{k - 1}")
+        counts += np.bincount(block, minlength=k)
+    return counts

@@ -263,4 +263,3 @@ def _whole(value: Any, name: str) -> int:
     if isinstance(value, bool) or not float(value).is_integer() or value < 0:
         raise ValueError(f"{name} = {value!r} is not a whole number >= 0")
     return int(value)
-

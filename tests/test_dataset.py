@@ -177,3 +177,15 @@ def test_the_readme_example_runs(capsys) -> None:
     block = text.split("## Dataset health")[1].split("```python\n")[1].split("```")[0]
     exec(compile(block, "README.md (dataset health)", "exec"), {})
     assert "overall label health score" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads", "fork", "dask"])
+@pytest.mark.parametrize("filter_by", [None, "predicted_neq_given"])
+def test_health_true_on_every_engine_where_no_filter_computes_the_joint(backend, filter_by) -> None:
+    d = make_dataset(3000, 6, seed=12)
+    result = find_label_issues(d.labels, d.pred_probs, backend=backend, chunk_rows=700,
+                               filter_by=filter_by, health=True)
+    np.testing.assert_array_equal(result.confident_joint, compute_confident_joint(d.labels, d.pred_probs,
+                                                                                  calibrate=True))
+    assert result.overall_label_health_score() == cl_dataset.overall_label_health_score(
+        d.labels, d.pred_probs, verbose=False)

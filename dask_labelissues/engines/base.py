@@ -346,4 +346,3 @@ def run_joint(driver: Driver, spec: ScoreSpec) -> JointResult:
     counts = scan.counts.copy()
     calibrated, off_diagonal = joint_of(driver, thresholds, counts, spec)
     return JointResult(thresholds, counts, calibrated, off_diagonal, reads=2)
-

@@ -307,6 +307,7 @@ def cmd_find(args: argparse.Namespace) -> int:
             min_examples_per_class=args.min_examples_per_class,
             return_indices_ranked_by=None if args.row_order else "method",
             health=args.health,
+            row_sum_tolerance=args.row_sum_tolerance,
         )
         found = time.perf_counter() - started
         attrs = {
@@ -353,6 +354,18 @@ def _import_quietly(name: str) -> None:
         importlib.import_module(name)
     except Exception:  # the import is retried, and reported, where it is needed
         pass
+
+
+def _tolerance(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants a number or 'none', got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
 
 
 def _int_list(text: str | None) -> list[int] | int | None:
@@ -425,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimation-method", choices=ESTIMATION_METHODS, default="off_diagonal",
                    help="how the number of issues is estimated (default off_diagonal)")
     p.add_argument("--chunk-rows", type=int, metavar="N", help="rows per block (default: about 64 MB)")
+    p.add_argument("--row-sum-tolerance", type=_tolerance, default=1e-3, metavar="T",
+                   help="largest accepted |sum(row) - 1| of pred_probs, or 'none' to accept "
+                        "unnormalized rows (default 0.001)")
     g = p.add_argument_group(
         "cleanlab.filter's methods",
         "with --filter-by, the issues are those of cleanlab.filter.find_label_issues(filter_by=...), "

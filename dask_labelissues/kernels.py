@@ -125,6 +125,11 @@ class InputProblem:
     kind: str = "value"  # "value" -> ValueError
 
 
+#: What a negative value or a value above 1 in a row of pred_probs most
+#: likely means.
+LOGITS_HINT = ": this looks like logits or scores, not probabilities (apply a softmax)"
+
+
 def find_problem(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -153,8 +158,11 @@ def find_problem(
     i = int(np.argmax(bad))
     row = start + i
     if bad_label[i]:
+        hint = ""
+        if labels[i] == k and labels.min() >= 1:
+            hint = f" (the labels here run from {labels.min()} to {labels.max()}: 1-based labels? subtract 1)"
         return InputProblem(
-            row, f"labels[{row}] = {labels[i]} is not a class index in 0..{k - 1}"
+            row, f"labels[{row}] = {labels[i]} is not a class index in 0..{k - 1}{hint}"
         )
     values = np.asarray(probs[i])
     nonfinite = ~np.isfinite(values)
@@ -164,7 +172,9 @@ def find_problem(
     negative = values < 0
     if negative.any():
         j = int(np.argmax(negative))
-        return InputProblem(row, f"pred_probs[{row}, {j}] = {values[j]} is negative")
+        return InputProblem(
+            row, f"pred_probs[{row}, {j}] = {values[j]} is negative{LOGITS_HINT}"
+        )
     if not values.max() < MAX_VALUE:
         j = int(np.argmax(values))
         return InputProblem(
@@ -174,10 +184,16 @@ def find_problem(
         )
     if not row_sums[i] > 0:
         return InputProblem(row, f"pred_probs row {row} is all zeros")
+    total = float(row_sums[i])
+    if abs(total - 100.0) <= 100.0 * row_sum_tolerance:
+        hint = ": percentages? divide by 100"
+    elif values.max() > 1.0:
+        hint = LOGITS_HINT
+    else:
+        hint = (" (find_label_issues(..., row_sum_tolerance=None) and find --row-sum-tolerance none "
+                "accept unnormalized rows)")
     return InputProblem(
-        row,
-        f"pred_probs row {row} sums to {float(row_sums[i])!r}, off 1 by more than "
-        f"{row_sum_tolerance:g} (pass row_sum_tolerance=None to accept unnormalized rows)",
+        row, f"pred_probs row {row} sums to {total!r}, off 1 by more than {row_sum_tolerance:g}{hint}"
     )
 
 

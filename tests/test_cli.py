@@ -452,3 +452,18 @@ def test_every_option_of_every_subcommand_has_help():
     assert missing == []
     helps = {c.dest: c.help for c in sub._choices_actions}
     assert set(helps) == set(sub.choices) and all(helps.values())
+
+
+def test_percentages_are_named_and_row_sum_tolerance_none_accepts_them(tmp_path):
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.ones(5), 2000) * 100
+    np.save(tmp_path / "p.npy", probs)
+    np.save(tmp_path / "l.npy", rng.integers(0, 5, 2000))
+    args = ["find", "--labels", str(tmp_path / "l.npy"), "--pred-probs", str(tmp_path / "p.npy"), "--no-progress"]
+    proc = run(*args, "--output", str(tmp_path / "a.zarr"))
+    assert proc.returncode == 2
+    assert "percentages? divide by 100" in proc.stderr and not (tmp_path / "a.zarr").exists()
+    proc = run(*args, "--output", str(tmp_path / "b.zarr"), "--row-sum-tolerance", "none")
+    assert proc.returncode == 0, proc.stderr
+    proc = run(*args, "--output", str(tmp_path / "c.zarr"), "--row-sum-tolerance", "often")
+    assert proc.returncode == 2 and "wants a number or 'none'" in proc.stderr

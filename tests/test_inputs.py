@@ -286,3 +286,39 @@ def test_remote_npy_reads_byte_ranges(data, reference, tmp_path):
     # The in-process schedulers see the same memory filesystem.
     _check(find_label_issues(data.labels, src, backend="serial", chunk_rows=1234), reference)
     _check(find_label_issues(data.labels, "memory://remote/p.npy", backend="dask", chunk_rows=999), reference)
+
+
+def _likely_mistake(kind: str):
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.ones(4), 3000)
+    labels = rng.integers(0, 4, 3000)
+    if kind == "logits":
+        probs = np.log(probs) + 1.0  # raw scores: negative, rows far from 1
+    elif kind == "scores above 1":
+        probs = probs * 3.0 + 0.2
+    elif kind == "percentages":
+        probs = probs * 100.0
+    elif kind == "one-based":
+        labels = labels + 1
+    return labels, probs
+
+
+@pytest.mark.parametrize("kind,hint", [
+    ("logits", r"is negative: this looks like logits or scores, not probabilities \(apply a softmax\)"),
+    ("scores above 1", r"sums to .*: this looks like logits or scores"),
+    ("percentages", r"sums to 100\.0\d*, off 1 by more than 0.001: percentages\? divide by 100"),
+    ("one-based", r"= 4 is not a class index in 0..3 \(the labels here run from 1 to 4: 1-based labels\? subtract 1\)"),
+])
+@pytest.mark.parametrize("backend", ["serial", "threads"])
+def test_errors_name_the_likely_cause(kind, hint, backend):
+    labels, probs = _likely_mistake(kind)
+    with pytest.raises(ValueError, match=hint):
+        find_label_issues(labels, probs, backend=backend)
+
+
+def test_unnormalized_rows_point_at_both_options():
+    labels, probs = _likely_mistake("none")
+    probs = probs.copy()
+    probs[7] *= 0.9
+    with pytest.raises(ValueError, match=r"row 7 sums to 0\.9\d*.*row_sum_tolerance=None\) and find --row-sum-tolerance none"):
+        find_label_issues(labels, probs, backend="serial")

@@ -183,7 +183,10 @@ class HDF5Dataset(RowSource):
         self.name = name
         with self._file() as f:
             if name not in f or not isinstance(f[name], h5py.Dataset):
-                raise ValueError(f"{self.filename} has no dataset {name!r}")
+                found: list[str] = []
+                f.visititems(lambda path, obj: found.append("/" + path) if isinstance(obj, h5py.Dataset) else None)
+                hint = f"; it holds {', '.join(sorted(found))}" if found else "; it holds no datasets"
+                raise ValueError(f"{self.filename} has no dataset {name!r}{hint}")
             dset = f[name]
             self.shape = tuple(int(s) for s in dset.shape)
             self.dtype = np.dtype(dset.dtype)
@@ -452,8 +455,11 @@ def check_shapes(labels: Any, pred_probs: Any) -> tuple[int, int]:
     if n == 0:
         raise ValueError("pred_probs has no rows (N = 0)")
     if int(labels.shape[0]) != n:
+        hint = ""
+        if int(labels.shape[0]) == k:
+            hint = f" (pred_probs is ({n}, {k}) and labels are {k} long: pred_probs transposed? use pred_probs.T)"
         raise ValueError(
-            f"labels has {int(labels.shape[0])} rows but pred_probs has {n}; they must match"
+            f"labels has {int(labels.shape[0])} rows but pred_probs has {n}; they must match{hint}"
         )
     return n, k
 

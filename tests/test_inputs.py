@@ -322,3 +322,19 @@ def test_unnormalized_rows_point_at_both_options():
     probs[7] *= 0.9
     with pytest.raises(ValueError, match=r"row 7 sums to 0\.9\d*.*row_sum_tolerance=None\) and find --row-sum-tolerance none"):
         find_label_issues(labels, probs, backend="serial")
+
+
+def test_transposed_pred_probs_are_named():
+    rng = np.random.default_rng(6)
+    probs = rng.dirichlet(np.ones(3), 500)
+    with pytest.raises(ValueError, match=r"pred_probs transposed\? use pred_probs.T"):
+        find_label_issues(rng.integers(0, 3, 500), probs.T)
+
+
+def test_a_missing_hdf5_dataset_lists_the_datasets_there(tmp_path):
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("labels", data=np.zeros(10, dtype=np.int64))
+        f.create_dataset("model/probs", data=np.full((10, 2), 0.5))
+    with pytest.raises(ValueError, match=r"has no dataset '/probs'; it holds /labels, /model/probs"):
+        find_label_issues(f"{path}:/labels", f"{path}:/probs")

@@ -164,6 +164,12 @@ def write_results(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.filename is not None and os.fspath(exc.filename).startswith(tmp):
+            # The temporary store is ours, not the user's: name the directory.
+            raise type(exc)(exc.errno, f"cannot write a store in {parent}: {exc.strerror}") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

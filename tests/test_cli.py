@@ -467,3 +467,13 @@ def test_percentages_are_named_and_row_sum_tolerance_none_accepts_them(tmp_path)
     assert proc.returncode == 0, proc.stderr
     proc = run(*args, "--output", str(tmp_path / "c.zarr"), "--row-sum-tolerance", "often")
     assert proc.returncode == 2 and "wants a number or 'none'" in proc.stderr
+
+
+def test_an_unwritable_output_place_is_named_without_the_temporary_store(data, tmp_path):
+    d, paths, expected = data
+    out = "/proc/dask-labelissues-out.zarr"  # no one may create files in /proc
+    proc = run("find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+               "--output", out, "--no-progress")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: could not write {out}: ") and "cannot write a store in /proc" in proc.stderr
+    assert ".partial-" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

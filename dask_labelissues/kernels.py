@@ -138,12 +138,15 @@ def find_problem(
     row_sums: np.ndarray,
     row_mins: np.ndarray,
     row_maxs: np.ndarray,
+    block_labels: np.ndarray | None = None,
 ) -> InputProblem | None:
     """Return the first bad row of a block, or None.
 
     Uses per-row reductions the scan already computed, so checking costs no
     extra pass over the matrix; only the first offending row is looked at
-    cell by cell, to name the bad value.
+    cell by cell, to name the bad value.  ``block_labels`` (default:
+    ``labels``) are the labels whose range a bad label's hint reports,
+    when ``labels`` holds only the bad row.
     """
     k = probs.shape[1]
     bad_label = (labels < 0) | (labels >= k)
@@ -159,8 +162,9 @@ def find_problem(
     row = start + i
     if bad_label[i]:
         hint = ""
-        if labels[i] == k and labels.min() >= 1:
-            hint = f" (the labels here run from {labels.min()} to {labels.max()}: 1-based labels? subtract 1)"
+        seen = labels if block_labels is None else block_labels
+        if labels[i] == k and seen.min() >= 1:
+            hint = f" (the labels here run from {seen.min()} to {seen.max()}: 1-based labels? subtract 1)"
         return InputProblem(
             row, f"labels[{row}] = {labels[i]} is not a class index in 0..{k - 1}{hint}"
         )
@@ -356,6 +360,7 @@ def fused_records(
         problem = find_problem(
             labels[bad : bad + 1], row, start + bad, spec.row_sum_tolerance,
             np.add.accumulate(row, axis=1, dtype=np.float64)[:, -1], row.min(axis=1), rec["p_pred"][bad : bad + 1],
+            block_labels=labels,
         )
         assert problem is not None, "the fused loop and find_problem disagree on a row"
     return rec, counts, limb_totals(sums), problem

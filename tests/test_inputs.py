@@ -310,7 +310,14 @@ def _likely_mistake(kind: str):
     ("one-based", r"= 4 is not a class index in 0..3 \(the labels here run from 1 to 4: 1-based labels\? subtract 1\)"),
 ])
 @pytest.mark.parametrize("backend", ["serial", "threads"])
-def test_errors_name_the_likely_cause(kind, hint, backend):
+@pytest.mark.parametrize("kernel", ["numpy", "numba"])
+def test_errors_name_the_likely_cause(kind, hint, backend, kernel, monkeypatch):
+    from dask_labelissues import fused
+
+    if kernel == "numpy":
+        monkeypatch.setenv("DASK_LABELISSUES_KERNEL", "numpy")
+    else:
+        fused._kernels("auto")  # loaded: small jobs then take the numba loop too
     labels, probs = _likely_mistake(kind)
     with pytest.raises(ValueError, match=hint):
         find_label_issues(labels, probs, backend=backend)

@@ -176,9 +176,7 @@ def find_label_issues(
     fspec = _filter_spec(filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class)
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
-    lab = inputs.open_source(labels, "labels")
-    probs = inputs.open_source(pred_probs, "pred_probs")
-    n, k = inputs.check_shapes(lab, probs)
+    lab, probs, n, k = inputs.open_pair(labels, pred_probs)
     if fspec is not None and fspec.num_to_remove_per_class is not None:
         if np.ndim(num_to_remove_per_class) == 0:  # one number: the same for every class
             fspec = replace(fspec, num_to_remove_per_class=fspec.num_to_remove_per_class * k)

@@ -19,12 +19,13 @@ Tables are pandas DataFrames when pandas imports, else lists of dicts
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import health, inputs
-from .engines import BACKEND_CHOICES, make_driver, run_joint
+from .engines import make_driver, run_joint
 from .filters import calibrate
 from .kernels import ScoreSpec
 
@@ -194,12 +195,9 @@ def confident_joint_of(
     :func:`dask_labelissues.find_label_issues`, and so are the input checks.
     Returns a :class:`dask_labelissues.engines.JointResult`.
     """
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
     spec = ScoreSpec("self_confidence", False, "off_diagonal", row_sum_tolerance)
-    lab = inputs.open_source(labels, "labels")
-    probs = inputs.open_source(pred_probs, "pred_probs")
-    inputs.check_shapes(lab, probs)
+    lab, probs, _, _ = inputs.open_pair(labels, pred_probs)
+    # make_driver refuses an unknown backend.
     driver, _, _ = make_driver(
         backend, lab, probs, spec, None, chunk_rows=chunk_rows, n_jobs=n_jobs,
         client=client, progress=progress,
@@ -211,13 +209,13 @@ def confident_joint_of(
 
 
 # -- shared by these functions and LabelIssues ---------------------------------
+@dataclass(frozen=True)
 class Estimate:
     """The joint, N and (where the rows were seen) num_label_issues."""
 
-    def __init__(self, joint: np.ndarray, num_examples: int, num_label_issues: int | None) -> None:
-        self.joint = joint
-        self.num_examples = int(num_examples)
-        self.num_label_issues = num_label_issues
+    joint: np.ndarray
+    num_examples: int
+    num_label_issues: int | None
 
 
 def from_calibrated(calibrated: np.ndarray, num_examples: int, num_label_issues: int | None) -> Estimate:
@@ -309,12 +307,12 @@ def _estimate(
     if pred_probs is not None:
         job = confident_joint_of(labels, pred_probs, **engine)
         n = int(job.per_class_count.sum())
-        return from_calibrated(job.confident_joint, num_examples or n, job.num_label_issues)
+        return from_calibrated(job.confident_joint, int(num_examples or n), job.num_label_issues)
     if joint is not None:
         joint = _square(joint, "joint")
         if num_examples is None:
             raise ValueError("num_examples is needed with joint (the joint does not say how many rows it covers)")
-        return Estimate(joint.astype(np.float64), num_examples, None)
+        return Estimate(joint.astype(np.float64), int(num_examples), None)
     cj = _square(confident_joint, "confident_joint")
     if labels is not None:
         counts = label_counts(labels, len(cj))
@@ -322,7 +320,7 @@ def _estimate(
         n = int(counts.sum())
     else:
         n = int(np.sum(cj))
-    return Estimate(health.estimate_joint(cj), num_examples or n, None)
+    return Estimate(health.estimate_joint(cj), int(num_examples or n), None)
 
 
 def _square(matrix: Any, name: str) -> np.ndarray:

@@ -425,6 +425,15 @@ def open_source(obj: Any, name: str) -> RowSource | Any:
     )
 
 
+def open_pair(labels: Any, pred_probs: Any) -> tuple[Any, Any, int, int]:
+    """Both inputs opened (:func:`open_source`) and shape-checked
+    (:func:`check_shapes`): ``(labels, pred_probs, N, K)``."""
+    lab = open_source(labels, "labels")
+    probs = open_source(pred_probs, "pred_probs")
+    n, k = check_shapes(lab, probs)
+    return lab, probs, n, k
+
+
 def check_shapes(labels: Any, pred_probs: Any) -> tuple[int, int]:
     """Check what can be checked without reading data; return ``(N, K)``.
 

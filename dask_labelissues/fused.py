@@ -23,7 +23,7 @@ import numpy as np
 #: Rows of a block are processed by numpy in slices of about this many bytes.
 SUB_BLOCK_BYTES = 2 * 2**20
 
-def _build_numba() -> tuple[Any, Any, Any, Any] | None:
+def _build_numba() -> tuple[Any, ...] | None:
     """Compile (or load from numba's cache) the kernels; None without numba.
 
     Imported on first use only: numba adds about 100 MB to a process, which
@@ -191,14 +191,38 @@ def _build_numba() -> tuple[Any, Any, Any, Any] | None:
                 rest = (rest - limb) * base
         return first_bad
 
-    return scan, limbs, joint, records
+    @numba.njit(nogil=True, cache=True)
+    def scored(score, score_bits, label, pred, p_pred, cut, out, prune, norm, n_rows, hist, shift, top, nan_key):
+        # Pass two's per-row work in one read of the records: the scores,
+        # the count state and the first radix round's digit histogram,
+        # with the keys of kernels.score_keys.
+        for i in range(score.shape[0]):
+            s = score[i]
+            out[i] = s
+            if s != s:
+                key = nan_key
+            elif s == 0.0:
+                key = top  # -0.0 counts as 0.0
+            elif score_bits[i] >= top:
+                key = ~score_bits[i]
+            else:
+                key = score_bits[i] | top
+            hist[key >> shift] += 1
+            y = label[i]
+            n_rows[y] += 1
+            if np.float64(p_pred[i]) >= cut[pred[i]]:
+                norm[y] += 1
+                if pred[i] != y:
+                    prune[y] += 1
+
+    return scan, limbs, joint, records, scored
 
 
-_NUMBA: tuple[Any, Any, Any, Any] | None = None
+_NUMBA: tuple[Any, ...] | None = None
 _NUMBA_TRIED = False
 
 
-def _kernels(kernel: str) -> tuple[Any, Any, Any, Any] | None:
+def _kernels(kernel: str) -> tuple[Any, ...] | None:
     """The numba kernels if ``kernel`` allows them and numba is installed."""
     global _NUMBA, _NUMBA_TRIED
     if kernel == "numpy" or os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy":
@@ -305,6 +329,36 @@ def scan_records(
         counts, sums, scale, float(1 << limb_bits), n_limbs,
     )
     return counts, sums, int(first_bad)
+
+
+def score_records(
+    rec: np.ndarray, cut: np.ndarray, out: np.ndarray, digit_bits: int, kernel: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Pass two on a block of records whose ``score`` field is the score, in
+    one numba loop; None where numba does not run (the caller then takes
+    the numpy path, which gives the same values).
+
+    Copies the scores to ``out`` (float64) and returns ``(prune, norm, n,
+    histogram)``: per given label, the rows whose ``p_pred`` reaches
+    ``cut[pred]`` and are predicted as another class, those rows whatever
+    their prediction, and all rows (int64, K each); and the counts of the
+    leading ``digit_bits`` bits of each score's order-preserving key
+    (int64, ``2**digit_bits``).
+    """
+    fast = _kernels(kernel)
+    if fast is None:
+        return None
+    k = cut.shape[0]
+    prune, norm, n_rows = (np.zeros(k, dtype=np.int64) for _ in range(3))
+    hist = np.zeros(1 << digit_bits, dtype=np.int64)
+    score = rec["score"]
+    top = np.uint64(1 << 63)
+    fast[4](
+        score, score.view(np.uint64), rec["label"], rec["pred"], rec["p_pred"], cut.astype(np.float64), out,
+        prune, norm, n_rows, hist, np.uint64(64 - digit_bits), top,
+        np.uint64(int(np.array(np.nan).view(np.uint64)) | (1 << 63)),
+    )
+    return prune, norm, n_rows, hist
 
 
 def max_other(

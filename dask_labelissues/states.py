@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import kernels
+from . import fused, kernels
 from .kernels import InputProblem, ScoreSpec
 
 
@@ -89,9 +89,9 @@ def scan_block(
     labels = np.asarray(labels)
     probs = np.asarray(probs)
     k = probs.shape[1]
-    fused = kernels.fused_records(labels, probs, start, spec, out)
-    if fused is not None:
-        rec, counts, sums, problem = fused
+    got = kernels.fused_records(labels, probs, start, spec, out)
+    if got is not None:
+        rec, counts, sums, problem = got
         return rec, ThresholdState(counts, sums, len(labels), problem)
     rec, p_label, row_sums, row_mins = kernels.row_records(labels, probs, spec, out)
     row_maxs = rec["p_pred"]
@@ -214,9 +214,23 @@ def score_block(
     spec: ScoreSpec,
     labels: np.ndarray | None = None,
     probs: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ScoreState]:
-    """Pass two's task on one block: its scores and its :class:`ScoreState`."""
+    """Pass two's task on one block: its scores (written to ``out`` if
+    given) and its :class:`ScoreState`."""
+    if not spec.rereads and not spec.adjust_pred_probs:
+        scores = np.empty(len(rec), dtype=np.float64) if out is None else out
+        cut = thresholds - kernels.FLOATING_POINT_COMPARISON
+        fast = fused.score_records(rec, cut, scores, kernels.DIGIT_BITS, spec.kernel)
+        if fast is not None:
+            prune, norm, n, dense = fast
+            digits = np.flatnonzero(dense)
+            first = HistogramState(digits.astype(np.int64), dense[digits])
+            return scores, ScoreState(CountState(prune, norm, n), first)
     scores = block_scores(rec, thresholds, spec, labels, probs)
+    if out is not None:
+        out[...] = scores
+        scores = out
     state = ScoreState(CountState.chunk(rec, thresholds), HistogramState.chunk(scores, 0, 0))
     return scores, state
 

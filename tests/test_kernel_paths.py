@@ -192,12 +192,40 @@ def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
         assert 1000 <= st_a.problem.row < 4000
 
 
+@pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])
+def test_the_fused_pass_two_loop_gives_the_numpy_paths_values(method):
+    from dask_labelissues import states
+    from dask_labelissues.kernels import FLOATING_POINT_COMPARISON, ScoreSpec
+
+    labels, probs = _edge_block(np.float32)
+    numba_spec, numpy_spec = ScoreSpec(method, kernel="numba"), ScoreSpec(method, kernel="numpy")
+    rec, _ = states.scan_block(labels, probs, 0, numpy_spec)
+    # Scores the keys must order like floats: both zeros, a negative, NaN.
+    rec["score"][:4] = [0.0, -0.0, -0.5, np.nan]
+    thresholds = np.bincount(rec["label"], weights=rec["p_pred"], minlength=probs.shape[1])
+    thresholds /= np.maximum(np.bincount(rec["label"], minlength=probs.shape[1]), 1)
+    # A row exactly at its class's cut is confident, as in the numpy path.
+    rec["p_pred"][10] = thresholds[rec["pred"][10]] - FLOATING_POINT_COMPARISON
+    assert fused.score_records(rec, thresholds, np.empty(len(rec)), 16, "numba") is not None
+    out = np.full(len(rec), -7.0)
+    sc_a, st_a = states.score_block(rec, thresholds, numba_spec, out=out)
+    sc_b, st_b = states.score_block(rec, thresholds, numpy_spec)
+    assert sc_a is out
+    np.testing.assert_array_equal(sc_a, sc_b)
+    for name in ("prune", "norm", "n"):
+        np.testing.assert_array_equal(getattr(st_a.counts, name), getattr(st_b.counts, name))
+    assert st_a.counts.norm.sum() > st_a.counts.prune.sum() > 0
+    np.testing.assert_array_equal(st_a.first_digits.digits, st_b.first_digits.digits)
+    np.testing.assert_array_equal(st_a.first_digits.counts, st_b.first_digits.counts)
+
+
 CACHED_CALL = """
 import numpy as np
 from dask_labelissues import states
 from dask_labelissues.kernels import ScoreSpec
 probs = np.full((4, 5), 0.2, dtype=np.float32)
-states.scan_block(np.zeros(4, dtype=np.int64), probs, 0, ScoreSpec(kernel="numba"))
+rec, _ = states.scan_block(np.zeros(4, dtype=np.int64), probs, 0, ScoreSpec(kernel="numba"))
+states.score_block(rec, np.full(5, 0.2), ScoreSpec(kernel="numba"))
 """
 
 

@@ -112,8 +112,7 @@ class LocalJob:
         labels = probs = None
         if self.spec.rereads:
             labels, probs = self._read(i)
-        scores, state = states.score_block(self.records[a:b], thresholds, self.spec, labels, probs)
-        self.scores[a:b] = scores
+        _, state = states.score_block(self.records[a:b], thresholds, self.spec, labels, probs, out=self.scores[a:b])
         return state
 
     def histogram(self, i: int, round_index: int, prefix: int) -> HistogramState:

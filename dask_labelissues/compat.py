@@ -17,6 +17,12 @@ the same issues, with these deliberate differences:
   self-confidence is computed from each row's sum kept in pass one: equal
   to cleanlab's to about 1e-16 relative, so rows whose scores differ by less
   can rank in another order.
+
+``verbose=True`` prints cleanlab's informational lines on stdout, with our
+counts, at the moments cleanlab prints them; the progress bars (stderr) are
+this package's own.  cleanlab's notes about its multiprocessing pool (n_jobs
+overridden on non-Linux systems, defaulting to logical cores) are not
+printed: there is no such pool here.
 """
 
 from __future__ import annotations
@@ -27,12 +33,34 @@ from typing import Any
 import numpy as np
 
 from .api import find_label_issues
-from .inputs import check_shapes
+from .inputs import RawFile, check_shapes, open_source
 from .kernels import ScoreSpec
 from .states import CountState, ThresholdState, block_scores, scan_block
 
 _SCORE_KEYS = {"method", "adjust_pred_probs"}
 _ISSUE_KEYS = {"estimation_method"}
+
+# cleanlab's wording, kept so that logs and scripts matching on it still work.
+_THRESHOLD_ROWS = "Total number of examples used to estimate confident thresholds: {}"
+_SCORED_ROWS = "Total number of examples whose labels have been evaluated: {}"
+
+
+def _say(message: str) -> None:
+    """Print an informational line where cleanlab prints it: stdout."""
+    # Flushed so that it lands in order with the progress bars on stderr.
+    print(message, file=sys.stdout, flush=True)
+
+
+def _say_opened(pred_probs: Any) -> None:
+    """Report the size of a pred_probs file, as cleanlab does when it maps one."""
+    shape = tuple(pred_probs.shape)
+    if len(shape) != 2:
+        return  # the shape check that follows raises the real error
+    if isinstance(pred_probs, RawFile):
+        _say(f"mmap-loaded numpy arrays have: {shape[0]} examples, {shape[1]} classes")
+    else:
+        # Zarr, HDF5 and remote files are read, not memory-mapped: say only what is true.
+        _say(f"pred_probs_file has: {shape[0]} examples, {shape[1]} classes")
 
 
 def _spec(quality_score_kwargs: dict | None, num_issue_kwargs: dict | None) -> ScoreSpec:
@@ -79,7 +107,9 @@ def find_label_issues_batched(
         1 runs serially; more runs that many threads of this process; None
         one per core.
     verbose
-        Progress bars on stderr.
+        Progress bars on stderr and, as cleanlab prints them on stdout, the
+        size of ``pred_probs_file`` once opened and the number of rows whose
+        labels were evaluated once done.
     quality_score_kwargs
         ``method`` and ``adjust_pred_probs``, as in cleanlab.
     num_issue_kwargs
@@ -100,7 +130,11 @@ def find_label_issues_batched(
     if pred_probs_file is not None:
         if pred_probs is not None:
             raise ValueError("give pred_probs or pred_probs_file, not both")
-        pred_probs = pred_probs_file
+        # Opened here (find_label_issues takes the opened source as it is) so
+        # the size can be reported before the passes, as cleanlab does.
+        pred_probs = open_source(pred_probs_file, "pred_probs")
+        if verbose:
+            _say_opened(pred_probs)
     if labels is None:
         raise ValueError("labels (or labels_file) is required")
     if pred_probs is None:
@@ -118,6 +152,9 @@ def find_label_issues_batched(
         n_jobs=n_jobs,
         progress=verbose,
     )
+    if verbose:
+        # Pass two scored every row.
+        _say(_SCORED_ROWS.format(result.n_rows))
     if return_mask:
         return np.array(result.is_label_issue, dtype=bool)
     return result.issues
@@ -138,7 +175,9 @@ class LabelInspector:
         Keep every score (needed for :meth:`get_quality_scores` and
         :meth:`get_label_issues`).
     verbose
-        Print how many rows the estimates are based on.
+        Print on stdout, as cleanlab does, how many rows the thresholds
+        (:meth:`get_confident_thresholds`) and the issues
+        (:meth:`get_num_issues`, :meth:`get_label_issues`) are based on.
     quality_score_kwargs
         ``method`` and ``adjust_pred_probs``.
     num_issue_kwargs
@@ -219,22 +258,22 @@ class LabelInspector:
         self._n_scores = need
 
     # -- results -------------------------------------------------------------
-    def _say(self, message: str, silent: bool) -> None:
+    def _say(self, message: str, silent: bool = False) -> None:
         if self.verbose and not silent:
-            print(message, file=sys.stderr)
+            _say(message)
 
     def get_confident_thresholds(self, silent: bool = False) -> np.ndarray:
         """The thresholds from all batches seen so far (K,)."""
         if self.examples_processed_thresh < 1:
             raise ValueError("no thresholds yet: call update_confident_thresholds() first")
-        self._say(f"thresholds estimated from {self.examples_processed_thresh} rows", silent)
+        self._say(_THRESHOLD_ROWS.format(self.examples_processed_thresh), silent)
         return self._threshold_state.finalize()
 
     def get_num_issues(self, silent: bool = False) -> int:
         """The estimated number of label issues among the scored rows."""
         if self.examples_processed_quality < 1:
             raise ValueError("no rows scored yet: call score_label_quality() first")
-        self._say(f"issues estimated from {self.examples_processed_quality} scored rows", silent)
+        self._say(_SCORED_ROWS.format(self.examples_processed_quality), silent)
         return self._count_state.finalize(self.spec.estimation_method)
 
     def get_quality_scores(self) -> np.ndarray:
@@ -253,6 +292,7 @@ class LabelInspector:
         if not self.store_results:
             raise ValueError("label issues need store_results=True")
         top = self.get_num_issues(silent=True)
+        self._say(_SCORED_ROWS.format(self.examples_processed_quality))
         scores = self._scores[: self._n_scores]
         return np.argsort(scores, kind="stable")[:top].astype(np.int64)
 

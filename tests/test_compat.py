@@ -67,7 +67,8 @@ def test_batched_progress_bars_go_to_stderr(data, capsys):
     find_label_issues_batched(labels=data.labels, pred_probs=data.pred_probs, batch_size=5000, verbose=True)
     captured = capsys.readouterr()
     assert "pass 1" in captured.err and "pass 2" in captured.err
-    assert captured.out == ""
+    # Only cleanlab's informational line goes to stdout; the bars do not.
+    assert captured.out == f"Total number of examples whose labels have been evaluated: {data.n}\n"
 
 
 SETTINGS = [
@@ -156,3 +157,142 @@ def test_inspector_errors(data):
         insp.get_num_issues()
     with pytest.raises(ValueError, match="same num_class"):
         insp.merge(LabelInspector(num_class=3))
+
+
+
+# -- verbose output ------------------------------------------------------------
+# cleanlab prints its informational lines with print() (stdout) and its
+# progress bars with tqdm (stderr); ours must print the same lines on stdout.
+
+THRESH_LINE = "Total number of examples used to estimate confident thresholds: {}\n"
+SCORED_LINE = "Total number of examples whose labels have been evaluated: {}\n"
+MMAP_LINE = "mmap-loaded numpy arrays have: {} examples, {} classes\n"
+BOUNDS = [0, 1200, 2500, 2501, 5000]  # uneven batches, one of a single row
+
+
+@pytest.fixture(scope="module")
+def small():
+    # No absent class, so cleanlab's 2e-6 threshold defect cannot change the
+    # counts; the printed numbers are row counts, checked against BOUNDS too.
+    return make_dataset(5000, 5, seed=17)
+
+
+def _steps(inspector, data):
+    """cleanlab's LabelInspector recipe, yielding (step, result) after each call."""
+    batches = list(zip(BOUNDS, BOUNDS[1:]))
+    for a, b in batches[:2]:
+        yield f"update {a}:{b}", inspector.update_confident_thresholds(data.labels[a:b], data.pred_probs[a:b])
+    yield "thresholds after 2 batches", inspector.get_confident_thresholds()
+    for a, b in batches[2:]:
+        yield f"update {a}:{b}", inspector.update_confident_thresholds(data.labels[a:b], data.pred_probs[a:b])
+    yield "thresholds", inspector.get_confident_thresholds()
+    yield "thresholds silent", inspector.get_confident_thresholds(silent=True)
+    for a, b in batches[:2]:
+        yield f"score {a}:{b}", inspector.score_label_quality(data.labels[a:b], data.pred_probs[a:b])
+    yield "num issues after 2 batches", inspector.get_num_issues()
+    for a, b in batches[2:]:
+        yield f"score {a}:{b}", inspector.score_label_quality(data.labels[a:b], data.pred_probs[a:b])
+    yield "num issues", inspector.get_num_issues()
+    yield "num issues silent", inspector.get_num_issues(silent=True)
+    yield "quality scores", inspector.get_quality_scores()
+    yield "label issues", inspector.get_label_issues()
+
+
+def _printed(cls, data, capfd, **kwargs):
+    """[(step, stdout, stderr, result)] of one inspector class over :func:`_steps`."""
+    capfd.readouterr()
+    inspector = cls(num_class=data.k, **kwargs)
+    captured = capfd.readouterr()
+    rows = [("init", captured.out, captured.err, None)]
+    for name, result in _steps(inspector, data):
+        captured = capfd.readouterr()
+        rows.append((name, captured.out, captured.err, result))
+    return rows
+
+
+@pytest.mark.parametrize("n_jobs", [1, None])
+def test_inspector_verbose_prints_cleanlab_lines(small, capfd, n_jobs):
+    theirs = _printed(CleanlabInspector, small, capfd, n_jobs=n_jobs)
+    ours = _printed(LabelInspector, small, capfd, n_jobs=n_jobs)
+    # The counts agree, so the printed lines must too, step by step.
+    assert {n: r for n, _, _, r in ours}["num issues"] == {n: r for n, _, _, r in theirs}["num issues"]
+    assert [(n, o) for n, o, _, _ in ours] == [(n, o) for n, o, _, _ in theirs]
+    # Independently of cleanlab: what each step prints, from the batch sizes.
+    expected = {
+        "thresholds after 2 batches": THRESH_LINE.format(2500),
+        "thresholds": THRESH_LINE.format(5000),
+        "num issues after 2 batches": SCORED_LINE.format(2500),
+        "num issues": SCORED_LINE.format(5000),
+        "label issues": SCORED_LINE.format(5000),
+    }
+    assert {n: o for n, o, _, _ in ours if o} == expected
+    assert all(e == "" for _, _, e, _ in ours)
+
+
+def test_inspector_merged_prints_merged_counts(small, capfd):
+    left = LabelInspector(num_class=small.k)
+    right = LabelInspector(num_class=small.k)
+    left.update_confident_thresholds(small.labels[:3000], small.pred_probs[:3000])
+    right.update_confident_thresholds(small.labels[3000:], small.pred_probs[3000:])
+    merged = left.merge(right)
+    a, b = merged.scoring_copy(), merged.scoring_copy()
+    a.score_label_quality(small.labels[:1000], small.pred_probs[:1000])
+    b.score_label_quality(small.labels[1000:], small.pred_probs[1000:])
+    assert capfd.readouterr().out == ""
+    merged.get_confident_thresholds()
+    a.merge(b).get_label_issues()
+    assert capfd.readouterr().out == THRESH_LINE.format(5000) + SCORED_LINE.format(5000)
+
+
+@pytest.mark.parametrize("files", ["none", "both", "labels", "pred_probs"])
+def test_batched_verbose_prints_cleanlab_lines(small, tmp_path, capfd, files):
+    np.save(tmp_path / "l.npy", small.labels)
+    np.save(tmp_path / "p.npy", small.pred_probs)
+    kwargs = {}
+    if files in ("both", "labels"):
+        kwargs["labels_file"] = str(tmp_path / "l.npy")
+    else:
+        kwargs["labels"] = small.labels
+    if files in ("both", "pred_probs"):
+        kwargs["pred_probs_file"] = str(tmp_path / "p.npy")
+    else:
+        kwargs["pred_probs"] = small.pred_probs
+    capfd.readouterr()
+    theirs = cleanlab_batched(batch_size=1500, verbose=True, **kwargs)
+    cl = capfd.readouterr()
+    ours = find_label_issues_batched(batch_size=1500, verbose=True, **kwargs)
+    us = capfd.readouterr()
+    assert set(ours.tolist()) == set(theirs.tolist())
+    assert us.out == cl.out
+    mapped = MMAP_LINE.format(small.n, small.k) if "pred_probs_file" in kwargs else ""
+    assert us.out == mapped + SCORED_LINE.format(small.n)
+    # stderr holds the progress bars only.
+    assert "Total number" not in us.err and "mmap" not in us.err and "pass 2" in us.err
+
+
+def test_batched_verbose_threads_and_non_npy_file(small, tmp_path, capfd):
+    import zarr
+
+    capfd.readouterr()
+    find_label_issues_batched(labels=small.labels, pred_probs=small.pred_probs, batch_size=1500, n_jobs=2)
+    assert capfd.readouterr().out == SCORED_LINE.format(small.n)
+    # A Zarr store is read, not memory-mapped: the line says only its size.
+    zarr.create_array(str(tmp_path / "p.zarr"), data=small.pred_probs, chunks=(1000, 5))
+    find_label_issues_batched(labels=small.labels, pred_probs_file=str(tmp_path / "p.zarr"), batch_size=1500)
+    assert capfd.readouterr().out == (
+        f"pred_probs_file has: {small.n} examples, {small.k} classes\n" + SCORED_LINE.format(small.n)
+    )
+
+
+def test_not_verbose_prints_nothing(small, tmp_path, capfd):
+    np.save(tmp_path / "l.npy", small.labels)
+    np.save(tmp_path / "p.npy", small.pred_probs)
+    capfd.readouterr()
+    find_label_issues_batched(
+        labels_file=str(tmp_path / "l.npy"), pred_probs_file=str(tmp_path / "p.npy"), batch_size=1500, verbose=False
+    )
+    find_label_issues_batched(labels=small.labels, pred_probs=small.pred_probs, n_jobs=2, verbose=False)
+    rows = _printed(LabelInspector, small, capfd, verbose=False)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert all(o == "" and e == "" for _, o, e, _ in rows)

@@ -170,15 +170,6 @@ def test_without_pandas_tables_are_lists_of_records(monkeypatch) -> None:
     assert records == expected
 
 
-def test_the_readme_example_runs(capsys) -> None:
-    from pathlib import Path
-
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    block = text.split("## Dataset health")[1].split("```python\n")[1].split("```")[0]
-    exec(compile(block, "README.md (dataset health)", "exec"), {})
-    assert "overall label health score" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("backend", ["serial", "threads", "fork", "dask"])
 @pytest.mark.parametrize("filter_by", [None, "predicted_neq_given"])
 def test_health_true_on_every_engine_where_no_filter_computes_the_joint(backend, filter_by) -> None:

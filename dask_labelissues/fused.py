@@ -215,7 +215,35 @@ def _build_numba() -> tuple[Any, ...] | None:
                 if pred[i] != y:
                     prune[y] += 1
 
-    return scan, limbs, joint, records, scored
+    @numba.njit(nogil=True, cache=True)
+    def select(score, score_bits, shift, prefix, cutoff, quota, reduce, top, nan_key, mask):
+        # The selection's row masks, with kernels.score_keys's keys made row
+        # by row: rows whose key prefix is at most ``prefix`` (reduce empty),
+        # or the issue mask: keys below ``cutoff``, the first ``quota`` at
+        # it, and no near tie the given label wins.
+        left = quota
+        issues = reduce.shape[0] > 0
+        for i in range(score.shape[0]):
+            s = score[i]
+            if s != s:
+                key = nan_key
+            elif s == 0.0:
+                key = top
+            elif score_bits[i] >= top:
+                key = ~score_bits[i]
+            else:
+                key = score_bits[i] | top
+            if not issues:
+                mask[i] = (key >> shift) <= prefix
+            elif key < cutoff:
+                mask[i] = not reduce[i]
+            elif key == cutoff and left > 0:
+                left -= 1
+                mask[i] = not reduce[i]
+            else:
+                mask[i] = False
+
+    return scan, limbs, joint, records, scored, select
 
 
 _NUMBA: tuple[Any, ...] | None = None
@@ -359,6 +387,42 @@ def score_records(
         np.uint64(int(np.array(np.nan).view(np.uint64)) | (1 << 63)),
     )
     return prune, norm, n_rows, hist
+
+
+def _select(score: np.ndarray, shift: int, prefix: int, cutoff: int, quota: int, reduce: np.ndarray,
+            kernel: str) -> np.ndarray | None:
+    # Only where pass one loaded numba already: the selection's callers do
+    # not know the job's kernel, and a worker given the numpy kernel to
+    # spare its memory must not load numba here.
+    if not numba_loaded():
+        return None
+    fast = _kernels(kernel)
+    if fast is None:
+        return None
+    score = np.ascontiguousarray(score, dtype=np.float64)
+    mask = np.empty(score.shape[0], dtype=np.bool_)
+    top = 1 << 63
+    fast[5](score, score.view(np.uint64), np.uint64(shift), np.uint64(prefix), np.uint64(cutoff), int(quota),
+            reduce, np.uint64(top), np.uint64(int(np.array(np.nan).view(np.uint64)) | top), mask)
+    return mask
+
+
+def prefix_mask(score: np.ndarray, shift: int, prefix: int, kernel: str = "auto") -> np.ndarray | None:
+    """Rows whose score key (:func:`dask_labelissues.kernels.score_keys`)
+    shifted right by ``shift`` (below 64) is at most ``prefix``, in one numba
+    loop; None unless numba's kernels are loaded in this process."""
+    return _select(score, shift, prefix, 0, 0, np.zeros(0, dtype=np.bool_), kernel)
+
+
+def issue_mask(
+    score: np.ndarray, cutoff: int, quota: int, reduce: np.ndarray, kernel: str = "auto"
+) -> np.ndarray | None:
+    """Rows whose score key is below ``cutoff``, or among the first ``quota``
+    equal to it, and whose ``reduce`` is False, in one numba loop; None
+    unless numba's kernels are loaded in this process."""
+    if reduce.shape[0] == 0:  # no rows: the kernel would read an empty reduce as the prefix mode
+        return np.zeros(0, dtype=np.bool_)
+    return _select(score, 0, 0, cutoff, quota, np.ascontiguousarray(reduce, dtype=np.bool_), kernel)
 
 
 def max_other(

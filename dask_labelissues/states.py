@@ -445,9 +445,12 @@ def selected_block(scores: np.ndarray, cutoff: int, quota: int) -> np.ndarray:
 
 def prefix_rows_block(scores: np.ndarray, shift: int, prefix: int) -> np.ndarray:
     """Mask of the block's rows whose key prefix is at most ``prefix``."""
-    keys = kernels.score_keys(scores)
     if shift >= 64:
-        return np.ones(keys.shape, dtype=bool)
+        return np.ones(np.shape(scores), dtype=bool)
+    fast = fused.prefix_mask(scores, shift, prefix)
+    if fast is not None:
+        return fast
+    keys = kernels.score_keys(scores)
     return (keys >> np.uint64(shift)) <= np.uint64(prefix)
 
 
@@ -571,4 +574,7 @@ def equal_count_block(scores: np.ndarray, cutoff: int) -> int:
 def issue_mask_block(rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int) -> np.ndarray:
     """``is_label_issue`` for one block: in the top set and not a near tie
     the given label would win."""
+    fast = fused.issue_mask(scores, cutoff, quota, rec["reduce"])
+    if fast is not None:
+        return fast
     return selected_block(scores, cutoff, quota) & ~rec["reduce"]

@@ -239,3 +239,25 @@ def test_a_new_process_loads_the_kernel_from_numbas_cache(tmp_path):
         entries.append(sorted(p.name for p in tmp_path.rglob("*.nbc")))
     assert entries[0], "numba cached nothing"
     assert entries[1] == entries[0] and entries[2] == entries[0]
+
+
+def test_the_selection_loops_pick_the_rows_the_numpy_keys_pick():
+    from dask_labelissues import kernels
+
+    fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")  # loads numba
+    rng = np.random.default_rng(3)
+    scores = rng.random(20_000)
+    scores[:6] = [0.0, -0.0, np.nan, -0.5, 0.25, 0.25]
+    scores[100:200] = 0.25
+    reduce = rng.random(scores.size) < 0.1
+    keys = kernels.score_keys(scores)
+    for shift, row in [(48, 4), (60, 3), (1, 7), (0, 4)]:
+        prefix = int(keys[row] >> np.uint64(shift))
+        want = (keys >> np.uint64(shift)) <= np.uint64(prefix)
+        assert 0 < want.sum() < scores.size
+        np.testing.assert_array_equal(fused.prefix_mask(scores, shift, prefix), want)
+    cutoff = int(kernels.score_keys(np.array([0.25]))[0])
+    for quota in [0, 1, 50, 102, 500]:
+        want = kernels.selected_rows(keys, cutoff, quota) & ~reduce
+        np.testing.assert_array_equal(fused.issue_mask(scores, cutoff, quota, reduce), want)
+    assert fused.issue_mask(scores[:0], cutoff, 3, reduce[:0]).shape == (0,)

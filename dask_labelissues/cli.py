@@ -80,10 +80,15 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def where_it_runs(args: argparse.Namespace, log: Any = sys.stderr) -> Iterator[tuple[str, Any]]:
+def where_it_runs(args: argparse.Namespace, log: Any = None) -> Iterator[tuple[str, Any]]:
     """``(backend, client)`` for the job: a Client of the named scheduler or
     of an embedded LocalCluster where one is asked for, else no Client and
-    the engine ``--backend`` names (threads for ``auto``)."""
+    the engine ``--backend`` names (threads for ``auto``).
+
+    A cluster's address and its dashboard's (or why it has none) are
+    printed to ``log`` (default: ``sys.stderr`` at the time of the call).
+    """
+    log = sys.stderr if log is None else log
     address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
     wants_cluster = bool(args.scheduler or args.workers or args.dashboard)
     if args.backend not in ("auto", "dask"):
@@ -110,7 +115,7 @@ def _cluster_client(args: argparse.Namespace, address: str | None, log: Any) -> 
     LocalCluster ``--workers`` or ``--dashboard`` asks for."""
     from distributed import Client
 
-    from .cluster import dashboard_link, local_cluster, quiet_workers
+    from .cluster import describe_dashboard, local_cluster, quiet_workers
 
     if address:
         security = _security(args)
@@ -122,7 +127,7 @@ def _cluster_client(args: argparse.Namespace, address: str | None, log: Any) -> 
                 f"{args.connect_timeout:g} s ({type(exc).__name__})"
             ) from None
         try:
-            print(f"scheduler: {address}  dashboard: {client.dashboard_link}", file=log, flush=True)
+            print(f"scheduler: {address}  {describe_dashboard(client, remote=True)}", file=log, flush=True)
             yield client
         finally:
             client.close()
@@ -140,7 +145,7 @@ def _cluster_client(args: argparse.Namespace, address: str | None, log: Any) -> 
     with cluster_cm as cluster, Client(cluster) as client:
         if not args.debug:
             quiet_workers(client)
-        print(f"{what}  dashboard: {dashboard_link(client)}", file=log, flush=True)
+        print(f"{what}  {describe_dashboard(client, remote=False)}", file=log, flush=True)
         yield client
 
 

@@ -175,16 +175,103 @@ def quiet_workers(client: Any) -> None:
     client.register_plugin(QuietWorkers())
 
 
-def dashboard_link(client: Any) -> str:
-    """The dashboard's address, with a hint when this process (which holds
-    the embedded cluster's scheduler) lacks bokeh: the address then serves
-    only distributed's page saying so."""
-    import importlib.util
+#: The bokeh distributed's dashboard needs (``distributed.versions.BOKEH_REQUIREMENT``);
+#: without it a scheduler serves only a page asking for it.
+BOKEH_REQUIREMENT = "bokeh>=3.1"
 
-    link = str(client.dashboard_link)
-    if importlib.util.find_spec("bokeh") is None:
-        link += " (needs bokeh: pip install bokeh)"
-    return link
+#: What ``describe_dashboard`` found at the scheduler's HTTP address.
+DASHBOARD, MISSING_BOKEH, NO_DASHBOARD = "dashboard", "missing bokeh", "no dashboard"
+
+
+def describe_dashboard(client: Any, *, remote: bool, timeout: float = 5.0) -> str:
+    """``dashboard: LINK`` when the client's scheduler serves distributed's
+    dashboard, else ``dashboard: none (why; how to get one)``.
+
+    The scheduler is asked over HTTP, as a browser here would: the
+    ``"dashboard"`` entry of ``scheduler_info()["services"]`` names its
+    HTTP server, which runs without bokeh and with ``--no-dashboard`` too.
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client``.
+    remote
+        The scheduler is one of the user's own (``--scheduler``), not a
+        LocalCluster started here: the advice names its environment.
+    timeout
+        Seconds to wait for the scheduler's HTTP server.
+
+    Returns
+    -------
+    str
+        One line, without a newline.
+    """
+    where = "the scheduler's environment" if remote else "this environment"
+    services = client.scheduler_info(n_workers=0).get("services", {})
+    link = _dashboard_link(client) if "dashboard" in services else None
+    found = _probe_dashboard(link, timeout) if link else NO_DASHBOARD
+    if found == DASHBOARD:
+        return f"dashboard: {link}"
+    if found == MISSING_BOKEH:
+        restart = " there and restart the scheduler" if remote else ""
+        return (f"dashboard: none ({BOKEH_REQUIREMENT} is not installed in {where}: "
+                f"pip install '{BOKEH_REQUIREMENT}'{restart})")
+    if found == NO_DASHBOARD:
+        if remote:
+            return (f"dashboard: none (the scheduler serves none, as when started with --no-dashboard; "
+                    f"restart it without that option, with {BOKEH_REQUIREMENT} in {where})")
+        return "dashboard: none (the cluster was started without one)"
+    return f"dashboard: {link} (not checked: {found})"
+
+
+def _dashboard_link(client: Any) -> str:
+    """The client's dashboard link, naming the interface the HTTP server
+    listens on where the scheduler is in this process and listens on one
+    interface only: distributed names the machine's address for an
+    in-process (``inproc://``) scheduler, where a dashboard bound to
+    127.0.0.1 is not to be found."""
+    from distributed.utils import format_dashboard_link
+
+    scheduler = getattr(getattr(client, "cluster", None), "scheduler", None)
+    server = getattr(scheduler, "http_server", None)
+    host = getattr(server, "address", None)
+    if isinstance(host, str) and host not in ("", "0.0.0.0", "::") and ":" not in host:
+        return format_dashboard_link(host, server.port)
+    return str(client.dashboard_link)
+
+
+def _probe_dashboard(link: str, timeout: float) -> str:
+    """:data:`DASHBOARD`, :data:`MISSING_BOKEH`, :data:`NO_DASHBOARD`, or
+    why the address could not be reached from here."""
+    import urllib.error
+    import urllib.request
+
+    # bokeh's own script is served only where the bokeh dashboard is, and
+    # costs the scheduler nothing, where the status page builds a document.
+    base = link.rsplit("/", 1)[0]
+    try:
+        request = urllib.request.Request(f"{base}/static/js/bokeh.min.js", method="HEAD")
+        with urllib.request.urlopen(request, timeout=timeout):
+            return DASHBOARD
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            return f"{link} answered HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return f"could not reach it from here ({_reason(exc)})"
+    # No bokeh app: distributed's page asking for bokeh, or nothing at all.
+    try:
+        with urllib.request.urlopen(link, timeout=timeout) as response:
+            page = response.read(4096)
+    except urllib.error.HTTPError:
+        return NO_DASHBOARD
+    except (OSError, ValueError) as exc:
+        return f"could not reach it from here ({_reason(exc)})"
+    return MISSING_BOKEH if b"needs bokeh" in page else NO_DASHBOARD
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or exc
+    return " ".join(str(reason).split()) or type(exc).__name__
 
 
 def _put_back(environment: Mapping[str, str | None]) -> None:

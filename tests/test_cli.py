@@ -300,20 +300,23 @@ def test_demo_text_output():
         assert field in proc.stdout
 
 
-def test_dashboard_link_says_when_bokeh_is_missing(monkeypatch):
-    """Without bokeh in the scheduler's process the dashboard address serves
-    only a page asking for it; the printed link says so."""
-    import importlib.util
+def test_dashboard_line_says_when_bokeh_is_missing_here(monkeypatch):
+    """Without bokeh in this process (which holds an embedded cluster's
+    scheduler) the dashboard address serves only a page asking for it; the
+    line says there is no dashboard and what to install.  Real schedulers
+    are in tests/test_dashboard.py."""
     from types import SimpleNamespace
 
-    from dask_labelissues.cluster import dashboard_link
+    from dask_labelissues import cluster
 
-    client = SimpleNamespace(dashboard_link="http://127.0.0.1:8787/status")
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bokeh" else real(name, *a))
-    assert dashboard_link(client) == "http://127.0.0.1:8787/status (needs bokeh: pip install bokeh)"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bokeh" else real(name, *a))
-    assert dashboard_link(client) == "http://127.0.0.1:8787/status"
+    client = SimpleNamespace(dashboard_link="http://127.0.0.1:8787/status",
+                             scheduler_info=lambda n_workers: {"services": {"dashboard": 8787}})
+    monkeypatch.setattr(cluster, "_probe_dashboard", lambda link, timeout: cluster.MISSING_BOKEH)
+    assert cluster.describe_dashboard(client, remote=False) == (
+        "dashboard: none (bokeh>=3.1 is not installed in this environment: pip install 'bokeh>=3.1')"
+    )
+    monkeypatch.setattr(cluster, "_probe_dashboard", lambda link, timeout: cluster.DASHBOARD)
+    assert cluster.describe_dashboard(client, remote=False) == "dashboard: http://127.0.0.1:8787/status"
 
 
 def test_find_runs_on_threads_in_this_process_by_default(data, tmp_path):

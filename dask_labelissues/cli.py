@@ -45,38 +45,41 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None,
-        help="progress bars on stderr (default: on when stderr is a terminal)",
+        help="show progress bars on stderr (default: on when stderr is a terminal)",
     )
 
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "where it runs",
-        "by default on threads in this process; on a Dask cluster with --scheduler "
-        "(or $DASK_SCHEDULER_ADDRESS), on an embedded LocalCluster of worker processes "
-        "with --workers, on an in-process LocalCluster with a dashboard with --dashboard",
+        "default: threads in this process; with one of the first three options, a Dask cluster",
     )
     g.add_argument("--scheduler", metavar="ADDRESS",
-                   help="an existing Dask scheduler (default: $DASK_SCHEDULER_ADDRESS if set)")
+                   help="run on the Dask scheduler at ADDRESS (default: $DASK_SCHEDULER_ADDRESS if set)")
+    _add_local_clusters(g)
     g.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="give up connecting to --scheduler after this long (default 10)")
+                   help="give up connecting to --scheduler after this long (default %(default)g)")
     g.add_argument("--no-workers-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="fail if the cluster has no workers for this long while the job runs (default 60)")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="start an embedded LocalCluster of N worker processes and run on it")
-    g.add_argument("--dashboard", action="store_true",
-                   help="run on an in-process LocalCluster (threads) and print its dashboard's address")
+                   help="fail if the cluster has no workers for this long (default %(default)g)")
     g.add_argument("--threads-per-worker", type=int, default=1, metavar="M",
-                   help="threads of each --workers process (default 1)")
+                   help="threads of each --workers process (default %(default)s)")
     g.add_argument("--memory-limit", default="auto", metavar="X",
-                   help="per --workers process, e.g. 2GB (default: auto)")
+                   help="memory of each --workers process, e.g. 2GB (default %(default)s)")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                   help="auto (default): dask on a scheduler or cluster named above, else threads")
+                   help="engine; auto: dask on a cluster above, else threads (default %(default)s)")
     g.add_argument("--n-jobs", type=int, metavar="N",
-                   help="threads for --backend threads, processes for --backend fork (default: one per core)")
-    g.add_argument("--tls-ca-file", metavar="PEM", help="CA certificate for a TLS scheduler")
-    g.add_argument("--tls-cert", metavar="PEM", help="client certificate for a TLS scheduler")
-    g.add_argument("--tls-key", metavar="PEM", help="client private key for a TLS scheduler")
+                   help="threads (--backend threads) or processes (fork) to use (default: one per core)")
+    g.add_argument("--tls-ca-file", metavar="PEM", help="CA certificate of a TLS scheduler (default: none)")
+    g.add_argument("--tls-cert", metavar="PEM", help="client certificate for a TLS scheduler (default: none)")
+    g.add_argument("--tls-key", metavar="PEM", help="client private key for a TLS scheduler (default: none)")
+
+
+def _add_local_clusters(p: Any) -> None:
+    """``--workers`` and ``--dashboard``, the same for ``demo`` and ``find``."""
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run on a LocalCluster of N worker processes started here, and print its dashboard link")
+    p.add_argument("--dashboard", action="store_true",
+                   help="run on a LocalCluster in this process (threads), and print its dashboard link")
 
 
 @contextlib.contextmanager
@@ -408,74 +411,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dask-labelissues",
         description="Find mislabeled rows in classification data of any size (batched confident learning on Dask).",
+        epilog="Run 'dask-labelissues COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run on a synthetic noisy dataset (nothing to prepare)")
-    p.add_argument("--rows", type=int, default=2_000_000, help="rows of the synthetic dataset (default 2,000,000)")
-    p.add_argument("--classes", type=int, default=100, help="classes K (default 100)")
-    p.add_argument("--noise", type=float, default=0.1, help="fraction of labels flipped (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="run on an embedded LocalCluster of N worker processes (default: threads in this process)")
-    p.add_argument("--dashboard", action="store_true",
-                   help="run on an in-process LocalCluster (threads) and print its dashboard's address")
-    p.add_argument("--keep", metavar="DIR", help="keep the data and the results store in DIR")
-    p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+    def command(name: str, sentence: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=sentence, description=sentence)
+
+    p = command("demo", "Find the label issues of a synthetic noisy dataset and score them; nothing to prepare.")
+    p.add_argument("--rows", type=int, default=2_000_000, metavar="N",
+                   help="rows of the synthetic dataset (default 2,000,000)")
+    p.add_argument("--classes", type=int, default=100, metavar="K", help="classes (default %(default)s)")
+    p.add_argument("--noise", type=float, default=0.1, metavar="F",
+                   help="fraction of the labels flipped (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default %(default)s)")
+    _add_local_clusters(p)
+    p.add_argument("--keep", metavar="DIR",
+                   help="keep the data and the results store in DIR (default: a temporary directory, removed)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     _add_progress(p)
     _add_common(p)
     p.set_defaults(scheduler=None, backend="auto", threads_per_worker=1, memory_limit="auto", n_jobs=None,
                    no_workers_timeout=60.0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("find", help="find label issues and write a results store")
+    p = command("find", "Find the mislabeled rows of a dataset (labels and pred_probs) and write them to a results store.")
     p.add_argument("--labels", required=True, metavar="SRC",
-                   help="file.npy, store.zarr[:path/in/group], file.h5:/dataset, or a URL of one")
-    p.add_argument("--pred-probs", required=True, metavar="SRC", help="same forms as --labels")
+                   help="the given labels: file.npy, store.zarr[:array], file.h5:/dataset, or a URL of one")
+    p.add_argument("--pred-probs", required=True, metavar="SRC",
+                   help="the predicted probabilities, N x K, in the same forms as --labels")
     p.add_argument("--output", required=True, metavar="OUT.zarr",
-                   help="the results store to write (Zarr v3, put in place only when complete)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+                   help="the results store to write (Zarr v3; it appears only when complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output store")
     p.add_argument("--method", choices=METHODS, default="self_confidence",
-                   help="label quality score, lower is worse (default self_confidence)")
+                   help="label quality score, lower is worse (default %(default)s)")
     p.add_argument("--adjust-pred-probs", action="store_true",
-                   help="subtract the class thresholds from pred_probs before scoring, as cleanlab's option")
+                   help="subtract the class thresholds from pred_probs before scoring, as cleanlab does")
     p.add_argument("--estimation-method", choices=ESTIMATION_METHODS, default="off_diagonal",
-                   help="how the number of issues is estimated (default off_diagonal)")
-    p.add_argument("--chunk-rows", type=int, metavar="N", help="rows per block (default: about 64 MB)")
+                   help="how the number of issues is estimated (default %(default)s)")
+    p.add_argument("--chunk-rows", type=int, metavar="N", help="rows per block (default: about 64 MB of pred_probs)")
     p.add_argument("--row-sum-tolerance", type=_tolerance, default=1e-3, metavar="T",
-                   help="largest accepted |sum(row) - 1| of pred_probs, or 'none' to accept "
-                        "unnormalized rows (default 0.001)")
+                   help="largest accepted |row sum - 1| of pred_probs, or 'none' (default %(default)s)")
     g = p.add_argument_group(
         "cleanlab.filter's methods",
-        "with --filter-by, the issues are those of cleanlab.filter.find_label_issues(filter_by=...), "
-        "ranked by --method; without it, the batched method (cleanlab's find_label_issues_batched)",
+        "default: the batched method (cleanlab's find_label_issues_batched); "
+        "with --filter-by, cleanlab.filter.find_label_issues(filter_by=NAME), ranked by --method",
     )
-    g.add_argument("--filter-by", choices=FILTERS, metavar="NAME", help=", ".join(FILTERS))
+    g.add_argument("--filter-by", choices=FILTERS, metavar="NAME",
+                   help=f"{', '.join(FILTERS)} (default: none, the batched method)")
     g.add_argument("--frac-noise", type=float, default=1.0, metavar="F",
-                   help="keep this fraction of the estimated noise (prune filters; default 1)")
-    g.add_argument("--num-to-remove-per-class", metavar="N,N,...",
-                   help="issues to remove per class: one integer for every class, or one per class (prune filters)")
+                   help="prune filters: keep this fraction of the estimated noise (default %(default)g)")
+    g.add_argument("--num-to-remove-per-class", metavar="N[,N,...]",
+                   help="prune filters: issues to remove, for every class or one per class (default: estimated)")
     g.add_argument("--min-examples-per-class", type=int, default=1, metavar="N",
-                   help="leave at least N rows in every class (prune filters; default 1)")
+                   help="prune filters: leave at least N rows in every class (default %(default)s)")
     g.add_argument("--row-order", action="store_true",
-                   help="store the issues in row order instead of ranked by score")
+                   help="store the issues in row order instead of worst first")
     p.add_argument("--health", action="store_true",
-                   help="also compute the confident joint for dataset health (one more read of "
-                        "pred_probs; --filter-by computes it anyway)")
-    p.add_argument("--top", type=int, default=10, metavar="N", help="worst rows to print (default 10)")
-    p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+                   help="also store the confident joint for dataset health (one more read of pred_probs)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="worst rows to print (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     _add_cluster(p)
     _add_progress(p)
     _add_common(p)
     p.set_defaults(func=cmd_find)
 
-    p = sub.add_parser("summary", help="print (and plot) a results store: counts, worst rows and, "
-                                       "where it holds the confident joint, the dataset's health")
+    p = command("summary", "Print a results store's counts, worst rows and dataset health, and plot them if asked.")
     p.add_argument("store", metavar="OUT.zarr", help="a results store written by find")
-    p.add_argument("--top", type=int, default=20, help="worst rows to print (default 20)")
-    p.add_argument("--plot", metavar="FILE.png", help="write the summary plot (needs matplotlib)")
-    p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+    p.add_argument("--top", type=int, default=20, metavar="N", help="worst rows to print (default %(default)s)")
+    p.add_argument("--plot", metavar="FILE.png", help="also write the summary plot to FILE.png (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     _add_common(p)
     p.set_defaults(func=cmd_summary)
     return parser

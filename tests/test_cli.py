@@ -439,22 +439,51 @@ def test_health_in_the_store_and_the_summary(data, tmp_path):
     assert "health" not in json.loads(run("summary", str(plain), "--json").stdout)
 
 
-def test_every_option_of_every_subcommand_has_help():
+def test_every_option_of_every_subcommand_has_help_stating_its_default():
     import argparse
 
     from dask_labelissues.cli import build_parser
 
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    missing = [
-        f"{name} {' '.join(a.option_strings) or a.dest}"
-        for name, p in sub.choices.items()
-        for a in p._actions
-        if not a.help or a.help == argparse.SUPPRESS
-    ]
+    missing, no_default = [], []
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            what = f"{name} {' '.join(a.option_strings) or a.dest}"
+            if not a.help or a.help == argparse.SUPPRESS:
+                missing.append(what)
+                continue
+            text = p._get_formatter()._expand_help(a)
+            assert "\n" not in text, what
+            default = a.default
+            if default in (None, False, argparse.SUPPRESS):
+                continue
+            forms = {str(default)}
+            if isinstance(default, (int, float)):
+                forms |= {f"{default:g}", f"{default:,}"}
+            if "default" not in text or not any(f in text for f in forms):
+                no_default.append(f"{what}: {text!r} (default {default!r})")
     assert missing == []
+    assert no_default == []
+
+
+def test_top_level_help_lists_every_command_with_a_sentence():
+    import argparse
+
+    from dask_labelissues.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     helps = {c.dest: c.help for c in sub._choices_actions}
-    assert set(helps) == set(sub.choices) and all(helps.values())
+    assert set(helps) == set(sub.choices) == {"demo", "find", "summary"}
+    proc = run("--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for name, sentence in helps.items():
+        assert sentence[0].isupper() and sentence.endswith(".") and sentence.count(". ") == 0, sentence
+        assert f" {name} {sentence}" in text, (name, proc.stdout)
+        # The command's own --help opens with the same sentence.
+        assert sentence in " ".join(run(name, "--help").stdout.split())
 
 
 def test_percentages_are_named_and_row_sum_tolerance_none_accepts_them(tmp_path):

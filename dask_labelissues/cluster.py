@@ -255,7 +255,7 @@ def _probe_dashboard(link: str, timeout: float) -> str:
             return DASHBOARD
     except urllib.error.HTTPError as exc:
         if exc.code != 404:
-            return f"{link} answered HTTP {exc.code}"
+            return f"it answered HTTP {exc.code}"
     except (OSError, ValueError) as exc:
         return f"could not reach it from here ({_reason(exc)})"
     # No bokeh app: distributed's page asking for bokeh, or nothing at all.

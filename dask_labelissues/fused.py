@@ -23,6 +23,42 @@ import numpy as np
 #: Rows of a block are processed by numpy in slices of about this many bytes.
 SUB_BLOCK_BYTES = 2 * 2**20
 
+
+def _skip_numbas_blas_probe() -> None:
+    """Let numba's first compile or cache load skip importing scipy.linalg.
+
+    When numba's CPU target first loads its registries, ``numba.np.arraymath``
+    calls ``ensure_blas()`` once at import, only to record whether BLAS is
+    there; with scipy installed that imports ``scipy.linalg`` (about 0.15 s,
+    a third of what a first call here waits for numba).  None of these
+    kernels uses BLAS.  Where scipy is installed the probe's answer is yes,
+    so the module is imported with that answer given and the real
+    ``ensure_blas`` put back: numba code that does use BLAS still imports
+    scipy and checks it when it is compiled.  Without scipy the probe is
+    cheap and runs as usual; on a numba whose layout differs, nothing is
+    changed.
+    """
+    import importlib.util
+    import sys
+
+    if "numba.np.arraymath" in sys.modules or importlib.util.find_spec("scipy") is None:
+        return
+    try:
+        import numba.np.linalg as linalg
+    except ImportError:
+        return
+    real = getattr(linalg, "ensure_blas", None)
+    if real is None:
+        return
+    linalg.ensure_blas = lambda: None
+    try:
+        import numba.np.arraymath as arraymath
+    finally:
+        linalg.ensure_blas = real
+    if getattr(arraymath, "ensure_blas", None) is not None:
+        arraymath.ensure_blas = real
+
+
 def _build_numba() -> tuple[Any, ...] | None:
     """Compile (or load from numba's cache) the kernels; None without numba.
 
@@ -33,6 +69,7 @@ def _build_numba() -> tuple[Any, ...] | None:
         import numba
     except ImportError:
         return None
+    _skip_numbas_blas_probe()
 
     @numba.njit(nogil=True, cache=True)
     def scan(probs, labels, pred, p_pred, p_label, row_min, row_sum, others, want_others):

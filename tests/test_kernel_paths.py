@@ -261,3 +261,34 @@ def test_the_selection_loops_pick_the_rows_the_numpy_keys_pick():
         want = kernels.selected_rows(keys, cutoff, quota) & ~reduce
         np.testing.assert_array_equal(fused.issue_mask(scores, cutoff, quota, reduce), want)
     assert fused.issue_mask(scores[:0], cutoff, 3, reduce[:0]).shape == (0,)
+
+
+BLAS_AFTER_KERNELS = """
+import sys
+import numpy as np
+from dask_labelissues import fused
+fused.scan_rows(np.full((4, 5), 0.2), np.zeros(4, dtype=np.int64), kernel="numba")
+print("loaded-scipy-linalg", "scipy.linalg" in sys.modules)
+import numba
+import numba.np.arraymath as arraymath
+print("have-blas", arraymath._HAVE_BLAS)
+
+@numba.njit
+def dot(a, b):
+    return np.dot(a, b)
+
+a = np.arange(12.0).reshape(3, 4)
+assert np.array_equal(dot(a, a.T), a @ a.T)
+print("blas-after", "scipy.linalg" in sys.modules)
+"""
+
+
+def test_loading_the_kernels_skips_scipy_but_numba_blas_still_works(tmp_path):
+    """With scipy installed, numba's one-off BLAS probe would import
+    scipy.linalg on the first call; the kernels skip it, and numba code that
+    uses BLAS afterwards still gets it."""
+    pytest.importorskip("scipy")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", BLAS_AFTER_KERNELS], env=env, check=True, timeout=300,
+                         capture_output=True, text=True).stdout.split()
+    assert out == ["loaded-scipy-linalg", "False", "have-blas", "True", "blas-after", "True"]

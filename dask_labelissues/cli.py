@@ -142,7 +142,7 @@ def _cluster_client(args: argparse.Namespace, address: str | None, log: Any) -> 
         what = f"LocalCluster: {args.workers} worker process{'es' if args.workers != 1 else ''}"
     else:
         cluster_cm = local_cluster(
-            1, processes=False, threads_per_worker=args.n_jobs, dashboard_address="127.0.0.1:0",
+            1, processes=False, threads_per_worker=args.n_jobs,
         )
         what = "LocalCluster in this process"
     with cluster_cm as cluster, Client(cluster) as client:

@@ -78,7 +78,7 @@ def local_cluster(
     processes: bool = True,
     threads_per_worker: int | None = 1,
     memory_limit: str | float | None = "auto",
-    dashboard_address: str | None = ":0",
+    dashboard_address: str | None = "127.0.0.1:0",
     settings: Mapping[str, Any] = BATCH_SETTINGS,
     **kwargs: Any,
 ) -> Iterator[Any]:
@@ -93,6 +93,8 @@ def local_cluster(
     ----------
     n_workers, threads_per_worker, memory_limit, dashboard_address
         As for ``LocalCluster`` (``threads_per_worker=None``: one per core).
+        The dashboard listens on 127.0.0.1 only by default: an embedded
+        cluster serves the user at this machine, not its network.
     processes
         Workers in processes of their own (default), or threads of this
         process (``False``: one worker holding the dashboard, and the job's

@@ -142,6 +142,11 @@ class RawFile(RowSource):
             self._pid = os.getpid()
         return self._map
 
+    def mapped(self) -> np.ndarray:
+        """The whole file as one read-only mapping, kept for this process
+        while this object lives; slicing it reads only the rows sliced."""
+        return self._open()
+
     def __getitem__(self, key: Any) -> np.ndarray:
         rows, rest = _split_key(key)
         if self.order == "C" and isinstance(rows, slice) and rows.step in (None, 1):

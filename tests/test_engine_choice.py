@@ -113,13 +113,21 @@ def test_group_chunks():
 @pytest.mark.parametrize("settings", [dict(), dict(method="normalized_margin", adjust_pred_probs=True),
                                       dict(filter_by="prune_by_noise_rate")],
                          ids=["default", "margin-adjusted", "prune_by_noise_rate"])
-def test_small_dask_chunks_are_grouped_into_blocks_with_the_same_result(settings, monkeypatch):
+@pytest.mark.parametrize("adjacent", [True, False], ids=["chunks-end-to-end", "chunks-apart"])
+def test_small_dask_chunks_are_grouped_into_blocks_with_the_same_result(settings, adjacent, monkeypatch):
     from dask_labelissues import inputs
     from dask_labelissues.engines import dask as dask_engine
 
     data = make_dataset(24000, 8, seed=12, dtype=np.float32)
-    labels = da.from_array(data.labels, chunks=500)
-    probs = da.from_array(data.pred_probs, chunks=(500, 8))
+    if adjacent:  # chunks are views of one array: a block is scanned as one view
+        labels = da.from_array(data.labels, chunks=500)
+        probs = da.from_array(data.pred_probs, chunks=(500, 8))
+    else:  # every chunk its own array: a block is scanned chunk by chunk
+        labels = da.concatenate([da.from_array(data.labels[a:a + 500].copy()) for a in range(0, 24000, 500)])
+        probs = da.concatenate([da.from_array(data.pred_probs[a:a + 500].copy()) for a in range(0, 24000, 500)])
+    joined = []
+    real_join = dask_engine.join_adjacent
+    monkeypatch.setattr(dask_engine, "join_adjacent", lambda parts: joined.append(real_join(parts)) or joined[-1])
     # Blocks of about 2,000 rows here (the automatic 64 MB would be one block).
     monkeypatch.setattr(inputs, "TARGET_BLOCK_BYTES", 2000 * 8 * 4)
     src_l, src_p = inputs.open_source(labels, "labels"), inputs.open_source(probs, "pred_probs")
@@ -131,6 +139,32 @@ def test_small_dask_chunks_are_grouped_into_blocks_with_the_same_result(settings
     assert_identical(reference, grouped.compute())
     if "filter_by" in settings:
         np.testing.assert_array_equal(reference.confident_joint, grouped.confident_joint)
+    assert joined and all((j is not None) == adjacent for j in joined)
+
+
+def test_join_adjacent_makes_a_view_only_of_pieces_lying_end_to_end(tmp_path):
+    from dask_labelissues.engines.base import join_adjacent
+
+    whole = np.arange(60.0).reshape(20, 3)
+    view = join_adjacent([whole[2:5], whole[5:6], whole[6:11]])
+    assert view is not None and np.shares_memory(view, whole)
+    np.testing.assert_array_equal(view, whole[2:11])
+    assert join_adjacent([whole[4:9]]) is not None
+    np.save(tmp_path / "whole.npy", whole)
+    mapped = np.load(tmp_path / "whole.npy", mmap_mode="r")
+    view = join_adjacent([mapped[0:7], mapped[7:20]])
+    assert view is not None and np.shares_memory(view, mapped) and not view.flags.writeable
+    np.testing.assert_array_equal(view, whole)
+    for parts in (
+        [whole[0:3], whole[4:6]],                 # a gap
+        [whole[3:6], whole[0:3]],                 # out of order
+        [whole[0:3], whole[3:6].copy()],          # another buffer
+        [whole[0:3, :2], whole[3:6, :2]],         # not contiguous
+        [whole[0:3], whole[3:6].astype(np.float32)],
+    ):
+        assert join_adjacent(parts) is None
+    fortran = np.asfortranarray(whole)
+    assert join_adjacent([fortran[0:3], fortran[3:6]]) is None
 
 
 def test_threads_engine_uses_n_jobs_threads_and_closes_its_pool():

@@ -95,6 +95,38 @@ def group_chunks(chunks: Sequence[int], rows: int) -> list[tuple[int, int]]:
     return groups
 
 
+def join_adjacent(parts: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Consecutive row pieces as one array, without a copy, where they lie
+    end to end in one C-contiguous buffer (the chunks of a dask array made
+    from one numpy array or memory map do); None where they do not.
+
+    A block of many small chunks is then scanned in one kernel call, not
+    one call (and one exact-sum conversion) per chunk.
+    """
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    root = first
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not root.flags.c_contiguous:
+        return None
+    start = end = first.ctypes.data
+    for part in parts:
+        if (
+            not isinstance(part, np.ndarray) or part.dtype != first.dtype
+            or part.shape[1:] != first.shape[1:] or not part.flags.c_contiguous
+            or part.ctypes.data != end
+        ):
+            return None
+        end += part.nbytes
+    offset = start - root.ctypes.data
+    if offset < 0 or end - root.ctypes.data > root.nbytes:
+        return None
+    rows = sum(part.shape[0] for part in parts)
+    return np.ndarray((rows, *first.shape[1:]), dtype=first.dtype, buffer=root, offset=offset)
+
+
 class Driver(ABC):
     """What an engine must provide: one method per stage, each running a block
     task (from :mod:`dask_labelissues.states`) on every block and returning

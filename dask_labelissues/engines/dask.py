@@ -49,7 +49,7 @@ from .. import filters, inputs, states
 from ..filters import FilterSpec, JointState, MaskRule
 from ..kernels import ScoreSpec
 from ..states import CountState, HistogramState, OutlookState, ScoreState, ThresholdState, Winners
-from .base import Driver, block_bounds, distributed_client, group_chunks, piece_bounds
+from .base import Driver, block_bounds, distributed_client, group_chunks, join_adjacent, piece_bounds
 
 #: Fan-in of every tree reduction.
 SPLIT_EVERY = 16
@@ -261,9 +261,13 @@ def scan_block(
     OutlookState)``.
     """
     if stop is None and isinstance(probs, list):
-        # A block of several chunks of a dask array, scanned chunk by chunk
-        # into one record buffer (no copy of the chunks into one block).
+        # A block of several chunks of a dask array: one view over them when
+        # they lie end to end in memory, else scanned chunk by chunk into one
+        # record buffer (no copy of the chunks into one block either way).
         labels = np.concatenate(labels) if len(labels) > 1 else labels[0]
+        joined = join_adjacent(probs)
+        if joined is not None:
+            probs = [joined]
         rec = np.empty(len(labels), dtype=spec.record_dtype())
         parts, a = [], 0
         for piece in probs:
@@ -875,7 +879,8 @@ def _joined(pieces: list[list[Delayed]]) -> list[Delayed]:
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    joined = join_adjacent(parts)
+    return joined if joined is not None else np.concatenate(parts)
 
 
 def _flagged(

@@ -16,6 +16,7 @@ exactly (numpy's own ``sum`` is pairwise).
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,10 @@ def _skip_numbas_blas_probe() -> None:
     ``ensure_blas`` put back: numba code that does use BLAS still imports
     scipy and checks it when it is compiled.  Without scipy the probe is
     cheap and runs as usual; on a numba whose layout differs, nothing is
-    changed.
+    changed.  (A scipy that is installed but whose ``cython_blas`` fails to
+    import would have made the probe answer no; numba code falling back on
+    that answer then fails to compile instead.)  Called once per process,
+    under the kernels' lock.
     """
     import importlib.util
     import sys
@@ -285,6 +289,10 @@ def _build_numba() -> tuple[Any, ...] | None:
 
 _NUMBA: tuple[Any, ...] | None = None
 _NUMBA_TRIED = False
+# The first block tasks of a threads job all ask for the kernels at once:
+# one builds them, the others wait (the BLAS probe's stand-in must be put
+# in and taken out by one thread only).
+_NUMBA_LOCK = threading.Lock()
 
 
 def _kernels(kernel: str) -> tuple[Any, ...] | None:
@@ -293,8 +301,10 @@ def _kernels(kernel: str) -> tuple[Any, ...] | None:
     if kernel == "numpy" or os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy":
         return None
     if not _NUMBA_TRIED:
-        _NUMBA = _build_numba()
-        _NUMBA_TRIED = True
+        with _NUMBA_LOCK:
+            if not _NUMBA_TRIED:
+                _NUMBA = _build_numba()
+                _NUMBA_TRIED = True
     if _NUMBA is None and kernel == "numba":
         raise ImportError("kernel='numba' needs numba installed")
     return _NUMBA

@@ -190,16 +190,25 @@ def fork_driver(
 
 
 def _warm_up(job: LocalJob, fspec: FilterSpec | None) -> None:
-    """Run the block kernels on one made-up row here, before the fork.
+    """Run every stage's kernels on one made-up row here, before the fork.
 
     The workers then inherit numba's compiled kernels; otherwise every
     worker of every job imports numba and loads them from its cache again
     (0.73 s per job on the development machine, whatever its size; 0.07 s
-    with this).
+    with this).  The scan runs on a read-only row too: blocks of a
+    memory-mapped file are read-only, and numba keeps a kernel per
+    writeability of its arguments.
     """
     k = job.n_classes
     probs = np.full((1, k), 1.0 / k, dtype=job.pred_probs.dtype)
     label = np.zeros(1, dtype=np.int64)
+    rec, _ = states.scan_block(label, probs, 0, job.spec)
+    probs.setflags(write=False)
+    label.setflags(write=False)
     states.scan_block(label, probs, 0, job.spec)
+    if not job.spec.rereads:
+        scores, _ = states.score_block(rec, np.full(k, 2.0), job.spec)
+        states.prefix_rows_block(scores, 0, 0)
+        states.issue_mask_block(rec, scores, 0, 0)
     if fspec is not None and fspec.needs_joint:
         fused.joint_rows(probs, label, label, np.full(k, 2.0), min(1, k - 1), job.spec.kernel)

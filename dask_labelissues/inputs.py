@@ -144,8 +144,25 @@ class RawFile(RowSource):
 
     def mapped(self) -> np.ndarray:
         """The whole file as one read-only mapping, kept for this process
-        while this object lives; slicing it reads only the rows sliced."""
+        while this object lives; slicing it reads only the rows sliced.
+        :meth:`release` lets go of rows read from it."""
         return self._open()
+
+    def release(self, start: int, stop: int) -> None:
+        """Drop rows ``start:stop`` of :meth:`mapped` from this process's
+        resident memory: they stay in the page cache, and a later read
+        maps them again.  Without it a job's resident size would grow to
+        the file's as it reads."""
+        mm = getattr(self._map, "_mmap", None)
+        if mm is None or self._pid != os.getpid() or self.order != "C" or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        # np.memmap maps from the allocation boundary below the data.
+        lead = self.offset % mmap.ALLOCATIONGRANULARITY
+        a, b = lead + start * row_bytes, lead + stop * row_bytes
+        a -= a % mmap.PAGESIZE
+        if b > a:
+            mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         rows, rest = _split_key(key)

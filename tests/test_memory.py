@@ -91,3 +91,30 @@ def test_npy_blocks_are_unmapped_after_use(big):
         peak = max(peak, _rss())
         del block
     assert peak - before < 300 * 2**20, f"RSS grew by {(peak - before) / 2**20:.0f} MB"
+
+
+PEAK = """
+import sys, numpy as np
+from dask_labelissues import find_label_issues, fused
+fused.scan_rows(np.full((2, 3), 1 / 3), np.zeros(2, dtype=np.int64), kernel="numba")  # as a large job loads it
+def status(name):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(name))
+base = status("VmRSS")
+find_label_issues(sys.argv[1], sys.argv[2], backend=sys.argv[3])
+print(base, status("VmHWM"))
+"""
+
+
+@pytest.mark.parametrize("backend", ["threads", "serial"])
+def test_a_local_job_lets_go_of_the_rows_it_has_read(big, backend):
+    """One-machine jobs slice a file from one mapping: each block's pages
+    must leave the resident set once read, or it would grow to the file's
+    size (1.2 GB here) though only a block is in use."""
+    proc = subprocess.run([sys.executable, "-c", PEAK, big["labels"], big["pred_probs"], backend],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    base, peak = (int(v) for v in proc.stdout.split())
+    file_bytes = ROWS * CLASSES * 4
+    # Records (32 bytes a row), scores and mask, and a block per thread: about 0.2 of the file.
+    assert peak - base < 0.4 * file_bytes, f"resident set grew by {(peak - base) / 2**20:.0f} MB"

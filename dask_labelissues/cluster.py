@@ -185,7 +185,7 @@ BOKEH_REQUIREMENT = "bokeh>=3.1"
 DASHBOARD, MISSING_BOKEH, NO_DASHBOARD = "dashboard", "missing bokeh", "no dashboard"
 
 
-def describe_dashboard(client: Any, *, remote: bool, timeout: float = 5.0) -> str:
+def describe_dashboard(client: Any, *, remote: bool, timeout: float = 3.0) -> str:
     """``dashboard: LINK`` when the client's scheduler serves distributed's
     dashboard, else ``dashboard: none (why; how to get one)``.
 
@@ -246,26 +246,35 @@ def _probe_dashboard(link: str, timeout: float) -> str:
     """:data:`DASHBOARD`, :data:`MISSING_BOKEH`, :data:`NO_DASHBOARD`, or
     why the address could not be reached from here."""
     import urllib.error
+    import urllib.parse
     import urllib.request
 
+    # A proxy configured for the web would answer for this machine's own
+    # addresses too (urllib bypasses none by default), and a browser here
+    # would not ask it: loopback links are fetched directly.
+    host = urllib.parse.urlsplit(link).hostname or ""
+    direct = host == "localhost" or host.startswith("127.") or host == "::1"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if direct else urllib.request.build_opener()
     # bokeh's own script is served only where the bokeh dashboard is, and
     # costs the scheduler nothing, where the status page builds a document.
     base = link.rsplit("/", 1)[0]
     try:
         request = urllib.request.Request(f"{base}/static/js/bokeh.min.js", method="HEAD")
-        with urllib.request.urlopen(request, timeout=timeout):
+        with opener.open(request, timeout=timeout):
             return DASHBOARD
     except urllib.error.HTTPError as exc:
+        exc.close()
         if exc.code != 404:
             return f"it answered HTTP {exc.code}"
     except (OSError, ValueError) as exc:
         return f"could not reach it from here ({_reason(exc)})"
     # No bokeh app: distributed's page asking for bokeh, or nothing at all.
     try:
-        with urllib.request.urlopen(link, timeout=timeout) as response:
+        with opener.open(link, timeout=timeout) as response:
             page = response.read(4096)
-    except urllib.error.HTTPError:
-        return NO_DASHBOARD
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return NO_DASHBOARD if exc.code == 404 else f"it answered HTTP {exc.code}"
     except (OSError, ValueError) as exc:
         return f"could not reach it from here ({_reason(exc)})"
     return MISSING_BOKEH if b"needs bokeh" in page else NO_DASHBOARD

@@ -108,6 +108,20 @@ def test_a_scheduler_with_a_dashboard_is_linked_and_the_link_serves_it(tmp_path)
         assert_bokeh_dashboard(link)
 
 
+def test_a_web_proxy_in_the_environment_does_not_hide_a_local_dashboard(tmp_path, monkeypatch):
+    """A proxy for the web (here one that refuses every connection) is not
+    asked for this machine's own addresses, as a browser here would not."""
+    with Scheduler(tmp_path, [DASK, "scheduler"]) as scheduler:
+        dead = f"http://127.0.0.1:{free_port()}"
+        for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+            monkeypatch.setenv(name, dead)
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        line = scheduler_line(scheduler.address)
+    (link,) = LINK.findall(line)
+    assert line.endswith(f"dashboard: {link}"), line
+
+
 @pytest.mark.parametrize("option", [["--dashboard"], ["--workers", "1"]])
 def test_find_on_a_cluster_it_starts_prints_a_link_that_serves_the_dashboard(tmp_path, monkeypatch, capsys, option):
     """The link is fetched while the job runs, from inside the job: the

@@ -161,10 +161,13 @@ def test_join_adjacent_makes_a_view_only_of_pieces_lying_end_to_end(tmp_path):
         [whole[0:3], whole[3:6].copy()],          # another buffer
         [whole[0:3, :2], whole[3:6, :2]],         # not contiguous
         [whole[0:3], whole[3:6].astype(np.float32)],
+        [whole[0:3], list(whole[3:6])],           # not an array
     ):
         assert join_adjacent(parts) is None
     fortran = np.asfortranarray(whole)
     assert join_adjacent([fortran[0:3], fortran[3:6]]) is None
+    objects = np.array([object()] * 6)
+    assert join_adjacent([objects[0:3], objects[3:6]]) is None
 
 
 def test_threads_engine_uses_n_jobs_threads_and_closes_its_pool():

@@ -106,6 +106,8 @@ def join_adjacent(parts: Sequence[np.ndarray]) -> np.ndarray | None:
     first = parts[0]
     if len(parts) == 1:
         return first
+    if not all(isinstance(part, np.ndarray) for part in parts) or first.dtype.hasobject:
+        return None
     root = first
     while isinstance(root.base, np.ndarray):
         root = root.base
@@ -114,9 +116,8 @@ def join_adjacent(parts: Sequence[np.ndarray]) -> np.ndarray | None:
     start = end = first.ctypes.data
     for part in parts:
         if (
-            not isinstance(part, np.ndarray) or part.dtype != first.dtype
-            or part.shape[1:] != first.shape[1:] or not part.flags.c_contiguous
-            or part.ctypes.data != end
+            part.dtype != first.dtype or part.shape[1:] != first.shape[1:]
+            or not part.flags.c_contiguous or part.ctypes.data != end
         ):
             return None
         end += part.nbytes

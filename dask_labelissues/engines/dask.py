@@ -264,7 +264,7 @@ def scan_block(
         # A block of several chunks of a dask array: one view over them when
         # they lie end to end in memory, else scanned chunk by chunk into one
         # record buffer (no copy of the chunks into one block either way).
-        labels = np.concatenate(labels) if len(labels) > 1 else labels[0]
+        labels = _concatenate(labels)
         joined = join_adjacent(probs)
         if joined is not None:
             probs = [joined]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).parents[1]
@@ -67,12 +68,16 @@ def test_the_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("MPLBACKEND", "Agg")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     namespace: dict = {"__name__": "__main__"}
+    quickstart = None
     for number, (lang, body, why) in enumerate(blocks(page), 1):
         if why or lang == "text":
             continue
         where = f"{page.name}, block {number}"
         if lang == "python":
             exec(compile(body, where, "exec"), namespace)
+            if "load_digits" in body:
+                found = namespace["result"]
+                quickstart = (found.num_issues, int(np.isin(namespace["flipped"], found.issues).sum()))
             continue
         proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", body], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -86,3 +91,7 @@ def test_the_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Mon
             except ProcessLookupError:
                 pass
         assert proc.returncode == 0, f"{where} failed:\n{body}\n{out}"
+    if page.name == "README.md":
+        # The quickstart's prose quotes what its code found.
+        said = tuple(map(int, re.search(r"finds (\d+) issues, (\d+) of them", page.read_text()).groups()))
+        assert said == quickstart, f"README.md says {said} (issues, flipped among them); the code found {quickstart}"

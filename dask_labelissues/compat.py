@@ -153,7 +153,7 @@ def find_label_issues_batched(
         progress=verbose,
     )
     if verbose:
-        # Pass two scored every row.
+        # Every row is evaluated here (no separate scoring calls), so the count is N.
         _say(_SCORED_ROWS.format(result.n_rows))
     if return_mask:
         return np.array(result.is_label_issue, dtype=bool)

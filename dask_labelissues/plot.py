@@ -269,6 +269,8 @@ def summary_figure(
     """
     import matplotlib.pyplot as plt
 
+    if class_names is not None and len(class_names) != result.n_classes:
+        raise ValueError(f"class_names has {len(class_names)} names for {result.n_classes} classes")
     issue_scores = np.asarray(result.issue_scores, dtype=np.float64)
     cut = cuts_by_score(result)
     highest = float(issue_scores.max()) if issue_scores.size else None
@@ -357,10 +359,13 @@ def _per_class_panel(ax: Any, result: Any) -> None:
     rows = np.asarray(result.per_class_count)
     rate = np.divide(issues, np.maximum(rows, 1))
     worst = int(np.argmax(rate))
-    ax.set_title(
-        f"number of label issues per given label (highest rate: class {worst}, "
-        f"{issues[worst]:,} of its {rows[worst]:,} rows, {100 * rate[worst]:.1f}%)"
-    )
+    if issues.any():
+        ax.set_title(
+            f"number of label issues per given label (highest rate: class {worst}, "
+            f"{issues[worst]:,} of its {rows[worst]:,} rows, {100 * rate[worst]:.1f}%)"
+        )
+    else:
+        ax.set_title("number of label issues per given label: none in any class")
     ax.set_xlim(-0.6, k - 0.4)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if k <= 30:

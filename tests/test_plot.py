@@ -225,3 +225,6 @@ def test_no_issues():
     # The joint is diagonal: no pair to show, so no panel for them.
     assert [ax.get_label() for ax in fig.axes] == ["scores", "zoom", "per_class"]
     assert "no label issues" in panel(fig, "zoom").get_title()
+    assert panel(fig, "per_class").get_title().endswith("none in any class")
+    with pytest.raises(ValueError, match="class_names has 3 names for 10 classes"):
+        summary_figure(r, class_names=["a", "b", "c"])

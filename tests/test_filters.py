@@ -323,3 +323,37 @@ def test_cli_filter_by(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: --num-to-remove-per-class")
     assert not (tmp_path / "bad.zarr").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_cells_keep_what_sorting_every_row_and_cell_keeps(dtype):
+    """The exact recomputation filters each cell's rows by a partition before
+    its selection: the result must be that of selecting from every (row,
+    cell) pair, ties (many here: probabilities on a coarse grid) by row."""
+    from dask_labelissues.filters import Cells, GroupTop, exact_cells_block
+
+    rng = np.random.default_rng(5)
+    n, k = 3000, 6
+    probs = rng.integers(1, 5, (n, k)).astype(dtype)
+    probs /= probs.sum(1, keepdims=True)
+    labels = rng.integers(0, k, n)
+    labels[labels == 4] = 3  # class 4 has no rows
+    given, other = (a.ravel() for a in np.divmod(np.arange(k * k), k))
+    off = given != other
+    given, other = given[off], other[off]
+    limits = rng.integers(0, 40, given.size)
+    limits[given == 1] = [0, 1, 5, 2000, 3]  # none, one, a few, more rows than the class has
+    cells = Cells(given, other, limits, k)
+    rows = np.repeat(np.arange(n), k)
+    cols = np.tile(np.arange(k), n)
+    pairs = {(g, o): i for i, (g, o) in enumerate(zip(given, other))}
+    keep = [(r, pairs[labels[r], c]) for r, c in zip(rows, cols) if (labels[r], c) in pairs]
+    r, g = (np.array(a) for a in zip(*keep))
+    margin = probs[r, other[g]] - probs[r, labels[r]]
+    want = GroupTop.chunk(g, -margin.astype(np.float64), r + 100, limits)
+    got = exact_cells_block(labels, probs, 100, cells)
+    for field in ("group", "key", "index"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    found = np.bincount(got.group, minlength=given.size)[given == 1].tolist()
+    assert found == [0, 1, 5, int((labels == 1).sum()), 3]
+    assert not np.isin(got.group, np.flatnonzero(given == 4)).any()

@@ -778,8 +778,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{mb(r['driver_peak_rss'])} ({mb(r['driver_peak_anon'])}) | {mb(r['worker_peak_rss'])} ({mb(r['worker_peak_anon'])}) | "
                 f"{reads} | {r.get('num_issues', '')} | {same} |"
             )
-    if report.get("machine"):
-        m = report["machine"]
+    if report.get("two_processes"):
+        m = report["two_processes"]
         lines += ["", f"This machine, 2 processes against 1 on the same work (wall time, medians): "
                   f"CPU-bound (a Python loop) {m['cpu_bound']:.2f}x, memory-bound (numpy sums of 512 MB) "
                   f"{m['memory_bound']:.2f}x; context for the scaling rows, measured just before them."]
@@ -884,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in wanted:
             report["datasets"].append(bench_dataset(name, ensure_data(name, args.data_dir), args.repeats))
     if "scaling" in wanted:
-        report["machine"] = bench_machine(args.repeats)
+        report["two_processes"] = bench_machine(args.repeats)
         for name in ("a", "c"):
             report["scaling"] += bench_scaling(name, ensure_data(name, args.data_dir), args.repeats)
     if "memory" in wanted:

@@ -153,8 +153,10 @@ class RawFile(RowSource):
         resident memory: they stay in the page cache, and a later read
         maps them again.  Without it a job's resident size would grow to
         the file's as it reads."""
+        # Forked workers release from the mapping they inherited, as they
+        # read from it: it is this process's too.
         mm = getattr(self._map, "_mmap", None)
-        if mm is None or self._pid != os.getpid() or self.order != "C" or not hasattr(mmap, "MADV_DONTNEED"):
+        if mm is None or self.order != "C" or not hasattr(mmap, "MADV_DONTNEED"):
             return
         row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         # np.memmap maps from the allocation boundary below the data.

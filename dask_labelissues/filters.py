@@ -397,34 +397,42 @@ def noise_rate_block(joint: np.ndarray, rec: np.ndarray, start: int, cells: Cell
     return GroupTop.chunk(group[keep].astype(np.int64), key, index, cells.limits, bound)
 
 
+#: A class whose rows meet at least this many (row, cell) pairs in a block
+#: is selected from with a partition per cell; smaller ones together by one
+#: sort of their pairs, which costs less than a partition's fixed cost.
+PARTITION_PAIRS = 4096
+
+
 def exact_cells_block(
     labels: np.ndarray, probs: np.ndarray, start: int, cells: Cells
 ) -> GroupTop:
     """A block's candidates for each cell, from pred_probs itself.
 
-    The rows of each given class are taken together, in slices of about
-    :data:`~dask_labelissues.fused.SUB_BLOCK_BYTES` of margins: their
-    margins in every cell of that class form one matrix, and a partition
-    of each column finds the largest limit-th smallest key there.  Only rows
-    at or under it can be among a cell's selected rows, so only those go
-    into the exact selection (smallest key, then row index).  Sorting every
-    (row, cell) pair instead took seconds once most cells were undecided.
+    Each row meets every cell of its given class once.  For a class with
+    many such pairs, its rows' margins in its cells form a matrix (in slices
+    of about :data:`~dask_labelissues.fused.SUB_BLOCK_BYTES`), and a
+    partition of each column finds the largest limit-th smallest key there:
+    only rows at or under it can be among a cell's selected rows, so only
+    those go into the exact selection (smallest key, then row index).
+    Sorting every pair instead took seconds once most cells of 100 classes
+    were undecided.  The pairs of the other classes are sorted together.
     """
     y = np.asarray(labels).astype(np.int64)
     probs = np.asarray(probs)
     k = cells.k
     # cells are ordered by given class (plan builds them row-major)
     first = np.searchsorted(cells.given, np.arange(k), side="left")
-    end = np.searchsorted(cells.given, np.arange(k), side="right")
+    per_class = np.searchsorted(cells.given, np.arange(k), side="right") - first
     by_class = np.argsort(y, kind="stable")  # each class's rows, ascending
     class_bounds = np.searchsorted(y[by_class], np.arange(k + 1))
+    big = np.diff(class_bounds) * per_class >= PARTITION_PAIRS
     parts = []
-    for c in np.flatnonzero(end > first):
-        groups = np.arange(first[c], end[c])
+    for c in np.flatnonzero(big):
+        groups = np.arange(first[c], first[c] + per_class[c])
         deepest = int(cells.limits[groups].max())
-        members = by_class[class_bounds[c] : class_bounds[c + 1]]
-        if deepest == 0 or members.size == 0:
+        if deepest == 0:
             continue
+        members = by_class[class_bounds[c] : class_bounds[c + 1]]
         others = cells.other[groups]
         step = max(1, fused.SUB_BLOCK_BYTES // (8 * groups.size))
         for a in range(0, members.size, step):
@@ -438,6 +446,18 @@ def exact_cells_block(
             else:
                 r, g = np.divmod(np.arange(key.size), groups.size)
             parts.append(GroupTop.chunk(groups[g], key[r, g], rows[r] + start, cells.limits))
+    small = np.flatnonzero(~big[y] & (per_class[y] > 0))
+    step = max(1, fused.SUB_BLOCK_BYTES // (8 * max(1, int(per_class.max(initial=1)))))
+    for a in range(0, small.size, step):
+        rows = small[a : a + step]
+        yy = y[rows]
+        counts = per_class[yy]
+        pair_row = np.repeat(np.arange(rows.size), counts)
+        offset = np.arange(pair_row.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        group = first[yy][pair_row] + offset
+        at = rows[pair_row]
+        margin = probs[at, cells.other[group]] - probs[at, yy[pair_row]]  # input dtype, as cleanlab
+        parts.append(GroupTop.chunk(group, -margin.astype(np.float64), at + start, cells.limits))
     if not parts:
         return _empty_top(cells.limits)
     return GroupTop.combine(parts)

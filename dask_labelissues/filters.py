@@ -425,7 +425,7 @@ def exact_cells_block(
     per_class = np.searchsorted(cells.given, np.arange(k), side="right") - first
     by_class = np.argsort(y, kind="stable")  # each class's rows, ascending
     class_bounds = np.searchsorted(y[by_class], np.arange(k + 1))
-    big = np.diff(class_bounds) * per_class >= PARTITION_PAIRS
+    big = (np.diff(class_bounds) * per_class >= PARTITION_PAIRS) & (per_class > 0)
     parts = []
     for c in np.flatnonzero(big):
         groups = np.arange(first[c], first[c] + per_class[c])
@@ -437,8 +437,7 @@ def exact_cells_block(
         step = max(1, fused.SUB_BLOCK_BYTES // (8 * groups.size))
         for a in range(0, members.size, step):
             rows = members[a : a + step]
-            p = probs[rows]
-            margin = p[:, others] - p[:, [c]]  # input dtype, as cleanlab
+            margin = probs[rows[:, None], others] - probs[rows, c][:, None]  # input dtype, as cleanlab
             key = -margin.astype(np.float64)
             if rows.size > deepest:
                 cut = np.partition(key, deepest - 1, axis=0)[deepest - 1]

@@ -327,7 +327,8 @@ def test_cli_filter_by(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("partition_pairs", [0, 2000, 10**9], ids=["all-partitioned", "mixed", "all-sorted"])
-def test_exact_cells_keep_what_sorting_every_row_and_cell_keeps(dtype, partition_pairs, monkeypatch):
+@pytest.mark.parametrize("slice_rows", [None, 128], ids=["one-slice", "slices-of-128-rows"])
+def test_exact_cells_keep_what_sorting_every_row_and_cell_keeps(dtype, partition_pairs, slice_rows, monkeypatch):
     """The exact recomputation filters large classes' rows by a partition per
     cell before its selection: the result must be that of selecting from
     every (row, cell) pair, ties (many here: probabilities on a coarse grid)
@@ -335,14 +336,16 @@ def test_exact_cells_keep_what_sorting_every_row_and_cell_keeps(dtype, partition
     from dask_labelissues.filters import Cells, GroupTop, exact_cells_block
 
     monkeypatch.setattr(filters, "PARTITION_PAIRS", partition_pairs)
+    if slice_rows:
+        monkeypatch.setattr(filters.fused, "SUB_BLOCK_BYTES", 8 * 5 * slice_rows)
     rng = np.random.default_rng(5)
     n, k = 3000, 6
     probs = rng.integers(1, 5, (n, k)).astype(dtype)
     probs /= probs.sum(1, keepdims=True)
-    # 1,500, 600, 300, 300 and 300 rows: 7,500 to 1,500 pairs each; class 4 has none
+    # 1,500, 600, 300, 300 and 300 rows: 7,500 to 1,500 pairs each; class 4 has no rows
     labels = rng.choice(k, n, p=[0.5, 0.2, 0.1, 0.1, 0.0, 0.1])
     given, other = (a.ravel() for a in np.divmod(np.arange(k * k), k))
-    off = given != other
+    off = (given != other) & (given != 5)  # class 5 has rows but no cell
     given, other = given[off], other[off]
     limits = rng.integers(0, 40, given.size)
     limits[given == 1] = [0, 1, 5, 2000, 3]  # none, one, a few, more rows than the class has

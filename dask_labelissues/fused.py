@@ -57,6 +57,8 @@ def _skip_numbas_blas_probe() -> None:
     linalg.ensure_blas = lambda: None
     try:
         import numba.np.arraymath as arraymath
+    except ImportError:  # numba's own first compile will say what is wrong
+        return
     finally:
         linalg.ensure_blas = real
     if getattr(arraymath, "ensure_blas", None) is not None:

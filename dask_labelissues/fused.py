@@ -24,6 +24,12 @@ import numpy as np
 #: Rows of a block are processed by numpy in slices of about this many bytes.
 SUB_BLOCK_BYTES = 2 * 2**20
 
+#: The sign bit, set on the keys of non-negative scores, and the key every
+#: NaN score gets (the positive quiet NaN's): the loops below make
+#: :func:`dask_labelissues.kernels.score_keys`'s keys row by row with these.
+_KEY_TOP = np.uint64(1 << 63)
+_NAN_KEY = np.uint64(int(np.array(np.nan).view(np.uint64)) | (1 << 63))
+
 
 def _skip_numbas_blas_probe() -> None:
     """Let numba's first compile or cache load skip importing scipy.linalg.
@@ -429,11 +435,9 @@ def score_records(
     prune, norm, n_rows = (np.zeros(k, dtype=np.int64) for _ in range(3))
     hist = np.zeros(1 << digit_bits, dtype=np.int64)
     score = rec["score"]
-    top = np.uint64(1 << 63)
     fast[4](
         score, score.view(np.uint64), rec["label"], rec["pred"], rec["p_pred"], cut.astype(np.float64), out,
-        prune, norm, n_rows, hist, np.uint64(64 - digit_bits), top,
-        np.uint64(int(np.array(np.nan).view(np.uint64)) | (1 << 63)),
+        prune, norm, n_rows, hist, np.uint64(64 - digit_bits), _KEY_TOP, _NAN_KEY,
     )
     return prune, norm, n_rows, hist
 
@@ -450,9 +454,8 @@ def _select(score: np.ndarray, shift: int, prefix: int, cutoff: int, quota: int,
         return None
     score = np.ascontiguousarray(score, dtype=np.float64)
     mask = np.empty(score.shape[0], dtype=np.bool_)
-    top = 1 << 63
     fast[5](score, score.view(np.uint64), np.uint64(shift), np.uint64(prefix), np.uint64(cutoff), int(quota),
-            reduce, np.uint64(top), np.uint64(int(np.array(np.nan).view(np.uint64)) | top), mask)
+            reduce, _KEY_TOP, _NAN_KEY, mask)
     return mask
 
 

@@ -546,13 +546,12 @@ def bench_plain_scan(name: str, paths: dict[str, str], rounds: int) -> dict[str,
     import multiprocessing
 
     from dask_labelissues.cluster import _ENV, _put_back
-    from dask_labelissues.engines.base import block_bounds, even_chunks
-    from dask_labelissues.inputs import auto_chunk_rows
+    from dask_labelissues.engines.blocks import auto_chunk_rows, block_bounds, even_chunks
 
     probs = open_path(paths["probs_zarr"], "pred_probs")
     n, k = (int(x) for x in probs.shape)
     # The pieces the job's scan tasks read and scan one at a time.
-    bounds = block_bounds(even_chunks(n, auto_chunk_rows(k, probs.dtype.itemsize, probs.storage_rows)))
+    bounds = block_bounds(even_chunks(n, auto_chunk_rows(k * probs.dtype.itemsize, probs.storage_rows)))
     environ = {key.rsplit(".", 1)[1]: str(v) for key, v in BATCH_SETTINGS.items() if key.startswith(f"{_ENV}.")}
     before = {name: os.environ.get(name) for name in environ}
     os.environ.update(environ)

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from . import inputs
-from .engines import BACKEND_CHOICES, joint_of, make_driver, run, run_filter
+from .engines import BACKEND_CHOICES, make_engine
+from .pipelines import run, run_filter, warm_up
 from .filters import PRUNE_FILTERS, FilterSpec
 from .kernels import METHODS, ScoreSpec
 from .results import LabelIssues
@@ -185,19 +186,20 @@ def find_label_issues(
                 f"num_to_remove_per_class has {len(fspec.num_to_remove_per_class)} entries; "
                 f"pred_probs has {k} classes, one entry per class is needed"
             )
-    driver, backend, client = make_driver(
-        backend, lab, probs, spec, fspec, chunk_rows=chunk_rows, n_jobs=n_jobs,
+    single_read = not spec.rereads and not health and (fspec is None or not fspec.needs_joint)
+    engine, backend, client = make_engine(
+        backend, lab, probs, spec, single_read=single_read, chunk_rows=chunk_rows, n_jobs=n_jobs,
         client=client, progress=progress, spill_dir=spill_dir,
+        warm_up=lambda s: warm_up(s, fspec, k, probs.dtype),
     )
     try:
-        raw = run(driver, spec) if fspec is None else run_filter(driver, spec, fspec, ranked)
-        if health and raw.confident_joint is None:
-            raw.confident_joint, raw.num_label_issues = joint_of(
-                driver, raw.thresholds, raw.per_class_count, spec
-            )
-            raw.reads += 1
+        spec = engine.plan.spec  # with the kernel the engine chose
+        if fspec is None:
+            raw = run(engine, spec, health=health)
+        else:
+            raw = run_filter(engine, spec, fspec, probs.dtype, ranked, health=health)
     finally:
-        driver.close()
+        engine.close()
     return LabelIssues(
         issues=raw.issues,
         is_label_issue=raw.arrays["is_label_issue"],

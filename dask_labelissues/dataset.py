@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import health, inputs
-from .engines import make_driver, run_joint
+from .engines import make_engine
+from .pipelines import run_joint, warm_up
 from .filters import calibrate
 from .kernels import ScoreSpec
 
@@ -193,19 +194,19 @@ def confident_joint_of(
     Two reads of pred_probs (the exact thresholds, then the joint), both
     tree reductions where the job runs; the arguments are those of
     :func:`dask_labelissues.find_label_issues`, and so are the input checks.
-    Returns a :class:`dask_labelissues.engines.JointResult`.
+    Returns a :class:`dask_labelissues.pipelines.JointResult`.
     """
     spec = ScoreSpec("self_confidence", False, "off_diagonal", row_sum_tolerance)
-    lab, probs, _, _ = inputs.open_pair(labels, pred_probs)
-    # make_driver refuses an unknown backend.
-    driver, _, _ = make_driver(
-        backend, lab, probs, spec, None, chunk_rows=chunk_rows, n_jobs=n_jobs,
-        client=client, progress=progress,
+    lab, probs, _, k = inputs.open_pair(labels, pred_probs)
+    # make_engine refuses an unknown backend.
+    engine, _, _ = make_engine(
+        backend, lab, probs, spec, single_read=False, chunk_rows=chunk_rows, n_jobs=n_jobs,
+        client=client, progress=progress, warm_up=lambda s: warm_up(s, None, k, probs.dtype),
     )
     try:
-        return run_joint(driver, spec)
+        return run_joint(engine, engine.plan.spec)
     finally:
-        driver.close()
+        engine.close()
 
 
 # -- shared by these functions and LabelIssues ---------------------------------

@@ -111,6 +111,12 @@ class FilterSpec:
         """False only for predicted_neq_given, which pass one's records decide."""
         return self.filter_by != "predicted_neq_given"
 
+    @property
+    def lowest_field(self) -> str | None:
+        """The joint record field the low_* filters take their lowest rows
+        by; None for the others."""
+        return {"low_self_confidence": "p_label", "low_normalized_margin": "margin_score"}.get(self.filter_by)
+
     def kept_candidates(self, k: int) -> int:
         return min(self.candidates, k - 1) if self.by_noise_rate else 0
 

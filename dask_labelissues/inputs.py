@@ -13,16 +13,11 @@ from __future__ import annotations
 import mmap
 import os
 import sys
-import uuid
-import warnings
 from typing import Any
 
 import numpy as np
 
 #: Target size of one block of pred_probs when chunk_rows is not given.
-TARGET_BLOCK_BYTES = 64 * 2**20
-
-
 def _split_key(key: Any) -> tuple[Any, tuple]:
     """``(rows, rest)``: an index's part on rows and its parts on other axes."""
     return (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
@@ -497,100 +492,6 @@ def check_shapes(labels: Any, pred_probs: Any) -> tuple[int, int]:
     return n, k
 
 
-def auto_chunk_rows(
-    k: int, itemsize: int, storage_rows: int | None, target_bytes: int = TARGET_BLOCK_BYTES
-) -> int:
-    """Rows per block: about ``target_bytes`` of pred_probs, rounded to whole
-    storage chunks so no chunk is decoded twice."""
-    rows = max(1, target_bytes // (k * itemsize))
-    if storage_rows:
-        rows = max(storage_rows, rows // storage_rows * storage_rows)
-    return int(rows)
-
-
-#: Most pieces of ``read_rows`` in one block of :func:`dask_block_rows`.
-MAX_PIECES_PER_BLOCK = 4
-
-
-def dask_block_rows(n_rows: int, read_rows: int, row_bytes: int, record_bytes: int, threads: int) -> int:
-    """Rows per block for the Dask engine when its scan tasks read file or
-    store inputs themselves, in pieces of ``read_rows``
-    (:func:`auto_chunk_rows`; see :func:`dask_labelissues.engines.dask.scan_block`).
-
-    Each task of a job costs the scheduler and a worker a few milliseconds
-    of CPU whatever its size, and a block has three (its scan, the state
-    taken out of it, its count).  On a 2-core machine that CPU is taken
-    from the scans.  On 2,000,000 x 100 float32 in Zarr chunks of 131,072
-    rows, with 2 single-thread workers (medians of 16 runs), 16 blocks of
-    one chunk took 1.13 s a job, for 0.19 s of CPU in the client and
-    scheduler's process and 1.86 s in the workers; 4 blocks of 4 chunks
-    took 1.02 s, for 0.09 s and 1.75 s (an A/B outside the benchmark).
-    So a block holds several pieces, but no more than leave at least two
-    blocks per worker thread (so every thread has work to the end), at
-    most :data:`MAX_PIECES_PER_BLOCK`, and at most as many as keep the
-    block's records (``record_bytes`` a row) within the size of one piece
-    of pred_probs (``row_bytes`` a row): a scan task holds one piece of
-    pred_probs and at most about as much again in records.  ``threads``:
-    the cluster's worker threads, 0 if unknown (one piece a block).
-    """
-    if threads < 1 or read_rows < 1:
-        return max(read_rows, 1)
-    pieces = -(-n_rows // read_rows)
-    most = max(1, min(MAX_PIECES_PER_BLOCK, row_bytes // max(record_bytes, 1)))
-    return read_rows * max(1, min(most, pieces // (2 * threads)))
-
-
-def as_dask_arrays(
-    labels: Any, pred_probs: Any, chunk_rows: int | None, target_bytes: int = TARGET_BLOCK_BYTES
-) -> tuple[Any, Any]:
-    """Dask arrays of the two inputs with the same row chunks and whole rows.
-
-    Row sources become dask arrays whose tasks slice the source, so
-    memory-mapped and on-disk inputs are read block by block by whichever
-    worker runs the task.
-    """
-    import dask.array as da
-
-    token = uuid.uuid4().hex[:12]
-
-    def to_dask(src: Any, label: str, rows: int) -> Any:
-        if is_dask_array(src):
-            return src
-        chunks = (rows,) + tuple(src.shape[1:])
-        return da.from_array(
-            src, chunks=chunks, name=f"{label}-{token}", asarray=True, lock=False,
-            inline_array=False, meta=np.empty((0,) * src.ndim, dtype=src.dtype),
-        )
-
-    k = int(pred_probs.shape[1])
-    if chunk_rows is None:
-        if is_dask_array(pred_probs):
-            rows = int(max(pred_probs.chunks[0]))
-        else:
-            rows = auto_chunk_rows(
-                k, np.dtype(pred_probs.dtype).itemsize, pred_probs.storage_rows, target_bytes
-            )
-    else:
-        rows = int(chunk_rows)
-        if rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    probs = to_dask(pred_probs, "pred_probs", rows)
-    if len(probs.chunks[1]) != 1:
-        warnings.warn(
-            f"pred_probs is split into {len(probs.chunks[1])} chunks along the class axis; "
-            "rechunking to whole rows (each block of rows needs all K classes)",
-            UserWarning,
-            stacklevel=3,
-        )
-        probs = probs.rechunk({1: -1})
-    if chunk_rows is not None and is_dask_array(pred_probs):
-        probs = probs.rechunk({0: rows})
-    labs = to_dask(labels, "labels", rows)
-    if labs.chunks[0] != probs.chunks[0]:
-        labs = labs.rechunk({0: probs.chunks[0]})
-    return labs, probs
-
-
 def reads_in_tasks(labels: Any, pred_probs: Any) -> bool:
     """Whether the Dask engine's tasks may read both inputs themselves: both
     are sources that pickle small (files and stores, not in-memory arrays
@@ -602,13 +503,3 @@ def reads_in_tasks(labels: Any, pred_probs: Any) -> bool:
 def as_row_source(obj: Any) -> RowSource:
     """The fork and serial engines read row sources; wrap a dask array for them."""
     return DaskRows(obj) if is_dask_array(obj) else obj
-
-
-def local_chunk_rows(pred_probs: Any, chunk_rows: int | None) -> int:
-    """Block size for the fork and serial engines."""
-    if chunk_rows is not None:
-        if int(chunk_rows) < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        return int(chunk_rows)
-    k = int(pred_probs.shape[1])
-    return auto_chunk_rows(k, np.dtype(pred_probs.dtype).itemsize, getattr(pred_probs, "storage_rows", None))

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from dask_labelissues import find_label_issues
-from dask_labelissues.engines import choose_backend, choose_kernel, plan
-from dask_labelissues.engines.base import group_chunks
+from dask_labelissues.engines import blocks, choose_backend, make_engine
+from dask_labelissues.engines.blocks import choose_kernel, group_chunks, join_adjacent
 from dask_labelissues.engines.local import usable_cores
-from dask_labelissues.engines.threads import ThreadDriver
+from dask_labelissues.engines.threads import ThreadEngine
 from dask_labelissues.kernels import ScoreSpec
 
 from .conftest import assert_identical, make_dataset
@@ -60,7 +60,7 @@ def test_small_jobs_get_the_numpy_kernel_unless_numba_is_loaded(monkeypatch):
     from dask_labelissues import fused
 
     auto = ScoreSpec()
-    small, large = plan.NUMBA_MIN_CELLS - 1, plan.NUMBA_MIN_CELLS
+    small, large = blocks.NUMBA_MIN_CELLS - 1, blocks.NUMBA_MIN_CELLS
     monkeypatch.setattr(fused, "numba_loaded", lambda: False)
     assert choose_kernel(auto, small, in_process=True).kernel == "numpy"
     assert choose_kernel(auto, large, in_process=True).kernel == "auto"
@@ -116,7 +116,6 @@ def test_group_chunks():
 @pytest.mark.parametrize("adjacent", [True, False], ids=["chunks-end-to-end", "chunks-apart"])
 def test_small_dask_chunks_are_grouped_into_blocks_with_the_same_result(settings, adjacent, monkeypatch):
     from dask_labelissues import inputs
-    from dask_labelissues.engines import dask as dask_engine
 
     data = make_dataset(24000, 8, seed=12, dtype=np.float32)
     if adjacent:  # chunks are views of one array: a block is scanned as one view
@@ -126,14 +125,13 @@ def test_small_dask_chunks_are_grouped_into_blocks_with_the_same_result(settings
         labels = da.concatenate([da.from_array(data.labels[a:a + 500].copy()) for a in range(0, 24000, 500)])
         probs = da.concatenate([da.from_array(data.pred_probs[a:a + 500].copy()) for a in range(0, 24000, 500)])
     joined = []
-    real_join = dask_engine.join_adjacent
-    monkeypatch.setattr(dask_engine, "join_adjacent", lambda parts: joined.append(real_join(parts)) or joined[-1])
+    monkeypatch.setattr(blocks, "join_adjacent", lambda parts: joined.append(join_adjacent(parts)) or joined[-1])
     # Blocks of about 2,000 rows here (the automatic 64 MB would be one block).
-    monkeypatch.setattr(inputs, "TARGET_BLOCK_BYTES", 2000 * 8 * 4)
+    monkeypatch.setattr(blocks, "TARGET_BLOCK_BYTES", 2000 * 8 * 4)
     src_l, src_p = inputs.open_source(labels, "labels"), inputs.open_source(probs, "pred_probs")
-    driver = dask_engine.dask_driver(src_l, src_p, ScoreSpec(), None)
-    assert driver.groups is not None
-    assert [b - a for a, b in driver.bounds] == [2000] * 12
+    engine, _, _ = make_engine("dask", src_l, src_p, ScoreSpec())
+    assert engine.plan.groups is not None
+    assert list(engine.plan.chunks) == [2000] * 12
     grouped = find_label_issues(labels, probs, backend="dask", **settings)
     reference = find_label_issues(data.labels, data.pred_probs, backend="serial", **settings)
     assert_identical(reference, grouped.compute())
@@ -143,8 +141,6 @@ def test_small_dask_chunks_are_grouped_into_blocks_with_the_same_result(settings
 
 
 def test_join_adjacent_makes_a_view_only_of_pieces_lying_end_to_end(tmp_path):
-    from dask_labelissues.engines.base import join_adjacent
-
     whole = np.arange(60.0).reshape(20, 3)
     view = join_adjacent([whole[2:5], whole[5:6], whole[6:11]])
     assert view is not None and np.shares_memory(view, whole)
@@ -172,16 +168,16 @@ def test_join_adjacent_makes_a_view_only_of_pieces_lying_end_to_end(tmp_path):
 
 def test_threads_engine_uses_n_jobs_threads_and_closes_its_pool():
     data = make_dataset(6000, 5, seed=2)
-    from dask_labelissues.engines.threads import threads_driver
     from dask_labelissues.inputs import InMemory
 
-    driver = threads_driver(InMemory(data.labels), InMemory(data.pred_probs), ScoreSpec(), 1000, n_jobs=3)
-    assert isinstance(driver, ThreadDriver) and driver.pool._max_workers == 3
-    driver.close()
+    lab, probs = InMemory(data.labels), InMemory(data.pred_probs)
+    engine, _, _ = make_engine("threads", lab, probs, ScoreSpec(), chunk_rows=1000, n_jobs=3)
+    assert isinstance(engine, ThreadEngine) and engine.pool._max_workers == 3
+    engine.close()
     with pytest.raises(RuntimeError):
-        driver.pool.submit(int)
+        engine.pool.submit(int)
     with pytest.raises(ValueError, match="n_jobs must be >= 1"):
-        threads_driver(InMemory(data.labels), InMemory(data.pred_probs), ScoreSpec(), 1000, n_jobs=0)
+        make_engine("threads", lab, probs, ScoreSpec(), chunk_rows=1000, n_jobs=0)
 
 
 def test_usable_cores_match_dask():

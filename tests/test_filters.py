@@ -18,8 +18,8 @@ from cleanlab.experimental.label_issues_batched import find_label_issues_batched
 from cleanlab.internal.util import round_preserving_row_totals
 
 from dask_labelissues import filters, find_label_issues, open_results
-from dask_labelissues.engines import run_filter
-from dask_labelissues.engines.serial import serial_driver
+from dask_labelissues.pipelines import run_filter
+from dask_labelissues.engines import make_engine
 from dask_labelissues.kernels import ScoreSpec
 
 from .conftest import assert_identical, make_dataset
@@ -190,11 +190,11 @@ def test_filters_on_a_local_cluster():
 
 def _run_with_candidates(d, filter_by: str, candidates: int, chunk_rows: int = 2500):
     fspec = filters.FilterSpec(filter_by, candidates=candidates)
-    driver = serial_driver(d.labels, d.pred_probs, ScoreSpec(), chunk_rows, fspec=fspec)
+    engine, _, _ = make_engine("serial", d.labels, d.pred_probs, ScoreSpec(), chunk_rows=chunk_rows)
     try:
-        return run_filter(driver, ScoreSpec(), fspec)
+        return run_filter(engine, engine.plan.spec, fspec, d.pred_probs.dtype)
     finally:
-        driver.close()
+        engine.close()
 
 
 @pytest.mark.parametrize("name", ["k10", "k100"])

@@ -28,9 +28,9 @@ SETTINGS = [
 DIGEST = """
 import hashlib, sys, numpy as np
 from dask_labelissues import find_label_issues, fused
-from dask_labelissues.engines import plan
+from dask_labelissues.engines import blocks
 # Small as the data are, the kernel the environment names runs.
-plan.NUMBA_MIN_CELLS = 0
+blocks.NUMBA_MIN_CELLS = 0
 data = np.load(sys.argv[1])
 labels, probs = data["labels"], data["probs"]
 for settings in {settings!r}:
@@ -116,17 +116,17 @@ def test_joint_rows_paths_agree_on_edge_rows():
 def test_small_workers_get_the_numpy_kernel_and_the_same_result(monkeypatch):
     from dask_labelissues import api
     from dask_labelissues.engines import dask as dask_engine
-    from dask_labelissues.engines import plan
+    from dask_labelissues.engines import blocks
 
     # Out of the way: the rule that gives small jobs the numpy kernel anyway.
-    monkeypatch.setattr(plan, "NUMBA_MIN_CELLS", 0)
+    monkeypatch.setattr(blocks, "NUMBA_MIN_CELLS", 0)
     data = make_dataset(5000, 7, seed=72)
     seen = []
     original = api.run
 
-    def spy(driver, spec):
-        seen.append(driver.spec.kernel)
-        return original(driver, spec)
+    def spy(engine, spec, **kwargs):
+        seen.append(engine.plan.spec.kernel)
+        return original(engine, spec, **kwargs)
 
     monkeypatch.setattr(api, "run", spy)
     monkeypatch.setattr(dask_engine, "cluster_workers", lambda client: (300 * 2**20, 2))

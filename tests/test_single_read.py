@@ -123,21 +123,23 @@ def test_dask_runs_each_block_task_once(monkeypatch):
 def test_dask_scan_tasks_read_file_inputs_themselves(tmp_path, monkeypatch, storage):
     """With files or stores as input, each pass-one task reads its own rows
     (no separate read tasks), and every row of pred_probs is read once."""
-    from dask_labelissues.engines import dask as engine
+    from dask_labelissues import pipelines
 
     data = make_dataset(12000, 8, seed=53, dtype=np.float32)
     labels, probs, cls = write_inputs(tmp_path, data, storage, 3000)
 
-    reads, ranges = record_reads(monkeypatch, cls), []
-    original_scan = engine.scan_block
-
-    def recording_scan(labels, probs, start, spec, stop=None, *rest):
-        ranges.append((start, stop))
-        return original_scan(labels, probs, start, spec, stop, *rest)
-
-    monkeypatch.setattr(engine, "scan_block", recording_scan)
-    result = find_label_issues(labels, probs, backend="dask", chunk_rows=5000).compute()
     reference = find_label_issues(data.labels, data.pred_probs, backend="serial").compute()
+    reads, ranges = record_reads(monkeypatch, cls), []
+    original_scan = pipelines.scan_block
+
+    def recording_scan(block, *rest, **kwargs):
+        # A reader of rows the task slices itself, not chunks read by other tasks.
+        assert not isinstance(block._probs, list)
+        ranges.append((block.start, block.stop))
+        return original_scan(block, *rest, **kwargs)
+
+    monkeypatch.setattr(pipelines, "scan_block", recording_scan)
+    result = find_label_issues(labels, probs, backend="dask", chunk_rows=5000).compute()
     np.testing.assert_array_equal(result.issues, reference.issues)
     assert sorted(ranges) == [(0, 5000), (5000, 10000), (10000, 12000)]
     served = sum(b - a for a, b in reads[2]) * data.pred_probs[0].nbytes
@@ -154,18 +156,19 @@ def test_dask_scan_tasks_take_small_sources_inline(tmp_path, monkeypatch):
     data = make_dataset(12000, 8, seed=54, dtype=np.float32)
     labels, probs, _ = write_inputs(tmp_path, data, "npy", 12000)
     scan_deps = []
-    original_persist = engine.DaskDriver._persist
+    original_run = engine.DaskEngine._run
 
-    def recording_persist(self, blocks, wanted):
+    def recording_run(self, blocks, wanted):
         deps = engine.merged_graph([*blocks, *wanted]).get_all_dependencies()
         scans = [key for key in deps if isinstance(key, tuple) and str(key[0]).startswith("scan_block-")]
-        scan_deps.append([set(deps[key]) for key in scans])
-        return original_persist(self, blocks, wanted)
+        if scans:
+            scan_deps.append([set(deps[key]) for key in scans])
+        return original_run(self, blocks, wanted)
 
     def run():
         return find_label_issues(labels, probs, backend="dask", chunk_rows=5000)
 
-    monkeypatch.setattr(engine.DaskDriver, "_persist", recording_persist)
+    monkeypatch.setattr(engine.DaskEngine, "_run", recording_run)
     inline = run()
     monkeypatch.setattr(engine, "INLINE_BYTES", 0)
     keyed = run()
@@ -177,7 +180,7 @@ def test_dask_scan_tasks_take_small_sources_inline(tmp_path, monkeypatch):
 
 
 def test_piece_bounds_cut_on_the_grid_of_the_read_size():
-    from dask_labelissues.engines.base import piece_bounds
+    from dask_labelissues.engines.blocks import piece_bounds
 
     assert piece_bounds(0, 1000, 400) == [(0, 400), (400, 800), (800, 1000)]
     # A block that starts off the grid is cut at the next multiple, so no
@@ -190,7 +193,7 @@ def test_piece_bounds_cut_on_the_grid_of_the_read_size():
 
 
 def test_dask_block_rows():
-    from dask_labelissues.inputs import dask_block_rows
+    from dask_labelissues.engines.blocks import dask_block_rows
 
     # (a): 2,000,000 x 100 float32 in 131,072-row chunks, 2 worker threads:
     # 16 pieces, 4 blocks of 4.
@@ -215,16 +218,17 @@ def test_dask_block_rows():
 def test_a_block_scanned_in_pieces_equals_one_scan(bad_piece):
     """Records and state of a block scanned piece by piece are those of one
     scan of the block, bad rows included (the first one is reported)."""
-    from dask_labelissues.engines import dask as engine
+    from dask_labelissues.engines.blocks import BlockReader
     from dask_labelissues.kernels import ScoreSpec
+    from dask_labelissues.pipelines import scan_block
 
     data = make_dataset(3000, 40, seed=55, dtype=np.float32)
     probs = data.pred_probs.copy()
     probs[1700, 3] = np.nan
     probs[400 + 1000 * bad_piece, 5] = -1.0
     spec = ScoreSpec()
-    whole = engine.scan_block(data.labels, probs, 300, spec, 2900)
-    pieces = engine.scan_block(data.labels, probs, 300, spec, 2900, False, 512)
+    whole = scan_block(BlockReader(data.labels, probs, 300, 2900), spec, False)
+    pieces = scan_block(BlockReader(data.labels, probs, 300, 2900, read_rows=512), spec, False)
     for field in whole.data.dtype.names:  # not the bytes: the records have padding
         np.testing.assert_array_equal(whole.data[field], pieces.data[field])
     np.testing.assert_array_equal(whole.state.counts, pieces.state.counts)
@@ -245,12 +249,12 @@ def test_dask_blocks_of_several_pieces_read_one_piece_at_a_time(tmp_path, monkey
     pieces of the size a block would otherwise have, each read by itself on
     the storage grid, when pass one is the only read of pred_probs; results
     are those of the serial engine."""
-    from dask_labelissues import inputs
+    from dask_labelissues.engines import blocks
 
     data = make_dataset(12000, 40, seed=56, dtype=np.float32)  # 160 bytes a row
     labels, probs, cls = write_inputs(tmp_path, data, "zarr", 200)
     # Pieces of 64 KB: 409 rows, 400 in whole chunks; 30 pieces.
-    monkeypatch.setattr(inputs, "TARGET_BLOCK_BYTES", 64 * 2**10)
+    monkeypatch.setattr(blocks, "TARGET_BLOCK_BYTES", 64 * 2**10)
     reads = record_reads(monkeypatch, cls)
     with dask.config.set(scheduler="threads", num_workers=2):
         lazy = find_label_issues(labels, probs, backend="dask", **settings)
@@ -272,12 +276,12 @@ def test_blocks_off_the_read_grid_read_each_piece_and_labels_once(tmp_path, monk
     """A given chunk_rows off the grid of the read size: every block reads
     pred_probs in pieces cut on that grid and its labels once, with the
     serial engine's result."""
-    from dask_labelissues import inputs
+    from dask_labelissues.engines import blocks
 
     data = make_dataset(5000, 40, seed=57, dtype=np.float32)
     labels, probs, cls = write_inputs(tmp_path, data, storage, 200)
     # Pieces of 64 KB: 409 rows of 160 bytes, 400 where chunks are 200 rows.
-    monkeypatch.setattr(inputs, "TARGET_BLOCK_BYTES", 64 * 2**10)
+    monkeypatch.setattr(blocks, "TARGET_BLOCK_BYTES", 64 * 2**10)
     read_rows = 409 if storage == "npy" else 400
     reads = record_reads(monkeypatch, cls)
     with dask.config.set(scheduler="threads", num_workers=2):

@@ -1,25 +1,29 @@
-"""Drivers that run the kernels of :mod:`dask_labelissues.states` on blocks.
+"""Engines that run block tasks over a job's blocks (:mod:`.base`).
 
 ``dask`` runs on any Dask scheduler, ``threads`` on a pool of threads in
 this process, ``fork`` on a pool of forked processes on one machine,
 ``serial`` in this process, one block after another: the reference.
-:func:`make_driver` chooses among them (``backend="auto"``).
+:func:`make_engine` chooses among them (``backend="auto"``).
 """
 
-from .base import Driver, JointResult, RawResult, joint_of, run, run_filter, run_joint
-from .plan import BACKEND_CHOICES, BACKENDS, choose_backend, choose_kernel, make_driver
+from .base import INPUTS, START, Blocks, Column, Engine, PerBlock, Value
+from .blocks import BlockConfig, BlockPlan, BlockReader, plan_blocks
+from .plan import BACKEND_CHOICES, BACKENDS, choose_backend, make_engine
 
 __all__ = [
     "BACKENDS",
     "BACKEND_CHOICES",
-    "Driver",
-    "JointResult",
-    "RawResult",
+    "INPUTS",
+    "START",
+    "BlockConfig",
+    "BlockPlan",
+    "BlockReader",
+    "Blocks",
+    "Column",
+    "Engine",
+    "PerBlock",
+    "Value",
     "choose_backend",
-    "choose_kernel",
-    "joint_of",
-    "make_driver",
-    "run",
-    "run_filter",
-    "run_joint",
+    "make_engine",
+    "plan_blocks",
 ]

@@ -1,9 +1,12 @@
-"""The one-machine driver shared by the serial and fork engines.
+"""The one-machine engine the serial, threads and fork engines share.
 
-Blocks are row ranges of the inputs.  The per-row records, scores and issue
-mask live in buffers allocated before any worker process starts, so forked
-workers share them (anonymous shared memory, or a file in ``spill_dir`` when
-they are large) and write their rows in place; only states travel back.
+Blocks are row ranges of the inputs, sliced from one mapping of each file
+for the whole job.  Columns are item-long buffers allocated before any
+worker process starts, so forked workers share them (anonymous shared
+memory, or a file in ``spill_dir`` when large) and write their rows in
+place; only states travel back.  A map runs when something needs its
+results, and a reduction merges states as they arrive, so memory holds at
+most :data:`~.base.SPLIT_EVERY` of them.
 """
 
 from __future__ import annotations
@@ -13,16 +16,15 @@ import mmap
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .. import filters, states
-from ..filters import FilterSpec, JointState, MaskRule
-from ..inputs import RawFile
-from ..kernels import ScoreSpec
-from ..states import HistogramState, ScoreState, ThresholdState, Winners
-from .base import Driver, block_bounds, even_chunks
+from ..aggregations import Aggregation, Pair
+from ..kinds import ROWS, Kind
+from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, Value
+from .blocks import BlockPlan, BlockReader
 
 #: Buffers larger than this go to a file in ``spill_dir`` instead of memory.
 SPILL_BYTES = 256 * 2**20
@@ -63,140 +65,6 @@ def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None) ->
         except OSError:  # a kernel without transparent huge pages: 4 KiB pages
             pass
     return np.frombuffer(buf, dtype=dtype, count=n)
-
-
-def _job_view(source: Any) -> Any:
-    """What a local job slices its blocks from: a memory-mapped file's
-    whole mapping (forked workers inherit it), any other source itself."""
-    if isinstance(source, RawFile) and source.order == "C":
-        return source.mapped()
-    return source
-
-
-class LocalJob:
-    """Inputs, buffers and the block tasks of one job on one machine.
-
-    Every method taking a block index runs one block task; the fork engine
-    calls them in child processes that inherited this object.
-    """
-
-    def __init__(
-        self,
-        labels: Any,
-        pred_probs: Any,
-        spec: ScoreSpec,
-        chunk_rows: int,
-        *,
-        shared: bool,
-        spill_dir: str | None = None,
-        fspec: FilterSpec | None = None,
-    ) -> None:
-        self.labels = labels
-        self.pred_probs = pred_probs
-        # Blocks are sliced from one mapping of each file for the whole job,
-        # and a block's pages are let go once it is read: mapping every block
-        # anew cost a tenth of a scan in mmap and munmap calls.
-        self._labels_rows = _job_view(labels)
-        self._probs_rows = _job_view(pred_probs)
-        self.spec = spec
-        self.n_rows, self.n_classes = (int(s) for s in pred_probs.shape)
-        self.bounds = block_bounds(even_chunks(self.n_rows, chunk_rows))
-        self.records = allocate(self.n_rows, spec.record_dtype(), shared=shared, spill_dir=spill_dir)
-        self.scores = allocate(self.n_rows, np.float64, shared=shared, spill_dir=spill_dir)
-        self.mask = allocate(self.n_rows, np.bool_, shared=shared, spill_dir=spill_dir)
-        # Forked workers share only what exists before the fork, so the
-        # joint records of a filter's second read are allocated now too.
-        self.joint_records = None
-        if fspec is not None and fspec.needs_joint:
-            dtype = fspec.joint_dtype(self.n_classes, np.dtype(pred_probs.dtype))
-            self.joint_records = allocate(self.n_rows, dtype, shared=shared, spill_dir=spill_dir)
-
-    def _read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = self.bounds[i]
-        return np.asarray(self._labels_rows[a:b]), np.asarray(self._probs_rows[a:b])
-
-    def _release(self, i: int) -> None:
-        """Let go of block ``i``'s pages of the mapped inputs, once read."""
-        a, b = self.bounds[i]
-        for source, rows in ((self.labels, self._labels_rows), (self.pred_probs, self._probs_rows)):
-            if rows is not source:
-                source.release(a, b)
-
-    def scan(self, i: int) -> ThresholdState:
-        a, b = self.bounds[i]
-        labels, probs = self._read(i)
-        _, state = states.scan_block(labels, probs, a, self.spec, out=self.records[a:b])
-        self._release(i)
-        return state
-
-    def score(self, i: int, thresholds: np.ndarray) -> ScoreState:
-        a, b = self.bounds[i]
-        labels = probs = None
-        if self.spec.rereads:
-            labels, probs = self._read(i)
-        _, state = states.score_block(self.records[a:b], thresholds, self.spec, labels, probs, out=self.scores[a:b])
-        if probs is not None:
-            self._release(i)
-        return state
-
-    def histogram(self, i: int, round_index: int, prefix: int) -> HistogramState:
-        a, b = self.bounds[i]
-        return HistogramState.chunk(self.scores[a:b], round_index, prefix)
-
-    def equal_count(self, i: int, cutoff: int) -> int:
-        a, b = self.bounds[i]
-        return states.equal_count_block(self.scores[a:b], cutoff)
-
-    def gather(self, i: int, cutoff: int, quota: int) -> Winners:
-        a, b = self.bounds[i]
-        sc = self.scores[a:b]
-        return states.top_winners(self.records[a:b], sc, cutoff, quota, a)
-
-    def gather_prefix(self, i: int, shift: int, prefix: int) -> Winners:
-        a, b = self.bounds[i]
-        sc = self.scores[a:b]
-        return states.prefix_winners(self.records[a:b], sc, shift, prefix, a)
-
-    def write_mask(self, i: int, cutoff: int, quota: int) -> None:
-        a, b = self.bounds[i]
-        self.mask[a:b] = states.issue_mask_block(self.records[a:b], self.scores[a:b], cutoff, quota)
-
-    def joint(self, i: int, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
-        a, b = self.bounds[i]
-        probs = self._source(i, "probs")  # the labels are in the records already
-        rows, state = filters.joint_block(self.records[a:b], probs, thresholds, fspec, self.spec.kernel)
-        self._release(i)
-        self.joint_records[a:b] = rows
-        return state
-
-    def _source(self, i: int, name: str) -> Any:
-        a, b = self.bounds[i]
-        if name == "rec":
-            return self.records[a:b]
-        if name == "joint":
-            return self.joint_records[a:b]
-        if name == "scores":
-            return self.scores[a:b]
-        if name == "start":
-            return a
-        if name == "labels":
-            return np.asarray(self._labels_rows[a:b])
-        if name == "probs":
-            return np.asarray(self._probs_rows[a:b])
-        raise ValueError(f"unknown block source {name!r}")
-
-    def apply(self, i: int, fn: Callable[..., Any], needs: Sequence[str], args: tuple) -> Any:
-        out = fn(*(self._source(i, name) for name in needs), *args)
-        if "labels" in needs or "probs" in needs:
-            self._release(i)
-        return out
-
-    def flagged(self, i: int, rule: MaskRule) -> Winners:
-        a, b = self.bounds[i]
-        joint = None if self.joint_records is None else self.joint_records[a:b]
-        mask = filters.mask_block(rule, self.records[a:b], joint, a)
-        self.mask[a:b] = mask
-        return Winners.chunk(self.records[a:b], self.scores[a:b], mask, a)
 
 
 def usable_cores() -> int:
@@ -245,110 +113,206 @@ def pool_size(n_jobs: int | None) -> int:
     return int(n_jobs)
 
 
-Mapper = Callable[[str, Sequence[tuple]], Iterable[Any]]
+def _job_view(source: Any) -> Any:
+    """What a job slices its blocks from: a memory-mapped file's whole
+    mapping (forked workers inherit it), any other source itself."""
+    mapped = getattr(source, "mapped", None)
+    if mapped is not None and getattr(source, "order", "C") == "C":
+        return mapped()
+    return source
 
 
-def _progress(items: Iterable[Any], total: int, desc: str, enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return items
+# Placeholders a task's arguments carry to the process that runs it, which
+# resolves them against the job it holds (a forked worker inherited it).
+@dataclass(frozen=True)
+class _Rows:
+    column: int
+
+
+class _Inputs:
+    pass
+
+
+class LocalBlocks(Blocks):
+    """A map's task and arguments, and its results once run."""
+
+    def __init__(self, task: Callable, args: tuple, out: Column | None, label: str | None) -> None:
+        self.task, self.args, self.out, self.label = task, args, out, label
+        self.results: list[Any] | None = None
+        self.folded = False
+
+
+class LocalValue(Value):
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class LocalEngine(Engine):
+    """Runs block tasks through :meth:`_map`, which yields their results in
+    block order: in this process one after another (the serial engine, the
+    reference the others are tested against), on threads, or in forked
+    processes (:mod:`.threads`, :mod:`.fork`)."""
+
+    shared_columns = False
+
+    def __init__(
+        self,
+        labels: Any,
+        pred_probs: Any,
+        plan: BlockPlan,
+        *,
+        kind: Kind = ROWS,
+        progress: bool = False,
+        spill_dir: str | None = None,
+    ) -> None:
+        self.labels, self.pred_probs = labels, pred_probs
+        # Blocks are sliced from one mapping of each file for the whole job,
+        # and a block's pages are let go once it is read: mapping every block
+        # anew cost a tenth of a scan in mmap and munmap calls.
+        self._labels_rows = _job_view(labels)
+        self._probs_rows = _job_view(pred_probs)
+        self.plan = plan
+        self.kind = kind
+        self.items_per_row = kind.items_per_row(pred_probs.shape)
+        self.n_items = int(pred_probs.shape[0]) * self.items_per_row
+        self.n_classes = kind.n_classes(pred_probs.shape)
+        self.progress = progress
+        self.spill_dir = spill_dir
+        self.columns: list[np.ndarray] = []
+        self.started = False
+
+    # -- the primitives ----------------------------------------------------------
+    def column(self, dtype: Any) -> Column:
+        if self.started:
+            raise RuntimeError("columns are declared before the job's first map")
+        dtype = np.dtype(dtype)
+        self.columns.append(allocate(self.n_items, dtype, shared=self.shared_columns, spill_dir=self.spill_dir))
+        return Column(len(self.columns) - 1, dtype)
+
+    def map(self, task: Callable[..., Any], *args: Any, out: Column | None = None, label: str | None = None) -> Blocks:
+        return LocalBlocks(task, args, out, label)
+
+    def reduce(self, blocks: Blocks, aggregation: Aggregation, *args: Any) -> Value:
+        assert isinstance(blocks, LocalBlocks)
+        if blocks.folded:
+            raise RuntimeError("a map's states are reduced once")
+        acc: list[Any] = []
+        for result in self._run(blocks, fold=True):
+            acc.append(result.state if blocks.out is not None else result)
+            if len(acc) > SPLIT_EVERY:
+                acc = [aggregation.combine(acc)]
+        return LocalValue(aggregation.root(acc, *args))
+
+    def compute(self, *handles: Blocks | Value, keep: Sequence[Blocks] = ()) -> list[Any]:
+        out = []
+        for handle in handles:
+            if isinstance(handle, LocalValue):
+                out.append(handle.value)
+            else:
+                for _ in self._run(handle):
+                    pass
+                results = handle.results
+                out.append([r.state for r in results] if handle.out is not None else list(results))
+        return out
+
+    def to_array(self, blocks: Blocks, dtype: Any) -> np.ndarray:
+        for _ in self._run(blocks):
+            pass
+        if blocks.out is not None:
+            return self.columns[blocks.out.index]
+        parts = [self._data(blocks, i) for i in range(len(self.plan.bounds))]
+        return np.concatenate(parts).astype(dtype, copy=False)
+
+    # -- running blocks ------------------------------------------------------------
+    def _run(self, blocks: LocalBlocks, fold: bool = False) -> Iterable[Any]:
+        """The blocks' results, in order: run now (with ``fold``, keeping
+        only their rows, for a reduction that takes the states as they
+        come), or as kept."""
+        if blocks.results is not None:
+            if fold:
+                blocks.folded = True
+            return iter(blocks.results)
+        for arg in blocks.args:
+            if isinstance(arg, LocalBlocks):
+                for _ in self._run(arg):
+                    pass
+        n = len(self.plan.bounds)
+        tasks = [self._task(i, blocks) for i in range(n)]
+        self.started = True
+        results = self._map(tasks)
+        if self.progress and blocks.label is not None:
+            results = _progress(results, n, blocks.label)
+        return self._keep(blocks, results, fold)
+
+    def _keep(self, blocks: LocalBlocks, results: Iterable[Any], fold: bool) -> Iterable[Any]:
+        kept = []
+        for result in results:
+            yield result
+            if fold and isinstance(result, Pair):
+                result = Pair(result.data, None)
+            kept.append(result)
+        blocks.results, blocks.folded = kept, fold
+
+    def _data(self, blocks: LocalBlocks, i: int) -> Any:
+        result = blocks.results[i]
+        return result.data if isinstance(result, Pair) else result
+
+    def _task(self, i: int, blocks: LocalBlocks) -> tuple:
+        """Block ``i``'s task as what crosses to the process that runs it."""
+        args = []
+        for arg in blocks.args:
+            if isinstance(arg, LocalBlocks):
+                arg = _Rows(arg.out.index) if arg.out is not None else self._data(arg, i)
+            elif isinstance(arg, LocalValue):
+                arg = arg.value.data if isinstance(arg.value, Pair) else arg.value
+            elif arg is INPUTS:
+                arg = _Inputs()
+            elif arg is START:
+                arg = self.starts[i]
+            elif isinstance(arg, PerBlock):
+                arg = arg.values[i]
+            args.append(arg)
+        return i, blocks.task, tuple(args), None if blocks.out is None else blocks.out.index
+
+    def call(self, i: int, task: Callable, args: tuple, out: int | None) -> Any:
+        """Run block ``i``'s task (see :meth:`_task`) here."""
+        a, b = self.item_bounds[i]
+        readers = []
+        resolved = []
+        for arg in args:
+            if isinstance(arg, _Rows):
+                arg = self.columns[arg.column][a:b]
+            elif isinstance(arg, _Inputs):
+                arg = self._reader(i)
+                readers.append(arg)
+            resolved.append(arg)
+        if out is None:
+            result = task(*resolved)
+        else:
+            result = Pair(None, task(*resolved, out=self.columns[out][a:b]).state)
+        for reader in readers:
+            reader.close()
+        return result
+
+    def _reader(self, i: int) -> BlockReader:
+        a, b = self.plan.bounds[i]
+        return BlockReader(
+            self._labels_rows, self._probs_rows, a, b,
+            kind=self.kind, items_per_row=self.items_per_row, release=self._release,
+        )
+
+    def _release(self, start: int, stop: int) -> None:
+        for source, rows in ((self.labels, self._labels_rows), (self.pred_probs, self._probs_rows)):
+            if rows is not source:
+                source.release(start, stop)
+
+    def _map(self, tasks: Sequence[tuple]) -> Iterable[Any]:
+        return (self.call(*task) for task in tasks)
+
+
+def _progress(items: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress is a nicety, never a reason to fail
         return items
     return tqdm(items, total=total, desc=desc, unit="block", file=sys.stderr)
-
-
-def _fold(parts: Iterable[Any], combine: Callable[[list], Any], fan_in: int = 8) -> Any:
-    """Merge states as they arrive, ``fan_in`` at a time (as the Dask
-    engine's tree does, with its own fan-in), so memory holds at most
-    ``fan_in + 1`` of them."""
-    acc: list[Any] = []
-    for part in parts:
-        acc.append(part)
-        if len(acc) > fan_in:
-            acc = [combine(acc)]
-    if not acc:
-        return None
-    return acc[0] if len(acc) == 1 else combine(acc)
-
-
-class LocalDriver(Driver):
-    """Runs a :class:`LocalJob`'s block tasks through ``mapper``.
-
-    ``mapper(method_name, args_per_block)`` yields results in block order;
-    the serial engine maps in-process, the fork engine through a pool.
-    """
-
-    def __init__(self, job: LocalJob, mapper: Mapper, progress: bool = False) -> None:
-        self.job = job
-        self.map = mapper
-        self.progress = progress
-        self.n_rows = job.n_rows
-        self.n_classes = job.n_classes
-        self.n_blocks = len(job.bounds)
-        self.block_starts = [a for a, _ in job.bounds]
-
-    def _each(self, name: str, *args: Any, desc: str | None = None) -> Iterable[Any]:
-        results = self.map(name, [(i, *args) for i in range(self.n_blocks)])
-        return _progress(results, self.n_blocks, desc or name, self.progress and desc is not None)
-
-    def scan(self) -> ThresholdState:
-        return _fold(self._each("scan", desc="pass 1: reading pred_probs"), ThresholdState.combine)
-
-    def score(self, thresholds: np.ndarray) -> ScoreState:
-        return _fold(self._each("score", thresholds, desc="pass 2: scoring"), ScoreState.combine)
-
-    def histogram(self, round_index: int, prefix: int) -> HistogramState:
-        return _fold(self._each("histogram", round_index, prefix), HistogramState.combine)
-
-    def equal_counts(self, cutoff: int) -> list[int]:
-        return list(self._each("equal_count", cutoff))
-
-    def gather(self, cutoff: int, quotas: list[int]) -> Winners:
-        args = [(i, cutoff, q) for i, q in enumerate(quotas)]
-        return Winners.combine(list(self.map("gather", args)))
-
-    def gather_prefix(self, shift: int, prefix: int) -> Winners:
-        return Winners.combine(list(self._each("gather_prefix", shift, prefix)))
-
-    def outputs(self, cutoff: int, quotas: list[int]) -> dict[str, np.ndarray]:
-        quotas = quotas or [0] * self.n_blocks
-        for _ in self.map("write_mask", [(i, cutoff, q) for i, q in enumerate(quotas)]):
-            pass
-        return self._outputs()
-
-    def _outputs(self) -> dict[str, np.ndarray]:
-        return {
-            "label_quality_scores": self.job.scores,
-            "is_label_issue": self.job.mask,
-            "given_label": self.job.records["label"],
-            "predicted_label": self.job.records["pred"],
-        }
-
-    def joint(self, thresholds: np.ndarray, fspec: FilterSpec) -> JointState:
-        parts = self._each("joint", thresholds, fspec, desc="second read: confident joint")
-        return _fold(parts, JointState.combine)
-
-    def reduce_blocks(
-        self, fn: Callable[..., Any], combine: Callable[[list], Any], needs: Sequence[str], args: tuple
-    ) -> Any:
-        return _fold(self._each("apply", fn, tuple(needs), args), combine)
-
-    def gather_mask(self, rule: MaskRule) -> Winners:
-        # Writes the mask buffer as it goes; filter_outputs hands it out.
-        # Each task gets only its own block's share of the selected rows.
-        args = [(i, rule.restrict(a, b)) for i, (a, b) in enumerate(self.job.bounds)]
-        return Winners.combine(list(self.map("flagged", args)))
-
-    def filter_outputs(self, rule: MaskRule) -> dict[str, np.ndarray]:
-        return self._outputs()
-
-
-def serial_mapper(job: LocalJob) -> Mapper:
-    """Map block tasks in this process, one after another."""
-
-    def mapper(name: str, args: Sequence[tuple]) -> Iterable[Any]:
-        method = getattr(job, name)
-        return (method(*a) for a in args)
-
-    return mapper

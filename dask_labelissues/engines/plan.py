@@ -1,33 +1,27 @@
-"""Choosing a job's engine, its blocks and its kernel.
+"""Choosing a job's engine.
 
-The API asks :func:`make_driver` for a driver and runs the pipeline on it;
-which engine runs, how large its blocks are and which implementation of
-the row kernels they call are decided here and in the engines' own
-factories, from the inputs, the scheduler in use and the job's size.
+The API asks :func:`make_engine` for an engine and runs a pipeline on it;
+which engine runs is decided here, and its blocks and kernel by
+:func:`~.blocks.plan_blocks`, which each engine's factory calls with what
+it knows (the inputs, the cluster's workers, the job's size).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
-from .. import fused, inputs
-from ..filters import FilterSpec
+import numpy as np
+
+from .. import inputs
 from ..kernels import ScoreSpec
-from .base import Driver, distributed_client
+from ..kinds import ROWS, Kind
+from .base import Engine, distributed_client
+from .blocks import BlockConfig, plan_blocks
 
 #: The engines, by the name ``backend=`` takes.
 BACKENDS = ("dask", "threads", "fork", "serial")
 #: What ``backend=`` accepts: an engine, or ``"auto"`` to let the job choose.
 BACKEND_CHOICES = ("auto", *BACKENDS)
-
-#: Jobs with fewer cells (N x K) than this run the numpy kernel unless numba
-#: is loaded in this process already.  Importing numba and loading its
-#: cached kernels cost a fresh process 0.5 to 0.75 s on the development
-#: machine, while the numpy kernel costs about 5 ns a cell more than numba's
-#: (on one thread): it pays off from about 120 million cells, and a job of
-#: 50 million cells loses at most about 0.25 s to numpy the first time.
-NUMBA_MIN_CELLS = 50_000_000
 
 
 def choose_backend(backend: str, labels: Any, pred_probs: Any, client: Any = None) -> str:
@@ -46,64 +40,61 @@ def choose_backend(backend: str, labels: Any, pred_probs: Any, client: Any = Non
     return "threads"
 
 
-def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool) -> ScoreSpec:
-    """``spec`` with the kernel a job of ``cells`` (N x K) values should run.
-
-    An explicit ``"numba"`` or ``"numpy"`` is kept.  ``"auto"`` becomes
-    ``"numpy"`` for a job below :data:`NUMBA_MIN_CELLS`, unless the job runs
-    in this process (``in_process``) and numba's kernels are loaded here
-    already; otherwise it stays ``"auto"`` (numba where it imports).  Both
-    kernels give the same bits, so the choice changes only the time.
-    """
-    if spec.kernel != "auto" or cells >= NUMBA_MIN_CELLS:
-        return spec
-    if in_process and fused.numba_loaded():
-        return spec
-    return replace(spec, kernel="numpy")
-
-
-def make_driver(
+def make_engine(
     backend: str,
     labels: Any,
     pred_probs: Any,
     spec: ScoreSpec,
-    fspec: FilterSpec | None,
     *,
+    single_read: bool = True,
     chunk_rows: int | None = None,
     n_jobs: int | None = None,
     client: Any = None,
     progress: bool = False,
     spill_dir: str | None = None,
-) -> tuple[Driver, str, Any]:
-    """The driver for a job on opened, shape-checked inputs.
+    warm_up: Callable[[ScoreSpec], None] | None = None,
+    kind: Kind = ROWS,
+) -> tuple[Engine, str, Any]:
+    """The engine for a job on opened, shape-checked inputs.
 
-    Returns ``(driver, backend, client)``: the engine chosen (see
+    Returns ``(engine, backend, client)``: the engine chosen (see
     :func:`choose_backend`) and, for the Dask engine on a distributed
-    cluster, the Client that holds the job's lazy outputs.
+    cluster, the Client that holds the job's lazy outputs.  The kernel the
+    job's tasks run is ``engine.plan.spec``.  ``single_read``: pred_probs
+    is read once (blocks may then be read in pieces); ``warm_up(spec)``
+    runs before the fork engine forks.
     """
     name = choose_backend(backend, labels, pred_probs, client)
-    n, k = (int(s) for s in pred_probs.shape)
     if name == "dask":
-        from .dask import dask_driver
+        from .dask import dask_engine
 
         client = distributed_client(client)
-        spec = choose_kernel(spec, n * k, in_process=client is None)
-        driver = dask_driver(
-            labels, pred_probs, spec, fspec, chunk_rows=chunk_rows, client=client, progress=progress
+        engine = dask_engine(
+            labels, pred_probs, spec, single_read=single_read, chunk_rows=chunk_rows,
+            client=client, progress=progress, kind=kind,
         )
-        return driver, name, client
-    spec = choose_kernel(spec, n * k, in_process=True)
-    rows = inputs.local_chunk_rows(pred_probs, chunk_rows)
+        return engine, name, client
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)
-    common = dict(progress=progress, spill_dir=spill_dir, fspec=fspec)
+    shape = tuple(int(s) for s in probs.shape)
+    plan = plan_blocks(BlockConfig(
+        n_rows=shape[0],
+        row_bytes=int(np.prod(shape[1:])) * np.dtype(probs.dtype).itemsize,
+        record_bytes=kind.items_per_row(shape) * spec.record_dtype().itemsize,
+        spec=spec,
+        cells=int(np.prod(shape)),
+        storage_rows=getattr(probs, "storage_rows", None),
+        chunk_rows=chunk_rows,
+    ))
+    common = dict(kind=kind, progress=progress, spill_dir=spill_dir)
     if name == "threads":
-        from .threads import threads_driver
+        from .threads import ThreadEngine
 
-        return threads_driver(lab, probs, spec, rows, n_jobs=n_jobs, **common), name, None
+        return ThreadEngine(lab, probs, plan, n_jobs=n_jobs, **common), name, None
     if name == "fork":
-        from .fork import fork_driver
+        from .fork import fork_engine
 
-        return fork_driver(lab, probs, spec, rows, n_jobs=n_jobs, **common), name, None
-    from .serial import serial_driver
+        ready = None if warm_up is None else (lambda: warm_up(plan.spec))
+        return fork_engine(lab, probs, plan, n_jobs=n_jobs, warm_up=ready, **common), name, None
+    from .serial import SerialEngine
 
-    return serial_driver(lab, probs, spec, rows, **common), name, None
+    return SerialEngine(lab, probs, plan, **common), name, None

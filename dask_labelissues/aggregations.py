@@ -1,0 +1,112 @@
+"""Aggregations as blueprints: how the states of a reduction merge and end.
+
+A block task makes a state from its block (the ``chunk`` of flox's
+aggregations); an :class:`Aggregation` says how any number of such states
+merge (``combine``: associative, commutative and exact, so every tree of
+merges gives the same bits) and what the merged state becomes
+(``finalize``).  The engines run a blueprint as a tree of merges whose
+last merge also finalizes, so what the next stage needs is made where the
+merged state already is.
+
+A block task whose rows are kept for later stages returns a :class:`Pair`:
+the rows stay where the task ran, and only the state goes up the tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from . import states
+from .filters import GroupTop, JointState
+from .states import CountState, HistogramState, OutlookState, ScoreState, ThresholdState, Winners
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A block task's two results: per-row ``data`` kept where the task ran,
+    and the small ``state`` that goes up a reduction's tree."""
+
+    data: Any
+    state: Any
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """A reduction's blueprint.
+
+    Parameters
+    ----------
+    name
+        What the engines call its merge tasks (the name a dashboard shows).
+    combine
+        Merges a list of states into one.
+    finalize
+        ``finalize(merged, *args)``, what the reduction returns; None
+        returns the merged state itself.
+    """
+
+    name: str
+    combine: Callable[[Sequence[Any]], Any]
+    finalize: Callable[..., Any] | None = None
+
+    def root(self, parts: Sequence[Any], *args: Any) -> Any:
+        """The last merge of a tree: combine ``parts``, then finalize."""
+        merged = self.combine(list(parts))
+        return merged if self.finalize is None else self.finalize(merged, *args)
+
+
+#: The blueprints by name; :func:`register` adds one.
+AGGREGATIONS: dict[str, Aggregation] = {}
+
+
+def register(aggregation: Aggregation) -> Aggregation:
+    """Make ``aggregation`` known by its name; a name is registered once."""
+    if aggregation.name in AGGREGATIONS:
+        raise ValueError(f"an aggregation named {aggregation.name!r} is registered already")
+    AGGREGATIONS[aggregation.name] = aggregation
+    return aggregation
+
+
+def _thresholds(state: ThresholdState) -> Pair:
+    # None, not an exception, where pass one found bad input: the client
+    # raises it from the state, as one line, while a task that raised would
+    # also be logged with its traceback by a cluster worker.
+    return Pair(None if state.problem is not None else state.finalize(), state)
+
+
+def _first_bucket(state: ScoreState, estimation_method: str, n_rows: int) -> Pair:
+    return Pair(states.first_bucket(state, estimation_method, n_rows), state)
+
+
+def _combine_outlook(parts: Sequence[tuple[ThresholdState, OutlookState]]) -> tuple[ThresholdState, OutlookState]:
+    return ThresholdState.combine([p[0] for p in parts]), OutlookState.combine([p[1] for p in parts])
+
+
+def _outlook_bucket(merged: tuple[ThresholdState, OutlookState], n_rows: int) -> Pair:
+    scan, outlook = merged
+    thresholds = _thresholds(scan).data
+    bucket = None if thresholds is None else outlook.bucket(thresholds, n_rows)
+    return Pair((thresholds, bucket), merged)
+
+
+#: Pass one: ``Pair(thresholds or None, merged ThresholdState)``.
+THRESHOLDS = register(Aggregation("thresholds", ThresholdState.combine, _thresholds))
+#: Pass one with each block's :class:`~dask_labelissues.states.OutlookState`:
+#: ``Pair((thresholds, bucket), (ThresholdState, OutlookState))``.
+THRESHOLDS_OUTLOOK = register(Aggregation("thresholds_outlook", _combine_outlook, _outlook_bucket))
+#: Pass two: the merged :class:`~dask_labelissues.states.ScoreState`.
+SCORES = register(Aggregation("scores", ScoreState.combine))
+#: Pass two with the selection's first bucket:
+#: ``Pair(first bucket or None, merged ScoreState)``.
+FIRST_BUCKET = register(Aggregation("first_bucket", ScoreState.combine, _first_bucket))
+#: A radix-select round's digit histogram.
+HISTOGRAM = register(Aggregation("histogram", HistogramState.combine))
+#: ``off_diagonal`` counts.
+COUNTS = register(Aggregation("counts", CountState.combine))
+#: The confident joint.
+JOINT = register(Aggregation("joint", JointState.combine))
+#: The kept rows of each group of a filter.
+GROUP_TOP = register(Aggregation("group_top", GroupTop.combine))
+#: Rows gathered from every block, in block order.
+WINNERS = register(Aggregation("winners", Winners.combine))

@@ -1,0 +1,345 @@
+"""Blocks: how a job's rows are cut, and how a task reads its block.
+
+:func:`plan_blocks` is the one place a job's blocks are decided (their
+bounds, the pieces a block is read in, runs of a dask array's small chunks
+taken as one block, their size from worker memory, the kernel), from a
+typed :class:`BlockConfig` the engines fill in.  :class:`BlockReader` is
+what a block task gets for the job's inputs: the block's items, read in
+the task, in pieces where the plan says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .. import fused
+from ..kernels import ScoreSpec
+from ..kinds import ROWS, Kind
+
+#: About how many bytes of pred_probs a block holds.
+TARGET_BLOCK_BYTES = 64 * 2**20
+
+#: Most pieces of ``read_rows`` in one block of :func:`dask_block_rows`.
+MAX_PIECES_PER_BLOCK = 4
+
+#: Jobs with fewer cells (N x K) than this run the numpy kernel unless numba
+#: is loaded in this process already.  Importing numba and loading its
+#: cached kernels cost a fresh process 0.5 to 0.75 s on the development
+#: machine, while the numpy kernel costs about 5 ns a cell more than numba's
+#: (on one thread): it pays off from about 120 million cells, and a job of
+#: 50 million cells loses at most about 0.25 s to numpy the first time.
+NUMBA_MIN_CELLS = 50_000_000
+
+#: Workers with less memory than this run the pure-numpy kernel: importing
+#: numba and loading its compiled code costs a process about 150 MB.
+SMALL_WORKER_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """What the engines know of a job when they plan its blocks.
+
+    Rows are stored rows of pred_probs (an image's pixels are one row).
+    """
+
+    n_rows: int
+    #: Bytes of one stored row of pred_probs.
+    row_bytes: int
+    #: Bytes of one stored row's pass-one records.
+    record_bytes: int
+    spec: ScoreSpec
+    #: Items (rows x items per row) times classes: the job's size.
+    cells: int
+    #: Rows per storage chunk of pred_probs (files, stores), if any.
+    storage_rows: int | None = None
+    #: Rows per block the user asked for.
+    chunk_rows: int | None = None
+    #: The workers' smallest memory limit (a Dask cluster), if known.
+    worker_memory: int | None = None
+    #: Worker threads running the blocks, 0 if unknown.
+    threads: int = 0
+    #: The tasks read the inputs themselves (files and stores on Dask).
+    reads_in_tasks: bool = False
+    #: pred_probs is read once: blocks may hold several pieces.
+    single_read: bool = True
+    #: A dask array input's own row chunks, kept unless ``chunk_rows``.
+    array_chunks: tuple[int, ...] | None = None
+    #: The job runs in this process (its numba kernels may be loaded).
+    in_process: bool = True
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """A job's blocks, in stored rows, and the kernel its tasks run."""
+
+    bounds: tuple[tuple[int, int], ...]
+    spec: ScoreSpec
+    #: Scan a block in pieces cut at multiples of this many rows; None: whole.
+    read_rows: int | None = None
+    #: Blocks as runs of a dask array's chunks ``(first, end)``; None: one each.
+    groups: tuple[tuple[int, int], ...] | None = None
+    #: Row chunks of dask arrays made from the inputs; None keeps a dask array's own.
+    chunk_rows: int | None = None
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.bounds)
+
+
+def plan_blocks(config: BlockConfig) -> BlockPlan:
+    """The blocks of a job, and the kernel its tasks run.
+
+    - Blocks hold about :data:`TARGET_BLOCK_BYTES` of pred_probs in whole
+      storage chunks (no chunk decoded twice), less on workers with little
+      memory (a block and its temporaries must fit a worker several times
+      over), or ``chunk_rows`` if given.
+    - Where the tasks read files or stores themselves and pred_probs is
+      read once, a block holds several such pieces
+      (:func:`dask_block_rows`), scanned one at a time.
+    - A dask array's own chunks are kept; small ones are taken in runs of
+      about the automatic size: each block costs a few milliseconds of
+      scheduling whatever its size, which 2,000-row chunks multiply.
+    - The kernel: :func:`choose_kernel`, and numpy on small workers.
+    """
+    c = config
+    if c.chunk_rows is not None and c.chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {c.chunk_rows}")
+    spec = choose_kernel(c.spec, c.cells, in_process=c.in_process)
+    target = TARGET_BLOCK_BYTES
+    if c.worker_memory:
+        target = min(target, max(c.worker_memory // 16, 1 << 20))
+        if c.worker_memory < SMALL_WORKER_BYTES:
+            spec = replace(spec, kernel="numpy")
+    if c.reads_in_tasks:
+        read_rows = auto_chunk_rows(c.row_bytes, c.storage_rows, target)
+        rows = c.chunk_rows
+        if rows is None:
+            rows = read_rows
+            if c.single_read:
+                rows = dask_block_rows(c.n_rows, read_rows, c.row_bytes, c.record_bytes, c.threads)
+        return BlockPlan(block_bounds(even_chunks(c.n_rows, rows)), spec, read_rows, None, rows)
+    if c.array_chunks is not None and c.chunk_rows is None:
+        chunks = c.array_chunks
+        rows = auto_chunk_rows(c.row_bytes, None, target)
+        rows = min(rows, max(1, -(-c.n_rows // (2 * max(c.threads, 1)))))
+        groups = None
+        if chunks and 2 * max(chunks) <= rows:
+            groups = tuple(group_chunks(chunks, rows))
+            chunks = tuple(sum(chunks[a:b]) for a, b in groups)
+        return BlockPlan(block_bounds(chunks), spec, None, groups, None)
+    rows = c.chunk_rows or auto_chunk_rows(c.row_bytes, c.storage_rows, target)
+    return BlockPlan(block_bounds(even_chunks(c.n_rows, rows)), spec, None, None, rows)
+
+
+def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool) -> ScoreSpec:
+    """``spec`` with the kernel a job of ``cells`` (N x K) values should run.
+
+    An explicit ``"numba"`` or ``"numpy"`` is kept.  ``"auto"`` becomes
+    ``"numpy"`` for a job below :data:`NUMBA_MIN_CELLS`, unless the job runs
+    in this process (``in_process``) and numba's kernels are loaded here
+    already; otherwise it stays ``"auto"`` (numba where it imports).  Both
+    kernels give the same bits, so the choice changes only the time.
+    """
+    if spec.kernel != "auto" or cells >= NUMBA_MIN_CELLS:
+        return spec
+    if in_process and fused.numba_loaded():
+        return spec
+    return replace(spec, kernel="numpy")
+
+
+def auto_chunk_rows(row_bytes: int, storage_rows: int | None, target_bytes: int = TARGET_BLOCK_BYTES) -> int:
+    """Rows per block: about ``target_bytes`` of pred_probs, rounded to whole
+    storage chunks so no chunk is decoded twice."""
+    rows = max(1, target_bytes // max(row_bytes, 1))
+    if storage_rows:
+        rows = max(storage_rows, rows // storage_rows * storage_rows)
+    return int(rows)
+
+
+def dask_block_rows(n_rows: int, read_rows: int, row_bytes: int, record_bytes: int, threads: int) -> int:
+    """Rows per block when the tasks read file or store inputs themselves,
+    in pieces of ``read_rows`` (:func:`auto_chunk_rows`).
+
+    Each task of a job costs the scheduler and a worker a few milliseconds
+    of CPU whatever its size, and a block has three (its scan, the state
+    taken out of it, its count).  On a 2-core machine that CPU is taken
+    from the scans.  On 2,000,000 x 100 float32 in Zarr chunks of 131,072
+    rows, with 2 single-thread workers (medians of 16 runs), 16 blocks of
+    one chunk took 1.13 s a job, for 0.19 s of CPU in the client and
+    scheduler's process and 1.86 s in the workers; 4 blocks of 4 chunks
+    took 1.02 s, for 0.09 s and 1.75 s.  So a block holds several pieces,
+    but no more than leave at least two blocks per worker thread (so every
+    thread has work to the end), at most :data:`MAX_PIECES_PER_BLOCK`, and
+    at most as many as keep the block's records (``record_bytes`` a row)
+    within the size of one piece of pred_probs (``row_bytes`` a row): a
+    scan task holds one piece of pred_probs and at most about as much
+    again in records.  ``threads``: the cluster's worker threads, 0 if
+    unknown (one piece a block).
+    """
+    if threads < 1 or read_rows < 1:
+        return max(read_rows, 1)
+    pieces = -(-n_rows // read_rows)
+    most = max(1, min(MAX_PIECES_PER_BLOCK, row_bytes // max(record_bytes, 1)))
+    return read_rows * max(1, min(most, pieces // (2 * threads)))
+
+
+def block_bounds(chunks: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """``((start, stop), ...)`` of consecutive blocks with the given sizes."""
+    stops = np.cumsum(chunks).tolist()
+    starts = [0] + stops[:-1]
+    return tuple(zip(starts, stops))
+
+
+def even_chunks(n_rows: int, chunk_rows: int) -> tuple[int, ...]:
+    """Row chunk sizes of ``chunk_rows`` each, the last one shorter."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    full, rest = divmod(n_rows, chunk_rows)
+    return (chunk_rows,) * full + ((rest,) if rest else ())
+
+
+def piece_bounds(start: int, stop: int, piece_rows: int | None) -> list[tuple[int, int]]:
+    """Rows ``start:stop`` cut where a row index is a multiple of
+    ``piece_rows`` (None: one piece), the pieces a block is read in.
+
+    Cuts on that grid, not from ``start``: ``piece_rows`` is a whole number
+    of storage chunks, so no piece decodes a chunk another piece of the
+    block decodes too.
+    """
+    if piece_rows is None or stop <= start:
+        return [(start, stop)]
+    if piece_rows < 1:
+        raise ValueError(f"piece_rows must be >= 1, got {piece_rows}")
+    first = (start // piece_rows + 1) * piece_rows
+    edges = [start, *range(first, stop, piece_rows), stop]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def group_chunks(chunks: Sequence[int], rows: int) -> list[tuple[int, int]]:
+    """Consecutive chunks grouped into blocks of about ``rows`` rows:
+    ``[(first chunk, end chunk), ...]``.
+
+    A group closes once it holds ``rows`` rows or more, so every group
+    but the last holds at least ``rows`` and at most ``rows`` plus one
+    chunk.
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    groups, first, held = [], 0, 0
+    for i, size in enumerate(chunks):
+        held += size
+        if held >= rows:
+            groups.append((first, i + 1))
+            first, held = i + 1, 0
+    if first < len(chunks):
+        groups.append((first, len(chunks)))
+    return groups
+
+
+def join_adjacent(parts: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Consecutive row pieces as one array, without a copy, where they lie
+    end to end in one C-contiguous buffer (the chunks of a dask array made
+    from one numpy array or memory map do); None where they do not.
+
+    A block of many small chunks is then scanned in one kernel call, not
+    one call (and one exact-sum conversion) per chunk.
+    """
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if not all(isinstance(part, np.ndarray) for part in parts) or first.dtype.hasobject:
+        return None
+    root = first
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not root.flags.c_contiguous:
+        return None
+    start = end = first.ctypes.data
+    for part in parts:
+        if (
+            part.dtype != first.dtype or part.shape[1:] != first.shape[1:]
+            or not part.flags.c_contiguous or part.ctypes.data != end
+        ):
+            return None
+        end += part.nbytes
+    offset = start - root.ctypes.data
+    if offset < 0 or end - root.ctypes.data > root.nbytes:
+        return None
+    rows = sum(part.shape[0] for part in parts)
+    return np.ndarray((rows, *first.shape[1:]), dtype=first.dtype, buffer=root, offset=offset)
+
+
+def concatenate(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Row pieces as one array: a view where they lie end to end, else a copy."""
+    joined = join_adjacent(parts)
+    return joined if joined is not None else np.concatenate(parts)
+
+
+class BlockReader:
+    """One block of the job's inputs, as its task reads it.
+
+    ``labels`` and ``probs`` are either sources sliced by stored rows
+    ``start:stop`` here, in the task (files and stores: read where the
+    block is used, never held between tasks), or lists of the block's
+    chunks already read (a dask array's).  Reads come back as items of
+    ``kind`` (:mod:`dask_labelissues.kinds`).
+    """
+
+    def __init__(
+        self,
+        labels: Any,
+        probs: Any,
+        start: int,
+        stop: int,
+        *,
+        kind: Kind = ROWS,
+        items_per_row: int = 1,
+        read_rows: int | None = None,
+        release: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self._labels, self._probs = labels, probs
+        self.start, self.stop = start, stop
+        self.kind = kind
+        self.items_per_row = items_per_row
+        self.read_rows = read_rows
+        self._release = release
+
+    @property
+    def item_start(self) -> int:
+        """The job's index of the block's first item."""
+        return self.start * self.items_per_row
+
+    def _whole(self, source: Any) -> np.ndarray:
+        if isinstance(source, list):
+            return concatenate(source)
+        return np.asarray(source[self.start : self.stop])
+
+    def labels(self) -> np.ndarray:
+        """The block's labels, one per item."""
+        return self.kind.labels(self._whole(self._labels))
+
+    def probs(self) -> np.ndarray:
+        """The block's pred_probs, items x classes, at once."""
+        return self.kind.probs(self._whole(self._probs))
+
+    def pieces(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first item, pred_probs)`` of each piece of the block in turn,
+        items counted from the block's start; one piece is held at a time."""
+        if isinstance(self._probs, list):
+            joined = join_adjacent(self._probs)
+            parts = [joined] if joined is not None else self._probs
+            at = 0
+            for part in parts:
+                yield at, self.kind.probs(part)
+                at += len(part) * self.items_per_row
+            return
+        for a, b in piece_bounds(self.start, self.stop, self.read_rows):
+            yield (a - self.start) * self.items_per_row, self.kind.probs(np.asarray(self._probs[a:b]))
+
+    def close(self) -> None:
+        """Let go of the block's pages of memory-mapped inputs, once read."""
+        if self._release is not None:
+            self._release(self.start, self.stop)

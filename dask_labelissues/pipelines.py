@@ -1,0 +1,462 @@
+"""The jobs, written once against the engines' primitives.
+
+:func:`run` is batched confident learning with its selection,
+:func:`run_filter` one of cleanlab.filter's methods, :func:`run_joint`
+dataset health's confident joint.  Each is a sequence of maps of the block
+tasks below over an engine's blocks, reductions of their states by the
+blueprints of :mod:`dask_labelissues.aggregations`, and computes
+(:class:`dask_labelissues.engines.base.Engine`); the engine decides where
+and when each runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import filters, fused, states
+from .aggregations import (
+    FIRST_BUCKET, GROUP_TOP, HISTOGRAM, JOINT, SCORES, THRESHOLDS, THRESHOLDS_OUTLOOK, WINNERS, Pair,
+)
+from .engines.base import INPUTS, START, Blocks, Engine, PerBlock
+from .engines.blocks import BlockReader
+from .filters import Cells, FilterSpec, MaskRule
+from .kernels import ScoreSpec
+from .states import CountState, OutlookState, ScoreState, Selection, ThresholdState, Winners
+
+#: Most classes for which pass one also keeps each block's
+#: :class:`~dask_labelissues.states.OutlookState` (see :func:`_outlook`).
+#: A block's state is K x 16 or more counts: at most 128 KB up to here,
+#: where a block's records (32 bytes a row, about 64 MB of pred_probs a
+#: block) are about 500 KB; with more classes the state would outgrow the
+#: records it sits beside.
+OUTLOOK_MAX_CLASSES = 1024
+
+
+# -- block tasks ------------------------------------------------------------------
+def scan_block(block: BlockReader, spec: ScoreSpec, outlook: bool, out: np.ndarray | None = None) -> Pair:
+    """Pass one on a block: its records and threshold state
+    (:func:`dask_labelissues.states.scan_block`), read in the block's
+    pieces, so the task holds one piece of pred_probs at a time however
+    large its block; the labels (a few bytes an item) are read once.  With
+    ``outlook``, the state is ``(threshold state, OutlookState)``."""
+    labels = block.labels()
+    rec = np.empty(len(labels), dtype=spec.record_dtype()) if out is None else out
+    parts = []
+    for a, probs in block.pieces():
+        b = a + len(probs)
+        parts.append(states.scan_block(labels[a:b], probs, block.item_start + a, spec, out=rec[a:b])[1])
+    state = parts[0] if len(parts) == 1 else ThresholdState.combine(parts)
+    if outlook:
+        state = (state, OutlookState.chunk(rec, len(state.counts)))
+    return Pair(rec, state)
+
+
+def score_block(
+    rec: np.ndarray, thresholds: np.ndarray | None, spec: ScoreSpec, block: BlockReader | None,
+    out: np.ndarray | None = None,
+) -> Pair:
+    """Pass two on a block (:func:`dask_labelissues.states.score_block`);
+    ``block`` is read again where the score needs pred_probs cell by cell.
+    No thresholds (pass one found bad input): no scores, and a state that
+    selects nothing."""
+    if thresholds is None:
+        return Pair(None, ScoreState.empty())
+    labels = probs = None
+    if block is not None:
+        labels, probs = block.labels(), block.probs()
+    return Pair(*states.score_block(rec, thresholds, spec, labels, probs, out=out))
+
+
+def count_block(
+    rec: np.ndarray, root: tuple[np.ndarray | None, tuple[int, int] | None], spec: ScoreSpec, start: int
+) -> tuple[CountState | None, Winners | None]:
+    """Pass two's count, and the outlook's bucket rows
+    (:func:`dask_labelissues.states.outlook_count_block`); nothing where
+    pass one found bad input."""
+    thresholds, bucket = root
+    if thresholds is None:
+        return None, None
+    return states.outlook_count_block(rec, thresholds, spec, bucket, start)
+
+
+def bucket_rows(rec: np.ndarray, scores: np.ndarray, bucket: tuple[int, int] | None, start: int) -> Winners | None:
+    """:func:`dask_labelissues.states.prefix_winners` for the selection's
+    first bucket, if pass two's state named one."""
+    return None if bucket is None or scores is None else states.prefix_winners(rec, scores, *bucket, start)
+
+
+def joint_block(
+    rec: np.ndarray, block: BlockReader, thresholds: np.ndarray, fspec: FilterSpec, kernel: str,
+    out: np.ndarray | None = None,
+) -> Pair:
+    """A filter's second read of a block (:func:`dask_labelissues.filters.joint_block`)."""
+    rows, state = filters.joint_block(rec, block.probs(), thresholds, fspec, kernel)
+    if out is not None:
+        out[...] = rows
+        rows = out
+    return Pair(rows, state)
+
+
+def joint_counts_block(rec: np.ndarray, block: BlockReader, thresholds: np.ndarray, kernel: str) -> filters.JointState:
+    """A block's part of the confident joint alone (dataset health)."""
+    return filters.joint_counts_block(rec, block.probs(), thresholds, kernel)
+
+
+def exact_cells_block(block: BlockReader, cells: Cells) -> filters.GroupTop:
+    """A block's candidates for undecided cells, from pred_probs itself."""
+    return filters.exact_cells_block(block.labels(), block.probs(), block.item_start, cells)
+
+
+def flag_block(
+    rule: MaskRule, rec: np.ndarray, joint: np.ndarray | None, scores: np.ndarray, start: int,
+    out: np.ndarray | None = None,
+) -> Pair:
+    """A filter's ``is_label_issue`` for a block, and its flagged rows."""
+    mask = filters.mask_block(rule, rec, joint, start)
+    if out is not None:
+        out[...] = mask
+        mask = out
+    return Pair(mask, Winners.chunk(rec, scores, mask, start))
+
+
+def issue_mask_block(rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, out: np.ndarray | None = None) -> Pair:
+    """``is_label_issue`` for a block (:func:`dask_labelissues.states.issue_mask_block`)."""
+    mask = states.issue_mask_block(rec, scores, cutoff, quota)
+    if out is not None:
+        out[...] = mask
+        mask = out
+    return Pair(mask, None)
+
+
+# -- the jobs ---------------------------------------------------------------------
+@dataclass
+class RawResult:
+    """What :func:`run` or :func:`run_filter` computes, before the API wraps it."""
+
+    thresholds: np.ndarray
+    estimated_num_issues: int
+    issues: np.ndarray
+    issue_scores: np.ndarray
+    per_class_count: np.ndarray
+    per_class_issues: np.ndarray
+    arrays: dict[str, Any]
+    reads: int = 1
+    confident_joint: np.ndarray | None = None
+    #: cleanlab's ``count.num_label_issues``, where the joint was computed.
+    num_label_issues: int | None = None
+
+
+@dataclass
+class Passes:
+    """What the first two passes leave: states, kept blocks, and rows
+    gathered ahead for the selection."""
+
+    scan: ThresholdState
+    score: ScoreState
+    thresholds: np.ndarray
+    records: Blocks
+    scores: Blocks
+    prefetched: tuple[tuple[int, int], Winners] | None = None
+
+
+def first_passes(engine: Engine, spec: ScoreSpec, columns: dict[str, Any], select: bool) -> Passes:
+    """Pass one, then pass two with pass one's thresholds.
+
+    Both go to the engine before anything is computed, with the
+    thresholds made by the last merge of pass one's tree, so an engine
+    that fuses stages runs them as one job with no stop at the client.
+    With ``select``, the rows the selection will ask for first are
+    gathered in the same job (:func:`dask_labelissues.states.first_bucket`,
+    or :func:`_outlook`).  A score that reads pred_probs again computes
+    pass one first: in one job, each block's second read could run early
+    and be held until pass two, every block of pred_probs in memory.
+    Bad input found in pass one is raised here.
+    """
+    outlook_ok = not spec.adjust_pred_probs and spec.estimation_method == "off_diagonal"
+    if select and engine.fuses_stages and outlook_ok and engine.n_classes <= OUTLOOK_MAX_CLASSES:
+        return _outlook(engine, spec, columns)
+    records = engine.map(scan_block, INPUTS, spec, False, out=columns["records"], label="pass 1: reading pred_probs")
+    root = engine.reduce(records, THRESHOLDS)
+    if spec.rereads:
+        (done,) = engine.compute(root, keep=[records])
+        done.state.raise_problem()
+    reread = INPUTS if spec.rereads else None
+    scores = engine.map(score_block, records, root, spec, reread, out=columns["scores"], label="pass 2: scoring")
+    if select:
+        score_root = engine.reduce(scores, FIRST_BUCKET, spec.estimation_method, engine.n_items)
+        rows = engine.map(bucket_rows, records, scores, score_root, START)
+        scan, score, gathered = engine.compute(root, score_root, rows, keep=[records, scores])
+        scan.state.raise_problem()
+        prefetched = None
+        if score.data is not None:
+            prefetched = (score.data, Winners.combine([r for r in gathered if r is not None]))
+        return Passes(scan.state, score.state, scan.data, records, scores, prefetched)
+    score_root = engine.reduce(scores, SCORES)
+    scan, score = engine.compute(root, score_root, keep=[records, scores])
+    scan.state.raise_problem()
+    return Passes(scan.state, score, scan.data, records, scores)
+
+
+def _outlook(engine: Engine, spec: ScoreSpec, columns: dict[str, Any]) -> Passes:
+    """Both passes and the first bucket's rows as one stage after pass one,
+    for scores that pass one's records already hold.
+
+    Pass one's tasks also make each block's
+    :class:`~dask_labelissues.states.OutlookState`; the root of its tree
+    makes the thresholds and, from the merged outlook, a bucket whose rows
+    include the T lowest scores whatever T turns out to be.  Then one task
+    per block counts T and takes that bucket's rows.  Against the other
+    plan this has no pass-two tree and no stage after pass two: from the
+    end of pass one to the end of the last task, 2 workers on (a) took
+    0.24 s there, for 0.08 s of work each, and 0.12 s this way, for 0.06 s
+    each (task-stream traces, medians of 4 jobs).  The scores are then the
+    records' own, made again by each later stage that reads them, so none
+    are kept.
+    """
+    records = engine.map(scan_block, INPUTS, spec, True, out=columns["records"], label="pass 1: reading pred_probs")
+    root = engine.reduce(records, THRESHOLDS_OUTLOOK, engine.n_items)
+    counts = engine.map(count_block, records, root, spec, START)
+    (done, parts) = engine.compute(root, counts, keep=[records])
+    scan, outlook = done.state
+    scan.raise_problem()
+    thresholds, bucket = done.data
+    scores = engine.map(states.block_scores, records, thresholds, spec)
+    prefetched = None
+    if bucket is not None:
+        prefetched = (bucket, Winners.combine([rows for _, rows in parts]))
+    score = ScoreState(CountState.combine([c for c, _ in parts]), outlook.digits)
+    return Passes(scan, score, thresholds, records, scores, prefetched)
+
+
+def _columns(engine: Engine, spec: ScoreSpec, fspec: FilterSpec | None = None, dtype: Any = None) -> dict[str, Any]:
+    """The item-long outputs a job writes, declared before its first map."""
+    columns = {
+        "records": engine.column(spec.record_dtype()),
+        "scores": engine.column(np.float64),
+        "mask": engine.column(np.bool_),
+    }
+    if fspec is not None and fspec.needs_joint:
+        columns["joint"] = engine.column(fspec.joint_dtype(engine.n_classes, np.dtype(dtype)))
+    return columns
+
+
+def _outputs(engine: Engine, spec: ScoreSpec, passes: Passes, mask: Blocks) -> dict[str, Any]:
+    records = engine.to_array(passes.records, spec.record_dtype())
+    return {
+        "label_quality_scores": engine.to_array(passes.scores, np.float64),
+        "is_label_issue": engine.to_array(mask, np.bool_),
+        "given_label": records["label"],
+        "predicted_label": records["pred"],
+    }
+
+
+def _gather(engine: Engine, task: Any, *args: Any) -> Winners:
+    return Winners.combine(engine.compute(engine.map(task, *args))[0])
+
+
+def run(engine: Engine, spec: ScoreSpec, health: bool = False) -> RawResult:
+    """Batched confident learning.
+
+    1. pass one -> exact thresholds;
+    2. pass two -> the estimated number of issues T;
+    3. radix select of the T lowest scores, ties by item index, finished
+       on the client from the rows of the last bucket;
+    4. gather the O(T) winners and drop the near ties the given label wins.
+
+    With ``health``, also the calibrated confident joint (one more read).
+    """
+    columns = _columns(engine, spec)
+    passes = first_passes(engine, spec, columns, select=True)
+    estimated = passes.score.counts.finalize(spec.estimation_method)
+    selection = Selection.after_pass_two(passes.score, spec.estimation_method, engine.n_items)
+    records, scores = passes.records, passes.scores
+
+    cutoff, quotas, winners = 0, [], None
+    if selection is not None:
+        while selection.wants_round():
+            digits = engine.map(states.HistogramState.chunk, scores, selection.round_index, selection.prefix)
+            selection.advance(engine.compute(engine.reduce(digits, HISTOGRAM))[0])
+        if selection.gathers_bucket():
+            gathered = None
+            if passes.prefetched is not None:
+                gathered = states.narrow_prefix(passes.prefetched[1], passes.prefetched[0], selection.shift, selection.prefix)
+            if gathered is None:
+                gathered = _gather(engine, states.prefix_winners, records, scores, selection.shift, selection.prefix, START)
+            winners, cutoff, quotas = selection.finish(gathered, engine.starts)  # ranked
+        else:  # one key value shared by very many rows: split the tie per block
+            cutoff = selection.prefix
+            equal = engine.compute(engine.map(states.equal_count_block, scores, cutoff))[0]
+            quotas = selection.quotas([int(c) for c in equal])
+            winners = _gather(engine, states.top_winners, records, scores, cutoff, PerBlock(quotas), START).ranked()
+    quotas = quotas or [0] * len(engine.starts)
+    mask = engine.map(issue_mask_block, records, scores, cutoff, PerBlock(quotas), out=columns["mask"])
+
+    k = engine.n_classes
+    if winners is None:
+        issues = np.zeros(0, dtype=np.int64)
+        issue_scores = np.zeros(0, dtype=np.float64)
+        per_class_issues = np.zeros(k, dtype=np.int64)
+    else:
+        keep = ~winners.reduce
+        issues = winners.index[keep]
+        issue_scores = winners.score[keep]
+        per_class_issues = np.bincount(winners.label[keep], minlength=k).astype(np.int64)
+    result = RawResult(
+        thresholds=passes.thresholds,
+        estimated_num_issues=estimated,
+        issues=issues,
+        issue_scores=issue_scores,
+        per_class_count=passes.scan.counts.copy(),
+        per_class_issues=per_class_issues,
+        arrays=_outputs(engine, spec, passes, mask),
+        reads=2 if spec.rereads else 1,
+    )
+    if health:
+        result.confident_joint, result.num_label_issues = joint_of(
+            engine, records, passes.thresholds, result.per_class_count, spec
+        )
+        result.reads += 1
+    return result
+
+
+def _select(engine: Engine, task: Any, *args: Any) -> filters.GroupTop:
+    return engine.compute(engine.reduce(engine.map(task, *args), GROUP_TOP))[0]
+
+
+def run_filter(
+    engine: Engine, spec: ScoreSpec, fspec: FilterSpec, dtype: Any, ranked: bool = True, health: bool = False
+) -> RawResult:
+    """One of cleanlab.filter's methods.
+
+    1. pass one -> exact thresholds, per-item records;
+    2. scores of ``spec`` for every item (from the records: the ranking);
+    3. the second read -> the confident joint and per-item joint records
+       (not needed by ``predicted_neq_given``);
+    4. the client turns the joint into per-group counts
+       (:func:`dask_labelissues.filters.plan`), and tree reductions select
+       the items of each group; a noise-rate cell the kept candidates
+       cannot decide is recomputed from pred_probs (a third read, of those
+       cells);
+    5. every block's mask follows from its records and the selected items;
+       the flagged items are gathered, ranked by score (ties by index) or,
+       with ``ranked=False``, in item order.
+
+    ``dtype``: pred_probs' dtype, which the joint records keep.  With
+    ``health``, the calibrated confident joint even where the filter needs
+    none (one more read).
+    """
+    k = engine.n_classes
+    columns = _columns(engine, spec, fspec, dtype)
+    passes = first_passes(engine, spec, columns, select=False)
+    records = passes.records
+    reads = 2 if spec.rereads else 1
+    counts = passes.scan.counts.copy()
+    selected: tuple[np.ndarray, ...] = ()
+    calibrated = estimated = joint = None
+    if fspec.needs_joint:
+        joint = engine.map(
+            joint_block, records, INPUTS, passes.thresholds, fspec, spec.kernel,
+            out=columns["joint"], label="second read: confident joint",
+        )
+        (state,) = engine.compute(engine.reduce(joint, JOINT), keep=[joint])
+        reads += 1
+        estimated = state.off_diagonal
+        plan, calibrated = filters.plan(fspec, state, counts)
+        if plan.cells is not None:
+            cells = plan.cells
+            top = _select(engine, filters.noise_rate_block, joint, records, START, cells)
+            unsure = top.uncertain(cells.given)
+            if unsure.size:
+                exact = _select(engine, exact_cells_block, INPUTS, cells.subset(unsure))
+                reads += 1
+                exact.group = unsure[exact.group]
+                top = top.replace_groups(unsure, exact)
+            selected += (top.rows(),)
+        if plan.class_limits is not None:
+            top = _select(engine, filters.class_block, joint, records, START, plan.class_limits, plan.class_enough)
+            selected += (top.rows(),)
+        if fspec.lowest_field is not None:
+            top = _select(engine, filters.lowest_block, joint, START, fspec.lowest_field, plan.lowest, plan.lowest_enough)
+            selected += (top.rows(),)
+    rule = MaskRule(fspec.filter_by, selected)
+    # Each task gets only its own block's share of the selected rows.
+    rules = PerBlock([rule.restrict(a, b) for a, b in engine.item_bounds])
+    flags = engine.map(flag_block, rules, records, joint, passes.scores, START, out=columns["mask"])
+    (winners,) = engine.compute(engine.reduce(flags, WINNERS), keep=[flags])
+    if ranked:
+        winners = winners.ranked()
+    if health and calibrated is None:
+        calibrated, joint_issues = joint_of(engine, records, passes.thresholds, counts, spec)
+        reads += 1
+    if estimated is None:
+        estimated = int(winners.index.size)
+    return RawResult(
+        thresholds=passes.thresholds,
+        estimated_num_issues=int(estimated),
+        issues=winners.index,
+        issue_scores=winners.score,
+        per_class_count=counts,
+        per_class_issues=np.bincount(winners.label, minlength=k).astype(np.int64),
+        arrays=_outputs(engine, spec, passes, flags),
+        reads=reads,
+        confident_joint=calibrated,
+        num_label_issues=None if calibrated is None else int(estimated if joint is not None else joint_issues),
+    )
+
+
+@dataclass
+class JointResult:
+    """What :func:`run_joint` computes: dataset health's inputs."""
+
+    thresholds: np.ndarray
+    per_class_count: np.ndarray
+    confident_joint: np.ndarray  # calibrated, (K, K) int64
+    num_label_issues: int
+    reads: int
+
+
+def joint_of(engine: Engine, records: Blocks, thresholds: np.ndarray, counts: np.ndarray, spec: ScoreSpec) -> tuple[np.ndarray, int]:
+    """The calibrated confident joint and cleanlab's ``num_label_issues``
+    from one more read of pred_probs, after pass one (no per-item joint
+    records are kept)."""
+    parts = engine.map(joint_counts_block, records, INPUTS, thresholds, spec.kernel, label="second read: confident joint")
+    (state,) = engine.compute(engine.reduce(parts, JOINT))
+    return filters.calibrate(state.matrix(engine.n_classes), counts), int(state.off_diagonal)
+
+
+def run_joint(engine: Engine, spec: ScoreSpec) -> JointResult:
+    """Pass one (the exact thresholds), then the confident joint: two reads."""
+    records_column = engine.column(spec.record_dtype())
+    records = engine.map(scan_block, INPUTS, spec, False, out=records_column, label="pass 1: reading pred_probs")
+    (root,) = engine.compute(engine.reduce(records, THRESHOLDS), keep=[records])
+    root.state.raise_problem()
+    counts = root.state.counts.copy()
+    calibrated, off_diagonal = joint_of(engine, records, root.data, counts, spec)
+    return JointResult(root.data, counts, calibrated, off_diagonal, reads=2)
+
+
+def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any) -> None:
+    """Run every stage's kernels on one made-up row, in this process.
+
+    The fork engine calls it just before it forks: its workers then
+    inherit numba's compiled kernels; otherwise every worker of every job
+    imports numba and loads them from its cache again (0.73 s per job on
+    the development machine, whatever its size; 0.07 s with this).  The
+    scan runs on a read-only row too: blocks of a memory-mapped file are
+    read-only, and numba keeps a kernel per writeability of its arguments.
+    """
+    probs = np.full((1, k), 1.0 / k, dtype=dtype)
+    label = np.zeros(1, dtype=np.int64)
+    rec, _ = states.scan_block(label, probs, 0, spec)
+    probs.setflags(write=False)
+    label.setflags(write=False)
+    states.scan_block(label, probs, 0, spec)
+    if not spec.rereads:
+        scores, _ = states.score_block(rec, np.full(k, 2.0), spec)
+        states.prefix_rows_block(scores, 0, 0)
+        states.issue_mask_block(rec, scores, 0, 0)
+    if fspec is not None and fspec.needs_joint:
+        fused.joint_rows(probs, label, label, np.full(k, 2.0), min(1, k - 1), spec.kernel)

@@ -37,6 +37,10 @@ class Kind:
         """A block of stored pred_probs as items x classes."""
         return np.asarray(block)
 
+    def where(self, item: int, probs_shape: Sequence[int]) -> str:
+        """Where item ``item`` is, in words."""
+        return f"row {item}"
+
 
 #: Classification's kind.
 ROWS = Kind()
@@ -46,21 +50,50 @@ ROWS = Kind()
 class Pixels(Kind):
     """Every pixel of an image is an item: pred_probs ``(N, K, H, W)``,
     labels ``(N, H, W)``; items run image by image, in row-major pixel
-    order within an image."""
+    order within an image.
+
+    With ``downsample`` f > 1 the items are f x f tiles instead, as
+    cleanlab.segmentation pools them: a tile's label is the mean of its
+    labels, rounded; its probabilities the mean of its pixels',
+    renormalized to sum to 1.
+    """
 
     name: str = "pixels"
+    downsample: int = 1
 
     def items_per_row(self, probs_shape: Sequence[int]) -> int:
-        return int(np.prod(probs_shape[2:], dtype=np.int64))
+        f = self.downsample
+        return int(np.prod([s // f for s in probs_shape[2:]], dtype=np.int64))
 
     def labels(self, block: np.ndarray) -> np.ndarray:
-        return np.asarray(block).reshape(-1)
+        block = np.asarray(block)
+        f = self.downsample
+        if f == 1:
+            return block.reshape(-1)
+        n, h, w = block.shape
+        pooled = np.round(block.reshape(n, h // f, f, w // f, f).mean(axis=(4, 2)))
+        return pooled.astype(np.int64).reshape(-1)
 
     def probs(self, block: np.ndarray) -> np.ndarray:
         block = np.asarray(block)
+        f = self.downsample
+        if f > 1:
+            n, k, h, w = block.shape
+            block = block.reshape(n, k, h // f, f, w // f, f).mean(axis=(5, 3))
+            block = block / np.expand_dims(block.sum(axis=1), 1)
         # The class axis moves last: one copy of the block, C-ordered so the
         # kernels read each pixel's K values together.
         return np.ascontiguousarray(np.moveaxis(block, 1, -1)).reshape(-1, block.shape[1])
+
+    def where(self, item: int, probs_shape: Sequence[int]) -> str:
+        """Where item ``item`` is, in words: its image and pixel (or tile)."""
+        f = self.downsample
+        h, w = (s // f for s in probs_shape[2:])
+        image, rest = divmod(int(item), h * w)
+        y, x = divmod(rest, w)
+        if f == 1:
+            return f"image {image}, pixel ({y}, {x})"
+        return f"image {image}, the {f}x{f} tile at pixel ({y * f}, {x * f})"
 
 
 #: Semantic segmentation's kind.

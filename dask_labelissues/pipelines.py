@@ -271,27 +271,8 @@ def run(engine: Engine, spec: ScoreSpec, health: bool = False) -> RawResult:
     columns = _columns(engine, spec)
     passes = first_passes(engine, spec, columns, select=True)
     estimated = passes.score.counts.finalize(spec.estimation_method)
-    selection = Selection.after_pass_two(passes.score, spec.estimation_method, engine.n_items)
     records, scores = passes.records, passes.scores
-
-    cutoff, quotas, winners = 0, [], None
-    if selection is not None:
-        while selection.wants_round():
-            digits = engine.map(states.HistogramState.chunk, scores, selection.round_index, selection.prefix)
-            selection.advance(engine.compute(engine.reduce(digits, HISTOGRAM))[0])
-        if selection.gathers_bucket():
-            gathered = None
-            if passes.prefetched is not None:
-                gathered = states.narrow_prefix(passes.prefetched[1], passes.prefetched[0], selection.shift, selection.prefix)
-            if gathered is None:
-                gathered = _gather(engine, states.prefix_winners, records, scores, selection.shift, selection.prefix, START)
-            winners, cutoff, quotas = selection.finish(gathered, engine.starts)  # ranked
-        else:  # one key value shared by very many rows: split the tie per block
-            cutoff = selection.prefix
-            equal = engine.compute(engine.map(states.equal_count_block, scores, cutoff))[0]
-            quotas = selection.quotas([int(c) for c in equal])
-            winners = _gather(engine, states.top_winners, records, scores, cutoff, PerBlock(quotas), START).ranked()
-    quotas = quotas or [0] * len(engine.starts)
+    cutoff, quotas, winners = lowest_scores(engine, spec, passes)
     mask = engine.map(issue_mask_block, records, scores, cutoff, PerBlock(quotas), out=columns["mask"])
 
     k = engine.n_classes
@@ -320,6 +301,38 @@ def run(engine: Engine, spec: ScoreSpec, health: bool = False) -> RawResult:
         )
         result.reads += 1
     return result
+
+
+def lowest_scores(engine: Engine, spec: ScoreSpec, passes: Passes) -> tuple[int, list[int], Winners | None]:
+    """The T lowest scores after both passes: the cut-off score key and each
+    block's quota of rows at that key (ties by item index), and their rows,
+    ranked (None where T is 0).
+
+    A radix select, its rounds tree reductions over the kept scores,
+    finished on the client from the rows of the last bucket (gathered with
+    the passes where they could be).
+    """
+    selection = Selection.after_pass_two(passes.score, spec.estimation_method, engine.n_items)
+    records, scores = passes.records, passes.scores
+    cutoff, quotas, winners = 0, [], None
+    if selection is not None:
+        while selection.wants_round():
+            digits = engine.map(states.HistogramState.chunk, scores, selection.round_index, selection.prefix)
+            selection.advance(engine.compute(engine.reduce(digits, HISTOGRAM))[0])
+        if selection.gathers_bucket():
+            gathered = None
+            if passes.prefetched is not None:
+                held, rows = passes.prefetched
+                gathered = states.narrow_prefix(rows, held, selection.shift, selection.prefix)
+            if gathered is None:
+                gathered = _gather(engine, states.prefix_winners, records, scores, selection.shift, selection.prefix, START)
+            winners, cutoff, quotas = selection.finish(gathered, engine.starts)  # ranked
+        else:  # one key value shared by very many rows: split the tie per block
+            cutoff = selection.prefix
+            equal = engine.compute(engine.map(states.equal_count_block, scores, cutoff))[0]
+            quotas = selection.quotas([int(c) for c in equal])
+            winners = _gather(engine, states.top_winners, records, scores, cutoff, PerBlock(quotas), START).ranked()
+    return cutoff, quotas or [0] * len(engine.starts), winners
 
 
 def _select(engine: Engine, task: Any, *args: Any) -> filters.GroupTop:
@@ -436,6 +449,87 @@ def run_joint(engine: Engine, spec: ScoreSpec) -> JointResult:
     counts = root.state.counts.copy()
     calibrated, off_diagonal = joint_of(engine, records, root.data, counts, spec)
     return JointResult(root.data, counts, calibrated, off_diagonal, reads=2)
+
+
+# -- semantic segmentation ----------------------------------------------------------
+@dataclass
+class PixelResult:
+    """What :func:`run_segmentation` computes."""
+
+    #: ``(N, H, W)`` bool, lazy where the engine is.
+    mask: Any
+    #: T, on the grid the issues were found on (pixels, or tiles).
+    estimated_num_issues: int
+    thresholds: np.ndarray
+    per_class_count: np.ndarray
+
+
+def pixel_mask_block(
+    rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, block: BlockReader | None, factor: int
+) -> np.ndarray:
+    """A block's issue mask, pixel by pixel: among the T lowest scores and
+    not predicted as its given label.
+
+    With ``factor`` > 1 the items are ``factor`` x ``factor`` tiles: a
+    selected tile marks each of its pixels whose own argmax (``block``,
+    read again) is not its own label.
+    """
+    selected = states.selected_block(scores, cutoff, quota)
+    if factor == 1:
+        return selected & (rec["pred"] != rec["label"])
+    labels, probs = block.stored_labels(), block.stored_probs()
+    n, h, w = labels.shape
+    tiles = selected.reshape(n, h // factor, w // factor)
+    mask = np.repeat(np.repeat(tiles, factor, axis=1), factor, axis=2)
+    return (mask & (probs.argmax(axis=1) != labels)).reshape(-1)
+
+
+def run_segmentation(engine: Engine, spec: ScoreSpec, image_shape: tuple[int, int], factor: int = 1) -> PixelResult:
+    """cleanlab.segmentation's label issues: every pixel (or tile, with
+    ``factor`` > 1, the engine's kind pooling them) is an item of batched
+    confident learning; the T lowest self-confidences, minus pixels whose
+    argmax is their label, make the ``(N, H, W)`` mask, written block by
+    block from the selection's cut-off (a second read of pred_probs where
+    tiles are checked pixel by pixel)."""
+    columns = {"records": engine.column(spec.record_dtype()), "scores": engine.column(np.float64)}
+    passes = first_passes(engine, spec, columns, select=True)
+    cutoff, quotas, _ = lowest_scores(engine, spec, passes)
+    reread = INPUTS if factor > 1 else None
+    mask = engine.map(pixel_mask_block, passes.records, passes.scores, cutoff, PerBlock(quotas), reread, factor)
+    return PixelResult(
+        mask=engine.to_array(mask, np.bool_, row_shape=image_shape),
+        estimated_num_issues=passes.score.counts.finalize(spec.estimation_method),
+        thresholds=passes.thresholds,
+        per_class_count=passes.scan.counts.copy(),
+    )
+
+
+def image_softmin_block(rec: np.ndarray, pixels: int, temperature: float) -> np.ndarray:
+    """Each image's softmin of its pixels' self-confidence: the scores
+    weighted by a softmax of ``(1 - score) / temperature``, shifted by each
+    image's largest exponent so that no weight overflows."""
+    s = rec["score"].reshape(-1, pixels)
+    x = (1.0 - s) / temperature
+    weights = np.exp(x - x.max(axis=1, keepdims=True))
+    return np.einsum("ij,ij->i", s, weights) / weights.sum(axis=1)
+
+
+def run_pixel_scores(
+    engine: Engine, spec: ScoreSpec, image_shape: tuple[int, int], temperature: float
+) -> tuple[np.ndarray, Any]:
+    """Image scores (softmin, ``(N,)``) and pixel scores (self-confidence,
+    ``(N, H, W)``, lazy where the engine is), from one read of pred_probs,
+    which pass one's checks of the input come with."""
+    records = engine.map(
+        scan_block, INPUTS, spec, False, out=engine.column(spec.record_dtype()), label="reading pred_probs"
+    )
+    root = engine.reduce(records, THRESHOLDS)
+    pixels = int(np.prod(image_shape))
+    images = engine.map(image_softmin_block, records, pixels, temperature)
+    done, parts = engine.compute(root, images, keep=[records])
+    done.state.raise_problem()
+    scores = engine.to_array(records, spec.record_dtype(), row_shape=image_shape)["score"]
+    return np.concatenate(parts), scores
 
 
 def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any) -> None:

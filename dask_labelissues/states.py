@@ -25,7 +25,12 @@ from .kernels import InputProblem, ScoreSpec
 
 
 class InputValueError(ValueError):
-    """Bad values found in the data; the message names the first bad row."""
+    """Bad values found in the data; the message names the first bad row,
+    ``row`` (None where no one row is to blame)."""
+
+    def __init__(self, message: str, row: int | None = None) -> None:
+        super().__init__(message)
+        self.row = row
 
 
 @dataclass
@@ -63,7 +68,7 @@ class ThresholdState:
     def raise_problem(self) -> None:
         """Raise the first bad row's error, if there is one."""
         if self.problem is not None:
-            raise InputValueError(self.problem.message)
+            raise InputValueError(self.problem.message, self.problem.row)
 
     def finalize(self) -> np.ndarray:
         """The confident thresholds (K,), float64.

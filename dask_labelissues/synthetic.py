@@ -144,3 +144,61 @@ def write_zarr(
     flips = np.concatenate(flipped).astype(np.int64)
     group.create_array("flipped", data=flips, chunks=(max(1, min(len(flips), 1 << 20)),))
     group.attrs.update({"rows": spec.rows, "classes": spec.classes, "noise": spec.noise, "seed": spec.seed})
+
+
+@dataclass(frozen=True)
+class SegmentationSpec:
+    """A noisy segmentation dataset: label maps of a few rectangles on a
+    background, a model whose soft predictions follow the true map (less
+    sure near region boundaries), and a fraction ``noise`` of images with
+    one region relabelled to another class."""
+
+    images: int
+    classes: int
+    height: int = 32
+    width: int = 32
+    noise: float = 0.3
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or self.classes < 2 or self.height < 4 or self.width < 4:
+            raise ValueError("need images >= 1, classes >= 2, height and width >= 4")
+
+
+def segmentation_images(spec: SegmentationSpec, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images ``start:stop``: ``(labels (n, H, W), pred_probs (n, K, H, W),
+    relabelled (n, H, W) bool)``; image ``i`` is drawn from a generator
+    seeded with ``(seed, i)``, so the data do not depend on how they are
+    written."""
+    k, h, w = spec.classes, spec.height, spec.width
+    n = stop - start
+    labels = np.empty((n, h, w), dtype=np.int64)
+    probs = np.empty((n, k, h, w), dtype=spec.dtype)
+    relabelled = np.zeros((n, h, w), dtype=bool)
+    rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+    for j in range(n):
+        rng = np.random.default_rng([spec.seed, start + j])
+        truth = np.full((h, w), rng.integers(0, k), dtype=np.int64)
+        for _ in range(int(rng.integers(2, 6))):
+            y0, x0 = rng.integers(0, h - 2), rng.integers(0, w - 2)
+            y1, x1 = y0 + rng.integers(2, h // 2 + 2), x0 + rng.integers(2, w // 2 + 2)
+            truth[y0:y1, x0:x1] = rng.integers(0, k)
+        # Distance to the nearest pixel of another class, up to 3: the model
+        # is surest inside regions.
+        edge = np.zeros((h, w), dtype=bool)
+        edge[1:] |= truth[1:] != truth[:-1]
+        edge[:-1] |= truth[:-1] != truth[1:]
+        edge[:, 1:] |= truth[:, 1:] != truth[:, :-1]
+        edge[:, :-1] |= truth[:, :-1] != truth[:, 1:]
+        logits = rng.normal(0.0, 1.0, (k, h, w))
+        logits[truth, rows, cols] += np.where(edge, 1.0, 4.0) + rng.gamma(2.0, 0.5, (h, w))
+        e = np.exp(logits - logits.max(axis=0))
+        probs[j] = e / e.sum(axis=0)
+        labels[j] = truth
+        if rng.random() < spec.noise:
+            y0, x0 = rng.integers(0, h - 4), rng.integers(0, w - 4)
+            y1, x1 = y0 + rng.integers(3, h // 3 + 4), x0 + rng.integers(3, w // 3 + 4)
+            labels[j, y0:y1, x0:x1] = (truth[y0:y1, x0:x1] + rng.integers(1, k)) % k
+            relabelled[j] = labels[j] != truth
+    return labels, probs, relabelled

@@ -146,8 +146,10 @@ class Engine(ABC):
         rather than computed again."""
 
     @abstractmethod
-    def to_array(self, blocks: Blocks, dtype: Any) -> Any:
-        """The blocks' rows as one item-long array (lazy where the engine is)."""
+    def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> Any:
+        """The blocks' rows as one array (lazy where the engine is):
+        item-long, or with ``row_shape``, of shape ``(stored rows,
+        *row_shape)`` (the pixels of each image as ``(H, W)``)."""
 
     def close(self) -> None:
         """Release processes or pools the engine started."""

@@ -325,6 +325,14 @@ class BlockReader:
         """The block's pred_probs, items x classes, at once."""
         return self.kind.probs(self._whole(self._probs))
 
+    def stored_labels(self) -> np.ndarray:
+        """The block's labels as stored (an image's, not its items)."""
+        return self._whole(self._labels)
+
+    def stored_probs(self) -> np.ndarray:
+        """The block's pred_probs as stored."""
+        return self._whole(self._probs)
+
     def pieces(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(first item, pred_probs)`` of each piece of the block in turn,
         items counted from the block's start; one piece is held at a time."""

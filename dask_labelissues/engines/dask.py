@@ -54,6 +54,10 @@ def _data(x: Any) -> Any:
     return x.data if isinstance(x, Pair) else x
 
 
+def _rows_of(x: Any, row_shape: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(_data(x)).reshape((-1, *row_shape))
+
+
 def block_state(pair: Pair) -> Any:
     """A block task's state, as a task of its own: it runs where the
     :class:`~dask_labelissues.aggregations.Pair` is, so only the state
@@ -117,7 +121,7 @@ def _ref(arg: Any, deps: dict[Any, Delayed]) -> Any:
     return arg
 
 
-def layer(fn: Callable, rows: Sequence[tuple]) -> list[Delayed]:
+def layer(fn: Callable, rows: Sequence[tuple], suffix: tuple[int, ...] = ()) -> list[Delayed]:
     """One task ``fn(*row)`` per row, as one graph layer; Delayed arguments
     (and lists of them) are passed by key.
 
@@ -130,7 +134,7 @@ def layer(fn: Callable, rows: Sequence[tuple]) -> list[Delayed]:
     """
     name = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:16]}"
     deps: dict[Any, Delayed] = {}
-    tasks = {(name, i): (fn, *(_ref(a, deps) for a in row)) for i, row in enumerate(rows)}
+    tasks = {(name, i, *suffix): (fn, *(_ref(a, deps) for a in row)) for i, row in enumerate(rows)}
     graph = _with_inputs(name, tasks, deps.values())
     return [Delayed(key, graph, layer=name) for key in tasks]
 
@@ -401,11 +405,16 @@ class DaskEngine(Engine):
                 out.append(h.value)
         return out
 
-    def to_array(self, blocks: Blocks, dtype: Any) -> da.Array:
-        parts = layer(_data, [(b,) for b in blocks.parts])
+    def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> da.Array:
+        if row_shape is None:
+            parts = layer(_data, [(b,) for b in blocks.parts])
+            chunks: tuple = (tuple(c * self.items_per_row for c in self.plan.chunks),)
+        else:
+            # Keys (name, i, 0, ...), as the chunks of an array of that many axes.
+            parts = layer(_rows_of, [(b, row_shape) for b in blocks.parts], suffix=(0,) * len(row_shape))
+            chunks = (self.plan.chunks, *((s,) for s in row_shape))
         # The layer's keys are (name, i), as a dask array's chunks are named.
-        chunks = tuple(c * self.items_per_row for c in self.plan.chunks)
-        return da.Array(parts[0].dask, parts[0].key[0], chunks=(chunks,), dtype=dtype)
+        return da.Array(parts[0].dask, parts[0].key[0], chunks=chunks, dtype=dtype)
 
     # -- inputs ------------------------------------------------------------------
     @functools.cached_property

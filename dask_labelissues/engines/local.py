@@ -215,13 +215,15 @@ class LocalEngine(Engine):
                 out.append([r.state for r in results] if handle.out is not None else list(results))
         return out
 
-    def to_array(self, blocks: Blocks, dtype: Any) -> np.ndarray:
+    def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> np.ndarray:
         for _ in self._run(blocks):
             pass
         if blocks.out is not None:
-            return self.columns[blocks.out.index]
-        parts = [self._data(blocks, i) for i in range(len(self.plan.bounds))]
-        return np.concatenate(parts).astype(dtype, copy=False)
+            array = self.columns[blocks.out.index]
+        else:
+            parts = [np.asarray(self._data(blocks, i)).reshape(-1) for i in range(len(self.plan.bounds))]
+            array = np.concatenate(parts).astype(dtype, copy=False)
+        return array if row_shape is None else array.reshape((-1, *row_shape))
 
     # -- running blocks ------------------------------------------------------------
     def _run(self, blocks: LocalBlocks, fold: bool = False) -> Iterable[Any]:

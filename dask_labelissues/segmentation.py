@@ -1,0 +1,366 @@
+"""Semantic segmentation: cleanlab.segmentation's functions, on any engine.
+
+Every pixel is one item of batched confident learning, as in
+``cleanlab.segmentation``, with labels ``(N, H, W)`` and pred_probs
+``(N, K, H, W)`` (float32 or float16) read a block of whole images at a
+time, from numpy, ``.npy``, Zarr (v2 or v3), HDF5 or dask arrays, on one
+machine or a Dask cluster.  Differences from cleanlab:
+
+- the confident thresholds are exact over all pixels, and a class no pixel
+  is labelled with gets 2.0 (cleanlab's batched estimate gives it about
+  0, which flags pixels predicted as that class);
+- ties among the T lowest scores are taken by pixel index (image, row,
+  column), where cleanlab's sort takes any of them;
+- bad values are refused with the image and pixel they are at;
+- :func:`issues_from_scores` returns the images scored below the threshold
+  (cleanlab's also returns the first one at or above it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import inputs
+from .engines import make_engine
+from .kernels import ScoreSpec
+from .kinds import Pixels
+from .pipelines import run_pixel_scores, run_segmentation, warm_up
+from .states import InputValueError
+
+__all__ = [
+    "common_label_issues",
+    "filter_by_class",
+    "find_label_issues",
+    "get_label_quality_scores",
+    "issues_from_scores",
+]
+
+#: cleanlab.segmentation's batch size, in values of pred_probs.
+CLEANLAB_BATCH_SIZE = 10000
+
+
+def find_label_issues(
+    labels: Any,
+    pred_probs: Any,
+    *,
+    batch_size: int | None = None,
+    n_jobs: int | None = None,
+    verbose: bool = False,
+    downsample: int = 1,
+    backend: str = "auto",
+    client: Any = None,
+    images_per_block: int | None = None,
+    row_sum_tolerance: float | None = 1e-3,
+) -> Any:
+    """The pixels whose given label is likely wrong, as an ``(N, H, W)`` mask.
+
+    Parameters
+    ----------
+    labels
+        ``(N, H, W)`` integer class indices in ``0..K-1``.
+    pred_probs
+        ``(N, K, H, W)`` predicted class probabilities of every pixel
+        (float32 or float16), summing to 1 over axis 1.
+    batch_size
+        cleanlab's streaming batch, in values of pred_probs: blocks of
+        ``batch_size // (K * H * W)`` images (at least one) when
+        ``images_per_block`` is not given.  Changes memory and speed only.
+    n_jobs
+        Threads or processes of the one-machine engines.
+    verbose
+        Show progress bars (cleanlab's default is True; here False).
+    downsample
+        Find issues on ``downsample`` x ``downsample`` tiles (labels the
+        rounded mean, probabilities the renormalized mean), then check
+        every pixel of a flagged tile: H and W must divide by it.
+    backend, client
+        The engine (see :func:`dask_labelissues.find_label_issues`).
+    images_per_block
+        Images per block; default about 64 MB of pred_probs.
+    row_sum_tolerance
+        How far a pixel's K probabilities may sum from 1.  The default
+        1e-3 also holds float16 predictions, whose rounding moves a sum by
+        at most 2**-11 (about 4.9e-4); None skips the check.
+
+    Returns
+    -------
+    numpy.ndarray or dask.array.Array
+        ``(N, H, W)`` bool: True where a pixel's label is likely wrong.  A
+        dask array (lazy) where an input is one, else numpy.
+
+    Raises
+    ------
+    ValueError
+        Wrong shapes, or a bad value (NaN, inf, negative, a pixel not
+        summing to 1, a label outside ``0..K-1``), named by image and pixel.
+    """
+    lab, probs, shape = _open(labels, pred_probs, downsample)
+    engine, spec = _engine(
+        lab, probs, shape, downsample, backend, client, n_jobs, batch_size, images_per_block,
+        verbose, row_sum_tolerance,
+    )
+    try:
+        with _located(engine, shape):
+            result = run_segmentation(engine, spec, shape[2:], downsample)
+    finally:
+        engine.close()
+    return _out(result.mask, labels, pred_probs)
+
+
+def get_label_quality_scores(
+    labels: Any,
+    pred_probs: Any,
+    *,
+    method: str = "softmin",
+    batch_size: int | None = None,
+    n_jobs: int | None = None,
+    verbose: bool = False,
+    temperature: float = 0.1,
+    downsample: int = 1,
+    backend: str = "auto",
+    client: Any = None,
+    images_per_block: int | None = None,
+    row_sum_tolerance: float | None = 1e-3,
+) -> tuple[np.ndarray, Any]:
+    """A score per image and per pixel: lower is more likely mislabeled.
+
+    Parameters
+    ----------
+    labels, pred_probs, batch_size, n_jobs, verbose, backend, client, images_per_block, row_sum_tolerance
+        As in :func:`find_label_issues`.
+    method
+        ``"softmin"``: each image's pixel scores weighted by a softmax of
+        ``(1 - score) / temperature`` (one read of pred_probs);
+        ``"num_pixel_issues"``: 1 minus the fraction of the image's pixels
+        :func:`find_label_issues` flags.
+    temperature
+        Softmin's temperature: lower values move the image score towards
+        its worst pixel's.
+    downsample
+        ``"num_pixel_issues"`` only, as in :func:`find_label_issues`.
+
+    Returns
+    -------
+    image_scores : numpy.ndarray
+        ``(N,)`` float64, in [0, 1].
+    pixel_scores : numpy.ndarray or dask.array.Array
+        ``(N, H, W)`` float64: each pixel's probability of its given label.
+    """
+    if method not in ("softmin", "num_pixel_issues"):
+        raise ValueError(f"method={method!r} is not one of softmin, num_pixel_issues")
+    if not temperature:
+        raise ValueError("temperature must be a number other than 0")
+    if downsample != 1 and method != "num_pixel_issues":
+        raise ValueError("downsample applies to method='num_pixel_issues' only")
+    lab, probs, shape = _open(labels, pred_probs, 1)
+    engine, spec = _engine(
+        lab, probs, shape, 1, backend, client, n_jobs, batch_size, images_per_block, verbose, row_sum_tolerance
+    )
+    try:
+        with _located(engine, shape):
+            image_scores, pixel_scores = run_pixel_scores(engine, spec, shape[2:], float(temperature))
+    finally:
+        engine.close()
+    if method == "num_pixel_issues":
+        mask = find_label_issues(
+            labels, pred_probs, downsample=downsample, backend=backend, client=client, n_jobs=n_jobs,
+            batch_size=batch_size, images_per_block=images_per_block, row_sum_tolerance=row_sum_tolerance,
+        )
+        image_scores = 1.0 - np.asarray(mask.mean(axis=(1, 2)), dtype=np.float64)
+    return image_scores, _out(pixel_scores, labels, pred_probs)
+
+
+def issues_from_scores(image_scores: Any, pixel_scores: Any = None, threshold: float = 0.1) -> np.ndarray:
+    """The issues the scores point to.
+
+    With ``pixel_scores``, the ``(N, H, W)`` mask of pixels scored below
+    ``threshold``; else the images scored below it, lowest first (ties by
+    index).
+    """
+    if image_scores is None:
+        raise ValueError("image_scores must be given")
+    if threshold is None or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+    if pixel_scores is not None:
+        return pixel_scores < threshold
+    image_scores = np.asarray(image_scores)
+    ranking = np.argsort(image_scores, kind="stable")
+    return ranking[: int(np.count_nonzero(image_scores < threshold))]
+
+
+def common_label_issues(
+    issues: Any,
+    labels: Any,
+    pred_probs: Any,
+    *,
+    class_names: Sequence[str] | None = None,
+    exclude: Sequence[int] | None = None,
+    top: int | None = None,
+    verbose: bool = False,
+) -> Any:
+    """How often each (given label, predicted label) pair is among the
+    flagged pixels, most common first, as cleanlab's table.
+
+    Parameters
+    ----------
+    issues
+        ``(N, H, W)`` bool mask (:func:`find_label_issues`).
+    labels, pred_probs
+        As in :func:`find_label_issues`.
+    class_names
+        Names of the K classes (default their indices, as strings).
+    exclude
+        Predicted classes not counted.
+    top
+        Rows of the table (default 20).
+    verbose
+        Print a line per row.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``given_label``, ``predicted_label``, ``num_pixel_issues``.
+    """
+    import pandas as pd
+
+    counts = _flagged_pairs(issues, labels, pred_probs)
+    k = counts.shape[0]
+    names = [str(i) for i in range(k)] if class_names is None else list(class_names)
+    if exclude:
+        counts[:, list(exclude)] = 0
+    given, predicted = np.nonzero(counts)
+    rows = sorted(
+        ((names[g], names[p], int(counts[g, p])) for g, p in zip(given.tolist(), predicted.tolist())),
+        key=lambda row: row[2], reverse=True,
+    )[: 20 if top is None else top]
+    table = pd.DataFrame(rows, columns=["given_label", "predicted_label", "num_pixel_issues"])
+    if verbose:
+        for given_name, predicted_name, count in rows:
+            print(
+                f"Class '{given_name}' is potentially mislabeled as class for '{predicted_name}' "
+                f"{count} pixels in the dataset"
+            )
+    return table
+
+
+def filter_by_class(class_index: int, issues: Any, labels: Any, pred_probs: Any) -> np.ndarray:
+    """The flagged pixels given, or predicted as, class ``class_index``."""
+    out = []
+    for issue, label, probs in _image_blocks(issues, labels, pred_probs):
+        out.append(issue & ((label == class_index) | (probs.argmax(axis=1) == class_index)))
+    return np.concatenate(out)
+
+
+# -- helpers ----------------------------------------------------------------------------
+def _open(labels: Any, pred_probs: Any, downsample: int) -> tuple[Any, Any, tuple[int, ...]]:
+    lab = inputs.open_source(labels, "labels")
+    probs = inputs.open_source(pred_probs, "pred_probs")
+    for name, arr in (("labels", lab), ("pred_probs", probs)):
+        if any(isinstance(s, float) and np.isnan(s) for s in arr.shape):
+            raise ValueError(f"{name} is a dask array with unknown chunk sizes; call {name}.compute_chunk_sizes() first")
+    if len(probs.shape) != 4:
+        raise ValueError(f"pred_probs must be 4-D (N, K, H, W), got shape {tuple(probs.shape)}")
+    if len(lab.shape) != 3:
+        raise ValueError(f"labels must be 3-D (N, H, W), got shape {tuple(lab.shape)}")
+    shape = tuple(int(s) for s in probs.shape)
+    n, k, h, w = shape
+    if np.dtype(probs.dtype).kind != "f":
+        raise TypeError(f"pred_probs must be floating point, got dtype {np.dtype(probs.dtype)}")
+    if np.dtype(lab.dtype).kind not in "iu":
+        raise TypeError(f"labels must be integer class indices, got dtype {np.dtype(lab.dtype)}")
+    if tuple(int(s) for s in lab.shape) != (n, h, w):
+        hint = ""
+        if tuple(lab.shape) == (n, w, h) or tuple(probs.shape[1:]) == (h, w, k):
+            hint = " (axes in another order? pred_probs must be (N, K, H, W), class axis second)"
+        raise ValueError(
+            f"labels have shape {tuple(lab.shape)} but pred_probs {shape}: labels must be (N, H, W) = "
+            f"{(n, h, w)}{hint}"
+        )
+    if k < 2:
+        raise ValueError(f"pred_probs must have at least 2 classes (axis 1), got {k}")
+    if n == 0:
+        raise ValueError("pred_probs has no images (N = 0)")
+    if not isinstance(downsample, (int, np.integer)) or downsample < 1:
+        raise ValueError(f"downsample must be a whole number >= 1, got {downsample!r}")
+    if h % downsample or w % downsample:
+        raise ValueError(
+            f"height {h} and width {w} must both divide by downsample={downsample}; "
+            "set downsample=1 to work on every pixel"
+        )
+    return lab, probs, shape
+
+
+def _engine(
+    lab: Any, probs: Any, shape: tuple[int, ...], downsample: int, backend: str, client: Any,
+    n_jobs: int | None, batch_size: int | None, images_per_block: int | None, verbose: bool,
+    row_sum_tolerance: float | None,
+) -> tuple[Any, ScoreSpec]:
+    if images_per_block is None and batch_size is not None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        images_per_block = max(int(batch_size) // int(np.prod(shape[1:])), 1)
+    spec = ScoreSpec("self_confidence", False, "off_diagonal", row_sum_tolerance)
+    kind = Pixels(downsample=int(downsample))
+    engine, _, _ = make_engine(
+        backend, lab, probs, spec, single_read=downsample == 1, chunk_rows=images_per_block,
+        n_jobs=n_jobs, client=client, progress=verbose, kind=kind,
+        warm_up=lambda s: warm_up(s, None, shape[1], probs.dtype),
+    )
+    return engine, engine.plan.spec
+
+
+class _located:
+    """Re-raise a bad value's error with the image and pixel it is at."""
+
+    def __init__(self, engine: Any, shape: tuple[int, ...]) -> None:
+        self.kind, self.shape = engine.kind, shape
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, InputValueError) and exc.row is not None:
+            raise InputValueError(_locate(str(exc), exc.row, self.kind.where(exc.row, self.shape)), exc.row) from None
+        return False
+
+
+def _locate(message: str, item: int, where: str) -> str:
+    """An error about item ``item`` (a pixel or tile) told by ``where`` it is."""
+    message = re.sub(rf"pred_probs\[{item}, (\d+)\]", rf"pred_probs at {where}, class \1", message)
+    message = re.sub(rf"labels\[{item}\]", f"labels at {where}", message)
+    message = re.sub(rf"\brow {item}\b", f"at {where}", message)
+    if re.search(r"= 255 is not a class", message):
+        message += " (255 often marks pixels to ignore; give them a class before this check)"
+    return message
+
+
+def _out(array: Any, labels: Any, pred_probs: Any) -> Any:
+    """Dask in, lazy dask out; numpy otherwise."""
+    if inputs.is_dask_array(labels) or inputs.is_dask_array(pred_probs):
+        return array
+    return np.asarray(array)
+
+
+def _image_blocks(issues: Any, labels: Any, pred_probs: Any, rows: int = 64) -> Any:
+    """``(issues, labels, pred_probs)`` of ``rows`` images at a time."""
+    n = int(np.shape(issues)[0]) if hasattr(issues, "shape") else len(issues)
+    lab = inputs.open_source(labels, "labels")
+    probs = inputs.open_source(pred_probs, "pred_probs")
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        yield np.asarray(issues[a:b], dtype=bool), np.asarray(lab[a:b]), np.asarray(probs[a:b])
+
+
+def _flagged_pairs(issues: Any, labels: Any, pred_probs: Any) -> np.ndarray:
+    """K x K counts of (given, argmax) over the flagged pixels."""
+    k = int(pred_probs.shape[1])
+    counts = np.zeros((k, k), dtype=np.int64)
+    for issue, label, probs in _image_blocks(issues, labels, pred_probs):
+        flagged = np.nonzero(issue)
+        given = label[flagged]
+        predicted = probs.transpose(0, 2, 3, 1)[flagged].argmax(axis=1)
+        np.add.at(counts, (given, predicted), 1)
+    return counts

@@ -492,8 +492,8 @@ def run_segmentation(engine: Engine, spec: ScoreSpec, image_shape: tuple[int, in
     block from the selection's cut-off (a second read of pred_probs where
     tiles are checked pixel by pixel)."""
     columns = {"records": engine.column(spec.record_dtype()), "scores": engine.column(np.float64)}
-    passes = first_passes(engine, spec, columns, select=True)
-    cutoff, quotas, _ = lowest_scores(engine, spec, passes)
+    passes = first_passes(engine, spec, columns, select=False)
+    cutoff, quotas = lowest_cutoff(engine, spec, passes)
     reread = INPUTS if factor > 1 else None
     mask = engine.map(pixel_mask_block, passes.records, passes.scores, cutoff, PerBlock(quotas), reread, factor)
     return PixelResult(
@@ -502,6 +502,27 @@ def run_segmentation(engine: Engine, spec: ScoreSpec, image_shape: tuple[int, in
         thresholds=passes.thresholds,
         per_class_count=passes.scan.counts.copy(),
     )
+
+
+def lowest_cutoff(engine: Engine, spec: ScoreSpec, passes: Passes) -> tuple[int, list[int]]:
+    """The T lowest scores' cut-off key and per-block quotas, as
+    :func:`lowest_scores` finds them, gathering only the rows of the last
+    bucket (at most :data:`~dask_labelissues.states.CANDIDATE_CAP`), not
+    the T rows: T may be billions of pixels."""
+    n = len(engine.starts)
+    selection = Selection.after_pass_two(passes.score, spec.estimation_method, engine.n_items)
+    if selection is None:
+        return 0, [0] * n
+    while selection.wants_round():
+        digits = engine.map(states.HistogramState.chunk, passes.scores, selection.round_index, selection.prefix)
+        selection.advance(engine.compute(engine.reduce(digits, HISTOGRAM))[0])
+    if selection.gathers_bucket():
+        bucket = _gather(
+            engine, states.bucket_rows_block, passes.records, passes.scores, selection.shift, selection.prefix, START
+        )
+        return selection.cut(bucket, engine.starts)
+    equal = engine.compute(engine.map(states.equal_count_block, passes.scores, selection.prefix))[0]
+    return selection.prefix, selection.quotas([int(c) for c in equal])
 
 
 def image_softmin_block(rec: np.ndarray, pixels: int, temperature: float) -> np.ndarray:

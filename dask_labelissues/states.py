@@ -358,6 +358,19 @@ class Selection:
         quotas = np.bincount(block, minlength=len(starts)).tolist()
         return gathered.take(taken), cutoff, quotas
 
+    def cut(self, bucket: "Winners", starts: Sequence[int]) -> tuple[int, list[int]]:
+        """The cut-off key and per-block quotas from the bucket's rows alone
+        (:func:`bucket_rows_block`): for a caller that needs the T rows'
+        mask, not the rows, so no process holds O(T) of them."""
+        if bucket.index.size != self.bucket:
+            raise RuntimeError(f"the selection gathered {bucket.index.size} rows, not the {self.bucket} of its bucket")
+        keys = kernels.score_keys(bucket.score)
+        taken = rank_order(keys, bucket.index)[: self.target - self.below]
+        cutoff = int(keys[taken[-1]])
+        at_cutoff = bucket.index[taken[keys[taken] == np.uint64(cutoff)]]
+        block = np.searchsorted(np.asarray(starts), at_cutoff, side="right") - 1
+        return cutoff, np.bincount(block, minlength=len(starts)).tolist()
+
     def quotas(self, equal_per_block: Sequence[int]) -> list[int]:
         """After all rounds: per block, how many rows with the cutoff key
         (now ``prefix``) to take, lowest index first."""
@@ -457,6 +470,12 @@ def prefix_rows_block(scores: np.ndarray, shift: int, prefix: int) -> np.ndarray
         return fast
     keys = kernels.score_keys(scores)
     return (keys >> np.uint64(shift)) <= np.uint64(prefix)
+
+
+def bucket_rows_block(rec: np.ndarray, scores: np.ndarray, shift: int, prefix: int, start: int) -> Winners:
+    """The block's rows whose key prefix (``key >> shift``) is ``prefix``."""
+    keys = kernels.score_keys(scores)
+    return Winners.chunk(rec, scores, (keys >> np.uint64(shift)) == np.uint64(prefix), start)
 
 
 def first_bucket(state: ScoreState, estimation_method: str, n_rows: int) -> tuple[int, int] | None:

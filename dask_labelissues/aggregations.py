@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from . import states
 from .filters import GroupTop, JointState
 from .states import CountState, HistogramState, OutlookState, ScoreState, ThresholdState, Winners
@@ -110,3 +112,9 @@ JOINT = register(Aggregation("joint", JointState.combine))
 GROUP_TOP = register(Aggregation("group_top", GroupTop.combine))
 #: Rows gathered from every block, in block order.
 WINNERS = register(Aggregation("winners", Winners.combine))
+def _sum_counts(parts: Sequence[np.ndarray]) -> np.ndarray:
+    return np.sum(parts, axis=0, dtype=np.int64)
+
+
+#: K x K counts, summed.
+PAIR_COUNTS = register(Aggregation("pair_counts", _sum_counts))

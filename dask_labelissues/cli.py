@@ -291,15 +291,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     from .api import find_label_issues
     from .inputs import open_path
 
-    output = os.path.abspath(args.output)
-    if os.path.exists(output) and not args.overwrite:
-        raise CommandError(f"{output} already exists (use --overwrite to replace it)")
-    # Checked before any work: the store is written only at the end.
-    parent = os.path.dirname(output)
-    if not os.path.isdir(parent):
-        raise CommandError(f"directory {parent} does not exist (create it first, or choose another --output)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CommandError(f"directory {parent} is not writable")
+    output = _checked_output(args)
     labels = open_path(args.labels, "labels")
     probs = open_path(args.pred_probs, "pred_probs")
     started = time.perf_counter()
@@ -349,6 +341,121 @@ def cmd_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    threading.Thread(target=_import_quietly, args=("zarr",), daemon=True).start()
+    import numpy as np
+
+    from . import segmentation
+    from .inputs import open_path
+    from .store import write_arrays
+
+    output = _checked_output(args)
+    labels = open_path(args.labels, "labels")
+    probs = open_path(args.pred_probs, "pred_probs")
+    names = args.class_names.split(",") if args.class_names else None
+    if names is not None and len(probs.shape) == 4 and len(names) != int(probs.shape[1]):
+        raise CommandError(f"--class-names has {len(names)} names; pred_probs has {int(probs.shape[1])} classes")
+    started = time.perf_counter()
+    with where_it_runs(args) as (backend, client):
+        options = dict(
+            backend=backend, client=client, n_jobs=args.n_jobs, images_per_block=args.images_per_block,
+            verbose=_progress_default(args), row_sum_tolerance=args.row_sum_tolerance,
+        )
+        found = segmentation.find_issues(labels, probs, downsample=args.downsample, **options)
+        image_scores, pixel_scores = segmentation.get_label_quality_scores(
+            labels, probs, temperature=args.temperature, **options
+        )
+        flagged = np.asarray(found.mask.sum(axis=(1, 2)), dtype=np.int64)
+        ranked = np.lexsort((np.arange(image_scores.size), image_scores))  # worst first, ties by index
+        pairs = np.asarray(found.pair_counts, dtype=np.int64)
+        seconds = time.perf_counter() - started
+        score_dtype = np.float64 if np.dtype(probs.dtype) == np.float64 else np.float32
+        attrs = {
+            "format": "dask_labelissues segmentation results 1",
+            "images": int(probs.shape[0]), "classes": int(probs.shape[1]),
+            "height": int(probs.shape[2]), "width": int(probs.shape[3]),
+            "num_pixel_issues": int(flagged.sum()), "estimated_num_issues": int(found.estimated_num_issues),
+            "downsample": args.downsample, "temperature": args.temperature, "backend": backend,
+            "class_names": names,
+            "inputs": {"labels": args.labels, "pred_probs": args.pred_probs},
+            "seconds": round(seconds, 3),
+        }
+        _Interrupts.check()
+        try:
+            write_arrays(output, {
+                "is_label_issue": (found.mask, np.bool_),
+                "pixel_scores": (pixel_scores, score_dtype),
+                "image_scores": (image_scores, np.float64),
+                "pixel_issues_per_image": (flagged, np.int64),
+                "ranked_images": (ranked, np.int64),
+                "pair_counts": (pairs, np.int64),
+            }, attrs, overwrite=args.overwrite, client=client)
+        except Exception as exc:
+            if args.debug:
+                raise
+            raise CommandError(f"could not write {output}: {_one_line(exc)}; {_left_as_it_was(args)}") from None
+    seconds = time.perf_counter() - started
+    view = segmentation_view(attrs, image_scores, flagged, ranked, pairs, args.top)
+    if args.json:
+        print(json.dumps({**view, "output": output, "seconds": round(seconds, 3)}))
+    else:
+        print(format_segmentation(view))
+        print(f"written to      {output} in {seconds:.2f} s")
+    return 0
+
+
+def segmentation_view(
+    attrs: dict[str, Any], image_scores: Any, flagged: Any, ranked: Any, pairs: Any, top: int
+) -> dict[str, Any]:
+    """What ``segment`` and ``summary`` print of a segmentation results store."""
+    from .segmentation import pair_table
+
+    worst = [
+        {"image": int(i), "score": float(image_scores[i]), "flagged_pixels": int(flagged[i])}
+        for i in ranked[:top]
+    ]
+    table = pair_table(pairs, attrs.get("class_names"), top=top)
+    return {
+        "images": attrs["images"], "classes": attrs["classes"], "height": attrs["height"], "width": attrs["width"],
+        "num_pixel_issues": attrs["num_pixel_issues"], "estimated_num_issues": attrs["estimated_num_issues"],
+        "images_with_issues": int((flagged > 0).sum()),
+        "worst_images": worst,
+        "common_issues": table.to_dict(orient="records"),
+    }
+
+
+def format_segmentation(view: dict[str, Any]) -> str:
+    pixels = view["images"] * view["height"] * view["width"]
+    lines = [
+        f"images          {view['images']:,} of {view['height']} x {view['width']} pixels, {view['classes']} classes",
+        f"pixel issues    {view['num_pixel_issues']:,} of {pixels:,} pixels "
+        f"({view['num_pixel_issues'] / pixels:.2%}), in {view['images_with_issues']:,} images",
+        "",
+        "worst images (softmin image score, lower is worse):",
+        f"{'image':>10} {'score':>10} {'flagged pixels':>15}",
+    ]
+    lines += [f"{w['image']:>10} {w['score']:>10.4g} {w['flagged_pixels']:>15,}" for w in view["worst_images"]]
+    lines += ["", "most common label issues (given -> predicted):"]
+    lines += [
+        f"{row['given_label']:>10} -> {row['predicted_label']:<10} {row['num_pixel_issues']:>12,} pixels"
+        for row in view["common_issues"]
+    ] or ["      none"]
+    return "\n".join(lines)
+
+
+def _checked_output(args: argparse.Namespace) -> str:
+    """The output path, checked before any work: the store is written at the end."""
+    output = os.path.abspath(args.output)
+    if os.path.exists(output) and not args.overwrite:
+        raise CommandError(f"{output} already exists (use --overwrite to replace it)")
+    parent = os.path.dirname(output)
+    if not os.path.isdir(parent):
+        raise CommandError(f"directory {parent} does not exist (create it first, or choose another --output)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"directory {parent} is not writable")
+    return output
+
+
 def _left_as_it_was(args: argparse.Namespace) -> str:
     """What a failed or interrupted ``find`` left at its output path."""
     output = os.path.abspath(args.output)
@@ -392,6 +499,12 @@ def _int_list(text: str | None) -> list[int] | int | None:
 def cmd_summary(args: argparse.Namespace) -> int:
     from .results import open_results
 
+    segmentation = _segmentation_store(args.store)
+    if segmentation is not None:
+        if args.plot:
+            raise CommandError("--plot draws classification results only, not yet a segmentation store")
+        print(json.dumps(segmentation(args.top)) if args.json else format_segmentation(segmentation(args.top)))
+        return 0
     result = open_results(args.store)
     if args.json:
         print(json.dumps(summary_dict(result, args.top)))
@@ -405,12 +518,30 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segmentation_store(path: str) -> Any:
+    """For a store ``segment`` wrote, a function of ``top`` giving its view; else None."""
+    import zarr
+
+    try:
+        group = zarr.open_group(os.path.abspath(path), mode="r")
+    except Exception:
+        return None  # open_results says what is wrong with it
+    attrs = dict(group.attrs)
+    if not str(attrs.get("format", "")).startswith("dask_labelissues segmentation results"):
+        return None
+    arrays = {name: group[name][:] for name in ("image_scores", "pixel_issues_per_image", "ranked_images", "pair_counts")}
+    return lambda top: segmentation_view(
+        attrs, arrays["image_scores"], arrays["pixel_issues_per_image"], arrays["ranked_images"],
+        arrays["pair_counts"], top,
+    )
+
+
 # -- entry point -----------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dask-labelissues",
-        description="Find mislabeled rows in classification data of any size (batched confident learning on Dask).",
+        description="Find mislabeled rows (classification) or pixels (segmentation) in data of any size: batched confident learning on Dask.",
         epilog="Run 'dask-labelissues COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -477,8 +608,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_find)
 
+    p = command("segment", "Find the mislabeled pixels of a segmentation dataset and write them to a results store.")
+    p.add_argument("--labels", required=True, metavar="SRC",
+                   help="the given label maps, N x H x W: file.npy, store.zarr[:array], file.h5:/dataset, or a URL")
+    p.add_argument("--pred-probs", required=True, metavar="SRC",
+                   help="the predicted probabilities, N x K x H x W, in the same forms as --labels")
+    p.add_argument("--output", required=True, metavar="OUT.zarr",
+                   help="the results store to write (Zarr v3; it appears only when complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output store")
+    p.add_argument("--downsample", type=int, default=1, metavar="F",
+                   help="find issues on F x F tiles first, then check their pixels (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.1, metavar="T",
+                   help="softmin temperature of the image scores (default %(default)s)")
+    p.add_argument("--images-per-block", type=int, metavar="N",
+                   help="images per block (default: about 64 MB of pred_probs)")
+    p.add_argument("--class-names", metavar="A,B,...", help="names of the K classes, for the printed tables")
+    p.add_argument("--row-sum-tolerance", type=_tolerance, default=1e-3, metavar="T",
+                   help="largest accepted |sum over classes - 1| of a pixel, or 'none' (default %(default)s)")
+    p.add_argument("--top", type=int, default=10, metavar="N",
+                   help="worst images and common issues to print (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    _add_cluster(p)
+    _add_progress(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_segment)
+
     p = command("summary", "Print a results store's counts, worst rows and dataset health, and plot them if asked.")
-    p.add_argument("store", metavar="OUT.zarr", help="a results store written by find")
+    p.add_argument("store", metavar="OUT.zarr", help="a results store written by find or segment")
     p.add_argument("--top", type=int, default=20, metavar="N", help="worst rows to print (default %(default)s)")
     p.add_argument("--plot", metavar="FILE.png", help="also write the summary plot to FILE.png (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import filters, fused, states
 from .aggregations import (
-    FIRST_BUCKET, GROUP_TOP, HISTOGRAM, JOINT, SCORES, THRESHOLDS, THRESHOLDS_OUTLOOK, WINNERS, Pair,
+    FIRST_BUCKET, GROUP_TOP, HISTOGRAM, JOINT, PAIR_COUNTS, SCORES, THRESHOLDS, THRESHOLDS_OUTLOOK, WINNERS, Pair,
 )
 from .engines.base import INPUTS, START, Blocks, Engine, PerBlock
 from .engines.blocks import BlockReader
@@ -462,13 +462,16 @@ class PixelResult:
     estimated_num_issues: int
     thresholds: np.ndarray
     per_class_count: np.ndarray
+    #: K x K counts of (given, predicted) over the flagged pixels.
+    pair_counts: np.ndarray
 
 
 def pixel_mask_block(
-    rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, block: BlockReader | None, factor: int
-) -> np.ndarray:
+    rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, block: BlockReader | None, factor: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """A block's issue mask, pixel by pixel: among the T lowest scores and
-    not predicted as its given label.
+    not predicted as its given label; and the K x K counts of (given,
+    predicted) over its flagged pixels.
 
     With ``factor`` > 1 the items are ``factor`` x ``factor`` tiles: a
     selected tile marks each of its pixels whose own argmax (``block``,
@@ -476,12 +479,26 @@ def pixel_mask_block(
     """
     selected = states.selected_block(scores, cutoff, quota)
     if factor == 1:
-        return selected & (rec["pred"] != rec["label"])
-    labels, probs = block.stored_labels(), block.stored_probs()
-    n, h, w = labels.shape
-    tiles = selected.reshape(n, h // factor, w // factor)
-    mask = np.repeat(np.repeat(tiles, factor, axis=1), factor, axis=2)
-    return (mask & (probs.argmax(axis=1) != labels)).reshape(-1)
+        mask = selected & (rec["pred"] != rec["label"])
+        given, predicted = rec["label"][mask], rec["pred"][mask]
+    else:
+        labels, probs = block.stored_labels(), block.stored_probs()
+        n, h, w = labels.shape
+        tiles = selected.reshape(n, h // factor, w // factor)
+        argmax = probs.argmax(axis=1)
+        mask = np.repeat(np.repeat(tiles, factor, axis=1), factor, axis=2) & (argmax != labels)
+        given, predicted = labels[mask], argmax[mask]
+        mask = mask.reshape(-1)
+    pairs = np.bincount(given.astype(np.int64) * k + predicted, minlength=k * k).reshape(k, k)
+    return mask, pairs
+
+
+def mask_of(marked: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return marked[0]
+
+
+def pairs_of(marked: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return marked[1]
 
 
 def run_segmentation(engine: Engine, spec: ScoreSpec, image_shape: tuple[int, int], factor: int = 1) -> PixelResult:
@@ -490,17 +507,21 @@ def run_segmentation(engine: Engine, spec: ScoreSpec, image_shape: tuple[int, in
     confident learning; the T lowest self-confidences, minus pixels whose
     argmax is their label, make the ``(N, H, W)`` mask, written block by
     block from the selection's cut-off (a second read of pred_probs where
-    tiles are checked pixel by pixel)."""
+    tiles are checked pixel by pixel), with the (given, predicted) counts
+    of the flagged pixels."""
+    k = engine.n_classes
     columns = {"records": engine.column(spec.record_dtype()), "scores": engine.column(np.float64)}
     passes = first_passes(engine, spec, columns, select=False)
     cutoff, quotas = lowest_cutoff(engine, spec, passes)
     reread = INPUTS if factor > 1 else None
-    mask = engine.map(pixel_mask_block, passes.records, passes.scores, cutoff, PerBlock(quotas), reread, factor)
+    marked = engine.map(pixel_mask_block, passes.records, passes.scores, cutoff, PerBlock(quotas), reread, factor, k)
+    (pairs,) = engine.compute(engine.reduce(engine.map(pairs_of, marked), PAIR_COUNTS), keep=[marked])
     return PixelResult(
-        mask=engine.to_array(mask, np.bool_, row_shape=image_shape),
+        mask=engine.to_array(engine.map(mask_of, marked), np.bool_, row_shape=image_shape),
         estimated_num_issues=passes.score.counts.finalize(spec.estimation_method),
         thresholds=passes.thresholds,
         per_class_count=passes.scan.counts.copy(),
+        pair_counts=pairs,
     )
 
 

@@ -27,7 +27,7 @@ from . import inputs
 from .engines import make_engine
 from .kernels import ScoreSpec
 from .kinds import Pixels
-from .pipelines import run_pixel_scores, run_segmentation, warm_up
+from .pipelines import PixelResult, run_pixel_scores, run_segmentation, warm_up
 from .states import InputValueError
 
 __all__ = [
@@ -97,17 +97,27 @@ def find_label_issues(
         Wrong shapes, or a bad value (NaN, inf, negative, a pixel not
         summing to 1, a label outside ``0..K-1``), named by image and pixel.
     """
-    lab, probs, shape = _open(labels, pred_probs, downsample)
-    engine, spec = _engine(
-        lab, probs, shape, downsample, backend, client, n_jobs, batch_size, images_per_block,
-        verbose, row_sum_tolerance,
+    result = find_issues(
+        labels, pred_probs, batch_size=batch_size, n_jobs=n_jobs, verbose=verbose, downsample=downsample,
+        backend=backend, client=client, images_per_block=images_per_block, row_sum_tolerance=row_sum_tolerance,
     )
+    return _out(result.mask, labels, pred_probs)
+
+
+def find_issues(labels: Any, pred_probs: Any, *, downsample: int = 1, **options: Any) -> PixelResult:
+    """:func:`find_label_issues`'s job, with what it finds besides the mask:
+    T, the thresholds, pixels per given label, and the K x K counts of
+    (given, predicted) over the flagged pixels (what
+    :func:`common_label_issues` counts, here without reading pred_probs
+    again).  The mask is lazy where the engine is.  ``options``: those of
+    :func:`find_label_issues`."""
+    lab, probs, shape = _open(labels, pred_probs, downsample)
+    engine, spec = _engine(lab, probs, shape, downsample, **options)
     try:
         with _located(engine, shape):
-            result = run_segmentation(engine, spec, shape[2:], downsample)
+            return run_segmentation(engine, spec, shape[2:], downsample)
     finally:
         engine.close()
-    return _out(result.mask, labels, pred_probs)
 
 
 def get_label_quality_scores(
@@ -157,7 +167,8 @@ def get_label_quality_scores(
         raise ValueError("downsample applies to method='num_pixel_issues' only")
     lab, probs, shape = _open(labels, pred_probs, 1)
     engine, spec = _engine(
-        lab, probs, shape, 1, backend, client, n_jobs, batch_size, images_per_block, verbose, row_sum_tolerance
+        lab, probs, shape, 1, backend=backend, client=client, n_jobs=n_jobs, batch_size=batch_size,
+        images_per_block=images_per_block, verbose=verbose, row_sum_tolerance=row_sum_tolerance,
     )
     try:
         with _located(engine, shape):
@@ -189,6 +200,27 @@ def issues_from_scores(image_scores: Any, pixel_scores: Any = None, threshold: f
     image_scores = np.asarray(image_scores)
     ranking = np.argsort(image_scores, kind="stable")
     return ranking[: int(np.count_nonzero(image_scores < threshold))]
+
+
+def pair_table(
+    counts: np.ndarray, class_names: Sequence[str] | None = None, exclude: Sequence[int] | None = None,
+    top: int | None = None,
+) -> Any:
+    """K x K counts of (given, predicted) as :func:`common_label_issues`'s
+    table: its non-zero pairs, most common first (ties in class order)."""
+    import pandas as pd
+
+    counts = np.array(counts, dtype=np.int64)
+    k = counts.shape[0]
+    names = [str(i) for i in range(k)] if class_names is None else list(class_names)
+    if exclude:
+        counts[:, list(exclude)] = 0
+    given, predicted = np.nonzero(counts)
+    rows = sorted(
+        ((names[g], names[p], int(counts[g, p])) for g, p in zip(given.tolist(), predicted.tolist())),
+        key=lambda row: row[2], reverse=True,
+    )[: 20 if top is None else top]
+    return pd.DataFrame(rows, columns=["given_label", "predicted_label", "num_pixel_issues"])
 
 
 def common_label_issues(
@@ -224,21 +256,9 @@ def common_label_issues(
     pandas.DataFrame
         Columns ``given_label``, ``predicted_label``, ``num_pixel_issues``.
     """
-    import pandas as pd
-
-    counts = _flagged_pairs(issues, labels, pred_probs)
-    k = counts.shape[0]
-    names = [str(i) for i in range(k)] if class_names is None else list(class_names)
-    if exclude:
-        counts[:, list(exclude)] = 0
-    given, predicted = np.nonzero(counts)
-    rows = sorted(
-        ((names[g], names[p], int(counts[g, p])) for g, p in zip(given.tolist(), predicted.tolist())),
-        key=lambda row: row[2], reverse=True,
-    )[: 20 if top is None else top]
-    table = pd.DataFrame(rows, columns=["given_label", "predicted_label", "num_pixel_issues"])
+    table = pair_table(_flagged_pairs(issues, labels, pred_probs), class_names, exclude, top)
     if verbose:
-        for given_name, predicted_name, count in rows:
+        for given_name, predicted_name, count in table.itertuples(index=False):
             print(
                 f"Class '{given_name}' is potentially mislabeled as class for '{predicted_name}' "
                 f"{count} pixels in the dataset"
@@ -294,9 +314,9 @@ def _open(labels: Any, pred_probs: Any, downsample: int) -> tuple[Any, Any, tupl
 
 
 def _engine(
-    lab: Any, probs: Any, shape: tuple[int, ...], downsample: int, backend: str, client: Any,
-    n_jobs: int | None, batch_size: int | None, images_per_block: int | None, verbose: bool,
-    row_sum_tolerance: float | None,
+    lab: Any, probs: Any, shape: tuple[int, ...], downsample: int, *, backend: str = "auto", client: Any = None,
+    n_jobs: int | None = None, batch_size: int | None = None, images_per_block: int | None = None,
+    verbose: bool = False, row_sum_tolerance: float | None = 1e-3,
 ) -> tuple[Any, ScoreSpec]:
     if images_per_block is None and batch_size is not None:
         if batch_size <= 0:

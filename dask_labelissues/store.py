@@ -16,10 +16,11 @@ beside ``OUT`` and renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -94,17 +95,7 @@ def write_results(
     str
         The absolute path written.
     """
-    import zarr
-
-    target = _local(path)
-    if os.path.exists(target) and not overwrite:
-        raise FileExistsError(f"{target} already exists (use --overwrite / overwrite=True to replace it)")
-    parent = os.path.dirname(target)
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"directory {parent} does not exist")
-    tmp = os.path.join(parent, f".{os.path.basename(target)}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    with _atomic_group(path, overwrite) as group:
         small = {
             "issues": np.asarray(result.issues, dtype=np.int64),
             "issue_scores": np.asarray(result.issue_scores, dtype=np.float64),
@@ -116,29 +107,7 @@ def write_results(
             group.create_array(name, data=values, chunks=(max(1, min(len(values), LOCAL_CHUNK_ROWS)),))
         if result.confident_joint is not None:
             group.create_array("confident_joint", data=np.asarray(result.confident_joint, dtype=np.int64))
-
-        sources, targets, local = [], [], []
-        for name, dtype in N_LONG.items():
-            values = getattr(result, name)
-            if hasattr(values, "dask"):
-                values = values.astype(dtype)
-                rows = int(max(values.chunks[0]))
-                if len(set(values.chunks[0][:-1])) > 1:
-                    values = values.rechunk(rows)
-                arr = group.create_array(name, shape=values.shape, chunks=(rows,), dtype=dtype,
-                                         compressors=_compressors())
-                sources.append(values)
-                targets.append(arr)
-            else:
-                values = np.asarray(values)
-                arr = group.create_array(name, shape=values.shape, chunks=(min(len(values), LOCAL_CHUNK_ROWS),),
-                                         dtype=dtype, compressors=_compressors())
-                local.append((arr, values, dtype))
-        if local:
-            _store_numpy(local)
-        if sources:
-            _store_lazy(sources, targets, client)
-
+        _store_rows(group, {name: (getattr(result, name), dtype) for name, dtype in N_LONG.items()}, client)
         meta = {
             "format": "dask_labelissues results 1",
             "rows": result.n_rows,
@@ -156,7 +125,51 @@ def write_results(
         }
         meta.update(attrs or {})
         group.attrs.update(meta)
+        return group.target
 
+
+def write_arrays(
+    path: str | os.PathLike,
+    arrays: dict[str, tuple[Any, Any]],
+    attrs: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    client: Any = None,
+) -> str:
+    """Write ``{name: (array, dtype)}`` (numpy or dask, chunked along their
+    first axis) and ``attrs`` to a Zarr v3 group at ``path``, atomically as
+    :func:`write_results`; returns the absolute path written."""
+    with _atomic_group(path, overwrite) as group:
+        _store_rows(group, arrays, client)
+        group.attrs.update({**attrs, "versions": _versions()})
+        return group.target
+
+
+class _Group:
+    """A Zarr group being written, and the path it will have."""
+
+    def __init__(self, group: Any, target: str) -> None:
+        self.group, self.target = group, target
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.group, name)
+
+
+@contextlib.contextmanager
+def _atomic_group(path: str | os.PathLike, overwrite: bool) -> Iterator[_Group]:
+    """A Zarr v3 group built under a hidden temporary name beside ``path``
+    and renamed into place once the block returns; removed if it raises."""
+    import zarr
+
+    target = _local(path)
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} already exists (use --overwrite / overwrite=True to replace it)")
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"directory {parent} does not exist")
+    tmp = os.path.join(parent, f".{os.path.basename(target)}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        yield _Group(zarr.open_group(tmp, mode="w", zarr_format=3), target)
         if os.path.exists(target):
             trash = f"{tmp}.old"
             os.rename(target, trash)
@@ -173,7 +186,33 @@ def write_results(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+def _store_rows(group: Any, arrays: dict[str, tuple[Any, Any]], client: Any) -> None:
+    """Create and fill the arrays of ``{name: (values, dtype)}``: dask
+    arrays by whoever holds their chunks, numpy ones from here."""
+    sources, targets, local = [], [], []
+    for name, (values, dtype) in arrays.items():
+        if hasattr(values, "dask"):
+            values = values.astype(dtype)
+            rows = int(max(values.chunks[0]))
+            if len(set(values.chunks[0][:-1])) > 1:
+                values = values.rechunk({0: rows})
+            arr = group.create_array(name, shape=values.shape, chunks=(rows, *values.shape[1:]), dtype=dtype,
+                                     compressors=_compressors())
+            sources.append(values)
+            targets.append(arr)
+        else:
+            values = np.asarray(values)
+            per_row = max(1, int(np.prod(values.shape[1:])))
+            rows = max(1, min(len(values), LOCAL_CHUNK_ROWS // per_row))
+            arr = group.create_array(name, shape=values.shape, chunks=(rows, *values.shape[1:]),
+                                     dtype=dtype, compressors=_compressors())
+            local.append((arr, values, dtype))
+    if local:
+        _store_numpy(local)
+    if sources:
+        _store_lazy(sources, targets, client)
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -245,8 +284,9 @@ def _store_numpy(arrays: list[tuple[Any, np.ndarray, Any]]) -> None:
 
     def write(item: tuple[Any, np.ndarray, Any]) -> None:
         arr, values, dtype = item
-        for a in range(0, len(values), LOCAL_WRITE_ROWS):
-            arr[a : a + LOCAL_WRITE_ROWS] = values[a : a + LOCAL_WRITE_ROWS].astype(dtype)
+        step = max(1, LOCAL_WRITE_ROWS // max(1, int(np.prod(values.shape[1:]))))
+        for a in range(0, len(values), step):
+            arr[a : a + step] = values[a : a + step].astype(dtype)
 
     with ThreadPoolExecutor(len(arrays), thread_name_prefix="dask-labelissues-store") as pool:
         list(pool.map(write, arrays))

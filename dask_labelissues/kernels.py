@@ -179,7 +179,7 @@ def find_problem(
         return InputProblem(
             row, f"pred_probs[{row}, {j}] = {values[j]} is negative{LOGITS_HINT}"
         )
-    if not values.max() < MAX_VALUE:
+    if not float(values.max()) < MAX_VALUE:
         j = int(np.argmax(values))
         return InputProblem(
             row,

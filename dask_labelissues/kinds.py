@@ -15,6 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
+from . import kernels
+from .kernels import InputProblem
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -37,9 +40,21 @@ class Kind:
         """A block of stored pred_probs as items x classes."""
         return np.asarray(block)
 
+    @property
+    def pools(self) -> bool:
+        """Items are made from several stored values (pooled tiles): bad
+        values are looked for in the stored ones (:meth:`stored_problem`)."""
+        return False
+
     def where(self, item: int, probs_shape: Sequence[int]) -> str:
         """Where item ``item`` is, in words."""
         return f"row {item}"
+
+    def stored_problem(
+        self, labels: np.ndarray, probs: np.ndarray, start_row: int, tolerance: float | None
+    ) -> InputProblem | None:
+        """The first bad stored value of a block, for kinds that pool."""
+        return None
 
 
 #: Classification's kind.
@@ -85,15 +100,32 @@ class Pixels(Kind):
         # kernels read each pixel's K values together.
         return np.ascontiguousarray(np.moveaxis(block, 1, -1)).reshape(-1, block.shape[1])
 
+    @property
+    def pools(self) -> bool:
+        return self.downsample > 1
+
     def where(self, item: int, probs_shape: Sequence[int]) -> str:
-        """Where item ``item`` is, in words: its image and pixel (or tile)."""
-        f = self.downsample
-        h, w = (s // f for s in probs_shape[2:])
+        """Where pixel ``item`` is, in words (a pooling kind's bad values
+        are pixels too: :meth:`stored_problem`)."""
+        h, w = probs_shape[2:]
         image, rest = divmod(int(item), h * w)
         y, x = divmod(rest, w)
-        if f == 1:
-            return f"image {image}, pixel ({y}, {x})"
-        return f"image {image}, the {f}x{f} tile at pixel ({y * f}, {x * f})"
+        return f"image {image}, pixel ({y}, {x})"
+
+    def stored_problem(
+        self, labels: np.ndarray, probs: np.ndarray, start_row: int, tolerance: float | None
+    ) -> InputProblem | None:
+        """The first bad pixel of a block of images, as pass one names a bad
+        item; its index is the pixel's.  Tiles are pooled, then renormalized,
+        which would hide a pixel's bad sum or label, and in float16 move a
+        good tile's sum by up to 2e-3."""
+        pixels = Pixels()
+        start = start_row * int(np.prod(np.shape(labels)[1:]))
+        labels, probs = pixels.labels(labels), pixels.probs(probs)
+        return kernels.find_problem(
+            labels, probs, start, tolerance,
+            probs.sum(axis=1, dtype=np.float64), probs.min(axis=1), probs.max(axis=1).astype(np.float64),
+        )
 
 
 #: Semantic segmentation's kind.

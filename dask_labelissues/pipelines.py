@@ -49,6 +49,12 @@ def scan_block(block: BlockReader, spec: ScoreSpec, outlook: bool, out: np.ndarr
         b = a + len(probs)
         parts.append(states.scan_block(labels[a:b], probs, block.item_start + a, spec, out=rec[a:b])[1])
     state = parts[0] if len(parts) == 1 else ThresholdState.combine(parts)
+    if block.kind.pools:
+        # Bad values are named by the stored values they are in, not the
+        # items pooled from them.
+        state.problem = block.kind.stored_problem(
+            block.stored_labels(), block.stored_probs(), block.start, spec.row_sum_tolerance
+        )
     if outlook:
         state = (state, OutlookState.chunk(rec, len(state.counts)))
     return Pair(rec, state)

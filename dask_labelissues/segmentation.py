@@ -293,8 +293,11 @@ def _open(labels: Any, pred_probs: Any, downsample: int) -> tuple[Any, Any, tupl
         raise TypeError(f"labels must be integer class indices, got dtype {np.dtype(lab.dtype)}")
     if tuple(int(s) for s in lab.shape) != (n, h, w):
         hint = ""
-        if tuple(lab.shape) == (n, w, h) or tuple(probs.shape[1:]) == (h, w, k):
-            hint = " (axes in another order? pred_probs must be (N, K, H, W), class axis second)"
+        if tuple(lab.shape) == (n, k, h):
+            hint = (" (pred_probs looks like (N, H, W, K): move the class axis second, "
+                    "np.moveaxis(pred_probs, -1, 1))")
+        elif tuple(lab.shape) == (n, w, h):
+            hint = " (labels look like (N, W, H): the pixel axes of the two differ in order)"
         raise ValueError(
             f"labels have shape {tuple(lab.shape)} but pred_probs {shape}: labels must be (N, H, W) = "
             f"{(n, h, w)}{hint}"

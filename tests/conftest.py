@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 
 
 @dataclass
@@ -74,3 +77,32 @@ def assert_identical(a, b) -> None:
     np.testing.assert_array_equal(a.per_class_count, b.per_class_count)
     assert a.estimated_num_issues == b.estimated_num_issues
     assert a.num_issues == b.num_issues
+
+
+MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+@contextlib.contextmanager
+def environment(**values):
+    """This process's environment with ``values`` (None: unset), restored after."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in values.items():
+            if value is None:
+                patch.delenv(name, raising=False)
+            else:
+                patch.setenv(name, value)
+        yield
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """The LocalCluster the CLI and the demo start, as in a fresh process:
+    a LocalCluster started earlier in this one (test_filters has one) leaves
+    distributed's allocator setting in the environment, where it would win."""
+    from distributed import Client
+
+    from dask_labelissues.cluster import local_cluster as start
+
+    with environment(**dict.fromkeys((*MALLOC_VARIABLES, "PYTHONHASHSEED"))):
+        with start(2, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
+            yield client

@@ -33,10 +33,6 @@ from dask_labelissues.filters import FilterSpec
 from dask_labelissues.kernels import ScoreSpec
 from dask_labelissues.kinds import PIXELS, ROWS
 
-# The distributed cases reuse the embedded cluster the CLI starts; its
-# worker processes are spawned with this process's sys.path, so they can
-# import the small task functions defined below.
-from .test_invariance import local_cluster  # noqa: F401
 
 N, K = 37, 4
 
@@ -526,14 +522,14 @@ def test_rows_filter_matches_cleanlab():
 
 # -- a real distributed cluster (last: its Client is the default from here on) --------
 @pytest.mark.parametrize(("spec_name", "rows"), [("self_confidence", 1), ("adjusted_margin", 7)])
-def test_every_stage_matches_serial_on_a_cluster(local_cluster, spec_name, rows):  # noqa: F811
+def test_every_stage_matches_serial_on_a_cluster(local_cluster, spec_name, rows):
     labels, probs = contract_data()
     with opened("distributed", labels, probs, SPECS[spec_name], rows, client=local_cluster) as engine:
         check_stages(engine, spec_name, rows)
 
 
 @pytest.mark.parametrize("pipeline", ["run", "run_filter"])
-def test_pixels_match_rows_on_a_cluster(local_cluster, pipeline):  # noqa: F811
+def test_pixels_match_rows_on_a_cluster(local_cluster, pipeline):
     labels, probs = pixel_data()
     with opened("distributed", labels, probs, ScoreSpec(), 2, client=local_cluster, kind=PIXELS) as engine:
         got = result_of(job(engine, pipeline, probs.dtype))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -12,7 +11,7 @@ import zarr
 from dask_labelissues import find_label_issues
 from dask_labelissues.cluster import MALLOC_THRESHOLD
 
-from .conftest import Dataset, assert_identical, make_dataset
+from .conftest import MALLOC_VARIABLES, Dataset, assert_identical, environment, make_dataset
 
 
 def tied_dataset(n: int = 600, k: int = 5, seed: int = 3) -> Dataset:
@@ -93,21 +92,6 @@ def test_larger_dataset_dask_chunks_match_serial():
     )
 
 
-MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
-
-
-@contextlib.contextmanager
-def environment(**values):
-    """This process's environment with ``values`` (None: unset), restored after."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in values.items():
-            if value is None:
-                patch.delenv(name, raising=False)
-            else:
-                patch.setenv(name, value)
-        yield
-
-
 def environment_reader(names=MALLOC_VARIABLES + ("PYTHONHASHSEED",)):
     """A function that reads ``names`` from its process's environment,
     defined here so that workers need not import this module."""
@@ -118,18 +102,6 @@ def environment_reader(names=MALLOC_VARIABLES + ("PYTHONHASHSEED",)):
     return read
 
 
-@pytest.fixture(scope="module")
-def local_cluster():
-    """The LocalCluster the CLI and the demo start, as in a fresh process:
-    a LocalCluster started earlier in this one (test_filters has one) leaves
-    distributed's allocator setting in the environment, where it would win."""
-    from distributed import Client
-
-    from dask_labelissues.cluster import local_cluster as start
-
-    with environment(**dict.fromkeys((*MALLOC_VARIABLES, "PYTHONHASHSEED"))):
-        with start(2, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
-            yield client
 
 
 def test_local_cluster_settings_reach_every_process(local_cluster):

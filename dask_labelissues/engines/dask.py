@@ -596,7 +596,7 @@ def as_dask_arrays(labels: Any, pred_probs: Any, chunk_rows: int | None) -> tupl
                 where = "the class axis" if split == [1] else f"axes {split}"
                 warnings.warn(
                     f"{label} is split into chunks along {where}; rechunking to whole rows "
-                    "(each block of rows needs all its classes)",
+                    "(a block needs all the classes of its rows, and whole images)",
                     UserWarning,
                     stacklevel=5,
                 )

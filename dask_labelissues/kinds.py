@@ -97,8 +97,13 @@ class Pixels(Kind):
             block = block.reshape(n, k, h // f, f, w // f, f).mean(axis=(5, 3))
             block = block / np.expand_dims(block.sum(axis=1), 1)
         # The class axis moves last: one copy of the block, C-ordered so the
-        # kernels read each pixel's K values together.
-        return np.ascontiguousarray(np.moveaxis(block, 1, -1)).reshape(-1, block.shape[1])
+        # kernels read each pixel's K values together.  float16 becomes
+        # float32 in the same copy (exactly: every float16 is a float32),
+        # which the compiled kernels take.
+        dtype = np.float32 if block.dtype == np.float16 else block.dtype
+        moved = np.empty((block.shape[0], *block.shape[2:], block.shape[1]), dtype=dtype)
+        moved[...] = np.moveaxis(block, 1, -1)
+        return moved.reshape(-1, block.shape[1])
 
     @property
     def pools(self) -> bool:

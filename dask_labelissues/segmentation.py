@@ -101,7 +101,7 @@ def find_label_issues(
         labels, pred_probs, batch_size=batch_size, n_jobs=n_jobs, verbose=verbose, downsample=downsample,
         backend=backend, client=client, images_per_block=images_per_block, row_sum_tolerance=row_sum_tolerance,
     )
-    return _out(result.mask, labels, pred_probs)
+    return result.mask
 
 
 def find_issues(labels: Any, pred_probs: Any, *, downsample: int = 1, **options: Any) -> PixelResult:
@@ -109,15 +109,17 @@ def find_issues(labels: Any, pred_probs: Any, *, downsample: int = 1, **options:
     T, the thresholds, pixels per given label, and the K x K counts of
     (given, predicted) over the flagged pixels (what
     :func:`common_label_issues` counts, here without reading pred_probs
-    again).  The mask is lazy where the engine is.  ``options``: those of
-    :func:`find_label_issues`."""
+    again).  The mask is as :func:`find_label_issues` returns it.
+    ``options``: those of :func:`find_label_issues`."""
     lab, probs, shape = _open(labels, pred_probs, downsample)
     engine, spec = _engine(lab, probs, shape, downsample, **options)
     try:
         with _located(engine, shape):
-            return run_segmentation(engine, spec, shape[2:], downsample)
+            result = run_segmentation(engine, spec, shape[2:], downsample)
     finally:
         engine.close()
+    result.mask = _out(result.mask, labels, pred_probs, getattr(engine, "client", None))
+    return result
 
 
 def get_label_quality_scores(
@@ -181,7 +183,7 @@ def get_label_quality_scores(
             batch_size=batch_size, images_per_block=images_per_block, row_sum_tolerance=row_sum_tolerance,
         )
         image_scores = 1.0 - np.asarray(mask.mean(axis=(1, 2)), dtype=np.float64)
-    return image_scores, _out(pixel_scores, labels, pred_probs)
+    return image_scores, _out(pixel_scores, labels, pred_probs, getattr(engine, "client", None))
 
 
 def issues_from_scores(image_scores: Any, pixel_scores: Any = None, threshold: float = 0.1) -> np.ndarray:
@@ -360,10 +362,14 @@ def _locate(message: str, item: int, where: str) -> str:
     return message
 
 
-def _out(array: Any, labels: Any, pred_probs: Any) -> Any:
-    """Dask in, lazy dask out; numpy otherwise."""
+def _out(array: Any, labels: Any, pred_probs: Any, client: Any) -> Any:
+    """Dask in, dask out (its blocks held on ``client``'s cluster when the
+    job ran on one, so that computing it needs no current client); numpy
+    otherwise, computed on the job's cluster."""
     if inputs.is_dask_array(labels) or inputs.is_dask_array(pred_probs):
-        return array
+        return array if client is None else client.persist(array)
+    if client is not None:
+        return np.asarray(client.compute(array).result())
     return np.asarray(array)
 
 

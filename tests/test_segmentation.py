@@ -675,3 +675,22 @@ def test_distributed_cluster_gives_cleanlabs_mask(local_cluster, cleanlab_find, 
     cl_images, cl_pixels = cl_rank.get_label_quality_scores(labels, probs, verbose=False)
     np.testing.assert_allclose(image_scores, cl_images, rtol=0, atol=1e-9)
     np.testing.assert_array_equal(pixel_scores, cl_pixels)
+
+
+def test_a_client_that_is_not_the_current_one_computes_the_results(local_cluster):
+    """The job's results are computed on the cluster given, not on whatever
+    scheduler is current: numpy in, numpy out; dask in, a dask array whose
+    blocks that cluster holds."""
+    from distributed import Client
+
+    labels, probs = images(5)
+    expected = segmentation.find_label_issues(labels, probs, backend="serial")
+    scores = segmentation.get_label_quality_scores(labels, probs, backend="serial")
+    with Client(local_cluster.cluster, set_as_default=False) as other:
+        mask = segmentation.find_label_issues(labels, probs, client=other, images_per_block=2)
+        assert isinstance(mask, np.ndarray)
+        np.testing.assert_array_equal(mask, expected)
+        _, pixel_scores = segmentation.get_label_quality_scores(labels, probs, client=other, images_per_block=2)
+        np.testing.assert_array_equal(pixel_scores, scores[1])
+        lazy = segmentation.find_label_issues(da.from_array(labels, chunks=(2, -1, -1)), probs, client=other)
+        np.testing.assert_array_equal(other.compute(lazy).result(), expected)

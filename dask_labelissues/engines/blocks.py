@@ -306,6 +306,7 @@ class BlockReader:
         self.items_per_row = items_per_row
         self.read_rows = read_rows
         self._release = release
+        self._read: dict[int, np.ndarray] = {}
 
     @property
     def item_start(self) -> int:
@@ -313,9 +314,15 @@ class BlockReader:
         return self.start * self.items_per_row
 
     def _whole(self, source: Any) -> np.ndarray:
-        if isinstance(source, list):
-            return concatenate(source)
-        return np.asarray(source[self.start : self.stop])
+        # Read once per task: a task may ask for a block both as items and
+        # as stored (a pooling kind checks the stored values it pooled).
+        key = id(source)
+        if key not in self._read:
+            if isinstance(source, list):
+                self._read[key] = concatenate(source)
+            else:
+                self._read[key] = np.asarray(source[self.start : self.stop])
+        return self._read[key]
 
     def labels(self) -> np.ndarray:
         """The block's labels, one per item."""
@@ -344,10 +351,15 @@ class BlockReader:
                 yield at, self.kind.probs(part)
                 at += len(part) * self.items_per_row
             return
-        for a, b in piece_bounds(self.start, self.stop, self.read_rows):
+        bounds = piece_bounds(self.start, self.stop, self.read_rows)
+        if len(bounds) == 1:
+            yield 0, self.kind.probs(self._whole(self._probs))
+            return
+        for a, b in bounds:
             yield (a - self.start) * self.items_per_row, self.kind.probs(np.asarray(self._probs[a:b]))
 
     def close(self) -> None:
         """Let go of the block's pages of memory-mapped inputs, once read."""
+        self._read.clear()
         if self._release is not None:
             self._release(self.start, self.stop)

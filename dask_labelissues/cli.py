@@ -74,6 +74,17 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key", metavar="PEM", help="client private key for a TLS scheduler (default: none)")
 
 
+def _add_inputs_and_output(p: argparse.ArgumentParser, labels: str, probs_shape: str) -> None:
+    """``--labels``, ``--pred-probs``, ``--output`` and ``--overwrite``, for ``find`` and ``segment``."""
+    p.add_argument("--labels", required=True, metavar="SRC",
+                   help=f"{labels}: file.npy, store.zarr[:array], file.h5:/dataset, or a URL of one")
+    p.add_argument("--pred-probs", required=True, metavar="SRC",
+                   help=f"the predicted probabilities, {probs_shape}, in the same forms as --labels")
+    p.add_argument("--output", required=True, metavar="OUT.zarr",
+                   help="the results store to write (Zarr v3; it appears only when complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output store")
+
+
 def _add_local_clusters(p: Any) -> None:
     """``--workers`` and ``--dashboard``, the same for ``demo`` and ``find``."""
     p.add_argument("--workers", type=int, metavar="N",
@@ -568,13 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = command("find", "Find the mislabeled rows of a dataset (labels and pred_probs) and write them to a results store.")
-    p.add_argument("--labels", required=True, metavar="SRC",
-                   help="the given labels: file.npy, store.zarr[:array], file.h5:/dataset, or a URL of one")
-    p.add_argument("--pred-probs", required=True, metavar="SRC",
-                   help="the predicted probabilities, N x K, in the same forms as --labels")
-    p.add_argument("--output", required=True, metavar="OUT.zarr",
-                   help="the results store to write (Zarr v3; it appears only when complete)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output store")
+    _add_inputs_and_output(p, "the given labels", "N x K")
     p.add_argument("--method", choices=METHODS, default="self_confidence",
                    help="label quality score, lower is worse (default %(default)s)")
     p.add_argument("--adjust-pred-probs", action="store_true",
@@ -609,13 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_find)
 
     p = command("segment", "Find the mislabeled pixels of a segmentation dataset and write them to a results store.")
-    p.add_argument("--labels", required=True, metavar="SRC",
-                   help="the given label maps, N x H x W: file.npy, store.zarr[:array], file.h5:/dataset, or a URL")
-    p.add_argument("--pred-probs", required=True, metavar="SRC",
-                   help="the predicted probabilities, N x K x H x W, in the same forms as --labels")
-    p.add_argument("--output", required=True, metavar="OUT.zarr",
-                   help="the results store to write (Zarr v3; it appears only when complete)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output store")
+    _add_inputs_and_output(p, "the given label maps, N x H x W", "N x K x H x W")
     p.add_argument("--downsample", type=int, default=1, metavar="F",
                    help="find issues on F x F tiles first, then check their pixels (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.1, metavar="T",

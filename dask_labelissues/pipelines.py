@@ -36,6 +36,15 @@ OUTLOOK_MAX_CLASSES = 1024
 
 
 # -- block tasks ------------------------------------------------------------------
+def _into(out: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """``rows`` written into the block's share of a column, where the engine
+    keeps one (``out``), and the rows as the task returns them."""
+    if out is None:
+        return rows
+    out[...] = rows
+    return out
+
+
 def scan_block(block: BlockReader, spec: ScoreSpec, outlook: bool, out: np.ndarray | None = None) -> Pair:
     """Pass one on a block: its records and threshold state
     (:func:`dask_labelissues.states.scan_block`), read in the block's
@@ -100,9 +109,7 @@ def joint_block(
 ) -> Pair:
     """A filter's second read of a block (:func:`dask_labelissues.filters.joint_block`)."""
     rows, state = filters.joint_block(rec, block.probs(), thresholds, fspec, kernel)
-    if out is not None:
-        out[...] = rows
-        rows = out
+    rows = _into(out, rows)
     return Pair(rows, state)
 
 
@@ -122,18 +129,14 @@ def flag_block(
 ) -> Pair:
     """A filter's ``is_label_issue`` for a block, and its flagged rows."""
     mask = filters.mask_block(rule, rec, joint, start)
-    if out is not None:
-        out[...] = mask
-        mask = out
+    mask = _into(out, mask)
     return Pair(mask, Winners.chunk(rec, scores, mask, start))
 
 
 def issue_mask_block(rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, out: np.ndarray | None = None) -> Pair:
     """``is_label_issue`` for a block (:func:`dask_labelissues.states.issue_mask_block`)."""
     mask = states.issue_mask_block(rec, scores, cutoff, quota)
-    if out is not None:
-        out[...] = mask
-        mask = out
+    mask = _into(out, mask)
     return Pair(mask, None)
 
 
@@ -309,6 +312,14 @@ def run(engine: Engine, spec: ScoreSpec, health: bool = False) -> RawResult:
     return result
 
 
+def _narrow(engine: Engine, selection: Selection, scores: Blocks) -> None:
+    """The selection's radix rounds, each a tree reduction of the kept
+    scores' digit histograms, until its bucket is small enough to gather."""
+    while selection.wants_round():
+        digits = engine.map(states.HistogramState.chunk, scores, selection.round_index, selection.prefix)
+        selection.advance(engine.compute(engine.reduce(digits, HISTOGRAM))[0])
+
+
 def lowest_scores(engine: Engine, spec: ScoreSpec, passes: Passes) -> tuple[int, list[int], Winners | None]:
     """The T lowest scores after both passes: the cut-off score key and each
     block's quota of rows at that key (ties by item index), and their rows,
@@ -322,9 +333,7 @@ def lowest_scores(engine: Engine, spec: ScoreSpec, passes: Passes) -> tuple[int,
     records, scores = passes.records, passes.scores
     cutoff, quotas, winners = 0, [], None
     if selection is not None:
-        while selection.wants_round():
-            digits = engine.map(states.HistogramState.chunk, scores, selection.round_index, selection.prefix)
-            selection.advance(engine.compute(engine.reduce(digits, HISTOGRAM))[0])
+        _narrow(engine, selection, scores)
         if selection.gathers_bucket():
             gathered = None
             if passes.prefetched is not None:
@@ -540,9 +549,7 @@ def lowest_cutoff(engine: Engine, spec: ScoreSpec, passes: Passes) -> tuple[int,
     selection = Selection.after_pass_two(passes.score, spec.estimation_method, engine.n_items)
     if selection is None:
         return 0, [0] * n
-    while selection.wants_round():
-        digits = engine.map(states.HistogramState.chunk, passes.scores, selection.round_index, selection.prefix)
-        selection.advance(engine.compute(engine.reduce(digits, HISTOGRAM))[0])
+    _narrow(engine, selection, passes.scores)
     if selection.gathers_bucket():
         bucket = _gather(
             engine, states.bucket_rows_block, passes.records, passes.scores, selection.shift, selection.prefix, START

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..aggregations import Aggregation
+from ..kinds import ROWS, Kind
 from .blocks import BlockPlan
 
 #: Fan-in of every engine's reductions.
@@ -89,6 +90,10 @@ class Engine(ABC):
 
     Attributes
     ----------
+    labels, pred_probs
+        The job's inputs, as the engine reads them.
+    kind
+        How a block of stored rows becomes items (:mod:`dask_labelissues.kinds`).
     plan
         The job's blocks (:class:`~.blocks.BlockPlan`), in stored rows.
     n_items, n_classes
@@ -100,11 +105,15 @@ class Engine(ABC):
         job, so a pipeline gains by chaining stages before it computes.
     """
 
-    plan: BlockPlan
-    n_items: int
-    n_classes: int
-    items_per_row: int = 1
     fuses_stages: bool = False
+
+    def __init__(self, labels: Any, pred_probs: Any, plan: BlockPlan, kind: Kind = ROWS) -> None:
+        self.labels, self.pred_probs = labels, pred_probs
+        self.plan = plan
+        self.kind = kind
+        self.items_per_row = kind.items_per_row(pred_probs.shape)
+        self.n_items = int(pred_probs.shape[0]) * self.items_per_row
+        self.n_classes = kind.n_classes(pred_probs.shape)
 
     @property
     def starts(self) -> list[int]:

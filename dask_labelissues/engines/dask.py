@@ -325,15 +325,10 @@ class DaskEngine(Engine):
         progress: bool = False,
         kind: Kind = ROWS,
     ) -> None:
-        self.labels, self.pred_probs = labels, pred_probs
-        self.plan = plan
+        super().__init__(labels, pred_probs, plan, kind)
         self.direct = direct
         self.client = distributed_client(client)
         self.progress = progress
-        self.kind = kind
-        self.items_per_row = kind.items_per_row(pred_probs.shape)
-        self.n_items = int(pred_probs.shape[0]) * self.items_per_row
-        self.n_classes = kind.n_classes(pred_probs.shape)
         self.n_columns = 0
 
     # -- the primitives ----------------------------------------------------------

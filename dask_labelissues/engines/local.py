@@ -165,17 +165,12 @@ class LocalEngine(Engine):
         progress: bool = False,
         spill_dir: str | None = None,
     ) -> None:
-        self.labels, self.pred_probs = labels, pred_probs
+        super().__init__(labels, pred_probs, plan, kind)
         # Blocks are sliced from one mapping of each file for the whole job,
         # and a block's pages are let go once it is read: mapping every block
         # anew cost a tenth of a scan in mmap and munmap calls.
         self._labels_rows = _job_view(labels)
         self._probs_rows = _job_view(pred_probs)
-        self.plan = plan
-        self.kind = kind
-        self.items_per_row = kind.items_per_row(pred_probs.shape)
-        self.n_items = int(pred_probs.shape[0]) * self.items_per_row
-        self.n_classes = kind.n_classes(pred_probs.shape)
         self.progress = progress
         self.spill_dir = spill_dir
         self.columns: list[np.ndarray] = []

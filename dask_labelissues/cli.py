@@ -371,6 +371,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         options = dict(
             backend=backend, client=client, n_jobs=args.n_jobs, images_per_block=args.images_per_block,
             verbose=_progress_default(args), row_sum_tolerance=args.row_sum_tolerance,
+            ignore_index=args.ignore_index,
         )
         found = segmentation.find_issues(labels, probs, downsample=args.downsample, **options)
         image_scores, pixel_scores = segmentation.get_label_quality_scores(
@@ -387,6 +388,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             "height": int(probs.shape[2]), "width": int(probs.shape[3]),
             "num_pixel_issues": int(flagged.sum()), "estimated_num_issues": int(found.estimated_num_issues),
             "downsample": args.downsample, "temperature": args.temperature, "backend": backend,
+            "ignore_index": args.ignore_index,
             "class_names": names,
             "inputs": {"labels": args.labels, "pred_probs": args.pred_probs},
             "seconds": round(seconds, 3),
@@ -622,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-block", type=int, metavar="N",
                    help="images per block (default: about 64 MB of pred_probs)")
     p.add_argument("--class-names", metavar="A,B,...", help="names of the K classes, for the printed tables")
+    p.add_argument("--ignore-index", type=int, metavar="L",
+                   help="a label marking pixels to leave out, often 255 (default: none; every label must be a class)")
     p.add_argument("--row-sum-tolerance", type=_tolerance, default=1e-3, metavar="T",
                    help="largest accepted |sum over classes - 1| of a pixel, or 'none' (default %(default)s)")
     p.add_argument("--top", type=int, default=10, metavar="N",

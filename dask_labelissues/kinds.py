@@ -36,14 +36,32 @@ class Kind:
         """A block of stored labels as one label per item."""
         return np.asarray(block)
 
-    def probs(self, block: np.ndarray) -> np.ndarray:
-        """A block of stored pred_probs as items x classes."""
+    def probs(self, block: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """A block of stored pred_probs as items x classes; ``labels``, the
+        same stored rows' labels, where :attr:`probs_need_labels`."""
         return np.asarray(block)
 
     @property
-    def pools(self) -> bool:
-        """Items are made from several stored values (pooled tiles): bad
-        values are looked for in the stored ones (:meth:`stored_problem`)."""
+    def probs_need_labels(self) -> bool:
+        """:meth:`probs` needs the block's stored labels."""
+        return False
+
+    def ignored(self, labels: np.ndarray) -> np.ndarray | None:
+        """Where stored ``labels`` mark values left out of the job (None:
+        nowhere)."""
+        return None
+
+    @property
+    def ignored_class(self) -> int | None:
+        """The items' class that holds the values left out, after the real
+        ones (None: nothing is left out)."""
+        return None
+
+    @property
+    def checks_stored(self) -> bool:
+        """Bad values are looked for in the stored values
+        (:meth:`stored_problem`), not in the items made from them (pooled
+        tiles, or ignored pixels, would hide them or move them)."""
         return False
 
     def where(self, item: int, probs_shape: Sequence[int]) -> str:
@@ -71,43 +89,106 @@ class Pixels(Kind):
     cleanlab.segmentation pools them: a tile's label is the mean of its
     labels, rounded; its probabilities the mean of its pixels',
     renormalized to sum to 1.
+
+    With ``ignore_index`` (and ``classes``, K), pixels labelled
+    ``ignore_index`` are left out: they become items of an extra class K
+    with probability 1 of it and 0 of every real class.  Such an item
+    adds nothing to a real class's threshold, count or sum, is confident
+    only in class K (whose threshold is 1) and so always on the confident
+    joint's diagonal, scores 1 and is its own argmax, so it is never
+    flagged; and no real pixel is confident in class K (its probability 0
+    is below 1).  A tile pools only its pixels that are not ignored, and is
+    ignored where all are.
     """
 
     name: str = "pixels"
     downsample: int = 1
+    ignore_index: int | None = None
+    classes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ignore_index is not None and self.classes < 2:
+            raise ValueError("Pixels(ignore_index=...) needs classes, the number of real classes")
 
     def items_per_row(self, probs_shape: Sequence[int]) -> int:
         f = self.downsample
         return int(np.prod([s // f for s in probs_shape[2:]], dtype=np.int64))
 
+    def n_classes(self, probs_shape: Sequence[int]) -> int:
+        return int(probs_shape[1]) + (self.ignore_index is not None)
+
+    def ignored(self, labels: np.ndarray) -> np.ndarray | None:
+        return None if self.ignore_index is None else np.asarray(labels) == self.ignore_index
+
+    @property
+    def ignored_class(self) -> int | None:
+        return None if self.ignore_index is None else self.classes
+
+    @property
+    def probs_need_labels(self) -> bool:
+        return self.ignore_index is not None
+
     def labels(self, block: np.ndarray) -> np.ndarray:
         block = np.asarray(block)
         f = self.downsample
+        if self.ignore_index is not None:
+            return self._kept_labels(block)
         if f == 1:
             return block.reshape(-1)
         n, h, w = block.shape
         pooled = np.round(block.reshape(n, h // f, f, w // f, f).mean(axis=(4, 2)))
         return pooled.astype(np.int64).reshape(-1)
 
-    def probs(self, block: np.ndarray) -> np.ndarray:
+    def _kept_labels(self, block: np.ndarray) -> np.ndarray:
+        kept = block != self.ignore_index
+        f = self.downsample
+        if f == 1:
+            return np.where(kept, block, self.classes).astype(np.int64, copy=False).reshape(-1)
+        n, h, w = block.shape
+        counts = kept.reshape(n, h // f, f, w // f, f).sum(axis=(4, 2))
+        sums = np.where(kept, block, 0).reshape(n, h // f, f, w // f, f).sum(axis=(4, 2), dtype=np.float64)
+        pooled = np.round(sums / np.maximum(counts, 1)).astype(np.int64)
+        pooled[counts == 0] = self.classes
+        return pooled.reshape(-1)
+
+    def probs(self, block: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         block = np.asarray(block)
         f = self.downsample
+        kept = None
+        if self.ignore_index is not None:
+            if labels is None:
+                raise ValueError("Pixels(ignore_index=...).probs needs the block's labels")
+            kept = np.asarray(labels) != self.ignore_index
         if f > 1:
             n, k, h, w = block.shape
-            block = block.reshape(n, k, h // f, f, w // f, f).mean(axis=(5, 3))
-            block = block / np.expand_dims(block.sum(axis=1), 1)
+            if kept is None:
+                block = block.reshape(n, k, h // f, f, w // f, f).mean(axis=(5, 3))
+            else:
+                # Ignored pixels' predictions are left out of their tile's mean.
+                # (not multiplied by 0: an ignored pixel's values may be NaN).
+                weights = kept.reshape(n, 1, h // f, f, w // f, f)
+                block = np.where(weights, block.reshape(n, k, h // f, f, w // f, f), 0).sum(axis=(5, 3), dtype=np.float64)
+                kept = weights.any(axis=(5, 3))[:, 0]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                block = block / np.expand_dims(block.sum(axis=1), 1)
         # The class axis moves last: one copy of the block, C-ordered so the
         # kernels read each pixel's K values together.  float16 becomes
         # float32 in the same copy (exactly: every float16 is a float32),
         # which the compiled kernels take.
         dtype = np.float32 if block.dtype == np.float16 else block.dtype
-        moved = np.empty((block.shape[0], *block.shape[2:], block.shape[1]), dtype=dtype)
-        moved[...] = np.moveaxis(block, 1, -1)
-        return moved.reshape(-1, block.shape[1])
+        k = block.shape[1]
+        width = k + (kept is not None)
+        moved = np.empty((block.shape[0], *block.shape[2:], width), dtype=dtype)
+        moved[..., :k] = np.moveaxis(block, 1, -1)
+        if kept is not None:
+            moved[..., k] = 0
+            moved[~kept] = 0
+            moved[~kept, k] = 1
+        return moved.reshape(-1, width)
 
     @property
-    def pools(self) -> bool:
-        return self.downsample > 1
+    def checks_stored(self) -> bool:
+        return self.downsample > 1 or self.ignore_index is not None
 
     def where(self, item: int, probs_shape: Sequence[int]) -> str:
         """Where pixel ``item`` is, in words (a pooling kind's bad values
@@ -123,7 +204,14 @@ class Pixels(Kind):
         """The first bad pixel of a block of images, as pass one names a bad
         item; its index is the pixel's.  Tiles are pooled, then renormalized,
         which would hide a pixel's bad sum or label, and in float16 move a
-        good tile's sum by up to 2e-3."""
+        good tile's sum by up to 2e-3.  Ignored pixels are not checked, and
+        the others against the K real classes (the items have one more)."""
+        labels, probs = np.asarray(labels), np.asarray(probs)
+        ignored = self.ignored(labels)
+        if ignored is not None and ignored.any():
+            # An ignored pixel is checked as a good one: label 0, certain of it.
+            labels = np.where(ignored, 0, labels)
+            probs = np.where(ignored[:, None], np.eye(1, probs.shape[1], dtype=probs.dtype)[0][:, None, None], probs)
         pixels = Pixels()
         start = start_row * int(np.prod(np.shape(labels)[1:]))
         labels, probs = pixels.labels(labels), pixels.probs(probs)

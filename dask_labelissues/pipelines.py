@@ -58,9 +58,9 @@ def scan_block(block: BlockReader, spec: ScoreSpec, outlook: bool, out: np.ndarr
         b = a + len(probs)
         parts.append(states.scan_block(labels[a:b], probs, block.item_start + a, spec, out=rec[a:b])[1])
     state = parts[0] if len(parts) == 1 else ThresholdState.combine(parts)
-    if block.kind.pools:
+    if block.kind.checks_stored:
         # Bad values are named by the stored values they are in, not the
-        # items pooled from them.
+        # items pooled (or set aside) from them.
         state.problem = block.kind.stored_problem(
             block.stored_labels(), block.stored_probs(), block.start, spec.row_sum_tolerance
         )
@@ -502,6 +502,9 @@ def pixel_mask_block(
         tiles = selected.reshape(n, h // factor, w // factor)
         argmax = probs.argmax(axis=1)
         mask = np.repeat(np.repeat(tiles, factor, axis=1), factor, axis=2) & (argmax != labels)
+        ignored = block.kind.ignored(labels)
+        if ignored is not None:
+            mask &= ~ignored
         given, predicted = labels[mask], argmax[mask]
         mask = mask.reshape(-1)
     pairs = np.bincount(given.astype(np.int64) * k + predicted, minlength=k * k).reshape(k, k)
@@ -523,8 +526,10 @@ def run_segmentation(engine: Engine, spec: ScoreSpec, image_shape: tuple[int, in
     argmax is their label, make the ``(N, H, W)`` mask, written block by
     block from the selection's cut-off (a second read of pred_probs where
     tiles are checked pixel by pixel), with the (given, predicted) counts
-    of the flagged pixels."""
+    of the flagged pixels.  A class of ignored pixels (the kind's
+    ``ignored_class``) is left out of the results."""
     k = engine.n_classes
+    real = k if engine.kind.ignored_class is None else engine.kind.ignored_class
     columns = {"records": engine.column(spec.record_dtype()), "scores": engine.column(np.float64)}
     passes = first_passes(engine, spec, columns, select=False)
     cutoff, quotas = lowest_cutoff(engine, spec, passes)
@@ -534,9 +539,9 @@ def run_segmentation(engine: Engine, spec: ScoreSpec, image_shape: tuple[int, in
     return PixelResult(
         mask=engine.to_array(engine.map(mask_of, marked), np.bool_, row_shape=image_shape),
         estimated_num_issues=passes.score.counts.finalize(spec.estimation_method),
-        thresholds=passes.thresholds,
-        per_class_count=passes.scan.counts.copy(),
-        pair_counts=pairs,
+        thresholds=passes.thresholds[:real],
+        per_class_count=passes.scan.counts[:real].copy(),
+        pair_counts=pairs[:real, :real],
     )
 
 
@@ -559,14 +564,25 @@ def lowest_cutoff(engine: Engine, spec: ScoreSpec, passes: Passes) -> tuple[int,
     return selection.prefix, selection.quotas([int(c) for c in equal])
 
 
-def image_softmin_block(rec: np.ndarray, pixels: int, temperature: float) -> np.ndarray:
+def image_softmin_block(rec: np.ndarray, pixels: int, temperature: float, ignored: int | None = None) -> np.ndarray:
     """Each image's softmin of its pixels' self-confidence: the scores
     weighted by a softmax of ``(1 - score) / temperature``, shifted by each
-    image's largest exponent so that no weight overflows."""
+    image's largest exponent so that no weight overflows.  Pixels of label
+    ``ignored`` weigh nothing; an image of nothing else scores 1."""
     s = rec["score"].reshape(-1, pixels)
     x = (1.0 - s) / temperature
-    weights = np.exp(x - x.max(axis=1, keepdims=True))
-    return np.einsum("ij,ij->i", s, weights) / weights.sum(axis=1)
+    if ignored is None:
+        weights = np.exp(x - x.max(axis=1, keepdims=True))
+        return np.einsum("ij,ij->i", s, weights) / weights.sum(axis=1)
+    kept = rec["label"].reshape(-1, pixels) != ignored
+    x = np.where(kept, x, -np.inf)
+    top = x.max(axis=1, keepdims=True)
+    weights = np.exp(x - np.where(np.isfinite(top), top, 0.0))
+    total = weights.sum(axis=1)
+    out = np.ones(len(s))
+    some = total > 0
+    out[some] = np.einsum("ij,ij->i", s[some], weights[some]) / total[some]
+    return out
 
 
 def run_pixel_scores(
@@ -580,7 +596,7 @@ def run_pixel_scores(
     )
     root = engine.reduce(records, THRESHOLDS)
     pixels = int(np.prod(image_shape))
-    images = engine.map(image_softmin_block, records, pixels, temperature)
+    images = engine.map(image_softmin_block, records, pixels, temperature, engine.kind.ignored_class)
     done, parts = engine.compute(root, images, keep=[records])
     done.state.raise_problem()
     scores = engine.to_array(records, spec.record_dtype(), row_shape=image_shape)["score"]

@@ -54,6 +54,7 @@ def find_label_issues(
     client: Any = None,
     images_per_block: int | None = None,
     row_sum_tolerance: float | None = 1e-3,
+    ignore_index: int | None = None,
 ) -> Any:
     """The pixels whose given label is likely wrong, as an ``(N, H, W)`` mask.
 
@@ -84,6 +85,12 @@ def find_label_issues(
         How far a pixel's K probabilities may sum from 1.  The default
         1e-3 also holds float16 predictions, whose rounding moves a sum by
         at most 2**-11 (about 4.9e-4); None skips the check.
+    ignore_index
+        A label that marks pixels to leave out (often 255, or -100): they
+        add nothing to the thresholds, the count or the selection, their
+        probabilities are not checked, and they are never flagged.  With
+        ``downsample``, a tile pools only its other pixels.  cleanlab has
+        no such option (it fails on such labels).
 
     Returns
     -------
@@ -100,6 +107,7 @@ def find_label_issues(
     result = find_issues(
         labels, pred_probs, batch_size=batch_size, n_jobs=n_jobs, verbose=verbose, downsample=downsample,
         backend=backend, client=client, images_per_block=images_per_block, row_sum_tolerance=row_sum_tolerance,
+        ignore_index=ignore_index,
     )
     return result.mask
 
@@ -136,6 +144,7 @@ def get_label_quality_scores(
     client: Any = None,
     images_per_block: int | None = None,
     row_sum_tolerance: float | None = 1e-3,
+    ignore_index: int | None = None,
 ) -> tuple[np.ndarray, Any]:
     """A score per image and per pixel: lower is more likely mislabeled.
 
@@ -143,6 +152,10 @@ def get_label_quality_scores(
     ----------
     labels, pred_probs, batch_size, n_jobs, verbose, backend, client, images_per_block, row_sum_tolerance
         As in :func:`find_label_issues`.
+    ignore_index
+        As in :func:`find_label_issues`: ignored pixels score 1 and weigh
+        nothing in their image's score (an image of nothing else scores
+        1); ``"num_pixel_issues"`` counts the fraction among the others.
     method
         ``"softmin"``: each image's pixel scores weighted by a softmax of
         ``(1 - score) / temperature`` (one read of pred_probs);
@@ -159,7 +172,8 @@ def get_label_quality_scores(
     image_scores : numpy.ndarray
         ``(N,)`` float64, in [0, 1].
     pixel_scores : numpy.ndarray or dask.array.Array
-        ``(N, H, W)`` float64: each pixel's probability of its given label.
+        ``(N, H, W)`` float64: each pixel's probability of its given label
+        (1 for an ignored pixel).
     """
     if method not in ("softmin", "num_pixel_issues"):
         raise ValueError(f"method={method!r} is not one of softmin, num_pixel_issues")
@@ -171,6 +185,7 @@ def get_label_quality_scores(
     engine, spec = _engine(
         lab, probs, shape, 1, backend=backend, client=client, n_jobs=n_jobs, batch_size=batch_size,
         images_per_block=images_per_block, verbose=verbose, row_sum_tolerance=row_sum_tolerance,
+        ignore_index=ignore_index,
     )
     try:
         with _located(engine, shape):
@@ -181,8 +196,12 @@ def get_label_quality_scores(
         mask = find_label_issues(
             labels, pred_probs, downsample=downsample, backend=backend, client=client, n_jobs=n_jobs,
             batch_size=batch_size, images_per_block=images_per_block, row_sum_tolerance=row_sum_tolerance,
+            ignore_index=ignore_index,
         )
-        image_scores = 1.0 - np.asarray(mask.mean(axis=(1, 2)), dtype=np.float64)
+        if ignore_index is None:
+            image_scores = 1.0 - np.asarray(mask.mean(axis=(1, 2)), dtype=np.float64)
+        else:
+            image_scores = 1.0 - _flagged_share(mask, labels, ignore_index)
     return image_scores, _out(pixel_scores, labels, pred_probs, getattr(engine, "client", None))
 
 
@@ -321,18 +340,22 @@ def _open(labels: Any, pred_probs: Any, downsample: int) -> tuple[Any, Any, tupl
 def _engine(
     lab: Any, probs: Any, shape: tuple[int, ...], downsample: int, *, backend: str = "auto", client: Any = None,
     n_jobs: int | None = None, batch_size: int | None = None, images_per_block: int | None = None,
-    verbose: bool = False, row_sum_tolerance: float | None = 1e-3,
+    verbose: bool = False, row_sum_tolerance: float | None = 1e-3, ignore_index: int | None = None,
 ) -> tuple[Any, ScoreSpec]:
     if images_per_block is None and batch_size is not None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         images_per_block = max(int(batch_size) // int(np.prod(shape[1:])), 1)
     spec = ScoreSpec("self_confidence", False, "off_diagonal", row_sum_tolerance)
-    kind = Pixels(downsample=int(downsample))
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))):
+        raise TypeError(f"ignore_index must be an integer label, got {ignore_index!r}")
+    kind = Pixels(
+        downsample=int(downsample), ignore_index=None if ignore_index is None else int(ignore_index), classes=shape[1],
+    )
     engine, _, _ = make_engine(
         backend, lab, probs, spec, single_read=downsample == 1, chunk_rows=images_per_block,
         n_jobs=n_jobs, client=client, progress=verbose, kind=kind,
-        warm_up=lambda s: warm_up(s, None, shape[1], probs.dtype),
+        warm_up=lambda s: warm_up(s, None, kind.n_classes(shape), probs.dtype),
     )
     return engine, engine.plan.spec
 
@@ -358,7 +381,7 @@ def _locate(message: str, item: int, where: str) -> str:
     message = re.sub(rf"labels\[{item}\]", f"labels at {where}", message)
     message = re.sub(rf"\brow {item}\b", f"at {where}", message)
     if re.search(r"= 255 is not a class", message):
-        message += " (255 often marks pixels to ignore; give them a class before this check)"
+        message += " (255 often marks pixels to ignore: pass ignore_index=255, or --ignore-index 255, to leave them out)"
     return message
 
 
@@ -381,6 +404,18 @@ def _image_blocks(issues: Any, labels: Any, pred_probs: Any, rows: int = 64) -> 
     for a in range(0, n, rows):
         b = min(a + rows, n)
         yield np.asarray(issues[a:b], dtype=bool), np.asarray(lab[a:b]), np.asarray(probs[a:b])
+
+
+def _flagged_share(mask: Any, labels: Any, ignore_index: int) -> np.ndarray:
+    """Each image's flagged pixels as a share of its pixels not ignored (0
+    where all are)."""
+    lab = inputs.open_source(labels, "labels")
+    n = int(lab.shape[0])
+    flagged = np.asarray(mask.sum(axis=(1, 2)), dtype=np.float64)
+    kept = np.concatenate([
+        (np.asarray(lab[a : a + 64]) != ignore_index).sum(axis=(1, 2)) for a in range(0, n, 64)
+    ]).astype(np.float64)
+    return np.divide(flagged, kept, out=np.zeros(n), where=kept > 0)
 
 
 def _flagged_pairs(issues: Any, labels: Any, pred_probs: Any) -> np.ndarray:

@@ -78,3 +78,28 @@ def test_segment_refuses_a_bad_pixel_naming_it_and_writes_nothing(files, tmp_pat
     assert "image 7, pixel (3, 9)" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1  # one line, no traceback
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.npy", "probs.npy"]  # nothing half-written
+
+
+def test_ignore_index_leaves_out_the_pixels_it_marks(files, tmp_path):
+    _, labels, probs = files
+    labels = labels.astype(np.uint8)
+    labels[2:5, :4, :] = 255
+    np.save(tmp_path / "labels.npy", labels)
+    np.save(tmp_path / "probs.npy", probs)
+    inputs = ["--labels", str(tmp_path / "labels.npy"), "--pred-probs", str(tmp_path / "probs.npy")]
+
+    refused = run("segment", *inputs, "--output", str(tmp_path / "refused.zarr"))
+    assert refused.returncode != 0
+    assert "image 2, pixel (0, 0)" in refused.stderr and "--ignore-index 255" in refused.stderr
+    assert not (tmp_path / "refused.zarr").exists()
+
+    out = tmp_path / "out.zarr"
+    proc = run("segment", *inputs, "--output", str(out), "--ignore-index", "255", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    mask = segmentation.find_label_issues(labels, probs, ignore_index=255)
+    image_scores, _ = segmentation.get_label_quality_scores(labels, probs, ignore_index=255)
+    store = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(store["is_label_issue"][:], mask)
+    np.testing.assert_array_equal(store["image_scores"][:], image_scores)
+    assert not store["is_label_issue"][2:5, :4, :].any()
+    assert store.attrs["ignore_index"] == 255

@@ -694,3 +694,178 @@ def test_a_client_that_is_not_the_current_one_computes_the_results(local_cluster
         np.testing.assert_array_equal(pixel_scores, scores[1])
         lazy = segmentation.find_label_issues(da.from_array(labels, chunks=(2, -1, -1)), probs, client=other)
         np.testing.assert_array_equal(other.compute(lazy).result(), expected)
+
+
+# -- ignore_index -----------------------------------------------------------------------
+IGNORE = 255
+
+
+def ignored_images(k: int = 5, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synthetic images with an irregular set of pixels labelled 255 (whole
+    2x2 tiles, partial tiles and one whole image), and NaN predictions at
+    some of them: an ignored pixel's values are not the job's."""
+    labels, probs = images(k, dtype)
+    labels, probs = labels.astype(np.int64), probs.copy()
+    rng = np.random.default_rng(11)
+    ignored = rng.random(labels.shape) < 0.15
+    ignored[3, 4:12, 8:20] = True
+    ignored[7] = True
+    labels[ignored] = IGNORE
+    probs[:, :, ][np.broadcast_to(ignored[:, None], probs.shape) & (rng.random(probs.shape) < 0.05)] = np.nan
+    return labels, probs, ignored
+
+
+def kept_reference(labels: np.ndarray, probs: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The classification pipeline on the kept items alone (in item order):
+    the T lowest scores (ties by index), minus argmax == label, put back in
+    place; items not kept are False."""
+    y, p = labels[kept], probs[kept]
+    rows = dask_labelissues.find_label_issues(y, p, backend="serial")
+    lowest = np.argsort(rows.label_quality_scores, kind="stable")[: rows.estimated_num_issues]
+    chosen = np.zeros(len(y), dtype=bool)
+    chosen[lowest] = True
+    chosen &= p.argmax(axis=1) != y
+    out = np.zeros(kept.shape, dtype=bool)
+    out[kept] = chosen
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_ignored_pixels_are_left_out_as_if_absent(dtype):
+    labels, probs, ignored = ignored_images(5, dtype)
+    y, p = flat(labels, probs)
+    kept = ~ignored.reshape(-1)
+
+    found = segmentation.find_issues(labels, probs, backend="serial", ignore_index=IGNORE)
+
+    reference = kept_reference(y, p, kept)
+    assert 0 < reference.sum() < kept.sum()
+    np.testing.assert_array_equal(found.mask, reference.reshape(labels.shape))
+    assert not found.mask[ignored].any()
+    rows = dask_labelissues.find_label_issues(y[kept], p[kept], backend="serial")
+    assert found.estimated_num_issues == rows.estimated_num_issues
+    np.testing.assert_array_equal(found.thresholds, rows.confident_thresholds)
+    np.testing.assert_array_equal(found.per_class_count, np.bincount(y[kept], minlength=5))
+    assert found.pair_counts.shape == (5, 5)
+    assert found.pair_counts.sum() == found.mask.sum()
+
+
+def test_ignored_tiles_pool_only_the_pixels_kept():
+    labels, probs, ignored = ignored_images(5)
+    f = 2
+    n, k, h, w = probs.shape
+
+    mask = segmentation.find_label_issues(labels, probs, downsample=f, backend="serial", ignore_index=IGNORE)
+
+    # Tiles by hand: the kept pixels' mean label, rounded, and their mean
+    # probabilities, renormalized; a tile of ignored pixels only is left out.
+    kept = ~ignored
+    tiles = kept.reshape(n, h // f, f, w // f, f)
+    count = tiles.sum(axis=(4, 2))
+    label_sum = np.where(kept, labels, 0).reshape(n, h // f, f, w // f, f).sum(axis=(4, 2))
+    tile_labels = np.round(label_sum / np.maximum(count, 1)).astype(np.int64)
+    weights = kept[:, None].reshape(n, 1, h // f, f, w // f, f)
+    clean = np.where(kept[:, None], probs.astype(np.float64), 0.0)
+    tile_probs = clean.reshape(n, k, h // f, f, w // f, f).sum(axis=(5, 3))
+    with np.errstate(invalid="ignore"):
+        tile_probs = tile_probs / tile_probs.sum(axis=1, keepdims=True)
+    assert weights.shape[1] == 1
+    y, p = flat(tile_labels, tile_probs)
+    selected = kept_reference(y, p, (count > 0).reshape(-1)).reshape(n, h // f, w // f)
+    # A selected tile already dropped argmax == label on the tile; the
+    # pixel check is the one of segmentation, on every kept pixel.
+    lowest_tiles = selected | _dropped_tiles(y, p, (count > 0).reshape(-1)).reshape(n, h // f, w // f)
+    up = np.repeat(np.repeat(lowest_tiles, f, axis=1), f, axis=2)
+    reference = up & (probs.argmax(axis=1) != labels) & kept
+    np.testing.assert_array_equal(mask, reference)
+    assert mask.any() and not mask[ignored].any()
+
+
+def _dropped_tiles(y: np.ndarray, p: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The kept tiles among the T lowest whose argmax is their label."""
+    rows = dask_labelissues.find_label_issues(y[kept], p[kept], backend="serial")
+    lowest = np.argsort(rows.label_quality_scores, kind="stable")[: rows.estimated_num_issues]
+    chosen = np.zeros(int(kept.sum()), dtype=bool)
+    chosen[lowest] = True
+    chosen &= p[kept].argmax(axis=1) == y[kept]
+    out = np.zeros(kept.shape, dtype=bool)
+    out[kept] = chosen
+    return out
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [("serial", {"images_per_block": 1}), ("threads", {"images_per_block": 3}), ("fork", {"images_per_block": 4}),
+     ("dask", {"images_per_block": 2})],
+)
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_ignored_pixels_give_one_result_on_every_engine_and_chunking(backend, options, downsample):
+    labels, probs, _ = ignored_images(5)
+    expected = segmentation.find_label_issues(labels, probs, downsample=downsample, backend="serial",
+                                              ignore_index=IGNORE)
+    with dask.config.set(scheduler="threads"):
+        got = segmentation.find_label_issues(
+            labels, probs, downsample=downsample, backend=backend, ignore_index=IGNORE, **options
+        )
+        lazy = segmentation.find_label_issues(
+            da.from_array(labels, chunks=(3, SIDE, SIDE)), da.from_array(probs, chunks=(3, 5, SIDE, SIDE)),
+            downsample=downsample, ignore_index=IGNORE,
+        )
+        np.testing.assert_array_equal(lazy.compute(), expected)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_ignored_pixels_weigh_nothing_in_image_scores():
+    labels, probs, ignored = ignored_images(5)
+    temperature = 0.1
+
+    image_scores, pixel_scores = segmentation.get_label_quality_scores(
+        labels, probs, backend="threads", ignore_index=IGNORE, temperature=temperature
+    )
+
+    kept = ~ignored
+    safe = np.where(kept, labels, 0)
+    own = np.take_along_axis(probs.astype(np.float64), safe[:, None], axis=1)[:, 0]
+    np.testing.assert_array_equal(pixel_scores[kept], own[kept])
+    assert (pixel_scores[ignored] == 1.0).all()
+    for i in range(len(labels)):
+        s = own[i][kept[i]]
+        if s.size == 0:
+            assert image_scores[i] == 1.0  # image 7: every pixel ignored
+            continue
+        x = (1.0 - s) / temperature
+        weights = np.exp(x - x.max())
+        assert image_scores[i] == pytest.approx((s * weights).sum() / weights.sum(), rel=1e-12, abs=1e-12)
+
+    by_issues, _ = segmentation.get_label_quality_scores(
+        labels, probs, method="num_pixel_issues", backend="serial", ignore_index=IGNORE
+    )
+    mask = segmentation.find_label_issues(labels, probs, backend="serial", ignore_index=IGNORE)
+    share = mask.sum(axis=(1, 2)) / np.maximum(kept.sum(axis=(1, 2)), 1)
+    np.testing.assert_allclose(by_issues, 1.0 - share, rtol=0, atol=1e-15)
+
+
+def test_without_ignore_index_255_is_refused_with_the_option_named():
+    labels, probs, _ = ignored_images(5)
+    with pytest.raises(ValueError, match=r"= 255 is not a class index in 0\.\.4 .*ignore_index=255"):
+        segmentation.find_label_issues(labels, probs, backend="serial")
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_with_ignore_index_other_bad_values_are_still_refused_by_pixel(downsample):
+    labels, probs, ignored = ignored_images(5)
+    # Label 5 is the class the ignored pixels are counted in; given, it is
+    # not a class of the data.
+    image = 2
+    y, x = (int(v) for v in np.argwhere(~ignored[image])[40])
+    bad = labels.copy()
+    bad[image, y, x] = 5
+    with pytest.raises(ValueError, match=rf"image {image}, pixel \({y}, {x}\) = 5 is not a class index in 0\.\.4"):
+        segmentation.find_label_issues(bad, probs, backend="threads", ignore_index=IGNORE, downsample=downsample)
+    nan = probs.copy()
+    y, x = (int(v) for v in np.argwhere(~ignored[4])[60])
+    nan[4, 2, y, x] = np.nan
+    with pytest.raises(ValueError, match=rf"image 4, pixel \({y}, {x}\), class 2 = nan"):
+        segmentation.find_label_issues(labels, nan, backend="dask", ignore_index=IGNORE, downsample=downsample)
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        segmentation.find_label_issues(labels, probs, ignore_index=255.0)

@@ -330,7 +330,7 @@ class BlockReader:
 
     def probs(self) -> np.ndarray:
         """The block's pred_probs, items x classes, at once."""
-        return self.kind.probs(self._whole(self._probs))
+        return self._items(self._whole(self._probs), 0)
 
     def stored_labels(self) -> np.ndarray:
         """The block's labels as stored (an image's, not its items)."""
@@ -340,23 +340,30 @@ class BlockReader:
         """The block's pred_probs as stored."""
         return self._whole(self._probs)
 
+    def _items(self, probs: np.ndarray, first_row: int) -> np.ndarray:
+        """Stored rows ``first_row:`` (of the block) of pred_probs as items."""
+        if not self.kind.probs_need_labels:
+            return self.kind.probs(probs)
+        labels = self._whole(self._labels)[first_row : first_row + len(probs)]
+        return self.kind.probs(probs, labels)
+
     def pieces(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(first item, pred_probs)`` of each piece of the block in turn,
         items counted from the block's start; one piece is held at a time."""
         if isinstance(self._probs, list):
             joined = join_adjacent(self._probs)
             parts = [joined] if joined is not None else self._probs
-            at = 0
+            row = 0
             for part in parts:
-                yield at, self.kind.probs(part)
-                at += len(part) * self.items_per_row
+                yield row * self.items_per_row, self._items(part, row)
+                row += len(part)
             return
         bounds = piece_bounds(self.start, self.stop, self.read_rows)
         if len(bounds) == 1:
-            yield 0, self.kind.probs(self._whole(self._probs))
+            yield 0, self._items(self._whole(self._probs), 0)
             return
         for a, b in bounds:
-            yield (a - self.start) * self.items_per_row, self.kind.probs(np.asarray(self._probs[a:b]))
+            yield (a - self.start) * self.items_per_row, self._items(np.asarray(self._probs[a:b]), a - self.start)
 
     def close(self) -> None:
         """Let go of the block's pages of memory-mapped inputs, once read."""

@@ -414,6 +414,118 @@ def scan_records(
     return counts, sums, int(first_bad)
 
 
+def _build_planes() -> Any:
+    """Compile (or load from numba's cache) :func:`scan_planes`'s kernel.
+
+    Apart from :func:`_build_numba`'s kernels, so that a job on rows does
+    not load it: only images' class planes need it.
+    """
+    import numba
+
+    @numba.njit(nogil=True, cache=True)
+    def records_planes(planes, raw_labels, eps, tolerance, max_value,
+                       p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs,
+                       best, arg, low, total):
+        # records' per-row work (self-confidence) on items stored class by
+        # class: planes[i, j, p] is item i * P + p's probability of class j.
+        # The classes are taken one plane at a time, each pixel's running
+        # max, argmax, min and float64 sum kept in ``best``, ``arg``, ``low``
+        # and ``total`` (P each): the same comparisons and additions, in the
+        # same class order, as records makes along a row, so the same bits.
+        n, k, m = planes.shape
+        first_bad = -1
+        for i in range(n):
+            for p in range(m):
+                v = planes[i, 0, p]
+                best[p] = v
+                arg[p] = 0
+                low[p] = v
+                total[p] = np.float64(v)
+            for j in range(1, k):
+                for p in range(m):
+                    v = planes[i, j, p]
+                    if v > best[p]:
+                        best[p] = v
+                        arg[p] = j
+                    if v < low[p]:
+                        low[p] = v
+                    total[p] += v
+            for p in range(m):
+                at = i * m + p
+                raw = raw_labels[at]
+                y = min(max(raw, 0), k - 1)
+                own = planes[i, y, p]
+                b = best[p]
+                t = total[p]
+                if first_bad < 0:
+                    fine = raw >= 0 and raw < k and np.isfinite(t) and low[p] >= 0 and t > 0
+                    fine = fine and np.float64(b) < max_value
+                    if tolerance >= 0 and not abs(t - 1.0) <= tolerance:
+                        fine = False
+                    if not fine:
+                        first_bad = at
+                plus = own + eps
+                a = arg[p]
+                p_pred[at] = b
+                label[at] = y
+                pred[at] = a
+                reduce[at] = a == y or (a < y and b < plus) or (a > y and b <= plus)
+                own64 = np.float64(own)
+                score[at] = own64
+                counts[y] += 1
+                if not (np.isfinite(own64) and own64 >= 0 and own64 < max_value):
+                    own64 = 0.0
+                rest = own64 * scale
+                for j in range(n_limbs):
+                    limb = np.floor(rest)
+                    sums[y, j] += np.int64(limb)
+                    rest = (rest - limb) * base
+        return first_bad
+
+    return records_planes
+
+
+_PLANES: Any = None
+
+
+def scan_planes(
+    planes: np.ndarray,
+    labels: np.ndarray,
+    rec: np.ndarray,
+    tolerance: float | None,
+    max_value: float,
+    eps: float,
+    limbs: tuple[int, int, float],
+    kernel: str = "auto",
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """:func:`scan_records` (self-confidence) for items stored as class
+    planes: ``planes`` ``(n, K, P)``, item ``i * P + p`` being pixel ``p``
+    of image ``i``, read in place, with no copy to items x classes.  Same
+    outputs, same bits; None where numba does not run or the dtype is not
+    float32 or float64 (the caller then makes the items and scans those).
+    """
+    global _PLANES
+    if planes.dtype not in (np.float32, np.float64) or _kernels(kernel) is None:
+        return None
+    if _PLANES is None:
+        with _NUMBA_LOCK:
+            if _PLANES is None:
+                _PLANES = _build_planes()
+    n, k, m = planes.shape
+    n_limbs, limb_bits, scale = limbs
+    counts = np.zeros(k, dtype=np.int64)
+    sums = np.zeros((k, n_limbs), dtype=np.int64)
+    first_bad = _PLANES(
+        np.ascontiguousarray(planes), labels.astype(np.int64, copy=False), planes.dtype.type(eps),
+        -1.0 if tolerance is None else float(tolerance), float(max_value),
+        rec["p_pred"], rec["score"], rec["label"], rec["pred"], rec["reduce"],
+        counts, sums, scale, float(1 << limb_bits), n_limbs,
+        np.empty(m, dtype=planes.dtype), np.empty(m, dtype=np.int64), np.empty(m, dtype=planes.dtype),
+        np.empty(m, dtype=np.float64),
+    )
+    return counts, sums, int(first_bad)
+
+
 def score_records(
     rec: np.ndarray, cut: np.ndarray, out: np.ndarray, digit_bits: int, kernel: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:

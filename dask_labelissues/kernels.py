@@ -125,6 +125,42 @@ class InputProblem:
     kind: str = "value"  # "value" -> ValueError
 
 
+@dataclass(frozen=True)
+class Planes:
+    """Items stored class by class, as images' pred_probs are: ``data`` is
+    ``(n, K, P)``, and item ``i * P + p`` (pixel ``p`` of image ``i``) has
+    its K probabilities at ``data[i, :, p]``.  Pass one scans them in place
+    (:func:`fused_records`); everything else takes :meth:`items`."""
+
+    data: np.ndarray
+
+    def __len__(self) -> int:
+        return self.data.shape[0] * self.data.shape[2]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.data.shape[1]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    def items(self) -> np.ndarray:
+        """Items x classes: one C-ordered copy, so that each item's K values
+        lie together.  float16 becomes float32 in the same copy (exactly:
+        every float16 is a float32), which the compiled kernels take."""
+        n, k, m = self.data.shape
+        dtype = np.float32 if self.data.dtype == np.float16 else self.data.dtype
+        out = np.empty((n, m, k), dtype=dtype)
+        out[...] = np.moveaxis(self.data, 1, -1)
+        return out.reshape(-1, k)
+
+    def row(self, item: int) -> np.ndarray:
+        """Item ``item``'s probabilities, as a 1 x K block."""
+        image, p = divmod(int(item), self.data.shape[2])
+        return np.asarray(self.data[image, :, p])[None, :]
+
+
 #: What a negative value or a value above 1 in a row of pred_probs most
 #: likely means.
 LOGITS_HINT = ": this looks like logits or scores, not probabilities (apply a softmax)"
@@ -345,18 +381,27 @@ def fused_records(
     """
     if spec.adjust_pred_probs or spec.method == "confidence_weighted_entropy" or spec.kernel == "numpy":
         return None
-    rec = _records_out(labels.shape[0], spec, out)
-    got = fused.scan_records(
-        probs, labels, rec, spec.method == "normalized_margin", spec.row_sum_tolerance, MAX_VALUE,
-        FLOATING_POINT_COMPARISON, (_N_LIMBS, _LIMB_BITS, _LIMB_SCALE), spec.kernel,
-    )
+    limbs = (_N_LIMBS, _LIMB_BITS, _LIMB_SCALE)
+    if isinstance(probs, Planes):
+        if spec.method != "self_confidence":
+            return None
+        rec = _records_out(labels.shape[0], spec, out)
+        got = fused.scan_planes(
+            probs.data, labels, rec, spec.row_sum_tolerance, MAX_VALUE, FLOATING_POINT_COMPARISON, limbs, spec.kernel,
+        )
+    else:
+        rec = _records_out(labels.shape[0], spec, out)
+        got = fused.scan_records(
+            probs, labels, rec, spec.method == "normalized_margin", spec.row_sum_tolerance, MAX_VALUE,
+            FLOATING_POINT_COMPARISON, limbs, spec.kernel,
+        )
     if got is None:
         return None
     counts, sums, bad = got
     problem = None
     if bad >= 0:
         # The loop found the row; the message is made from it alone.
-        row = np.asarray(probs[bad : bad + 1])
+        row = probs.row(bad) if isinstance(probs, Planes) else np.asarray(probs[bad : bad + 1])
         problem = find_problem(
             labels[bad : bad + 1], row, start + bad, spec.row_sum_tolerance,
             np.add.accumulate(row, axis=1, dtype=np.float64)[:, -1], row.min(axis=1), rec["p_pred"][bad : bad + 1],

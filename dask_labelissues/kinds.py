@@ -11,12 +11,12 @@ pred_probs and ``(N, H, W)`` labels.  Engines cut blocks on stored rows
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from . import kernels
-from .kernels import InputProblem
+from .kernels import InputProblem, Planes
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,12 @@ class Kind:
         """A block of stored pred_probs as items x classes; ``labels``, the
         same stored rows' labels, where :attr:`probs_need_labels`."""
         return np.asarray(block)
+
+    def scan_view(self, block: np.ndarray, labels: np.ndarray | None = None) -> Any:
+        """A block of stored pred_probs as pass one's scan reads it: items x
+        classes (:meth:`probs`), or a view the kernels read in place
+        (:class:`~dask_labelissues.kernels.Planes`)."""
+        return self.probs(block, labels)
 
     @property
     def probs_need_labels(self) -> bool:
@@ -152,39 +158,44 @@ class Pixels(Kind):
         return pooled.reshape(-1)
 
     def probs(self, block: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        return self.planes(block, labels).items()
+
+    def scan_view(self, block: np.ndarray, labels: np.ndarray | None = None) -> Planes:
+        # Images keep their classes in planes: pass one reads them in place.
+        return self.planes(block, labels)
+
+    def planes(self, block: np.ndarray, labels: np.ndarray | None = None) -> Planes:
+        """A block of images' pred_probs as the items' class planes: pooled
+        (and renormalized) to tiles, and with the class of ignored pixels
+        added, where the kind says so; else a view of the block."""
         block = np.asarray(block)
         f = self.downsample
         kept = None
         if self.ignore_index is not None:
             if labels is None:
-                raise ValueError("Pixels(ignore_index=...).probs needs the block's labels")
+                raise ValueError("Pixels(ignore_index=...) needs the block's labels to read its pred_probs")
             kept = np.asarray(labels) != self.ignore_index
         if f > 1:
             n, k, h, w = block.shape
             if kept is None:
                 block = block.reshape(n, k, h // f, f, w // f, f).mean(axis=(5, 3))
             else:
-                # Ignored pixels' predictions are left out of their tile's mean.
+                # Ignored pixels' predictions are left out of their tile's mean
                 # (not multiplied by 0: an ignored pixel's values may be NaN).
                 weights = kept.reshape(n, 1, h // f, f, w // f, f)
                 block = np.where(weights, block.reshape(n, k, h // f, f, w // f, f), 0).sum(axis=(5, 3), dtype=np.float64)
                 kept = weights.any(axis=(5, 3))[:, 0]
             with np.errstate(invalid="ignore", divide="ignore"):
                 block = block / np.expand_dims(block.sum(axis=1), 1)
-        # The class axis moves last: one copy of the block, C-ordered so the
-        # kernels read each pixel's K values together.  float16 becomes
-        # float32 in the same copy (exactly: every float16 is a float32),
-        # which the compiled kernels take.
-        dtype = np.float32 if block.dtype == np.float16 else block.dtype
-        k = block.shape[1]
-        width = k + (kept is not None)
-        moved = np.empty((block.shape[0], *block.shape[2:], width), dtype=dtype)
-        moved[..., :k] = np.moveaxis(block, 1, -1)
+        n, k = block.shape[:2]
         if kept is not None:
-            moved[..., k] = 0
-            moved[~kept] = 0
-            moved[~kept, k] = 1
-        return moved.reshape(-1, width)
+            # Ignored items: probability 0 of every real class, 1 of class K.
+            dtype = np.float32 if block.dtype == np.float16 else block.dtype
+            planes = np.empty((n, k + 1, *block.shape[2:]), dtype=dtype)
+            planes[:, :k] = np.where(kept[:, None], block, 0)
+            planes[:, k] = ~kept
+            block = planes
+        return Planes(block.reshape(block.shape[0], block.shape[1], -1))
 
     @property
     def checks_stored(self) -> bool:

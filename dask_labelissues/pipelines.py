@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import filters, fused, states
+from . import filters, fused, kernels, states
 from .aggregations import (
     FIRST_BUCKET, GROUP_TOP, HISTOGRAM, JOINT, PAIR_COUNTS, SCORES, THRESHOLDS, THRESHOLDS_OUTLOOK, WINNERS, Pair,
 )
@@ -603,7 +603,7 @@ def run_pixel_scores(
     return np.concatenate(parts), scores
 
 
-def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any) -> None:
+def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any, planes: bool = False) -> None:
     """Run every stage's kernels on one made-up row, in this process.
 
     The fork engine calls it just before it forks: its workers then
@@ -619,6 +619,11 @@ def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any) -> No
     probs.setflags(write=False)
     label.setflags(write=False)
     states.scan_block(label, probs, 0, spec)
+    if planes:  # images' pred_probs, read as class planes
+        for writeable in (True, False):
+            view = probs.reshape(1, k, 1).copy()
+            view.setflags(write=writeable)
+            states.scan_block(label, kernels.Planes(view), 0, spec)
     if not spec.rereads:
         scores, _ = states.score_block(rec, np.full(k, 2.0), spec)
         states.prefix_rows_block(scores, 0, 0)

@@ -355,7 +355,7 @@ def _engine(
     engine, _, _ = make_engine(
         backend, lab, probs, spec, single_read=downsample == 1, chunk_rows=images_per_block,
         n_jobs=n_jobs, client=client, progress=verbose, kind=kind,
-        warm_up=lambda s: warm_up(s, None, kind.n_classes(shape), probs.dtype),
+        warm_up=lambda s: warm_up(s, None, kind.n_classes(shape), probs.dtype, planes=True),
     )
     return engine, engine.plan.spec
 

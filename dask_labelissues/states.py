@@ -87,17 +87,21 @@ def scan_block(
     labels: np.ndarray, probs: np.ndarray, start: int, spec: ScoreSpec, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, ThresholdState]:
     """Pass one's task on rows ``start:start+len(labels)``: the only read of
-    pred_probs for most settings.  Returns the per-row records (written to
+    pred_probs for most settings (``probs`` items x classes, or
+    :class:`~dask_labelissues.kernels.Planes`).  Returns the per-row records (written to
     ``out`` if given) and the block's threshold state (bad values are
     recorded in the state, not raised, so the job can report the globally
     first one)."""
     labels = np.asarray(labels)
-    probs = np.asarray(probs)
+    if not isinstance(probs, kernels.Planes):
+        probs = np.asarray(probs)
     k = probs.shape[1]
     got = kernels.fused_records(labels, probs, start, spec, out)
     if got is not None:
         rec, counts, sums, problem = got
         return rec, ThresholdState(counts, sums, len(labels), problem)
+    if isinstance(probs, kernels.Planes):
+        probs = probs.items()
     rec, p_label, row_sums, row_mins = kernels.row_records(labels, probs, spec, out)
     row_maxs = rec["p_pred"]
     problem = kernels.find_problem(

@@ -192,6 +192,50 @@ def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
         assert 1000 <= st_a.problem.row < 4000
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [None, "nan", "negative", "label", "sum", "zeros", "huge"])
+def test_the_class_planes_loop_gives_the_row_loops_bits(dtype, bad):
+    """Images' pred_probs scanned in place as class planes (30 images of 100
+    pixels) give the bits of the row loop (and of numpy) on the same items
+    moved to rows."""
+    from dask_labelissues import states
+    from dask_labelissues.kernels import Planes, ScoreSpec
+
+    labels, rows = _edge_block(dtype)
+    if bad == "nan":
+        rows[2500, 3] = np.nan
+    elif bad == "negative":
+        rows[1700, 0] = -0.25
+    elif bad == "label":
+        labels[1900] = 7
+    elif bad == "sum":
+        rows[2100] *= dtype(1.01)
+    elif bad == "zeros":
+        rows[800] = 0
+    elif bad == "huge":
+        rows[1200, 2] = dtype(3e38) if dtype == np.float32 else 1e300
+    planes = np.ascontiguousarray(np.moveaxis(rows.reshape(30, 100, 7), -1, 1))
+    view = Planes(planes)
+    np.testing.assert_array_equal(view.items(), rows)
+    spec = ScoreSpec("self_confidence", kernel="numba")
+    assert fused.scan_planes(planes, labels, np.empty(len(labels), spec.record_dtype()), 1e-3, 2.0**31, 1e-6,
+                             (7, 24, 2.0**-7)) is not None
+    planes.setflags(write=False)  # as memory-mapped blocks are
+    got = [states.scan_block(labels, view, 1000, spec)]
+    got += [states.scan_block(labels, rows, 1000, ScoreSpec("self_confidence", kernel=k)) for k in ("numba", "numpy")]
+    rec_a, st_a = got[0]
+    for rec_b, st_b in got[1:]:
+        for name in rec_a.dtype.names:
+            same = rec_a[name] == rec_b[name]
+            if bad == "nan":
+                same[2500] = True
+            assert same.all(), name
+        np.testing.assert_array_equal(st_a.counts, st_b.counts)
+        assert st_a.sums.tolist() == st_b.sums.tolist()
+        assert st_a.problem == st_b.problem
+    assert (st_a.problem is None) == (bad is None)
+
+
 @pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])
 def test_the_fused_pass_two_loop_gives_the_numpy_paths_values(method):
     from dask_labelissues import states

@@ -340,30 +340,33 @@ class BlockReader:
         """The block's pred_probs as stored."""
         return self._whole(self._probs)
 
-    def _items(self, probs: np.ndarray, first_row: int) -> np.ndarray:
-        """Stored rows ``first_row:`` (of the block) of pred_probs as items."""
+    def _items(self, probs: np.ndarray, first_row: int, scan: bool = False) -> Any:
+        """Stored rows ``first_row:`` (of the block) of pred_probs as items
+        (as the scan reads them, with ``scan``: :meth:`Kind.scan_view`)."""
+        read = self.kind.scan_view if scan else self.kind.probs
         if not self.kind.probs_need_labels:
-            return self.kind.probs(probs)
-        labels = self._whole(self._labels)[first_row : first_row + len(probs)]
-        return self.kind.probs(probs, labels)
+            return read(probs)
+        return read(probs, self._whole(self._labels)[first_row : first_row + len(probs)])
 
-    def pieces(self) -> Iterator[tuple[int, np.ndarray]]:
+    def pieces(self) -> Iterator[tuple[int, Any]]:
         """``(first item, pred_probs)`` of each piece of the block in turn,
-        items counted from the block's start; one piece is held at a time."""
+        as pass one's scan reads them (:meth:`Kind.scan_view`), items
+        counted from the block's start; one piece is held at a time."""
         if isinstance(self._probs, list):
             joined = join_adjacent(self._probs)
             parts = [joined] if joined is not None else self._probs
             row = 0
             for part in parts:
-                yield row * self.items_per_row, self._items(part, row)
+                yield row * self.items_per_row, self._items(part, row, scan=True)
                 row += len(part)
             return
         bounds = piece_bounds(self.start, self.stop, self.read_rows)
         if len(bounds) == 1:
-            yield 0, self._items(self._whole(self._probs), 0)
+            yield 0, self._items(self._whole(self._probs), 0, scan=True)
             return
         for a, b in bounds:
-            yield (a - self.start) * self.items_per_row, self._items(np.asarray(self._probs[a:b]), a - self.start)
+            piece = np.asarray(self._probs[a:b])
+            yield (a - self.start) * self.items_per_row, self._items(piece, a - self.start, scan=True)
 
     def close(self) -> None:
         """Let go of the block's pages of memory-mapped inputs, once read."""

@@ -390,7 +390,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             "downsample": args.downsample, "temperature": args.temperature, "backend": backend,
             "ignore_index": args.ignore_index,
             "class_names": names,
-            "inputs": {"labels": args.labels, "pred_probs": args.pred_probs},
+            # Absolute, so that summary --plot finds them from anywhere.
+            "inputs": {"labels": _absolute(args.labels), "pred_probs": _absolute(args.pred_probs)},
             "seconds": round(seconds, 3),
         }
         _Interrupts.check()
@@ -469,6 +470,12 @@ def _checked_output(args: argparse.Namespace) -> str:
     return output
 
 
+def _absolute(source: str) -> str:
+    """A local input's path made absolute (an inner path after it kept);
+    a URL as given."""
+    return source if "://" in source else os.path.abspath(source)
+
+
 def _left_as_it_was(args: argparse.Namespace) -> str:
     """What a failed or interrupted ``find`` left at its output path."""
     output = os.path.abspath(args.output)
@@ -514,9 +521,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     segmentation = _segmentation_store(args.store)
     if segmentation is not None:
-        if args.plot:
-            raise CommandError("--plot draws classification results only, not yet a segmentation store")
         print(json.dumps(segmentation(args.top)) if args.json else format_segmentation(segmentation(args.top)))
+        if args.plot:
+            from .plot import SEGMENTATION_PLOT_TOP, plot_segmentation
+
+            # --top defaults to 20 rows of text; a figure of 20 rows of images is unreadable.
+            plot_segmentation(args.store, args.plot, top=max(1, min(args.top, SEGMENTATION_PLOT_TOP)))
+            print(f"plot written to {os.path.abspath(args.plot)}", file=sys.stderr)
         return 0
     result = open_results(args.store)
     if args.json:

@@ -400,3 +400,316 @@ def _pairs_panel(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rows (confident joint, calibrated)")
     ax.set_title(f"top {len(pairs)} confused pairs: given label → likely true label")
+
+
+# -- segmentation ---------------------------------------------------------------------
+#: Width of one image panel of the segmentation figure, in inches.
+SEGMENTATION_PANEL = 3.0
+#: Resolution of the PNGs written (dots per inch).
+DPI = 110
+#: Most images ``summary --plot`` draws of a segmentation store (its
+#: ``--top``, 20 by default, sizes the printed list).
+SEGMENTATION_PLOT_TOP = 6
+#: Colour of the flagged pixels, drawn on a grey copy of the given label map.
+FLAG_COLOR = "#ff0a0a"
+#: Colour of the pixels whose label is ``ignore_index`` (left out of the search).
+IGNORED_COLOR = "#111111"
+#: Grey levels the classes of the flagged-pixels panel are spread over
+#: (darkest, lightest), so that red stands out on every one of them.
+_GREY_RANGE = (0.42, 0.9)
+#: tab10, tab20's light shades, then shades of tab20b and tab20c, without
+#: reds (the flags' colour) and greys (the flagged panel's base): 32
+#: colours, the first 16 clearly apart.
+_CLASS_PALETTE = (
+    [("tab10", i) for i in (0, 1, 2, 4, 5, 6, 8, 9)]
+    + [("tab20", i) for i in (1, 3, 5, 9, 11, 13, 17, 19)]
+    + [("tab20b", i) for i in (0, 4, 8, 16, 2, 6, 10, 18)]
+    + [("tab20c", i) for i in (0, 4, 8, 12, 2, 6, 10, 14)]
+)
+#: Images of at most this many pixels a side are drawn pixel by pixel
+#: (upsampled); larger ones are smoothed when shrunk to the panel.
+_NEAREST_UP_TO = 400
+
+
+def class_colors(classes: Sequence[int]) -> dict[int, tuple[float, float, float]]:
+    """One colour per class, for the classes shown in one figure.
+
+    Up to 32 classes get colours of :data:`_CLASS_PALETTE` (in the order
+    given; the first 16 clearly apart), none of them red or grey; more get
+    evenly spaced colours of the ``turbo`` colormap.
+
+    Parameters
+    ----------
+    classes
+        Distinct class indices.
+
+    Returns
+    -------
+    dict of int to (float, float, float)
+        RGB in [0, 1] for each class.
+    """
+    import matplotlib
+
+    classes = [int(c) for c in classes]
+    if len(classes) <= len(_CLASS_PALETTE):
+        rgb = [matplotlib.colormaps[name](i)[:3] for name, i in _CLASS_PALETTE[: len(classes)]]
+    else:
+        # Neighbouring classes in the list are far apart on the colormap.
+        n = len(classes)
+        positions = (np.arange(n) * 7 % n + 0.5) / n if n % 7 else (np.arange(n) + 0.5) / n
+        rgb = [matplotlib.colormaps["turbo"](float(p))[:3] for p in positions]
+    return {c: tuple(float(v) for v in color) for c, color in zip(classes, rgb)}
+
+
+def segmentation_figure(
+    images: Sequence[int],
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    issues: np.ndarray,
+    *,
+    scores: Sequence[float] | None = None,
+    class_names: Sequence[Any] | None = None,
+    ignore_index: int | None = None,
+) -> Any:
+    """Given labels, predicted labels and flagged pixels of a few images, side by side.
+
+    One row per image, three panels: ``"given labels"`` and ``"predicted"``
+    in one colour per class (shared by the whole figure, with a legend of
+    the classes shown), and ``"flagged pixels (n of H*W)"``: the given label
+    map in greys with the flagged pixels in :data:`FLAG_COLOR`.  Pixels
+    labelled ``ignore_index`` are :data:`IGNORED_COLOR` in both label-map
+    panels.  Each row is
+    titled by its image index, and score when given.  The panels' axes are
+    labelled ``"given <image>"``, ``"predicted <image>"`` and
+    ``"flagged <image>"``.
+
+    Needs matplotlib.  The figure is made without pyplot: nothing is shown
+    unless asked, and it is freed once unreferenced.
+
+    Parameters
+    ----------
+    images
+        Index of each image in its dataset, used in the titles (n,).
+    labels
+        Given label maps ``(n, H, W)``, integer class indices.
+    predicted
+        Predicted label maps ``(n, H, W)`` (the argmax of pred_probs over
+        its class axis).
+    issues
+        ``(n, H, W)`` bool: the flagged pixels.
+    scores
+        A score per image (lower is worse), shown in the titles.
+    class_names
+        Names of the classes, by index; default ``"class <index>"``.
+    ignore_index
+        The label of pixels left out of the search (as in
+        :func:`dask_labelissues.segmentation.find_label_issues`), if any.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    images = [int(i) for i in np.asarray(images).reshape(-1)]
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    issues = np.asarray(issues, dtype=bool)
+    n = len(images)
+    if labels.ndim != 3 or labels.shape[0] != n:
+        raise ValueError(f"labels must be (n, H, W) for n = {n} images, got shape {labels.shape}")
+    for name, arr in (("predicted", predicted), ("issues", issues)):
+        if arr.shape != labels.shape:
+            raise ValueError(f"{name} has shape {arr.shape}, labels {labels.shape}: they must be the same")
+    if scores is not None and len(scores) != n:
+        raise ValueError(f"scores has {len(scores)} values for {n} images")
+    h, w = labels.shape[1:]
+    if n == 0:
+        fig = Figure(figsize=(3 * SEGMENTATION_PANEL + 0.6, 1.2))
+        fig.text(0.5, 0.5, "no images to show: no pixel is flagged", ha="center", va="center")
+        return fig
+
+    ignored = labels == ignore_index if ignore_index is not None else np.zeros(labels.shape, dtype=bool)
+    labels = np.where(ignored, predicted, labels)  # a class for the lookups below; drawn as ignored
+    shown = np.union1d(np.unique(labels[~ignored]), np.unique(predicted)).astype(np.int64)
+    if shown.min() < 0:
+        raise ValueError(f"class indices must be >= 0, got {int(shown.min())}")
+    if class_names is not None and shown.max() >= len(class_names):
+        raise ValueError(f"class {int(shown.max())} is shown but class_names has {len(class_names)} names")
+    colors = class_colors(shown)
+    lut = np.zeros((int(shown.max()) + 1, 3))
+    for c, rgb in colors.items():
+        lut[c] = rgb
+    # Greys by the classes' lightness, evenly spread so that neighbouring
+    # regions stay apart.
+    lightness = np.array([0.299 * r + 0.587 * g + 0.114 * b for r, g, b in (colors[c] for c in shown)])
+    levels = np.linspace(*_GREY_RANGE, shown.size) if shown.size > 1 else np.array([np.mean(_GREY_RANGE)])
+    grey = np.zeros(lut.shape[0])
+    grey[shown[np.argsort(lightness, kind="stable")]] = levels
+    flag_rgb, ignored_rgb = np.array(_to_rgb(FLAG_COLOR)), np.array(_to_rgb(IGNORED_COLOR))
+
+    def name(c: int) -> str:
+        return textwrap.shorten(str(class_names[c]), 28) if class_names is not None else f"class {c}"
+
+    handles = [Patch(facecolor=colors[c], edgecolor="0.3", linewidth=0.5, label=name(c)) for c in shown]
+    if ignored.any():
+        handles.append(Patch(facecolor=IGNORED_COLOR, edgecolor="0.3", linewidth=0.5,
+                             label=f"ignored (label {ignore_index})"))
+    handles.append(Patch(facecolor=FLAG_COLOR, edgecolor="0.3", linewidth=0.5, label="flagged pixel"))
+    width = 3 * SEGMENTATION_PANEL + 0.6
+    # As many columns as fit the longest entry, then as few as fill the
+    # same number of rows, so that the last row is not a lone entry.
+    entry_width = 0.55 + 0.075 * max(len(p.get_label()) for p in handles)
+    legend_rows = -(-len(handles) // max(1, min(len(handles), int((width - 0.4) // entry_width))))
+    ncol = -(-len(handles) // legend_rows)
+    legend_height = 0.25 + 0.24 * legend_rows
+    # Wide images are drawn as wide as the panel, tall ones at most 1.5 times as tall.
+    panel_height = SEGMENTATION_PANEL * float(np.clip(h / w, 0.3, 1.5))
+    row_height = panel_height + 0.75
+    fig = Figure(figsize=(width, n * row_height + legend_height), layout="constrained")
+    rows = fig.subfigures(n + 1, 1, squeeze=False, height_ratios=[row_height] * n + [legend_height])[:, 0]
+    interpolation = "nearest" if max(h, w) <= _NEAREST_UP_TO else "antialiased"
+    for j, (row, image) in enumerate(zip(rows[:n], images)):
+        axes = row.subplots(1, 3)
+        flagged = int(np.count_nonzero(issues[j]))
+        given = lut[labels[j]]
+        given[ignored[j]] = ignored_rgb
+        on_grey = np.repeat(grey[labels[j]][..., None], 3, axis=-1)
+        on_grey[ignored[j]] = ignored_rgb
+        on_grey[issues[j]] = flag_rgb
+        for ax, label, title, picture in (
+            (axes[0], "given", "given labels", given),
+            (axes[1], "predicted", "predicted", lut[predicted[j]]),
+            (axes[2], "flagged", f"flagged pixels ({flagged:,} of {h * w:,})", on_grey),
+        ):
+            ax.imshow(picture, interpolation=interpolation)
+            ax.set_label(f"{label} {image}")
+            ax.set_title(title, fontsize="medium")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        heading = f"image {image}"
+        if scores is not None:
+            heading += f", image score {float(scores[j]):.4g}"
+        row.suptitle(heading, fontweight="bold", fontsize="large")
+    rows[n].legend(handles=handles, loc="center", ncol=ncol, frameon=False, fontsize="small",
+                   handlelength=1.2, columnspacing=1.2)
+    return fig
+
+
+def plot_segmentation(store_path: str | os.PathLike, out_png: str | os.PathLike, top: int = 4) -> str:
+    """Write :func:`segmentation_figure` of a segmentation results store's
+    ``top`` worst images (lowest image score first) as a PNG.
+
+    The store is one ``dask-labelissues segment`` wrote.  The label maps
+    and predictions are read from the inputs it was made from (the paths in
+    its ``inputs`` attribute, a relative path read from the current
+    directory), one image at a time and only the images drawn.
+
+    Needs matplotlib (``pip install 'dask-labelissues[plot]'``).
+
+    Parameters
+    ----------
+    store_path
+        The results store (a Zarr group).
+    out_png
+        Where to write the PNG.
+    top
+        How many of the worst images to draw.
+
+    Returns
+    -------
+    str
+        ``out_png``.
+
+    Raises
+    ------
+    FileNotFoundError
+        An input the store was made from is no longer where the store says.
+    ValueError
+        Not a segmentation results store, or inputs of other shapes than
+        the store's.
+    """
+    import zarr
+
+    from . import inputs
+
+    _matplotlib()
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise ValueError(f"top must be a whole number >= 1, got {top!r}")
+    store_path = os.fspath(store_path)
+    group = zarr.open_group(os.path.abspath(store_path), mode="r")
+    attrs = dict(group.attrs)
+    if not str(attrs.get("format", "")).startswith("dask_labelissues segmentation results"):
+        raise ValueError(f"{store_path} is not a segmentation results store (one `dask-labelissues segment` writes)")
+    n, k, h, w = (int(attrs[key]) for key in ("images", "classes", "height", "width"))
+    sources = {}
+    for name, shape in (("labels", (n, h, w)), ("pred_probs", (n, k, h, w))):
+        path = str(attrs.get("inputs", {}).get(name) or "")
+        if not path or _missing(path):
+            where = f" (a relative path, read from {os.getcwd()})" if path and not _is_absolute(path) else ""
+            raise FileNotFoundError(
+                f"{name} input {path!r}{where} does not exist: the plot of {store_path} needs the inputs "
+                "the store was made from (its labels and pred_probs), to draw the label maps and predictions"
+            )
+        source = inputs.open_path(path, name)
+        if tuple(int(s) for s in source.shape) != shape:
+            raise ValueError(
+                f"{name} input {path} has shape {tuple(source.shape)}, but {store_path} was made from {name} "
+                f"of shape {shape}: the plot needs the inputs the store was made from"
+            )
+        sources[name] = source
+    chosen = np.asarray(group["ranked_images"][: min(top, n)], dtype=np.int64)
+    scores_array, mask = group["image_scores"], group["is_label_issue"]
+    labels = np.stack([np.asarray(sources["labels"][i : i + 1])[0] for i in chosen])
+    predicted = np.stack([np.asarray(sources["pred_probs"][i : i + 1])[0].argmax(axis=0) for i in chosen])
+    issues = np.stack([np.asarray(mask[int(i)], dtype=bool) for i in chosen])
+    scores = [float(scores_array[int(i)]) for i in chosen]
+    fig = segmentation_figure(
+        chosen, labels, predicted, issues, scores=scores, class_names=attrs.get("class_names"),
+        ignore_index=attrs.get("ignore_index"),
+    )
+    fig.suptitle(
+        f"the {chosen.size} worst of {n:,} images by image score (lower is worse); "
+        f"{int(attrs.get('num_pixel_issues', 0)):,} pixels flagged in all",
+        fontsize="large",
+    )
+    fig.savefig(out_png, dpi=DPI)
+    return os.fspath(out_png)
+
+
+def _matplotlib() -> None:
+    """matplotlib, drawing to files (Agg), or an ImportError saying how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'dask-labelissues[plot]'") from None
+
+
+def _to_rgb(color: str) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(color)
+
+
+def _is_absolute(path: str) -> bool:
+    return "://" in path or os.path.isabs(path)
+
+
+def _missing(path: str) -> bool:
+    """Whether a local input path (as :func:`~dask_labelissues.inputs.open_path`
+    reads it) names no file; remote paths are left to open_path."""
+    from .inputs import _H5_SUFFIXES
+
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif "://" in path:
+        return False
+    lowered = path.lower()
+    for suffix in (".zarr",) + _H5_SUFFIXES:
+        marker = suffix + ":"
+        if marker in lowered:
+            path = path[: lowered.rindex(marker) + len(suffix)]
+            break
+    return not os.path.exists(path)

@@ -18,6 +18,7 @@ machine or a Dask cluster.  Differences from cleanlab:
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Sequence
 
@@ -32,6 +33,7 @@ from .states import InputValueError
 
 __all__ = [
     "common_label_issues",
+    "display_issues",
     "filter_by_class",
     "find_label_issues",
     "get_label_quality_scores",
@@ -199,7 +201,7 @@ def get_label_quality_scores(
             ignore_index=ignore_index,
         )
         if ignore_index is None:
-            image_scores = 1.0 - np.asarray(mask.mean(axis=(1, 2)), dtype=np.float64)
+            image_scores = 1.0 - _computed(mask.mean(axis=(1, 2))).astype(np.float64)
         else:
             image_scores = 1.0 - _flagged_share(mask, labels, ignore_index)
     return image_scores, _out(pixel_scores, labels, pred_probs, getattr(engine, "client", None))
@@ -285,6 +287,116 @@ def common_label_issues(
                 f"{count} pixels in the dataset"
             )
     return table
+
+
+def display_issues(
+    issues: Any,
+    labels: Any,
+    pred_probs: Any,
+    *,
+    class_names: Sequence[str] | None = None,
+    exclude: Sequence[int] | None = None,
+    top: int = 4,
+    path: str | os.PathLike | None = None,
+    ignore_index: int | None = None,
+) -> Any:
+    """The images with the most flagged pixels: given labels, predicted
+    labels and flagged pixels side by side, as cleanlab's ``display_issues``.
+
+    One row per image (:func:`dask_labelissues.plot.segmentation_figure`),
+    the images with the most flagged pixels first (ties by index); images
+    with no flagged pixel are not shown.  ``issues`` is read whole, in
+    blocks, to count the flagged pixels per image; ``labels`` and
+    ``pred_probs`` only at the images drawn, one image at a time.
+
+    Unlike cleanlab's, this returns the figure rather than showing it
+    (a notebook shows a returned figure), and needs ``labels`` and
+    ``pred_probs``.  Needs matplotlib.
+
+    Parameters
+    ----------
+    issues
+        ``(N, H, W)`` bool mask (:func:`find_label_issues`): numpy, Zarr,
+        dask or any array of these shapes.
+    labels, pred_probs
+        As in :func:`find_label_issues`.
+    class_names
+        Names of the K classes, for the legend (default ``"class <index>"``).
+    exclude
+        Classes whose flagged pixels are not shown: pixels flagged whose
+        given label is one of these (as cleanlab).  The images are still
+        chosen by all their flagged pixels, as cleanlab chooses them.
+    top
+        How many images at most.
+    path
+        Also write the figure there (PNG, or any format matplotlib writes
+        by the file's extension).
+    ignore_index
+        The label of pixels left out (as in :func:`find_label_issues`):
+        drawn in their own colour, not as a class.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        With ``3 * n`` axes for the ``n`` images shown (at most ``top``),
+        labelled ``"given <image>"``, ``"predicted <image>"`` and
+        ``"flagged <image>"``; none when no pixel is flagged.
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not agree, ``top`` < 1, or a class of ``exclude`` or
+        ``class_names`` of the wrong length.
+    """
+    from .plot import DPI, segmentation_figure
+
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise ValueError(f"top must be a whole number >= 1, got {top!r}")
+    flags = issues if inputs.is_dask_array(issues) else inputs.open_source(issues, "issues")
+    lab = inputs.open_source(labels, "labels")
+    probs = inputs.open_source(pred_probs, "pred_probs")
+    if len(flags.shape) != 3:
+        raise ValueError(f"issues must be 3-D (N, H, W), got shape {tuple(flags.shape)}")
+    n, h, w = (int(s) for s in flags.shape)
+    if tuple(int(s) for s in lab.shape) != (n, h, w):
+        raise ValueError(f"labels have shape {tuple(lab.shape)} but issues {(n, h, w)}: they must be the same")
+    if len(probs.shape) != 4 or (int(probs.shape[0]), *(int(s) for s in probs.shape[2:])) != (n, h, w):
+        raise ValueError(f"pred_probs must be (N, K, H, W) = ({n}, K, {h}, {w}), got shape {tuple(probs.shape)}")
+    k = int(probs.shape[1])
+    if class_names is not None and len(class_names) != k:
+        raise ValueError(f"class_names has {len(class_names)} names for {k} classes")
+    excluded = np.asarray(list(exclude or ()), dtype=np.int64)
+    if excluded.size and (excluded.min() < 0 or excluded.max() >= k):
+        raise ValueError(f"exclude must hold classes in 0..{k - 1}, got {excluded.tolist()}")
+
+    counts = _flagged_per_image(flags)
+    chosen = np.argsort(-counts, kind="stable")[:top]
+    chosen = chosen[counts[chosen] > 0]
+    given, predicted, shown, hidden = [], [], [], []
+    for i in chosen.tolist():
+        label = _computed(lab[i : i + 1])[0]
+        flagged = _computed(flags[i : i + 1]).astype(bool)[0]
+        visible = flagged & ~np.isin(label, excluded)
+        given.append(label)
+        predicted.append(np.asarray(probs[i : i + 1])[0].argmax(axis=0))
+        shown.append(visible)
+        hidden.append(int(np.count_nonzero(flagged)) - int(np.count_nonzero(visible)))
+    empty = np.zeros((0, h, w), dtype=np.int64)
+    fig = segmentation_figure(
+        chosen,
+        np.stack(given) if given else empty,
+        np.stack(predicted) if predicted else empty,
+        np.stack(shown) if shown else empty.astype(bool),
+        class_names=class_names,
+        ignore_index=ignore_index,
+    )
+    for image, count in zip(chosen.tolist(), hidden):
+        if count:
+            ax = next(a for a in fig.axes if a.get_label() == f"flagged {image}")
+            ax.set_title(f"{ax.get_title()}\n{count:,} more of excluded classes hidden", fontsize="medium")
+    if path is not None:
+        fig.savefig(path, dpi=DPI)
+    return fig
 
 
 def filter_by_class(class_index: int, issues: Any, labels: Any, pred_probs: Any) -> np.ndarray:
@@ -387,13 +499,28 @@ def _locate(message: str, item: int, where: str) -> str:
 
 def _out(array: Any, labels: Any, pred_probs: Any, client: Any) -> Any:
     """Dask in, dask out (its blocks held on ``client``'s cluster when the
-    job ran on one, so that computing it needs no current client); numpy
+    job ran on one: as any collection persisted there, it is computed by
+    that client, ``client.compute(array)``, or with it current); numpy
     otherwise, computed on the job's cluster."""
     if inputs.is_dask_array(labels) or inputs.is_dask_array(pred_probs):
         return array if client is None else client.persist(array)
     if client is not None:
         return np.asarray(client.compute(array).result())
     return np.asarray(array)
+
+
+def _computed(x: Any) -> np.ndarray:
+    """``x`` as numpy; a dask array computed by the client whose cluster
+    holds its persisted blocks, if any (the default scheduler would not
+    find them when that client is not the current one)."""
+    if not inputs.is_dask_array(x):
+        return np.asarray(x)
+    try:
+        from distributed import futures_of
+    except ImportError:
+        return np.asarray(x.compute())
+    held = futures_of(x)
+    return np.asarray(held[0].client.compute(x).result() if held else x.compute())
 
 
 def _image_blocks(issues: Any, labels: Any, pred_probs: Any, rows: int = 64) -> Any:
@@ -403,7 +530,7 @@ def _image_blocks(issues: Any, labels: Any, pred_probs: Any, rows: int = 64) -> 
     probs = inputs.open_source(pred_probs, "pred_probs")
     for a in range(0, n, rows):
         b = min(a + rows, n)
-        yield np.asarray(issues[a:b], dtype=bool), np.asarray(lab[a:b]), np.asarray(probs[a:b])
+        yield _computed(issues[a:b]).astype(bool, copy=False), _computed(lab[a:b]), _computed(probs[a:b])
 
 
 def _flagged_share(mask: Any, labels: Any, ignore_index: int) -> np.ndarray:
@@ -411,11 +538,22 @@ def _flagged_share(mask: Any, labels: Any, ignore_index: int) -> np.ndarray:
     where all are)."""
     lab = inputs.open_source(labels, "labels")
     n = int(lab.shape[0])
-    flagged = np.asarray(mask.sum(axis=(1, 2)), dtype=np.float64)
+    flagged = _computed(mask.sum(axis=(1, 2))).astype(np.float64)
     kept = np.concatenate([
-        (np.asarray(lab[a : a + 64]) != ignore_index).sum(axis=(1, 2)) for a in range(0, n, 64)
+        (_computed(lab[a : a + 64]) != ignore_index).sum(axis=(1, 2)) for a in range(0, n, 64)
     ]).astype(np.float64)
     return np.divide(flagged, kept, out=np.zeros(n), where=kept > 0)
+
+
+def _flagged_per_image(issues: Any, rows: int = 64) -> np.ndarray:
+    """Flagged pixels of each image of an ``(N, H, W)`` mask, read ``rows`` images at a time."""
+    if inputs.is_dask_array(issues):
+        return _computed(issues.astype(bool).sum(axis=(1, 2))).astype(np.int64)
+    n = int(issues.shape[0])
+    counts = np.zeros(n, dtype=np.int64)
+    for a in range(0, n, rows):
+        counts[a : a + rows] = np.count_nonzero(np.asarray(issues[a : a + rows]), axis=(1, 2))
+    return counts
 
 
 def _flagged_pairs(issues: Any, labels: Any, pred_probs: Any) -> np.ndarray:

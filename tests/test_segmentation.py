@@ -694,6 +694,16 @@ def test_a_client_that_is_not_the_current_one_computes_the_results(local_cluster
         np.testing.assert_array_equal(pixel_scores, scores[1])
         lazy = segmentation.find_label_issues(da.from_array(labels, chunks=(2, -1, -1)), probs, client=other)
         np.testing.assert_array_equal(other.compute(lazy).result(), expected)
+        # What takes such a mask computes it on that cluster too.
+        table = segmentation.common_label_issues(lazy, labels, probs)
+        pd.testing.assert_frame_equal(table, segmentation.common_label_issues(expected, labels, probs))
+        np.testing.assert_array_equal(
+            segmentation.filter_by_class(1, lazy, labels, probs), segmentation.filter_by_class(1, expected, labels, probs)
+        )
+        by_issues, _ = segmentation.get_label_quality_scores(
+            da.from_array(labels, chunks=(2, -1, -1)), probs, method="num_pixel_issues", client=other
+        )
+        np.testing.assert_array_equal(by_issues, 1.0 - expected.mean(axis=(1, 2)))
 
 
 # -- ignore_index -----------------------------------------------------------------------

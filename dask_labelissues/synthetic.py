@@ -164,6 +164,8 @@ class SegmentationSpec:
     def __post_init__(self) -> None:
         if self.images < 1 or self.classes < 2 or self.height < 4 or self.width < 4:
             raise ValueError("need images >= 1, classes >= 2, height and width >= 4")
+        if not 0 <= self.noise <= 1:
+            raise ValueError(f"noise must be in [0, 1], got {self.noise!r}")
 
 
 def segmentation_images(spec: SegmentationSpec, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -182,7 +182,8 @@ def _build_numba() -> tuple[Any, ...] | None:
 
     @numba.njit(nogil=True, cache=True)
     def records(probs, raw_labels, eps, tolerance, max_value, margin,
-                p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs):
+                p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs,
+                bits, acc, unit_shift, limb_bits):
         # The whole of pass one's per-row work in one read of each row: the
         # scan above, the records, the near-tie rule, the checks of
         # find_problem, the class counts and the limbs of the exact sums.
@@ -231,6 +232,23 @@ def _build_numba() -> tuple[Any, ...] | None:
             else:
                 score[i] = own64
             counts[y] += 1
+            if bits.shape[0] > 0:
+                # float32: the value's mantissa added to its class's sum of
+                # that binary exponent (exact; see flush below), for
+                # values below 2 (the sign bit clear, exponent under 128).
+                b = np.int64(bits[i, y])
+                e = b >> 23
+                if e < 128:
+                    m = b & 0x7FFFFF
+                    if e == 0:
+                        e = 1
+                    else:
+                        m |= 0x800000
+                    if e < unit_shift:  # below the sums' unit: cut, as the limbs' floor cuts
+                        m >>= unit_shift - e
+                        e = unit_shift
+                    acc[y, e] += m
+                    continue
             if not (np.isfinite(own64) and own64 >= 0 and own64 < max_value):
                 own64 = 0.0  # a bad row: the job fails, the sums need only stay finite
             rest = own64 * scale
@@ -238,6 +256,25 @@ def _build_numba() -> tuple[Any, ...] | None:
                 limb = np.floor(rest)
                 sums[y, j] += np.int64(limb)
                 rest = (rest - limb) * base
+        # flush: acc[y, e] is in units of 2**(e - unit_shift) of the sums'
+        # unit; spread over the limbs, lowest first, the top one unbounded.
+        for y in range(acc.shape[0]):
+            for e in range(unit_shift, acc.shape[1]):
+                v = acc[y, e]
+                if v == 0:
+                    continue
+                at = e - unit_shift
+                j = n_limbs - 1 - at // limb_bits
+                lo = at % limb_bits
+                while v > 0:
+                    if j == 0:
+                        sums[y, 0] += v << lo
+                        break
+                    room = limb_bits - lo
+                    sums[y, j] += (v & ((1 << room) - 1)) << lo
+                    v >>= room
+                    j -= 1
+                    lo = 0
         return first_bad
 
     @numba.njit(nogil=True, cache=True)
@@ -370,6 +407,30 @@ def scan_rows(
     return pred, p_pred, p_label, row_min, row_sum, others
 
 
+def _exponent_sums(probs: np.ndarray, k: int, limbs: tuple[int, int, float]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The loops' arguments for adding float32 values by binary exponent:
+    ``(bits, acc, unit_shift, limb_bits)``.
+
+    A float32 value below 2 is ``m * 2**(e - 150)``, ``m`` below ``2**24``:
+    the loops add ``m`` to ``acc[class, e]`` (int64: exact for 2**39 values)
+    and spread each class's ``acc`` over the exact sums' limbs once, at the
+    end of the block, instead of cutting every value into limbs (a quarter
+    of a segmentation block's pass one).  The sums' unit is ``2**(31 -
+    n_limbs * limb_bits)``, ``2**(unit_shift - 150)``; a value below it is
+    cut to the unit as the limbs' floor cuts it, so the class totals are
+    the same integers either way (their limbs may hold them with other
+    carries).  float64 values, and float32 values of 2 or more, negative or
+    NaN, are cut into limbs one by one (``bits`` empty for float64).
+    """
+    n_limbs, limb_bits, scale = limbs
+    if scale != 2.0 ** (limb_bits - 31):
+        raise ValueError(f"limbs {limbs}: the scale must be 2**(limb_bits - 31)")
+    unit_shift = 150 + 31 - n_limbs * limb_bits
+    if probs.dtype != np.float32 or not 0 < unit_shift < 128:
+        return np.zeros((0,) * probs.ndim, dtype=np.uint32), np.zeros((k, 0), dtype=np.int64), 0, limb_bits
+    return probs.view(np.uint32), np.zeros((k, 128), dtype=np.int64), unit_shift, limb_bits
+
+
 def scan_records(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -405,11 +466,12 @@ def scan_records(
     n_limbs, limb_bits, scale = limbs
     counts = np.zeros(k, dtype=np.int64)
     sums = np.zeros((k, n_limbs), dtype=np.int64)
+    probs = np.ascontiguousarray(probs)
     first_bad = fast[3](
-        np.ascontiguousarray(probs), labels.astype(np.int64, copy=False), probs.dtype.type(eps),
+        probs, labels.astype(np.int64, copy=False), probs.dtype.type(eps),
         -1.0 if tolerance is None else float(tolerance), float(max_value), margin,
         rec["p_pred"], rec["score"], rec["label"], rec["pred"], rec["reduce"],
-        counts, sums, scale, float(1 << limb_bits), n_limbs,
+        counts, sums, scale, float(1 << limb_bits), n_limbs, *_exponent_sums(probs, k, limbs),
     )
     return counts, sums, int(first_bad)
 
@@ -425,7 +487,7 @@ def _build_planes() -> Any:
     @numba.njit(nogil=True, cache=True)
     def records_planes(planes, raw_labels, eps, tolerance, max_value,
                        p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs,
-                       best, arg, low, total):
+                       best, arg, low, total, bits, acc, unit_shift, limb_bits):
         # records' per-row work (self-confidence) on items stored class by
         # class: planes[i, j, p] is item i * P + p's probability of class j.
         # The classes are taken one plane at a time, each pixel's running
@@ -473,6 +535,20 @@ def _build_planes() -> Any:
                 own64 = np.float64(own)
                 score[at] = own64
                 counts[y] += 1
+                if bits.shape[0] > 0:
+                    bb = np.int64(bits[i, y, p])
+                    e = bb >> 23
+                    if e < 128:
+                        mm = bb & 0x7FFFFF
+                        if e == 0:
+                            e = 1
+                        else:
+                            mm |= 0x800000
+                        if e < unit_shift:
+                            mm >>= unit_shift - e
+                            e = unit_shift
+                        acc[y, e] += mm
+                        continue
                 if not (np.isfinite(own64) and own64 >= 0 and own64 < max_value):
                     own64 = 0.0
                 rest = own64 * scale
@@ -480,6 +556,23 @@ def _build_planes() -> Any:
                     limb = np.floor(rest)
                     sums[y, j] += np.int64(limb)
                     rest = (rest - limb) * base
+        for y in range(acc.shape[0]):
+            for e in range(unit_shift, acc.shape[1]):
+                v = acc[y, e]
+                if v == 0:
+                    continue
+                at = e - unit_shift
+                j = n_limbs - 1 - at // limb_bits
+                lo = at % limb_bits
+                while v > 0:
+                    if j == 0:
+                        sums[y, 0] += v << lo
+                        break
+                    room = limb_bits - lo
+                    sums[y, j] += (v & ((1 << room) - 1)) << lo
+                    v >>= room
+                    j -= 1
+                    lo = 0
         return first_bad
 
     return records_planes
@@ -515,13 +608,14 @@ def scan_planes(
     n_limbs, limb_bits, scale = limbs
     counts = np.zeros(k, dtype=np.int64)
     sums = np.zeros((k, n_limbs), dtype=np.int64)
+    planes = np.ascontiguousarray(planes)
     first_bad = _PLANES(
-        np.ascontiguousarray(planes), labels.astype(np.int64, copy=False), planes.dtype.type(eps),
+        planes, labels.astype(np.int64, copy=False), planes.dtype.type(eps),
         -1.0 if tolerance is None else float(tolerance), float(max_value),
         rec["p_pred"], rec["score"], rec["label"], rec["pred"], rec["reduce"],
         counts, sums, scale, float(1 << limb_bits), n_limbs,
         np.empty(m, dtype=planes.dtype), np.empty(m, dtype=np.int64), np.empty(m, dtype=planes.dtype),
-        np.empty(m, dtype=np.float64),
+        np.empty(m, dtype=np.float64), *_exponent_sums(planes, k, limbs),
     )
     return counts, sums, int(first_bad)
 

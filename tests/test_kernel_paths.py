@@ -336,3 +336,35 @@ def test_loading_the_kernels_skips_scipy_but_numba_blas_still_works(tmp_path):
     out = subprocess.run([sys.executable, "-c", BLAS_AFTER_KERNELS], env=env, check=True, timeout=300,
                          capture_output=True, text=True).stdout.split()
     assert out == ["loaded-scipy-linalg", "False", "have-blas", "True", "blas-after", "True"]
+
+
+@pytest.mark.parametrize("planes", [False, True])
+def test_float32_sums_by_exponent_are_the_limbs_exact_totals(planes):
+    """The loops add float32 values by binary exponent and spread the sums
+    over the limbs once a block: the class totals must be the integers the
+    per-value limbs give, for values at every exponent (subnormals and
+    values below the sums' unit, which the limbs cut; values of 1 to 2 and
+    of 2 or more, unnormalized rows being allowed without a tolerance; and
+    many equal values, whose sums carry across limbs)."""
+    from dask_labelissues import states
+    from dask_labelissues.kernels import Planes, ScoreSpec
+
+    rng = np.random.default_rng(4)
+    n, k = 6000, 4
+    exponents = rng.integers(-149, 3, size=(n, k)).astype(np.float64)
+    probs = (rng.random((n, k)) * 2.0**exponents).astype(np.float32)
+    probs[:500] = np.float32(0.7)  # sums that carry
+    probs[500:520] = np.float32(1e-45)  # the smallest subnormal, below the unit
+    probs[520:540] = np.float32(1.5)
+    probs[540:560] = np.float32(3.0e5)
+    probs[560:580, 1:] = 0  # zeros beside a value (a row of zeros is refused)
+    labels = rng.integers(0, k, n)
+    labels[560:570] = 2
+    spec, reference = ScoreSpec("self_confidence", row_sum_tolerance=None, kernel="numba"), ScoreSpec(
+        "self_confidence", row_sum_tolerance=None, kernel="numpy")
+    view = Planes(np.ascontiguousarray(np.moveaxis(probs.reshape(60, 100, k), -1, 1))) if planes else probs
+    _, got = states.scan_block(labels, view, 0, spec)
+    _, want = states.scan_block(labels, probs, 0, reference)
+    assert got.problem is None and want.problem is None
+    assert [int(x) for x in got.sums] == [int(x) for x in want.sums]
+    np.testing.assert_array_equal(got.counts, want.counts)

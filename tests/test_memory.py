@@ -44,9 +44,9 @@ def big(tmp_path_factory):
     return paths
 
 
-def _limited(code: str, *args: str) -> subprocess.CompletedProcess:
+def _limited(code: str, *args: str, limit: int = LIMIT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["prlimit", f"--data={LIMIT}", sys.executable, "-c", code, *args],
+        ["prlimit", f"--data={limit}", sys.executable, "-c", code, *args],
         capture_output=True, text=True, timeout=600,
     )
 
@@ -122,3 +122,146 @@ def test_a_local_job_lets_go_of_the_rows_it_has_read(big, backend):
     file_bytes = ROWS * CLASSES * 4
     # Records (32 bytes a row), scores and mask, and a block per thread: about 0.2 of the file.
     assert peak - base < 0.4 * file_bytes, f"resident set grew by {(peak - base) / 2**20:.0f} MB"
+
+
+# -- semantic segmentation ----------------------------------------------------------
+# A Zarr store of images whose pred_probs is 1.58 times the cap.  What the
+# cap (RLIMIT_DATA: private writable mappings, counted when mapped) sees of
+# a segmentation job on the one-machine engines, measured at 9ec52d8:
+#
+# - per process: about 160-230 MB of imports (numpy, zarr, numba's kernels);
+# - per block being read (one per thread; 48 images, 60 MiB of pred_probs):
+#   zarr's own read of a 4-D array (zarr_chunks.ChunkReader takes 1-D and
+#   2-D arrays only) holds the chunks' file buffers beside the block, about
+#   twice the block at its peak (nearly three times with zarr's default
+#   zstd); pass one's scan itself adds about 1 byte a pixel;
+# - per pixel: the item-long columns, records (32 bytes) and, for
+#   find_label_issues, scores (8 bytes).  A column above 256 MiB
+#   (engines.local.SPILL_BYTES) goes to an unlinked file, which the cap
+#   does not count (nor is it anonymous memory); below that, serial and
+#   threads map it privately (counted), while fork shares it with its
+#   workers: MAP_SHARED anonymous memory, real but NOT seen by the cap.
+#   And about 2 bytes a pixel of mask in find_label_issues (the blocks'
+#   masks, then the joined one).
+#
+# So anonymous memory is flat in N only once every column spills (past
+# 33.5M pixels for the scores column; here 16.8M: records spill, the
+# 128 MiB scores column does not).  The store is sized so that records
+# spill, as in any job too large for memory: held in memory (512 MiB here,
+# SPILL_BYTES raised in the child) they fail the serial and threads jobs
+# under the cap, while the fork jobs still pass, the cap being blind to
+# shared memory.  Smallest caps that pass on this store (MiB, to 10 MiB):
+# find_label_issues serial 491, threads 705 (up to about 740 over repeated
+# runs, as the two threads' reads overlap), fork 384;
+# get_label_quality_scores 364, 588, 374.  The classification test's cap
+# (700 MB = 668 MiB) is below what the threads engine needs, hence one of
+# its own here: 850 MB (811 MiB).
+SEG_IMAGES, SEG_CLASSES, SEG_SIDE = 1024, 20, 128  # 1.34 GB of float32 pred_probs, 16.8M pixels
+SEG_CHUNK = 16  # images per storage chunk (21 MB); the engines' blocks are 3 chunks
+SEG_LIMIT = 850_000_000
+
+# The digest of a job's outputs, an image at a time: pixel_scores is a
+# strided view of the job's records column, which a copy of it whole would
+# add to the child's memory.
+DIGEST = """
+import hashlib
+import numpy as np
+
+def digest(*arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(repr((a.shape, a.dtype.str)).encode())
+        for row in (a.reshape(1, -1) if a.ndim == 1 else a):
+            h.update(np.ascontiguousarray(row).tobytes())
+    return h.hexdigest()
+"""
+
+SEG_RUN = DIGEST + """
+import sys
+from dask_labelissues import segmentation
+store, function, backend = sys.argv[1:4]
+out = getattr(segmentation, function)(f"{store}:labels", f"{store}:pred_probs", backend=backend, n_jobs=2)
+print(digest(*(out if isinstance(out, tuple) else (out,))))
+"""
+
+SEG_LOAD = """
+import sys, zarr
+x = zarr.open_array(sys.argv[1], path="pred_probs", mode="r")[:]
+print("loaded", x.nbytes)
+"""
+
+_digest_namespace: dict = {}
+exec(DIGEST, _digest_namespace)
+_digest = _digest_namespace["digest"]
+
+
+@pytest.fixture(scope="module")
+def segmentation_store(tmp_path_factory):
+    """labels (N, H, W) int64 and pred_probs (N, K, H, W) float32 in one
+    Zarr v3 group, chunked by SEG_CHUNK images (no compressor: a third
+    of the time to write), written a chunk at a time."""
+    import zarr
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dask_labelissues.engines.local import SPILL_BYTES, usable_cores
+    from dask_labelissues.synthetic import SegmentationSpec, segmentation_images
+
+    path = str(tmp_path_factory.mktemp("segmentation") / "seg.zarr")
+    spec = SegmentationSpec(SEG_IMAGES, SEG_CLASSES, SEG_SIDE, SEG_SIDE, seed=11)
+    group = zarr.open_group(path, mode="w")
+    plain = {"compressors": None}
+    labels = group.create_array(
+        "labels", shape=(SEG_IMAGES, SEG_SIDE, SEG_SIDE), chunks=(SEG_CHUNK, SEG_SIDE, SEG_SIDE), dtype="int64",
+        **plain,
+    )
+    probs = group.create_array(
+        "pred_probs", shape=(SEG_IMAGES, SEG_CLASSES, SEG_SIDE, SEG_SIDE),
+        chunks=(SEG_CHUNK, SEG_CLASSES, SEG_SIDE, SEG_SIDE), dtype="float32", **plain,
+    )
+
+    def write(start: int) -> None:
+        stop = min(start + SEG_CHUNK, SEG_IMAGES)
+        lab, pp, _ = segmentation_images(spec, start, stop)
+        labels[start:stop] = lab
+        probs[start:stop] = pp
+
+    with ThreadPoolExecutor(usable_cores()) as pool:
+        list(pool.map(write, range(0, SEG_IMAGES, SEG_CHUNK)))
+    assert probs.nbytes > SEG_LIMIT * 1.5
+    # The records (32 bytes a pixel) spill to a file, as in any job too
+    # large for memory (see above).
+    assert SEG_IMAGES * SEG_SIDE * SEG_SIDE * 32 > SPILL_BYTES
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmentation_reference(segmentation_store):
+    """Each function's outputs, computed here without a cap (serial engine)."""
+    from dask_labelissues import segmentation
+
+    store = segmentation_store
+    out = {}
+    mask = segmentation.find_label_issues(f"{store}:labels", f"{store}:pred_probs", backend="serial")
+    pixels = SEG_IMAGES * SEG_SIDE * SEG_SIDE
+    assert 0.001 * pixels < int(mask.sum()) < 0.05 * pixels
+    out["find_label_issues"] = _digest(mask)
+    del mask
+    image_scores, pixel_scores = segmentation.get_label_quality_scores(
+        f"{store}:labels", f"{store}:pred_probs", backend="serial"
+    )
+    out["get_label_quality_scores"] = _digest(image_scores, pixel_scores)
+    return out
+
+
+def test_loading_the_segmentation_store_fails_under_the_cap(segmentation_store):
+    proc = _limited(SEG_LOAD, segmentation_store, limit=SEG_LIMIT)
+    assert proc.returncode != 0
+    assert "MemoryError" in proc.stderr or "Unable to allocate" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads", "fork"])
+@pytest.mark.parametrize("function", ["find_label_issues", "get_label_quality_scores"])
+def test_a_segmentation_job_completes_under_the_cap(segmentation_store, segmentation_reference, function, backend):
+    proc = _limited(SEG_RUN, segmentation_store, function, backend, limit=SEG_LIMIT)
+    assert proc.returncode == 0, f"{function} on {backend} failed:\n{proc.stderr[-2000:]}"
+    assert proc.stdout.split() == [segmentation_reference[function]]

@@ -600,6 +600,10 @@ def run_pixel_scores(
     done, parts = engine.compute(root, images, keep=[records])
     done.state.raise_problem()
     scores = engine.to_array(records, spec.record_dtype(), row_shape=image_shape)["score"]
+    if isinstance(scores, np.ndarray):
+        # A copy of the field, 8 bytes a pixel: a view would keep the whole
+        # records column (32 bytes a pixel, or its spill file) alive.
+        scores = np.ascontiguousarray(scores)
     return np.concatenate(parts), scores
 
 

@@ -879,3 +879,16 @@ def test_with_ignore_index_other_bad_values_are_still_refused_by_pixel(downsampl
         segmentation.find_label_issues(labels, nan, backend="dask", ignore_index=IGNORE, downsample=downsample)
     with pytest.raises(TypeError, match="ignore_index must be an integer"):
         segmentation.find_label_issues(labels, probs, ignore_index=255.0)
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads", "fork"])
+def test_numpy_pixel_scores_do_not_keep_the_jobs_records(backend):
+    """The pixel scores are 8 bytes a pixel of their own, not a view of the
+    job's records (32 bytes a pixel), which would stay alive with them."""
+    labels, probs = images(5)
+    _, pixel_scores = segmentation.get_label_quality_scores(labels, probs, backend=backend)
+    assert pixel_scores.dtype == np.float64 and pixel_scores.flags.c_contiguous
+    base = pixel_scores
+    while base.base is not None and isinstance(base.base, np.ndarray):
+        base = base.base
+    assert base.dtype.names is None and base.nbytes == pixel_scores.nbytes

@@ -77,7 +77,8 @@ class Kind:
     def stored_problem(
         self, labels: np.ndarray, probs: np.ndarray, start_row: int, tolerance: float | None
     ) -> InputProblem | None:
-        """The first bad stored value of a block, for kinds that pool."""
+        """The first bad stored value of a block, for kinds that check them
+        (:attr:`checks_stored`)."""
         return None
 
 

@@ -48,10 +48,11 @@ from typing import Any, Iterator, Mapping
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .engines import local as local_engine
+
 #: glibc's trim and mmap thresholds in the embedded cluster's workers, in
-#: bytes (128 MiB, twice the 64 MiB blocks the automatic chunking aims at;
-#: see the module docstring).
-MALLOC_THRESHOLD = 128 << 20
+#: bytes (see the module docstring): those of jobs in this process.
+MALLOC_THRESHOLD = local_engine.MALLOC_THRESHOLD
 
 #: Variables that must be in a worker's environment before it starts: the
 #: nanny sets these (``distributed.nanny.pre-spawn-environ``) when it

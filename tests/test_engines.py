@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import subprocess
+import sys
 import warnings
 from typing import Any, Iterator
 
@@ -534,3 +536,39 @@ def test_pixels_match_rows_on_a_cluster(local_cluster, pipeline):
     with opened("distributed", labels, probs, ScoreSpec(), 2, client=local_cluster, kind=PIXELS) as engine:
         got = result_of(job(engine, pipeline, probs.dtype))
     assert_same_bits(got, rows_reference(pipeline), pipeline)
+
+
+FREED_MEMORY_PROBE = r"""
+import ctypes, sys
+import numpy as np
+import dask_labelissues
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+rng = np.random.default_rng(0)
+probs = rng.dirichlet(np.ones(4), size=5000)
+dask_labelissues.find_label_issues(rng.integers(0, 4, 5000), probs, backend=sys.argv[1])
+before = mallinfo2().hblkhd
+a = np.ones(64 << 20, np.uint8)
+print(mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+@pytest.mark.parametrize("backend", ["serial", "threads"])
+def test_a_local_job_lets_the_allocator_keep_blocks_in_its_heap(backend, monkeypatch):
+    """After a local job in a process, a 64 MiB array comes from the
+    allocator's heap (reused when freed), not from a mapping of its own,
+    which glibc's default makes for it (and faults in anew each time); a
+    threshold the user set wins."""
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    run = [sys.executable, "-c", FREED_MEMORY_PROBE, backend]
+    heap = int(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 << 10))
+    mapped = int(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
+    assert heap == 0 and mapped >= 64 << 20, (heap, mapped)

@@ -1,0 +1,342 @@
+"""Token classification: cleanlab.token_classification's functions, on any engine.
+
+Every token of every sentence is one row of confident learning, as in
+``cleanlab.token_classification``.  Give either cleanlab's in-memory form
+(``labels[i]`` the labels of sentence ``i``, ``pred_probs[i]`` its
+``(T_i, K)`` probabilities), or the form a store holds at scale: flat
+tokens, labels ``(T,)`` and pred_probs ``(T, K)`` (numpy, ``.npy``, Zarr,
+HDF5 or dask), with ``sentence_offsets`` ``(N + 1,)``: sentence ``i`` is
+tokens ``offsets[i]:offsets[i + 1]``.  The flat form is read a block at a
+time, on one machine or a Dask cluster, as classification rows are.
+
+Differences from cleanlab:
+
+- issues tied in score are ranked by token order (cleanlab's sort takes
+  any of them);
+- ``low_memory=True`` is accepted and changes nothing: the exact method
+  already runs in bounded memory (cleanlab's falls back to its batched
+  estimate, which flags other tokens);
+- a sentence with no tokens scores 1 (cleanlab fails on one);
+- scores are float64, and sentence scores are computed in float64 (for
+  float32 pred_probs cleanlab's softmin runs in float32: the two then
+  differ by about 1e-6 of the score);
+- bad values are refused naming the sentence and token;
+- :func:`issues_from_scores` over sentence scores returns the sentences
+  scored below the threshold, ties by index (cleanlab's fails when every
+  sentence is below it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import inputs
+from .api import find_label_issues as _find_rows
+from .states import InputValueError
+
+__all__ = ["find_label_issues", "get_label_quality_scores", "issues_from_scores"]
+
+TOKEN_SCORE_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+SENTENCE_SCORE_METHODS = ("min", "softmin")
+#: cleanlab's softmin temperature for sentence scores.
+SOFTMIN_TEMPERATURE = 0.05
+
+
+def find_label_issues(
+    labels: Any,
+    pred_probs: Any,
+    *,
+    return_indices_ranked_by: str = "self_confidence",
+    low_memory: bool = False,
+    sentence_offsets: Any = None,
+    as_array: bool = False,
+    **kwargs: Any,
+) -> list[tuple[int, int]] | np.ndarray:
+    """The tokens whose given label is likely wrong, most likely first.
+
+    Parameters
+    ----------
+    labels
+        ``labels[i]``: the given labels of sentence ``i``'s tokens (a list of
+        lists or of arrays), integers in ``0..K-1``; or, with
+        ``sentence_offsets``, every token's label, flat ``(T,)``.
+    pred_probs
+        ``pred_probs[i]``: sentence ``i``'s ``(T_i, K)`` predicted
+        probabilities; or, with ``sentence_offsets``, flat ``(T, K)``.
+    return_indices_ranked_by
+        The token score that orders the issues: ``"self_confidence"``,
+        ``"normalized_margin"`` or ``"confidence_weighted_entropy"``.
+    low_memory
+        Accepted for cleanlab's callers; the method is the same either way.
+    sentence_offsets
+        ``(N + 1,)`` non-decreasing token offsets from 0 to T, for the flat
+        form (any array source or path).
+    as_array
+        Return an ``(M, 2)`` int64 array of ``(sentence, token)`` rows
+        instead of a list of tuples (which costs about 150 bytes an issue).
+    **kwargs
+        :func:`dask_labelissues.find_label_issues`'s options, applied to
+        the tokens: cleanlab.filter's (``filter_by``, default
+        ``"prune_by_noise_rate"`` as in cleanlab, ``frac_noise``,
+        ``num_to_remove_per_class``, ``min_examples_per_class``, ``n_jobs``)
+        and the engine's (``backend``, ``client``, ``chunk_rows``, ...);
+        ``verbose`` shows progress bars.
+
+    Returns
+    -------
+    list of (int, int), or numpy.ndarray
+        ``(i, j)``: token ``j`` of sentence ``i`` is likely mislabeled.
+
+    Raises
+    ------
+    ValueError
+        Mismatched lengths, bad offsets, or a bad value (NaN, inf,
+        negative, a token not summing to 1, a label outside ``0..K-1``),
+        named by sentence and token.
+    """
+    if return_indices_ranked_by not in TOKEN_SCORE_METHODS:
+        raise ValueError(
+            f"return_indices_ranked_by={return_indices_ranked_by!r} is not one of {', '.join(TOKEN_SCORE_METHODS)}"
+        )
+    del low_memory  # the exact method runs in bounded memory already
+    flat_labels, flat_probs, offsets = _tokens(labels, pred_probs, sentence_offsets)
+    options = _options(kwargs)
+    options.setdefault("filter_by", "prune_by_noise_rate")
+    with _located(offsets):
+        found = _find_rows(flat_labels, flat_probs, return_indices_ranked_by=return_indices_ranked_by, **options)
+    pairs = token_pairs(np.asarray(found.issues, dtype=np.int64), offsets)
+    return pairs if as_array else [(int(i), int(j)) for i, j in pairs]
+
+
+def get_label_quality_scores(
+    labels: Any,
+    pred_probs: Any,
+    *,
+    tokens: Sequence[Sequence[str]] | None = None,
+    token_score_method: str = "self_confidence",
+    sentence_score_method: str = "min",
+    sentence_score_kwargs: dict[str, Any] | None = None,
+    sentence_offsets: Any = None,
+    as_series: bool | None = None,
+    **kwargs: Any,
+) -> tuple[np.ndarray, Any]:
+    """A score per sentence and per token: lower is more likely mislabeled.
+
+    Parameters
+    ----------
+    labels, pred_probs, sentence_offsets
+        As in :func:`find_label_issues`.
+    tokens
+        ``tokens[i]``: sentence ``i``'s words, the index of its token scores.
+    token_score_method
+        ``"self_confidence"``, ``"normalized_margin"`` or
+        ``"confidence_weighted_entropy"`` (as ``cleanlab.rank``).
+    sentence_score_method
+        ``"min"``: a sentence's lowest token score; ``"softmin"``: its token
+        scores weighted by a softmax of ``(1 - score) / temperature``.
+    sentence_score_kwargs
+        ``{"temperature": t}`` for ``"softmin"`` (default 0.05; 0 gives the
+        min, ``inf`` the mean).
+    as_series
+        Token scores as a list of ``pandas.Series``, one a sentence, as
+        cleanlab returns them (default for the in-memory form), or as one
+        flat ``(T,)`` float64 array (default with ``sentence_offsets``).
+    **kwargs
+        The engine's options (``backend``, ``client``, ``n_jobs``,
+        ``chunk_rows``, ``row_sum_tolerance``, ...).
+
+    Returns
+    -------
+    sentence_scores : numpy.ndarray
+        ``(N,)`` float64 in [0, 1]; 1 for a sentence with no tokens.
+    token_scores : list of pandas.Series or numpy.ndarray
+        Each token's score.
+    """
+    if token_score_method not in TOKEN_SCORE_METHODS:
+        raise ValueError(f"token_score_method={token_score_method!r} is not one of {', '.join(TOKEN_SCORE_METHODS)}")
+    if sentence_score_method not in SENTENCE_SCORE_METHODS:
+        raise ValueError(
+            f"sentence_score_method={sentence_score_method!r} is not one of {', '.join(SENTENCE_SCORE_METHODS)}"
+        )
+    temperature = float((sentence_score_kwargs or {}).get("temperature", SOFTMIN_TEMPERATURE))
+    flat_labels, flat_probs, offsets = _tokens(labels, pred_probs, sentence_offsets)
+    options = _options(kwargs)
+    with _located(offsets):
+        found = _find_rows(flat_labels, flat_probs, method=token_score_method, **options)
+    scores = np.asarray(_numpy(found.label_quality_scores), dtype=np.float64)
+    if sentence_score_method == "min" or temperature == 0:
+        sentence_scores = sentence_min(scores, offsets)
+    elif np.isinf(temperature):
+        sentence_scores = sentence_mean(scores, offsets)
+    else:
+        sentence_scores = sentence_softmin(scores, offsets, temperature)
+    if as_series is None:
+        as_series = sentence_offsets is None
+    if not as_series:
+        return sentence_scores, scores
+    import pandas as pd
+
+    parts = np.split(scores, offsets[1:-1])
+    if tokens is not None:
+        return sentence_scores, [pd.Series(s, index=list(t)) for s, t in zip(parts, tokens)]
+    return sentence_scores, [pd.Series(s) for s in parts]
+
+
+def issues_from_scores(
+    sentence_scores: Any, *, token_scores: Any = None, threshold: float = 0.1, sentence_offsets: Any = None
+) -> Any:
+    """The issues the scores point to, most severe first.
+
+    With ``token_scores`` (a list of per-sentence scores, or a flat array
+    with ``sentence_offsets``), the ``(sentence, token)`` pairs of tokens
+    scored below ``threshold``, lowest first (ties in token order); else the
+    sentences scored below it, lowest first (ties by index).
+    """
+    if threshold is None or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+    if token_scores is not None:
+        if sentence_offsets is not None:
+            flat = np.asarray(token_scores, dtype=np.float64)
+            offsets = _offsets(sentence_offsets, flat.shape[0])
+        else:
+            parts = [np.asarray(s, dtype=np.float64) for s in token_scores]
+            offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+            flat = np.concatenate(parts) if parts else np.zeros(0)
+        below = np.flatnonzero(flat < threshold)
+        below = below[np.argsort(flat[below], kind="stable")]
+        return [(int(i), int(j)) for i, j in token_pairs(below, offsets)]
+    scores = np.asarray(sentence_scores, dtype=np.float64)
+    ranking = np.argsort(scores, kind="stable")
+    return ranking[: int(np.count_nonzero(scores < threshold))]
+
+
+# -- sentences ---------------------------------------------------------------------------
+def token_pairs(rows: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Flat token indices as ``(sentence, token)`` rows, ``(M, 2)`` int64."""
+    rows = np.asarray(rows, dtype=np.int64)
+    sentence = np.searchsorted(offsets, rows, side="right") - 1
+    return np.stack([sentence, rows - offsets[sentence]], axis=1) if rows.size else np.zeros((0, 2), np.int64)
+
+
+def sentence_min(scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each sentence's lowest token score (1 for an empty sentence)."""
+    return _per_sentence(np.minimum, scores, offsets)
+
+
+def sentence_mean(scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each sentence's mean token score (1 for an empty sentence)."""
+    lengths = np.diff(offsets)
+    sums = _per_sentence(np.add, scores, offsets, empty=0.0)
+    return np.divide(sums, lengths, out=np.ones(len(lengths)), where=lengths > 0)
+
+
+def sentence_softmin(scores: np.ndarray, offsets: np.ndarray, temperature: float) -> np.ndarray:
+    """Each sentence's token scores weighted by a softmax of ``(1 - score) /
+    temperature``, shifted by the sentence's largest exponent so that no
+    weight overflows (1 for an empty sentence)."""
+    x = (1.0 - scores) / temperature
+    top = _per_sentence(np.maximum, x, offsets, empty=0.0)
+    lengths = np.diff(offsets)
+    weights = np.exp(x - np.repeat(top, lengths))
+    total = _per_sentence(np.add, weights, offsets, empty=0.0)
+    weighted = _per_sentence(np.add, weights * scores, offsets, empty=0.0)
+    return np.divide(weighted, total, out=np.ones(len(lengths)), where=lengths > 0)
+
+
+def _per_sentence(ufunc: np.ufunc, values: np.ndarray, offsets: np.ndarray, empty: float = 1.0) -> np.ndarray:
+    """``ufunc.reduce`` over each sentence's values; ``empty`` where it has none."""
+    lengths = np.diff(offsets)
+    out = np.full(len(lengths), empty, dtype=np.float64)
+    full = lengths > 0
+    if full.any():
+        out[full] = ufunc.reduceat(values, offsets[:-1][full])
+    return out
+
+
+# -- inputs ------------------------------------------------------------------------------
+def _tokens(labels: Any, pred_probs: Any, sentence_offsets: Any) -> tuple[Any, Any, np.ndarray]:
+    """Flat labels and pred_probs (sources, not read here, in the flat form)
+    and the sentence offsets."""
+    if sentence_offsets is not None:
+        lab = inputs.open_source(labels, "labels")
+        return labels, pred_probs, _offsets(sentence_offsets, int(lab.shape[0]))
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
+        raise TypeError("labels must be a list of per-sentence labels, or flat labels with sentence_offsets")
+    if len(labels) != len(pred_probs):
+        raise ValueError(f"labels has {len(labels)} sentences but pred_probs {len(pred_probs)}")
+    if len(labels) == 0:
+        raise ValueError("no sentences")
+    lengths = np.array([len(s) for s in labels], dtype=np.int64)
+    probs = [np.asarray(p) for p in pred_probs]
+    k = None
+    for i, (n, p) in enumerate(zip(lengths, probs)):
+        if n and (p.ndim != 2 or p.shape[0] != n):
+            raise ValueError(
+                f"sentence {i} has {n} labels but pred_probs[{i}] has shape {p.shape}: it must be ({n}, K)"
+            )
+        if n:
+            if k is not None and p.shape[1] != k:
+                raise ValueError(f"pred_probs[{i}] has {p.shape[1]} classes, the sentences before it {k}")
+            k = p.shape[1]
+    if k is None:
+        raise ValueError("no sentence has a token")
+    flat_labels = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1) for s in labels])
+    flat_probs = np.concatenate([p for p in probs if p.shape[0]])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return flat_labels, flat_probs, offsets
+
+
+def _offsets(source: Any, n_tokens: int) -> np.ndarray:
+    """Sentence offsets, checked against the tokens."""
+    if isinstance(source, (np.ndarray, list, tuple)):
+        offsets = np.asarray(source)
+    else:
+        src = inputs.open_source(source, "sentence_offsets")
+        offsets = np.asarray(src.compute() if inputs.is_dask_array(src) else src[0 : int(src.shape[0])])
+    if offsets.ndim != 1 or offsets.shape[0] < 2 or offsets.dtype.kind not in "iu":
+        raise ValueError(f"sentence_offsets must be (N + 1,) integers, got shape {offsets.shape} of {offsets.dtype}")
+    offsets = offsets.astype(np.int64)
+    if offsets[0] != 0 or offsets[-1] != n_tokens:
+        raise ValueError(
+            f"sentence_offsets must run from 0 to the number of tokens, {n_tokens}; "
+            f"they run from {offsets[0]} to {offsets[-1]}"
+        )
+    down = np.flatnonzero(np.diff(offsets) < 0)
+    if down.size:
+        i = int(down[0])
+        raise ValueError(f"sentence_offsets decrease at sentence {i}: {offsets[i]} then {offsets[i + 1]}")
+    return offsets
+
+
+def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    options = dict(kwargs)
+    if "verbose" in options:
+        options["progress"] = bool(options.pop("verbose"))
+    return options
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return np.asarray(x.compute() if inputs.is_dask_array(x) else x)
+
+
+class _located:
+    """Re-raise a bad value's error with the sentence and token it is at."""
+
+    def __init__(self, offsets: np.ndarray) -> None:
+        self.offsets = offsets
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, InputValueError) and exc.row is not None:
+            (sentence, token), = token_pairs(np.array([exc.row]), self.offsets)
+            where = f"sentence {sentence}, token {token}"
+            message = re.sub(rf"pred_probs\[{exc.row}, (\d+)\]", rf"pred_probs at {where}, class \1", str(exc))
+            message = re.sub(rf"labels\[{exc.row}\]", f"labels at {where}", message)
+            message = re.sub(rf"\brow {exc.row}\b", f"at {where}", message)
+            raise InputValueError(message, exc.row) from None
+        return False

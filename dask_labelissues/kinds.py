@@ -235,3 +235,54 @@ class Pixels(Kind):
 
 #: Semantic segmentation's kind.
 PIXELS = Pixels()
+
+
+@dataclass(frozen=True)
+class OneVsRest(Kind):
+    """Multi-label data, class ``k`` against the rest: labels are an
+    ``(N, K)`` 0/1 matrix and pred_probs ``(N, K)`` independent per-class
+    probabilities; row ``i``'s item has label ``labels[i, k]`` and the two
+    probabilities ``[1 - p, p]`` of ``p = pred_probs[i, k]`` (1 - p in the
+    input's dtype, as cleanlab stacks them).  The stored values of column
+    ``k`` are checked: labels 0 or 1, probabilities in [0, 1]."""
+
+    name: str = "one-vs-rest"
+    k: int = 0
+
+    def n_classes(self, probs_shape: Sequence[int]) -> int:
+        return 2
+
+    def labels(self, block: np.ndarray) -> np.ndarray:
+        return np.asarray(block)[:, self.k].astype(np.int64)
+
+    def probs(self, block: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        p = np.asarray(block)[:, self.k]
+        if p.dtype == np.float16:
+            p = p.astype(np.float32)  # exactly; the compiled kernels take float32
+        out = np.empty((p.shape[0], 2), dtype=p.dtype)
+        out[:, 0] = 1 - p
+        out[:, 1] = p
+        return out
+
+    @property
+    def checks_stored(self) -> bool:
+        return True
+
+    def stored_problem(
+        self, labels: np.ndarray, probs: np.ndarray, start_row: int, tolerance: float | None
+    ) -> InputProblem | None:
+        y = np.asarray(labels)[:, self.k]
+        p = np.asarray(probs)[:, self.k]
+        bad_label = (y != 0) & (y != 1)
+        bad_prob = ~((p >= 0) & (p <= 1))
+        bad = bad_label | bad_prob
+        if not bad.any():
+            return None
+        i = int(np.argmax(bad))
+        row = start_row + i
+        if bad_label[i]:
+            return InputProblem(row, f"labels[{row}, {self.k}] = {y[i]} is not 0 or 1 (class {self.k} absent or present)")
+        hint = ""
+        if np.isfinite(p[i]) and p[i] > 1:
+            hint = ": this looks like a logit or score, not a probability (apply a sigmoid)"
+        return InputProblem(row, f"pred_probs[{row}, {self.k}] = {p[i]} is not a probability in [0, 1]{hint}")

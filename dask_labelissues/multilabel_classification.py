@@ -1,0 +1,369 @@
+"""Multi-label classification: cleanlab.multilabel_classification's functions, on any engine.
+
+Every example may carry several of K labels.  As in cleanlab, each class
+is a binary problem (the class against the rest: probabilities ``[1 - p,
+p]``), run here on this project's engines, one pass over the data a class;
+an example has a label issue where any of its classes has one.  Labels are
+cleanlab's list of label lists, or an ``(N, K)`` 0/1 matrix (numpy, Zarr,
+HDF5, dask: a store's form, never expanded from lists); pred_probs is
+``(N, K)`` independent per-class probabilities (rows need not sum to 1;
+each value must lie in [0, 1]).
+
+Differences from cleanlab:
+
+- issues tied in score are ranked by row (cleanlab's sort takes any);
+- ``low_memory=True`` changes nothing: the exact method runs in bounded
+  memory already (cleanlab's falls back to a batched estimate);
+- a bad value is refused naming its row and class;
+- for float32 pred_probs, the confidence-weighted entropy can differ from
+  cleanlab's by about 1e-7 (its float32 logarithm is another's);
+- ``confident_joint`` and ``adjust_pred_probs=True`` are not supported yet.
+
+Not yet the design the engines aim at: each class reads pred_probs once
+(K reads, where one read could compute every class's thresholds and joint),
+and the scores that rank the issues are computed in this process, a block
+of rows at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import inputs
+from .api import _filter_spec
+from .engines import make_engine
+from .kernels import ScoreSpec
+from .kinds import OneVsRest
+from .pipelines import run_filter
+
+__all__ = [
+    "find_label_issues",
+    "find_multilabel_issues_per_class",
+    "get_label_quality_scores",
+    "get_label_quality_scores_per_class",
+]
+
+METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+#: cleanlab's default aggregation of the per-class scores.
+DEFAULT_AGGREGATOR = {"method": "exponential_moving_average", "alpha": 0.8}
+#: cleanlab's floor for the confidence-weighted entropy's divisions.
+CLIP = 1e-6
+#: Rows a block of :func:`get_label_quality_scores` reads at a time.
+SCORE_ROWS = 1 << 16
+
+
+def find_label_issues(
+    labels: Any,
+    pred_probs: Any,
+    return_indices_ranked_by: str | None = None,
+    rank_by_kwargs: dict[str, Any] | None = None,
+    filter_by: str = "prune_by_noise_rate",
+    frac_noise: float = 1.0,
+    num_to_remove_per_class: Sequence[int] | None = None,
+    min_examples_per_class: int = 1,
+    confident_joint: Any = None,
+    n_jobs: int | None = None,
+    verbose: bool = False,
+    low_memory: bool = False,
+    *,
+    backend: str = "auto",
+    client: Any = None,
+    chunk_rows: int | None = None,
+) -> np.ndarray:
+    """The examples whose labels likely hold an error.
+
+    Parameters
+    ----------
+    labels
+        A list of each example's label lists (integers in ``0..K-1``), or an
+        ``(N, K)`` 0/1 matrix (any array source or path).
+    pred_probs
+        ``(N, K)``: each class's predicted probability, independently.
+    return_indices_ranked_by
+        None: a boolean mask; else the issues' indices, ranked by that score
+        (``"self_confidence"``, ``"normalized_margin"``,
+        ``"confidence_weighted_entropy"``) aggregated over the classes as
+        :func:`get_label_quality_scores` does, lowest first.
+    rank_by_kwargs
+        Options of that score (none are supported yet besides the defaults).
+    filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class
+        As in ``cleanlab.filter.find_label_issues``, for each class's
+        binary problem (``num_to_remove_per_class[k]`` for class k).
+    confident_joint
+        Not supported: each class's 2 x 2 joint is computed.
+    n_jobs, verbose, low_memory
+        Threads or processes of the one-machine engines; progress bars;
+        accepted for cleanlab's callers (the method is the same).
+    backend, client, chunk_rows
+        The engine, as in :func:`dask_labelissues.find_label_issues`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N,)`` bool, or the ranked int64 indices.
+    """
+    del low_memory
+    _no_joint(confident_joint)
+    options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose)
+    lab, probs, n, k = _open(labels, pred_probs)
+    if filter_by in ("low_normalized_margin", "low_self_confidence"):
+        # As cleanlab: as many issues as the confident-learning filter finds,
+        # the lowest by the default score.
+        counted = _class_masks(lab, probs, k, "confident_learning", 1.0, None, 1, options).any(axis=1)
+        scores = _scores(lab, probs, "self_confidence", DEFAULT_AGGREGATOR)
+        lowest = np.argsort(scores, kind="stable")[: int(counted.sum())]
+        if return_indices_ranked_by is None:
+            mask = np.zeros(n, dtype=bool)
+            mask[lowest] = True
+            return mask
+        ranking = _scores(lab, probs, _method(return_indices_ranked_by, rank_by_kwargs), DEFAULT_AGGREGATOR)
+        return lowest[np.argsort(ranking[lowest], kind="stable")].astype(np.int64)
+    mask = _class_masks(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
+                        options).any(axis=1)
+    if return_indices_ranked_by is None:
+        return mask
+    issues = np.flatnonzero(mask)
+    ranking = _scores(lab, probs, _method(return_indices_ranked_by, rank_by_kwargs), DEFAULT_AGGREGATOR)
+    return issues[np.argsort(ranking[issues], kind="stable")].astype(np.int64)
+
+
+def find_multilabel_issues_per_class(
+    labels: Any,
+    pred_probs: Any,
+    return_indices_ranked_by: str | None = None,
+    rank_by_kwargs: dict[str, Any] | None = None,
+    filter_by: str = "prune_by_noise_rate",
+    frac_noise: float = 1.0,
+    num_to_remove_per_class: Sequence[int] | None = None,
+    min_examples_per_class: int = 1,
+    confident_joint: Any = None,
+    n_jobs: int | None = None,
+    verbose: bool = False,
+    low_memory: bool = False,
+    *,
+    backend: str = "auto",
+    client: Any = None,
+    chunk_rows: int | None = None,
+) -> Any:
+    """Each class's label issues: whether an example's label of that class
+    (present or absent) is likely wrong.
+
+    Parameters are those of :func:`find_label_issues`.
+
+    Returns
+    -------
+    numpy.ndarray or tuple
+        ``(N, K)`` bool with ``return_indices_ranked_by=None``; else, as
+        cleanlab, ``(issues, labels, pred_probs)``: per class, its issues'
+        row indices ranked by that binary problem's score (lowest first,
+        ties by row), its 0/1 labels and its ``(N, 2)`` probabilities.
+    """
+    del low_memory
+    _no_joint(confident_joint)
+    options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose)
+    lab, probs, n, k = _open(labels, pred_probs)
+    if return_indices_ranked_by is None:
+        return _class_masks(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
+                            options)
+    method = _method(return_indices_ranked_by, rank_by_kwargs)
+    found = _class_results(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
+                           options, ranked_by=method)
+    issues = [np.asarray(r.issues, dtype=np.int64) for r in found]
+    kinds = [OneVsRest(k=c) for c in range(k)]
+    y = _read_all(lab)
+    p = _read_all(probs)
+    return issues, [kinds[c].labels(y) for c in range(k)], [kinds[c].probs(p) for c in range(k)]
+
+
+def get_label_quality_scores(
+    labels: Any,
+    pred_probs: Any,
+    *,
+    method: str = "self_confidence",
+    adjust_pred_probs: bool = False,
+    aggregator_kwargs: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """A score per example: its classes' scores (:func:`get_label_quality_scores_per_class`)
+    aggregated, lower is more likely mislabeled.
+
+    Parameters
+    ----------
+    labels, pred_probs
+        As in :func:`find_label_issues`.
+    method
+        Each class's score: ``"self_confidence"``, ``"normalized_margin"``
+        or ``"confidence_weighted_entropy"``.
+    adjust_pred_probs
+        Not supported yet (True raises).
+    aggregator_kwargs
+        ``{"method": "exponential_moving_average", "alpha": 0.8}`` (the
+        default: the classes' scores sorted highest first, each step
+        ``alpha * next + (1 - alpha) * average``), ``{"method": "softmin",
+        "temperature": t}``, or ``{"method": callable}`` (scores ``(n, K)``
+        to ``(n,)``), with that method's keywords.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N,)`` float64.
+    """
+    if adjust_pred_probs:
+        raise NotImplementedError("adjust_pred_probs=True is not supported yet")
+    lab, probs, _, _ = _open(labels, pred_probs)
+    return _scores(lab, probs, _method(method, None), aggregator_kwargs or DEFAULT_AGGREGATOR)
+
+
+def get_label_quality_scores_per_class(
+    labels: Any, pred_probs: Any, *, method: str = "self_confidence", adjust_pred_probs: bool = False,
+) -> np.ndarray:
+    """Each example's score of each class's label (present or absent):
+    the binary problem's score of its ``[1 - p, p]``; ``(N, K)`` float64."""
+    if adjust_pred_probs:
+        raise NotImplementedError("adjust_pred_probs=True is not supported yet")
+    lab, probs, _, _ = _open(labels, pred_probs)
+    method = _method(method, None)
+    return np.concatenate([class_scores(y, p, method) for y, p in _row_blocks(lab, probs)])
+
+
+# -- scores ------------------------------------------------------------------------------
+def class_scores(labels: np.ndarray, probs: np.ndarray, method: str) -> np.ndarray:
+    """``(n, K)`` float64: each class's binary score, of ``[1 - p, p]`` made
+    in the input's dtype (as cleanlab stacks them)."""
+    labels = np.asarray(labels).astype(bool)
+    probs = np.asarray(probs)
+    rest = 1 - probs
+    own = np.where(labels, probs, rest)
+    if method == "self_confidence":
+        return own.astype(np.float64)
+    if method == "normalized_margin":
+        other = np.where(labels, rest, probs)
+        return ((own - other + 1) / 2).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -(_xlogx(rest) + _xlogx(probs)) / np.log(2)
+        ratio = entropy / np.clip(own, CLIP, None)
+        return (np.log(ratio + 1) / np.clip(ratio, CLIP, None)).astype(np.float64)
+
+
+def aggregate(scores: np.ndarray, method: str | Callable = "exponential_moving_average", **kwargs: Any) -> np.ndarray:
+    """Each row's ``(K,)`` class scores as one score (see
+    :func:`get_label_quality_scores`'s ``aggregator_kwargs``)."""
+    if callable(method):
+        return np.asarray(method(scores, **kwargs), dtype=np.float64)
+    if method == "exponential_moving_average":
+        k = scores.shape[1]
+        alpha = kwargs.get("alpha")
+        alpha = 2 / (k + 1) if alpha is None else float(alpha)
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in the interval [0, 1], got {alpha}")
+        ordered = -np.sort(-scores, axis=1)
+        ema = ordered[:, 0]
+        for column in ordered[:, 1:].T:
+            ema = alpha * column + (1 - alpha) * ema
+        return ema
+    if method == "softmin":
+        x = (1 - scores) / float(kwargs.get("temperature", 0.1))
+        weights = np.exp(x - x.max(axis=1, keepdims=True))
+        return np.einsum("ij,ij->i", scores, weights / weights.sum(axis=1, keepdims=True))
+    raise ValueError(f"aggregator method {method!r} is not one of exponential_moving_average, softmin or a callable")
+
+
+def _scores(lab: Any, probs: Any, method: str, aggregator_kwargs: dict[str, Any]) -> np.ndarray:
+    options = dict(aggregator_kwargs)
+    how = options.pop("method", "exponential_moving_average")
+    return np.concatenate([aggregate(class_scores(y, p, method), how, **options) for y, p in _row_blocks(lab, probs)])
+
+
+def _xlogx(x: np.ndarray) -> np.ndarray:
+    """``x log x`` (0 at 0), in float64 rounded to ``x``'s dtype once (for
+    float32, cleanlab's ``scipy.special.xlogy`` can differ by an ulp)."""
+    wide = x.astype(np.float64)
+    return np.where(wide > 0, wide * np.log(np.where(wide > 0, wide, 1)), 0).astype(x.dtype)
+
+
+def _method(method: str, kwargs: dict[str, Any] | None) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if kwargs:
+        raise NotImplementedError(f"rank_by_kwargs {sorted(kwargs)} are not supported yet")
+    return method
+
+
+# -- the per-class jobs ------------------------------------------------------------------
+def _class_results(
+    lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float, remove: Sequence[int] | None,
+    minimum: int, options: dict[str, Any], ranked_by: str | None = None,
+) -> list[Any]:
+    """Each class's binary job on the engines (one read of pred_probs a class)."""
+    if remove is not None and len(remove) != k:
+        raise ValueError(f"num_to_remove_per_class has {len(remove)} entries; pred_probs has {k} classes")
+    spec = ScoreSpec(ranked_by or "self_confidence", False, "off_diagonal", None)
+    out = []
+    for c in range(k):
+        fspec = _filter_spec(filter_by, frac_noise, None if remove is None else [int(remove[c]), 0], minimum)
+        engine, _, _ = make_engine(
+            options["backend"], lab, probs, spec, single_read=not fspec.needs_joint, chunk_rows=options["chunk_rows"],
+            n_jobs=options["n_jobs"], client=options["client"], progress=options["progress"], kind=OneVsRest(k=c),
+        )
+        try:
+            out.append(run_filter(engine, engine.plan.spec, fspec, probs.dtype, ranked_by is not None))
+        finally:
+            engine.close()
+    return out
+
+
+def _class_masks(lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float, remove: Sequence[int] | None,
+                 minimum: int, options: dict[str, Any]) -> np.ndarray:
+    found = _class_results(lab, probs, k, filter_by, frac_noise, remove, minimum, options)
+    return np.stack([_numpy(r.arrays["is_label_issue"]).astype(bool) for r in found], axis=1)
+
+
+# -- inputs ------------------------------------------------------------------------------
+def _open(labels: Any, pred_probs: Any) -> tuple[Any, Any, int, int]:
+    probs = inputs.open_source(pred_probs, "pred_probs")
+    if len(probs.shape) != 2:
+        raise ValueError(f"pred_probs must be 2-D (N, K), got shape {tuple(probs.shape)}")
+    n, k = (int(s) for s in probs.shape)
+    if np.dtype(probs.dtype).kind != "f":
+        raise TypeError(f"pred_probs must be floating point, got dtype {np.dtype(probs.dtype)}")
+    if k < 2:
+        raise ValueError(f"pred_probs must have at least 2 classes, got {k}")
+    if isinstance(labels, (list, tuple)):
+        if len(labels) != n:
+            raise ValueError(f"labels has {len(labels)} examples but pred_probs {n}")
+        matrix = np.zeros((n, k), dtype=np.uint8)
+        for i, present in enumerate(labels):
+            present = np.asarray(present, dtype=np.int64).reshape(-1)
+            if present.size and (present.min() < 0 or present.max() >= k):
+                bad = int(present[(present < 0) | (present >= k)][0])
+                raise ValueError(f"labels[{i}] holds {bad}, not a class in 0..{k - 1}")
+            matrix[i, present] = 1
+        lab = inputs.open_source(matrix, "labels")
+    else:
+        lab = inputs.open_source(labels, "labels")
+        if tuple(int(s) for s in lab.shape) != (n, k):
+            raise ValueError(
+                f"labels must be a list of label lists or an (N, K) = {(n, k)} 0/1 matrix, got shape {tuple(lab.shape)}"
+            )
+    return lab, probs, n, k
+
+
+def _row_blocks(lab: Any, probs: Any) -> Any:
+    n = int(probs.shape[0])
+    for a in range(0, n, SCORE_ROWS):
+        b = min(a + SCORE_ROWS, n)
+        yield _numpy(lab[a:b]), _numpy(probs[a:b])
+
+
+def _read_all(source: Any) -> np.ndarray:
+    return np.concatenate([_numpy(source[a : a + SCORE_ROWS]) for a in range(0, int(source.shape[0]), SCORE_ROWS)])
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return np.asarray(x.compute() if inputs.is_dask_array(x) else x)
+
+
+def _no_joint(confident_joint: Any) -> None:
+    if confident_joint is not None:
+        raise NotImplementedError("confident_joint is not supported: each class's 2 x 2 joint is computed")

@@ -1,0 +1,185 @@
+"""dask_labelissues.multilabel_classification against cleanlab.multilabel_classification."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from cleanlab.multilabel_classification import filter as cl_filter
+from cleanlab.multilabel_classification import rank as cl_rank
+
+from dask_labelissues import multilabel_classification as ml
+
+FILTERS = ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"]
+
+
+@functools.lru_cache(maxsize=None)
+def examples(k: int, n: int = 1500, seed: int = 0, dtype: str = "float64"):
+    """``n`` examples with about 30% of the K labels each, a model surer
+    where it is right, and 3% of the labels toggled; continuous scores."""
+    rng = np.random.default_rng([seed, k])
+    truth = rng.random((n, k)) < 0.3
+    probs = np.where(truth, rng.beta(5, 2, (n, k)), rng.beta(2, 5, (n, k))).astype(dtype)
+    given = truth.copy()
+    toggle = rng.random((n, k)) < 0.03
+    given[toggle] = ~given[toggle]
+    labels = [np.flatnonzero(row).tolist() for row in given]
+    return labels, probs, given.astype(np.uint8)
+
+
+def cleanlab_find(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cl_filter.find_label_issues(*args, n_jobs=1, **kwargs)
+
+
+# -- find_label_issues -------------------------------------------------------------------
+@pytest.mark.parametrize("k", [2, 6, 15])
+@pytest.mark.parametrize("filter_by", FILTERS)
+def test_masks_and_rankings_equal_cleanlabs(k, filter_by):
+    labels, probs, _ = examples(k)
+    expected = cleanlab_find(labels, probs, filter_by=filter_by)
+    assert 0 < expected.sum() < len(labels)
+    np.testing.assert_array_equal(ml.find_label_issues(labels, probs, filter_by=filter_by, backend="serial"), expected)
+    for ranked_by in ("self_confidence", "normalized_margin", "confidence_weighted_entropy"):
+        np.testing.assert_array_equal(
+            ml.find_label_issues(labels, probs, filter_by=filter_by, return_indices_ranked_by=ranked_by),
+            cleanlab_find(labels, probs, filter_by=filter_by, return_indices_ranked_by=ranked_by),
+        )
+
+
+@pytest.mark.parametrize("filter_by", ["low_self_confidence", "low_normalized_margin"])
+def test_low_score_filters_rank_by_the_score_asked_where_cleanlab_mixes_two_orders(filter_by):
+    labels, probs, _ = examples(6, seed=1, dtype="float32")
+    np.testing.assert_array_equal(ml.find_label_issues(labels, probs, filter_by=filter_by),
+                                  cleanlab_find(labels, probs, filter_by=filter_by))
+    ours = ml.find_label_issues(labels, probs, filter_by=filter_by, return_indices_ranked_by="normalized_margin")
+    theirs = cleanlab_find(labels, probs, filter_by=filter_by, return_indices_ranked_by="normalized_margin")
+    scores = ml.get_label_quality_scores(labels, probs, method="normalized_margin")
+    assert set(ours.tolist()) == set(theirs.tolist())
+    assert (np.diff(scores[ours]) >= 0).all()
+    # cleanlab sorts the issues' scores in row order, then indexes the
+    # issues in the order of the default score with that sort.
+    default_order = np.argsort(ml.get_label_quality_scores(labels, probs), kind="stable")[: len(ours)]
+    np.testing.assert_array_equal(theirs, default_order[np.argsort(scores[np.sort(default_order)], kind="stable")])
+    assert not (np.diff(scores[theirs]) >= 0).all()
+
+
+def test_cleanlabs_filter_options_per_class():
+    labels, probs, _ = examples(4, seed=2)
+    for options in ({"num_to_remove_per_class": [3, 0, 5, 1]}, {"frac_noise": 0.5}, {"min_examples_per_class": 400}):
+        for filter_by in ("prune_by_noise_rate", "prune_by_class", "both"):
+            np.testing.assert_array_equal(
+                ml.find_label_issues(labels, probs, filter_by=filter_by, **options),
+                cleanlab_find(labels, probs, filter_by=filter_by, **options),
+            )
+
+
+def test_issues_per_class_equal_cleanlabs():
+    labels, probs, _ = examples(5, seed=3)
+    np.testing.assert_array_equal(ml.find_multilabel_issues_per_class(labels, probs),
+                                  cl_filter.find_multilabel_issues_per_class(labels, probs, n_jobs=1))
+    ours = ml.find_multilabel_issues_per_class(labels, probs, return_indices_ranked_by="self_confidence")
+    theirs = cl_filter.find_multilabel_issues_per_class(labels, probs, return_indices_ranked_by="self_confidence",
+                                                         n_jobs=1)
+    for a, b in zip(ours, theirs):
+        assert len(a) == len(b) == 5
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+# -- scores ------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["self_confidence", "normalized_margin", "confidence_weighted_entropy"])
+@pytest.mark.parametrize("aggregator", [None, {"method": "exponential_moving_average", "alpha": 0.5},
+                                        {"method": "exponential_moving_average", "alpha": None},
+                                        {"method": "softmin", "temperature": 0.2}])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_scores_equal_cleanlabs(method, aggregator, dtype):
+    labels, probs, _ = examples(6, seed=4, dtype=dtype)
+    kwargs = {} if aggregator is None else {"aggregator_kwargs": aggregator}
+    # float32 logarithms (the entropy's) are scipy's in cleanlab, numpy's here.
+    atol = 1e-6 if (dtype, method) == ("float32", "confidence_weighted_entropy") else 1e-12
+    np.testing.assert_allclose(ml.get_label_quality_scores(labels, probs, method=method, **kwargs),
+                               cl_rank.get_label_quality_scores(labels, probs, method=method, **kwargs),
+                               rtol=0, atol=atol)
+    np.testing.assert_allclose(ml.get_label_quality_scores_per_class(labels, probs, method=method),
+                               cl_rank.get_label_quality_scores_per_class(labels, probs, method=method),
+                               rtol=0, atol=atol)
+
+
+def test_a_callable_aggregator():
+    labels, probs, _ = examples(3, seed=5)
+    got = ml.get_label_quality_scores(labels, probs, aggregator_kwargs={"method": np.min, "axis": 1})
+    np.testing.assert_array_equal(got, ml.get_label_quality_scores_per_class(labels, probs).min(axis=1))
+
+
+# -- stores, engines, a cluster ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    labels, probs, matrix = examples(6, n=2500, seed=6, dtype="float32")
+    root = tmp_path_factory.mktemp("multilabel")
+    np.save(root / "labels.npy", matrix)
+    np.save(root / "probs.npy", probs)
+    group = zarr.open_group(str(root / "data.zarr"), mode="w", zarr_format=3)
+    group.create_array("labels", data=matrix.astype(bool), chunks=(333, 6))
+    group.create_array("pred_probs", data=probs, chunks=(333, 6))
+    return root, labels, probs
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [("serial", {"chunk_rows": 97}), ("threads", {"chunk_rows": 1000}), ("fork", {}), ("dask", {"chunk_rows": 400})],
+)
+def test_a_label_matrix_in_a_store_gives_the_lists_results(stored, backend, options):
+    root, labels, probs = stored
+    expected = cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence")
+    with dask.config.set(scheduler="threads"):
+        for lab, prob in ((str(root / "labels.npy"), str(root / "probs.npy")),
+                          (f"{root / 'data.zarr'}:labels", f"{root / 'data.zarr'}:pred_probs")):
+            got = ml.find_label_issues(lab, prob, return_indices_ranked_by="self_confidence", backend=backend,
+                                       **options)
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_dask_arrays_on_a_cluster(stored, local_cluster):
+    root, labels, probs = stored
+    expected = cleanlab_find(labels, probs, filter_by="both")
+    matrix = np.load(root / "labels.npy")
+    got = ml.find_label_issues(da.from_array(matrix, chunks=(700, 6)), da.from_array(probs, chunks=(700, 6)),
+                               filter_by="both", client=local_cluster)
+    np.testing.assert_array_equal(got, expected)
+
+
+# -- bad input ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["threads", "dask"])
+def test_bad_values_are_named_by_row_and_class(backend):
+    labels, probs, matrix = examples(4, seed=7)
+    probs = probs.copy()
+    probs[321, 2] = 1.7
+    with dask.config.set(scheduler="threads"):
+        with pytest.raises(ValueError, match=r"pred_probs\[321, 2\] = 1\.7 is not a probability in \[0, 1\]: .*sigmoid"):
+            ml.find_label_issues(labels, probs, backend=backend)
+        probs[321, 2] = 0.5
+        bad = matrix.copy()
+        bad[55, 1] = 2
+        with pytest.raises(ValueError, match=r"labels\[55, 1\] = 2 is not 0 or 1"):
+            ml.find_label_issues(bad, probs, backend=backend)
+
+
+def test_malformed_inputs_are_refused():
+    labels, probs, matrix = examples(4, seed=8)
+    with pytest.raises(ValueError, match="labels has 1499 examples but pred_probs 1500"):
+        ml.find_label_issues(labels[:-1], probs)
+    broken = list(labels)
+    broken[9] = [0, 4]
+    with pytest.raises(ValueError, match=r"labels\[9\] holds 4, not a class in 0\.\.3"):
+        ml.find_label_issues(broken, probs)
+    with pytest.raises(ValueError, match=r"an \(N, K\) = \(1500, 4\) 0/1 matrix, got shape \(1500, 3\)"):
+        ml.find_label_issues(matrix[:, :3], probs)
+    with pytest.raises(NotImplementedError, match="confident_joint"):
+        ml.find_label_issues(labels, probs, confident_joint=np.zeros((4, 2, 2)))

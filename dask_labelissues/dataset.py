@@ -31,11 +31,15 @@ from .filters import calibrate
 from .kernels import ScoreSpec
 
 __all__ = [
+    "common_multilabel_issues",
     "confident_joint_of",
     "find_overlapping_classes",
     "health_summary",
+    "multilabel_health_summary",
     "overall_label_health_score",
+    "overall_multilabel_health_score",
     "rank_classes_by_label_quality",
+    "rank_classes_by_multilabel_quality",
 ]
 
 #: Rows of the labels read at a time to count them.
@@ -347,3 +351,148 @@ def label_counts(labels: Any, k: int) -> np.ndarray:
             raise ValueError(f"labels[{a + bad[0]}] = {block[bad[0]]} is outside 0..{k - 1}")
         counts += np.bincount(block, minlength=k)
     return counts
+
+
+# -- multi-label -------------------------------------------------------------------------
+def common_multilabel_issues(
+    labels: Any = None,
+    pred_probs: Any = None,
+    *,
+    class_names: Sequence[Any] | None = None,
+    confident_joint: Any = None,
+    **engine: Any,
+) -> Any:
+    """Per class, how many examples likely have it wrongly given ("In
+    Given Label") and wrongly left out ("In Suggested Label"), as
+    ``cleanlab.multilabel_classification.dataset.common_multilabel_issues``.
+
+    Parameters
+    ----------
+    labels, pred_probs
+        As in :func:`dask_labelissues.multilabel_classification.find_label_issues`.
+    class_names
+        Names of the K classes, for a ``Class Name`` column.
+    confident_joint
+        Not supported (each class's joint is computed).
+    **engine
+        ``backend``, ``client``, ``chunk_rows``, ``n_jobs``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``Class Index``, ``In Given Label``, ``In Suggested Label``, ``Num
+        Examples``, ``Issue Probability`` (of N), two rows a class, most
+        likely first (ties in class order, given first).
+    """
+    return _multilabel_views(labels, pred_probs, class_names, confident_joint, engine)["common_multilabel_issues"]
+
+
+def rank_classes_by_multilabel_quality(
+    labels: Any = None,
+    pred_probs: Any = None,
+    *,
+    class_names: Sequence[Any] | None = None,
+    joint: Any = None,
+    confident_joint: Any = None,
+    **engine: Any,
+) -> Any:
+    """The classes, worst label quality first: per class its ``Label
+    Issues`` (given, likely wrong), ``Inverse Label Issues`` (left out,
+    likely present), both as shares of N (``Label Noise``, ``Inverse Label
+    Noise``) and ``Label Quality Score`` = 1 - Label Noise, as
+    cleanlab's function of that name (counts exact; cleanlab's go through
+    the share and may lose one).  Arguments as
+    :func:`common_multilabel_issues`."""
+    if joint is not None:
+        raise NotImplementedError("joint is not supported: each class's joint is computed")
+    return _multilabel_views(labels, pred_probs, class_names, confident_joint, engine)["classes_by_multilabel_quality"]
+
+
+def overall_multilabel_health_score(
+    labels: Any = None, pred_probs: Any = None, *, confident_joint: Any = None, **engine: Any,
+) -> float:
+    """1 minus the share of examples with a label issue in any class."""
+    return _multilabel_views(labels, pred_probs, None, confident_joint, engine)["overall_multilabel_health_score"]
+
+
+def multilabel_health_summary(
+    labels: Any = None,
+    pred_probs: Any = None,
+    *,
+    class_names: Sequence[Any] | None = None,
+    num_examples: int | None = None,
+    confident_joint: Any = None,
+    verbose: bool = True,
+    **engine: Any,
+) -> dict[str, Any]:
+    """The three multi-label views at once, from one run of every class
+    (cleanlab runs them three times).
+
+    Returns
+    -------
+    dict
+        ``overall_multilabel_health_score``, ``classes_by_multilabel_quality``
+        and ``common_multilabel_issues``; ``verbose`` prints them.
+    """
+    views = _multilabel_views(labels, pred_probs, class_names, confident_joint, engine)
+    if num_examples is not None and num_examples != views["num_examples"]:
+        raise ValueError(f"num_examples={num_examples} but the data have {views['num_examples']} examples")
+    if verbose:
+        n = views.pop("num_examples")
+        print(f"Multi-label dataset health: {n:,} examples, {views['num_classes']:,} classes")
+        print("\nClasses by label quality, worst first:")
+        print(views["classes_by_multilabel_quality"].head(10).to_string(index=False))
+        print("\nMost common issues (a class wrongly given, or wrongly left out):")
+        print(views["common_multilabel_issues"].head(10).to_string(index=False))
+        score = views["overall_multilabel_health_score"]
+        print(f"\nAbout {1 - score:.0%} of the examples have a label that looks wrong; "
+              f"overall multi-label health score {score:.2f} (1 is clean).")
+    return {key: views[key] for key in
+            ("overall_multilabel_health_score", "classes_by_multilabel_quality", "common_multilabel_issues")}
+
+
+def _multilabel_views(labels: Any, pred_probs: Any, class_names: Sequence[Any] | None, confident_joint: Any,
+                      engine: dict[str, Any]) -> dict[str, Any]:
+    import pandas as pd
+
+    from . import multilabel_classification as ml
+
+    unknown = set(engine) - {"backend", "client", "chunk_rows", "n_jobs"}
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    issues = ml.find_multilabel_issues_per_class(labels, pred_probs, confident_joint=confident_joint, **engine)
+    lab, _, n, k = ml.open_inputs(labels, pred_probs)
+    if class_names is not None and len(class_names) != k:
+        raise ValueError(f"class_names has {len(class_names)} names for {k} classes")
+    given = np.zeros(k, dtype=np.int64)  # flagged where the class is given
+    for a in range(0, n, _COUNT_ROWS):
+        block = lab[a : a + _COUNT_ROWS]
+        present = np.asarray(block.compute() if inputs.is_dask_array(block) else block).astype(bool)
+        given += (present & issues[a : a + _COUNT_ROWS]).sum(axis=0)
+    left_out = issues.sum(axis=0) - given
+    rows: dict[str, list[Any]] = {"Class Index": [], "In Given Label": [], "In Suggested Label": [],
+                                  "Num Examples": [], "Issue Probability": []}
+    if class_names is not None:
+        rows = {"Class Name": [], **rows}
+    for c in range(k):
+        for in_given, count in ((True, given[c]), (False, left_out[c])):
+            if class_names is not None:
+                rows["Class Name"].append(class_names[c])
+            rows["Class Index"].append(c)
+            rows["In Given Label"].append(in_given)
+            rows["In Suggested Label"].append(not in_given)
+            rows["Num Examples"].append(int(count))
+            rows["Issue Probability"].append(int(count) / n)
+    common = pd.DataFrame(rows).sort_values(by="Issue Probability", ascending=False, kind="stable")
+    classes = {"Class Index": np.arange(k), "Label Issues": given, "Inverse Label Issues": left_out,
+               "Label Noise": given / n, "Inverse Label Noise": left_out / n, "Label Quality Score": 1 - given / n}
+    if class_names is not None:
+        classes = {"Class Name": list(class_names), **classes}
+    ranked = pd.DataFrame(classes).sort_values(by="Label Quality Score", kind="stable")
+    return {
+        "common_multilabel_issues": common.reset_index(drop=True),
+        "classes_by_multilabel_quality": ranked.reset_index(drop=True),
+        "overall_multilabel_health_score": float(1 - issues.any(axis=1).sum() / n),
+        "num_examples": n,
+        "num_classes": k,
+    }

@@ -107,7 +107,7 @@ def find_label_issues(
     del low_memory
     _no_joint(confident_joint)
     options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose)
-    lab, probs, n, k = _open(labels, pred_probs)
+    lab, probs, n, k = open_inputs(labels, pred_probs)
     if filter_by in ("low_normalized_margin", "low_self_confidence"):
         # As cleanlab: as many issues as the confident-learning filter finds,
         # the lowest by the default score.
@@ -163,7 +163,7 @@ def find_multilabel_issues_per_class(
     del low_memory
     _no_joint(confident_joint)
     options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose)
-    lab, probs, n, k = _open(labels, pred_probs)
+    lab, probs, n, k = open_inputs(labels, pred_probs)
     if return_indices_ranked_by is None:
         return _class_masks(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
                             options)
@@ -211,7 +211,7 @@ def get_label_quality_scores(
     """
     if adjust_pred_probs:
         raise NotImplementedError("adjust_pred_probs=True is not supported yet")
-    lab, probs, _, _ = _open(labels, pred_probs)
+    lab, probs, _, _ = open_inputs(labels, pred_probs)
     return _scores(lab, probs, _method(method, None), aggregator_kwargs or DEFAULT_AGGREGATOR)
 
 
@@ -222,7 +222,7 @@ def get_label_quality_scores_per_class(
     the binary problem's score of its ``[1 - p, p]``; ``(N, K)`` float64."""
     if adjust_pred_probs:
         raise NotImplementedError("adjust_pred_probs=True is not supported yet")
-    lab, probs, _, _ = _open(labels, pred_probs)
+    lab, probs, _, _ = open_inputs(labels, pred_probs)
     method = _method(method, None)
     return np.concatenate([class_scores(y, p, method) for y, p in _row_blocks(lab, probs)])
 
@@ -320,7 +320,10 @@ def _class_masks(lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float
 
 
 # -- inputs ------------------------------------------------------------------------------
-def _open(labels: Any, pred_probs: Any) -> tuple[Any, Any, int, int]:
+def open_inputs(labels: Any, pred_probs: Any) -> tuple[Any, Any, int, int]:
+    """``(labels, pred_probs, N, K)`` opened as row sources, checked: the
+    labels a list of label lists (made an (N, K) uint8 matrix) or an (N, K)
+    matrix."""
     probs = inputs.open_source(pred_probs, "pred_probs")
     if len(probs.shape) != 2:
         raise ValueError(f"pred_probs must be 2-D (N, K), got shape {tuple(probs.shape)}")

@@ -183,3 +183,39 @@ def test_malformed_inputs_are_refused():
         ml.find_label_issues(matrix[:, :3], probs)
     with pytest.raises(NotImplementedError, match="confident_joint"):
         ml.find_label_issues(labels, probs, confident_joint=np.zeros((4, 2, 2)))
+
+
+# -- dataset views -----------------------------------------------------------------------
+def _normalized(frame):
+    """A table in one row order, whatever order ties were left in."""
+    return frame.sort_values(by=list(frame.columns)).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("class_names", [None, ["a", "b", "c", "d", "e"]])
+def test_dataset_views_equal_cleanlabs(class_names, capsys):
+    import pandas as pd
+    from cleanlab.multilabel_classification import dataset as cl_dataset
+
+    from dask_labelissues import dataset
+
+    labels, probs, matrix = examples(5, seed=9)
+    ours = dataset.common_multilabel_issues(labels, probs, class_names=class_names)
+    theirs = cl_dataset.common_multilabel_issues(labels, probs, class_names=class_names)
+    pd.testing.assert_frame_equal(_normalized(ours), _normalized(theirs), check_dtype=False)
+    assert (np.diff(ours["Issue Probability"].to_numpy()) <= 0).all()
+
+    ours = dataset.rank_classes_by_multilabel_quality(labels, probs, class_names=class_names)
+    theirs = cl_dataset.rank_classes_by_multilabel_quality(labels, probs, class_names=class_names)
+    pd.testing.assert_frame_equal(_normalized(ours), _normalized(theirs), check_dtype=False)
+
+    score = dataset.overall_multilabel_health_score(labels, probs)
+    assert score == pytest.approx(cl_dataset.overall_multilabel_health_score(labels, probs), abs=1e-15)
+    # From the label matrix too, on another engine.
+    assert dataset.overall_multilabel_health_score(matrix, probs, backend="threads", chunk_rows=211) == score
+
+    summary = dataset.multilabel_health_summary(labels, probs, class_names=class_names)
+    assert summary["overall_multilabel_health_score"] == score
+    pd.testing.assert_frame_equal(summary["common_multilabel_issues"],
+                                  dataset.common_multilabel_issues(labels, probs, class_names=class_names))
+    printed = capsys.readouterr().out
+    assert "overall multi-label health score" in printed and "Classes by label quality" in printed

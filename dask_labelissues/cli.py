@@ -303,6 +303,8 @@ def cmd_find(args: argparse.Namespace) -> int:
     from .inputs import open_path
 
     output = _checked_output(args)
+    if args.task != "classification":
+        return _find_task(args, output)
     labels = open_path(args.labels, "labels")
     probs = open_path(args.pred_probs, "pred_probs")
     started = time.perf_counter()
@@ -348,6 +350,37 @@ def cmd_find(args: argparse.Namespace) -> int:
         print(json.dumps(payload))
     else:
         print(format_summary(result, args.top, worst=worst))
+        print(f"written to      {output} in {seconds:.2f} s")
+    return 0
+
+
+def _find_task(args: argparse.Namespace, output: str) -> int:
+    """``find --task multilabel`` or ``--task token``."""
+    from . import cli_tasks
+    from .store import write_arrays
+
+    unsupported = [flag for flag, given in (
+        ("--method", args.method != "self_confidence"), ("--adjust-pred-probs", args.adjust_pred_probs),
+        ("--estimation-method", args.estimation_method != "off_diagonal"), ("--health", args.health),
+        ("--row-order", args.row_order), ("--num-to-remove-per-class", args.num_to_remove_per_class is not None),
+    ) if given]
+    if unsupported:
+        raise CommandError(f"{', '.join(unsupported)} does not go with --task {args.task}")
+    started = time.perf_counter()
+    with where_it_runs(args) as (backend, client):
+        def write(arrays: dict[str, Any], attrs: dict[str, Any]) -> None:
+            _Interrupts.check()
+            try:
+                write_arrays(output, arrays, attrs, overwrite=args.overwrite, client=client)
+            except Exception as exc:
+                if args.debug:
+                    raise
+                raise CommandError(f"could not write {output}: {_one_line(exc)}; {_left_as_it_was(args)}") from None
+
+        view = cli_tasks.run_task(args, output, backend, client, write)
+    seconds = time.perf_counter() - started
+    cli_tasks.print_view(view, args.json, {"output": output, "seconds": round(seconds, 3)})
+    if not args.json:
         print(f"written to      {output} in {seconds:.2f} s")
     return 0
 
@@ -519,6 +552,14 @@ def _int_list(text: str | None) -> list[int] | int | None:
 def cmd_summary(args: argparse.Namespace) -> int:
     from .results import open_results
 
+    task_view = _task_store(args.store, args.top)
+    if task_view is not None:
+        if args.plot:
+            raise CommandError("--plot draws classification and segmentation stores, not yet this one")
+        from .cli_tasks import print_view
+
+        print_view(task_view, args.json)
+        return 0
     segmentation = _segmentation_store(args.store)
     if segmentation is not None:
         print(json.dumps(segmentation(args.top)) if args.json else format_segmentation(segmentation(args.top)))
@@ -540,6 +581,19 @@ def cmd_summary(args: argparse.Namespace) -> int:
         plot_summary(result, args.plot)
         print(f"plot written to {os.path.abspath(args.plot)}", file=sys.stderr)
     return 0
+
+
+def _task_store(path: str, top: int) -> Any:
+    """A multi-label or token store's view; else None."""
+    import zarr
+
+    from .cli_tasks import store_view
+
+    try:
+        group = zarr.open_group(os.path.abspath(path), mode="r")
+    except Exception:
+        return None
+    return store_view(group, top)
 
 
 def _segmentation_store(path: str) -> Any:
@@ -592,7 +646,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = command("find", "Find the mislabeled rows of a dataset (labels and pred_probs) and write them to a results store.")
-    _add_inputs_and_output(p, "the given labels", "N x K")
+    _add_inputs_and_output(p, "the given labels (N; N x K 0/1 with --task multilabel; T tokens with --task token)",
+                           "N x K (T x K tokens with --task token)")
+    p.add_argument("--task", choices=("classification", "multilabel", "token"), default="classification",
+                   help="classification (one label a row, the default), multilabel (an N x K 0/1 label matrix, "
+                        "per-class probabilities) or token (flat tokens and --sentence-offsets)")
+    p.add_argument("--sentence-offsets", metavar="SRC",
+                   help="--task token: sentence i is tokens OFFSETS[i]:OFFSETS[i+1] (N + 1 integers from 0 to T)")
+    p.add_argument("--class-names", metavar="A,B,...", help="--task multilabel: names of the K classes")
+    p.add_argument("--sentence-score-method", choices=("min", "softmin"), default="min",
+                   help="--task token: a sentence's score from its tokens' (default %(default)s)")
     p.add_argument("--method", choices=METHODS, default="self_confidence",
                    help="label quality score, lower is worse (default %(default)s)")
     p.add_argument("--adjust-pred-probs", action="store_true",

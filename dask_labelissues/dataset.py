@@ -461,15 +461,10 @@ def _multilabel_views(labels: Any, pred_probs: Any, class_names: Sequence[Any] |
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     issues = ml.find_multilabel_issues_per_class(labels, pred_probs, confident_joint=confident_joint, **engine)
-    lab, _, n, k = ml.open_inputs(labels, pred_probs)
+    given, left_out = flagged_by_class(issues, labels, pred_probs)
+    n, k = issues.shape
     if class_names is not None and len(class_names) != k:
         raise ValueError(f"class_names has {len(class_names)} names for {k} classes")
-    given = np.zeros(k, dtype=np.int64)  # flagged where the class is given
-    for a in range(0, n, _COUNT_ROWS):
-        block = lab[a : a + _COUNT_ROWS]
-        present = np.asarray(block.compute() if inputs.is_dask_array(block) else block).astype(bool)
-        given += (present & issues[a : a + _COUNT_ROWS]).sum(axis=0)
-    left_out = issues.sum(axis=0) - given
     rows: dict[str, list[Any]] = {"Class Index": [], "In Given Label": [], "In Suggested Label": [],
                                   "Num Examples": [], "Issue Probability": []}
     if class_names is not None:
@@ -496,3 +491,17 @@ def _multilabel_views(labels: Any, pred_probs: Any, class_names: Sequence[Any] |
         "num_examples": n,
         "num_classes": k,
     }
+
+
+def flagged_by_class(issues: np.ndarray, labels: Any, pred_probs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the examples flagged (``issues``, ``(N, K)`` bool) where
+    the class is given, and where it is left out."""
+    from . import multilabel_classification as ml
+
+    lab, _, n, k = ml.open_inputs(labels, pred_probs)
+    given = np.zeros(k, dtype=np.int64)
+    for a in range(0, n, _COUNT_ROWS):
+        block = lab[a : a + _COUNT_ROWS]
+        present = np.asarray(block.compute() if inputs.is_dask_array(block) else block).astype(bool)
+        given += (present & issues[a : a + _COUNT_ROWS]).sum(axis=0)
+    return given, issues.sum(axis=0) - given

@@ -363,6 +363,7 @@ def _find_task(args: argparse.Namespace, output: str) -> int:
         ("--method", args.method != "self_confidence"), ("--adjust-pred-probs", args.adjust_pred_probs),
         ("--estimation-method", args.estimation_method != "off_diagonal"), ("--health", args.health),
         ("--row-order", args.row_order), ("--num-to-remove-per-class", args.num_to_remove_per_class is not None),
+        ("--row-sum-tolerance", args.task == "multilabel" and args.row_sum_tolerance != 1e-3),
     ) if given]
     if unsupported:
         raise CommandError(f"{', '.join(unsupported)} does not go with --task {args.task}")

@@ -33,6 +33,7 @@ def run_task(args: argparse.Namespace, output: str, backend: str, client: Any,
     options = dict(backend=backend, client=client, chunk_rows=args.chunk_rows, n_jobs=args.n_jobs)
     names = args.class_names.split(",") if args.class_names else None
     filter_by = args.filter_by or "prune_by_noise_rate"
+    prune = dict(frac_noise=args.frac_noise, min_examples_per_class=args.min_examples_per_class)
     started = time.perf_counter()
     if args.task == "multilabel":
         from . import dataset, multilabel_classification as ml
@@ -40,9 +41,14 @@ def run_task(args: argparse.Namespace, output: str, backend: str, client: Any,
         k = int(probs.shape[1])
         if names is not None and len(names) != k:
             raise ValueError(f"--class-names has {len(names)} names; pred_probs has {k} classes")
-        per_class = ml.find_multilabel_issues_per_class(labels, probs, filter_by=filter_by, **options)
+        per_class = ml.find_multilabel_issues_per_class(labels, probs, filter_by=filter_by, **prune, **options)
         scores = ml.get_label_quality_scores(labels, probs)
-        mask = per_class.any(axis=1)
+        if filter_by in ("low_self_confidence", "low_normalized_margin"):
+            # These filters' issues are not the union of the classes' (see
+            # multilabel_classification.find_label_issues).
+            mask = ml.find_label_issues(labels, probs, filter_by=filter_by, **prune, **options)
+        else:
+            mask = per_class.any(axis=1)
         issues = np.flatnonzero(mask)
         issues = issues[np.argsort(scores[issues], kind="stable")]
         given, left_out = dataset.flagged_by_class(per_class, labels, probs)
@@ -60,10 +66,11 @@ def run_task(args: argparse.Namespace, output: str, backend: str, client: Any,
             raise ValueError("--task token needs --sentence-offsets (N + 1 token offsets from 0 to T)")
         offsets = open_path(args.sentence_offsets, "sentence_offsets")
         offsets = np.asarray(offsets[0 : int(offsets.shape[0])], dtype=np.int64)
+        checks = dict(row_sum_tolerance=args.row_sum_tolerance, **options)
         pairs = tc.find_label_issues(labels, probs, sentence_offsets=offsets, as_array=True, filter_by=filter_by,
-                                     **options)
+                                     **prune, **checks)
         sentence_scores, token_scores = tc.get_label_quality_scores(
-            labels, probs, sentence_offsets=offsets, sentence_score_method=args.sentence_score_method, **options
+            labels, probs, sentence_offsets=offsets, sentence_score_method=args.sentence_score_method, **checks
         )
         ranked = np.argsort(sentence_scores, kind="stable")
         arrays = {

@@ -411,7 +411,17 @@ def rank_classes_by_multilabel_quality(
 def overall_multilabel_health_score(
     labels: Any = None, pred_probs: Any = None, *, confident_joint: Any = None, **engine: Any,
 ) -> float:
-    """1 minus the share of examples with a label issue in any class."""
+    """1 minus the share of examples with a label issue in any class.
+
+    Parameters
+    ----------
+    labels, pred_probs, confident_joint, **engine
+        As in :func:`common_multilabel_issues`.
+
+    Returns
+    -------
+    float
+    """
     return _multilabel_views(labels, pred_probs, None, confident_joint, engine)["overall_multilabel_health_score"]
 
 
@@ -494,8 +504,23 @@ def _multilabel_views(labels: Any, pred_probs: Any, class_names: Sequence[Any] |
 
 
 def flagged_by_class(issues: np.ndarray, labels: Any, pred_probs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, the examples flagged (``issues``, ``(N, K)`` bool) where
-    the class is given, and where it is left out."""
+    """Per class, the flagged examples where the class is given, and
+    where it is left out.
+
+    Parameters
+    ----------
+    issues
+        ``(N, K)`` bool, as
+        :func:`dask_labelissues.multilabel_classification.find_multilabel_issues_per_class`
+        returns it.
+    labels, pred_probs
+        The data it was found in.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        ``(K,)`` int64 each.
+    """
     from . import multilabel_classification as ml
 
     lab, _, n, k = ml.open_inputs(labels, pred_probs)

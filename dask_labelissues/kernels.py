@@ -375,7 +375,8 @@ def fused_records(
     """Pass one's per-row work on a block in one numba loop
     (:func:`dask_labelissues.fused.scan_records`): ``(records, class counts,
     exact class sums, first bad row)``, the same values as
-    :func:`row_records`, :func:`find_problem`, ``np.bincount`` and
+    :func:`row_records`, :func:`find_problem` (the :class:`InputProblem`
+    of the first bad row, or None), ``np.bincount`` and
     :func:`fixed_point_class_sums` give.  None where that loop does not
     apply (scores needing the thresholds or the whole row, or no numba).
     """

@@ -3,9 +3,11 @@
 The kernels see items: a label per item and a row of K probabilities.  A
 kind says what the items of its storage are.  Classification's are its
 rows; a segmentation mask's are its pixels, stored as ``(N, K, H, W)``
-pred_probs and ``(N, H, W)`` labels.  Engines cut blocks on stored rows
-(images, for pixels), so a block never splits what a row holds, and call
-:meth:`Kind.items` inside the task that reads the block.
+pred_probs and ``(N, H, W)`` labels; a multi-label class's are its rows
+seen as a binary problem (:class:`OneVsRest`).  Engines cut blocks on
+stored rows (images, for pixels), so a block never splits what a row
+holds, and call :meth:`Kind.labels` and :meth:`Kind.probs` (or
+:meth:`Kind.scan_view`) inside the task that reads the block.
 """
 
 from __future__ import annotations
@@ -65,9 +67,23 @@ class Kind:
 
     @property
     def checks_stored(self) -> bool:
-        """Bad values are looked for in the stored values
-        (:meth:`stored_problem`), not in the items made from them (pooled
-        tiles, or ignored pixels, would hide them or move them)."""
+        """Bad values are named from the stored values
+        (:meth:`stored_problem`), not the items made from them (pooled
+        tiles, ignored pixels or one class of a row would hide them, move
+        them or misname them)."""
+        return False
+
+    @property
+    def pools(self) -> bool:
+        """Items pool several stored values, which can hide a bad one: the
+        stored values are checked in every block.  Other kinds that check
+        stored values do so only where the scan or
+        :meth:`label_problem` found something, to name it."""
+        return False
+
+    def label_problem(self, labels: np.ndarray) -> bool:
+        """Whether stored labels hold a value the items would not show as
+        bad (a cheap check of the labels alone)."""
         return False
 
     def where(self, item: int, probs_shape: Sequence[int]) -> str:
@@ -176,8 +192,13 @@ class Pixels(Kind):
             if labels is None:
                 raise ValueError("Pixels(ignore_index=...) needs the block's labels to read its pred_probs")
             kept = np.asarray(labels) != self.ignore_index
+        if kept is not None and kept.all():
+            kept_all, kept = kept, None  # pooled as without ignore_index, to the same bits
+        else:
+            kept_all = None
         if f > 1:
             n, k, h, w = block.shape
+            stored = block.dtype
             if kept is None:
                 block = block.reshape(n, k, h // f, f, w // f, f).mean(axis=(5, 3))
             else:
@@ -188,6 +209,10 @@ class Pixels(Kind):
                 kept = weights.any(axis=(5, 3))[:, 0]
             with np.errstate(invalid="ignore", divide="ignore"):
                 block = block / np.expand_dims(block.sum(axis=1), 1)
+            if kept is not None and stored in (np.float32, np.float64):
+                block = block.astype(stored)  # the input's precision, as the tiles of other blocks
+        if kept_all is not None:
+            kept = kept_all if f == 1 else np.ones((block.shape[0], *block.shape[2:]), dtype=bool)
         n, k = block.shape[:2]
         if kept is not None:
             # Ignored items: probability 0 of every real class, 1 of class K.
@@ -201,6 +226,16 @@ class Pixels(Kind):
     @property
     def checks_stored(self) -> bool:
         return self.downsample > 1 or self.ignore_index is not None
+
+    @property
+    def pools(self) -> bool:
+        return self.downsample > 1
+
+    def label_problem(self, labels: np.ndarray) -> bool:
+        if self.ignore_index is None:
+            return False
+        labels = np.asarray(labels)
+        return bool((((labels < 0) | (labels >= self.classes)) & (labels != self.ignore_index)).any())
 
     def where(self, item: int, probs_shape: Sequence[int]) -> str:
         """Where pixel ``item`` is, in words (a pooling kind's bad values
@@ -257,9 +292,9 @@ class OneVsRest(Kind):
 
     def probs(self, block: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         p = np.asarray(block)[:, self.k]
-        if p.dtype == np.float16:
-            p = p.astype(np.float32)  # exactly; the compiled kernels take float32
-        out = np.empty((p.shape[0], 2), dtype=p.dtype)
+        # float16 becomes float32 (exactly; the compiled kernels take it)
+        # after 1 - p is made in float16, as cleanlab makes it.
+        out = np.empty((p.shape[0], 2), dtype=np.float32 if p.dtype == np.float16 else p.dtype)
         out[:, 0] = 1 - p
         out[:, 1] = p
         return out

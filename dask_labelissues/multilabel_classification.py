@@ -15,6 +15,10 @@ Differences from cleanlab:
 - ``low_memory=True`` changes nothing: the exact method runs in bounded
   memory already (cleanlab's falls back to a batched estimate);
 - a bad value is refused naming its row and class;
+- with ``filter_by="low_self_confidence"`` or ``"low_normalized_margin"``
+  and ``return_indices_ranked_by``, the issues are ranked by that score
+  (cleanlab sorts their scores in row order and applies that sort to its
+  issues held in another order);
 - for float32 pred_probs, the confidence-weighted entropy can differ from
   cleanlab's by about 1e-7 (its float32 logarithm is another's);
 - ``confident_joint`` and ``adjust_pred_probs=True`` are not supported yet.
@@ -218,8 +222,22 @@ def get_label_quality_scores(
 def get_label_quality_scores_per_class(
     labels: Any, pred_probs: Any, *, method: str = "self_confidence", adjust_pred_probs: bool = False,
 ) -> np.ndarray:
-    """Each example's score of each class's label (present or absent):
-    the binary problem's score of its ``[1 - p, p]``; ``(N, K)`` float64."""
+    """Each example's score of each class's label (present or absent).
+
+    Parameters
+    ----------
+    labels, pred_probs
+        As in :func:`find_label_issues`.
+    method
+        As in :func:`get_label_quality_scores`.
+    adjust_pred_probs
+        Not supported yet (True raises).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, K)`` float64: the binary problem's score of ``[1 - p, p]``.
+    """
     if adjust_pred_probs:
         raise NotImplementedError("adjust_pred_probs=True is not supported yet")
     lab, probs, _, _ = open_inputs(labels, pred_probs)
@@ -229,8 +247,23 @@ def get_label_quality_scores_per_class(
 
 # -- scores ------------------------------------------------------------------------------
 def class_scores(labels: np.ndarray, probs: np.ndarray, method: str) -> np.ndarray:
-    """``(n, K)`` float64: each class's binary score, of ``[1 - p, p]`` made
-    in the input's dtype (as cleanlab stacks them)."""
+    """Each class's binary score of a block of rows.
+
+    Parameters
+    ----------
+    labels
+        ``(n, K)`` 0/1.
+    probs
+        ``(n, K)`` per-class probabilities; ``1 - p`` is made in their
+        dtype, as cleanlab stacks ``[1 - p, p]``.
+    method
+        One of :data:`METHODS`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, K)`` float64.
+    """
     labels = np.asarray(labels).astype(bool)
     probs = np.asarray(probs)
     rest = 1 - probs
@@ -247,8 +280,22 @@ def class_scores(labels: np.ndarray, probs: np.ndarray, method: str) -> np.ndarr
 
 
 def aggregate(scores: np.ndarray, method: str | Callable = "exponential_moving_average", **kwargs: Any) -> np.ndarray:
-    """Each row's ``(K,)`` class scores as one score (see
-    :func:`get_label_quality_scores`'s ``aggregator_kwargs``)."""
+    """Each row's class scores as one score.
+
+    Parameters
+    ----------
+    scores
+        ``(n, K)`` class scores.
+    method
+        ``"exponential_moving_average"`` (keyword ``alpha``; None: 2 / (K + 1)),
+        ``"softmin"`` (keyword ``temperature``, default 0.1) or a callable
+        of ``(scores, **kwargs)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` float64.
+    """
     if callable(method):
         return np.asarray(method(scores, **kwargs), dtype=np.float64)
     if method == "exponential_moving_average":
@@ -353,10 +400,17 @@ def open_inputs(labels: Any, pred_probs: Any) -> tuple[Any, Any, int, int]:
 
 
 def _row_blocks(lab: Any, probs: Any) -> Any:
+    """``(labels, pred_probs)`` of :data:`SCORE_ROWS` rows at a time, checked."""
     n = int(probs.shape[0])
     for a in range(0, n, SCORE_ROWS):
         b = min(a + SCORE_ROWS, n)
-        yield _numpy(lab[a:b]), _numpy(probs[a:b])
+        y, p = _numpy(lab[a:b]), _numpy(probs[a:b])
+        bad = ((y != 0) & (y != 1)) | ~((p >= 0) & (p <= 1))
+        if bad.any():
+            row, c = (int(v) for v in np.argwhere(bad)[0])
+            problem = OneVsRest(k=c).stored_problem(y, p, a, None)
+            raise ValueError(problem.message if problem is not None else f"row {a + row}, class {c} is bad")
+        yield y, p
 
 
 def _read_all(source: Any) -> np.ndarray:

@@ -58,10 +58,11 @@ def scan_block(block: BlockReader, spec: ScoreSpec, outlook: bool, out: np.ndarr
         b = a + len(probs)
         parts.append(states.scan_block(labels[a:b], probs, block.item_start + a, spec, out=rec[a:b])[1])
     state = parts[0] if len(parts) == 1 else ThresholdState.combine(parts)
-    if block.kind.checks_stored:
+    kind = block.kind
+    if kind.checks_stored and (kind.pools or state.problem is not None or kind.label_problem(block.stored_labels())):
         # Bad values are named by the stored values they are in, not the
         # items pooled (or set aside) from them.
-        state.problem = block.kind.stored_problem(
+        state.problem = kind.stored_problem(
             block.stored_labels(), block.stored_probs(), block.start, spec.row_sum_tolerance
         )
     if outlook:

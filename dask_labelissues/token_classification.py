@@ -190,10 +190,24 @@ def issues_from_scores(
 ) -> Any:
     """The issues the scores point to, most severe first.
 
-    With ``token_scores`` (a list of per-sentence scores, or a flat array
-    with ``sentence_offsets``), the ``(sentence, token)`` pairs of tokens
-    scored below ``threshold``, lowest first (ties in token order); else the
-    sentences scored below it, lowest first (ties by index).
+    Parameters
+    ----------
+    sentence_scores
+        ``(N,)``, as :func:`get_label_quality_scores` returns them.
+    token_scores
+        Per-sentence token scores (a list), or a flat ``(T,)`` array with
+        ``sentence_offsets``.
+    threshold
+        Scores below it are issues.
+    sentence_offsets
+        ``(N + 1,)``, for flat ``token_scores``.
+
+    Returns
+    -------
+    list of (int, int) or numpy.ndarray
+        With ``token_scores``, the ``(sentence, token)`` pairs of tokens
+        scored below ``threshold``, lowest first (ties in token order); else
+        the sentences scored below it, lowest first (ties by index).
     """
     if threshold is None or not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
@@ -215,7 +229,20 @@ def issues_from_scores(
 
 # -- sentences ---------------------------------------------------------------------------
 def token_pairs(rows: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Flat token indices as ``(sentence, token)`` rows, ``(M, 2)`` int64."""
+    """Flat token indices as ``(sentence, token)`` pairs.
+
+    Parameters
+    ----------
+    rows
+        Flat token indices, ``(M,)``.
+    offsets
+        ``(N + 1,)`` sentence offsets.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(M, 2)`` int64.
+    """
     rows = np.asarray(rows, dtype=np.int64)
     sentence = np.searchsorted(offsets, rows, side="right") - 1
     return np.stack([sentence, rows - offsets[sentence]], axis=1) if rows.size else np.zeros((0, 2), np.int64)
@@ -273,7 +300,7 @@ def _tokens(labels: Any, pred_probs: Any, sentence_offsets: Any) -> tuple[Any, A
     probs = [np.asarray(p) for p in pred_probs]
     k = None
     for i, (n, p) in enumerate(zip(lengths, probs)):
-        if n and (p.ndim != 2 or p.shape[0] != n):
+        if (n and (p.ndim != 2 or p.shape[0] != n)) or (not n and p.size):
             raise ValueError(
                 f"sentence {i} has {n} labels but pred_probs[{i}] has shape {p.shape}: it must be ({n}, K)"
             )

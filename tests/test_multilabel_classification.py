@@ -219,3 +219,22 @@ def test_dataset_views_equal_cleanlabs(class_names, capsys):
                                   dataset.common_multilabel_issues(labels, probs, class_names=class_names))
     printed = capsys.readouterr().out
     assert "overall multi-label health score" in printed and "Classes by label quality" in printed
+
+
+def test_scores_refuse_bad_values_by_row_and_class():
+    labels, probs, matrix = examples(4, seed=10)
+    bad = probs.copy()
+    bad[77, 3] = 1.5
+    with pytest.raises(ValueError, match=r"pred_probs\[77, 3\] = 1\.5 is not a probability"):
+        ml.get_label_quality_scores(labels, bad)
+    twos = matrix.copy()
+    twos[12, 0] = 2
+    with pytest.raises(ValueError, match=r"labels\[12, 0\] = 2 is not 0 or 1"):
+        ml.get_label_quality_scores_per_class(twos, probs)
+
+
+def test_float16_probabilities_are_complemented_in_float16_as_cleanlabs():
+    labels, probs, _ = examples(4, seed=11)
+    half = probs.astype(np.float16)
+    np.testing.assert_array_equal(ml.find_label_issues(labels, half, return_indices_ranked_by="self_confidence"),
+                                  cleanlab_find(labels, half, return_indices_ranked_by="self_confidence"))

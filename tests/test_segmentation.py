@@ -892,3 +892,13 @@ def test_numpy_pixel_scores_do_not_keep_the_jobs_records(backend):
     while base.base is not None and isinstance(base.base, np.ndarray):
         base = base.base
     assert base.dtype.names is None and base.nbytes == pixel_scores.nbytes
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_ignore_index_with_nothing_ignored_changes_nothing(downsample):
+    labels, probs = images(5)
+    expected = segmentation.find_issues(labels, probs, downsample=downsample, backend="serial")
+    got = segmentation.find_issues(labels, probs, downsample=downsample, backend="serial", ignore_index=255)
+    np.testing.assert_array_equal(got.mask, expected.mask)
+    np.testing.assert_array_equal(got.thresholds, expected.thresholds)
+    assert got.estimated_num_issues == expected.estimated_num_issues

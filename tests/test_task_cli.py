@@ -109,3 +109,16 @@ def test_bad_token_input_is_refused_in_one_line_and_nothing_is_written(files, tm
     wrong = run("find", "--task", "multilabel", *inputs, "--output", str(tmp_path / "out.zarr"), "--health")
     assert wrong.returncode != 0 and "--health does not go with --task multilabel" in wrong.stderr
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_multilabel_low_score_filters_store_the_libraries_issues(files, tmp_path):
+    root, given, probs, *_ = files
+    out = tmp_path / "low.zarr"
+    proc = run("find", "--task", "multilabel", "--labels", str(root / "ml_labels.npy"),
+               "--pred-probs", str(root / "ml_probs.npy"), "--output", str(out), "--filter-by",
+               "low_self_confidence", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    mask = ml.find_label_issues(given, probs, filter_by="low_self_confidence")
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["is_label_issue"][:], mask)
+    assert not np.array_equal(mask, ml.find_multilabel_issues_per_class(
+        given, probs, filter_by="low_self_confidence").any(axis=1))

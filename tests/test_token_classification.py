@@ -215,3 +215,11 @@ def test_malformed_inputs_are_refused():
         tc.find_label_issues(labels, probs, return_indices_ranked_by="margin")
     with pytest.raises(ValueError, match="sentence_score_method='max' is not one of min, softmin"):
         tc.get_label_quality_scores(labels, probs, sentence_score_method="max")
+
+
+def test_a_sentence_without_labels_but_with_predictions_is_refused():
+    labels, probs = sentences(5, seed=8)
+    labels = [list(s) for s in labels]
+    labels[4] = []
+    with pytest.raises(ValueError, match=r"sentence 4 has 0 labels but pred_probs\[4\] has shape"):
+        tc.find_label_issues(labels, probs)

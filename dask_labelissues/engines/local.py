@@ -51,7 +51,9 @@ def keep_freed_memory() -> None:
     their pages faulted in and zeroed by the kernel, block after block.  A
     segmentation job on 2,000 images of Zarr took 3.5 to 5.1 s in a fresh
     process against 2.6 to 3.0 s in the next call; with this setting, 2.9 to
-    3.4 s.  A variable the user set (``MALLOC_MMAP_THRESHOLD_``,
+    3.4 s.  The setting is the whole process's, and stays: up to that much
+    freed memory per allocator arena is kept rather than given back.  A
+    variable the user set (``MALLOC_MMAP_THRESHOLD_``,
     ``MALLOC_TRIM_THRESHOLD_``) wins.  The embedded cluster gives its
     workers the same setting through their environment.
     """
@@ -70,8 +72,11 @@ def keep_freed_memory() -> None:
     except (OSError, AttributeError):  # not glibc
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, MALLOC_THRESHOLD)
-    mallopt(m_trim_threshold, MALLOC_THRESHOLD)
+    # glibc before 2.35 refuses an mmap threshold above 32 MiB (it returns 0).
+    threshold = MALLOC_THRESHOLD if mallopt(m_mmap_threshold, MALLOC_THRESHOLD) else 32 << 20
+    if threshold != MALLOC_THRESHOLD:
+        mallopt(m_mmap_threshold, threshold)
+    mallopt(m_trim_threshold, threshold)
 
 
 def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None) -> np.ndarray:

@@ -490,6 +490,8 @@ def _build_planes() -> Any:
                        best, arg, low, total, bits, acc, unit_shift, limb_bits):
         # records' per-row work (self-confidence) on items stored class by
         # class: planes[i, j, p] is item i * P + p's probability of class j.
+        # Its checks, sums and flush are records', written out again for the
+        # reason records gives (a shared helper defeated numba's cache).
         # The classes are taken one plane at a time, each pixel's running
         # max, argmax, min and float64 sum kept in ``best``, ``arg``, ``low``
         # and ``total`` (P each): the same comparisons and additions, in the

@@ -152,13 +152,8 @@ def _edge_block(dtype, k=7, n=3000, seed=9):
     return labels, probs
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])
-@pytest.mark.parametrize("bad", [None, "nan", "negative", "label", "sum", "zeros", "huge"])
-def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
-    from dask_labelissues import states
-    from dask_labelissues.kernels import ScoreSpec
-
+def _bad_block(dtype, bad):
+    """:func:`_edge_block` with one bad value of the kind ``bad`` names (None: none)."""
     labels, probs = _edge_block(dtype)
     if bad == "nan":
         probs[2500, 3] = np.nan
@@ -172,6 +167,17 @@ def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
         probs[800] = 0
     elif bad == "huge":
         probs[1200, 2] = dtype(3e38) if dtype == np.float32 else 1e300
+    return labels, probs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])
+@pytest.mark.parametrize("bad", [None, "nan", "negative", "label", "sum", "zeros", "huge"])
+def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
+    from dask_labelissues import states
+    from dask_labelissues.kernels import ScoreSpec
+
+    labels, probs = _bad_block(dtype, bad)
     numba_spec, numpy_spec = ScoreSpec(method, kernel="numba"), ScoreSpec(method, kernel="numpy")
     assert fused.scan_records(probs, labels, np.empty(len(labels), numba_spec.record_dtype()),
                               method != "self_confidence", 1e-3, 2.0**31, 1e-6, (7, 24, 2.0**-7)) is not None
@@ -201,19 +207,7 @@ def test_the_class_planes_loop_gives_the_row_loops_bits(dtype, bad):
     from dask_labelissues import states
     from dask_labelissues.kernels import Planes, ScoreSpec
 
-    labels, rows = _edge_block(dtype)
-    if bad == "nan":
-        rows[2500, 3] = np.nan
-    elif bad == "negative":
-        rows[1700, 0] = -0.25
-    elif bad == "label":
-        labels[1900] = 7
-    elif bad == "sum":
-        rows[2100] *= dtype(1.01)
-    elif bad == "zeros":
-        rows[800] = 0
-    elif bad == "huge":
-        rows[1200, 2] = dtype(3e38) if dtype == np.float32 else 1e300
+    labels, rows = _bad_block(dtype, bad)
     planes = np.ascontiguousarray(np.moveaxis(rows.reshape(30, 100, 7), -1, 1))
     view = Planes(planes)
     np.testing.assert_array_equal(view.items(), rows)

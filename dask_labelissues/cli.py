@@ -364,6 +364,7 @@ def _find_task(args: argparse.Namespace, output: str) -> int:
         ("--estimation-method", args.estimation_method != "off_diagonal"), ("--health", args.health),
         ("--row-order", args.row_order), ("--num-to-remove-per-class", args.num_to_remove_per_class is not None),
         ("--row-sum-tolerance", args.task == "multilabel" and args.row_sum_tolerance != 1e-3),
+        ("--label-offsets", args.task != "multilabel" and args.label_offsets is not None),
     ) if given]
     if unsupported:
         raise CommandError(f"{', '.join(unsupported)} does not go with --task {args.task}")
@@ -654,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-class probabilities) or token (flat tokens and --sentence-offsets)")
     p.add_argument("--sentence-offsets", metavar="SRC",
                    help="--task token: sentence i is tokens OFFSETS[i]:OFFSETS[i+1] (N + 1 integers from 0 to T)")
+    p.add_argument("--label-offsets", metavar="SRC",
+                   help="--task multilabel: --labels holds every example's classes one after another, example i's "
+                        "at LABELS[OFFSETS[i]:OFFSETS[i+1]] (N + 1 integers), instead of an N x K matrix")
     p.add_argument("--class-names", metavar="A,B,...", help="--task multilabel: names of the K classes")
     p.add_argument("--sentence-score-method", choices=("min", "softmin"), default="min",
                    help="--task token: a sentence's score from its tokens' (default %(default)s)")

@@ -497,7 +497,56 @@ def reads_in_tasks(labels: Any, pred_probs: Any) -> bool:
     are sources that pickle small (files and stores, not in-memory arrays
     or dask arrays)."""
     small = (RawFile, HDF5Dataset, ZarrArray, RemoteNpy)
-    return isinstance(labels, small) and isinstance(pred_probs, small)
+
+    def pickles_small(source: Any) -> bool:
+        if isinstance(source, LabelSetRows):
+            return isinstance(source.indices, small) and isinstance(source.offsets, small)
+        return isinstance(source, small)
+
+    return pickles_small(labels) and pickles_small(pred_probs)
+
+
+class LabelSetRows(RowSource):
+    """Multi-label labels stored compressed, read as an ``(N, K)`` 0/1
+    matrix a row range at a time: ``indices`` holds every example's classes
+    one after another, example ``i``'s at ``indices[offsets[i]:offsets[i + 1]]``.
+    A read of rows ``a:b`` reads ``offsets[a:b + 1]`` and those indices only."""
+
+    def __init__(self, indices: RowSource, offsets: RowSource, n_classes: int) -> None:
+        if len(indices.shape) != 1 or len(offsets.shape) != 1:
+            raise ValueError(f"label indices and offsets must be 1-D, got {indices.shape} and {offsets.shape}")
+        for name, src in (("label indices", indices), ("label offsets", offsets)):
+            if np.dtype(src.dtype).kind not in "iu":
+                raise TypeError(f"{name} must be integers, got dtype {np.dtype(src.dtype)}")
+        self.indices, self.offsets, self.n_classes = indices, offsets, int(n_classes)
+        self.shape = (int(offsets.shape[0]) - 1, self.n_classes)
+        first, last = (int(np.asarray(offsets[i : i + 1])[0]) for i in (0, self.shape[0]))
+        if first != 0 or last != int(indices.shape[0]):
+            raise ValueError(f"label offsets must run from 0 to the number of label indices, "
+                             f"{int(indices.shape[0])}; they run from {first} to {last}")
+        self.dtype = np.dtype(np.uint8)
+        self.description = "label sets"
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        a, b, step = rows.indices(self.shape[0]) if isinstance(rows, slice) else (None, None, None)
+        if step != 1:
+            raise TypeError("label sets are read by row ranges")
+        bounds = np.asarray(self.offsets[a : b + 1], dtype=np.int64)
+        out = np.zeros((b - a, self.n_classes), dtype=np.uint8)
+        if b > a:
+            if (np.diff(bounds) < 0).any() or bounds[0] < 0:
+                i = int(np.argmax(np.diff(bounds) < 0)) if (np.diff(bounds) < 0).any() else 0
+                raise ValueError(f"label offsets decrease at example {a + i}: {bounds[i]} then {bounds[i + 1]}")
+            classes = np.asarray(self.indices[int(bounds[0]) : int(bounds[-1])], dtype=np.int64)
+            row = np.repeat(np.arange(b - a), np.diff(bounds))
+            bad = (classes < 0) | (classes >= self.n_classes)
+            if bad.any():
+                j = int(np.argmax(bad))
+                raise ValueError(f"labels of example {a + int(row[j])} hold {classes[j]}, "
+                                 f"not a class in 0..{self.n_classes - 1}")
+            out[row, classes] = 1
+        return out[(slice(None), *rest)] if rest else out
 
 
 def as_row_source(obj: Any) -> RowSource:

@@ -31,6 +31,7 @@ of rows at a time.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -43,6 +44,7 @@ from .kinds import OneVsRest
 from .pipelines import run_filter
 
 __all__ = [
+    "LabelSets",
     "find_label_issues",
     "find_multilabel_issues_per_class",
     "get_label_quality_scores",
@@ -367,10 +369,31 @@ def _class_masks(lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float
 
 
 # -- inputs ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabelSets:
+    """Labels stored compressed, as a store holds them at scale: example
+    ``i``'s classes are ``indices[offsets[i]:offsets[i + 1]]``.
+
+    Parameters
+    ----------
+    indices
+        ``(L,)`` class indices of every example, one example after another
+        (any array source or path: ``.npy``, Zarr, HDF5, numpy).
+    offsets
+        ``(N + 1,)`` non-decreasing offsets into ``indices``, from 0 to L.
+
+    Pass one as ``labels``: it is read a block of examples at a time, as an
+    ``(N, K)`` 0/1 matrix would be, and never expanded whole.
+    """
+
+    indices: Any
+    offsets: Any
+
+
 def open_inputs(labels: Any, pred_probs: Any) -> tuple[Any, Any, int, int]:
     """``(labels, pred_probs, N, K)`` opened as row sources, checked: the
-    labels a list of label lists (made an (N, K) uint8 matrix) or an (N, K)
-    matrix."""
+    labels a list of label lists (made an (N, K) uint8 matrix), an (N, K)
+    matrix or :class:`LabelSets`."""
     probs = inputs.open_source(pred_probs, "pred_probs")
     if len(probs.shape) != 2:
         raise ValueError(f"pred_probs must be 2-D (N, K), got shape {tuple(probs.shape)}")
@@ -379,7 +402,12 @@ def open_inputs(labels: Any, pred_probs: Any) -> tuple[Any, Any, int, int]:
         raise TypeError(f"pred_probs must be floating point, got dtype {np.dtype(probs.dtype)}")
     if k < 2:
         raise ValueError(f"pred_probs must have at least 2 classes, got {k}")
-    if isinstance(labels, (list, tuple)):
+    if isinstance(labels, LabelSets):
+        offsets = inputs.open_source(labels.offsets, "label offsets")
+        lab = inputs.LabelSetRows(inputs.open_source(labels.indices, "label indices"), offsets, k)
+        if lab.shape[0] != n:
+            raise ValueError(f"label offsets give {lab.shape[0]} examples but pred_probs has {n}")
+    elif isinstance(labels, (list, tuple)):
         if len(labels) != n:
             raise ValueError(f"labels has {len(labels)} examples but pred_probs {n}")
         matrix = np.zeros((n, k), dtype=np.uint8)

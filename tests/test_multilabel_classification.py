@@ -238,3 +238,43 @@ def test_float16_probabilities_are_complemented_in_float16_as_cleanlabs():
     half = probs.astype(np.float16)
     np.testing.assert_array_equal(ml.find_label_issues(labels, half, return_indices_ranked_by="self_confidence"),
                                   cleanlab_find(labels, half, return_indices_ranked_by="self_confidence"))
+
+
+@pytest.fixture(scope="module")
+def label_sets(tmp_path_factory):
+    labels, probs, _ = examples(6, n=2500, seed=12, dtype="float32")
+    root = tmp_path_factory.mktemp("label_sets")
+    indices = np.concatenate([np.asarray(s, dtype=np.int32) for s in labels])
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in labels])]).astype(np.int64)
+    np.save(root / "indices.npy", indices)
+    np.save(root / "offsets.npy", offsets)
+    np.save(root / "probs.npy", probs)
+    return root, labels, probs
+
+
+@pytest.mark.parametrize(("backend", "options"), [("serial", {"chunk_rows": 101}), ("threads", {}),
+                                                  ("dask", {"chunk_rows": 700})])
+def test_compressed_label_sets_give_the_lists_results(label_sets, backend, options):
+    root, labels, probs = label_sets
+    sets = ml.LabelSets(str(root / "indices.npy"), str(root / "offsets.npy"))
+    expected = cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence")
+    with dask.config.set(scheduler="threads"):
+        got = ml.find_label_issues(sets, str(root / "probs.npy"), return_indices_ranked_by="self_confidence",
+                                   backend=backend, **options)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(ml.get_label_quality_scores(sets, probs),
+                                  cl_rank.get_label_quality_scores(labels, probs))
+
+
+def test_compressed_label_sets_are_checked(label_sets):
+    root, labels, probs = label_sets
+    indices = np.load(root / "indices.npy")
+    offsets = np.load(root / "offsets.npy")
+    bad = indices.copy()
+    bad[int(offsets[40])] = 6
+    with pytest.raises(ValueError, match="labels of example 40 hold 6, not a class in 0..5"):
+        ml.find_label_issues(ml.LabelSets(bad, offsets), probs)
+    with pytest.raises(ValueError, match="label offsets must run from 0 to the number of label indices"):
+        ml.find_label_issues(ml.LabelSets(indices[:-1], offsets), probs)
+    with pytest.raises(ValueError, match="label offsets give 2499 examples but pred_probs has 2500"):
+        ml.find_label_issues(ml.LabelSets(indices[: offsets[-2]], offsets[:-1]), probs)

@@ -122,3 +122,18 @@ def test_multilabel_low_score_filters_store_the_libraries_issues(files, tmp_path
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["is_label_issue"][:], mask)
     assert not np.array_equal(mask, ml.find_multilabel_issues_per_class(
         given, probs, filter_by="low_self_confidence").any(axis=1))
+
+
+def test_multilabel_labels_compressed_with_offsets(files, tmp_path):
+    root, given, probs, *_ = files
+    indices = np.concatenate([np.flatnonzero(row) for row in given]).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(given.sum(axis=1))]).astype(np.int64)
+    np.save(tmp_path / "indices.npy", indices)
+    np.save(tmp_path / "offsets.npy", offsets)
+    out = tmp_path / "sets.zarr"
+    proc = run("find", "--task", "multilabel", "--labels", str(tmp_path / "indices.npy"),
+               "--label-offsets", str(tmp_path / "offsets.npy"), "--pred-probs", str(root / "ml_probs.npy"),
+               "--output", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["is_label_issue"][:],
+                                  ml.find_label_issues(given, probs))

@@ -231,6 +231,14 @@ def worker_peak_rss() -> int:
     return _status("VmHWM")
 
 
+def worker_cpu_s() -> float:
+    """This process's CPU time (user and system), for a worker's cores in use."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- other load ----------------------------------------------------------------------
 
 def _machine_cpu_s() -> tuple[float, float]:
@@ -405,6 +413,7 @@ def bench_scaling(labels: Any, probs: Any, pixels: int, rounds: int, reference: 
     print(f"[scaling] LocalCluster 1x1 against 2x1 on Zarr float32, {rounds} rounds", flush=True)
     times: dict[int, list[float]] = {1: [], 2: []}
     peaks: dict[int, list[int]] = {1: [], 2: []}
+    used_cores: dict[int, list[float]] = {1: [], 2: []}
     others: dict[int, list[float]] = {1: [], 2: []}
     same, bare_call, discarded = True, None, 0
     cores = len(os.sched_getaffinity(0))
@@ -413,7 +422,7 @@ def bench_scaling(labels: Any, probs: Any, pixels: int, rounds: int, reference: 
             for attempt in range(1 + BUSY_RETRIES):
                 t = time.perf_counter()
                 with OtherLoad() as load:
-                    seconds, peak, mask, bare = _cluster_run(labels, probs, n, probe=bare_call is None)
+                    seconds, peak, mask, bare, used = _cluster_run(labels, probs, n, probe=bare_call is None)
                 busy = load.others_s + load.steal_s > BUSY_SHARE * (time.perf_counter() - t) * cores
                 print(f"  [{rep + 1}/{rounds}] LocalCluster {n}x1 {seconds:8.3f} s"
                       + (f"  (others' CPU {load.others_s + load.steal_s:.1f} s)" if busy else ""), flush=True)
@@ -424,19 +433,24 @@ def bench_scaling(labels: Any, probs: Any, pixels: int, rounds: int, reference: 
                 wait_quiet()
             times[n].append(seconds)
             peaks[n].append(peak)
+            used_cores[n].append(used / seconds)
             others[n].append(load.others_s + load.steal_s)
             same = same and mask.shape == reference.shape and bool((mask == reference).all())
     one, two = statistics.median(times[1]), statistics.median(times[2])
     return {"rounds": rounds, "times_s": times, "one_worker_s": one, "two_workers_s": two,
             "one_worker_pixels_per_s": pixels / one, "two_workers_pixels_per_s": pixels / two,
             "speedup": one / two, "worker_peak_rss": {n: max(v) for n, v in peaks.items()},
+            "worker_cores": {n: statistics.median(v) for n, v in used_cores.items()},
             "same_mask_as_threads": same, "bare_client_call": bare_call,
             "others_cpu_s_per_cluster": others, "runs_discarded_as_busy": discarded}
 
 
-def _cluster_run(labels: Any, probs: Any, n: int, probe: bool) -> tuple[float, int, np.ndarray, str | None]:
+def _cluster_run(labels: Any, probs: Any, n: int, probe: bool) -> tuple[float, int, np.ndarray, str | None, float]:
     """One fresh cluster of ``n`` single-thread workers: an untimed run, then
-    the timed one; ``(seconds, largest worker peak RSS, mask, probe's outcome)``."""
+    the timed one; ``(seconds, largest worker peak RSS, mask, probe's
+    outcome, the workers' CPU seconds in the timed run)``.  A worker of one
+    thread can use more than one core: zarr decodes chunks on threads of
+    its own."""
     from distributed import Client
 
     with local_cluster(n, threads_per_worker=1, dashboard_address=None) as cluster, \
@@ -448,11 +462,13 @@ def _cluster_run(labels: Any, probs: Any, n: int, probe: bool) -> tuple[float, i
         # made with it current (see _bare_client_call).
         with client.as_current():
             segmentation.find_label_issues(labels, probs, client=client)
+            before = client.run(worker_cpu_s)
             t = time.perf_counter()
             mask = segmentation.find_label_issues(labels, probs, client=client)
             seconds = time.perf_counter() - t
+            after = client.run(worker_cpu_s)
         peak = max(client.run(worker_peak_rss).values())
-    return seconds, peak, np.asarray(mask), bare
+    return seconds, peak, np.asarray(mask), bare, sum(after[w] - before[w] for w in before)
 
 
 def _bare_client_call(labels: Any, probs: Any, client: Any) -> str:
@@ -657,6 +673,8 @@ def markdown(report: dict[str, Any]) -> str:
                          f"({sc['rounds']} rounds, fresh clusters) | {sc[f'{key}_s']:.3f} | "
                          f"{sc[f'{key}_pixels_per_s'] / 1e6:,.1f} M | workers {mb(sc['worker_peak_rss'][n])} | "
                          f"{max(sc['others_cpu_s_per_cluster'][n]):.1f} (whole cluster) |")
+        lines.append(f"| (cores the workers used, CPU time over wall: 1 worker {sc['worker_cores'][1]:.2f}, "
+                     f"2 workers {sc['worker_cores'][2]:.2f}) | | | | |")
         if sc["runs_discarded_as_busy"]:
             lines.append(f"| (cluster runs redone, the machine busy) | {sc['runs_discarded_as_busy']} | | | |")
     lines += ["", "| ratio | value | target | verdict |", "|---|---:|---:|---|"]

@@ -526,7 +526,6 @@ def flagged_by_class(issues: np.ndarray, labels: Any, pred_probs: Any) -> tuple[
     lab, _, n, k = ml.open_inputs(labels, pred_probs)
     given = np.zeros(k, dtype=np.int64)
     for a in range(0, n, _COUNT_ROWS):
-        block = lab[a : a + _COUNT_ROWS]
-        present = np.asarray(block.compute() if inputs.is_dask_array(block) else block).astype(bool)
+        present = inputs.to_numpy(lab[a : a + _COUNT_ROWS]).astype(bool)
         given += (present & issues[a : a + _COUNT_ROWS]).sum(axis=0)
     return given, issues.sum(axis=0) - given

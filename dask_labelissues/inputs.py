@@ -347,6 +347,20 @@ def is_dask_array(obj: Any) -> bool:
     return da is not None and isinstance(obj, da.Array)
 
 
+def to_numpy(x: Any) -> np.ndarray:
+    """``x`` as numpy; a dask array computed by the client whose cluster
+    holds its persisted blocks, if any (the default scheduler would not
+    find them when that client is not the current one)."""
+    if not is_dask_array(x):
+        return np.asarray(x)
+    try:
+        from distributed import futures_of
+    except ImportError:
+        return np.asarray(x.compute())
+    held = futures_of(x)
+    return np.asarray(held[0].client.compute(x).result() if held else x.compute())
+
+
 _H5_SUFFIXES = (".h5", ".hdf5", ".he5", ".hdf")
 
 

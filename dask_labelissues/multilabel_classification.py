@@ -365,7 +365,7 @@ def _class_results(
 def _class_masks(lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float, remove: Sequence[int] | None,
                  minimum: int, options: dict[str, Any]) -> np.ndarray:
     found = _class_results(lab, probs, k, filter_by, frac_noise, remove, minimum, options)
-    return np.stack([_numpy(r.arrays["is_label_issue"]).astype(bool) for r in found], axis=1)
+    return np.stack([inputs.to_numpy(r.arrays["is_label_issue"]).astype(bool) for r in found], axis=1)
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -432,7 +432,7 @@ def _row_blocks(lab: Any, probs: Any) -> Any:
     n = int(probs.shape[0])
     for a in range(0, n, SCORE_ROWS):
         b = min(a + SCORE_ROWS, n)
-        y, p = _numpy(lab[a:b]), _numpy(probs[a:b])
+        y, p = inputs.to_numpy(lab[a:b]), inputs.to_numpy(probs[a:b])
         bad = ((y != 0) & (y != 1)) | ~((p >= 0) & (p <= 1))
         if bad.any():
             row, c = (int(v) for v in np.argwhere(bad)[0])
@@ -442,11 +442,7 @@ def _row_blocks(lab: Any, probs: Any) -> Any:
 
 
 def _read_all(source: Any) -> np.ndarray:
-    return np.concatenate([_numpy(source[a : a + SCORE_ROWS]) for a in range(0, int(source.shape[0]), SCORE_ROWS)])
-
-
-def _numpy(x: Any) -> np.ndarray:
-    return np.asarray(x.compute() if inputs.is_dask_array(x) else x)
+    return np.concatenate([inputs.to_numpy(source[a : a + SCORE_ROWS]) for a in range(0, int(source.shape[0]), SCORE_ROWS)])
 
 
 def _no_joint(confident_joint: Any) -> None:

@@ -29,7 +29,7 @@ from .engines import make_engine
 from .kernels import ScoreSpec
 from .kinds import Pixels
 from .pipelines import PixelResult, run_pixel_scores, run_segmentation, warm_up
-from .states import InputValueError
+from .states import located
 
 __all__ = [
     "common_label_issues",
@@ -201,7 +201,7 @@ def get_label_quality_scores(
             ignore_index=ignore_index,
         )
         if ignore_index is None:
-            image_scores = 1.0 - _computed(mask.mean(axis=(1, 2))).astype(np.float64)
+            image_scores = 1.0 - inputs.to_numpy(mask.mean(axis=(1, 2))).astype(np.float64)
         else:
             image_scores = 1.0 - _flagged_share(mask, labels, ignore_index)
     return image_scores, _out(pixel_scores, labels, pred_probs, getattr(engine, "client", None))
@@ -374,8 +374,8 @@ def display_issues(
     chosen = chosen[counts[chosen] > 0]
     given, predicted, shown, hidden = [], [], [], []
     for i in chosen.tolist():
-        label = _computed(lab[i : i + 1])[0]
-        flagged = _computed(flags[i : i + 1]).astype(bool)[0]
+        label = inputs.to_numpy(lab[i : i + 1])[0]
+        flagged = inputs.to_numpy(flags[i : i + 1]).astype(bool)[0]
         visible = flagged & ~np.isin(label, excluded)
         given.append(label)
         predicted.append(np.asarray(probs[i : i + 1])[0].argmax(axis=0))
@@ -472,26 +472,12 @@ def _engine(
     return engine, engine.plan.spec
 
 
-class _located:
-    """Re-raise a bad value's error with the image and pixel it is at."""
-
-    def __init__(self, engine: Any, shape: tuple[int, ...]) -> None:
-        self.kind, self.shape = engine.kind, shape
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
-        if isinstance(exc, InputValueError) and exc.row is not None:
-            raise InputValueError(_locate(str(exc), exc.row, self.kind.where(exc.row, self.shape)), exc.row) from None
-        return False
+def _located(engine: Any, shape: tuple[int, ...]) -> Any:
+    """Bad values named by the image and pixel they are at."""
+    return located(lambda item: engine.kind.where(item, shape), _ignore_hint)
 
 
-def _locate(message: str, item: int, where: str) -> str:
-    """An error about item ``item`` (a pixel or tile) told by ``where`` it is."""
-    message = re.sub(rf"pred_probs\[{item}, (\d+)\]", rf"pred_probs at {where}, class \1", message)
-    message = re.sub(rf"labels\[{item}\]", f"labels at {where}", message)
-    message = re.sub(rf"\brow {item}\b", f"at {where}", message)
+def _ignore_hint(message: str) -> str:
     if re.search(r"= 255 is not a class", message):
         message += " (255 often marks pixels to ignore: pass ignore_index=255, or --ignore-index 255, to leave them out)"
     return message
@@ -509,20 +495,6 @@ def _out(array: Any, labels: Any, pred_probs: Any, client: Any) -> Any:
     return np.asarray(array)
 
 
-def _computed(x: Any) -> np.ndarray:
-    """``x`` as numpy; a dask array computed by the client whose cluster
-    holds its persisted blocks, if any (the default scheduler would not
-    find them when that client is not the current one)."""
-    if not inputs.is_dask_array(x):
-        return np.asarray(x)
-    try:
-        from distributed import futures_of
-    except ImportError:
-        return np.asarray(x.compute())
-    held = futures_of(x)
-    return np.asarray(held[0].client.compute(x).result() if held else x.compute())
-
-
 def _image_blocks(issues: Any, labels: Any, pred_probs: Any, rows: int = 64) -> Any:
     """``(issues, labels, pred_probs)`` of ``rows`` images at a time."""
     n = int(np.shape(issues)[0]) if hasattr(issues, "shape") else len(issues)
@@ -530,7 +502,8 @@ def _image_blocks(issues: Any, labels: Any, pred_probs: Any, rows: int = 64) -> 
     probs = inputs.open_source(pred_probs, "pred_probs")
     for a in range(0, n, rows):
         b = min(a + rows, n)
-        yield _computed(issues[a:b]).astype(bool, copy=False), _computed(lab[a:b]), _computed(probs[a:b])
+        yield (inputs.to_numpy(issues[a:b]).astype(bool, copy=False), inputs.to_numpy(lab[a:b]),
+               inputs.to_numpy(probs[a:b]))
 
 
 def _flagged_share(mask: Any, labels: Any, ignore_index: int) -> np.ndarray:
@@ -538,9 +511,9 @@ def _flagged_share(mask: Any, labels: Any, ignore_index: int) -> np.ndarray:
     where all are)."""
     lab = inputs.open_source(labels, "labels")
     n = int(lab.shape[0])
-    flagged = _computed(mask.sum(axis=(1, 2))).astype(np.float64)
+    flagged = inputs.to_numpy(mask.sum(axis=(1, 2))).astype(np.float64)
     kept = np.concatenate([
-        (_computed(lab[a : a + 64]) != ignore_index).sum(axis=(1, 2)) for a in range(0, n, 64)
+        (inputs.to_numpy(lab[a : a + 64]) != ignore_index).sum(axis=(1, 2)) for a in range(0, n, 64)
     ]).astype(np.float64)
     return np.divide(flagged, kept, out=np.zeros(n), where=kept > 0)
 
@@ -548,7 +521,7 @@ def _flagged_share(mask: Any, labels: Any, ignore_index: int) -> np.ndarray:
 def _flagged_per_image(issues: Any, rows: int = 64) -> np.ndarray:
     """Flagged pixels of each image of an ``(N, H, W)`` mask, read ``rows`` images at a time."""
     if inputs.is_dask_array(issues):
-        return _computed(issues.astype(bool).sum(axis=(1, 2))).astype(np.int64)
+        return inputs.to_numpy(issues.astype(bool).sum(axis=(1, 2))).astype(np.int64)
     n = int(issues.shape[0])
     counts = np.zeros(n, dtype=np.int64)
     for a in range(0, n, rows):

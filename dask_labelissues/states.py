@@ -15,8 +15,10 @@ The engines only decide where chunk runs and in which tree combine runs.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -31,6 +33,27 @@ class InputValueError(ValueError):
     def __init__(self, message: str, row: int | None = None) -> None:
         super().__init__(message)
         self.row = row
+
+
+def relocate(message: str, item: int, where: str) -> str:
+    """An error about item ``item`` told by ``where`` it is (an image's
+    pixel, a sentence's token) instead of by its flat index."""
+    message = re.sub(rf"pred_probs\[{item}, (\d+)\]", rf"pred_probs at {where}, class \1", message)
+    message = re.sub(rf"labels\[{item}\]", f"labels at {where}", message)
+    return re.sub(rf"\brow {item}\b", f"at {where}", message)
+
+
+@contextlib.contextmanager
+def located(where: Callable[[int], str], amend: Callable[[str], str] | None = None) -> Iterator[None]:
+    """Re-raise a bad value's :class:`InputValueError` with the place
+    ``where(item)`` names (:func:`relocate`), and ``amend``'s hint."""
+    try:
+        yield
+    except InputValueError as exc:
+        if exc.row is None:
+            raise
+        message = relocate(str(exc), exc.row, where(exc.row))
+        raise InputValueError(amend(message) if amend else message, exc.row) from None
 
 
 @dataclass

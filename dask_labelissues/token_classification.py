@@ -28,14 +28,13 @@ Differences from cleanlab:
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import inputs
 from .api import find_label_issues as _find_rows
-from .states import InputValueError
+from .states import located
 
 __all__ = ["find_label_issues", "get_label_quality_scores", "issues_from_scores"]
 
@@ -166,7 +165,7 @@ def get_label_quality_scores(
     options = _options(kwargs)
     with _located(offsets):
         found = _find_rows(flat_labels, flat_probs, method=token_score_method, **options)
-    scores = np.asarray(_numpy(found.label_quality_scores), dtype=np.float64)
+    scores = inputs.to_numpy(found.label_quality_scores).astype(np.float64, copy=False)
     if sentence_score_method == "min" or temperature == 0:
         sentence_scores = sentence_min(scores, offsets)
     elif np.isinf(temperature):
@@ -345,25 +344,11 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _numpy(x: Any) -> np.ndarray:
-    return np.asarray(x.compute() if inputs.is_dask_array(x) else x)
+def _located(offsets: np.ndarray) -> Any:
+    """Bad values named by the sentence and token they are at."""
 
+    def where(item: int) -> str:
+        ((sentence, token),) = token_pairs(np.array([item]), offsets)
+        return f"sentence {sentence}, token {token}"
 
-class _located:
-    """Re-raise a bad value's error with the sentence and token it is at."""
-
-    def __init__(self, offsets: np.ndarray) -> None:
-        self.offsets = offsets
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
-        if isinstance(exc, InputValueError) and exc.row is not None:
-            (sentence, token), = token_pairs(np.array([exc.row]), self.offsets)
-            where = f"sentence {sentence}, token {token}"
-            message = re.sub(rf"pred_probs\[{exc.row}, (\d+)\]", rf"pred_probs at {where}, class \1", str(exc))
-            message = re.sub(rf"labels\[{exc.row}\]", f"labels at {where}", message)
-            message = re.sub(rf"\brow {exc.row}\b", f"at {where}", message)
-            raise InputValueError(message, exc.row) from None
-        return False
+    return located(where)

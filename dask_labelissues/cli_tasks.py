@@ -41,6 +41,7 @@ def run_task(args: argparse.Namespace, output: str, backend: str, client: Any,
         k = int(probs.shape[1])
         if args.label_offsets is not None:
             labels = ml.LabelSets(labels, open_path(args.label_offsets, "label offsets"))
+        labels, probs, _, _ = ml.open_inputs(labels, probs)  # once, for the four steps below
         if names is not None and len(names) != k:
             raise ValueError(f"--class-names has {len(names)} names; pred_probs has {k} classes")
         per_class = ml.find_multilabel_issues_per_class(labels, probs, filter_by=filter_by, **prune, **options)

@@ -470,9 +470,10 @@ def _multilabel_views(labels: Any, pred_probs: Any, class_names: Sequence[Any] |
     unknown = set(engine) - {"backend", "client", "chunk_rows", "n_jobs"}
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    # Opened once: label lists become a matrix, which both steps then read.
+    labels, pred_probs, n, k = ml.open_inputs(labels, pred_probs)
     issues = ml.find_multilabel_issues_per_class(labels, pred_probs, confident_joint=confident_joint, **engine)
     given, left_out = flagged_by_class(issues, labels, pred_probs)
-    n, k = issues.shape
     if class_names is not None and len(class_names) != k:
         raise ValueError(f"class_names has {len(class_names)} names for {k} classes")
     rows: dict[str, list[Any]] = {"Class Index": [], "In Given Label": [], "In Suggested Label": [],

@@ -124,7 +124,9 @@ def find_label_issues(
             mask = np.zeros(n, dtype=bool)
             mask[lowest] = True
             return mask
-        ranking = _scores(lab, probs, _method(return_indices_ranked_by, rank_by_kwargs), DEFAULT_AGGREGATOR)
+        method = _method(return_indices_ranked_by, rank_by_kwargs)
+        # The default score is the ranking's too where the method is its own: one read, not two.
+        ranking = scores if method == "self_confidence" else _scores(lab, probs, method, DEFAULT_AGGREGATOR)
         return lowest[np.argsort(ranking[lowest], kind="stable")].astype(np.int64)
     mask = _class_masks(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
                         options).any(axis=1)

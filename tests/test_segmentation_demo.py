@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 import zarr
-from nbclient import NotebookClient
 
 from dask_labelissues import segmentation
 from dask_labelissues.demo import run_segmentation_demo
 from dask_labelissues.synthetic import SegmentationSpec, segmentation_images
+
+from .notebooks import assert_committed_without_outputs, execute
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "segmentation.ipynb"
 SMALL = dict(images=120, classes=5, height=32, width=32, noise=0.3, seed=0)
@@ -92,30 +90,17 @@ def test_segmentation_demo_on_a_client():
 
 
 def test_segmentation_notebook_committed_without_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None
+    assert_committed_without_outputs(NOTEBOOK)
 
 
 def test_segmentation_notebook_executes(tmp_path, monkeypatch):
-    # The kernel is this environment's Python, whatever "python" is on PATH.
-    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     for name, value in (("IMAGES", "120"), ("CLASSES", "5"), ("HEIGHT", "32"), ("WIDTH", "32")):
         monkeypatch.setenv(f"SEGMENTATION_{name}", value)
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    text = "\n".join(
-        out.get("text", "") + str(out.get("data", {}).get("text/plain", ""))
-        + str(out.get("data", {}).get("text/markdown", ""))
-        for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
-    )
+    text, figures = execute(NOTEBOOK, tmp_path, monkeypatch)
     assert "dashboard: http" in text
     assert "| flagged pixels |" in text
     assert "| T (estimated pixel issues) |" in text
     assert "num_pixel_issues" in text  # common_label_issues' table
-    figures = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
-               if "image/png" in out.get("data", {})]
     assert len(figures) == 1, "display_issues' figure was not drawn"
     # The same data as the demo's: the same numbers.
     report = run_segmentation_demo(**SMALL)

@@ -192,15 +192,15 @@ class Pixels(Kind):
             if labels is None:
                 raise ValueError("Pixels(ignore_index=...) needs the block's labels to read its pred_probs")
             kept = np.asarray(labels) != self.ignore_index
-        if kept is not None and kept.all():
-            kept_all, kept = kept, None  # pooled as without ignore_index, to the same bits
-        else:
-            kept_all = None
+        # A block with no pixel ignored is pooled as without ignore_index, to the same bits.
+        partial = kept is not None and not kept.all()
         if f > 1:
             n, k, h, w = block.shape
             stored = block.dtype
-            if kept is None:
+            if not partial:
                 block = block.reshape(n, k, h // f, f, w // f, f).mean(axis=(5, 3))
+                if kept is not None:
+                    kept = np.ones((n, h // f, w // f), dtype=bool)
             else:
                 # Ignored pixels' predictions are left out of their tile's mean
                 # (not multiplied by 0: an ignored pixel's values may be NaN).
@@ -209,10 +209,8 @@ class Pixels(Kind):
                 kept = weights.any(axis=(5, 3))[:, 0]
             with np.errstate(invalid="ignore", divide="ignore"):
                 block = block / np.expand_dims(block.sum(axis=1), 1)
-            if kept is not None and stored in (np.float32, np.float64):
+            if partial and stored in (np.float32, np.float64):
                 block = block.astype(stored)  # the input's precision, as the tiles of other blocks
-        if kept_all is not None:
-            kept = kept_all if f == 1 else np.ones((block.shape[0], *block.shape[2:]), dtype=bool)
         n, k = block.shape[:2]
         if kept is not None:
             # Ignored items: probability 0 of every real class, 1 of class K.

@@ -408,10 +408,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
             verbose=_progress_default(args), row_sum_tolerance=args.row_sum_tolerance,
             ignore_index=args.ignore_index,
         )
-        found = segmentation.find_issues(labels, probs, downsample=args.downsample, **options)
-        image_scores, pixel_scores = segmentation.get_label_quality_scores(
-            labels, probs, temperature=args.temperature, **options
+        found = segmentation.find_issues(
+            labels, probs, downsample=args.downsample, temperature=args.temperature, **options
         )
+        image_scores, pixel_scores = found.image_scores, found.pixel_scores
+        if image_scores is None:
+            # Downsampled, the mask's job scored tiles; the scores are per
+            # pixel, so they take a read of pred_probs of their own.
+            image_scores, pixel_scores = segmentation.get_label_quality_scores(
+                labels, probs, temperature=args.temperature, **options
+            )
         flagged = np.asarray(found.mask.sum(axis=(1, 2)), dtype=np.int64)
         ranked = np.lexsort((np.arange(image_scores.size), image_scores))  # worst first, ties by index
         pairs = np.asarray(found.pair_counts, dtype=np.int64)

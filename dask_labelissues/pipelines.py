@@ -480,6 +480,14 @@ class PixelResult:
     per_class_count: np.ndarray
     #: K x K counts of (given, predicted) over the flagged pixels.
     pair_counts: np.ndarray
+    #: Reads of pred_probs the job made.
+    reads: int = 1
+    #: ``(N,)`` float64 softmin scores of the images, where the job made
+    #: them (a ``temperature``, and no tiles); else None.
+    image_scores: np.ndarray | None = None
+    #: ``(N, H, W)`` float64 self-confidence of each pixel, lazy where the
+    #: engine is; where ``image_scores`` is made, else None.
+    pixel_scores: Any = None
 
 
 def pixel_mask_block(
@@ -520,7 +528,20 @@ def pairs_of(marked: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return marked[1]
 
 
-def run_segmentation(engine: Engine, spec: ScoreSpec, image_shape: tuple[int, int], factor: int = 1) -> PixelResult:
+def pixel_scores_of(engine: Engine, spec: ScoreSpec, records: Blocks, image_shape: tuple[int, int]) -> Any:
+    """Pass one's scores (each pixel's self-confidence) as ``(N, H, W)``,
+    lazy where the engine is."""
+    scores = engine.to_array(records, spec.record_dtype(), row_shape=image_shape)["score"]
+    if isinstance(scores, np.ndarray):
+        # A copy of the field, 8 bytes a pixel: a view would keep the whole
+        # records column (32 bytes a pixel, or its spill file) alive.
+        scores = np.ascontiguousarray(scores)
+    return scores
+
+
+def run_segmentation(
+    engine: Engine, spec: ScoreSpec, image_shape: tuple[int, int], factor: int = 1, temperature: float | None = None
+) -> PixelResult:
     """cleanlab.segmentation's label issues: every pixel (or tile, with
     ``factor`` > 1, the engine's kind pooling them) is an item of batched
     confident learning; the T lowest self-confidences, minus pixels whose
@@ -528,7 +549,12 @@ def run_segmentation(engine: Engine, spec: ScoreSpec, image_shape: tuple[int, in
     block from the selection's cut-off (a second read of pred_probs where
     tiles are checked pixel by pixel), with the (given, predicted) counts
     of the flagged pixels.  A class of ignored pixels (the kind's
-    ``ignored_class``) is left out of the results."""
+    ``ignored_class``) is left out of the results.
+
+    With ``temperature`` and no tiles, also the image and pixel scores of
+    :func:`run_pixel_scores`, from the same read: pass one's records hold
+    each pixel's self-confidence.  Tiles' records hold tiles' scores, not
+    pixels', so with ``factor`` > 1 the scores are left to that job."""
     k = engine.n_classes
     real = k if engine.kind.ignored_class is None else engine.kind.ignored_class
     columns = {"records": engine.column(spec.record_dtype()), "scores": engine.column(np.float64)}
@@ -536,13 +562,24 @@ def run_segmentation(engine: Engine, spec: ScoreSpec, image_shape: tuple[int, in
     cutoff, quotas = lowest_cutoff(engine, spec, passes)
     reread = INPUTS if factor > 1 else None
     marked = engine.map(pixel_mask_block, passes.records, passes.scores, cutoff, PerBlock(quotas), reread, factor, k)
-    (pairs,) = engine.compute(engine.reduce(engine.map(pairs_of, marked), PAIR_COUNTS), keep=[marked])
+    pair_root = engine.reduce(engine.map(pairs_of, marked), PAIR_COUNTS)
+    scored = temperature is not None and factor == 1
+    if scored:
+        pixels = int(np.prod(image_shape))
+        images = engine.map(image_softmin_block, passes.records, pixels, temperature, engine.kind.ignored_class)
+        # The records were kept by pass one, for the mask as for these.
+        pairs, parts = engine.compute(pair_root, images, keep=[marked])
+    else:
+        (pairs,) = engine.compute(pair_root, keep=[marked])
     return PixelResult(
         mask=engine.to_array(engine.map(mask_of, marked), np.bool_, row_shape=image_shape),
         estimated_num_issues=passes.score.counts.finalize(spec.estimation_method),
         thresholds=passes.thresholds[:real],
         per_class_count=passes.scan.counts[:real].copy(),
         pair_counts=pairs[:real, :real],
+        reads=2 if factor > 1 else 1,
+        image_scores=np.concatenate(parts) if scored else None,
+        pixel_scores=pixel_scores_of(engine, spec, passes.records, image_shape) if scored else None,
     )
 
 
@@ -600,12 +637,7 @@ def run_pixel_scores(
     images = engine.map(image_softmin_block, records, pixels, temperature, engine.kind.ignored_class)
     done, parts = engine.compute(root, images, keep=[records])
     done.state.raise_problem()
-    scores = engine.to_array(records, spec.record_dtype(), row_shape=image_shape)["score"]
-    if isinstance(scores, np.ndarray):
-        # A copy of the field, 8 bytes a pixel: a view would keep the whole
-        # records column (32 bytes a pixel, or its spill file) alive.
-        scores = np.ascontiguousarray(scores)
-    return np.concatenate(parts), scores
+    return np.concatenate(parts), pixel_scores_of(engine, spec, records, image_shape)
 
 
 def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any, planes: bool = False) -> None:

@@ -114,21 +114,54 @@ def find_label_issues(
     return result.mask
 
 
-def find_issues(labels: Any, pred_probs: Any, *, downsample: int = 1, **options: Any) -> PixelResult:
-    """:func:`find_label_issues`'s job, with what it finds besides the mask:
-    T, the thresholds, pixels per given label, and the K x K counts of
-    (given, predicted) over the flagged pixels (what
-    :func:`common_label_issues` counts, here without reading pred_probs
-    again).  The mask is as :func:`find_label_issues` returns it.
-    ``options``: those of :func:`find_label_issues`."""
+def find_issues(
+    labels: Any, pred_probs: Any, *, downsample: int = 1, temperature: float | None = None, **options: Any
+) -> PixelResult:
+    """:func:`find_label_issues`'s job, with what it finds besides the mask.
+
+    Parameters
+    ----------
+    labels, pred_probs, downsample
+        As in :func:`find_label_issues`.
+    temperature
+        Also score the images and pixels as :func:`get_label_quality_scores`
+        does (softmin at this temperature), in the same job: the one read
+        of pred_probs gives the mask and the scores.  Only without
+        ``downsample``: its items are tiles, and the scores are per pixel,
+        so the scores are then left as None.
+    **options
+        Those of :func:`find_label_issues`.
+
+    Returns
+    -------
+    PixelResult
+        The mask as :func:`find_label_issues` returns it; T, the
+        thresholds, pixels per given label, the K x K counts of (given,
+        predicted) over the flagged pixels (what :func:`common_label_issues`
+        counts, here without reading pred_probs again) and the reads of
+        pred_probs made; with ``temperature`` and no ``downsample``,
+        ``image_scores`` and ``pixel_scores`` as
+        :func:`get_label_quality_scores` returns them, else None.
+
+    Raises
+    ------
+    ValueError
+        As :func:`find_label_issues`; or a ``temperature`` of 0.
+    """
+    if temperature is not None and not temperature:
+        raise ValueError("temperature must be a number other than 0")
     lab, probs, shape = _open(labels, pred_probs, downsample)
     engine, spec = _engine(lab, probs, shape, downsample, **options)
+    temperature = None if temperature is None else float(temperature)
     try:
         with _located(engine, shape):
-            result = run_segmentation(engine, spec, shape[2:], downsample)
+            result = run_segmentation(engine, spec, shape[2:], downsample, temperature)
     finally:
         engine.close()
-    result.mask = _out(result.mask, labels, pred_probs, getattr(engine, "client", None))
+    client = getattr(engine, "client", None)
+    result.mask = _out(result.mask, labels, pred_probs, client)
+    if result.pixel_scores is not None:
+        result.pixel_scores = _out(result.pixel_scores, labels, pred_probs, client)
     return result
 
 

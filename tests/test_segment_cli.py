@@ -103,3 +103,74 @@ def test_ignore_index_leaves_out_the_pixels_it_marks(files, tmp_path):
     np.testing.assert_array_equal(store["image_scores"][:], image_scores)
     assert not store["is_label_issue"][2:5, :4, :].any()
     assert store.attrs["ignore_index"] == 255
+
+
+def segment_here(monkeypatch, capsys, labels_path, probs_path, out, *options: str):
+    """``segment`` run in this process, pred_probs served by an array that
+    counts the bytes it serves: that array."""
+    from dask_labelissues import cli, inputs
+
+    from .test_single_read import CountingArray
+
+    opened = {}
+    original = inputs.open_path
+
+    def counting_open(text, name):
+        if name != "pred_probs":
+            return original(text, name)
+        opened["probs"] = CountingArray(np.load(text))
+        return opened["probs"]
+
+    monkeypatch.setattr(inputs, "open_path", counting_open)
+    code = cli.main(["segment", "--labels", str(labels_path), "--pred-probs", str(probs_path), "--output", str(out),
+                     "--images-per-block", "5", "--no-progress", "--json", *options])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return opened["probs"]
+
+
+@pytest.mark.parametrize(("downsample", "reads"), [(1, 1), (2, 3)])
+@pytest.mark.parametrize("backend", ["threads", "dask"])
+def test_segment_reads_pred_probs_once_without_downsample(files, tmp_path, monkeypatch, capsys, backend, downsample,
+                                                          reads):
+    """The mask and the scores from one read; downsampled, the mask's job
+    reads twice (tiles, then their pixels) and the scores once more."""
+    root, _, probs = files
+    counted = segment_here(monkeypatch, capsys, root / "labels.npy", root / "probs.npy", tmp_path / "out.zarr",
+                           "--backend", backend, "--downsample", str(downsample))
+    assert counted.served.value == reads * probs.nbytes
+
+
+@pytest.mark.parametrize("ignore", [False, True], ids=["every-pixel", "ignore-index"])
+@pytest.mark.parametrize("backend", ["threads", "dask"])
+def test_segments_one_job_writes_the_store_of_two(files, tmp_path, monkeypatch, capsys, backend, ignore):
+    _, labels, probs = files
+    options = ["--backend", backend, "--temperature", "0.3"]
+    if ignore:
+        labels = labels.astype(np.uint8)
+        labels[2:5, :4, :] = 255
+        options += ["--ignore-index", "255"]
+    np.save(tmp_path / "labels.npy", labels)
+    np.save(tmp_path / "probs.npy", probs)
+    paths = (tmp_path / "labels.npy", tmp_path / "probs.npy")
+
+    one = segment_here(monkeypatch, capsys, *paths, tmp_path / "one.zarr", *options)
+    original = segmentation.find_issues
+
+    def without_scores(*args, temperature=None, **kwargs):
+        return original(*args, **kwargs)
+
+    # As segment ran before the mask's job made the scores: the mask, then
+    # get_label_quality_scores.
+    monkeypatch.setattr(segmentation, "find_issues", without_scores)
+    two = segment_here(monkeypatch, capsys, *paths, tmp_path / "two.zarr", *options)
+    assert (one.served.value, two.served.value) == (probs.nbytes, 2 * probs.nbytes)
+
+    one, two = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("one.zarr", "two.zarr"))
+    assert sorted(one.array_keys()) == sorted(two.array_keys())
+    for name in two.array_keys():
+        assert (one[name].dtype, one[name].shape, one[name].chunks) == (two[name].dtype, two[name].shape,
+                                                                         two[name].chunks), name
+        assert np.array_equal(one[name][:], two[name][:]), name
+    assert {**one.attrs, "seconds": None} == {**two.attrs, "seconds": None}
+    assert one["is_label_issue"][:].any()

@@ -902,3 +902,70 @@ def test_ignore_index_with_nothing_ignored_changes_nothing(downsample):
     np.testing.assert_array_equal(got.mask, expected.mask)
     np.testing.assert_array_equal(got.thresholds, expected.thresholds)
     assert got.estimated_num_issues == expected.estimated_num_issues
+
+
+# -- the mask and the scores in one job ------------------------------------------------------
+@pytest.mark.parametrize("ignore_index", [None, IGNORE], ids=["every-pixel", "ignore-index"])
+@pytest.mark.parametrize(("backend", "options"), ENGINES, ids=[e[0] for e in ENGINES])
+def test_scores_of_the_masks_job_are_get_label_quality_scores(backend, options, ignore_index):
+    labels, probs = images(5) if ignore_index is None else ignored_images(5)[:2]
+    # Not the default temperature: the one given must be the one used.
+    temperature = 0.3
+    common = dict(backend=backend, images_per_block=3, ignore_index=ignore_index, **options)
+    with dask.config.set(scheduler="threads"):
+        expected = segmentation.get_label_quality_scores(labels, probs, temperature=temperature, **common)
+        alone = segmentation.find_issues(labels, probs, **common)
+        found = segmentation.find_issues(labels, probs, temperature=temperature, **common)
+    assert alone.image_scores is None and alone.pixel_scores is None
+    assert found.image_scores.dtype == np.float64 and np.array_equal(found.image_scores, expected[0])
+    assert isinstance(found.pixel_scores, np.ndarray) and found.pixel_scores.flags.c_contiguous
+    assert found.pixel_scores.dtype == np.float64 and np.array_equal(found.pixel_scores, expected[1])
+    # The scores change nothing else.
+    assert np.array_equal(found.mask, alone.mask) and found.mask.any()
+    assert np.array_equal(found.pair_counts, alone.pair_counts)
+    assert np.array_equal(found.thresholds, alone.thresholds)
+    assert found.estimated_num_issues == alone.estimated_num_issues
+
+
+@pytest.mark.parametrize(("downsample", "reads"), [(1, 1), (2, 2)])
+@pytest.mark.parametrize(("backend", "options"), ENGINES, ids=[e[0] for e in ENGINES])
+def test_find_issues_with_scores_reads_pred_probs_as_often_as_it_says(backend, options, downsample, reads):
+    """Once for the mask and the scores; with ``downsample``, twice for the
+    mask and no scores (its items are tiles, the scores per pixel)."""
+    from .test_single_read import CountingArray
+
+    labels, probs = images(5)
+    counted = CountingArray(probs)
+    with dask.config.set(scheduler="threads"):
+        found = segmentation.find_issues(
+            labels, counted, downsample=downsample, temperature=0.1, backend=backend, images_per_block=3, **options
+        )
+    assert found.reads == reads
+    assert counted.served.value == reads * probs.nbytes
+    assert (found.image_scores is None) == (downsample > 1) == (found.pixel_scores is None)
+
+
+def test_lazy_inputs_give_lazy_pixel_scores_of_the_masks_job():
+    """Computing the pixel scores reads no input again: pass one's records
+    hold them."""
+    labels, probs = images(5)
+    expected = segmentation.get_label_quality_scores(labels, probs, backend="serial")
+    counted = collections.Counter()
+
+    def counting(block, block_info=None):
+        counted[block_info[0]["chunk-location"][0]] += 1
+        return block
+
+    lazy_probs = da.from_array(probs, chunks=(3, 5, SIDE, SIDE)).map_blocks(counting, dtype=probs.dtype)
+    with dask.config.set(scheduler="threads"):
+        found = segmentation.find_issues(labels, lazy_probs, temperature=0.1)
+        assert isinstance(found.mask, da.Array) and isinstance(found.pixel_scores, da.Array)
+        pixel_scores = found.pixel_scores.compute()
+    assert np.array_equal(found.image_scores, expected[0]) and np.array_equal(pixel_scores, expected[1])
+    assert counted == {i: 1 for i in range(-(-N_IMAGES // 3))}
+
+
+def test_find_issues_refuses_a_temperature_of_zero():
+    labels, probs = images(2)
+    with pytest.raises(ValueError, match="temperature must be a number other than 0"):
+        segmentation.find_issues(labels, probs, temperature=0)

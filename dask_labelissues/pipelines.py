@@ -24,6 +24,7 @@ from .engines.base import INPUTS, START, Blocks, Engine, PerBlock
 from .engines.blocks import BlockReader
 from .filters import Cells, FilterSpec, MaskRule
 from .kernels import ScoreSpec
+from .sentences import block_offsets, sentence_block
 from .states import CountState, OutlookState, ScoreState, Selection, ThresholdState, Winners
 
 #: Most classes for which pass one also keeps each block's
@@ -638,6 +639,56 @@ def run_pixel_scores(
     done, parts = engine.compute(root, images, keep=[records])
     done.state.raise_problem()
     return np.concatenate(parts), pixel_scores_of(engine, spec, records, image_shape)
+
+
+def run_sentence_scores(
+    engine: Engine, spec: ScoreSpec, offsets: np.ndarray, method: str, temperature: float
+) -> tuple[np.ndarray, Any]:
+    """Sentence scores and token scores, from one read of pred_probs, which
+    pass one's checks of the input come with.
+
+    The engine's blocks end at sentence offsets (its plan's ``cuts``), so
+    each block's task scores its own whole sentences from its tokens'
+    records (:func:`dask_labelissues.sentences.sentence_block`): only the
+    ``(N,)`` sentence scores come back here, and the token scores stay a
+    column of the engine.
+
+    Parameters
+    ----------
+    engine
+        The job's engine, its blocks cut at ``offsets``.
+    spec
+        The token score (records with a ``score`` field: no adjusted
+        pred_probs).
+    offsets
+        ``(N + 1,)`` sentence offsets, from 0 to T.
+    method, temperature
+        The sentence score (:func:`dask_labelissues.sentences.sentence_scores`).
+
+    Returns
+    -------
+    sentence_scores : numpy.ndarray
+        ``(N,)`` float64.
+    token_scores : numpy.ndarray or dask.array.Array
+        ``(T,)`` float64, lazy where the engine is.
+
+    Raises
+    ------
+    ValueError
+        A block that cuts a sentence, or bad input (pass one's).
+    """
+    if spec.adjust_pred_probs:
+        raise ValueError("token scores of adjusted pred_probs need the thresholds: not a score of pass one")
+    per_block = PerBlock(block_offsets(offsets, engine.item_bounds))
+    columns = engine.column(spec.record_dtype()), engine.column(np.float64)
+    records = engine.map(scan_block, INPUTS, spec, False, out=columns[0], label="reading pred_probs")
+    root = engine.reduce(records, THRESHOLDS)
+    tokens = engine.map(
+        sentence_block, records, per_block, method, temperature, out=columns[1], label="scoring sentences"
+    )
+    done, parts = engine.compute(root, tokens, keep=[tokens])
+    done.state.raise_problem()
+    return np.concatenate(parts), engine.to_array(tokens, np.float64)
 
 
 def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any, planes: bool = False) -> None:

@@ -7,7 +7,10 @@ Every token of every sentence is one row of confident learning, as in
 tokens, labels ``(T,)`` and pred_probs ``(T, K)`` (numpy, ``.npy``, Zarr,
 HDF5 or dask), with ``sentence_offsets`` ``(N + 1,)``: sentence ``i`` is
 tokens ``offsets[i]:offsets[i + 1]``.  The flat form is read a block at a
-time, on one machine or a Dask cluster, as classification rows are.
+time, on one machine or a Dask cluster, as classification rows are.  For
+the scores, blocks end at sentence offsets, so each sentence is scored in
+the task that reads its tokens: the ``(N,)`` sentence scores come back,
+and the token scores stay where the engine holds them.
 
 Differences from cleanlab:
 
@@ -34,14 +37,19 @@ import numpy as np
 
 from . import inputs
 from .api import find_label_issues as _find_rows
+from .engines import make_engine
+from .kernels import ScoreSpec
+from .pipelines import run_sentence_scores, warm_up
+from .sentences import SENTENCE_SCORE_METHODS, SOFTMIN_TEMPERATURE
+# Importable from here as they were before the engines' tasks needed them.
+from .sentences import sentence_mean, sentence_min, sentence_softmin  # noqa: F401
 from .states import located
 
 __all__ = ["find_label_issues", "get_label_quality_scores", "issues_from_scores"]
 
 TOKEN_SCORE_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
-SENTENCE_SCORE_METHODS = ("min", "softmin")
-#: cleanlab's softmin temperature for sentence scores.
-SOFTMIN_TEMPERATURE = 0.05
+#: What :func:`get_label_quality_scores` passes to the engine.
+ENGINE_OPTIONS = ("backend", "client", "chunk_rows", "n_jobs", "progress", "row_sum_tolerance", "spill_dir")
 
 
 def find_label_issues(
@@ -144,15 +152,26 @@ def get_label_quality_scores(
         cleanlab returns them (default for the in-memory form), or as one
         flat ``(T,)`` float64 array (default with ``sentence_offsets``).
     **kwargs
-        The engine's options (``backend``, ``client``, ``n_jobs``,
-        ``chunk_rows``, ``row_sum_tolerance``, ...).
+        The engine's options: ``backend``, ``client``, ``n_jobs``,
+        ``chunk_rows`` (blocks end at the sentence offsets nearest to
+        where these would end), ``row_sum_tolerance``, ``spill_dir``,
+        ``verbose`` (progress bars).
 
     Returns
     -------
     sentence_scores : numpy.ndarray
         ``(N,)`` float64 in [0, 1]; 1 for a sentence with no tokens.
-    token_scores : list of pandas.Series or numpy.ndarray
-        Each token's score.
+    token_scores : list of pandas.Series, numpy.ndarray or dask.array.Array
+        Each token's score: flat, a dask array (lazy, its blocks held on
+        the cluster) where an input is one or the job ran on a distributed
+        Client, else numpy.
+
+    Raises
+    ------
+    ValueError
+        As :func:`find_label_issues`.
+    TypeError
+        An option the engine does not take.
     """
     if token_score_method not in TOKEN_SCORE_METHODS:
         raise ValueError(f"token_score_method={token_score_method!r} is not one of {', '.join(TOKEN_SCORE_METHODS)}")
@@ -161,27 +180,37 @@ def get_label_quality_scores(
             f"sentence_score_method={sentence_score_method!r} is not one of {', '.join(SENTENCE_SCORE_METHODS)}"
         )
     temperature = float((sentence_score_kwargs or {}).get("temperature", SOFTMIN_TEMPERATURE))
-    flat_labels, flat_probs, offsets = _tokens(labels, pred_probs, sentence_offsets)
     options = _options(kwargs)
-    with _located(offsets):
-        found = _find_rows(flat_labels, flat_probs, method=token_score_method, **options)
-    scores = inputs.to_numpy(found.label_quality_scores).astype(np.float64, copy=False)
-    if sentence_score_method == "min" or temperature == 0:
-        sentence_scores = sentence_min(scores, offsets)
-    elif np.isinf(temperature):
-        sentence_scores = sentence_mean(scores, offsets)
-    else:
-        sentence_scores = sentence_softmin(scores, offsets, temperature)
+    unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise TypeError(f"get_label_quality_scores() got unexpected keyword arguments: {', '.join(unknown)}")
+    flat_labels, flat_probs, offsets = _tokens(labels, pred_probs, sentence_offsets)
+    lab, probs, _, k = inputs.open_pair(flat_labels, flat_probs)
+    # The score api.find_label_issues(method=...) gives as label_quality_scores.
+    spec = ScoreSpec(token_score_method, False, "off_diagonal", options.pop("row_sum_tolerance", 1e-3))
+    engine, _, client = make_engine(
+        options.pop("backend", "auto"), lab, probs, spec, single_read=True, cuts=offsets,
+        warm_up=lambda s: warm_up(s, None, k, probs.dtype), **options,
+    )
+    try:
+        with _located(offsets):
+            scores, token_scores = run_sentence_scores(
+                engine, engine.plan.spec, offsets, sentence_score_method, temperature
+            )
+    finally:
+        engine.close()
     if as_series is None:
         as_series = sentence_offsets is None
     if not as_series:
-        return sentence_scores, scores
+        if inputs.is_dask_array(labels) or inputs.is_dask_array(pred_probs) or client is not None:
+            return scores, token_scores if client is None else client.persist(token_scores)
+        return scores, inputs.to_numpy(token_scores)
     import pandas as pd
 
-    parts = np.split(scores, offsets[1:-1])
+    parts = np.split(inputs.to_numpy(token_scores), offsets[1:-1])
     if tokens is not None:
-        return sentence_scores, [pd.Series(s, index=list(t)) for s, t in zip(parts, tokens)]
-    return sentence_scores, [pd.Series(s) for s in parts]
+        return scores, [pd.Series(s, index=list(t)) for s, t in zip(parts, tokens)]
+    return scores, [pd.Series(s) for s in parts]
 
 
 def issues_from_scores(
@@ -245,41 +274,6 @@ def token_pairs(rows: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     sentence = np.searchsorted(offsets, rows, side="right") - 1
     return np.stack([sentence, rows - offsets[sentence]], axis=1) if rows.size else np.zeros((0, 2), np.int64)
-
-
-def sentence_min(scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Each sentence's lowest token score (1 for an empty sentence)."""
-    return _per_sentence(np.minimum, scores, offsets)
-
-
-def sentence_mean(scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Each sentence's mean token score (1 for an empty sentence)."""
-    lengths = np.diff(offsets)
-    sums = _per_sentence(np.add, scores, offsets, empty=0.0)
-    return np.divide(sums, lengths, out=np.ones(len(lengths)), where=lengths > 0)
-
-
-def sentence_softmin(scores: np.ndarray, offsets: np.ndarray, temperature: float) -> np.ndarray:
-    """Each sentence's token scores weighted by a softmax of ``(1 - score) /
-    temperature``, shifted by the sentence's largest exponent so that no
-    weight overflows (1 for an empty sentence)."""
-    x = (1.0 - scores) / temperature
-    top = _per_sentence(np.maximum, x, offsets, empty=0.0)
-    lengths = np.diff(offsets)
-    weights = np.exp(x - np.repeat(top, lengths))
-    total = _per_sentence(np.add, weights, offsets, empty=0.0)
-    weighted = _per_sentence(np.add, weights * scores, offsets, empty=0.0)
-    return np.divide(weighted, total, out=np.ones(len(lengths)), where=lengths > 0)
-
-
-def _per_sentence(ufunc: np.ufunc, values: np.ndarray, offsets: np.ndarray, empty: float = 1.0) -> np.ndarray:
-    """``ufunc.reduce`` over each sentence's values; ``empty`` where it has none."""
-    lengths = np.diff(offsets)
-    out = np.full(len(lengths), empty, dtype=np.float64)
-    full = lengths > 0
-    if full.any():
-        out[full] = ufunc.reduceat(values, offsets[:-1][full])
-    return out
 
 
 # -- inputs ------------------------------------------------------------------------------

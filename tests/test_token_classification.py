@@ -12,7 +12,10 @@ import zarr
 from cleanlab.token_classification import filter as cl_filter
 from cleanlab.token_classification import rank as cl_rank
 
-from dask_labelissues import token_classification as tc
+from dask_labelissues import api, pipelines, sentences as sm, token_classification as tc
+from dask_labelissues.engines import make_engine
+from dask_labelissues.engines.blocks import BlockConfig, even_chunks, plan_blocks, snap_ends
+from dask_labelissues.kernels import ScoreSpec
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,6 +138,17 @@ def test_dask_arrays_and_a_cluster(stored, local_cluster):
     got = tc.find_label_issues(f"{z}:labels", f"{z}:pred_probs", sentence_offsets=f"{z}:offsets",
                                client=local_cluster, chunk_rows=900)
     assert got == expected
+    want, want_tokens = tc.get_label_quality_scores(y, p, sentence_offsets=offsets, backend="serial")
+    # On a cluster the token scores stay there, lazy, whatever the input.
+    for inputs, options in [
+        ((f"{z}:labels", f"{z}:pred_probs"), {"chunk_rows": 900}),
+        ((da.from_array(y, chunks=600), da.from_array(p, chunks=(600, 5))), {}),
+    ]:
+        scores, tokens = tc.get_label_quality_scores(*inputs, sentence_offsets=offsets, client=local_cluster, **options)
+        assert isinstance(tokens, da.Array)
+        assert set(np.cumsum(tokens.chunks[0]).tolist()) <= set(offsets.tolist())
+        assert np.array_equal(scores, want)
+        assert np.array_equal(local_cluster.compute(tokens).result(), want_tokens)
 
 
 # -- scores ------------------------------------------------------------------------------
@@ -194,6 +208,9 @@ def test_bad_values_are_named_by_sentence_and_token(backend):
         labels[bad][4] = 7
         with pytest.raises(ValueError, match=rf"labels at sentence {bad}, token 4 = 7 is not a class index in 0\.\.4"):
             tc.get_label_quality_scores(labels, probs, backend=backend)
+        # Found by the block holding the sentence, among many.
+        with pytest.raises(ValueError, match=rf"labels at sentence {bad}, token 4 = 7 is not a class index in 0\.\.4"):
+            tc.get_label_quality_scores(labels, probs, backend=backend, chunk_rows=40)
 
 
 def test_malformed_inputs_are_refused():
@@ -223,3 +240,133 @@ def test_a_sentence_without_labels_but_with_predictions_is_refused():
     labels[4] = []
     with pytest.raises(ValueError, match=r"sentence 4 has 0 labels but pred_probs\[4\] has shape"):
         tc.find_label_issues(labels, probs)
+
+
+# -- sentence scores per block -------------------------------------------------------------
+def whole(y, p, offsets, token_method, sentence_method, temperature):
+    """Today's way: every token's score (the classification job's), then
+    the sentence scores from all of them at once."""
+    tokens = np.asarray(api.find_label_issues(y, p, method=token_method, backend="serial").label_quality_scores)
+    if sentence_method == "min" or temperature == 0:
+        return tc.sentence_min(tokens, offsets), tokens
+    if np.isinf(temperature):
+        return tc.sentence_mean(tokens, offsets), tokens
+    return tc.sentence_softmin(tokens, offsets, temperature), tokens
+
+
+SCORES = [("self_confidence", "min", 0.05), ("normalized_margin", "softmin", 0.05),
+          ("confidence_weighted_entropy", "softmin", 0.5), ("self_confidence", "softmin", 0.0),
+          ("normalized_margin", "softmin", np.inf)]
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads", "fork", "dask"])
+def test_sentence_scores_per_block_equal_the_whole_arrays(backend):
+    labels, probs = sentences(5, n=300, seed=9, dtype="float32", empty=True)
+    probs = [p if len(p) else np.zeros((0, 5), np.float32) for p in probs]
+    y, p, offsets = flat(labels, probs)
+    longest = int(np.diff(offsets).max())
+    wanted = {score: whole(y, p, offsets, *score) for score in SCORES}
+    for chunk_rows in (1, 5, longest - 3, 97, 1000, None):
+        if chunk_rows is not None:
+            # Cuts on the plain grid of chunk_rows would split sentences.
+            assert not set(range(chunk_rows, len(y), chunk_rows)) <= set(offsets.tolist())
+        for token_method, sentence_method, temperature in SCORES:
+            want, want_tokens = wanted[token_method, sentence_method, temperature]
+            with dask.config.set(scheduler="threads"):
+                got, tokens = tc.get_label_quality_scores(
+                    y, p, sentence_offsets=offsets, token_score_method=token_method,
+                    sentence_score_method=sentence_method, sentence_score_kwargs={"temperature": temperature},
+                    backend=backend, chunk_rows=chunk_rows,
+                )
+            assert type(tokens) is np.ndarray and tokens.dtype == np.float64
+            assert np.array_equal(tokens, want_tokens), (chunk_rows, token_method)
+            assert got.dtype == np.float64 and np.array_equal(got, want), (chunk_rows, token_method, temperature)
+
+
+def test_a_dask_array_gives_lazy_token_scores_in_blocks_of_whole_sentences():
+    labels, probs = sentences(5, n=400, seed=3, dtype="float32")
+    y, p, offsets = flat(labels, probs)
+    want, want_tokens = whole(y, p, offsets, "self_confidence", "softmin", 0.05)
+    assert 600 not in offsets  # the array's chunks cut sentences
+    with dask.config.set(scheduler="threads"):
+        for chunk_rows in (None, 250):
+            scores, tokens = tc.get_label_quality_scores(
+                da.from_array(y, chunks=600), da.from_array(p, chunks=(600, 5)), sentence_offsets=offsets,
+                sentence_score_method="softmin", chunk_rows=chunk_rows,
+            )
+            assert isinstance(tokens, da.Array) and tokens.dtype == np.float64
+            assert set(np.cumsum(tokens.chunks[0]).tolist()) <= set(offsets.tolist())
+            assert np.array_equal(scores, want)
+            assert np.array_equal(tokens.compute(), want_tokens)
+
+
+def config(n, cuts, **fields):
+    # Rows of 64 KB: about 1,000 rows a block by default.
+    return BlockConfig(n_rows=n, row_bytes=2**16, record_bytes=32, spec=ScoreSpec(), cells=n, cuts=cuts, **fields)
+
+
+@pytest.mark.parametrize("fields", [
+    {"chunk_rows": 1}, {"chunk_rows": 7}, {"chunk_rows": 100}, {"chunk_rows": 10**6}, {},
+    {"storage_rows": 997}, {"storage_rows": 64, "reads_in_tasks": True, "threads": 2},
+    {"storage_rows": 64, "reads_in_tasks": True, "worker_memory": 2**24},
+    {"array_chunks": 600}, {"array_chunks": 50, "threads": 2},
+], ids=str)
+def test_planned_blocks_end_at_sentence_offsets(fields):
+    offsets = flat(*sentences(5, n=400, seed=3, dtype="float32"))[2]
+    if "array_chunks" in fields:
+        fields = {**fields, "array_chunks": even_chunks(int(offsets[-1]), fields["array_chunks"])}
+    n = int(offsets[-1])
+    plan = plan_blocks(config(n, offsets, **fields))
+    unsnapped = plan_blocks(config(n, None, **fields))
+    ends = [b for _, b in plan.bounds]
+    if fields.get("chunk_rows") != 10**6:
+        assert not {b for _, b in unsnapped.bounds} <= set(offsets.tolist())  # mid-sentence before snapping
+    assert plan.bounds[0][0] == 0 and ends[-1] == offsets[-1]
+    assert all(a < b for a, b in plan.bounds)
+    assert all(b == c for (_, b), (c, _) in zip(plan.bounds, plan.bounds[1:]))
+    assert set(ends) <= set(offsets.tolist())
+    # Each end is the sentence offset nearest to an end the plan would
+    # otherwise have: blocks about the size it chose.
+    longest = int(np.diff(offsets).max())
+    for end in ends[:-1]:
+        assert min(abs(end - b) for _, b in unsnapped.bounds) <= longest // 2
+    if plan.bounds != unsnapped.bounds:
+        # The inputs are cut to the blocks, not the array's chunks.
+        assert plan.groups is None and plan.chunk_rows == plan.chunks
+
+
+def test_ends_move_to_the_nearest_sentence_offset():
+    offsets = np.array([0, 5, 12, 12, 30, 31, 40])
+    assert snap_ends(np.array([10, 21, 25, 30]), offsets, 40).tolist() == [12, 30]  # 21 is as near to 12 as to 30
+    assert snap_ends(np.array([2, 3]), offsets, 40).tolist() == [5]
+    assert snap_ends(np.array([36, 39]), offsets, 40).tolist() == [31]
+    # A sentence longer than the blocks stays whole, in one block.
+    assert snap_ends(np.arange(1, 40), np.array([0, 3, 37, 40]), 40).tolist() == [3, 37]
+    assert snap_ends(np.arange(1, 40), np.array([0, 40]), 40).tolist() == []
+    assert snap_ends(np.arange(1, 40), np.array([0, 0, 40, 40]), 40).tolist() == []
+
+
+def test_sentences_of_a_block_are_its_own():
+    offsets = np.array([0, 0, 3, 3, 8, 10, 10, 10])
+    parts = sm.block_offsets(offsets, [(0, 3), (3, 8), (8, 10)])
+    assert [q.tolist() for q in parts] == [[0, 0, 3], [0, 0, 5], [0, 2, 2, 2]]
+    with pytest.raises(ValueError, match=r"block 1 \(tokens 3:7\) cuts a sentence"):
+        sm.block_offsets(offsets, [(0, 3), (3, 7), (7, 10)])
+
+
+@pytest.mark.parametrize("backend", ["serial", "dask"])
+def test_blocks_that_cut_sentences_are_refused(backend):
+    labels, probs = sentences(5, n=50, seed=1)
+    y, p, offsets = flat(labels, probs)
+    engine, _, _ = make_engine(backend, y, p, ScoreSpec(), chunk_rows=7)
+    try:
+        with pytest.raises(ValueError, match="cuts a sentence: blocks must end at sentence offsets"):
+            pipelines.run_sentence_scores(engine, engine.plan.spec, offsets, "min", 0.05)
+    finally:
+        engine.close()
+
+
+def test_options_the_scores_do_not_take_are_refused():
+    labels, probs = sentences(5, n=20, seed=1)
+    with pytest.raises(TypeError, match="unexpected keyword arguments: adjust_pred_probs"):
+        tc.get_label_quality_scores(labels, probs, adjust_pred_probs=True)

@@ -10,7 +10,7 @@ the task, in pieces where the plan says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -69,6 +69,10 @@ class BlockConfig:
     array_chunks: tuple[int, ...] | None = None
     #: The job runs in this process (its numba kernels may be loaded).
     in_process: bool = True
+    #: Rows a block may end at (besides ``n_rows``), non-decreasing: a
+    #: token job's sentence offsets, so that no sentence is split between
+    #: blocks; None: any row.
+    cuts: np.ndarray | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,10 @@ class BlockPlan:
     read_rows: int | None = None
     #: Blocks as runs of a dask array's chunks ``(first, end)``; None: one each.
     groups: tuple[tuple[int, int], ...] | None = None
-    #: Row chunks of dask arrays made from the inputs; None keeps a dask array's own.
-    chunk_rows: int | None = None
+    #: Row chunks of dask arrays made from the inputs: that many rows each,
+    #: or each block's rows (blocks snapped to ``cuts``); None keeps a dask
+    #: array's own.
+    chunk_rows: int | tuple[int, ...] | None = None
 
     @property
     def chunks(self) -> tuple[int, ...]:
@@ -103,7 +109,15 @@ def plan_blocks(config: BlockConfig) -> BlockPlan:
       about the automatic size: each block costs a few milliseconds of
       scheduling whatever its size, which 2,000-row chunks multiply.
     - The kernel: :func:`choose_kernel`, and numpy on small workers.
+    - With ``cuts``, each block end of that plan is moved to the nearest
+      cut (:func:`snap_blocks`), and a dask array is rechunked to the
+      blocks unless they are its chunks already.
     """
+    plan = _plan_blocks(config)
+    return plan if config.cuts is None else snap_blocks(plan, config.n_rows, config.cuts)
+
+
+def _plan_blocks(config: BlockConfig) -> BlockPlan:
     c = config
     if c.chunk_rows is not None and c.chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {c.chunk_rows}")
@@ -132,6 +146,49 @@ def plan_blocks(config: BlockConfig) -> BlockPlan:
         return BlockPlan(block_bounds(chunks), spec, None, groups, None)
     rows = c.chunk_rows or auto_chunk_rows(c.row_bytes, c.storage_rows, target)
     return BlockPlan(block_bounds(even_chunks(c.n_rows, rows)), spec, None, None, rows)
+
+
+def snap_blocks(plan: BlockPlan, n_rows: int, cuts: np.ndarray) -> BlockPlan:
+    """``plan`` with each block end moved to the nearest of ``cuts``
+    (:func:`snap_ends`).
+
+    Blocks keep about the size the plan chose: an end moves by at most
+    half the sentence it falls in.  Where the ends move, a dask array's
+    own chunks (and runs of them) are no longer the blocks, and the plan
+    asks for the inputs rechunked to the blocks (``chunk_rows``, a size
+    per block).  Storage chunks: a default plan's ends lie between storage
+    chunks, so that no chunk is decoded twice; an end moved inside a chunk
+    has both blocks around it decode that chunk, one chunk more per block
+    against the several a default block holds.  That is the price of
+    whole sentences (an end kept on the chunk's edge would split one); an
+    end that is a cut already does not move, so sentences stored in
+    chunks of whole sentences cost nothing more.
+    """
+    ends = snap_ends(np.cumsum(plan.chunks)[:-1], cuts, n_rows)
+    bounds = block_bounds(np.diff(np.concatenate([[0], ends, [n_rows]])))
+    if bounds == plan.bounds:
+        return plan
+    return replace(plan, bounds=bounds, groups=None, chunk_rows=tuple(b - a for a, b in bounds))
+
+
+def snap_ends(ends: np.ndarray, cuts: np.ndarray, n_rows: int) -> np.ndarray:
+    """Block ends, each moved to the nearest cut strictly inside ``0:n_rows``
+    (the lower one of two as near), without repeats, ascending.
+
+    ``cuts`` are non-decreasing (sentence offsets: repeats for empty
+    sentences).  Ends in one sentence all move to its start or its end, so
+    a sentence longer than a block stays whole, in one block; with no cut
+    inside, there are no ends (one block).
+    """
+    cuts = np.asarray(cuts, dtype=np.int64)
+    inner = cuts[np.searchsorted(cuts, 0, side="right") : np.searchsorted(cuts, n_rows, side="left")]
+    ends = np.asarray(ends, dtype=np.int64)
+    if inner.size == 0 or ends.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    at = np.searchsorted(inner, ends, side="left")
+    below = inner[np.maximum(at - 1, 0)]
+    above = inner[np.minimum(at, inner.size - 1)]
+    return np.unique(np.where(np.abs(ends - below) <= np.abs(above - ends), below, above))
 
 
 def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool) -> ScoreSpec:

@@ -536,6 +536,7 @@ def dask_engine(
     client: Any = None,
     progress: bool = False,
     kind: Kind = ROWS,
+    cuts: np.ndarray | None = None,
 ) -> DaskEngine:
     """The Dask engine for a job, with its blocks and kernel planned
     (:func:`~.blocks.plan_blocks`) from the cluster's workers.
@@ -543,7 +544,9 @@ def dask_engine(
     File and store inputs are read inside the tasks; other inputs become
     dask arrays of the plan's row chunks (a dask array keeps its own).
     ``single_read``: pred_probs is read once, so a block may hold several
-    pieces, scanned one at a time.
+    pieces, scanned one at a time.  ``cuts``: the rows blocks may end at
+    (:attr:`~.blocks.BlockConfig.cuts`); a dask array is rechunked to
+    blocks so cut.
     """
     client = distributed_client(client)
     smallest, threads = cluster_workers(client)
@@ -564,6 +567,7 @@ def dask_engine(
         single_read=single_read,
         array_chunks=tuple(pred_probs.chunks[0]) if inputs.is_dask_array(pred_probs) else None,
         in_process=client is None,
+        cuts=cuts,
     )
     plan = plan_blocks(config)
     if not direct:
@@ -571,9 +575,11 @@ def dask_engine(
     return DaskEngine(labels, pred_probs, plan, direct=direct, client=client, progress=progress, kind=kind)
 
 
-def as_dask_arrays(labels: Any, pred_probs: Any, chunk_rows: int | None) -> tuple[da.Array, da.Array]:
+def as_dask_arrays(
+    labels: Any, pred_probs: Any, chunk_rows: int | tuple[int, ...] | None
+) -> tuple[da.Array, da.Array]:
     """Dask arrays of the two inputs with the same row chunks, ``chunk_rows``
-    each (None: a dask array's own), and whole rows.
+    each, or those sizes (a tuple), or a dask array's own (None), and whole rows.
 
     Row sources become dask arrays whose tasks slice the source, so
     memory-mapped and on-disk inputs are read block by block by whichever
@@ -581,7 +587,7 @@ def as_dask_arrays(labels: Any, pred_probs: Any, chunk_rows: int | None) -> tupl
     """
     token = uuid.uuid4().hex[:12]
 
-    def to_dask(src: Any, label: str, rows: int | None) -> da.Array:
+    def to_dask(src: Any, label: str, rows: int | tuple[int, ...] | None) -> da.Array:
         if inputs.is_dask_array(src):
             whole = {axis: -1 for axis in range(1, src.ndim)}
             if rows is not None:

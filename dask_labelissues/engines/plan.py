@@ -54,6 +54,7 @@ def make_engine(
     spill_dir: str | None = None,
     warm_up: Callable[[ScoreSpec], None] | None = None,
     kind: Kind = ROWS,
+    cuts: np.ndarray | None = None,
 ) -> tuple[Engine, str, Any]:
     """The engine for a job on opened, shape-checked inputs.
 
@@ -62,7 +63,8 @@ def make_engine(
     cluster, the Client that holds the job's lazy outputs.  The kernel the
     job's tasks run is ``engine.plan.spec``.  ``single_read``: pred_probs
     is read once (blocks may then be read in pieces); ``warm_up(spec)``
-    runs before the fork engine forks.
+    runs before the fork engine forks; ``cuts``: the rows blocks may end
+    at (:attr:`~.blocks.BlockConfig.cuts`).
     """
     name = choose_backend(backend, labels, pred_probs, client)
     if name == "dask":
@@ -71,7 +73,7 @@ def make_engine(
         client = distributed_client(client)
         engine = dask_engine(
             labels, pred_probs, spec, single_read=single_read, chunk_rows=chunk_rows,
-            client=client, progress=progress, kind=kind,
+            client=client, progress=progress, kind=kind, cuts=cuts,
         )
         return engine, name, client
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)
@@ -84,6 +86,7 @@ def make_engine(
         cells=int(np.prod(shape)),
         storage_rows=getattr(probs, "storage_rows", None),
         chunk_rows=chunk_rows,
+        cuts=cuts,
     ))
     common = dict(kind=kind, progress=progress, spill_dir=spill_dir)
     if name == "threads":

@@ -14,6 +14,7 @@ the rows stay where the task ran, and only the state goes up the tree.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -118,3 +119,29 @@ def _sum_counts(parts: Sequence[np.ndarray]) -> np.ndarray:
 
 #: K x K counts, summed.
 PAIR_COUNTS = register(Aggregation("pair_counts", _sum_counts))
+
+
+def each(aggregation: Aggregation, optional: bool = False) -> Aggregation:
+    """``aggregation`` for several problems side by side: a block's state is
+    a sequence of states, one a problem, and entry ``p`` of every block's
+    sequence merges with the others' entry ``p``.  With ``optional``, an
+    entry is None in every block (a problem with nothing to merge there)
+    and stays None."""
+    finalize = None
+    if aggregation.finalize is not None:
+        finalize = functools.partial(_finalize_each, aggregation.finalize, optional)
+    return Aggregation(
+        f"{aggregation.name}-each", functools.partial(_combine_each, aggregation.combine, optional), finalize
+    )
+
+
+def _combine_each(combine: Callable[[Sequence[Any]], Any], optional: bool, parts: Sequence[Sequence[Any]]) -> list[Any]:
+    merged = []
+    for p in range(len(parts[0])):
+        entries = [part[p] for part in parts]
+        merged.append(None if optional and entries[0] is None else combine(entries))
+    return merged
+
+
+def _finalize_each(finalize: Callable[..., Any], optional: bool, merged: Sequence[Any], *args: Any) -> list[Any]:
+    return [None if optional and m is None else finalize(m, *args) for m in merged]

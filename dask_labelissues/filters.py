@@ -112,6 +112,14 @@ class FilterSpec:
         return self.filter_by != "predicted_neq_given"
 
     @property
+    def selects(self) -> bool:
+        """Rows are selected by counts the whole confident joint decides;
+        else each row's own joint record decides its flag
+        (confident_learning) or its pass-one record does
+        (predicted_neq_given)."""
+        return self.by_noise_rate or self.by_class or self.lowest_field is not None
+
+    @property
     def lowest_field(self) -> str | None:
         """The joint record field the low_* filters take their lowest rows
         by; None for the others."""
@@ -199,7 +207,17 @@ def _sparse_sum(codes: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.n
     return unique.astype(np.int64), summed.astype(np.int64)
 
 
-def _sparse_counts(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+#: Most (given, other) cells counted densely, with a bincount, rather than
+#: by sorting a block's codes (a K x K table would be larger than a block).
+DENSE_CELLS = 1 << 16
+
+
+def _sparse_counts(codes: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct codes in ``0..cells-1`` and how often each occurs."""
+    if cells <= DENSE_CELLS:
+        dense = np.bincount(codes, minlength=cells)
+        unique = np.flatnonzero(dense)
+        return unique.astype(np.int64), dense[unique].astype(np.int64)
     unique, counts = np.unique(codes, return_counts=True)
     return unique.astype(np.int64), counts.astype(np.int64)
 
@@ -236,11 +254,11 @@ def joint_block(
         out["bound"] = bound
     off = (out["guess"] >= 0) & (out["guess"] != y)
     counted = out["guess"] >= 0
-    codes, counts = _sparse_counts(y[counted] * k + out["guess"][counted])
+    codes, counts = _sparse_counts(y[counted] * k + out["guess"][counted], k * k)
     if m:
         positive = out["margin"] > 0
         rows, slots = np.nonzero(positive)
-        pos_codes, pos_counts = _sparse_counts(y[rows] * k + out["cand"][rows, slots])
+        pos_codes, pos_counts = _sparse_counts(y[rows] * k + out["cand"][rows, slots], k * k)
     else:
         pos_codes = pos_counts = np.zeros(0, dtype=np.int64)
     low_label = np.bincount(

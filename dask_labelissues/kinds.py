@@ -86,6 +86,12 @@ class Kind:
         bad (a cheap check of the labels alone)."""
         return False
 
+    @property
+    def one_column(self) -> bool:
+        """Items are made from one column of the stored rows: read fastest
+        from a block stored column by column."""
+        return False
+
     def where(self, item: int, probs_shape: Sequence[int]) -> str:
         """Where item ``item`` is, in words."""
         return f"row {item}"
@@ -281,6 +287,10 @@ class OneVsRest(Kind):
 
     name: str = "one-vs-rest"
     k: int = 0
+
+    @property
+    def one_column(self) -> bool:
+        return True
 
     def n_classes(self, probs_shape: Sequence[int]) -> int:
         return 2

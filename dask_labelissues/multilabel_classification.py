@@ -2,8 +2,10 @@
 
 Every example may carry several of K labels.  As in cleanlab, each class
 is a binary problem (the class against the rest: probabilities ``[1 - p,
-p]``), run here on this project's engines, one pass over the data a class;
-an example has a label issue where any of its classes has one.  Labels are
+p]``); here the K problems run side by side on this project's engines,
+each step of the filter one read of pred_probs for all of them
+(:mod:`dask_labelissues.lockstep`); an example has a label issue where
+any of its classes has one.  Labels are
 cleanlab's list of label lists, or an ``(N, K)`` 0/1 matrix (numpy, Zarr,
 HDF5, dask: a store's form, never expanded from lists); pred_probs is
 ``(N, K)`` independent per-class probabilities (rows need not sum to 1;
@@ -23,10 +25,8 @@ Differences from cleanlab:
   cleanlab's by about 1e-7 (its float32 logarithm is another's);
 - ``confident_joint`` and ``adjust_pred_probs=True`` are not supported yet.
 
-Not yet the design the engines aim at: each class reads pred_probs once
-(K reads, where one read could compute every class's thresholds and joint),
-and the scores that rank the issues are computed in this process, a block
-of rows at a time.
+The scores that rank the issues are computed in this process, a block of
+rows at a time.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .api import _filter_spec
 from .engines import make_engine
 from .kernels import ScoreSpec
 from .kinds import OneVsRest
-from .pipelines import run_filter
+from .lockstep import ProblemsResult, run_filters
 
 __all__ = [
     "LabelSets",
@@ -178,7 +178,7 @@ def find_multilabel_issues_per_class(
     method = _method(return_indices_ranked_by, rank_by_kwargs)
     found = _class_results(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
                            options, ranked_by=method)
-    issues = [np.asarray(r.issues, dtype=np.int64) for r in found]
+    issues = [np.asarray(rows, dtype=np.int64) for rows in found.issues]
     kinds = [OneVsRest(k=c) for c in range(k)]
     y = _read_all(lab)
     p = _read_all(probs)
@@ -345,29 +345,33 @@ def _method(method: str, kwargs: dict[str, Any] | None) -> str:
 def _class_results(
     lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float, remove: Sequence[int] | None,
     minimum: int, options: dict[str, Any], ranked_by: str | None = None,
-) -> list[Any]:
-    """Each class's binary job on the engines (one read of pred_probs a class)."""
+) -> ProblemsResult:
+    """Every class's binary job, side by side on one engine: each stage
+    reads pred_probs once for all K classes (:func:`run_filters`)."""
     if remove is not None and len(remove) != k:
         raise ValueError(f"num_to_remove_per_class has {len(remove)} entries; pred_probs has {k} classes")
     spec = ScoreSpec(ranked_by or "self_confidence", False, "off_diagonal", None)
-    out = []
-    for c in range(k):
-        fspec = _filter_spec(filter_by, frac_noise, None if remove is None else [int(remove[c]), 0], minimum)
-        engine, _, _ = make_engine(
-            options["backend"], lab, probs, spec, single_read=not fspec.needs_joint, chunk_rows=options["chunk_rows"],
-            n_jobs=options["n_jobs"], client=options["client"], progress=options["progress"], kind=OneVsRest(k=c),
-        )
-        try:
-            out.append(run_filter(engine, engine.plan.spec, fspec, probs.dtype, ranked_by is not None))
-        finally:
-            engine.close()
-    return out
+    fspecs = [
+        _filter_spec(filter_by, frac_noise, None if remove is None else [int(remove[c]), 0], minimum)
+        for c in range(k)
+    ]
+    # Blocks are read whole (single_read=False): every class's view of a
+    # block shares the one read.
+    engine, _, _ = make_engine(
+        options["backend"], lab, probs, spec, single_read=False, chunk_rows=options["chunk_rows"],
+        n_jobs=options["n_jobs"], client=options["client"], progress=options["progress"], kind=OneVsRest(k=0),
+        problems=k,
+    )
+    try:
+        return run_filters(engine, engine.plan.spec, [OneVsRest(k=c) for c in range(k)], fspecs, ranked_by is not None)
+    finally:
+        engine.close()
 
 
 def _class_masks(lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float, remove: Sequence[int] | None,
                  minimum: int, options: dict[str, Any]) -> np.ndarray:
     found = _class_results(lab, probs, k, filter_by, frac_noise, remove, minimum, options)
-    return np.stack([inputs.to_numpy(r.arrays["is_label_issue"]).astype(bool) for r in found], axis=1)
+    return inputs.to_numpy(found.mask).astype(bool, copy=False)
 
 
 # -- inputs ------------------------------------------------------------------------------

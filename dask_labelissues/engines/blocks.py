@@ -69,6 +69,10 @@ class BlockConfig:
     array_chunks: tuple[int, ...] | None = None
     #: The job runs in this process (its numba kernels may be loaded).
     in_process: bool = True
+    #: Problems the job runs side by side on every block (multi-label's K
+    #: classes, :mod:`dask_labelissues.lockstep`): each runs the kernels
+    #: on the whole block, so the job's kernel work is ``cells`` times this.
+    problems: int = 1
     #: Rows a block may end at (besides ``n_rows``), non-decreasing: a
     #: token job's sentence offsets, so that no sentence is split between
     #: blocks; None: any row.
@@ -121,7 +125,7 @@ def _plan_blocks(config: BlockConfig) -> BlockPlan:
     c = config
     if c.chunk_rows is not None and c.chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {c.chunk_rows}")
-    spec = choose_kernel(c.spec, c.cells, in_process=c.in_process)
+    spec = choose_kernel(c.spec, c.cells * c.problems, in_process=c.in_process)
     target = TARGET_BLOCK_BYTES
     if c.worker_memory:
         target = min(target, max(c.worker_memory // 16, 1 << 20))
@@ -424,6 +428,25 @@ class BlockReader:
         for a, b in bounds:
             piece = np.asarray(self._probs[a:b])
             yield (a - self.start) * self.items_per_row, self._items(piece, a - self.start, scan=True)
+
+    def views(self, kinds: Sequence[Kind], *, column_major: bool = False) -> list["BlockReader"]:
+        """The block, read once and whole, as items of each of ``kinds``
+        (each class of multi-label rows, say), with as many items a row.
+
+        With ``column_major`` the stored block is copied once with its
+        columns contiguous: kinds that each take one column of a row
+        (:class:`~dask_labelissues.kinds.OneVsRest`) then read theirs at
+        memory speed, not one strided value a row.  The views hold no pages
+        of their own: only the reader the engine made closes the block.
+        """
+        labels, probs = self.stored_labels(), self.stored_probs()
+        if column_major:
+            labels, probs = np.asfortranarray(labels), np.asfortranarray(probs)
+        # One-piece lists: a reader takes a list as pieces already read.
+        return [
+            BlockReader([labels], [probs], self.start, self.stop, kind=kind, items_per_row=self.items_per_row)
+            for kind in kinds
+        ]
 
     def close(self) -> None:
         """Let go of the block's pages of memory-mapped inputs, once read."""

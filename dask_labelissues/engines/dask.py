@@ -537,6 +537,7 @@ def dask_engine(
     progress: bool = False,
     kind: Kind = ROWS,
     cuts: np.ndarray | None = None,
+    problems: int = 1,
 ) -> DaskEngine:
     """The Dask engine for a job, with its blocks and kernel planned
     (:func:`~.blocks.plan_blocks`) from the cluster's workers.
@@ -546,7 +547,7 @@ def dask_engine(
     ``single_read``: pred_probs is read once, so a block may hold several
     pieces, scanned one at a time.  ``cuts``: the rows blocks may end at
     (:attr:`~.blocks.BlockConfig.cuts`); a dask array is rechunked to
-    blocks so cut.
+    blocks so cut.  ``problems``: :attr:`~.blocks.BlockConfig.problems`.
     """
     client = distributed_client(client)
     smallest, threads = cluster_workers(client)
@@ -568,6 +569,7 @@ def dask_engine(
         array_chunks=tuple(pred_probs.chunks[0]) if inputs.is_dask_array(pred_probs) else None,
         in_process=client is None,
         cuts=cuts,
+        problems=problems,
     )
     plan = plan_blocks(config)
     if not direct:

@@ -55,6 +55,7 @@ def make_engine(
     warm_up: Callable[[ScoreSpec], None] | None = None,
     kind: Kind = ROWS,
     cuts: np.ndarray | None = None,
+    problems: int = 1,
 ) -> tuple[Engine, str, Any]:
     """The engine for a job on opened, shape-checked inputs.
 
@@ -64,7 +65,9 @@ def make_engine(
     job's tasks run is ``engine.plan.spec``.  ``single_read``: pred_probs
     is read once (blocks may then be read in pieces); ``warm_up(spec)``
     runs before the fork engine forks; ``cuts``: the rows blocks may end
-    at (:attr:`~.blocks.BlockConfig.cuts`).
+    at (:attr:`~.blocks.BlockConfig.cuts`); ``problems``: how many
+    problems the job runs side by side on each block
+    (:attr:`~.blocks.BlockConfig.problems`).
     """
     name = choose_backend(backend, labels, pred_probs, client)
     if name == "dask":
@@ -73,7 +76,7 @@ def make_engine(
         client = distributed_client(client)
         engine = dask_engine(
             labels, pred_probs, spec, single_read=single_read, chunk_rows=chunk_rows,
-            client=client, progress=progress, kind=kind, cuts=cuts,
+            client=client, progress=progress, kind=kind, cuts=cuts, problems=problems,
         )
         return engine, name, client
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)
@@ -87,6 +90,7 @@ def make_engine(
         storage_rows=getattr(probs, "storage_rows", None),
         chunk_rows=chunk_rows,
         cuts=cuts,
+        problems=problems,
     ))
     common = dict(kind=kind, progress=progress, spill_dir=spill_dir)
     if name == "threads":

@@ -1,0 +1,288 @@
+"""Several filter jobs over the same blocks, each stage one read for all.
+
+Multi-label data is K binary problems over the same stored rows (class
+``k`` against the rest: :class:`~dask_labelissues.kinds.OneVsRest`).  Run
+one after another, as :func:`dask_labelissues.pipelines.run_filter` runs
+one, they would read pred_probs two to four times a class.  Here every
+stage of the filter runs for all the problems in one map over the blocks:
+a task reads its block once and runs each problem's kernels on that
+problem's view of it (:meth:`~dask_labelissues.engines.blocks.BlockReader.views`),
+and each reduction merges every problem's states side by side
+(:func:`dask_labelissues.aggregations.each`).  The reads are those of one
+problem, whatever the number of problems.
+
+No item-long columns are kept between stages: a problem's records (32
+bytes an item) and joint records are made again from the block by each
+stage that needs them, because they are larger than the stored values
+they come from (4 bytes a class of a row, for float32 multi-label data).
+The block tasks are :mod:`dask_labelissues.pipelines`' own, so every
+problem's results are those of its own :func:`run_filter`, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import filters
+from .aggregations import GROUP_TOP, JOINT, THRESHOLDS, WINNERS, Pair, each
+from .engines.base import INPUTS, START, Engine, PerBlock
+from .engines.blocks import BlockReader
+from .filters import FilterSpec, MaskRule, Plan
+from .kernels import ScoreSpec
+from .kinds import Kind
+from .pipelines import exact_cells_block, flag_block, joint_block, scan_block, score_block
+from .states import Winners
+
+#: The selections a filter may make once its joint is known, in the order
+#: :func:`dask_labelissues.pipelines.run_filter` passes them to its mask.
+SELECTIONS = ("cells", "classes", "lowest")
+
+
+@dataclass
+class ProblemsResult:
+    """What :func:`run_filters` computes: the problems side by side.
+
+    ``mask`` is ``(items, P)`` bool (lazy where the engine is), column
+    ``p`` the ``is_label_issue`` of problem ``p``; the lists hold one
+    entry a problem.
+    """
+
+    mask: Any
+    issues: list[np.ndarray]
+    issue_scores: list[np.ndarray]
+    thresholds: list[np.ndarray]
+    per_class_count: list[np.ndarray]
+    #: The calibrated confident joints (None where the filter selects nothing).
+    confident_joints: list[np.ndarray | None]
+    #: Reads of pred_probs, for all the problems together.
+    reads: int
+
+
+def _views(block: BlockReader, kinds: Sequence[Kind]) -> list[BlockReader]:
+    """The block read once, as each problem's items; stored column by
+    column where every problem takes one column."""
+    return block.views(kinds, column_major=all(kind.one_column for kind in kinds))
+
+
+class _Views:
+    """A task's block, read once, as each problem sees it, with each
+    problem's records made once in the task however many steps of the task
+    use them."""
+
+    def __init__(self, block: BlockReader, kinds: Sequence[Kind], spec: ScoreSpec) -> None:
+        self.spec = spec
+        self.views = _views(block, kinds)
+        self._records: dict[int, Pair] = {}
+
+    def view(self, p: int) -> BlockReader:
+        return self.views[p]
+
+    def scan(self, p: int) -> Pair:
+        """Problem ``p``'s pass one on the block: ``Pair(records, ThresholdState)``."""
+        if p not in self._records:
+            self._records[p] = scan_block(self.views[p], self.spec, False)
+        return self._records[p]
+
+    def joint(self, p: int, thresholds: np.ndarray, fspec: FilterSpec) -> Pair:
+        return joint_block(self.scan(p).data, self.views[p], thresholds, fspec, self.spec.kernel)
+
+    def drop(self, p: int) -> None:
+        """Let go of problem ``p``'s records: a task holds one problem's at a time."""
+        self._records.pop(p, None)
+
+
+# -- block tasks ------------------------------------------------------------------
+def thresholds_block(block: BlockReader, kinds: Sequence[Kind], spec: ScoreSpec) -> list[Any]:
+    """Pass one of every problem on one read of the block: their threshold states."""
+    views = _Views(block, kinds, spec)
+    states = []
+    for p in range(len(kinds)):
+        states.append(views.scan(p).state)
+        views.drop(p)
+    return states
+
+
+def joints_block(
+    block: BlockReader, kinds: Sequence[Kind], spec: ScoreSpec, fspecs: Sequence[FilterSpec],
+    thresholds: Sequence[np.ndarray],
+) -> list[Any]:
+    """Every problem's part of its confident joint, on one read of the block."""
+    views = _Views(block, kinds, spec)
+    states = []
+    for p in range(len(kinds)):
+        states.append(views.joint(p, thresholds[p], fspecs[p]).state)
+        views.drop(p)
+    return states
+
+
+def selections_block(
+    block: BlockReader, start: int, kinds: Sequence[Kind], spec: ScoreSpec, fspecs: Sequence[FilterSpec],
+    thresholds: Sequence[np.ndarray], plans: Sequence[Plan | None],
+) -> list[tuple[Any, ...] | None]:
+    """Every problem's candidates for each selection its plan makes (None
+    where it makes none), on one read of the block."""
+    views = _Views(block, kinds, spec)
+    out: list[tuple[Any, ...] | None] = []
+    for p, plan in enumerate(plans):
+        if plan is None or not _selects(plan, fspecs[p]):
+            out.append(None)
+            continue
+        rec = views.scan(p).data
+        joint = views.joint(p, thresholds[p], fspecs[p]).data
+        out.append((
+            None if plan.cells is None else filters.noise_rate_block(joint, rec, start, plan.cells),
+            None if plan.class_limits is None else filters.class_block(
+                joint, rec, start, plan.class_limits, plan.class_enough
+            ),
+            None if fspecs[p].lowest_field is None else filters.lowest_block(
+                joint, start, fspecs[p].lowest_field, plan.lowest, plan.lowest_enough
+            ),
+        ))
+        views.drop(p)
+    return out
+
+
+def exact_block(block: BlockReader, kinds: Sequence[Kind], cells: Sequence[filters.Cells | None]) -> list[Any]:
+    """Candidates from pred_probs itself for the noise-rate cells the kept
+    candidates could not decide, of the problems that have such cells."""
+    return [None if c is None else exact_cells_block(view, c) for view, c in zip(_views(block, kinds), cells)]
+
+
+def flags_block(
+    block: BlockReader, start: int, kinds: Sequence[Kind], spec: ScoreSpec, fspecs: Sequence[FilterSpec],
+    thresholds: Sequence[np.ndarray], rules: Sequence[MaskRule],
+) -> tuple[np.ndarray, list[Winners]]:
+    """Every problem's ``is_label_issue`` for the block, as ``(items, P)``
+    columns, and each problem's flagged rows with their scores."""
+    views = _Views(block, kinds, spec)
+    masks, winners = [], []
+    for p in range(len(kinds)):
+        rec = views.scan(p).data
+        joint = views.joint(p, thresholds[p], fspecs[p]).data if fspecs[p].needs_joint else None
+        scores = score_block(rec, thresholds[p], spec, views.view(p) if spec.rereads else None).data
+        flagged = flag_block(rules[p], rec, joint, scores, start)
+        masks.append(flagged.data)
+        winners.append(flagged.state)
+        views.drop(p)
+    return np.stack(masks, axis=1), winners
+
+
+def _mask(flags: tuple[np.ndarray, list[Winners]]) -> np.ndarray:
+    return flags[0]
+
+
+def _winners(flags: tuple[np.ndarray, list[Winners]]) -> list[Winners]:
+    return flags[1]
+
+
+# -- the job ----------------------------------------------------------------------
+def _selects(plan: Plan, fspec: FilterSpec) -> bool:
+    return plan.cells is not None or plan.class_limits is not None or fspec.lowest_field is not None
+
+
+def run_filters(
+    engine: Engine, spec: ScoreSpec, kinds: Sequence[Kind], fspecs: Sequence[FilterSpec], ranked: bool = True
+) -> ProblemsResult:
+    """cleanlab.filter's method of each ``fspecs[p]`` on problem ``kinds[p]``
+    (views of the engine's blocks with the engine's items), each stage for
+    all problems on one read of pred_probs.
+
+    1. pass one -> every problem's exact thresholds (bad input raised
+       here: the first bad value by row, then by problem);
+    2. where a filter selects rows by counts (not confident_learning or
+       predicted_neq_given, which flag each row by its own records), the
+       second read -> every confident joint; the client plans each
+       problem's selections from its joint;
+    3. where a plan selects, a read for every problem's candidates, and one
+       more for the noise-rate cells their kept candidates cannot decide;
+    4. the last read -> the masks and each problem's flagged rows, ranked by
+       ``spec``'s score (ties by item) or, with ``ranked=False``, in item
+       order.
+
+    Each problem's results are those :func:`~dask_labelissues.pipelines.run_filter`
+    gives it alone.
+    """
+    n = len(kinds)
+    if len(fspecs) != n:
+        raise ValueError(f"{n} problems but {len(fspecs)} filters")
+    kinds, fspecs = tuple(kinds), tuple(fspecs)
+    scans = engine.map(thresholds_block, INPUTS, kinds, spec, label="pass 1: reading pred_probs")
+    (done,) = engine.compute(engine.reduce(scans, each(THRESHOLDS)))
+    bad = [d.state for d in done if d.state.problem is not None]
+    if bad:
+        # The first bad row, and of that row the first problem (class): min
+        # keeps the first of equal rows.
+        min(bad, key=lambda state: state.problem.row).raise_problem()
+    thresholds = [d.data for d in done]
+    counts = [d.state.counts.copy() for d in done]
+    reads = 1
+
+    plans: list[Plan | None] = [None] * n
+    calibrated: list[np.ndarray | None] = [None] * n
+    # A filter that selects nothing flags a row from its own joint record,
+    # which the last read makes: its whole joint is not needed then.
+    if any(f.selects for f in fspecs):
+        joints = engine.map(joints_block, INPUTS, kinds, spec, fspecs, thresholds, label="second read: confident joints")
+        (states,) = engine.compute(engine.reduce(joints, each(JOINT)))
+        reads += 1
+        for p in range(n):
+            if fspecs[p].selects:
+                plans[p], calibrated[p] = filters.plan(fspecs[p], states[p], counts[p])
+
+    selected: list[tuple[np.ndarray, ...]] = [() for _ in range(n)]
+    if any(plan is not None and _selects(plan, fspecs[p]) for p, plan in enumerate(plans)):
+        tops = engine.map(selections_block, INPUTS, START, kinds, spec, fspecs, thresholds, plans,
+                          label="reading for the selections")
+        (merged,) = engine.compute(engine.reduce(tops, each(each(GROUP_TOP, optional=True), optional=True)))
+        reads += 1
+        reads += _decide_cells(engine, kinds, plans, merged)
+        for p, m in enumerate(merged):
+            if m is not None:
+                selected[p] = tuple(top.rows() for top in m if top is not None)
+
+    rules = [MaskRule(f.filter_by, s) for f, s in zip(fspecs, selected)]
+    per_block = PerBlock([[rule.restrict(a, b) for rule in rules] for a, b in engine.item_bounds])
+    flags = engine.map(flags_block, INPUTS, START, kinds, spec, fspecs, thresholds, per_block,
+                       label="flagging the issues")
+    (winners,) = engine.compute(engine.reduce(engine.map(_winners, flags), each(WINNERS)), keep=[flags])
+    reads += 1
+    if ranked:
+        winners = [w.ranked() for w in winners]
+    return ProblemsResult(
+        mask=engine.to_array(engine.map(_mask, flags), np.bool_, row_shape=(n,)),
+        issues=[w.index for w in winners],
+        issue_scores=[w.score for w in winners],
+        thresholds=thresholds,
+        per_class_count=counts,
+        confident_joints=calibrated,
+        reads=reads,
+    )
+
+
+def _decide_cells(engine: Engine, kinds: Sequence[Kind], plans: Sequence[Plan | None], merged: list[Any]) -> int:
+    """Each problem's noise-rate cells its kept candidates cannot decide,
+    recomputed from pred_probs for all problems in one read; the merged
+    selections are updated in place.  Returns the reads made (0 or 1)."""
+    unsure: list[np.ndarray | None] = [None] * len(kinds)
+    for p, m in enumerate(merged):
+        if m is None or m[0] is None:
+            continue
+        found = m[0].uncertain(plans[p].cells.given)
+        if found.size:
+            unsure[p] = found
+    if all(u is None for u in unsure):
+        return 0
+    cells = [None if u is None else plans[p].cells.subset(u) for p, u in enumerate(unsure)]
+    exact = engine.map(exact_block, INPUTS, kinds, cells, label="reading undecided cells")
+    (tops,) = engine.compute(engine.reduce(exact, each(GROUP_TOP, optional=True)))
+    for p, u in enumerate(unsure):
+        if u is None:
+            continue
+        top = tops[p]
+        top.group = u[top.group]
+        cells_top, *rest = merged[p]
+        merged[p] = (cells_top.replace_groups(u, top), *rest)
+    return 1

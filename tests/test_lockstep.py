@@ -1,0 +1,124 @@
+"""Several problems in lockstep: each problem's results are those of its own
+run_filter, and each stage reads pred_probs once for all of them."""
+
+from __future__ import annotations
+
+import warnings
+
+import dask
+import numpy as np
+import pytest
+
+from dask_labelissues import filters
+from dask_labelissues import multilabel_classification as ml
+from dask_labelissues.engines import make_engine
+from dask_labelissues.kernels import ScoreSpec
+from dask_labelissues.kinds import ROWS, OneVsRest
+from dask_labelissues.lockstep import run_filters
+from dask_labelissues.pipelines import run_filter
+
+from .conftest import make_dataset
+from .test_multilabel_classification import FILTERS, examples
+from .test_single_read import CountingArray
+
+ALL_FILTERS = [*FILTERS, "low_self_confidence", "low_normalized_margin"]
+
+
+def _engine(backend, labels, probs, kind, chunk_rows, single_read):
+    return make_engine(backend, labels, probs, ScoreSpec(), single_read=single_read, chunk_rows=chunk_rows,
+                       n_jobs=2, kind=kind)[0]
+
+
+def alone(labels, probs, kind, fspec, chunk_rows):
+    """One problem's own job: the reference."""
+    engine = _engine("serial", labels, probs, kind, chunk_rows, not fspec.needs_joint)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return run_filter(engine, engine.plan.spec, fspec, probs.dtype)
+    finally:
+        engine.close()
+
+
+def together(backend, labels, probs, kinds, fspecs, chunk_rows):
+    engine = _engine(backend, labels, probs, kinds[0], chunk_rows, False)
+    try:
+        with warnings.catch_warnings(), dask.config.set(scheduler="threads"):
+            warnings.simplefilter("ignore")
+            return run_filters(engine, engine.plan.spec, kinds, fspecs)
+    finally:
+        engine.close()
+
+
+def assert_each_alone(got, labels, probs, kinds, fspecs, chunk_rows=None):
+    mask = np.asarray(got.mask)
+    assert mask.shape == (probs.shape[0], len(kinds))
+    for p, (kind, fspec) in enumerate(zip(kinds, fspecs)):
+        ref = alone(labels, probs, kind, fspec, chunk_rows or 389)
+        np.testing.assert_array_equal(mask[:, p], np.asarray(ref.arrays["is_label_issue"]))
+        np.testing.assert_array_equal(got.issues[p], ref.issues)
+        np.testing.assert_array_equal(got.issue_scores[p], ref.issue_scores)
+        np.testing.assert_array_equal(got.thresholds[p], ref.thresholds)
+        np.testing.assert_array_equal(got.per_class_count[p], ref.per_class_count)
+        if fspec.selects:
+            np.testing.assert_array_equal(got.confident_joints[p], ref.confident_joint)
+
+
+@pytest.mark.parametrize("filter_by", ALL_FILTERS)
+@pytest.mark.parametrize(("backend", "chunk_rows"), [("serial", 97), ("threads", 500), ("fork", 1499), ("dask", 256)])
+def test_every_class_gets_what_its_own_job_gives(filter_by, backend, chunk_rows):
+    _, probs, matrix = examples(6)
+    kinds = [OneVsRest(k=c) for c in range(6)]
+    fspecs = [filters.FilterSpec(filter_by)] * 6
+    got = together(backend, matrix, probs, kinds, fspecs, chunk_rows)
+    assert got.issues[0].size and got.issues[5].size
+    assert_each_alone(got, matrix, probs, kinds, fspecs)
+
+
+def test_problems_with_other_filters_and_undecided_cells():
+    """Any kinds and any mix of filters; with one kept candidate a row, noise-
+    rate cells are undecided and one more read decides them for all."""
+    d = make_dataset(8000, 10, seed=62)
+    kinds = [ROWS, ROWS, ROWS, ROWS]
+    fspecs = [
+        filters.FilterSpec("prune_by_noise_rate", candidates=1),
+        filters.FilterSpec("both"),
+        filters.FilterSpec("confident_learning"),
+        filters.FilterSpec("low_normalized_margin"),
+    ]
+    assert alone(d.labels, d.pred_probs, ROWS, fspecs[0], 1000).reads == 3  # undecided cells alone, too
+    got = together("threads", d.labels, d.pred_probs, kinds, fspecs, 1000)
+    # thresholds, joints, the selections, the undecided cells, the flags
+    assert got.reads == 5
+    assert_each_alone(got, d.labels, d.pred_probs, kinds, fspecs, 1000)
+
+
+@pytest.mark.parametrize("backend", ["serial", "fork", "dask"])
+@pytest.mark.parametrize(("filter_by", "reads"), [("prune_by_noise_rate", 4), ("confident_learning", 2),
+                                                  ("predicted_neq_given", 2)])
+def test_pred_probs_is_read_once_a_stage_whatever_the_classes(backend, filter_by, reads):
+    for k in (2, 12):
+        _, probs, matrix = examples(k, n=900)
+        counted = CountingArray(probs.astype(np.float32))
+        with dask.config.set(scheduler="threads"):
+            ml.find_label_issues(matrix, counted, filter_by=filter_by, backend=backend, chunk_rows=200)
+        assert counted.served.value == reads * counted.array.nbytes, (k, counted.served.value)
+
+
+def test_the_first_bad_value_is_named_by_row_then_class():
+    _, probs, matrix = examples(6, n=600)
+    probs = probs.copy()
+    probs[400, 1] = 1.5
+    probs[250, 5] = -0.1
+    probs[250, 3] = 2.0
+    with pytest.raises(ValueError, match=r"pred_probs\[250, 3\] = 2.0 .*logit"):
+        ml.find_label_issues(matrix, probs, backend="threads", chunk_rows=100)
+
+
+def test_the_kernel_is_chosen_for_the_work_of_every_problem():
+    from dask_labelissues.engines.blocks import NUMBA_MIN_CELLS, BlockConfig, plan_blocks
+
+    job = dict(n_rows=1000, row_bytes=400, record_bytes=32, spec=ScoreSpec(), cells=NUMBA_MIN_CELLS // 10,
+               in_process=False)
+    assert plan_blocks(BlockConfig(**job)).spec.kernel == "numpy"
+    assert plan_blocks(BlockConfig(**job, problems=10)).spec.kernel == "auto"  # numba where it imports

@@ -1,0 +1,71 @@
+"""dask_labelissues.filter.find_label_issues against cleanlab.filter.find_label_issues."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from cleanlab.filter import find_label_issues as cleanlab_find
+
+from dask_labelissues import filter as dropin
+from dask_labelissues import filters
+from dask_labelissues import multilabel_classification as ml
+
+from .conftest import make_dataset
+from .test_multilabel_classification import examples
+
+SCORES = ["self_confidence", "normalized_margin", "confidence_weighted_entropy"]
+
+
+def cleanlab(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cleanlab_find(*args, n_jobs=1, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset(6000, 7, seed=71)  # float64, continuous: no ties for cleanlab's sort to break
+
+
+@pytest.mark.parametrize("filter_by", filters.FILTERS)
+def test_masks_and_rankings_equal_cleanlabs(data, filter_by):
+    expected = cleanlab(data.labels, data.pred_probs, filter_by=filter_by)
+    assert 0 < expected.sum() < len(expected)
+    got = dropin.find_label_issues(data.labels, data.pred_probs, filter_by=filter_by, backend="threads", chunk_rows=777)
+    assert got.dtype == bool
+    np.testing.assert_array_equal(got, expected)
+    for score in SCORES:
+        np.testing.assert_array_equal(
+            dropin.find_label_issues(data.labels, data.pred_probs, filter_by=filter_by,
+                                     return_indices_ranked_by=score, backend="serial"),
+            cleanlab(data.labels, data.pred_probs, filter_by=filter_by, return_indices_ranked_by=score),
+        )
+
+
+@pytest.mark.parametrize("score", ["self_confidence", "normalized_margin"])
+def test_adjusted_rankings_equal_cleanlabs(data, score):
+    kwargs = dict(filter_by="both", return_indices_ranked_by=score, rank_by_kwargs={"adjust_pred_probs": True})
+    got = dropin.find_label_issues(data.labels, data.pred_probs, **kwargs)
+    np.testing.assert_array_equal(got, cleanlab(data.labels, data.pred_probs, **kwargs))
+    unadjusted = dropin.find_label_issues(data.labels, data.pred_probs, filter_by="both", return_indices_ranked_by=score)
+    assert not np.array_equal(got, unadjusted)  # the keyword is not ignored
+
+
+def test_multi_label_is_the_multilabel_job_and_deprecated():
+    labels, probs, _ = examples(5)
+    with pytest.warns(DeprecationWarning, match="multilabel_classification"):
+        got = dropin.find_label_issues(labels, probs, multi_label=True, return_indices_ranked_by="self_confidence")
+    np.testing.assert_array_equal(got, ml.find_label_issues(labels, probs, return_indices_ranked_by="self_confidence"))
+    np.testing.assert_array_equal(
+        got, cleanlab(labels, probs, multi_label=True, return_indices_ranked_by="self_confidence")
+    )
+
+
+def test_what_is_not_supported_says_so(data):
+    with pytest.raises(NotImplementedError, match="confident_joint"):
+        dropin.find_label_issues(data.labels, data.pred_probs, confident_joint=np.eye(7, dtype=int))
+    with pytest.raises(NotImplementedError, match="temperature"):
+        dropin.find_label_issues(data.labels, data.pred_probs, return_indices_ranked_by="self_confidence",
+                                 rank_by_kwargs={"temperature": 0.1})

@@ -25,12 +25,11 @@ Differences from cleanlab:
   cleanlab's by about 1e-7 (its float32 logarithm is another's);
 - ``confident_joint`` and ``adjust_pred_probs=True`` are not supported yet.
 
-The scores that rank the issues are computed in this process, a block of
-rows at a time.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -39,9 +38,10 @@ import numpy as np
 from . import inputs
 from .api import _filter_spec
 from .engines import make_engine
-from .kernels import ScoreSpec
+from .kernels import InputProblem, ScoreSpec
 from .kinds import OneVsRest
 from .lockstep import ProblemsResult, run_filters
+from .pipelines import run_row_scores
 
 __all__ = [
     "LabelSets",
@@ -56,7 +56,7 @@ METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy"
 DEFAULT_AGGREGATOR = {"method": "exponential_moving_average", "alpha": 0.8}
 #: cleanlab's floor for the confidence-weighted entropy's divisions.
 CLIP = 1e-6
-#: Rows a block of :func:`get_label_quality_scores` reads at a time.
+#: Rows read at a time where cleanlab's outputs are whole arrays in memory.
 SCORE_ROWS = 1 << 16
 
 
@@ -118,7 +118,7 @@ def find_label_issues(
         # As cleanlab: as many issues as the confident-learning filter finds,
         # the lowest by the default score.
         counted = _class_masks(lab, probs, k, "confident_learning", 1.0, None, 1, options).any(axis=1)
-        scores = _scores(lab, probs, "self_confidence", DEFAULT_AGGREGATOR)
+        scores = _scores(lab, probs, "self_confidence", DEFAULT_AGGREGATOR, options)
         lowest = np.argsort(scores, kind="stable")[: int(counted.sum())]
         if return_indices_ranked_by is None:
             mask = np.zeros(n, dtype=bool)
@@ -126,14 +126,14 @@ def find_label_issues(
             return mask
         method = _method(return_indices_ranked_by, rank_by_kwargs)
         # The default score is the ranking's too where the method is its own: one read, not two.
-        ranking = scores if method == "self_confidence" else _scores(lab, probs, method, DEFAULT_AGGREGATOR)
+        ranking = scores if method == "self_confidence" else _scores(lab, probs, method, DEFAULT_AGGREGATOR, options)
         return lowest[np.argsort(ranking[lowest], kind="stable")].astype(np.int64)
     mask = _class_masks(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
                         options).any(axis=1)
     if return_indices_ranked_by is None:
         return mask
     issues = np.flatnonzero(mask)
-    ranking = _scores(lab, probs, _method(return_indices_ranked_by, rank_by_kwargs), DEFAULT_AGGREGATOR)
+    ranking = _scores(lab, probs, _method(return_indices_ranked_by, rank_by_kwargs), DEFAULT_AGGREGATOR, options)
     return issues[np.argsort(ranking[issues], kind="stable")].astype(np.int64)
 
 
@@ -192,6 +192,10 @@ def get_label_quality_scores(
     method: str = "self_confidence",
     adjust_pred_probs: bool = False,
     aggregator_kwargs: dict[str, Any] | None = None,
+    backend: str = "auto",
+    client: Any = None,
+    chunk_rows: int | None = None,
+    n_jobs: int | None = None,
 ) -> np.ndarray:
     """A score per example: its classes' scores (:func:`get_label_quality_scores_per_class`)
     aggregated, lower is more likely mislabeled.
@@ -211,6 +215,9 @@ def get_label_quality_scores(
         ``alpha * next + (1 - alpha) * average``), ``{"method": "softmin",
         "temperature": t}``, or ``{"method": callable}`` (scores ``(n, K)``
         to ``(n,)``), with that method's keywords.
+    backend, client, chunk_rows, n_jobs
+        Where the job runs, as in :func:`find_label_issues` (a callable
+        aggregator must pickle for ``backend="fork"``).
 
     Returns
     -------
@@ -220,11 +227,13 @@ def get_label_quality_scores(
     if adjust_pred_probs:
         raise NotImplementedError("adjust_pred_probs=True is not supported yet")
     lab, probs, _, _ = open_inputs(labels, pred_probs)
-    return _scores(lab, probs, _method(method, None), aggregator_kwargs or DEFAULT_AGGREGATOR)
+    options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=False)
+    return _scores(lab, probs, _method(method, None), aggregator_kwargs or DEFAULT_AGGREGATOR, options)
 
 
 def get_label_quality_scores_per_class(
     labels: Any, pred_probs: Any, *, method: str = "self_confidence", adjust_pred_probs: bool = False,
+    backend: str = "auto", client: Any = None, chunk_rows: int | None = None, n_jobs: int | None = None,
 ) -> np.ndarray:
     """Each example's score of each class's label (present or absent).
 
@@ -236,6 +245,8 @@ def get_label_quality_scores_per_class(
         As in :func:`get_label_quality_scores`.
     adjust_pred_probs
         Not supported yet (True raises).
+    backend, client, chunk_rows, n_jobs
+        Where the job runs, as in :func:`find_label_issues`.
 
     Returns
     -------
@@ -244,9 +255,10 @@ def get_label_quality_scores_per_class(
     """
     if adjust_pred_probs:
         raise NotImplementedError("adjust_pred_probs=True is not supported yet")
-    lab, probs, _, _ = open_inputs(labels, pred_probs)
-    method = _method(method, None)
-    return np.concatenate([class_scores(y, p, method) for y, p in _row_blocks(lab, probs)])
+    lab, probs, _, k = open_inputs(labels, pred_probs)
+    options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=False)
+    score = functools.partial(_checked_scores, _method(method, None), None, {})
+    return _run_scores(lab, probs, score, options, row_shape=(k,))
 
 
 # -- scores ------------------------------------------------------------------------------
@@ -320,10 +332,39 @@ def aggregate(scores: np.ndarray, method: str | Callable = "exponential_moving_a
     raise ValueError(f"aggregator method {method!r} is not one of exponential_moving_average, softmin or a callable")
 
 
-def _scores(lab: Any, probs: Any, method: str, aggregator_kwargs: dict[str, Any]) -> np.ndarray:
-    options = dict(aggregator_kwargs)
-    how = options.pop("method", "exponential_moving_average")
-    return np.concatenate([aggregate(class_scores(y, p, method), how, **options) for y, p in _row_blocks(lab, probs)])
+def _scores(lab: Any, probs: Any, method: str, aggregator_kwargs: dict[str, Any], options: dict[str, Any]) -> np.ndarray:
+    kwargs = dict(aggregator_kwargs)
+    how = kwargs.pop("method", "exponential_moving_average")
+    return _run_scores(lab, probs, functools.partial(_checked_scores, method, how, kwargs), options)
+
+
+def _checked_scores(
+    method: str, how: str | Callable | None, kwargs: dict[str, Any], labels: np.ndarray, probs: np.ndarray, start: int
+) -> tuple[np.ndarray | None, InputProblem | None]:
+    """A block's class scores, aggregated by ``how`` (None: not), or its
+    first bad value, named by row and class."""
+    y, p = np.asarray(labels), np.asarray(probs)
+    bad = ((y != 0) & (y != 1)) | ~((p >= 0) & (p <= 1))
+    if bad.any():
+        _, c = (int(v) for v in np.argwhere(bad)[0])
+        return None, OneVsRest(k=c).stored_problem(y, p, start, None)
+    scores = class_scores(y, p, method)
+    return (scores if how is None else aggregate(scores, how, **kwargs)), None
+
+
+def _run_scores(lab: Any, probs: Any, score: Callable, options: dict[str, Any],
+                row_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Scores of every row on the engines: one read of pred_probs, a block
+    at a time, wherever the job runs."""
+    engine, _, _ = make_engine(
+        options["backend"], lab, probs, ScoreSpec(), chunk_rows=options["chunk_rows"], n_jobs=options["n_jobs"],
+        client=options["client"], progress=options["progress"], kind=OneVsRest(k=0),
+    )
+    try:
+        scores = run_row_scores(engine, score, row_shape)
+    finally:
+        engine.close()
+    return inputs.to_numpy(scores)
 
 
 def _xlogx(x: np.ndarray) -> np.ndarray:
@@ -431,20 +472,6 @@ def open_inputs(labels: Any, pred_probs: Any) -> tuple[Any, Any, int, int]:
                 f"labels must be a list of label lists or an (N, K) = {(n, k)} 0/1 matrix, got shape {tuple(lab.shape)}"
             )
     return lab, probs, n, k
-
-
-def _row_blocks(lab: Any, probs: Any) -> Any:
-    """``(labels, pred_probs)`` of :data:`SCORE_ROWS` rows at a time, checked."""
-    n = int(probs.shape[0])
-    for a in range(0, n, SCORE_ROWS):
-        b = min(a + SCORE_ROWS, n)
-        y, p = inputs.to_numpy(lab[a:b]), inputs.to_numpy(probs[a:b])
-        bad = ((y != 0) & (y != 1)) | ~((p >= 0) & (p <= 1))
-        if bad.any():
-            row, c = (int(v) for v in np.argwhere(bad)[0])
-            problem = OneVsRest(k=c).stored_problem(y, p, a, None)
-            raise ValueError(problem.message if problem is not None else f"row {a + row}, class {c} is bad")
-        yield y, p
 
 
 def _read_all(source: Any) -> np.ndarray:

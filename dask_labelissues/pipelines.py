@@ -12,7 +12,7 @@ and when each runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from .engines.blocks import BlockReader
 from .filters import Cells, FilterSpec, MaskRule
 from .kernels import ScoreSpec
 from .sentences import block_offsets, sentence_block
-from .states import CountState, OutlookState, ScoreState, Selection, ThresholdState, Winners
+from .states import CountState, InputValueError, OutlookState, ScoreState, Selection, ThresholdState, Winners
 
 #: Most classes for which pass one also keeps each block's
 #: :class:`~dask_labelissues.states.OutlookState` (see :func:`_outlook`).
@@ -689,6 +689,45 @@ def run_sentence_scores(
     done, parts = engine.compute(root, tokens, keep=[tokens])
     done.state.raise_problem()
     return np.concatenate(parts), engine.to_array(tokens, np.float64)
+
+
+def scored_block(
+    block: BlockReader, score: Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray | None, Any]]
+) -> tuple[np.ndarray | None, Any]:
+    """``score(stored labels, stored pred_probs, first row)`` of a block:
+    its rows' scores and its first bad value (an
+    :class:`~dask_labelissues.kernels.InputProblem`, or None)."""
+    return score(block.stored_labels(), block.stored_probs(), block.start)
+
+
+def _rows_of(scored: tuple[np.ndarray | None, Any]) -> np.ndarray | None:
+    return scored[0]
+
+
+def _problem_of(scored: tuple[np.ndarray | None, Any]) -> Any:
+    return scored[1]
+
+
+def run_row_scores(
+    engine: Engine, score: Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray | None, Any]],
+    row_shape: tuple[int, ...] | None = None,
+) -> Any:
+    """A float64 score of every stored row, from a function of each block's
+    stored values (one read of pred_probs), for data kinds whose scores
+    need no thresholds (multi-label's aggregated class scores).
+
+    ``score`` returns a block's scores, or None and the block's first bad
+    value; the first bad value of all (by row) is raised here, as pass one
+    raises it.  Returns ``(N,)`` scores, or ``(N, *row_shape)``, lazy where
+    the engine is.
+    """
+    parts = engine.map(scored_block, INPUTS, score, label="scoring")
+    (problems,) = engine.compute(engine.map(_problem_of, parts), keep=[parts])
+    problems = [p for p in problems if p is not None]
+    if problems:
+        first = min(problems, key=lambda p: p.row)
+        raise InputValueError(first.message, first.row)
+    return engine.to_array(engine.map(_rows_of, parts), np.float64, row_shape=row_shape)
 
 
 def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any, planes: bool = False) -> None:

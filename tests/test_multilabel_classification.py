@@ -233,6 +233,34 @@ def test_scores_refuse_bad_values_by_row_and_class():
         ml.get_label_quality_scores_per_class(twos, probs)
 
 
+@pytest.mark.parametrize(("backend", "chunk_rows"), [("serial", 97), ("threads", 500), ("fork", 333), ("dask", 256)])
+def test_scores_run_on_every_engine_reading_pred_probs_once(stored, backend, chunk_rows):
+    from .test_single_read import CountingArray
+
+    root, labels, probs = stored
+    expected = ml.get_label_quality_scores(labels, probs, method="normalized_margin")
+    expected_per_class = ml.get_label_quality_scores_per_class(labels, probs)
+    group = zarr.open_group(str(root / "data.zarr"), mode="r")
+    counted = CountingArray(probs)
+    with dask.config.set(scheduler="threads"):
+        got = ml.get_label_quality_scores(group["labels"], counted, method="normalized_margin", backend=backend,
+                                          chunk_rows=chunk_rows)
+        per_class = ml.get_label_quality_scores_per_class(str(root / "labels.npy"), str(root / "probs.npy"),
+                                                          backend=backend, chunk_rows=chunk_rows)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(per_class, expected_per_class)
+    assert counted.served.value == probs.nbytes
+
+
+def test_the_first_bad_score_value_is_named_whichever_block_finds_it():
+    labels, probs, _ = examples(4, seed=10)
+    bad = probs.copy()
+    bad[1400, 0] = -1.0
+    bad[300, 2] = np.nan
+    with pytest.raises(ValueError, match=r"pred_probs\[300, 2\] = nan"):
+        ml.get_label_quality_scores(labels, bad, backend="threads", chunk_rows=100)
+
+
 def test_float16_probabilities_are_complemented_in_float16_as_cleanlabs():
     labels, probs, _ = examples(4, seed=11)
     half = probs.astype(np.float16)

@@ -41,7 +41,7 @@ from .engines import make_engine
 from .kernels import ScoreSpec
 from .pipelines import run_sentence_scores, warm_up
 from .sentences import SENTENCE_SCORE_METHODS, SOFTMIN_TEMPERATURE
-# Importable from here as they were before the engines' tasks needed them.
+# The sentence reductions the block tasks use, importable from here too.
 from .sentences import sentence_mean, sentence_min, sentence_softmin  # noqa: F401
 from .states import located
 

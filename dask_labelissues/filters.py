@@ -112,6 +112,12 @@ class FilterSpec:
         return self.filter_by != "predicted_neq_given"
 
     @property
+    def mask_reads_joint(self) -> bool:
+        """:func:`mask_block` reads each row's joint record (only
+        confident_learning's mask is the joint's off-diagonal rows)."""
+        return self.filter_by == "confident_learning"
+
+    @property
     def selects(self) -> bool:
         """Rows are selected by counts the whole confident joint decides;
         else each row's own joint record decides its flag

@@ -161,7 +161,7 @@ def flags_block(
     masks, winners = [], []
     for p in range(len(kinds)):
         rec = views.scan(p).data
-        joint = views.joint(p, thresholds[p], fspecs[p]).data if fspecs[p].needs_joint else None
+        joint = views.joint(p, thresholds[p], fspecs[p]).data if fspecs[p].mask_reads_joint else None
         scores = score_block(rec, thresholds[p], spec, views.view(p) if spec.rereads else None).data
         flagged = flag_block(rules[p], rec, joint, scores, start)
         masks.append(flagged.data)

@@ -122,3 +122,15 @@ def test_the_kernel_is_chosen_for_the_work_of_every_problem():
                in_process=False)
     assert plan_blocks(BlockConfig(**job)).spec.kernel == "numpy"
     assert plan_blocks(BlockConfig(**job, problems=10)).spec.kernel == "auto"  # numba where it imports
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 3), (4096, 7), (10_001, 50)])
+def test_a_column_major_copy_holds_the_same_values(dtype, shape):
+    from dask_labelissues.engines.blocks import column_major_copy
+
+    a = (np.random.default_rng(3).random(shape) * 100).astype(dtype)
+    out = column_major_copy(a)
+    assert out.flags.f_contiguous and out.dtype == a.dtype
+    np.testing.assert_array_equal(out, a)
+    np.testing.assert_array_equal(column_major_copy(a[::2]), a[::2])  # a strided view too

@@ -332,7 +332,9 @@ def aggregate(scores: np.ndarray, method: str | Callable = "exponential_moving_a
     raise ValueError(f"aggregator method {method!r} is not one of exponential_moving_average, softmin or a callable")
 
 
-def _scores(lab: Any, probs: Any, method: str, aggregator_kwargs: dict[str, Any], options: dict[str, Any]) -> np.ndarray:
+def _scores(
+    lab: Any, probs: Any, method: str, aggregator_kwargs: dict[str, Any], options: dict[str, Any]
+) -> np.ndarray:
     kwargs = dict(aggregator_kwargs)
     how = kwargs.pop("method", "exponential_moving_average")
     return _run_scores(lab, probs, functools.partial(_checked_scores, method, how, kwargs), options)

@@ -44,8 +44,14 @@ def run_task(args: argparse.Namespace, output: str, backend: str, client: Any,
         labels, probs, _, _ = ml.open_inputs(labels, probs)  # once, for the four steps below
         if names is not None and len(names) != k:
             raise ValueError(f"--class-names has {len(names)} names; pred_probs has {k} classes")
-        per_class = ml.find_multilabel_issues_per_class(labels, probs, filter_by=filter_by, **prune, **options)
-        scores = ml.get_label_quality_scores(labels, probs)
+        if filter_by in ("low_self_confidence", "low_normalized_margin"):
+            per_class = ml.find_multilabel_issues_per_class(labels, probs, filter_by=filter_by, **prune, **options)
+            scores = ml.get_label_quality_scores(labels, probs, **options)
+        else:
+            # The classes' issues and the examples' scores from one job.
+            found = ml.find_issues(labels, probs, filter_by=filter_by, score_method="self_confidence", **prune,
+                                   **options)
+            per_class, scores = found.per_class, found.scores
         if filter_by in ("low_self_confidence", "low_normalized_margin"):
             # These filters' issues are not the union of the classes' (see
             # multilabel_classification.find_label_issues).

@@ -22,7 +22,7 @@ problem's results are those of its own :func:`run_filter`, bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -54,6 +54,9 @@ class ProblemsResult:
     confident_joints: list[np.ndarray | None]
     #: Reads of pred_probs, for all the problems together.
     reads: int
+    #: ``row_scores``' scores of every stored row (lazy where the engine
+    #: is), made by the last read; None without ``row_scores``.
+    row_scores: Any = None
 
 
 def _views(block: BlockReader, kinds: Sequence[Kind]) -> list[BlockReader]:
@@ -149,10 +152,13 @@ def exact_block(block: BlockReader, kinds: Sequence[Kind], cells: Sequence[filte
 def flags_block(
     block: BlockReader, start: int, kinds: Sequence[Kind], spec: ScoreSpec, fspecs: Sequence[FilterSpec],
     thresholds: Sequence[np.ndarray], rules: Sequence[MaskRule],
-) -> tuple[np.ndarray, list[Winners]]:
+    row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, list[Winners], np.ndarray | None]:
     """Every problem's ``is_label_issue`` for the block, as ``(items, P)``
-    columns, and each problem's flagged rows with their scores."""
+    columns, each problem's flagged rows with their scores, and
+    ``row_scores(stored labels, stored pred_probs)`` where given."""
     views = _Views(block, kinds, spec)
+    scored = None if row_scores is None else row_scores(block.stored_labels(), block.stored_probs())
     masks, winners = [], []
     for p in range(len(kinds)):
         rec = views.scan(p).data
@@ -162,15 +168,19 @@ def flags_block(
         masks.append(flagged.data)
         winners.append(flagged.state)
         views.drop(p)
-    return np.stack(masks, axis=1), winners
+    return np.stack(masks, axis=1), winners, scored
 
 
-def _mask(flags: tuple[np.ndarray, list[Winners]]) -> np.ndarray:
+def _mask(flags: tuple[np.ndarray, list[Winners], Any]) -> np.ndarray:
     return flags[0]
 
 
-def _winners(flags: tuple[np.ndarray, list[Winners]]) -> list[Winners]:
+def _winners(flags: tuple[np.ndarray, list[Winners], Any]) -> list[Winners]:
     return flags[1]
+
+
+def _row_scores(flags: tuple[np.ndarray, list[Winners], Any]) -> np.ndarray:
+    return flags[2]
 
 
 # -- the job ----------------------------------------------------------------------
@@ -179,7 +189,8 @@ def _selects(plan: Plan, fspec: FilterSpec) -> bool:
 
 
 def run_filters(
-    engine: Engine, spec: ScoreSpec, kinds: Sequence[Kind], fspecs: Sequence[FilterSpec], ranked: bool = True
+    engine: Engine, spec: ScoreSpec, kinds: Sequence[Kind], fspecs: Sequence[FilterSpec], ranked: bool = True,
+    row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> ProblemsResult:
     """cleanlab.filter's method of each ``fspecs[p]`` on problem ``kinds[p]``
     (views of the engine's blocks with the engine's items), each stage for
@@ -195,7 +206,9 @@ def run_filters(
        more for the noise-rate cells their kept candidates cannot decide;
     4. the last read -> the masks and each problem's flagged rows, ranked by
        ``spec``'s score (ties by item) or, with ``ranked=False``, in item
-       order.
+       order; and, with ``row_scores``, a float64 score of every stored row
+       from the block's stored values (multi-label's aggregated scores),
+       in the same read.
 
     Each problem's results are those :func:`~dask_labelissues.pipelines.run_filter`
     gives it alone.
@@ -242,7 +255,7 @@ def run_filters(
 
     rules = [MaskRule(f.filter_by, s) for f, s in zip(fspecs, selected)]
     per_block = PerBlock([[rule.restrict(a, b) for rule in rules] for a, b in engine.item_bounds])
-    flags = engine.map(flags_block, INPUTS, START, kinds, spec, fspecs, thresholds, per_block,
+    flags = engine.map(flags_block, INPUTS, START, kinds, spec, fspecs, thresholds, per_block, row_scores,
                        label="flagging the issues")
     (winners,) = engine.compute(engine.reduce(engine.map(_winners, flags), each(WINNERS)), keep=[flags])
     reads += 1
@@ -256,6 +269,7 @@ def run_filters(
         per_class_count=counts,
         confident_joints=calibrated,
         reads=reads,
+        row_scores=None if row_scores is None else engine.to_array(engine.map(_row_scores, flags), np.float64),
     )
 
 

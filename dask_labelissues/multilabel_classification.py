@@ -114,27 +114,95 @@ def find_label_issues(
     _no_joint(confident_joint)
     options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose)
     lab, probs, n, k = open_inputs(labels, pred_probs)
+    method = None if return_indices_ranked_by is None else _method(return_indices_ranked_by, rank_by_kwargs)
     if filter_by in ("low_normalized_margin", "low_self_confidence"):
         # As cleanlab: as many issues as the confident-learning filter finds,
-        # the lowest by the default score.
-        counted = _class_masks(lab, probs, k, "confident_learning", 1.0, None, 1, options).any(axis=1)
-        scores = _scores(lab, probs, "self_confidence", DEFAULT_AGGREGATOR, options)
-        lowest = np.argsort(scores, kind="stable")[: int(counted.sum())]
-        if return_indices_ranked_by is None:
+        # the lowest by the default score (made in that job's last read).
+        found = find_issues(lab, probs, filter_by="confident_learning", score_method="self_confidence", **options)
+        scores = found.scores
+        lowest = np.argsort(scores, kind="stable")[: int(found.per_class.any(axis=1).sum())]
+        if method is None:
             mask = np.zeros(n, dtype=bool)
             mask[lowest] = True
             return mask
-        method = _method(return_indices_ranked_by, rank_by_kwargs)
         # The default score is the ranking's too where the method is its own: one read, not two.
         ranking = scores if method == "self_confidence" else _scores(lab, probs, method, DEFAULT_AGGREGATOR, options)
         return lowest[np.argsort(ranking[lowest], kind="stable")].astype(np.int64)
-    mask = _class_masks(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
-                        options).any(axis=1)
-    if return_indices_ranked_by is None:
+    found = find_issues(
+        lab, probs, filter_by=filter_by, frac_noise=frac_noise, num_to_remove_per_class=num_to_remove_per_class,
+        min_examples_per_class=min_examples_per_class, score_method=method, **options,
+    )
+    mask = found.per_class.any(axis=1)
+    if method is None:
         return mask
     issues = np.flatnonzero(mask)
-    ranking = _scores(lab, probs, _method(return_indices_ranked_by, rank_by_kwargs), DEFAULT_AGGREGATOR, options)
-    return issues[np.argsort(ranking[issues], kind="stable")].astype(np.int64)
+    return issues[np.argsort(found.scores[issues], kind="stable")].astype(np.int64)
+
+
+@dataclass
+class MultilabelIssues:
+    """What :func:`find_issues` finds."""
+
+    #: ``(N, K)`` bool: each class's label issues.
+    per_class: np.ndarray
+    #: ``(N,)`` float64 aggregated scores (:func:`get_label_quality_scores`),
+    #: where a score was asked for; else None.
+    scores: np.ndarray | None
+    #: Reads of pred_probs the job made.
+    reads: int
+
+
+def find_issues(
+    labels: Any,
+    pred_probs: Any,
+    *,
+    filter_by: str = "prune_by_noise_rate",
+    frac_noise: float = 1.0,
+    num_to_remove_per_class: Sequence[int] | None = None,
+    min_examples_per_class: int = 1,
+    score_method: str | None = None,
+    aggregator_kwargs: dict[str, Any] | None = None,
+    backend: str = "auto",
+    client: Any = None,
+    chunk_rows: int | None = None,
+    n_jobs: int | None = None,
+    progress: bool = False,
+) -> MultilabelIssues:
+    """Each class's label issues and, in the same job, every example's score.
+
+    Parameters
+    ----------
+    labels, pred_probs
+        As in :func:`find_label_issues` (or opened by :func:`open_inputs`).
+    filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class
+        As in :func:`find_multilabel_issues_per_class`.
+    score_method
+        Also score every example as :func:`get_label_quality_scores` does
+        with this method, in the job's last read of pred_probs (None: no
+        scores).
+    aggregator_kwargs
+        As in :func:`get_label_quality_scores`.
+    backend, client, chunk_rows, n_jobs, progress
+        Where the job runs, as in :func:`find_label_issues`.
+
+    Returns
+    -------
+    MultilabelIssues
+    """
+    lab, probs, _, k = open_inputs(labels, pred_probs)
+    options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=progress)
+    row_scores = None
+    if score_method is not None:
+        kwargs = dict(aggregator_kwargs or DEFAULT_AGGREGATOR)
+        how = kwargs.pop("method", "exponential_moving_average")
+        row_scores = functools.partial(aggregated_scores, _method(score_method, None), how, kwargs)
+    found = _class_results(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
+                           options, row_scores=row_scores)
+    return MultilabelIssues(
+        per_class=inputs.to_numpy(found.mask).astype(bool, copy=False),
+        scores=None if row_scores is None else inputs.to_numpy(found.row_scores),
+        reads=found.reads,
+    )
 
 
 def find_multilabel_issues_per_class(
@@ -340,6 +408,15 @@ def _scores(
     return _run_scores(lab, probs, functools.partial(_checked_scores, method, how, kwargs), options)
 
 
+def aggregated_scores(
+    method: str, how: str | Callable | None, kwargs: dict[str, Any], labels: np.ndarray, probs: np.ndarray
+) -> np.ndarray:
+    """A block's class scores (:func:`class_scores`), aggregated by ``how``
+    with ``kwargs`` (:func:`aggregate`; None: not aggregated)."""
+    scores = class_scores(labels, probs, method)
+    return scores if how is None else aggregate(scores, how, **kwargs)
+
+
 def _checked_scores(
     method: str, how: str | Callable | None, kwargs: dict[str, Any], labels: np.ndarray, probs: np.ndarray, start: int
 ) -> tuple[np.ndarray | None, InputProblem | None]:
@@ -350,8 +427,7 @@ def _checked_scores(
     if bad.any():
         _, c = (int(v) for v in np.argwhere(bad)[0])
         return None, OneVsRest(k=c).stored_problem(y, p, start, None)
-    scores = class_scores(y, p, method)
-    return (scores if how is None else aggregate(scores, how, **kwargs)), None
+    return aggregated_scores(method, how, kwargs, y, p), None
 
 
 def _run_scores(lab: Any, probs: Any, score: Callable, options: dict[str, Any],
@@ -387,7 +463,7 @@ def _method(method: str, kwargs: dict[str, Any] | None) -> str:
 # -- the per-class jobs ------------------------------------------------------------------
 def _class_results(
     lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float, remove: Sequence[int] | None,
-    minimum: int, options: dict[str, Any], ranked_by: str | None = None,
+    minimum: int, options: dict[str, Any], ranked_by: str | None = None, row_scores: Callable | None = None,
 ) -> ProblemsResult:
     """Every class's binary job, side by side on one engine: each stage
     reads pred_probs once for all K classes (:func:`run_filters`)."""
@@ -406,7 +482,8 @@ def _class_results(
         problems=k,
     )
     try:
-        return run_filters(engine, engine.plan.spec, [OneVsRest(k=c) for c in range(k)], fspecs, ranked_by is not None)
+        kinds = [OneVsRest(k=c) for c in range(k)]
+        return run_filters(engine, engine.plan.spec, kinds, fspecs, ranked_by is not None, row_scores)
     finally:
         engine.close()
 

@@ -134,3 +134,19 @@ def test_a_column_major_copy_holds_the_same_values(dtype, shape):
     assert out.flags.f_contiguous and out.dtype == a.dtype
     np.testing.assert_array_equal(out, a)
     np.testing.assert_array_equal(column_major_copy(a[::2]), a[::2])  # a strided view too
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads", "dask"])
+def test_the_ranking_scores_come_from_the_masks_last_read(backend):
+    _, probs, matrix = examples(7, n=1200)
+    counted = CountingArray(probs)
+    with dask.config.set(scheduler="threads"):
+        ranked = ml.find_label_issues(matrix, counted, return_indices_ranked_by="normalized_margin",
+                                      backend=backend, chunk_rows=300)
+        found = ml.find_issues(matrix, probs, score_method="normalized_margin", backend=backend, chunk_rows=300)
+    assert counted.served.value == 4 * probs.nbytes  # thresholds, joints, selections, flags and scores
+    assert found.reads == 4
+    np.testing.assert_array_equal(found.scores, ml.get_label_quality_scores(matrix, probs, method="normalized_margin"))
+    np.testing.assert_array_equal(found.per_class, ml.find_multilabel_issues_per_class(matrix, probs))
+    issues = np.flatnonzero(found.per_class.any(axis=1))
+    np.testing.assert_array_equal(ranked, issues[np.argsort(found.scores[issues], kind="stable")])

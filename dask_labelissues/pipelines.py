@@ -649,9 +649,9 @@ def run_sentence_scores(
 
     The engine's blocks end at sentence offsets (its plan's ``cuts``), so
     each block's task scores its own whole sentences from its tokens'
-    records (:func:`dask_labelissues.sentences.sentence_block`): only the
-    ``(N,)`` sentence scores come back here, and the token scores stay a
-    column of the engine.
+    records (:func:`sentence_scan_block`): only the ``(N,)`` sentence
+    scores come back here, the token scores stay a column of the engine,
+    and no records are kept.
 
     Parameters
     ----------
@@ -680,15 +680,35 @@ def run_sentence_scores(
     if spec.adjust_pred_probs:
         raise ValueError("token scores of adjusted pred_probs need the thresholds: not a score of pass one")
     per_block = PerBlock(block_offsets(offsets, engine.item_bounds))
-    columns = engine.column(spec.record_dtype()), engine.column(np.float64)
-    records = engine.map(scan_block, INPUTS, spec, False, out=columns[0], label="reading pred_probs")
-    root = engine.reduce(records, THRESHOLDS)
     tokens = engine.map(
-        sentence_block, records, per_block, method, temperature, out=columns[1], label="scoring sentences"
+        sentence_scan_block, INPUTS, spec, per_block, method, temperature, out=engine.column(np.float64),
+        label="reading pred_probs",
     )
-    done, parts = engine.compute(root, tokens, keep=[tokens])
-    done.state.raise_problem()
-    return np.concatenate(parts), engine.to_array(tokens, np.float64)
+    (parts,) = engine.compute(tokens, keep=[tokens])
+    problems = [problem for problem, _ in parts if problem is not None]
+    if problems:
+        first = min(problems, key=lambda problem: problem.row)
+        raise InputValueError(first.message, first.row)
+    return np.concatenate([scores for _, scores in parts]), engine.to_array(tokens, np.float64)
+
+
+def sentence_scan_block(
+    block: BlockReader, spec: ScoreSpec, offsets: np.ndarray, method: str, temperature: float,
+    out: np.ndarray | None = None,
+) -> Pair:
+    """Pass one on a block of whole sentences and its sentences' scores, in
+    one task: the records (32 bytes a token) live only in the task, and the
+    block's token scores (8 bytes a token) go to ``out``.
+
+    Returns
+    -------
+    Pair
+        The token scores, and as the state ``(first bad value or None,
+        (n_block,) sentence scores)``.
+    """
+    scanned = scan_block(block, spec, False)
+    scored = sentence_block(scanned.data, offsets, method, temperature, out=out)
+    return Pair(scored.data, (scanned.state.problem, scored.state))
 
 
 def scored_block(

@@ -366,6 +366,21 @@ def test_blocks_that_cut_sentences_are_refused(backend):
         engine.close()
 
 
+@pytest.mark.parametrize("backend", ["serial", "threads", "fork"])
+def test_the_sentence_job_keeps_token_scores_and_no_records(backend):
+    labels, probs = sentences(5, n=200, seed=2)
+    y, p, offsets = flat(labels, probs)
+    engine, _, _ = make_engine(backend, y, p, ScoreSpec(), chunk_rows=300, cuts=offsets)
+    try:
+        got, tokens = pipelines.run_sentence_scores(engine, engine.plan.spec, offsets, "min", 0.05)
+        assert [column.dtype for column in engine.columns] == [np.dtype(np.float64)]  # 8 bytes a token
+    finally:
+        engine.close()
+    expected_sentences, expected_tokens = tc.get_label_quality_scores(y, p, sentence_offsets=offsets, backend="serial")
+    np.testing.assert_array_equal(got, expected_sentences)
+    np.testing.assert_array_equal(tokens, expected_tokens)
+
+
 def test_options_the_scores_do_not_take_are_refused():
     labels, probs = sentences(5, n=20, seed=1)
     with pytest.raises(TypeError, match="unexpected keyword arguments: adjust_pred_probs"):

@@ -41,8 +41,9 @@ class ProblemsResult:
     """What :func:`run_filters` computes: the problems side by side.
 
     ``mask`` is ``(items, P)`` bool (lazy where the engine is), column
-    ``p`` the ``is_label_issue`` of problem ``p``; the lists hold one
-    entry a problem.
+    ``p`` the ``is_label_issue`` of problem ``p``, or ``(items,)``, an
+    item's issue in any problem (``per_problem=False``); the lists hold
+    one entry a problem.
     """
 
     mask: Any
@@ -152,10 +153,11 @@ def exact_block(block: BlockReader, kinds: Sequence[Kind], cells: Sequence[filte
 def flags_block(
     block: BlockReader, start: int, kinds: Sequence[Kind], spec: ScoreSpec, fspecs: Sequence[FilterSpec],
     thresholds: Sequence[np.ndarray], rules: Sequence[MaskRule],
-    row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, per_problem: bool = True,
 ) -> tuple[np.ndarray, list[Winners], np.ndarray | None]:
     """Every problem's ``is_label_issue`` for the block, as ``(items, P)``
-    columns, each problem's flagged rows with their scores, and
+    columns (or, without ``per_problem``, whether any problem flags an
+    item), each problem's flagged rows with their scores, and
     ``row_scores(stored labels, stored pred_probs)`` where given."""
     views = _Views(block, kinds, spec)
     scored = None if row_scores is None else row_scores(block.stored_labels(), block.stored_probs())
@@ -168,7 +170,8 @@ def flags_block(
         masks.append(flagged.data)
         winners.append(flagged.state)
         views.drop(p)
-    return np.stack(masks, axis=1), winners, scored
+    mask = np.stack(masks, axis=1)
+    return (mask if per_problem else mask.any(axis=1)), winners, scored
 
 
 def _mask(flags: tuple[np.ndarray, list[Winners], Any]) -> np.ndarray:
@@ -190,7 +193,7 @@ def _selects(plan: Plan, fspec: FilterSpec) -> bool:
 
 def run_filters(
     engine: Engine, spec: ScoreSpec, kinds: Sequence[Kind], fspecs: Sequence[FilterSpec], ranked: bool = True,
-    row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, per_problem: bool = True,
 ) -> ProblemsResult:
     """cleanlab.filter's method of each ``fspecs[p]`` on problem ``kinds[p]``
     (views of the engine's blocks with the engine's items), each stage for
@@ -208,7 +211,9 @@ def run_filters(
        ``spec``'s score (ties by item) or, with ``ranked=False``, in item
        order; and, with ``row_scores``, a float64 score of every stored row
        from the block's stored values (multi-label's aggregated scores),
-       in the same read.
+       in the same read.  Without ``per_problem`` the mask is one column,
+       an item's issue in any problem (multi-label's flagged examples), so
+       a job on K problems brings 1 byte an item back, not K.
 
     Each problem's results are those :func:`~dask_labelissues.pipelines.run_filter`
     gives it alone.
@@ -256,13 +261,13 @@ def run_filters(
     rules = [MaskRule(f.filter_by, s) for f, s in zip(fspecs, selected)]
     per_block = PerBlock([[rule.restrict(a, b) for rule in rules] for a, b in engine.item_bounds])
     flags = engine.map(flags_block, INPUTS, START, kinds, spec, fspecs, thresholds, per_block, row_scores,
-                       label="flagging the issues")
+                       per_problem, label="flagging the issues")
     (winners,) = engine.compute(engine.reduce(engine.map(_winners, flags), each(WINNERS)), keep=[flags])
     reads += 1
     if ranked:
         winners = [w.ranked() for w in winners]
     return ProblemsResult(
-        mask=engine.to_array(engine.map(_mask, flags), np.bool_, row_shape=(n,)),
+        mask=engine.to_array(engine.map(_mask, flags), np.bool_, row_shape=(n,) if per_problem else None),
         issues=[w.index for w in winners],
         issue_scores=[w.score for w in winners],
         thresholds=thresholds,

@@ -45,6 +45,8 @@ from .pipelines import run_row_scores
 
 __all__ = [
     "LabelSets",
+    "MultilabelIssues",
+    "find_issues",
     "find_label_issues",
     "find_multilabel_issues_per_class",
     "get_label_quality_scores",
@@ -118,9 +120,10 @@ def find_label_issues(
     if filter_by in ("low_normalized_margin", "low_self_confidence"):
         # As cleanlab: as many issues as the confident-learning filter finds,
         # the lowest by the default score (made in that job's last read).
-        found = find_issues(lab, probs, filter_by="confident_learning", score_method="self_confidence", **options)
+        found = find_issues(lab, probs, filter_by="confident_learning", score_method="self_confidence",
+                            per_class=False, **options)
         scores = found.scores
-        lowest = np.argsort(scores, kind="stable")[: int(found.per_class.any(axis=1).sum())]
+        lowest = np.argsort(scores, kind="stable")[: int(found.flagged.sum())]
         if method is None:
             mask = np.zeros(n, dtype=bool)
             mask[lowest] = True
@@ -130,9 +133,9 @@ def find_label_issues(
         return lowest[np.argsort(ranking[lowest], kind="stable")].astype(np.int64)
     found = find_issues(
         lab, probs, filter_by=filter_by, frac_noise=frac_noise, num_to_remove_per_class=num_to_remove_per_class,
-        min_examples_per_class=min_examples_per_class, score_method=method, **options,
+        min_examples_per_class=min_examples_per_class, score_method=method, per_class=False, **options,
     )
-    mask = found.per_class.any(axis=1)
+    mask = found.flagged
     if method is None:
         return mask
     issues = np.flatnonzero(mask)
@@ -143,8 +146,10 @@ def find_label_issues(
 class MultilabelIssues:
     """What :func:`find_issues` finds."""
 
-    #: ``(N, K)`` bool: each class's label issues.
-    per_class: np.ndarray
+    #: ``(N, K)`` bool: each class's label issues (None unless asked for).
+    per_class: np.ndarray | None
+    #: ``(N,)`` bool: the examples with a label issue in any class.
+    flagged: np.ndarray
     #: ``(N,)`` float64 aggregated scores (:func:`get_label_quality_scores`),
     #: where a score was asked for; else None.
     scores: np.ndarray | None
@@ -162,6 +167,7 @@ def find_issues(
     min_examples_per_class: int = 1,
     score_method: str | None = None,
     aggregator_kwargs: dict[str, Any] | None = None,
+    per_class: bool = True,
     backend: str = "auto",
     client: Any = None,
     chunk_rows: int | None = None,
@@ -182,6 +188,9 @@ def find_issues(
         scores).
     aggregator_kwargs
         As in :func:`get_label_quality_scores`.
+    per_class
+        Each class's issues, ``(N, K)``; False: only whether an example has
+        one, ``(N,)`` (1 byte an example brought back, not K).
     backend, client, chunk_rows, n_jobs, progress
         Where the job runs, as in :func:`find_label_issues`.
 
@@ -197,9 +206,11 @@ def find_issues(
         how = kwargs.pop("method", "exponential_moving_average")
         row_scores = functools.partial(aggregated_scores, _method(score_method, None), how, kwargs)
     found = _class_results(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
-                           options, row_scores=row_scores)
+                           options, row_scores=row_scores, per_problem=per_class)
+    mask = inputs.to_numpy(found.mask).astype(bool, copy=False)
     return MultilabelIssues(
-        per_class=inputs.to_numpy(found.mask).astype(bool, copy=False),
+        per_class=mask if per_class else None,
+        flagged=mask.any(axis=1) if per_class else mask,
         scores=None if row_scores is None else inputs.to_numpy(found.row_scores),
         reads=found.reads,
     )
@@ -241,8 +252,10 @@ def find_multilabel_issues_per_class(
     options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose)
     lab, probs, n, k = open_inputs(labels, pred_probs)
     if return_indices_ranked_by is None:
-        return _class_masks(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
-                            options)
+        return find_issues(
+            lab, probs, filter_by=filter_by, frac_noise=frac_noise, num_to_remove_per_class=num_to_remove_per_class,
+            min_examples_per_class=min_examples_per_class, **options,
+        ).per_class
     method = _method(return_indices_ranked_by, rank_by_kwargs)
     found = _class_results(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
                            options, ranked_by=method)
@@ -464,6 +477,7 @@ def _method(method: str, kwargs: dict[str, Any] | None) -> str:
 def _class_results(
     lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float, remove: Sequence[int] | None,
     minimum: int, options: dict[str, Any], ranked_by: str | None = None, row_scores: Callable | None = None,
+    per_problem: bool = True,
 ) -> ProblemsResult:
     """Every class's binary job, side by side on one engine: each stage
     reads pred_probs once for all K classes (:func:`run_filters`)."""
@@ -483,15 +497,9 @@ def _class_results(
     )
     try:
         kinds = [OneVsRest(k=c) for c in range(k)]
-        return run_filters(engine, engine.plan.spec, kinds, fspecs, ranked_by is not None, row_scores)
+        return run_filters(engine, engine.plan.spec, kinds, fspecs, ranked_by is not None, row_scores, per_problem)
     finally:
         engine.close()
-
-
-def _class_masks(lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float, remove: Sequence[int] | None,
-                 minimum: int, options: dict[str, Any]) -> np.ndarray:
-    found = _class_results(lab, probs, k, filter_by, frac_noise, remove, minimum, options)
-    return inputs.to_numpy(found.mask).astype(bool, copy=False)
 
 
 # -- inputs ------------------------------------------------------------------------------

@@ -150,3 +150,12 @@ def test_the_ranking_scores_come_from_the_masks_last_read(backend):
     np.testing.assert_array_equal(found.per_class, ml.find_multilabel_issues_per_class(matrix, probs))
     issues = np.flatnonzero(found.per_class.any(axis=1))
     np.testing.assert_array_equal(ranked, issues[np.argsort(found.scores[issues], kind="stable")])
+
+
+def test_the_flagged_examples_alone_are_one_column():
+    _, probs, matrix = examples(6, n=900)
+    both = ml.find_issues(matrix, probs, backend="threads", chunk_rows=250)
+    union = ml.find_issues(matrix, probs, per_class=False, backend="threads", chunk_rows=250)
+    assert union.per_class is None and union.flagged.shape == (900,)
+    np.testing.assert_array_equal(union.flagged, both.per_class.any(axis=1))
+    np.testing.assert_array_equal(both.flagged, union.flagged)

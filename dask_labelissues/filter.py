@@ -122,5 +122,5 @@ def find_label_issues(
         client=client, chunk_rows=chunk_rows,
     )
     if return_indices_ranked_by is None:
-        return np.asarray(result.compute().is_label_issue, dtype=bool)
+        return result.array("is_label_issue").astype(bool, copy=False)
     return np.asarray(result.issues, dtype=np.int64)

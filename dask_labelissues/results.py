@@ -104,6 +104,13 @@ class LabelIssues:
         values = self._compute(*(getattr(self, name) for name in self.N_LONG))
         return replace(self, **{name: np.asarray(v) for name, v in zip(self.N_LONG, values)})
 
+    def array(self, name: str) -> np.ndarray:
+        """One of the N-long arrays (:attr:`N_LONG`) as numpy, computed where
+        it lives; the others are not computed."""
+        if name not in self.N_LONG:
+            raise ValueError(f"{name!r} is not one of {', '.join(self.N_LONG)}")
+        return np.asarray(self._compute(getattr(self, name))[0])
+
     def rows(self, indices: Any) -> dict[str, np.ndarray]:
         """Given label, predicted label, score and issue flag of some rows.
 

@@ -69,3 +69,22 @@ def test_what_is_not_supported_says_so(data):
     with pytest.raises(NotImplementedError, match="temperature"):
         dropin.find_label_issues(data.labels, data.pred_probs, return_indices_ranked_by="self_confidence",
                                  rank_by_kwargs={"temperature": 0.1})
+
+
+def test_a_dask_job_gives_the_same_numpy_mask(data):
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        got = dropin.find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000)
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got, dropin.find_label_issues(data.labels, data.pred_probs, backend="serial"))
+
+
+def test_one_array_of_a_result_is_computed_alone(data):
+    from dask_labelissues import find_label_issues
+
+    result = find_label_issues(data.labels, data.pred_probs, backend="dask", chunk_rows=1000)
+    assert hasattr(result.label_quality_scores, "dask")
+    np.testing.assert_array_equal(result.array("label_quality_scores"), result.compute().label_quality_scores)
+    with pytest.raises(ValueError, match="'issues' is not one of"):
+        result.array("issues")

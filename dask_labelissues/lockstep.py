@@ -16,7 +16,12 @@ bytes an item) and joint records are made again from the block by each
 stage that needs them, because they are larger than the stored values
 they come from (4 bytes a class of a row, for float32 multi-label data).
 The block tasks are :mod:`dask_labelissues.pipelines`' own, so every
-problem's results are those of its own :func:`run_filter`, bit for bit.
+problem's mask, issues, scores and thresholds are those of its own
+:func:`run_filter`, bit for bit; its calibrated confident joint is
+computed only where its filter selects by counts (not for
+confident_learning, whose mask needs no whole joint).  Blocks are read
+whole, so the engine is built with ``single_read=False`` (one piece a
+block).
 """
 
 from __future__ import annotations

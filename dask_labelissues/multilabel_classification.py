@@ -536,6 +536,8 @@ def open_inputs(labels: Any, pred_probs: Any) -> tuple[Any, Any, int, int]:
         raise TypeError(f"pred_probs must be floating point, got dtype {np.dtype(probs.dtype)}")
     if k < 2:
         raise ValueError(f"pred_probs must have at least 2 classes, got {k}")
+    if n == 0:
+        raise ValueError("pred_probs has no rows: there are no examples to check")
     if isinstance(labels, LabelSets):
         offsets = inputs.open_source(labels.offsets, "label offsets")
         lab = inputs.LabelSetRows(inputs.open_source(labels.indices, "label indices"), offsets, k)

@@ -183,6 +183,8 @@ def test_malformed_inputs_are_refused():
         ml.find_label_issues(matrix[:, :3], probs)
     with pytest.raises(NotImplementedError, match="confident_joint"):
         ml.find_label_issues(labels, probs, confident_joint=np.zeros((4, 2, 2)))
+    with pytest.raises(ValueError, match="pred_probs has no rows"):
+        ml.find_label_issues(matrix[:0], probs[:0])
 
 
 # -- dataset views -----------------------------------------------------------------------

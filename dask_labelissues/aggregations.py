@@ -122,11 +122,24 @@ PAIR_COUNTS = register(Aggregation("pair_counts", _sum_counts))
 
 
 def each(aggregation: Aggregation, optional: bool = False) -> Aggregation:
-    """``aggregation`` for several problems side by side: a block's state is
-    a sequence of states, one a problem, and entry ``p`` of every block's
-    sequence merges with the others' entry ``p``.  With ``optional``, an
-    entry is None in every block (a problem with nothing to merge there)
-    and stays None."""
+    """``aggregation`` for several problems side by side.
+
+    Parameters
+    ----------
+    aggregation
+        The blueprint of one problem's states.
+    optional
+        An entry may be None in every block (a problem with nothing to
+        merge there); it stays None.
+
+    Returns
+    -------
+    Aggregation
+        A blueprint whose states are sequences of states, one a problem:
+        entry ``p`` of every block's sequence merges with the others' entry
+        ``p``, and the root finalizes each entry as ``aggregation`` would.
+        Not registered: its name is ``aggregation``'s with ``-each``.
+    """
     finalize = None
     if aggregation.finalize is not None:
         finalize = functools.partial(_finalize_each, aggregation.finalize, optional)

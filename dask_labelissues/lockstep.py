@@ -100,7 +100,22 @@ class _Views:
 
 # -- block tasks ------------------------------------------------------------------
 def thresholds_block(block: BlockReader, kinds: Sequence[Kind], spec: ScoreSpec) -> list[Any]:
-    """Pass one of every problem on one read of the block: their threshold states."""
+    """Pass one of every problem on one read of the block.
+
+    Parameters
+    ----------
+    block
+        The block's reader (the engine's :data:`~dask_labelissues.engines.base.INPUTS`).
+    kinds
+        The problems, as views of the block's stored rows.
+    spec
+        The score and kernel.
+
+    Returns
+    -------
+    list of ThresholdState
+        One a problem.
+    """
     views = _Views(block, kinds, spec)
     states = []
     for p in range(len(kinds)):
@@ -113,7 +128,20 @@ def joints_block(
     block: BlockReader, kinds: Sequence[Kind], spec: ScoreSpec, fspecs: Sequence[FilterSpec],
     thresholds: Sequence[np.ndarray],
 ) -> list[Any]:
-    """Every problem's part of its confident joint, on one read of the block."""
+    """Every problem's part of its confident joint, on one read of the block.
+
+    Parameters
+    ----------
+    block, kinds, spec
+        As :func:`thresholds_block`.
+    fspecs, thresholds
+        Each problem's filter and exact thresholds.
+
+    Returns
+    -------
+    list of JointState
+        One a problem.
+    """
     views = _Views(block, kinds, spec)
     states = []
     for p in range(len(kinds)):
@@ -126,8 +154,23 @@ def selections_block(
     block: BlockReader, start: int, kinds: Sequence[Kind], spec: ScoreSpec, fspecs: Sequence[FilterSpec],
     thresholds: Sequence[np.ndarray], plans: Sequence[Plan | None],
 ) -> list[tuple[Any, ...] | None]:
-    """Every problem's candidates for each selection its plan makes (None
-    where it makes none), on one read of the block."""
+    """Every problem's candidates for each selection its plan makes, on one
+    read of the block.
+
+    Parameters
+    ----------
+    block, start, kinds, spec, fspecs, thresholds
+        As :func:`joints_block`; ``start``, the block's first item.
+    plans
+        Each problem's selections (None: it selects nothing).
+
+    Returns
+    -------
+    list
+        Per problem, None, or ``(noise-rate, class, lowest)``
+        :class:`~dask_labelissues.filters.GroupTop` candidates (None for a
+        selection its filter does not make).
+    """
     views = _Views(block, kinds, spec)
     out: list[tuple[Any, ...] | None] = []
     for p, plan in enumerate(plans):
@@ -151,7 +194,20 @@ def selections_block(
 
 def exact_block(block: BlockReader, kinds: Sequence[Kind], cells: Sequence[filters.Cells | None]) -> list[Any]:
     """Candidates from pred_probs itself for the noise-rate cells the kept
-    candidates could not decide, of the problems that have such cells."""
+    candidates could not decide.
+
+    Parameters
+    ----------
+    block, kinds
+        As :func:`thresholds_block`.
+    cells
+        Each problem's undecided cells (None: it has none).
+
+    Returns
+    -------
+    list
+        Per problem, a :class:`~dask_labelissues.filters.GroupTop` or None.
+    """
     return [None if c is None else exact_cells_block(view, c) for view, c in zip(_views(block, kinds), cells)]
 
 
@@ -160,10 +216,28 @@ def flags_block(
     thresholds: Sequence[np.ndarray], rules: Sequence[MaskRule],
     row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, per_problem: bool = True,
 ) -> tuple[np.ndarray, list[Winners], np.ndarray | None]:
-    """Every problem's ``is_label_issue`` for the block, as ``(items, P)``
-    columns (or, without ``per_problem``, whether any problem flags an
-    item), each problem's flagged rows with their scores, and
-    ``row_scores(stored labels, stored pred_probs)`` where given."""
+    """Every problem's flags for the block, on one read of it.
+
+    Parameters
+    ----------
+    block, start, kinds, spec, fspecs, thresholds
+        As :func:`selections_block`.
+    rules
+        Each problem's mask rule, restricted to the block.
+    row_scores
+        ``row_scores(stored labels, stored pred_probs)``: a score of each
+        stored row, made in the same read (None: none).
+    per_problem
+        The mask as ``(items, P)`` columns, one a problem; False: one
+        column, whether any problem flags the item.
+
+    Returns
+    -------
+    tuple
+        The mask, each problem's flagged rows with their scores
+        (:class:`~dask_labelissues.states.Winners`), and the row scores or
+        None.
+    """
     views = _Views(block, kinds, spec)
     scored = None if row_scores is None else row_scores(block.stored_labels(), block.stored_probs())
     masks, winners = [], []
@@ -200,9 +274,8 @@ def run_filters(
     engine: Engine, spec: ScoreSpec, kinds: Sequence[Kind], fspecs: Sequence[FilterSpec], ranked: bool = True,
     row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, per_problem: bool = True,
 ) -> ProblemsResult:
-    """cleanlab.filter's method of each ``fspecs[p]`` on problem ``kinds[p]``
-    (views of the engine's blocks with the engine's items), each stage for
-    all problems on one read of pred_probs.
+    """cleanlab.filter's method of each ``fspecs[p]`` on problem ``kinds[p]``,
+    each stage for all problems on one read of pred_probs.
 
     1. pass one -> every problem's exact thresholds (bad input raised
        here: the first bad value by row, then by problem);
@@ -212,16 +285,37 @@ def run_filters(
        problem's selections from its joint;
     3. where a plan selects, a read for every problem's candidates, and one
        more for the noise-rate cells their kept candidates cannot decide;
-    4. the last read -> the masks and each problem's flagged rows, ranked by
-       ``spec``'s score (ties by item) or, with ``ranked=False``, in item
-       order; and, with ``row_scores``, a float64 score of every stored row
-       from the block's stored values (multi-label's aggregated scores),
-       in the same read.  Without ``per_problem`` the mask is one column,
-       an item's issue in any problem (multi-label's flagged examples), so
-       a job on K problems brings 1 byte an item back, not K.
+    4. the last read -> the masks, each problem's flagged rows and, with
+       ``row_scores``, a score of every stored row.
 
-    Each problem's results are those :func:`~dask_labelissues.pipelines.run_filter`
-    gives it alone.
+    Parameters
+    ----------
+    engine
+        The job's engine, built with ``single_read=False`` and items one a
+        stored row, as every problem's kind has them.
+    spec
+        The score that ranks each problem's issues, and the kernel.
+    kinds
+        The problems: views of the engine's stored rows
+        (:class:`~dask_labelissues.kinds.OneVsRest` for multi-label data).
+    fspecs
+        Each problem's filter.
+    ranked
+        Each problem's issues ranked by ``spec``'s score (ties by item);
+        False: in item order.
+    row_scores
+        ``row_scores(stored labels, stored pred_probs)`` -> a float64
+        score a stored row (multi-label's aggregated scores), made in the
+        last read; None: none.
+    per_problem
+        The mask as one column a problem; False: one column, an item's
+        issue in any problem (1 byte an item back, not P).
+
+    Returns
+    -------
+    ProblemsResult
+        Each problem's mask, issues, scores and thresholds are those
+        :func:`~dask_labelissues.pipelines.run_filter` gives it alone.
     """
     n = len(kinds)
     if len(fspecs) != n:

@@ -736,10 +736,26 @@ def run_row_scores(
     stored values (one read of pred_probs), for data kinds whose scores
     need no thresholds (multi-label's aggregated class scores).
 
-    ``score`` returns a block's scores, or None and the block's first bad
-    value; the first bad value of all (by row) is raised here, as pass one
-    raises it.  Returns ``(N,)`` scores, or ``(N, *row_shape)``, lazy where
-    the engine is.
+    Parameters
+    ----------
+    engine
+        The job's engine.
+    score
+        ``score(stored labels, stored pred_probs, first row)`` ->
+        ``(scores, None)``, or ``(None, first bad value)`` (an
+        :class:`~dask_labelissues.kernels.InputProblem`).
+    row_shape
+        The shape of a row's scores (None: one score a row).
+
+    Returns
+    -------
+    numpy.ndarray or dask.array.Array
+        ``(N,)`` or ``(N, *row_shape)`` float64, lazy where the engine is.
+
+    Raises
+    ------
+    InputValueError
+        The first bad value of all, by row, as pass one raises it.
     """
     parts = engine.map(scored_block, INPUTS, score, label="scoring")
     (problems,) = engine.compute(engine.map(_problem_of, parts), keep=[parts])

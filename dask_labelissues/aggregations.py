@@ -158,3 +158,8 @@ def _combine_each(combine: Callable[[Sequence[Any]], Any], optional: bool, parts
 
 def _finalize_each(finalize: Callable[..., Any], optional: bool, merged: Sequence[Any], *args: Any) -> list[Any]:
     return [None if optional and m is None else finalize(m, *args) for m in merged]
+
+
+#: The kept rows of each selection a filter makes
+#: (:func:`dask_labelissues.filters.selection_candidates`), side by side.
+SELECTIONS = each(GROUP_TOP, optional=True)

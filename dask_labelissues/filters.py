@@ -517,6 +517,47 @@ def lowest_block(joint: np.ndarray, start: int, field: str, limit: int, enough: 
     )
 
 
+def selection_candidates(
+    plan: "Plan", fspec: FilterSpec, joint: np.ndarray, rec: np.ndarray, start: int
+) -> tuple[GroupTop | None, GroupTop | None, GroupTop | None]:
+    """A block's candidates for every selection ``plan`` makes.
+
+    Parameters
+    ----------
+    plan
+        The selections, planned from the whole confident joint.
+    fspec
+        The filter.
+    joint, rec
+        The block's joint records and pass-one records.
+    start
+        The block's first item.
+
+    Returns
+    -------
+    tuple
+        ``(noise-rate cells, classes, lowest scores)`` candidates, in the
+        order the mask takes them (:class:`MaskRule`); None for a selection
+        the filter does not make.
+    """
+    return (
+        None if plan.cells is None else noise_rate_block(joint, rec, start, plan.cells),
+        None if plan.class_limits is None else class_block(joint, rec, start, plan.class_limits, plan.class_enough),
+        None if fspec.lowest_field is None else lowest_block(
+            joint, start, fspec.lowest_field, plan.lowest, plan.lowest_enough
+        ),
+    )
+
+
+def decided(top: GroupTop, unsure: np.ndarray, exact: GroupTop) -> GroupTop:
+    """``top`` with its undecided noise-rate cells ``unsure`` replaced by
+    ``exact``, their candidates recomputed from pred_probs (its groups
+    numbered in ``unsure``'s order, as ``cells.subset(unsure)`` numbers
+    them)."""
+    exact.group = unsure[exact.group]
+    return top.replace_groups(unsure, exact)
+
+
 # -- the mask ----------------------------------------------------------------
 @dataclass(frozen=True)
 class MaskRule:

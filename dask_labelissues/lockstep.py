@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import filters
-from .aggregations import GROUP_TOP, JOINT, THRESHOLDS, WINNERS, Pair, each
+from .aggregations import GROUP_TOP, JOINT, SELECTIONS, THRESHOLDS, WINNERS, Pair, each
 from .engines.base import INPUTS, START, Engine, PerBlock
 from .engines.blocks import BlockReader
 from .filters import FilterSpec, MaskRule, Plan
@@ -174,20 +174,11 @@ def selections_block(
     views = _Views(block, kinds, spec)
     out: list[tuple[Any, ...] | None] = []
     for p, plan in enumerate(plans):
-        if plan is None or not _selects(plan, fspecs[p]):
+        if plan is None:
             out.append(None)
             continue
-        rec = views.scan(p).data
         joint = views.joint(p, thresholds[p], fspecs[p]).data
-        out.append((
-            None if plan.cells is None else filters.noise_rate_block(joint, rec, start, plan.cells),
-            None if plan.class_limits is None else filters.class_block(
-                joint, rec, start, plan.class_limits, plan.class_enough
-            ),
-            None if fspecs[p].lowest_field is None else filters.lowest_block(
-                joint, start, fspecs[p].lowest_field, plan.lowest, plan.lowest_enough
-            ),
-        ))
+        out.append(filters.selection_candidates(plan, fspecs[p], joint, views.scan(p).data, start))
         views.drop(p)
     return out
 
@@ -266,10 +257,6 @@ def _row_scores(flags: tuple[np.ndarray, list[Winners], Any]) -> np.ndarray:
 
 
 # -- the job ----------------------------------------------------------------------
-def _selects(plan: Plan, fspec: FilterSpec) -> bool:
-    return plan.cells is not None or plan.class_limits is not None or fspec.lowest_field is not None
-
-
 def run_filters(
     engine: Engine, spec: ScoreSpec, kinds: Sequence[Kind], fspecs: Sequence[FilterSpec], ranked: bool = True,
     row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, per_problem: bool = True,
@@ -347,10 +334,10 @@ def run_filters(
                 plans[p], calibrated[p] = filters.plan(fspecs[p], states[p], counts[p])
 
     selected: list[tuple[np.ndarray, ...]] = [() for _ in range(n)]
-    if any(plan is not None and _selects(plan, fspecs[p]) for p, plan in enumerate(plans)):
+    if any(plan is not None for plan in plans):
         tops = engine.map(selections_block, INPUTS, START, kinds, spec, fspecs, thresholds, plans,
                           label="reading for the selections")
-        (merged,) = engine.compute(engine.reduce(tops, each(each(GROUP_TOP, optional=True), optional=True)))
+        (merged,) = engine.compute(engine.reduce(tops, each(SELECTIONS, optional=True)))
         reads += 1
         reads += _decide_cells(engine, kinds, plans, merged)
         for p, m in enumerate(merged):
@@ -394,10 +381,6 @@ def _decide_cells(engine: Engine, kinds: Sequence[Kind], plans: Sequence[Plan | 
     exact = engine.map(exact_block, INPUTS, kinds, cells, label="reading undecided cells")
     (tops,) = engine.compute(engine.reduce(exact, each(GROUP_TOP, optional=True)))
     for p, u in enumerate(unsure):
-        if u is None:
-            continue
-        top = tops[p]
-        top.group = u[top.group]
-        cells_top, *rest = merged[p]
-        merged[p] = (cells_top.replace_groups(u, top), *rest)
+        if u is not None:
+            merged[p][0] = filters.decided(merged[p][0], u, tops[p])
     return 1

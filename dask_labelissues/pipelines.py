@@ -18,7 +18,8 @@ import numpy as np
 
 from . import filters, fused, kernels, states
 from .aggregations import (
-    FIRST_BUCKET, GROUP_TOP, HISTOGRAM, JOINT, PAIR_COUNTS, SCORES, THRESHOLDS, THRESHOLDS_OUTLOOK, WINNERS, Pair,
+    FIRST_BUCKET, GROUP_TOP, HISTOGRAM, JOINT, PAIR_COUNTS, SCORES, SELECTIONS, THRESHOLDS, THRESHOLDS_OUTLOOK,
+    WINNERS, Pair,
 )
 from .engines.base import INPUTS, START, Blocks, Engine, PerBlock
 from .engines.blocks import BlockReader
@@ -395,22 +396,17 @@ def run_filter(
         reads += 1
         estimated = state.off_diagonal
         plan, calibrated = filters.plan(fspec, state, counts)
-        if plan.cells is not None:
-            cells = plan.cells
-            top = _select(engine, filters.noise_rate_block, joint, records, START, cells)
-            unsure = top.uncertain(cells.given)
-            if unsure.size:
-                exact = _select(engine, exact_cells_block, INPUTS, cells.subset(unsure))
-                reads += 1
-                exact.group = unsure[exact.group]
-                top = top.replace_groups(unsure, exact)
-            selected += (top.rows(),)
-        if plan.class_limits is not None:
-            top = _select(engine, filters.class_block, joint, records, START, plan.class_limits, plan.class_enough)
-            selected += (top.rows(),)
-        if fspec.lowest_field is not None:
-            top = _select(engine, filters.lowest_block, joint, START, fspec.lowest_field, plan.lowest, plan.lowest_enough)
-            selected += (top.rows(),)
+        if fspec.selects:
+            tops = engine.map(filters.selection_candidates, plan, fspec, joint, records, START)
+            (merged,) = engine.compute(engine.reduce(tops, SELECTIONS))
+            cells_top = merged[0]
+            if cells_top is not None:
+                unsure = cells_top.uncertain(plan.cells.given)
+                if unsure.size:
+                    exact = _select(engine, exact_cells_block, INPUTS, plan.cells.subset(unsure))
+                    reads += 1
+                    merged[0] = filters.decided(cells_top, unsure, exact)
+            selected = tuple(top.rows() for top in merged if top is not None)
     rule = MaskRule(fspec.filter_by, selected)
     # Each task gets only its own block's share of the selected rows.
     rules = PerBlock([rule.restrict(a, b) for a, b in engine.item_bounds])

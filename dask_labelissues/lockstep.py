@@ -308,13 +308,7 @@ def run_filters(
     if len(fspecs) != n:
         raise ValueError(f"{n} problems but {len(fspecs)} filters")
     kinds, fspecs = tuple(kinds), tuple(fspecs)
-    scans = engine.map(thresholds_block, INPUTS, kinds, spec, label="pass 1: reading pred_probs")
-    (done,) = engine.compute(engine.reduce(scans, each(THRESHOLDS)))
-    bad = [d.state for d in done if d.state.problem is not None]
-    if bad:
-        # The first bad row, and of that row the first problem (class): min
-        # keeps the first of equal rows.
-        min(bad, key=lambda state: state.problem.row).raise_problem()
+    done = _pass_one(engine, kinds, spec)
     thresholds = [d.data for d in done]
     counts = [d.state.counts.copy() for d in done]
     reads = 1
@@ -364,6 +358,18 @@ def run_filters(
     )
 
 
+def _pass_one(engine: Engine, kinds: Sequence[Kind], spec: ScoreSpec) -> list[Pair]:
+    """Every problem's pass one on one read: ``Pair(thresholds, state)`` a
+    problem; bad input raised, the first bad row and of that row the first
+    problem (class) (min keeps the first of equal rows)."""
+    scans = engine.map(thresholds_block, INPUTS, kinds, spec, label="pass 1: reading pred_probs")
+    (done,) = engine.compute(engine.reduce(scans, each(THRESHOLDS)))
+    bad = [d.state for d in done if d.state.problem is not None]
+    if bad:
+        min(bad, key=lambda state: state.problem.row).raise_problem()
+    return done
+
+
 def _decide_cells(engine: Engine, kinds: Sequence[Kind], plans: Sequence[Plan | None], merged: list[Any]) -> int:
     """Each problem's noise-rate cells its kept candidates cannot decide,
     recomputed from pred_probs for all problems in one read; the merged
@@ -384,3 +390,68 @@ def _decide_cells(engine: Engine, kinds: Sequence[Kind], plans: Sequence[Plan | 
         if u is not None:
             merged[p][0] = filters.decided(merged[p][0], u, tops[p])
     return 1
+
+
+def scores_block(
+    block: BlockReader, kinds: Sequence[Kind], spec: ScoreSpec, thresholds: Sequence[np.ndarray],
+    combine: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Every problem's item scores on one read of the block.
+
+    Parameters
+    ----------
+    block, kinds, spec
+        As :func:`thresholds_block`; ``spec`` may adjust pred_probs by the
+        thresholds.
+    thresholds
+        Each problem's exact thresholds.
+    combine
+        ``(items, P)`` scores to what the task returns (None: the scores).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(items, P)`` float64 scores, or what ``combine`` makes of them.
+    """
+    views = _Views(block, kinds, spec)
+    columns = []
+    for p in range(len(kinds)):
+        rec = views.scan(p).data
+        columns.append(score_block(rec, thresholds[p], spec, views.view(p) if spec.rereads else None).data)
+        views.drop(p)
+    scores = np.stack(columns, axis=1)
+    return scores if combine is None else combine(scores)
+
+
+def run_problem_scores(
+    engine: Engine, spec: ScoreSpec, kinds: Sequence[Kind],
+    combine: Callable[[np.ndarray], np.ndarray] | None = None, row_shape: tuple[int, ...] | None = None,
+) -> Any:
+    """Every problem's scores of ``spec``, which may need the thresholds
+    (adjusted pred_probs): pass one for all problems on one read, then the
+    scores for all on another.
+
+    Parameters
+    ----------
+    engine
+        As :func:`run_filters`.
+    spec
+        The score.
+    kinds
+        The problems.
+    combine
+        A block's ``(items, P)`` scores to its rows' scores (multi-label's
+        aggregation over the classes); None keeps them.
+    row_shape
+        The shape of an item's result: ``(P,)`` without ``combine``, None
+        for one score an item.
+
+    Returns
+    -------
+    numpy.ndarray or dask.array.Array
+        Lazy where the engine is.
+    """
+    kinds = tuple(kinds)
+    done = _pass_one(engine, kinds, spec)
+    scores = engine.map(scores_block, INPUTS, kinds, spec, [d.data for d in done], combine, label="scoring")
+    return engine.to_array(scores, np.float64, row_shape=row_shape)

@@ -23,7 +23,9 @@ Differences from cleanlab:
   issues held in another order);
 - for float32 pred_probs, the confidence-weighted entropy can differ from
   cleanlab's by about 1e-7 (its float32 logarithm is another's);
-- ``confident_joint`` and ``adjust_pred_probs=True`` are not supported yet.
+- for float32 pred_probs, scores of adjusted pred_probs are computed in
+  float64 (cleanlab adjusts them in float32): the two differ by about 1e-7;
+- ``confident_joint`` is not supported yet.
 
 """
 
@@ -40,7 +42,7 @@ from .api import _filter_spec
 from .engines import make_engine
 from .kernels import InputProblem, ScoreSpec
 from .kinds import OneVsRest
-from .lockstep import ProblemsResult, run_filters
+from .lockstep import ProblemsResult, run_filters, run_problem_scores
 from .pipelines import run_row_scores
 
 __all__ = [
@@ -95,7 +97,9 @@ def find_label_issues(
         ``"confidence_weighted_entropy"``) aggregated over the classes as
         :func:`get_label_quality_scores` does, lowest first.
     rank_by_kwargs
-        Options of that score (none are supported yet besides the defaults).
+        ``{"adjust_pred_probs": True}``: rank by the score of pred_probs
+        adjusted by each class's thresholds (two more reads); no other
+        options are supported yet.
     filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class
         As in ``cleanlab.filter.find_label_issues``, for each class's
         binary problem (``num_to_remove_per_class[k]`` for class k).
@@ -117,6 +121,7 @@ def find_label_issues(
     options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose)
     lab, probs, n, k = open_inputs(labels, pred_probs)
     method = None if return_indices_ranked_by is None else _method(return_indices_ranked_by, rank_by_kwargs)
+    adjust = method is not None and _adjusts(rank_by_kwargs)
     if filter_by in ("low_normalized_margin", "low_self_confidence"):
         # As cleanlab: as many issues as the confident-learning filter finds,
         # the lowest by the default score (made in that job's last read).
@@ -129,17 +134,22 @@ def find_label_issues(
             mask[lowest] = True
             return mask
         # The default score is the ranking's too where the method is its own: one read, not two.
-        ranking = scores if method == "self_confidence" else _scores(lab, probs, method, DEFAULT_AGGREGATOR, options)
+        ranking = scores
+        if method != "self_confidence" or adjust:
+            ranking = _scores(lab, probs, method, DEFAULT_AGGREGATOR, options, adjust=adjust)
         return lowest[np.argsort(ranking[lowest], kind="stable")].astype(np.int64)
     found = find_issues(
         lab, probs, filter_by=filter_by, frac_noise=frac_noise, num_to_remove_per_class=num_to_remove_per_class,
-        min_examples_per_class=min_examples_per_class, score_method=method, per_class=False, **options,
+        min_examples_per_class=min_examples_per_class, score_method=None if adjust else method, per_class=False,
+        **options,
     )
     mask = found.flagged
     if method is None:
         return mask
     issues = np.flatnonzero(mask)
-    return issues[np.argsort(found.scores[issues], kind="stable")].astype(np.int64)
+    # Adjusted scores need every class's thresholds first: a job of their own.
+    ranking = _scores(lab, probs, method, DEFAULT_AGGREGATOR, options, adjust=True) if adjust else found.scores
+    return issues[np.argsort(ranking[issues], kind="stable")].astype(np.int64)
 
 
 @dataclass
@@ -258,7 +268,7 @@ def find_multilabel_issues_per_class(
         ).per_class
     method = _method(return_indices_ranked_by, rank_by_kwargs)
     found = _class_results(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
-                           options, ranked_by=method)
+                           options, ranked_by=method, adjust=_adjusts(rank_by_kwargs))
     issues = [np.asarray(rows, dtype=np.int64) for rows in found.issues]
     kinds = [OneVsRest(k=c) for c in range(k)]
     y = _read_all(lab)
@@ -289,7 +299,10 @@ def get_label_quality_scores(
         Each class's score: ``"self_confidence"``, ``"normalized_margin"``
         or ``"confidence_weighted_entropy"``.
     adjust_pred_probs
-        Not supported yet (True raises).
+        Score each class's ``[1 - p, p]`` less its binary problem's
+        thresholds, renormalized, as cleanlab does (not with
+        ``confidence_weighted_entropy``): one read for every class's
+        thresholds, one for the scores.
     aggregator_kwargs
         ``{"method": "exponential_moving_average", "alpha": 0.8}`` (the
         default: the classes' scores sorted highest first, each step
@@ -305,11 +318,10 @@ def get_label_quality_scores(
     numpy.ndarray
         ``(N,)`` float64.
     """
-    if adjust_pred_probs:
-        raise NotImplementedError("adjust_pred_probs=True is not supported yet")
     lab, probs, _, _ = open_inputs(labels, pred_probs)
     options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=False)
-    return _scores(lab, probs, _method(method, None), aggregator_kwargs or DEFAULT_AGGREGATOR, options)
+    return _scores(lab, probs, _method(method, None), aggregator_kwargs or DEFAULT_AGGREGATOR, options,
+                   adjust=adjust_pred_probs)
 
 
 def get_label_quality_scores_per_class(
@@ -325,7 +337,10 @@ def get_label_quality_scores_per_class(
     method
         As in :func:`get_label_quality_scores`.
     adjust_pred_probs
-        Not supported yet (True raises).
+        Score each class's ``[1 - p, p]`` less its binary problem's
+        thresholds, renormalized, as cleanlab does (not with
+        ``confidence_weighted_entropy``): one read for every class's
+        thresholds, one for the scores.
     backend, client, chunk_rows, n_jobs
         Where the job runs, as in :func:`find_label_issues`.
 
@@ -334,12 +349,12 @@ def get_label_quality_scores_per_class(
     numpy.ndarray
         ``(N, K)`` float64: the binary problem's score of ``[1 - p, p]``.
     """
-    if adjust_pred_probs:
-        raise NotImplementedError("adjust_pred_probs=True is not supported yet")
     lab, probs, _, k = open_inputs(labels, pred_probs)
     options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=False)
-    score = functools.partial(_checked_scores, _method(method, None), None, {})
-    return _run_scores(lab, probs, score, options, row_shape=(k,))
+    method = _method(method, None)
+    if adjust_pred_probs:
+        return _adjusted_scores(lab, probs, method, None, options, row_shape=(k,))
+    return _run_scores(lab, probs, functools.partial(_checked_scores, method, None, {}), options, row_shape=(k,))
 
 
 # -- scores ------------------------------------------------------------------------------
@@ -414,11 +429,42 @@ def aggregate(scores: np.ndarray, method: str | Callable = "exponential_moving_a
 
 
 def _scores(
-    lab: Any, probs: Any, method: str, aggregator_kwargs: dict[str, Any], options: dict[str, Any]
+    lab: Any, probs: Any, method: str, aggregator_kwargs: dict[str, Any], options: dict[str, Any],
+    adjust: bool = False,
 ) -> np.ndarray:
     kwargs = dict(aggregator_kwargs)
     how = kwargs.pop("method", "exponential_moving_average")
+    if adjust:
+        return _adjusted_scores(lab, probs, method, functools.partial(aggregate_scores, how, kwargs), options)
     return _run_scores(lab, probs, functools.partial(_checked_scores, method, how, kwargs), options)
+
+
+def aggregate_scores(how: str | Callable, kwargs: dict[str, Any], scores: np.ndarray) -> np.ndarray:
+    """:func:`aggregate` with its arguments first (a block task's ``combine``)."""
+    return aggregate(scores, how, **kwargs)
+
+
+def _adjusted_scores(lab: Any, probs: Any, method: str, combine: Callable | None, options: dict[str, Any],
+                     row_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Class scores of pred_probs adjusted by each class's thresholds, as
+    cleanlab adjusts each binary problem's ``[1 - p, p]``: the thresholds of
+    every class on one read, the scores (aggregated by ``combine``) on the
+    next."""
+    if method == "confidence_weighted_entropy":
+        raise ValueError("adjust_pred_probs=True is not supported with method='confidence_weighted_entropy'")
+    k = int(probs.shape[1])
+    spec = ScoreSpec(method, True, "off_diagonal", None)
+    engine, _, _ = make_engine(
+        options["backend"], lab, probs, spec, single_read=False, chunk_rows=options["chunk_rows"],
+        n_jobs=options["n_jobs"], client=options["client"], progress=options["progress"], kind=OneVsRest(k=0),
+        problems=k,
+    )
+    try:
+        kinds = [OneVsRest(k=c) for c in range(k)]
+        scores = run_problem_scores(engine, engine.plan.spec, kinds, combine, row_shape)
+    finally:
+        engine.close()
+    return inputs.to_numpy(scores)
 
 
 def aggregated_scores(
@@ -468,22 +514,29 @@ def _xlogx(x: np.ndarray) -> np.ndarray:
 def _method(method: str, kwargs: dict[str, Any] | None) -> str:
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
-    if kwargs:
-        raise NotImplementedError(f"rank_by_kwargs {sorted(kwargs)} are not supported yet")
+    unknown = sorted(set(kwargs or {}) - {"adjust_pred_probs"})
+    if unknown:
+        raise NotImplementedError(f"rank_by_kwargs {unknown} are not supported yet (only adjust_pred_probs)")
     return method
+
+
+def _adjusts(rank_by_kwargs: dict[str, Any] | None) -> bool:
+    """Whether ``rank_by_kwargs`` asks for the ranking score of adjusted
+    pred_probs (cleanlab takes a false value, None included, as no)."""
+    return bool((rank_by_kwargs or {}).get("adjust_pred_probs"))
 
 
 # -- the per-class jobs ------------------------------------------------------------------
 def _class_results(
     lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float, remove: Sequence[int] | None,
     minimum: int, options: dict[str, Any], ranked_by: str | None = None, row_scores: Callable | None = None,
-    per_problem: bool = True,
+    per_problem: bool = True, adjust: bool = False,
 ) -> ProblemsResult:
     """Every class's binary job, side by side on one engine: each stage
     reads pred_probs once for all K classes (:func:`run_filters`)."""
     if remove is not None and len(remove) != k:
         raise ValueError(f"num_to_remove_per_class has {len(remove)} entries; pred_probs has {k} classes")
-    spec = ScoreSpec(ranked_by or "self_confidence", False, "off_diagonal", None)
+    spec = ScoreSpec(ranked_by or "self_confidence", adjust, "off_diagonal", None)
     fspecs = [
         _filter_spec(filter_by, frac_noise, None if remove is None else [int(remove[c]), 0], minimum)
         for c in range(k)

@@ -400,8 +400,8 @@ def aggregate(scores: np.ndarray, method: str | Callable = "exponential_moving_a
         ``(n, K)`` class scores.
     method
         ``"exponential_moving_average"`` (keyword ``alpha``; None: 2 / (K + 1)),
-        ``"softmin"`` (keyword ``temperature``, default 0.1) or a callable
-        of ``(scores, **kwargs)``.
+        ``"softmin"`` (keyword ``temperature``, default 0.1) or a callable,
+        called as cleanlab calls it: ``method(scores, axis=1, **kwargs)``.
 
     Returns
     -------
@@ -409,7 +409,15 @@ def aggregate(scores: np.ndarray, method: str | Callable = "exponential_moving_a
         ``(n,)`` float64.
     """
     if callable(method):
-        return np.asarray(method(scores, **kwargs), dtype=np.float64)
+        # As cleanlab calls it: across the classes of each row (np.min,
+        # np.mean and the like would otherwise reduce the whole block).
+        out = np.asarray(method(scores, **{**kwargs, "axis": 1}), dtype=np.float64)
+        if out.shape != scores.shape[:1]:
+            raise ValueError(
+                f"the aggregator {getattr(method, '__name__', method)!r} gave shape {out.shape} for {scores.shape[0]} "
+                "rows of class scores: it must reduce axis 1 to one score a row"
+            )
+        return out
     if method == "exponential_moving_average":
         k = scores.shape[1]
         alpha = kwargs.get("alpha")

@@ -159,10 +159,16 @@ def test_rankings_by_adjusted_scores_equal_cleanlabs(filter_by):
                              rank_by_kwargs={"temperature": 0.1})
 
 
-def test_a_callable_aggregator():
+@pytest.mark.parametrize("method", [np.min, np.mean, np.median])
+def test_a_callable_aggregator_reduces_each_row_as_cleanlabs(method):
     labels, probs, _ = examples(3, seed=5)
-    got = ml.get_label_quality_scores(labels, probs, aggregator_kwargs={"method": np.min, "axis": 1})
-    np.testing.assert_array_equal(got, ml.get_label_quality_scores_per_class(labels, probs).min(axis=1))
+    got = ml.get_label_quality_scores(labels, probs, aggregator_kwargs={"method": method}, chunk_rows=100)
+    np.testing.assert_array_equal(got, method(ml.get_label_quality_scores_per_class(labels, probs), axis=1))
+    np.testing.assert_allclose(
+        got, cl_rank.get_label_quality_scores(labels, probs, aggregator_kwargs={"method": method}), rtol=0, atol=1e-15
+    )
+    with pytest.raises(ValueError, match="must reduce axis 1 to one score a row"):
+        ml.get_label_quality_scores(labels, probs, aggregator_kwargs={"method": lambda s, axis: s})
 
 
 # -- stores, engines, a cluster ----------------------------------------------------------

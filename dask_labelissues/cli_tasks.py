@@ -47,20 +47,18 @@ def run_task(args: argparse.Namespace, output: str, backend: str, client: Any,
         if filter_by in ("low_self_confidence", "low_normalized_margin"):
             per_class = ml.find_multilabel_issues_per_class(labels, probs, filter_by=filter_by, **prune, **options)
             scores = ml.get_label_quality_scores(labels, probs, **options)
-        else:
-            # The classes' issues and the examples' scores from one job.
-            found = ml.find_issues(labels, probs, filter_by=filter_by, score_method="self_confidence", **prune,
-                                   **options)
-            per_class, scores = found.per_class, found.scores
-        if filter_by in ("low_self_confidence", "low_normalized_margin"):
+            given, left_out = dataset.flagged_by_class(per_class, labels, probs)
             # These filters' issues are not the union of the classes' (see
             # multilabel_classification.find_label_issues).
             mask = ml.find_label_issues(labels, probs, filter_by=filter_by, **prune, **options)
         else:
-            mask = per_class.any(axis=1)
+            # The classes' flagged counts, the examples' flags and their
+            # scores from one job, with no (N, K) matrix in this process.
+            found = ml.find_issues(labels, probs, filter_by=filter_by, score_method="self_confidence",
+                                   per_class=False, **prune, **options)
+            mask, scores, given, left_out = found.flagged, found.scores, found.given_flagged, found.left_out_flagged
         issues = np.flatnonzero(mask)
         issues = issues[np.argsort(scores[issues], kind="stable")]
-        given, left_out = dataset.flagged_by_class(per_class, labels, probs)
         arrays = {
             "is_label_issue": (mask, np.bool_), "label_quality_scores": (scores, np.float64),
             "issues": (issues, np.int64),

@@ -63,6 +63,10 @@ class ProblemsResult:
     #: ``row_scores``' scores of every stored row (lazy where the engine
     #: is), made by the last read; None without ``row_scores``.
     row_scores: Any = None
+    #: ``(P, classes)`` int64: each problem's flagged items per given label
+    #: (for one-vs-rest problems, column 1 counts a class given and likely
+    #: absent, column 0 a class left out and likely present).
+    flagged_by_label: np.ndarray | None = None
 
 
 def _views(block: BlockReader, kinds: Sequence[Kind]) -> list[BlockReader]:
@@ -346,6 +350,7 @@ def run_filters(
     reads += 1
     if ranked:
         winners = [w.ranked() for w in winners]
+    by_label = np.stack([np.bincount(w.label, minlength=engine.n_classes) for w in winners]).astype(np.int64)
     return ProblemsResult(
         mask=engine.to_array(engine.map(_mask, flags), np.bool_, row_shape=(n,) if per_problem else None),
         issues=[w.index for w in winners],
@@ -355,6 +360,7 @@ def run_filters(
         confident_joints=calibrated,
         reads=reads,
         row_scores=None if row_scores is None else engine.to_array(engine.map(_row_scores, flags), np.float64),
+        flagged_by_label=by_label,
     )
 
 

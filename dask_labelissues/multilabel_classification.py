@@ -160,6 +160,10 @@ class MultilabelIssues:
     per_class: np.ndarray | None
     #: ``(N,)`` bool: the examples with a label issue in any class.
     flagged: np.ndarray
+    #: ``(K,)`` int64 each: per class, the flagged examples where it is
+    #: given (likely absent), and where it is left out (likely present).
+    given_flagged: np.ndarray
+    left_out_flagged: np.ndarray
     #: ``(N,)`` float64 aggregated scores (:func:`get_label_quality_scores`),
     #: where a score was asked for; else None.
     scores: np.ndarray | None
@@ -221,6 +225,8 @@ def find_issues(
     return MultilabelIssues(
         per_class=mask if per_class else None,
         flagged=mask.any(axis=1) if per_class else mask,
+        given_flagged=found.flagged_by_label[:, 1].copy(),
+        left_out_flagged=found.flagged_by_label[:, 0].copy(),
         scores=None if row_scores is None else inputs.to_numpy(found.row_scores),
         reads=found.reads,
     )

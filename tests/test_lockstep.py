@@ -159,3 +159,10 @@ def test_the_flagged_examples_alone_are_one_column():
     assert union.per_class is None and union.flagged.shape == (900,)
     np.testing.assert_array_equal(union.flagged, both.per_class.any(axis=1))
     np.testing.assert_array_equal(both.flagged, union.flagged)
+    from dask_labelissues import dataset
+
+    given, left_out = dataset.flagged_by_class(both.per_class, matrix, probs)
+    assert given.sum() and left_out.sum()
+    for found in (both, union):  # counted from the gathered issues, not from an (N, K) mask
+        np.testing.assert_array_equal(found.given_flagged, given)
+        np.testing.assert_array_equal(found.left_out_flagged, left_out)

@@ -466,15 +466,8 @@ def _adjusted_scores(lab: Any, probs: Any, method: str, combine: Callable | None
     next."""
     if method == "confidence_weighted_entropy":
         raise ValueError("adjust_pred_probs=True is not supported with method='confidence_weighted_entropy'")
-    k = int(probs.shape[1])
-    spec = ScoreSpec(method, True, "off_diagonal", None)
-    engine, _, _ = make_engine(
-        options["backend"], lab, probs, spec, single_read=False, chunk_rows=options["chunk_rows"],
-        n_jobs=options["n_jobs"], client=options["client"], progress=options["progress"], kind=OneVsRest(k=0),
-        problems=k,
-    )
+    engine, kinds = _classes_engine(lab, probs, ScoreSpec(method, True, "off_diagonal", None), options)
     try:
-        kinds = [OneVsRest(k=c) for c in range(k)]
         scores = run_problem_scores(engine, engine.plan.spec, kinds, combine, row_shape)
     finally:
         engine.close()
@@ -555,18 +548,24 @@ def _class_results(
         _filter_spec(filter_by, frac_noise, None if remove is None else [int(remove[c]), 0], minimum)
         for c in range(k)
     ]
-    # Blocks are read whole (single_read=False): every class's view of a
-    # block shares the one read.
+    engine, kinds = _classes_engine(lab, probs, spec, options)
+    try:
+        return run_filters(engine, engine.plan.spec, kinds, fspecs, ranked_by is not None, row_scores, per_problem)
+    finally:
+        engine.close()
+
+
+def _classes_engine(lab: Any, probs: Any, spec: ScoreSpec, options: dict[str, Any]) -> tuple[Any, list[OneVsRest]]:
+    """An engine for every class's binary problem side by side, and the
+    problems.  Blocks are read whole (``single_read=False``): every class's
+    view of a block shares the one read."""
+    k = int(probs.shape[1])
     engine, _, _ = make_engine(
         options["backend"], lab, probs, spec, single_read=False, chunk_rows=options["chunk_rows"],
         n_jobs=options["n_jobs"], client=options["client"], progress=options["progress"], kind=OneVsRest(k=0),
         problems=k,
     )
-    try:
-        kinds = [OneVsRest(k=c) for c in range(k)]
-        return run_filters(engine, engine.plan.spec, kinds, fspecs, ranked_by is not None, row_scores, per_problem)
-    finally:
-        engine.close()
+    return engine, [OneVsRest(k=c) for c in range(k)]
 
 
 # -- inputs ------------------------------------------------------------------------------

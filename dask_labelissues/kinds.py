@@ -225,7 +225,9 @@ class Pixels(Kind):
             planes[:, :k] = np.where(kept[:, None], block, 0)
             planes[:, k] = ~kept
             block = planes
-        return Planes(block.reshape(block.shape[0], block.shape[1], -1))
+        # The pixel count named, not inferred: a block of no images (a dask
+        # array's empty chunk) has none to infer it from.
+        return Planes(block.reshape(block.shape[0], block.shape[1], int(np.prod(block.shape[2:]))))
 
     @property
     def checks_stored(self) -> bool:

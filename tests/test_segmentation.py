@@ -167,6 +167,23 @@ def test_every_engine_and_chunking_gives_cleanlabs_mask(cleanlab_find, backend, 
             np.testing.assert_array_equal(pixel_scores, reference_scores[1])
 
 
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_dask_arrays_with_empty_chunks_give_the_numpy_results(downsample):
+    labels, probs = images(5)
+    chunks = (3, 0, 10, 0, 12)  # a dask array's empty chunks (after a filter, say) are blocks of no image
+    lab = da.from_array(labels, chunks=(chunks, SIDE, SIDE))
+    pp = da.from_array(probs, chunks=(chunks, 5, SIDE, SIDE))
+    expected = segmentation.find_label_issues(labels, probs, downsample=downsample, backend="serial")
+    assert expected.any()
+    with dask.config.set(scheduler="threads"):
+        np.testing.assert_array_equal(np.asarray(segmentation.find_label_issues(lab, pp, downsample=downsample)), expected)
+        if downsample == 1:
+            found = segmentation.find_issues(lab, pp, temperature=0.1)
+            image_scores, pixel_scores = segmentation.get_label_quality_scores(labels, probs, backend="serial")
+            np.testing.assert_array_equal(found.image_scores, image_scores)
+            np.testing.assert_array_equal(np.asarray(found.pixel_scores), pixel_scores)
+
+
 def test_batch_size_counts_values_of_pred_probs_as_cleanlabs_does(cleanlab_find, monkeypatch):
     labels, probs = images(5)
     per_image = int(np.prod(probs.shape[1:]))  # K * H * W values

@@ -206,6 +206,12 @@ def test_dask_arrays_on_a_cluster(stored, local_cluster):
     got = ml.find_label_issues(da.from_array(matrix, chunks=(700, 6)), da.from_array(probs, chunks=(700, 6)),
                                filter_by="both", client=local_cluster)
     np.testing.assert_array_equal(got, expected)
+    # Rankings by scores made in the filter's last read, and by adjusted scores.
+    for kwargs in ({}, {"rank_by_kwargs": {"adjust_pred_probs": True}}):
+        ranked = ml.find_label_issues(str(root / "labels.npy"), str(root / "probs.npy"), filter_by="both",
+                                      return_indices_ranked_by="normalized_margin", client=local_cluster, **kwargs)
+        np.testing.assert_array_equal(ranked, cleanlab_find(labels, probs, filter_by="both",
+                                                            return_indices_ranked_by="normalized_margin", **kwargs))
 
 
 # -- bad input ---------------------------------------------------------------------------

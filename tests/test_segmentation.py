@@ -692,6 +692,11 @@ def test_distributed_cluster_gives_cleanlabs_mask(local_cluster, cleanlab_find, 
     cl_images, cl_pixels = cl_rank.get_label_quality_scores(labels, probs, verbose=False)
     np.testing.assert_allclose(image_scores, cl_images, rtol=0, atol=1e-9)
     np.testing.assert_array_equal(pixel_scores, cl_pixels)
+    # The mask and the scores from one job on the cluster: the same results.
+    found = segmentation.find_issues(z_labels, z_probs, temperature=0.1, client=local_cluster, images_per_block=3)
+    np.testing.assert_array_equal(np.asarray(found.mask), mask)
+    np.testing.assert_array_equal(found.image_scores, image_scores)
+    np.testing.assert_array_equal(np.asarray(found.pixel_scores), pixel_scores)
 
 
 def test_a_client_that_is_not_the_current_one_computes_the_results(local_cluster):

@@ -5,9 +5,9 @@ is a binary problem (the class against the rest: probabilities ``[1 - p,
 p]``); here the K problems run side by side on this project's engines,
 each step of the filter one read of pred_probs for all of them
 (:mod:`dask_labelissues.lockstep`); an example has a label issue where
-any of its classes has one.  Labels are
-cleanlab's list of label lists, or an ``(N, K)`` 0/1 matrix (numpy, Zarr,
-HDF5, dask: a store's form, never expanded from lists); pred_probs is
+any of its classes has one.  Labels are cleanlab's list of label lists,
+an ``(N, K)`` 0/1 matrix (numpy, Zarr, HDF5, dask: a store's form), or
+:class:`LabelSets` (each example's classes, one after another); pred_probs is
 ``(N, K)`` independent per-class probabilities (rows need not sum to 1;
 each value must lie in [0, 1]).
 
@@ -26,7 +26,6 @@ Differences from cleanlab:
 - for float32 pred_probs, scores of adjusted pred_probs are computed in
   float64 (cleanlab adjusts them in float32): the two differ by about 1e-7;
 - ``confident_joint`` is not supported yet.
-
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -106,3 +109,12 @@ def local_cluster():
     with environment(**dict.fromkeys((*MALLOC_VARIABLES, "PYTHONHASHSEED"))):
         with start(2, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
             yield client
+
+
+#: The command line, as a user runs it, with this interpreter.
+CLI = [sys.executable, "-m", "dask_labelissues"]
+
+
+def run_cli(*args: str, timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess:
+    """``dask-labelissues *args`` in a subprocess, its output captured."""
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, **kw)

@@ -18,14 +18,8 @@ import zarr
 from dask_labelissues import find_label_issues, open_results
 from dask_labelissues.synthetic import SyntheticSpec, write_npy, write_zarr
 
-from .conftest import assert_identical
-
-CLI = [sys.executable, "-m", "dask_labelissues"]
-
-
-def run(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, **kw)
-
+from .conftest import CLI, assert_identical
+from .conftest import run_cli as run
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

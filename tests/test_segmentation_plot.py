@@ -20,13 +20,10 @@ from matplotlib.colors import to_rgb  # noqa: E402
 from dask_labelissues import inputs, plot, segmentation  # noqa: E402
 from dask_labelissues.synthetic import SegmentationSpec, segmentation_images  # noqa: E402
 
-CLI = [sys.executable, "-m", "dask_labelissues"]
+from .conftest import run_cli as run  # noqa: E402
+
 N, K, H, W = 24, 4, 16, 24
 NAMES = ["background", "road", "car", "person"]
-
-
-def run(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,12 +10,7 @@ import zarr
 
 from dask_labelissues import dataset, multilabel_classification as ml, token_classification as tc
 
-CLI = [sys.executable, "-m", "dask_labelissues"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
-
+from .conftest import run_cli as run
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import inputs
 from .engines import BACKEND_CHOICES, make_engine
 from .pipelines import run, run_filter, warm_up
-from .filters import PRUNE_FILTERS, FilterSpec
+from .filters import filter_spec
 from .kernels import METHODS, ScoreSpec
 from .results import LabelIssues
+
+if TYPE_CHECKING:
+    from .multilabel_classification import MultilabelIssues
 
 __all__ = ["LabelIssues", "find_label_issues"]
 
@@ -25,6 +27,7 @@ def find_label_issues(
     labels: Any,
     pred_probs: Any,
     *,
+    multi_label: bool = False,
     method: str = "self_confidence",
     adjust_pred_probs: bool = False,
     estimation_method: str = "off_diagonal",
@@ -41,7 +44,7 @@ def find_label_issues(
     num_to_remove_per_class: Any = None,
     min_examples_per_class: int = 1,
     health: bool = False,
-) -> LabelIssues:
+) -> LabelIssues | MultilabelIssues:
     """Find the rows whose given label is most likely wrong.
 
     Batched confident learning: pass one computes each class's confident
@@ -78,6 +81,23 @@ def find_label_issues(
     pred_probs
         Predicted class probabilities (N, K), floating point, rows summing to
         1 (out-of-sample predictions work best); same kinds as ``labels``.
+    multi_label
+        Each example may carry several of the K classes, as in
+        ``cleanlab.filter.find_label_issues(..., multi_label=True)``: labels
+        are a list of label lists, an (N, K) 0/1 matrix or
+        :class:`~dask_labelissues.multilabel_classification.LabelSets`;
+        pred_probs are independent per-class probabilities (rows need not
+        sum to 1).  Returns a
+        :class:`~dask_labelissues.multilabel_classification.MultilabelIssues`
+        from :func:`dask_labelissues.multilabel_classification.example_issues`:
+        ``filter_by`` defaults to ``"prune_by_noise_rate"`` there (the
+        batched method is single-label), the score of ``method`` (or
+        ``return_indices_ranked_by``) ranks the issues, aggregated over the
+        classes as cleanlab does, and ``adjust_pred_probs=True`` ranks by the
+        score of adjusted pred_probs (cleanlab's ``rank_by_kwargs``).
+        ``estimation_method`` and ``health`` do not apply (the multi-label
+        dataset views are in :mod:`dask_labelissues.dataset`), and
+        ``row_sum_tolerance`` and ``spill_dir`` are not used.
     method
         Label quality score: ``"self_confidence"``, ``"normalized_margin"`` or
         ``"confidence_weighted_entropy"`` (as ``cleanlab.rank``).
@@ -143,6 +163,7 @@ def find_label_issues(
     Returns
     -------
     LabelIssues
+        Or, with ``multi_label=True``, ``MultilabelIssues``.
 
     Raises
     ------
@@ -153,6 +174,14 @@ def find_label_issues(
         inf, negative probability, row sum off 1, label outside 0..K-1); the
         message names the first offending row and its value.
     """
+    if multi_label:
+        return _multilabel(
+            labels, pred_probs, method=method, adjust_pred_probs=adjust_pred_probs,
+            estimation_method=estimation_method, health=health, filter_by=filter_by,
+            return_indices_ranked_by=return_indices_ranked_by, frac_noise=frac_noise,
+            num_to_remove_per_class=num_to_remove_per_class, min_examples_per_class=min_examples_per_class,
+            backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=progress,
+        )
     ranked = return_indices_ranked_by is not None
     if return_indices_ranked_by not in (None, SAME_AS_METHOD):
         if return_indices_ranked_by not in METHODS:
@@ -174,7 +203,7 @@ def find_label_issues(
                 )
         method = return_indices_ranked_by
     spec = ScoreSpec(method, bool(adjust_pred_probs), estimation_method, row_sum_tolerance)
-    fspec = _filter_spec(filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class)
+    fspec = filter_spec(filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class)
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
     lab, probs, n, k = inputs.open_pair(labels, pred_probs)
@@ -226,40 +255,40 @@ def find_label_issues(
     )._in_row_order(not ranked)
 
 
-def _filter_spec(
-    filter_by: str | None,
-    frac_noise: float,
-    num_to_remove_per_class: Any,
-    min_examples_per_class: int,
-) -> FilterSpec | None:
-    if filter_by is None:
-        if frac_noise != 1.0 or num_to_remove_per_class is not None or min_examples_per_class != 1:
-            raise ValueError(
-                "frac_noise, num_to_remove_per_class and min_examples_per_class need filter_by "
-                "(one of cleanlab.filter's methods)"
-            )
-        return None
-    if filter_by not in PRUNE_FILTERS:
-        for name, value, default in (
-            ("frac_noise", frac_noise, 1.0),
-            ("min_examples_per_class", min_examples_per_class, 1),
-        ):
-            if value != default:
-                warnings.warn(
-                    f"{name} applies to the prune filters only; filter_by={filter_by!r} ignores it",
-                    UserWarning,
-                    stacklevel=3,
-                )
-    remove = None
-    if num_to_remove_per_class is not None:
-        remove = tuple(_whole(x, f"num_to_remove_per_class[{i}]") for i, x in
-                       enumerate(np.asarray(num_to_remove_per_class).ravel().tolist()))
-    minimum = _whole(min_examples_per_class, "min_examples_per_class")
-    return FilterSpec(filter_by, float(frac_noise), remove, minimum)
+def _multilabel(
+    labels: Any, pred_probs: Any, *, method: str, adjust_pred_probs: bool, estimation_method: str, health: bool,
+    filter_by: str | None, return_indices_ranked_by: str | None, backend: str, **options: Any,
+) -> MultilabelIssues:
+    """``find_label_issues(..., multi_label=True)``: its arguments checked
+    and handed to the multi-label job."""
+    from .multilabel_classification import example_issues
 
-
-def _whole(value: Any, name: str) -> int:
-    """A count given as a number: a whole one, not below zero."""
-    if isinstance(value, bool) or not float(value).is_integer() or value < 0:
-        raise ValueError(f"{name} = {value!r} is not a whole number >= 0")
-    return int(value)
+    if estimation_method != "off_diagonal":
+        raise ValueError(
+            f"estimation_method={estimation_method!r} is the batched single-label method's; "
+            "multi_label=True runs cleanlab.filter's per-class filters"
+        )
+    if health:
+        raise ValueError(
+            "health=True is for single-label data; for multi-label data, see "
+            "dask_labelissues.dataset.multilabel_health_summary and the other multi-label views"
+        )
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    ranked_by = method if return_indices_ranked_by == SAME_AS_METHOD else return_indices_ranked_by
+    if ranked_by is not None and ranked_by != method and method != "self_confidence":
+        raise ValueError(
+            f"return_indices_ranked_by={return_indices_ranked_by!r} and method={method!r} disagree; "
+            "with multi_label=True both name the ranking score: give one of them"
+        )
+    if adjust_pred_probs and ranked_by is None:
+        raise ValueError(
+            "adjust_pred_probs=True changes only the ranking with multi_label=True, "
+            "and return_indices_ranked_by=None asks for none"
+        )
+    return example_issues(
+        labels, pred_probs, filter_by=filter_by or "prune_by_noise_rate", return_indices_ranked_by=ranked_by,
+        rank_by_kwargs={"adjust_pred_probs": True} if adjust_pred_probs else None, backend=backend, **options,
+    )

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -204,6 +204,50 @@ class JointState:
             return np.zeros(codes.size, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self.positive_codes, codes), self.positive_codes.size - 1)
         return np.where(self.positive_codes[pos] == codes, self.positive_counts[pos], 0)
+
+
+def filter_spec(
+    filter_by: str | None,
+    frac_noise: float,
+    num_to_remove_per_class: Any,
+    min_examples_per_class: int,
+) -> FilterSpec | None:
+    """A :class:`FilterSpec` from ``cleanlab.filter.find_label_issues``'s
+    arguments, checked; None for no filter (``filter_by=None``), which
+    takes none of the prune options.  One number as
+    ``num_to_remove_per_class`` stays one entry: the caller, which knows K,
+    repeats it."""
+    if filter_by is None:
+        if frac_noise != 1.0 or num_to_remove_per_class is not None or min_examples_per_class != 1:
+            raise ValueError(
+                "frac_noise, num_to_remove_per_class and min_examples_per_class need filter_by "
+                "(one of cleanlab.filter's methods)"
+            )
+        return None
+    if filter_by not in PRUNE_FILTERS:
+        for name, value, default in (
+            ("frac_noise", frac_noise, 1.0),
+            ("min_examples_per_class", min_examples_per_class, 1),
+        ):
+            if value != default:
+                warnings.warn(
+                    f"{name} applies to the prune filters only; filter_by={filter_by!r} ignores it",
+                    UserWarning,
+                    stacklevel=3,
+                )
+    remove = None
+    if num_to_remove_per_class is not None:
+        remove = tuple(whole_count(x, f"num_to_remove_per_class[{i}]") for i, x in
+                       enumerate(np.asarray(num_to_remove_per_class).ravel().tolist()))
+    minimum = whole_count(min_examples_per_class, "min_examples_per_class")
+    return FilterSpec(filter_by, float(frac_noise), remove, minimum)
+
+
+def whole_count(value: Any, name: str) -> int:
+    """A count given as a number: a whole one, not below zero."""
+    if isinstance(value, bool) or not float(value).is_integer() or value < 0:
+        raise ValueError(f"{name} = {value!r} is not a whole number >= 0")
+    return int(value)
 
 
 def _sparse_sum(codes: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

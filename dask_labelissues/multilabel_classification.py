@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import inputs
-from .api import _filter_spec
+from .filters import filter_spec
 from .engines import make_engine
 from .kernels import InputProblem, ScoreSpec
 from .kinds import OneVsRest
@@ -47,6 +47,7 @@ from .pipelines import run_row_scores
 __all__ = [
     "LabelSets",
     "MultilabelIssues",
+    "example_issues",
     "find_issues",
     "find_label_issues",
     "find_multilabel_issues_per_class",
@@ -117,57 +118,133 @@ def find_label_issues(
     """
     del low_memory
     _no_joint(confident_joint)
-    options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose)
+    found = example_issues(
+        labels, pred_probs, filter_by=filter_by, frac_noise=frac_noise,
+        num_to_remove_per_class=num_to_remove_per_class, min_examples_per_class=min_examples_per_class,
+        return_indices_ranked_by=return_indices_ranked_by, rank_by_kwargs=rank_by_kwargs,
+        backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose,
+    )
+    return found.flagged if return_indices_ranked_by is None else found.issues
+
+
+def example_issues(
+    labels: Any,
+    pred_probs: Any,
+    *,
+    filter_by: str = "prune_by_noise_rate",
+    frac_noise: float = 1.0,
+    num_to_remove_per_class: Sequence[int] | int | None = None,
+    min_examples_per_class: int = 1,
+    return_indices_ranked_by: str | None = "self_confidence",
+    rank_by_kwargs: dict[str, Any] | None = None,
+    backend: str = "auto",
+    client: Any = None,
+    chunk_rows: int | None = None,
+    n_jobs: int | None = None,
+    progress: bool = False,
+) -> MultilabelIssues:
+    """The examples :func:`find_label_issues` flags, ranked, with the
+    counts and scores behind them (what ``dask_labelissues.find_label_issues(...,
+    multi_label=True)`` returns).
+
+    Parameters
+    ----------
+    labels, pred_probs, filter_by, frac_noise, min_examples_per_class, rank_by_kwargs
+        As in :func:`find_label_issues`.
+    num_to_remove_per_class
+        As there; one number applies to every class.
+    return_indices_ranked_by
+        The score that orders ``issues`` (lowest first, ties by row); None:
+        row order.
+    backend, client, chunk_rows, n_jobs, progress
+        Where the job runs, as in :func:`dask_labelissues.find_label_issues`.
+
+    Returns
+    -------
+    MultilabelIssues
+        Without ``per_class``.  With ``filter_by="low_self_confidence"`` or
+        ``"low_normalized_margin"``, an example is flagged for its
+        aggregated score, not in a class: ``given_flagged`` and
+        ``left_out_flagged`` are then None.
+    """
+    options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=progress)
     lab, probs, n, k = open_inputs(labels, pred_probs)
+    if num_to_remove_per_class is not None and np.ndim(num_to_remove_per_class) == 0:
+        num_to_remove_per_class = [num_to_remove_per_class] * k
     method = None if return_indices_ranked_by is None else _method(return_indices_ranked_by, rank_by_kwargs)
     adjust = method is not None and _adjusts(rank_by_kwargs)
-    if filter_by in ("low_normalized_margin", "low_self_confidence"):
+    by_score = filter_by in ("low_normalized_margin", "low_self_confidence")
+    if by_score:
         # As cleanlab: as many issues as the confident-learning filter finds,
         # the lowest by the default score (made in that job's last read).
         found = find_issues(lab, probs, filter_by="confident_learning", score_method="self_confidence",
                             per_class=False, **options)
-        scores = found.scores
-        lowest = np.argsort(scores, kind="stable")[: int(found.flagged.sum())]
-        if method is None:
-            mask = np.zeros(n, dtype=bool)
-            mask[lowest] = True
-            return mask
-        # The default score is the ranking's too where the method is its own: one read, not two.
-        ranking = scores
-        if method != "self_confidence" or adjust:
-            ranking = _scores(lab, probs, method, DEFAULT_AGGREGATOR, options, adjust=adjust)
-        return lowest[np.argsort(ranking[lowest], kind="stable")].astype(np.int64)
-    found = find_issues(
-        lab, probs, filter_by=filter_by, frac_noise=frac_noise, num_to_remove_per_class=num_to_remove_per_class,
-        min_examples_per_class=min_examples_per_class, score_method=None if adjust else method, per_class=False,
-        **options,
+        flagged = np.zeros(n, dtype=bool)
+        flagged[np.argsort(found.scores, kind="stable")[: found.num_issues]] = True
+    else:
+        found = find_issues(
+            lab, probs, filter_by=filter_by, frac_noise=frac_noise, num_to_remove_per_class=num_to_remove_per_class,
+            min_examples_per_class=min_examples_per_class, score_method=None if adjust else method,
+            per_class=False, **options,
+        )
+        flagged = found.flagged
+    scores, reads = found.scores, found.reads
+    if adjust:
+        # Adjusted scores need every class's thresholds first: a job of their own.
+        scores = _scores(lab, probs, method, DEFAULT_AGGREGATOR, options, adjust=True)
+        reads += 2
+    elif by_score and method is not None and method != "self_confidence":
+        scores = _scores(lab, probs, method, DEFAULT_AGGREGATOR, options)
+        reads += 1
+    issues = np.flatnonzero(flagged)
+    if method is not None:
+        issues = issues[np.argsort(scores[issues], kind="stable")]
+    return MultilabelIssues(
+        per_class=None,
+        flagged=flagged,
+        issues=issues.astype(np.int64),
+        given_flagged=None if by_score else found.given_flagged,
+        left_out_flagged=None if by_score else found.left_out_flagged,
+        scores=scores,
+        reads=reads,
     )
-    mask = found.flagged
-    if method is None:
-        return mask
-    issues = np.flatnonzero(mask)
-    # Adjusted scores need every class's thresholds first: a job of their own.
-    ranking = _scores(lab, probs, method, DEFAULT_AGGREGATOR, options, adjust=True) if adjust else found.scores
-    return issues[np.argsort(ranking[issues], kind="stable")].astype(np.int64)
 
 
 @dataclass
 class MultilabelIssues:
-    """What :func:`find_issues` finds."""
+    """What :func:`find_issues` and :func:`example_issues` find."""
 
     #: ``(N, K)`` bool: each class's label issues (None unless asked for).
     per_class: np.ndarray | None
     #: ``(N,)`` bool: the examples with a label issue in any class.
     flagged: np.ndarray
+    #: int64 indices of the flagged examples, lowest score first (ties by
+    #: row) where there are scores, else in row order.
+    issues: np.ndarray
     #: ``(K,)`` int64 each: per class, the flagged examples where it is
     #: given (likely absent), and where it is left out (likely present).
-    given_flagged: np.ndarray
-    left_out_flagged: np.ndarray
+    given_flagged: np.ndarray | None
+    left_out_flagged: np.ndarray | None
     #: ``(N,)`` float64 aggregated scores (:func:`get_label_quality_scores`),
     #: where a score was asked for; else None.
     scores: np.ndarray | None
     #: Reads of pred_probs the job made.
     reads: int
+
+    @property
+    def num_issues(self) -> int:
+        """How many examples are flagged."""
+        return int(self.issues.shape[0])
+
+    @property
+    def is_label_issue(self) -> np.ndarray:
+        """``flagged``, by the name :class:`dask_labelissues.LabelIssues` gives it."""
+        return self.flagged
+
+    @property
+    def label_quality_scores(self) -> np.ndarray | None:
+        """``scores``, by the name :class:`dask_labelissues.LabelIssues` gives them."""
+        return self.scores
 
 
 def find_issues(
@@ -210,6 +287,12 @@ def find_issues(
     Returns
     -------
     MultilabelIssues
+        ``issues`` ranked by the scores where ``score_method`` is given,
+        else in row order.  An example is flagged where any class flags it:
+        with ``filter_by="low_self_confidence"`` or ``"low_normalized_margin"``
+        that is each class's low-score filter, as in
+        :func:`find_multilabel_issues_per_class`, not the example-level
+        choice of :func:`find_label_issues` (:func:`example_issues`).
     """
     lab, probs, _, k = open_inputs(labels, pred_probs)
     options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=progress)
@@ -221,12 +304,18 @@ def find_issues(
     found = _class_results(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
                            options, row_scores=row_scores, per_problem=per_class)
     mask = inputs.to_numpy(found.mask).astype(bool, copy=False)
+    flagged = mask.any(axis=1) if per_class else mask
+    scores = None if row_scores is None else inputs.to_numpy(found.row_scores)
+    issues = np.flatnonzero(flagged)
+    if scores is not None:
+        issues = issues[np.argsort(scores[issues], kind="stable")]
     return MultilabelIssues(
         per_class=mask if per_class else None,
-        flagged=mask.any(axis=1) if per_class else mask,
+        flagged=flagged,
+        issues=issues.astype(np.int64),
         given_flagged=found.flagged_by_label[:, 1].copy(),
         left_out_flagged=found.flagged_by_label[:, 0].copy(),
-        scores=None if row_scores is None else inputs.to_numpy(found.row_scores),
+        scores=scores,
         reads=found.reads,
     )
 
@@ -544,7 +633,7 @@ def _class_results(
         raise ValueError(f"num_to_remove_per_class has {len(remove)} entries; pred_probs has {k} classes")
     spec = ScoreSpec(ranked_by or "self_confidence", adjust, "off_diagonal", None)
     fspecs = [
-        _filter_spec(filter_by, frac_noise, None if remove is None else [int(remove[c]), 0], minimum)
+        filter_spec(filter_by, frac_noise, None if remove is None else [int(remove[c]), 0], minimum)
         for c in range(k)
     ]
     engine, kinds = _classes_engine(lab, probs, spec, options)

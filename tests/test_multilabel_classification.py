@@ -13,6 +13,7 @@ import zarr
 from cleanlab.multilabel_classification import filter as cl_filter
 from cleanlab.multilabel_classification import rank as cl_rank
 
+import dask_labelissues
 from dask_labelissues import multilabel_classification as ml
 
 FILTERS = ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"]
@@ -159,6 +160,84 @@ def test_rankings_by_adjusted_scores_equal_cleanlabs(filter_by):
                              rank_by_kwargs={"temperature": 0.1})
 
 
+# -- dask_labelissues.find_label_issues(multi_label=True) ----------------------------------
+def cleanlab_filter_find(*args, **kwargs):
+    """cleanlab.filter.find_label_issues, the function whose multi_label=True the top level mirrors."""
+    from cleanlab.filter import find_label_issues
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return find_label_issues(*args, multi_label=True, n_jobs=1, **kwargs)
+
+
+@pytest.mark.parametrize("filter_by", [*FILTERS, "low_self_confidence", "low_normalized_margin"])
+def test_the_top_level_multi_label_job_equals_cleanlab_filters(filter_by):
+    labels, probs, _ = examples(6, seed=4)
+    mask = cleanlab_filter_find(labels, probs, filter_by=filter_by)
+    ranked = cleanlab_filter_find(labels, probs, filter_by=filter_by, return_indices_ranked_by="normalized_margin")
+    assert 0 < mask.sum() < len(labels)
+    got = dask_labelissues.find_label_issues(labels, probs, multi_label=True, filter_by=filter_by,
+                                             method="normalized_margin", backend="serial")
+    assert isinstance(got, ml.MultilabelIssues)
+    np.testing.assert_array_equal(got.is_label_issue, mask)
+    assert got.num_issues == mask.sum() and got.per_class is None
+    scores = ml.get_label_quality_scores(labels, probs, method="normalized_margin")
+    np.testing.assert_array_equal(got.label_quality_scores, scores)
+    if filter_by.startswith("low_"):  # cleanlab's ranking defect for these filters, pinned above
+        assert set(got.issues.tolist()) == set(ranked.tolist())
+        assert (np.diff(scores[got.issues]) >= 0).all()
+        assert got.given_flagged is None and got.left_out_flagged is None
+    else:
+        np.testing.assert_array_equal(got.issues, ranked)
+        per_class = ml.find_multilabel_issues_per_class(labels, probs, filter_by=filter_by)
+        matrix = np.zeros(per_class.shape, dtype=bool)
+        for i, present in enumerate(labels):
+            matrix[i, present] = True
+        np.testing.assert_array_equal(got.given_flagged, (per_class & matrix).sum(axis=0))
+        np.testing.assert_array_equal(got.left_out_flagged, (per_class & ~matrix).sum(axis=0))
+    unranked = dask_labelissues.find_label_issues(labels, probs, multi_label=True, filter_by=filter_by,
+                                                  return_indices_ranked_by=None)
+    np.testing.assert_array_equal(unranked.issues, np.flatnonzero(mask))
+
+
+def test_the_top_level_multi_label_defaults_and_options_are_cleanlabs():
+    labels, probs, _ = examples(4, seed=2)
+    # filter_by=None (the single-label batched method) means cleanlab's default filter.
+    got = dask_labelissues.find_label_issues(labels, probs, multi_label=True)
+    np.testing.assert_array_equal(got.issues, cleanlab_filter_find(labels, probs,
+                                                                   return_indices_ranked_by="self_confidence"))
+    np.testing.assert_array_equal(got.flagged, cleanlab_filter_find(labels, probs, filter_by="prune_by_noise_rate"))
+    # One number as num_to_remove_per_class applies to every class.
+    one = dask_labelissues.find_label_issues(labels, probs, multi_label=True, filter_by="both",
+                                             num_to_remove_per_class=3)
+    np.testing.assert_array_equal(one.flagged, cleanlab_filter_find(labels, probs, filter_by="both",
+                                                                    num_to_remove_per_class=[3] * 4))
+    # adjust_pred_probs ranks by the adjusted score, as cleanlab's rank_by_kwargs.
+    adjusted = dask_labelissues.find_label_issues(labels, probs, multi_label=True, filter_by="both",
+                                                  return_indices_ranked_by="self_confidence", adjust_pred_probs=True)
+    np.testing.assert_array_equal(adjusted.issues, cleanlab_filter_find(
+        labels, probs, filter_by="both", return_indices_ranked_by="self_confidence",
+        rank_by_kwargs={"adjust_pred_probs": True}))
+    assert adjusted.reads == got.reads + 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"estimation_method": "off_diagonal_calibrated"}, "batched single-label"),
+        ({"health": True}, "multilabel_health_summary"),
+        ({"adjust_pred_probs": True, "return_indices_ranked_by": None}, "changes only the ranking"),
+        ({"method": "normalized_margin", "return_indices_ranked_by": "confidence_weighted_entropy"}, "disagree"),
+        ({"method": "margin"}, "is not one of"),
+        ({"backend": "gpu"}, "is not one of"),
+    ],
+)
+def test_the_top_level_multi_label_job_refuses_what_does_not_apply(kwargs, match):
+    labels, probs, _ = examples(3)
+    with pytest.raises(ValueError, match=match):
+        dask_labelissues.find_label_issues(labels, probs, multi_label=True, **kwargs)
+
+
 @pytest.mark.parametrize("method", [np.min, np.mean, np.median])
 def test_a_callable_aggregator_reduces_each_row_as_cleanlabs(method):
     labels, probs, _ = examples(3, seed=5)
@@ -197,6 +276,8 @@ def test_a_label_matrix_in_a_store_gives_the_lists_results(stored, backend, opti
             got = ml.find_label_issues(lab, prob, return_indices_ranked_by="self_confidence", backend=backend,
                                        **options)
             np.testing.assert_array_equal(got, expected)
+            top = dask_labelissues.find_label_issues(lab, prob, multi_label=True, backend=backend, **options)
+            np.testing.assert_array_equal(top.issues, expected)
 
 
 def test_dask_arrays_on_a_cluster(stored, local_cluster):
@@ -206,6 +287,9 @@ def test_dask_arrays_on_a_cluster(stored, local_cluster):
     got = ml.find_label_issues(da.from_array(matrix, chunks=(700, 6)), da.from_array(probs, chunks=(700, 6)),
                                filter_by="both", client=local_cluster)
     np.testing.assert_array_equal(got, expected)
+    top = dask_labelissues.find_label_issues(da.from_array(matrix, chunks=(700, 6)), da.from_array(probs, chunks=(700, 6)),
+                                             multi_label=True, filter_by="both", client=local_cluster)
+    np.testing.assert_array_equal(top.flagged, expected)
     # Rankings by scores made in the filter's last read, and by adjusted scores.
     for kwargs in ({}, {"rank_by_kwargs": {"adjust_pred_probs": True}}):
         ranked = ml.find_label_issues(str(root / "labels.npy"), str(root / "probs.npy"), filter_by="both",

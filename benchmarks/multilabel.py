@@ -2,6 +2,10 @@
 and beside this package's former plan of one job a class.
 
     python benchmarks/multilabel.py [--rows 400000] [--classes 50] [--repeats 3]
+        [--skip-per-class] [--cleanlab-low-memory] [--scaling-rounds 2] [--memory]
+
+The issue's size of record is ``--rows 2000000 --classes 100 --repeats 1
+--skip-per-class --cleanlab-low-memory --scaling-rounds 1 --memory``.
 
 The dataset (``--rows`` x ``--classes``, about 30% of the labels present a
 row, a model surer where it is right, 3% of the labels toggled) is made
@@ -23,6 +27,16 @@ What is timed, in this one process, every case once untimed and then
 * cleanlab: ``cleanlab.multilabel_classification.filter.find_label_issues``
   on the same data in memory (label lists, n_jobs=1).
 
+With ``--cleanlab-low-memory``, cleanlab's ``low_memory=True`` (its
+batched estimate, class by class) is timed once too, and its mask compared.
+With ``--scaling-rounds R``: ours on a LocalCluster of 1 worker x 1 thread
+against 2 workers x 1 thread, reading the Zarr arrays, ``R`` timed runs
+each in fresh clusters (numba's kernels are loaded in the workers by a run
+on a small store first), with the workers' CPU seconds.  With
+``--memory``: the peak RSS of a fresh process running ours (threads, Zarr)
+and cleanlab (in memory) at ``--rows`` and at a quarter of them, and ours
+under ``prlimit --data`` at half of pred_probs' size.
+
 Bytes of pred_probs served are counted for ours and the one-job-a-class
 plan, and the masks compared.  Then, from the shell: ``dask-labelissues
 find --task multilabel`` on the ``.npy`` files (the whole command: start-up,
@@ -36,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,14 +110,14 @@ class Counting:
 
 def per_class_jobs(labels: Any, probs: Any) -> np.ndarray:
     """The filter class by class, each class's job reading pred_probs itself."""
-    from dask_labelissues.api import _filter_spec
+    from dask_labelissues.filters import filter_spec
     from dask_labelissues.engines import make_engine
     from dask_labelissues.kernels import ScoreSpec
     from dask_labelissues.kinds import OneVsRest
     from dask_labelissues.pipelines import run_filter
 
     k = int(probs.shape[1])
-    fspec = _filter_spec("prune_by_noise_rate", 1.0, None, 1)
+    fspec = filter_spec("prune_by_noise_rate", 1.0, None, 1)
     masks = []
     for c in range(k):
         engine, _, _ = make_engine("auto", labels, probs, ScoreSpec(), single_read=False, kind=OneVsRest(k=c))
@@ -149,11 +164,108 @@ def shell_runs(path: Path, repeats: int) -> dict[str, Any]:
             "import": med[0], "first_call": med[1], "second_call": med[2]}
 
 
+def cluster_scaling(path: Path, warm_path: Path, rounds: int, reference: np.ndarray) -> dict[str, Any]:
+    """Ours on LocalClusters of 1 and 2 single-thread workers reading the
+    Zarr arrays, fresh clusters each run, the order alternating."""
+    import zarr
+    from distributed import Client
+
+    from dask_labelissues import multilabel_classification as ml
+    from dask_labelissues.cluster import local_cluster
+
+    def worker_cpu_s() -> float:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    group, warm = zarr.open_group(str(path / "data.zarr"), mode="r"), zarr.open_group(str(warm_path / "data.zarr"), mode="r")
+    times: dict[int, list[float]] = {1: [], 2: []}
+    cores: dict[int, list[float]] = {1: [], 2: []}
+    same = True
+    for r in range(rounds):
+        for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+            with local_cluster(n, threads_per_worker=1, dashboard_address=None) as cluster, \
+                    Client(cluster, set_as_default=False) as client, client.as_current():
+                ml.find_label_issues(warm["labels"], warm["pred_probs"], client=client)  # loads the kernels
+                before = client.run(worker_cpu_s)
+                t = time.perf_counter()
+                mask = ml.find_label_issues(group["labels"], group["pred_probs"], client=client)
+                seconds = time.perf_counter() - t
+                after = client.run(worker_cpu_s)
+            times[n].append(seconds)
+            cores[n].append(sum(after[w] - before[w] for w in before) / seconds)
+            same = same and bool(np.array_equal(np.asarray(mask), reference))
+            print(f"  [scaling {r + 1}/{rounds}] {n} worker(s) x 1 thread: {seconds:.2f} s, "
+                  f"{cores[n][-1]:.2f} cores busy", flush=True)
+    one, two = statistics.median(times[1]), statistics.median(times[2])
+    return {"times": times, "one_worker_s": one, "two_workers_s": two, "speedup": one / two,
+            "worker_cores": {n: statistics.median(v) for n, v in cores.items()}, "masks_equal_cleanlab": same}
+
+
+PEAK_OURS = """
+import sys, zarr
+from dask_labelissues import multilabel_classification as ml
+g = zarr.open_group(sys.argv[1], mode="r")
+print(int(ml.find_label_issues(g["labels"], g["pred_probs"]).sum()))
+"""
+
+PEAK_CLEANLAB = """
+import sys, warnings, numpy as np
+from cleanlab.multilabel_classification import filter as cl_filter
+lists = [np.flatnonzero(row).tolist() for row in np.load(sys.argv[1] + "/labels.npy")]
+probs = np.load(sys.argv[1] + "/pred_probs.npy")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    print(int(cl_filter.find_label_issues(lists, probs, n_jobs=1).sum()))
+"""
+
+
+def _peak(code: str, arg: str, limit: int | None = None) -> dict[str, Any]:
+    """A fresh process's wall time, peak RSS (GNU time's maximum resident
+    set) and output, or its failure."""
+    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-c", code, arg]
+    if limit is not None:
+        cmd = ["prlimit", f"--data={limit}", *cmd]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    lines = proc.stderr.strip().splitlines()
+    peak_kib = int(lines[-1]) if lines and lines[-1].isdigit() else None
+    failure = None
+    if proc.returncode != 0:
+        failure = next((ln for ln in reversed(lines) if "Error" in ln), lines[-2] if len(lines) > 1 else "failed")
+    return {"wall_s": wall, "peak_mb": None if peak_kib is None else peak_kib / 1024, "ok": proc.returncode == 0,
+            "failure": failure, "output": proc.stdout.strip()}
+
+
+def memory_runs(rows: int, classes: int) -> dict[str, Any]:
+    """Peak RSS of ours and cleanlab's at ``rows`` and a quarter of them,
+    and ours under a ``prlimit --data`` cap of half of pred_probs."""
+    small_rows = rows // 4
+    big, small = ensure_data(rows, classes, HERE / "data"), ensure_data(small_rows, classes, HERE / "data")
+    cap = rows * classes * 4 // 2
+    out: dict[str, Any] = {"rows": rows, "small_rows": small_rows, "cap_bytes": cap}
+    for label, path in (("small", small), ("big", big)):
+        out[f"ours_{label}"] = _peak(PEAK_OURS, str(path / "data.zarr"))
+        out[f"cleanlab_{label}"] = _peak(PEAK_CLEANLAB, str(path))
+        print(f"  [memory] {label}: ours {out[f'ours_{label}']['peak_mb']:.0f} MB, "
+              f"cleanlab {out[f'cleanlab_{label}']['peak_mb']:.0f} MB", flush=True)
+    if shutil.which("prlimit"):
+        out["ours_capped"] = _peak(PEAK_OURS, str(big / "data.zarr"), limit=cap)
+        out["cleanlab_capped"] = _peak(PEAK_CLEANLAB, str(big), limit=cap)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=400_000)
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-per-class", action="store_true", help="leave out the one-job-a-class plan")
+    parser.add_argument("--cleanlab-low-memory", action="store_true", help="time cleanlab's low_memory=True once")
+    parser.add_argument("--scaling-rounds", type=int, default=0, help="LocalCluster 1 against 2 workers")
+    parser.add_argument("--memory", action="store_true", help="peak RSS and a prlimit --data run")
     args = parser.parse_args()
 
     import zarr
@@ -181,6 +293,8 @@ def main() -> None:
         "one job a class, Zarr": lambda: per_class_jobs(zl, zp),
         "cleanlab, in memory": cleanlab,
     }
+    if args.skip_per_class:
+        del cases["one job a class, Zarr"]
     times: dict[str, list[float]] = {name: [] for name in cases}
     masks = {name: timed(fn)[1] for name, fn in cases.items()}  # untimed first runs
     for _ in range(args.repeats):
@@ -188,12 +302,31 @@ def main() -> None:
             times[name].append(timed(fn)[0])
     reference = masks["cleanlab, in memory"]
     equal = {name: bool(np.array_equal(np.asarray(m), reference)) for name, m in masks.items()}
+    low_memory = None
+    if args.cleanlab_low_memory:
+        def cleanlab_low_memory() -> np.ndarray:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return cl_filter.find_label_issues(lists, in_memory, low_memory=True)
+
+        seconds, mask = timed(cleanlab_low_memory)
+        low_memory = {"seconds": seconds, "issues": int(mask.sum()), "cleanlab_issues": int(reference.sum()),
+                      "overlap": int((mask & reference).sum())}
 
     counted_lock, counted_each = Counting(zp), Counting(zp)
     ml.find_label_issues(zl, counted_lock)
-    per_class_jobs(zl, counted_each)
     nbytes = in_memory.nbytes
-    reads = {"ours": counted_lock.served / nbytes, "one job a class": counted_each.served / nbytes}
+    reads = {"ours": counted_lock.served / nbytes}
+    if not args.skip_per_class:
+        per_class_jobs(zl, counted_each)
+        reads["one job a class"] = counted_each.served / nbytes
+    # The in-memory copies go before the cluster and memory runs.
+    in_memory = matrix = lists = None  # type: ignore[assignment]
+    scaling = None
+    if args.scaling_rounds:
+        warm_path = ensure_data(40_000, 8, HERE / "data")
+        scaling = cluster_scaling(path, warm_path, args.scaling_rounds, reference)
+    memory = memory_runs(args.rows, args.classes) if args.memory else None
 
     shell = shell_runs(path, args.repeats)
     med = {name: statistics.median(t) for name, t in times.items()}
@@ -202,7 +335,7 @@ def main() -> None:
                             cwd=HERE).stdout.strip()
     report = {"rows": args.rows, "classes": args.classes, "repeats": args.repeats, "commit": commit,
               "times": times, "medians": med, "masks_equal_cleanlab": equal, "reads": reads, "shell": shell,
-              "cpus": os.cpu_count()}
+              "cleanlab_low_memory": low_memory, "scaling": scaling, "memory": memory, "cpus": os.cpu_count()}
     lines = [
         f"# Multi-label, {stamp} (commit {commit})", "",
         f"{args.rows:,} examples x {args.classes} classes, float32; filter_by=prune_by_noise_rate; "
@@ -211,9 +344,36 @@ def main() -> None:
     ]
     for name in cases:
         lines.append(f"| {name} | {med[name]:.2f} s | {med[name] / med['ours, Zarr']:.2f} | {equal[name]} |")
+    if low_memory is not None:
+        lines.append(
+            f"| cleanlab, in memory, low_memory=True (once) | {low_memory['seconds']:.2f} s | "
+            f"{low_memory['seconds'] / med['ours, Zarr']:.2f} | {low_memory['issues']:,} issues against "
+            f"{low_memory['cleanlab_issues']:,}, {low_memory['overlap']:,} in both |"
+        )
+    lines += ["", "Reads of pred_probs (bytes served over its size): "
+              + ", ".join(f"{name} {r:.0f}" for name, r in reads.items()) + "."]
+    if scaling is not None:
+        lines += [
+            "", f"LocalCluster, Zarr, medians of {args.scaling_rounds}: 1 worker x 1 thread "
+            f"{scaling['one_worker_s']:.2f} s ({scaling['worker_cores'][1]:.2f} cores busy), 2 workers x 1 thread "
+            f"{scaling['two_workers_s']:.2f} s ({scaling['worker_cores'][2]:.2f} cores busy): "
+            f"**{scaling['speedup']:.2f}x**; masks equal cleanlab's: {scaling['masks_equal_cleanlab']}.",
+        ]
+    if memory is not None:
+        mem = memory
+        lines += ["", "Peak RSS of a fresh process (GNU time), ours on the Zarr arrays with the threads engine, "
+                  "cleanlab on the same data loaded in memory:", "",
+                  "| rows | ours | cleanlab |", "| ---: | ---: | ---: |"]
+        for label, n in (("small", mem["small_rows"]), ("big", mem["rows"])):
+            lines.append(f"| {n:,} | {mem[f'ours_{label}']['peak_mb']:.0f} MB | {mem[f'cleanlab_{label}']['peak_mb']:.0f} MB |")
+        if "ours_capped" in mem:
+            def said(run: dict[str, Any]) -> str:
+                return f"completes in {run['wall_s']:.1f} s" if run["ok"] else f"fails ({run['failure']})"
+
+            lines += ["", f"Under `prlimit --data={mem['cap_bytes']:,}` (half of pred_probs) at {mem['rows']:,} rows: "
+                      f"ours {said(mem['ours_capped'])}; cleanlab {said(mem['cleanlab_capped'])}."]
     lines += [
-        "", "Reads of pred_probs (bytes served over its size): "
-        f"ours {reads['ours']:.0f}, one job a class {reads['one job a class']:.0f}.", "",
+        "",
         "From the shell (medians):", "",
         f"- `dask-labelissues find --task multilabel` on the .npy files: {shell['cli_wall']:.2f} s wall "
         f"(ours in-process on .npy: {med['ours, .npy']:.2f} s; the command also scores every example, "

@@ -10,6 +10,7 @@ import numpy as np
 from . import inputs
 from .engines import BACKEND_CHOICES, make_engine
 from .pipelines import run, run_filter, warm_up
+from . import filters
 from .filters import filter_spec
 from .kernels import METHODS, ScoreSpec
 from .results import LabelIssues
@@ -43,6 +44,7 @@ def find_label_issues(
     frac_noise: float = 1.0,
     num_to_remove_per_class: Any = None,
     min_examples_per_class: int = 1,
+    confident_joint: Any = None,
     health: bool = False,
 ) -> LabelIssues | MultilabelIssues:
     """Find the rows whose given label is most likely wrong.
@@ -155,6 +157,14 @@ def find_label_issues(
         ``num_to_remove_per_class`` applies to every class); only with the prune
         filters (``prune_by_noise_rate``, ``prune_by_class``, ``both``), except
         ``frac_noise=1``, ``min_examples_per_class=1`` which are defaults.
+    confident_joint
+        With the prune filters, a (K, K) confident joint (rows the given
+        label, columns the class counted) to count the issues from instead
+        of the data's, as ``cleanlab.filter.find_label_issues`` takes one
+        (cleanlab's ``compute_confident_joint`` makes it); the result's
+        ``confident_joint`` is then this one.  ``confident_learning``
+        estimates its own (with a warning, as cleanlab); the other filters
+        read none.  With ``multi_label``, ``(K, 2, 2)``: each class's joint.
     health
         Also compute the confident joint, where ``filter_by`` does not (one
         more read of pred_probs), so that the result's dataset-health views
@@ -180,7 +190,8 @@ def find_label_issues(
             estimation_method=estimation_method, health=health, filter_by=filter_by,
             return_indices_ranked_by=return_indices_ranked_by, frac_noise=frac_noise,
             num_to_remove_per_class=num_to_remove_per_class, min_examples_per_class=min_examples_per_class,
-            backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=progress,
+            confident_joint=confident_joint, backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs,
+            progress=progress,
         )
     ranked = return_indices_ranked_by is not None
     if return_indices_ranked_by not in (None, SAME_AS_METHOD):
@@ -215,6 +226,12 @@ def find_label_issues(
                 f"num_to_remove_per_class has {len(fspec.num_to_remove_per_class)} entries; "
                 f"pred_probs has {k} classes, one entry per class is needed"
             )
+    if confident_joint is not None and fspec is None:
+        raise ValueError(
+            "confident_joint is used by cleanlab.filter's prune filters: pass filter_by (the batched "
+            "method estimates its thresholds from the data)"
+        )
+    given_joint = None if fspec is None else filters.given_joint(confident_joint, k, fspec.filter_by)
     single_read = not spec.rereads and not health and (fspec is None or not fspec.needs_joint)
     engine, backend, client = make_engine(
         backend, lab, probs, spec, single_read=single_read, chunk_rows=chunk_rows, n_jobs=n_jobs,
@@ -226,7 +243,7 @@ def find_label_issues(
         if fspec is None:
             raw = run(engine, spec, health=health)
         else:
-            raw = run_filter(engine, spec, fspec, probs.dtype, ranked, health=health)
+            raw = run_filter(engine, spec, fspec, probs.dtype, ranked, health=health, confident_joint=given_joint)
     finally:
         engine.close()
     return LabelIssues(

@@ -67,7 +67,8 @@ def find_label_issues(
     filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class
         As in cleanlab.
     confident_joint
-        Not supported: the joint is computed from the data.
+        A (K, K) confident joint for the prune filters to count from, as in
+        cleanlab (for multi-label data, ``(K, 2, 2)``).
     n_jobs, verbose
         Threads or processes of the one-machine engines; progress bars.
     multi_label
@@ -90,8 +91,7 @@ def find_label_issues(
     ValueError
         Bad input, named by its row (and class, for multi-label data).
     NotImplementedError
-        ``confident_joint``, or ``rank_by_kwargs`` other than
-        ``adjust_pred_probs``.
+        ``rank_by_kwargs`` other than ``adjust_pred_probs``.
     """
     if multi_label:
         warnings.warn(
@@ -108,8 +108,6 @@ def find_label_issues(
             min_examples_per_class=min_examples_per_class, confident_joint=confident_joint, n_jobs=n_jobs,
             verbose=verbose, low_memory=low_memory, backend=backend, client=client, chunk_rows=chunk_rows,
         )
-    if confident_joint is not None:
-        raise NotImplementedError("confident_joint is not supported: the confident joint is computed from the data")
     unknown = sorted(set(rank_by_kwargs or {}) - set(RANK_BY_KWARGS))
     if unknown:
         raise NotImplementedError(f"rank_by_kwargs {unknown} are not supported (only {', '.join(RANK_BY_KWARGS)})")
@@ -118,8 +116,8 @@ def find_label_issues(
         labels, pred_probs, filter_by=filter_by, return_indices_ranked_by=return_indices_ranked_by,
         adjust_pred_probs=adjust and return_indices_ranked_by is not None,
         frac_noise=frac_noise, num_to_remove_per_class=num_to_remove_per_class,
-        min_examples_per_class=min_examples_per_class, n_jobs=n_jobs, progress=verbose, backend=backend,
-        client=client, chunk_rows=chunk_rows,
+        min_examples_per_class=min_examples_per_class, confident_joint=confident_joint, n_jobs=n_jobs,
+        progress=verbose, backend=backend, client=client, chunk_rows=chunk_rows,
     )
     if return_indices_ranked_by is None:
         return result.array("is_label_issue").astype(bool, copy=False)

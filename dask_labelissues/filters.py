@@ -92,8 +92,8 @@ class FilterSpec:
             )
         if self.num_to_remove_per_class is not None and self.filter_by not in PRUNE_FILTERS:
             raise ValueError(
-                f"num_to_remove_per_class works only with filter_by in {', '.join(PRUNE_FILTERS)}, "
-                f"not {self.filter_by!r}"
+                f"num_to_remove_per_class is not supported with filter_by={self.filter_by!r}: it works only "
+                f"with filter_by in {', '.join(PRUNE_FILTERS)}"
             )
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
@@ -727,15 +727,48 @@ class Plan:
     lowest_enough: bool = False
 
 
+def given_joint(confident_joint: Any, k: int, filter_by: str, name: str = "confident_joint") -> np.ndarray | None:
+    """A caller's ``(K, K)`` confident joint, checked, for :func:`plan`; None
+    where ``filter_by`` does not count from one.
+
+    As in cleanlab: only the prune filters use it; ``confident_learning``
+    warns that it re-estimates the joint from the data; the others do not
+    read one.
+    """
+    if confident_joint is None:
+        return None
+    cj = np.asarray(confident_joint)
+    if cj.shape != (k, k):
+        raise ValueError(f"{name} must have shape ({k}, {k}), one row and column per class; got {cj.shape}")
+    if cj.dtype.kind not in "iuf" or not np.isfinite(cj).all() or (cj < 0).any():
+        raise ValueError(f"{name} must hold finite counts >= 0")
+    if filter_by == "confident_learning":
+        warnings.warn(
+            f"the {name} given is not used with filter_by='confident_learning', which estimates "
+            "the joint from the data (as cleanlab does)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return cj if filter_by in PRUNE_FILTERS else None
+
+
 def plan(
-    fspec: FilterSpec, joint: JointState, label_counts: np.ndarray
+    fspec: FilterSpec, joint: JointState, label_counts: np.ndarray, given: np.ndarray | None = None
 ) -> tuple[Plan, np.ndarray]:
     """From the confident joint to the selections; also returns the
-    calibrated confident joint."""
+    calibrated confident joint.
+
+    ``given``: a confident joint the caller supplies (:func:`given_joint`),
+    which the prune filters count from instead of the data's, as cleanlab
+    does with its ``confident_joint`` argument; it is returned as it is.
+    The data's joint still decides whether the kept candidates suffice.
+    """
     k = label_counts.shape[0]
-    cj = joint.matrix(k)
     off_diagonal = joint.off_diagonal
-    calibrated = calibrate(cj, label_counts)
+    if given is not None and fspec.filter_by in PRUNE_FILTERS:
+        calibrated = given
+    else:
+        calibrated = calibrate(joint.matrix(k), label_counts)
     if fspec.num_to_remove_per_class is not None and len(fspec.num_to_remove_per_class) != k:
         raise ValueError(
             f"num_to_remove_per_class has {len(fspec.num_to_remove_per_class)} entries, "

@@ -264,6 +264,7 @@ def _row_scores(flags: tuple[np.ndarray, list[Winners], Any]) -> np.ndarray:
 def run_filters(
     engine: Engine, spec: ScoreSpec, kinds: Sequence[Kind], fspecs: Sequence[FilterSpec], ranked: bool = True,
     row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, per_problem: bool = True,
+    confident_joints: Sequence[np.ndarray | None] | None = None,
 ) -> ProblemsResult:
     """cleanlab.filter's method of each ``fspecs[p]`` on problem ``kinds[p]``,
     each stage for all problems on one read of pred_probs.
@@ -301,6 +302,10 @@ def run_filters(
     per_problem
         The mask as one column a problem; False: one column, an item's
         issue in any problem (1 byte an item back, not P).
+    confident_joints
+        A confident joint per problem (or None) for its prune filter to
+        count from instead of the data's, as
+        :func:`~dask_labelissues.pipelines.run_filter` takes one.
 
     Returns
     -------
@@ -329,7 +334,8 @@ def run_filters(
         reads += 1
         for p in range(n):
             if fspecs[p].selects:
-                plans[p], calibrated[p] = filters.plan(fspecs[p], states[p], counts[p])
+                given = None if confident_joints is None else confident_joints[p]
+                plans[p], calibrated[p] = filters.plan(fspecs[p], states[p], counts[p], given)
 
     selected: list[tuple[np.ndarray, ...]] = [() for _ in range(n)]
     if any(plan is not None for plan in plans):

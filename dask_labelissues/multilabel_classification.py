@@ -24,20 +24,20 @@ Differences from cleanlab:
 - for float32 pred_probs, the confidence-weighted entropy can differ from
   cleanlab's by about 1e-7 (its float32 logarithm is another's);
 - for float32 pred_probs, scores of adjusted pred_probs are computed in
-  float64 (cleanlab adjusts them in float32): the two differ by about 1e-7;
-- ``confident_joint`` is not supported yet.
+  float64 (cleanlab adjusts them in float32): the two differ by about 1e-7.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import inputs
-from .filters import filter_spec
+from .filters import PRUNE_FILTERS, filter_spec, given_joint
 from .engines import make_engine
 from .kernels import InputProblem, ScoreSpec
 from .kinds import OneVsRest
@@ -104,7 +104,11 @@ def find_label_issues(
         As in ``cleanlab.filter.find_label_issues``, for each class's
         binary problem (``num_to_remove_per_class[k]`` for class k).
     confident_joint
-        Not supported: each class's 2 x 2 joint is computed.
+        ``(K, 2, 2)``: each class's confident joint (as
+        ``cleanlab.count.compute_confident_joint(..., multi_label=True)``
+        makes them), which the prune filters count from instead of the
+        data's; a ``(K, K)`` joint is ignored with a warning, as cleanlab
+        ignores it, and ``confident_learning`` estimates its own.
     n_jobs, verbose, low_memory
         Threads or processes of the one-machine engines; progress bars;
         accepted for cleanlab's callers (the method is the same).
@@ -117,11 +121,11 @@ def find_label_issues(
         ``(N,)`` bool, or the ranked int64 indices.
     """
     del low_memory
-    _no_joint(confident_joint)
     found = example_issues(
         labels, pred_probs, filter_by=filter_by, frac_noise=frac_noise,
         num_to_remove_per_class=num_to_remove_per_class, min_examples_per_class=min_examples_per_class,
         return_indices_ranked_by=return_indices_ranked_by, rank_by_kwargs=rank_by_kwargs,
+        confident_joint=confident_joint,
         backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose,
     )
     return found.flagged if return_indices_ranked_by is None else found.issues
@@ -137,6 +141,7 @@ def example_issues(
     min_examples_per_class: int = 1,
     return_indices_ranked_by: str | None = "self_confidence",
     rank_by_kwargs: dict[str, Any] | None = None,
+    confident_joint: Any = None,
     backend: str = "auto",
     client: Any = None,
     chunk_rows: int | None = None,
@@ -149,7 +154,7 @@ def example_issues(
 
     Parameters
     ----------
-    labels, pred_probs, filter_by, frac_noise, min_examples_per_class, rank_by_kwargs
+    labels, pred_probs, filter_by, frac_noise, min_examples_per_class, rank_by_kwargs, confident_joint
         As in :func:`find_label_issues`.
     num_to_remove_per_class
         As there; one number applies to every class.
@@ -178,14 +183,14 @@ def example_issues(
         # As cleanlab: as many issues as the confident-learning filter finds,
         # the lowest by the default score (made in that job's last read).
         found = find_issues(lab, probs, filter_by="confident_learning", score_method="self_confidence",
-                            per_class=False, **options)
+                            per_class=False, confident_joint=confident_joint, **options)
         flagged = np.zeros(n, dtype=bool)
         flagged[np.argsort(found.scores, kind="stable")[: found.num_issues]] = True
     else:
         found = find_issues(
             lab, probs, filter_by=filter_by, frac_noise=frac_noise, num_to_remove_per_class=num_to_remove_per_class,
             min_examples_per_class=min_examples_per_class, score_method=None if adjust else method,
-            per_class=False, **options,
+            per_class=False, confident_joint=confident_joint, **options,
         )
         flagged = found.flagged
     scores, reads = found.scores, found.reads
@@ -258,6 +263,7 @@ def find_issues(
     score_method: str | None = None,
     aggregator_kwargs: dict[str, Any] | None = None,
     per_class: bool = True,
+    confident_joint: Any = None,
     backend: str = "auto",
     client: Any = None,
     chunk_rows: int | None = None,
@@ -281,6 +287,8 @@ def find_issues(
     per_class
         Each class's issues, ``(N, K)``; False: only whether an example has
         one, ``(N,)`` (1 byte an example brought back, not K).
+    confident_joint
+        As in :func:`find_label_issues`.
     backend, client, chunk_rows, n_jobs, progress
         Where the job runs, as in :func:`find_label_issues`.
 
@@ -302,7 +310,7 @@ def find_issues(
         how = kwargs.pop("method", "exponential_moving_average")
         row_scores = functools.partial(aggregated_scores, _method(score_method, None), how, kwargs)
     found = _class_results(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
-                           options, row_scores=row_scores, per_problem=per_class)
+                           options, row_scores=row_scores, per_problem=per_class, confident_joint=confident_joint)
     mask = inputs.to_numpy(found.mask).astype(bool, copy=False)
     flagged = mask.any(axis=1) if per_class else mask
     scores = None if row_scores is None else inputs.to_numpy(found.row_scores)
@@ -352,17 +360,16 @@ def find_multilabel_issues_per_class(
         ties by row), its 0/1 labels and its ``(N, 2)`` probabilities.
     """
     del low_memory
-    _no_joint(confident_joint)
     options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=verbose)
     lab, probs, n, k = open_inputs(labels, pred_probs)
     if return_indices_ranked_by is None:
         return find_issues(
             lab, probs, filter_by=filter_by, frac_noise=frac_noise, num_to_remove_per_class=num_to_remove_per_class,
-            min_examples_per_class=min_examples_per_class, **options,
+            min_examples_per_class=min_examples_per_class, confident_joint=confident_joint, **options,
         ).per_class
     method = _method(return_indices_ranked_by, rank_by_kwargs)
     found = _class_results(lab, probs, k, filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class,
-                           options, ranked_by=method, adjust=_adjusts(rank_by_kwargs))
+                           options, ranked_by=method, adjust=_adjusts(rank_by_kwargs), confident_joint=confident_joint)
     issues = [np.asarray(rows, dtype=np.int64) for rows in found.issues]
     kinds = [OneVsRest(k=c) for c in range(k)]
     y = _read_all(lab)
@@ -625,12 +632,13 @@ def _adjusts(rank_by_kwargs: dict[str, Any] | None) -> bool:
 def _class_results(
     lab: Any, probs: Any, k: int, filter_by: str, frac_noise: float, remove: Sequence[int] | None,
     minimum: int, options: dict[str, Any], ranked_by: str | None = None, row_scores: Callable | None = None,
-    per_problem: bool = True, adjust: bool = False,
+    per_problem: bool = True, adjust: bool = False, confident_joint: Any = None,
 ) -> ProblemsResult:
     """Every class's binary job, side by side on one engine: each stage
     reads pred_probs once for all K classes (:func:`run_filters`)."""
     if remove is not None and len(remove) != k:
         raise ValueError(f"num_to_remove_per_class has {len(remove)} entries; pred_probs has {k} classes")
+    joints = _class_joints(confident_joint, k, filter_by)
     spec = ScoreSpec(ranked_by or "self_confidence", adjust, "off_diagonal", None)
     fspecs = [
         filter_spec(filter_by, frac_noise, None if remove is None else [int(remove[c]), 0], minimum)
@@ -638,7 +646,8 @@ def _class_results(
     ]
     engine, kinds = _classes_engine(lab, probs, spec, options)
     try:
-        return run_filters(engine, engine.plan.spec, kinds, fspecs, ranked_by is not None, row_scores, per_problem)
+        return run_filters(engine, engine.plan.spec, kinds, fspecs, ranked_by is not None, row_scores, per_problem,
+                           confident_joints=joints)
     finally:
         engine.close()
 
@@ -721,6 +730,32 @@ def _read_all(source: Any) -> np.ndarray:
     return np.concatenate([inputs.to_numpy(source[a : a + SCORE_ROWS]) for a in range(0, int(source.shape[0]), SCORE_ROWS)])
 
 
-def _no_joint(confident_joint: Any) -> None:
-    if confident_joint is not None:
-        raise NotImplementedError("confident_joint is not supported: each class's 2 x 2 joint is computed")
+def _class_joints(confident_joint: Any, k: int, filter_by: str) -> list[np.ndarray | None] | None:
+    """Each class's 2 x 2 confident joint from a caller's ``(K, 2, 2)``, checked;
+    None where the filter counts from none (as cleanlab: a ``(K, K)`` joint
+    is ignored with a warning, and ``confident_learning`` warns that it
+    estimates its own)."""
+    if confident_joint is None:
+        return None
+    cj = np.asarray(confident_joint)
+    if cj.shape == (k, k):
+        warnings.warn(
+            f"a ({k}, {k}) confident_joint is the single-label form and is ignored, as cleanlab ignores it: "
+            f"multi-label data take ({k}, 2, 2), each class's joint "
+            "(cleanlab.count.compute_confident_joint(..., multi_label=True))",
+            UserWarning,
+            stacklevel=4,
+        )
+        return None
+    if cj.shape != (k, 2, 2):
+        raise ValueError(f"confident_joint must have shape ({k}, 2, 2), each class's 2 x 2 joint; got {cj.shape}")
+    if filter_by not in PRUNE_FILTERS:
+        if filter_by == "confident_learning":
+            warnings.warn(
+                "the confident_joint given is not used with filter_by='confident_learning', which estimates "
+                "each class's joint from the data (as cleanlab does)",
+                UserWarning,
+                stacklevel=4,
+            )
+        return None
+    return [given_joint(cj[c], 2, filter_by, name=f"confident_joint[{c}]") for c in range(k)]

@@ -358,7 +358,8 @@ def _select(engine: Engine, task: Any, *args: Any) -> filters.GroupTop:
 
 
 def run_filter(
-    engine: Engine, spec: ScoreSpec, fspec: FilterSpec, dtype: Any, ranked: bool = True, health: bool = False
+    engine: Engine, spec: ScoreSpec, fspec: FilterSpec, dtype: Any, ranked: bool = True, health: bool = False,
+    confident_joint: np.ndarray | None = None,
 ) -> RawResult:
     """One of cleanlab.filter's methods.
 
@@ -377,7 +378,10 @@ def run_filter(
 
     ``dtype``: pred_probs' dtype, which the joint records keep.  With
     ``health``, the calibrated confident joint even where the filter needs
-    none (one more read).
+    none (one more read).  ``confident_joint``: the caller's, checked by
+    :func:`~dask_labelissues.filters.given_joint`, which the prune filters
+    count from instead of the data's (the second read still makes each
+    item's joint record, which the selections need).
     """
     k = engine.n_classes
     columns = _columns(engine, spec, fspec, dtype)
@@ -395,7 +399,7 @@ def run_filter(
         (state,) = engine.compute(engine.reduce(joint, JOINT), keep=[joint])
         reads += 1
         estimated = state.off_diagonal
-        plan, calibrated = filters.plan(fspec, state, counts)
+        plan, calibrated = filters.plan(fspec, state, counts, confident_joint)
         if fspec.selects:
             tops = engine.map(filters.selection_candidates, plan, fspec, joint, records, START)
             (merged,) = engine.compute(engine.reduce(tops, SELECTIONS))

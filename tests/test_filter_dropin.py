@@ -63,9 +63,51 @@ def test_multi_label_is_the_multilabel_job_and_deprecated():
     )
 
 
+@pytest.mark.parametrize("filter_by", filters.PRUNE_FILTERS)
+def test_a_given_confident_joint_counts_the_issues_as_cleanlabs(data, filter_by):
+    from cleanlab.count import compute_confident_joint
+
+    import dask_labelissues
+
+    # Another joint than the data's, as another model or a hand-made
+    # estimate would give: more rows of class 0 counted as 1, of 3 as 2.
+    joint = compute_confident_joint(data.labels, data.pred_probs)
+    joint[0, 1], joint[0, 0] = joint[0, 1] + 60, joint[0, 0] - 60
+    joint[3, 2], joint[3, 3] = joint[3, 2] + 40, joint[3, 3] - 40
+    expected = cleanlab(data.labels, data.pred_probs, filter_by=filter_by, confident_joint=joint)
+    assert not np.array_equal(expected, cleanlab(data.labels, data.pred_probs, filter_by=filter_by))
+    got = dropin.find_label_issues(data.labels, data.pred_probs, filter_by=filter_by, confident_joint=joint,
+                                   backend="threads", chunk_rows=777)
+    np.testing.assert_array_equal(got, expected)
+    ranked = dask_labelissues.find_label_issues(data.labels, data.pred_probs, filter_by=filter_by,
+                                                confident_joint=joint, backend="serial")
+    np.testing.assert_array_equal(ranked.issues, cleanlab(data.labels, data.pred_probs, filter_by=filter_by,
+                                                          confident_joint=joint,
+                                                          return_indices_ranked_by="self_confidence"))
+    np.testing.assert_array_equal(ranked.confident_joint, joint)
+
+
+def test_a_given_confident_joint_is_checked_and_used_only_where_cleanlab_uses_it(data):
+    import dask_labelissues
+
+    joint = np.full((7, 7), 5)
+    with pytest.warns(UserWarning, match="estimates the joint from the data"):
+        got = dropin.find_label_issues(data.labels, data.pred_probs, filter_by="confident_learning",
+                                       confident_joint=joint)
+    np.testing.assert_array_equal(got, cleanlab(data.labels, data.pred_probs, filter_by="confident_learning"))
+    np.testing.assert_array_equal(
+        dropin.find_label_issues(data.labels, data.pred_probs, filter_by="predicted_neq_given", confident_joint=joint),
+        cleanlab(data.labels, data.pred_probs, filter_by="predicted_neq_given"),
+    )
+    with pytest.raises(ValueError, match=r"shape \(7, 7\).*got \(6, 6\)"):
+        dropin.find_label_issues(data.labels, data.pred_probs, confident_joint=np.eye(6, dtype=int))
+    with pytest.raises(ValueError, match="finite counts >= 0"):
+        dropin.find_label_issues(data.labels, data.pred_probs, confident_joint=-np.eye(7))
+    with pytest.raises(ValueError, match="pass filter_by"):
+        dask_labelissues.find_label_issues(data.labels, data.pred_probs, confident_joint=joint)
+
+
 def test_what_is_not_supported_says_so(data):
-    with pytest.raises(NotImplementedError, match="confident_joint"):
-        dropin.find_label_issues(data.labels, data.pred_probs, confident_joint=np.eye(7, dtype=int))
     with pytest.raises(NotImplementedError, match="temperature"):
         dropin.find_label_issues(data.labels, data.pred_probs, return_indices_ranked_by="self_confidence",
                                  rank_by_kwargs={"temperature": 0.1})

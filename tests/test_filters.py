@@ -263,7 +263,8 @@ def test_group_top_keeps_the_smallest_per_group_ties_by_index():
     "kwargs,match",
     [
         (dict(filter_by="prune_by_magic"), "filter_by='prune_by_magic' is not one of"),
-        (dict(filter_by="confident_learning", num_to_remove_per_class=[1] * 6), "works only with filter_by"),
+        (dict(filter_by="confident_learning", num_to_remove_per_class=[1] * 6),
+         "not supported with filter_by='confident_learning'"),
         (dict(frac_noise=0.5), "need filter_by"),
         (dict(filter_by="both", frac_noise=1.5), "frac_noise must be in"),
         (dict(filter_by="both", num_to_remove_per_class=[1, 2]), "one entry per class"),

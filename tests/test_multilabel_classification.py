@@ -238,6 +238,37 @@ def test_the_top_level_multi_label_job_refuses_what_does_not_apply(kwargs, match
         dask_labelissues.find_label_issues(labels, probs, multi_label=True, **kwargs)
 
 
+def test_a_given_confident_joint_per_class_counts_the_issues_as_cleanlabs():
+    from cleanlab.count import compute_confident_joint
+
+    labels, probs, _ = examples(4, seed=5)
+    # Each class's joint with 25 more of its present labels counted absent than the data's.
+    joint = compute_confident_joint(labels, probs, multi_label=True)
+    joint[:, 1, 0] += 25
+    joint[:, 1, 1] -= 25
+    for filter_by in ("prune_by_noise_rate", "prune_by_class", "both"):
+        expected = cleanlab_find(labels, probs, filter_by=filter_by, confident_joint=joint)
+        assert not np.array_equal(expected, cleanlab_find(labels, probs, filter_by=filter_by))
+        np.testing.assert_array_equal(
+            ml.find_label_issues(labels, probs, filter_by=filter_by, confident_joint=joint), expected)
+        np.testing.assert_array_equal(
+            ml.find_label_issues(labels, probs, filter_by=filter_by, confident_joint=joint, backend="dask",
+                                 chunk_rows=400, return_indices_ranked_by="normalized_margin"),
+            cleanlab_find(labels, probs, filter_by=filter_by, confident_joint=joint,
+                          return_indices_ranked_by="normalized_margin"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = cl_filter.find_multilabel_issues_per_class(labels, probs, confident_joint=joint, n_jobs=1)
+    np.testing.assert_array_equal(ml.find_multilabel_issues_per_class(labels, probs, confident_joint=joint), theirs)
+    # As cleanlab: a (K, K) joint is ignored, and confident_learning estimates its own.
+    with pytest.warns(UserWarning, match="single-label form"):
+        got = ml.find_label_issues(labels, probs, confident_joint=np.ones((4, 4)))
+    np.testing.assert_array_equal(got, cleanlab_find(labels, probs))
+    with pytest.warns(UserWarning, match="estimates each class's joint"):
+        got = ml.find_label_issues(labels, probs, filter_by="confident_learning", confident_joint=joint)
+    np.testing.assert_array_equal(got, cleanlab_find(labels, probs, filter_by="confident_learning"))
+
+
 @pytest.mark.parametrize("method", [np.min, np.mean, np.median])
 def test_a_callable_aggregator_reduces_each_row_as_cleanlabs(method):
     labels, probs, _ = examples(3, seed=5)
@@ -324,8 +355,10 @@ def test_malformed_inputs_are_refused():
         ml.find_label_issues(broken, probs)
     with pytest.raises(ValueError, match=r"an \(N, K\) = \(1500, 4\) 0/1 matrix, got shape \(1500, 3\)"):
         ml.find_label_issues(matrix[:, :3], probs)
-    with pytest.raises(NotImplementedError, match="confident_joint"):
-        ml.find_label_issues(labels, probs, confident_joint=np.zeros((4, 2, 2)))
+    with pytest.raises(ValueError, match=r"confident_joint must have shape \(4, 2, 2\)"):
+        ml.find_label_issues(labels, probs, confident_joint=np.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"confident_joint\[0\] must hold finite counts"):
+        ml.find_label_issues(labels, probs, confident_joint=np.full((4, 2, 2), np.nan))
     with pytest.raises(ValueError, match="pred_probs has no rows"):
         ml.find_label_issues(matrix[:0], probs[:0])
 

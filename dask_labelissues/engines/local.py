@@ -186,11 +186,24 @@ class LocalBlocks(Blocks):
         self.task, self.args, self.out, self.label = task, args, out, label
         self.results: list[Any] | None = None
         self.folded = False
+        self.reduced = False
+        # A compute asked to keep these blocks for later stages.
+        self.kept = False
 
 
 class LocalValue(Value):
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    """A reduction, run when its value is first needed: by a compute, which
+    knows by then which maps to keep, or by a later map's task."""
+
+    def __init__(self, reduce: Callable[[], Any]) -> None:
+        self._reduce: Callable[[], Any] | None = reduce
+        self._value: Any = None
+
+    @property
+    def value(self) -> Any:
+        if self._reduce is not None:
+            self._value, self._reduce = self._reduce(), None
+        return self._value
 
 
 class LocalEngine(Engine):
@@ -236,16 +249,24 @@ class LocalEngine(Engine):
 
     def reduce(self, blocks: Blocks, aggregation: Aggregation, *args: Any) -> Value:
         assert isinstance(blocks, LocalBlocks)
-        if blocks.folded:
+        if blocks.reduced:
             raise RuntimeError("a map's states are reduced once")
-        acc: list[Any] = []
-        for result in self._run(blocks, fold=True):
-            acc.append(result.state if blocks.out is not None else result)
-            if len(acc) > SPLIT_EVERY:
-                acc = [aggregation.combine(acc)]
-        return LocalValue(aggregation.root(acc, *args))
+        blocks.reduced = True
+
+        def run() -> Any:
+            acc: list[Any] = []
+            for result in self._run(blocks, fold=True):
+                acc.append(result.state if blocks.out is not None else result)
+                if len(acc) > SPLIT_EVERY:
+                    acc = [aggregation.combine(acc)]
+            return aggregation.root(acc, *args)
+
+        return LocalValue(run)
 
     def compute(self, *handles: Blocks | Value, keep: Sequence[Blocks] = ()) -> list[Any]:
+        for blocks in keep:
+            assert isinstance(blocks, LocalBlocks)
+            blocks.kept = True
         out = []
         for handle in handles:
             if isinstance(handle, LocalValue):
@@ -289,13 +310,19 @@ class LocalEngine(Engine):
         return self._keep(blocks, results, fold)
 
     def _keep(self, blocks: LocalBlocks, results: Iterable[Any], fold: bool) -> Iterable[Any]:
+        """Yield the results and keep what later stages may read: a column's
+        rows (a view of it) or the results whole.  A reduction's states are kept only where a compute
+        asked to keep the map, as the Dask engine keeps only those: held to
+        the end of the job, per-block states (a selection's candidates, each
+        block's issues) made its memory grow with the number of issues.  A
+        later map that takes a reduced map's blocks runs them again."""
+        keep = not fold or blocks.out is not None or blocks.kept
         kept = []
         for result in results:
             yield result
-            if fold and isinstance(result, Pair):
-                result = Pair(result.data, None)
-            kept.append(result)
-        blocks.results, blocks.folded = kept, fold
+            if keep:
+                kept.append(Pair(result.data, None) if fold and blocks.out is not None else result)
+        blocks.results, blocks.folded = (kept if keep else None), fold
 
     def _data(self, blocks: LocalBlocks, i: int) -> Any:
         result = blocks.results[i]

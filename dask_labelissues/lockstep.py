@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import filters
-from .aggregations import GROUP_TOP, JOINT, SELECTIONS, THRESHOLDS, WINNERS, Pair, each
+from .aggregations import GROUP_TOP, JOINT, PAIR_COUNTS, SELECTIONS, THRESHOLDS, WINNERS, Pair, each
 from .engines.base import INPUTS, START, Engine, PerBlock
 from .engines.blocks import BlockReader
 from .filters import FilterSpec, MaskRule, Plan
@@ -48,12 +48,13 @@ class ProblemsResult:
     ``mask`` is ``(items, P)`` bool (lazy where the engine is), column
     ``p`` the ``is_label_issue`` of problem ``p``, or ``(items,)``, an
     item's issue in any problem (``per_problem=False``); the lists hold
-    one entry a problem.
+    one entry a problem.  ``issues`` and ``issue_scores`` are None where
+    they were not asked for (``issues=False``).
     """
 
     mask: Any
-    issues: list[np.ndarray]
-    issue_scores: list[np.ndarray]
+    issues: list[np.ndarray] | None
+    issue_scores: list[np.ndarray] | None
     thresholds: list[np.ndarray]
     per_class_count: list[np.ndarray]
     #: The calibrated confident joints (None where the filter selects nothing).
@@ -210,7 +211,8 @@ def flags_block(
     block: BlockReader, start: int, kinds: Sequence[Kind], spec: ScoreSpec, fspecs: Sequence[FilterSpec],
     thresholds: Sequence[np.ndarray], rules: Sequence[MaskRule],
     row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, per_problem: bool = True,
-) -> tuple[np.ndarray, list[Winners], np.ndarray | None]:
+    issues: bool = True,
+) -> tuple[np.ndarray, list[Winners] | np.ndarray, np.ndarray | None]:
     """Every problem's flags for the block, on one read of it.
 
     Parameters
@@ -225,34 +227,42 @@ def flags_block(
     per_problem
         The mask as ``(items, P)`` columns, one a problem; False: one
         column, whether any problem flags the item.
+    issues
+        Each problem's flagged rows with their scores; False: only how
+        many it flags of each given label.
 
     Returns
     -------
     tuple
-        The mask, each problem's flagged rows with their scores
-        (:class:`~dask_labelissues.states.Winners`), and the row scores or
-        None.
+        The mask; each problem's flagged rows with their scores
+        (:class:`~dask_labelissues.states.Winners`), or ``(P, classes)``
+        int64 counts of them by given label; and the row scores or None.
     """
     views = _Views(block, kinds, spec)
     scored = None if row_scores is None else row_scores(block.stored_labels(), block.stored_probs())
-    masks, winners = [], []
+    masks, found = [], []
     for p in range(len(kinds)):
         rec = views.scan(p).data
         joint = views.joint(p, thresholds[p], fspecs[p]).data if fspecs[p].mask_reads_joint else None
-        scores = score_block(rec, thresholds[p], spec, views.view(p) if spec.rereads else None).data
-        flagged = flag_block(rules[p], rec, joint, scores, start)
-        masks.append(flagged.data)
-        winners.append(flagged.state)
+        if issues:
+            scores = score_block(rec, thresholds[p], spec, views.view(p) if spec.rereads else None).data
+            flagged = flag_block(rules[p], rec, joint, scores, start)
+            masks.append(flagged.data)
+            found.append(flagged.state)
+        else:
+            masks.append(filters.mask_block(rules[p], rec, joint, start))
+            found.append(np.bincount(rec["label"][masks[-1]], minlength=thresholds[p].shape[0]))
         views.drop(p)
     mask = np.stack(masks, axis=1)
-    return (mask if per_problem else mask.any(axis=1)), winners, scored
+    states = found if issues else np.stack(found).astype(np.int64)
+    return (mask if per_problem else mask.any(axis=1)), states, scored
 
 
 def _mask(flags: tuple[np.ndarray, list[Winners], Any]) -> np.ndarray:
     return flags[0]
 
 
-def _winners(flags: tuple[np.ndarray, list[Winners], Any]) -> list[Winners]:
+def _found(flags: tuple[np.ndarray, Any, Any]) -> Any:
     return flags[1]
 
 
@@ -264,7 +274,7 @@ def _row_scores(flags: tuple[np.ndarray, list[Winners], Any]) -> np.ndarray:
 def run_filters(
     engine: Engine, spec: ScoreSpec, kinds: Sequence[Kind], fspecs: Sequence[FilterSpec], ranked: bool = True,
     row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, per_problem: bool = True,
-    confident_joints: Sequence[np.ndarray | None] | None = None,
+    confident_joints: Sequence[np.ndarray | None] | None = None, issues: bool = True,
 ) -> ProblemsResult:
     """cleanlab.filter's method of each ``fspecs[p]`` on problem ``kinds[p]``,
     each stage for all problems on one read of pred_probs.
@@ -306,6 +316,10 @@ def run_filters(
         A confident joint per problem (or None) for its prune filter to
         count from instead of the data's, as
         :func:`~dask_labelissues.pipelines.run_filter` takes one.
+    issues
+        Gather each problem's flagged items; False: only their counts by
+        given label (the lists grow with the issues, and a caller that
+        wants the mask needs none of them).
 
     Returns
     -------
@@ -338,6 +352,7 @@ def run_filters(
                 plans[p], calibrated[p] = filters.plan(fspecs[p], states[p], counts[p], given)
 
     selected: list[tuple[np.ndarray, ...]] = [() for _ in range(n)]
+    merged: list[Any] = []
     if any(plan is not None for plan in plans):
         tops = engine.map(selections_block, INPUTS, START, kinds, spec, fspecs, thresholds, plans,
                           label="reading for the selections")
@@ -350,17 +365,23 @@ def run_filters(
 
     rules = [MaskRule(f.filter_by, s) for f, s in zip(fspecs, selected)]
     per_block = PerBlock([[rule.restrict(a, b) for rule in rules] for a, b in engine.item_bounds])
+    # Each block's share is all the flags stage needs of the selections.
+    del merged, selected, rules
     flags = engine.map(flags_block, INPUTS, START, kinds, spec, fspecs, thresholds, per_block, row_scores,
-                       per_problem, label="flagging the issues")
-    (winners,) = engine.compute(engine.reduce(engine.map(_winners, flags), each(WINNERS)), keep=[flags])
+                       per_problem, issues, label="flagging the issues")
+    found = engine.reduce(engine.map(_found, flags), each(WINNERS) if issues else PAIR_COUNTS)
+    (found,) = engine.compute(found, keep=[flags])
     reads += 1
-    if ranked:
-        winners = [w.ranked() for w in winners]
-    by_label = np.stack([np.bincount(w.label, minlength=engine.n_classes) for w in winners]).astype(np.int64)
+    winners = None
+    if issues:
+        winners = [w.ranked() for w in found] if ranked else found
+        by_label = np.stack([np.bincount(w.label, minlength=engine.n_classes) for w in winners]).astype(np.int64)
+    else:
+        by_label = found
     return ProblemsResult(
         mask=engine.to_array(engine.map(_mask, flags), np.bool_, row_shape=(n,) if per_problem else None),
-        issues=[w.index for w in winners],
-        issue_scores=[w.score for w in winners],
+        issues=None if winners is None else [w.index for w in winners],
+        issue_scores=None if winners is None else [w.score for w in winners],
         thresholds=thresholds,
         per_class_count=counts,
         confident_joints=calibrated,

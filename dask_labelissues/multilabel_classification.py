@@ -647,7 +647,7 @@ def _class_results(
     engine, kinds = _classes_engine(lab, probs, spec, options)
     try:
         return run_filters(engine, engine.plan.spec, kinds, fspecs, ranked_by is not None, row_scores, per_problem,
-                           confident_joints=joints)
+                           confident_joints=joints, issues=ranked_by is not None)
     finally:
         engine.close()
 

@@ -152,6 +152,28 @@ def test_the_ranking_scores_come_from_the_masks_last_read(backend):
     np.testing.assert_array_equal(ranked, issues[np.argsort(found.scores[issues], kind="stable")])
 
 
+@pytest.mark.parametrize(("backend", "chunk_rows"), [("serial", 97), ("fork", 333), ("dask", 256)])
+def test_counting_the_flagged_without_gathering_them_gives_the_same_masks_and_counts(backend, chunk_rows):
+    _, probs, matrix = examples(5, n=1200, seed=9)
+    kinds = [OneVsRest(k=c) for c in range(5)]
+    for filter_by in ("prune_by_noise_rate", "confident_learning"):
+        fspecs = [filters.FilterSpec(filter_by)] * 5
+        results = []
+        for issues in (True, False):
+            engine = _engine(backend, matrix, probs, kinds[0], chunk_rows, False)
+            try:
+                with dask.config.set(scheduler="threads"):
+                    results.append(run_filters(engine, engine.plan.spec, kinds, fspecs, issues=issues))
+            finally:
+                engine.close()
+        gathered, counted = results
+        assert counted.issues is None and counted.issue_scores is None
+        np.testing.assert_array_equal(np.asarray(counted.mask), np.asarray(gathered.mask))
+        np.testing.assert_array_equal(counted.flagged_by_label, gathered.flagged_by_label)
+        assert counted.flagged_by_label.sum() == np.asarray(gathered.mask).sum() > 0
+        assert counted.reads == gathered.reads
+
+
 def test_the_flagged_examples_alone_are_one_column():
     _, probs, matrix = examples(6, n=900)
     both = ml.find_issues(matrix, probs, backend="threads", chunk_rows=250)

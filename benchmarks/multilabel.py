@@ -62,6 +62,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+import harness
+
 HERE = Path(__file__).resolve().parent
 CLI = str(Path(sys.executable).with_name("dask-labelissues"))
 CHUNK_ROWS = 20_000
@@ -129,12 +131,6 @@ def per_class_jobs(labels: Any, probs: Any) -> np.ndarray:
     return np.stack(masks, axis=1).any(axis=1)
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def shell_runs(path: Path, repeats: int) -> dict[str, Any]:
     """The CLI's wall time, and a fresh process's first and second calls."""
     walls = []
@@ -166,41 +162,20 @@ def shell_runs(path: Path, repeats: int) -> dict[str, Any]:
 
 def cluster_scaling(path: Path, warm_path: Path, rounds: int, reference: np.ndarray) -> dict[str, Any]:
     """Ours on LocalClusters of 1 and 2 single-thread workers reading the
-    Zarr arrays, fresh clusters each run, the order alternating."""
+    Zarr arrays (:func:`harness.cluster_scaling`)."""
     import zarr
-    from distributed import Client
 
     from dask_labelissues import multilabel_classification as ml
-    from dask_labelissues.cluster import local_cluster
-
-    def worker_cpu_s() -> float:
-        import resource
-
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
 
     group, warm = zarr.open_group(str(path / "data.zarr"), mode="r"), zarr.open_group(str(warm_path / "data.zarr"), mode="r")
-    times: dict[int, list[float]] = {1: [], 2: []}
-    cores: dict[int, list[float]] = {1: [], 2: []}
-    same = True
-    for r in range(rounds):
-        for n in ((1, 2) if r % 2 == 0 else (2, 1)):
-            with local_cluster(n, threads_per_worker=1, dashboard_address=None) as cluster, \
-                    Client(cluster, set_as_default=False) as client, client.as_current():
-                ml.find_label_issues(warm["labels"], warm["pred_probs"], client=client)  # loads the kernels
-                before = client.run(worker_cpu_s)
-                t = time.perf_counter()
-                mask = ml.find_label_issues(group["labels"], group["pred_probs"], client=client)
-                seconds = time.perf_counter() - t
-                after = client.run(worker_cpu_s)
-            times[n].append(seconds)
-            cores[n].append(sum(after[w] - before[w] for w in before) / seconds)
-            same = same and bool(np.array_equal(np.asarray(mask), reference))
-            print(f"  [scaling {r + 1}/{rounds}] {n} worker(s) x 1 thread: {seconds:.2f} s, "
-                  f"{cores[n][-1]:.2f} cores busy", flush=True)
-    one, two = statistics.median(times[1]), statistics.median(times[2])
-    return {"times": times, "one_worker_s": one, "two_workers_s": two, "speedup": one / two,
-            "worker_cores": {n: statistics.median(v) for n, v in cores.items()}, "masks_equal_cleanlab": same}
+    out = harness.cluster_scaling(
+        lambda client: np.asarray(ml.find_label_issues(group["labels"], group["pred_probs"], client=client)),
+        lambda client: ml.find_label_issues(warm["labels"], warm["pred_probs"], client=client),
+        rounds,
+    )
+    results = out.pop("results")
+    out["masks_equal_cleanlab"] = all(np.array_equal(m, reference) for ms in results.values() for m in ms)
+    return out
 
 
 PEAK_OURS = """
@@ -221,24 +196,6 @@ with warnings.catch_warnings():
 """
 
 
-def _peak(code: str, arg: str, limit: int | None = None) -> dict[str, Any]:
-    """A fresh process's wall time, peak RSS (GNU time's maximum resident
-    set) and output, or its failure."""
-    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-c", code, arg]
-    if limit is not None:
-        cmd = ["prlimit", f"--data={limit}", *cmd]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    lines = proc.stderr.strip().splitlines()
-    peak_kib = int(lines[-1]) if lines and lines[-1].isdigit() else None
-    failure = None
-    if proc.returncode != 0:
-        failure = next((ln for ln in reversed(lines) if "Error" in ln), lines[-2] if len(lines) > 1 else "failed")
-    return {"wall_s": wall, "peak_mb": None if peak_kib is None else peak_kib / 1024, "ok": proc.returncode == 0,
-            "failure": failure, "output": proc.stdout.strip()}
-
-
 def memory_runs(rows: int, classes: int) -> dict[str, Any]:
     """Peak RSS of ours and cleanlab's at ``rows`` and a quarter of them,
     and ours under a ``prlimit --data`` cap of half of pred_probs."""
@@ -247,13 +204,13 @@ def memory_runs(rows: int, classes: int) -> dict[str, Any]:
     cap = rows * classes * 4 // 2
     out: dict[str, Any] = {"rows": rows, "small_rows": small_rows, "cap_bytes": cap}
     for label, path in (("small", small), ("big", big)):
-        out[f"ours_{label}"] = _peak(PEAK_OURS, str(path / "data.zarr"))
-        out[f"cleanlab_{label}"] = _peak(PEAK_CLEANLAB, str(path))
+        out[f"ours_{label}"] = harness.peak(PEAK_OURS, str(path / "data.zarr"))
+        out[f"cleanlab_{label}"] = harness.peak(PEAK_CLEANLAB, str(path))
         print(f"  [memory] {label}: ours {out[f'ours_{label}']['peak_mb']:.0f} MB, "
               f"cleanlab {out[f'cleanlab_{label}']['peak_mb']:.0f} MB", flush=True)
     if shutil.which("prlimit"):
-        out["ours_capped"] = _peak(PEAK_OURS, str(big / "data.zarr"), limit=cap)
-        out["cleanlab_capped"] = _peak(PEAK_CLEANLAB, str(big), limit=cap)
+        out["ours_capped"] = harness.peak(PEAK_OURS, str(big / "data.zarr"), limit=cap)
+        out["cleanlab_capped"] = harness.peak(PEAK_CLEANLAB, str(big), limit=cap)
     return out
 
 
@@ -296,10 +253,10 @@ def main() -> None:
     if args.skip_per_class:
         del cases["one job a class, Zarr"]
     times: dict[str, list[float]] = {name: [] for name in cases}
-    masks = {name: timed(fn)[1] for name, fn in cases.items()}  # untimed first runs
+    masks = {name: harness.timed(fn)[1] for name, fn in cases.items()}  # untimed first runs
     for _ in range(args.repeats):
         for name, fn in cases.items():
-            times[name].append(timed(fn)[0])
+            times[name].append(harness.timed(fn)[0])
     reference = masks["cleanlab, in memory"]
     equal = {name: bool(np.array_equal(np.asarray(m), reference)) for name, m in masks.items()}
     low_memory = None
@@ -309,7 +266,7 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 return cl_filter.find_label_issues(lists, in_memory, low_memory=True)
 
-        seconds, mask = timed(cleanlab_low_memory)
+        seconds, mask = harness.timed(cleanlab_low_memory)
         low_memory = {"seconds": seconds, "issues": int(mask.sum()), "cleanlab_issues": int(reference.sum()),
                       "overlap": int((mask & reference).sum())}
 

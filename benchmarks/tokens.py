@@ -73,6 +73,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+import harness
+
 HERE = Path(__file__).resolve().parent
 CLI = str(Path(sys.executable).with_name("dask-labelissues"))
 BLOCK = 500_000  # tokens a generation block and a Zarr chunk
@@ -139,12 +141,6 @@ def ensure_data(tokens: int, classes: int, sentences: int, data_dir: Path) -> Pa
     return path
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def compare(issues: list[tuple[int, int]], reference: list[tuple[int, int]], score: Callable[[Any], np.ndarray]
             ) -> dict[str, Any]:
     """Issues against cleanlab's: the sets, the orders, and the orders up
@@ -198,45 +194,23 @@ def shell_runs(path: Path, repeats: int) -> dict[str, Any]:
 def cluster_scaling(path: Path, warm_path: Path, rounds: int, reference: list[tuple[int, int]],
                     cleanlab_set: set[tuple[int, int]]) -> dict[str, Any]:
     """Ours on LocalClusters of 1 and 2 single-thread workers reading the
-    Zarr arrays, fresh clusters each run, the order alternating."""
+    Zarr arrays (:func:`harness.cluster_scaling`)."""
     import zarr
-    from distributed import Client
 
     from dask_labelissues import token_classification as tc
-    from dask_labelissues.cluster import local_cluster
-
-    def worker_cpu_s() -> float:
-        import resource
-
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
 
     group, warm = zarr.open_group(str(path / "data.zarr"), mode="r"), zarr.open_group(str(warm_path / "data.zarr"), mode="r")
-    times: dict[int, list[float]] = {1: [], 2: []}
-    cores: dict[int, list[float]] = {1: [], 2: []}
-    same = same_set = True
-    for r in range(rounds):
-        for n in ((1, 2) if r % 2 == 0 else (2, 1)):
-            with local_cluster(n, threads_per_worker=1, dashboard_address=None) as cluster, \
-                    Client(cluster, set_as_default=False) as client, client.as_current():
-                # loads the kernels
-                tc.find_label_issues(warm["labels"], warm["pred_probs"], sentence_offsets=warm["offsets"], client=client)
-                before = client.run(worker_cpu_s)
-                t = time.perf_counter()
-                issues = tc.find_label_issues(group["labels"], group["pred_probs"], sentence_offsets=group["offsets"],
-                                              client=client)
-                seconds = time.perf_counter() - t
-                after = client.run(worker_cpu_s)
-            times[n].append(seconds)
-            cores[n].append(sum(after[w] - before[w] for w in before) / seconds)
-            same = same and issues == reference
-            same_set = same_set and set(issues) == cleanlab_set
-            print(f"  [scaling {r + 1}/{rounds}] {n} worker(s) x 1 thread: {seconds:.2f} s, "
-                  f"{cores[n][-1]:.2f} cores busy", flush=True)
-    one, two = statistics.median(times[1]), statistics.median(times[2])
-    return {"times": times, "one_worker_s": one, "two_workers_s": two, "speedup": one / two,
-            "worker_cores": {n: statistics.median(v) for n, v in cores.items()},
-            "issues_equal_ours_threads": same, "set_equal_cleanlab": same_set}
+    out = harness.cluster_scaling(
+        lambda client: tc.find_label_issues(group["labels"], group["pred_probs"], sentence_offsets=group["offsets"],
+                                            client=client),
+        lambda client: tc.find_label_issues(warm["labels"], warm["pred_probs"], sentence_offsets=warm["offsets"],
+                                            client=client),
+        rounds,
+    )
+    runs = [issues for per_n in out.pop("results").values() for issues in per_n]
+    out["issues_equal_ours_threads"] = all(issues == reference for issues in runs)
+    out["set_equal_cleanlab"] = all(set(issues) == cleanlab_set for issues in runs)
+    return out
 
 
 PEAK_OURS = """
@@ -263,30 +237,6 @@ from dask_labelissues import token_classification
 """
 
 
-def _peak(code: str, arg: str, limit: int | None = None) -> dict[str, Any]:
-    """A fresh process's wall time, peak RSS (GNU time's maximum resident
-    set) and output, or its failure."""
-    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-c", code, arg]
-    if limit is not None:
-        cmd = ["prlimit", f"--data={limit}", *cmd]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
-    wall = time.perf_counter() - start
-    lines = proc.stderr.strip().splitlines()
-    peak_kib = int(lines[-1]) if lines and lines[-1].isdigit() else None
-    failure = None
-    if proc.returncode != 0:
-        status = [ln for ln in lines if ln.startswith(("Command exited with", "Command terminated by"))]
-        body = [ln for ln in (lines[:-1] if peak_kib is not None else lines) if ln not in status]
-        failure = (next((ln for ln in reversed(body) if "Error" in ln), None)
-                   or next((ln for ln in reversed(body) if "error" in ln.lower()), None)
-                   or (body[-1] if body else "no message"))
-        if status:
-            failure += f" [{status[-1]}]"
-    return {"wall_s": wall, "peak_mb": None if peak_kib is None else peak_kib / 1024, "ok": proc.returncode == 0,
-            "returncode": proc.returncode, "failure": failure, "output": proc.stdout.strip()}
-
-
 def memory_runs(tokens: int, classes: int, sentences: int, data_dir: Path) -> dict[str, Any]:
     """Peak RSS of ours and cleanlab's at ``tokens`` and a quarter of them
     (and of the sentences), and both under a ``prlimit --data`` cap of half
@@ -298,16 +248,16 @@ def memory_runs(tokens: int, classes: int, sentences: int, data_dir: Path) -> di
     out: dict[str, Any] = {"tokens": tokens, "sentences": sentences, "small_tokens": small_tokens,
                            "small_sentences": small_sentences, "cap_bytes": cap}
     for label, path in (("small", small), ("big", big)):
-        out[f"ours_{label}"] = _peak(PEAK_OURS, str(path / "data.zarr"))
-        out[f"cleanlab_{label}"] = _peak(PEAK_CLEANLAB, str(path))
+        out[f"ours_{label}"] = harness.peak(PEAK_OURS, str(path / "data.zarr"))
+        out[f"cleanlab_{label}"] = harness.peak(PEAK_CLEANLAB, str(path))
         print(f"  [memory] {label}: ours {_mb(out[f'ours_{label}'])}, cleanlab {_mb(out[f'cleanlab_{label}'])}",
               flush=True)
     if shutil.which("prlimit"):
         # The imports alone under the cap: if they fail, the capped runs
         # below say nothing of the two methods.
-        out["imports_capped"] = _peak(IMPORTS, "", limit=cap)
-        out["ours_capped"] = _peak(PEAK_OURS, str(big / "data.zarr"), limit=cap)
-        out["cleanlab_capped"] = _peak(PEAK_CLEANLAB, str(big), limit=cap)
+        out["imports_capped"] = harness.peak(IMPORTS, "", limit=cap)
+        out["ours_capped"] = harness.peak(PEAK_OURS, str(big / "data.zarr"), limit=cap)
+        out["cleanlab_capped"] = harness.peak(PEAK_CLEANLAB, str(big), limit=cap)
     return out
 
 
@@ -372,11 +322,11 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in cases}
     found = {}
     for name, fn in cases.items():  # untimed first runs
-        found[name] = timed(fn)[1]
+        found[name] = harness.timed(fn)[1]
         print(f"  [untimed] {name}: {len(found[name]):,} issues", flush=True)
     for r in range(args.repeats):
         for name, fn in cases.items():
-            times[name].append(timed(fn)[0])
+            times[name].append(harness.timed(fn)[0])
             print(f"  [{r + 1}/{args.repeats}] {name}: {times[name][-1]:.2f} s", flush=True)
     reference = [(int(i), int(j)) for i, j in found["cleanlab, in memory"]]
     equal = {name: compare(found[name], reference, self_confidence) for name in cases}
@@ -389,7 +339,7 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 return cl_filter.find_label_issues(labels_list, probs_list, low_memory=True)
 
-        seconds, issues = timed(cleanlab_low_memory)
+        seconds, issues = harness.timed(cleanlab_low_memory)
         low_memory = {"seconds": seconds, **compare(issues, reference, self_confidence)}
         print(f"  [low_memory] {seconds:.2f} s, {len(issues):,} issues", flush=True)
     ours_zarr = [(int(i), int(j)) for i, j in found["ours, Zarr"]]

@@ -4,7 +4,7 @@ and beside this package's former plan of one job a class.
     python benchmarks/multilabel.py [--rows 400000] [--classes 50] [--repeats 3]
         [--skip-per-class] [--cleanlab-low-memory] [--scaling-rounds 2] [--memory]
 
-The issue's size of record is ``--rows 2000000 --classes 100 --repeats 1
+The size of record is ``--rows 2000000 --classes 100 --repeats 1
 --skip-per-class --cleanlab-low-memory --scaling-rounds 1 --memory``.
 
 The dataset (``--rows`` x ``--classes``, about 30% of the labels present a

@@ -162,7 +162,8 @@ def find_label_issues(
         label, columns the class counted) to count the issues from instead
         of the data's, as ``cleanlab.filter.find_label_issues`` takes one
         (cleanlab's ``compute_confident_joint`` makes it); the result's
-        ``confident_joint`` is then this one.  ``confident_learning``
+        ``confident_joint`` is then this one calibrated to the labels'
+        counts, as cleanlab's ``estimate_joint`` calibrates a joint given.  ``confident_learning``
         estimates its own (with a warning, as cleanlab); the other filters
         read none.  With ``multi_label``, ``(K, 2, 2)``: each class's joint.
     health

@@ -29,6 +29,8 @@ break them arbitrarily.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -727,6 +729,17 @@ class Plan:
     lowest_enough: bool = False
 
 
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the function
+    calling this one name the first frame outside this package: the
+    user's line, however deep in the package the warning is made."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def given_joint(confident_joint: Any, k: int, filter_by: str, name: str = "confident_joint") -> np.ndarray | None:
     """A caller's ``(K, K)`` confident joint, checked, for :func:`plan`; None
     where ``filter_by`` does not count from one.
@@ -747,7 +760,7 @@ def given_joint(confident_joint: Any, k: int, filter_by: str, name: str = "confi
             f"the {name} given is not used with filter_by='confident_learning', which estimates "
             "the joint from the data (as cleanlab does)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
     return cj if filter_by in PRUNE_FILTERS else None
 
@@ -759,14 +772,18 @@ def plan(
     calibrated confident joint.
 
     ``given``: a confident joint the caller supplies (:func:`given_joint`),
-    which the prune filters count from instead of the data's, as cleanlab
-    does with its ``confident_joint`` argument; it is returned as it is.
-    The data's joint still decides whether the kept candidates suffice.
+    which the prune filters count from as it is instead of the data's, as
+    cleanlab does with its ``confident_joint`` argument; what is returned
+    is it calibrated to these labels' counts, as cleanlab's
+    ``estimate_joint`` calibrates one given, for the health views.  The
+    data's joint still decides whether the kept candidates suffice.
     """
     k = label_counts.shape[0]
     off_diagonal = joint.off_diagonal
+    counted = None
     if given is not None and fspec.filter_by in PRUNE_FILTERS:
-        calibrated = given
+        counted = np.asarray(given, dtype=np.float64)
+        calibrated = calibrate(counted, label_counts)
     else:
         calibrated = calibrate(joint.matrix(k), label_counts)
     if fspec.num_to_remove_per_class is not None and len(fspec.num_to_remove_per_class) != k:
@@ -782,7 +799,7 @@ def plan(
             else joint.low_margin_score
         )
         return Plan(None, None, lowest, lowest_enough=below >= lowest), calibrated
-    pcm = prune_counts(calibrated, label_counts, fspec)
+    pcm = prune_counts(calibrated if counted is None else counted, label_counts, fspec)
     # A class is pruned only with more rows than min_examples_per_class, and
     # (cleanlab drops the mask of a one-row class) at least two.
     prunable = (label_counts > fspec.min_examples_per_class) & (label_counts > 1)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import inputs
-from .filters import PRUNE_FILTERS, filter_spec, given_joint
+from .filters import PRUNE_FILTERS, caller_stacklevel, filter_spec, given_joint, whole_count
 from .engines import make_engine
 from .kernels import InputProblem, ScoreSpec
 from .kinds import OneVsRest
@@ -174,10 +174,11 @@ def example_issues(
     """
     options = dict(backend=backend, client=client, chunk_rows=chunk_rows, n_jobs=n_jobs, progress=progress)
     lab, probs, n, k = open_inputs(labels, pred_probs)
-    if num_to_remove_per_class is not None and np.ndim(num_to_remove_per_class) == 0:
-        num_to_remove_per_class = [num_to_remove_per_class] * k
     method = None if return_indices_ranked_by is None else _method(return_indices_ranked_by, rank_by_kwargs)
     adjust = method is not None and _adjusts(rank_by_kwargs)
+    if adjust and method == "confidence_weighted_entropy":
+        # Refused before the filter's reads, not after them.
+        raise ValueError("adjust_pred_probs=True is not supported with method='confidence_weighted_entropy'")
     by_score = filter_by in ("low_normalized_margin", "low_self_confidence")
     if by_score:
         # As cleanlab: as many issues as the confident-learning filter finds,
@@ -224,7 +225,7 @@ class MultilabelIssues:
     #: ``(N,)`` bool: the examples with a label issue in any class.
     flagged: np.ndarray
     #: int64 indices of the flagged examples, lowest score first (ties by
-    #: row) where there are scores, else in row order.
+    #: row) where a ranking was asked for, else in row order.
     issues: np.ndarray
     #: ``(K,)`` int64 each: per class, the flagged examples where it is
     #: given (likely absent), and where it is left out (likely present).
@@ -636,8 +637,12 @@ def _class_results(
 ) -> ProblemsResult:
     """Every class's binary job, side by side on one engine: each stage
     reads pred_probs once for all K classes (:func:`run_filters`)."""
-    if remove is not None and len(remove) != k:
-        raise ValueError(f"num_to_remove_per_class has {len(remove)} entries; pred_probs has {k} classes")
+    if remove is not None:
+        if np.ndim(remove) == 0:  # one number: the same for every class
+            remove = [remove] * k
+        if len(remove) != k:
+            raise ValueError(f"num_to_remove_per_class has {len(remove)} entries; pred_probs has {k} classes")
+        remove = [whole_count(x, f"num_to_remove_per_class[{c}]") for c, x in enumerate(remove)]
     joints = _class_joints(confident_joint, k, filter_by)
     spec = ScoreSpec(ranked_by or "self_confidence", adjust, "off_diagonal", None)
     fspecs = [
@@ -744,7 +749,7 @@ def _class_joints(confident_joint: Any, k: int, filter_by: str) -> list[np.ndarr
             f"multi-label data take ({k}, 2, 2), each class's joint "
             "(cleanlab.count.compute_confident_joint(..., multi_label=True))",
             UserWarning,
-            stacklevel=4,
+            stacklevel=caller_stacklevel(),
         )
         return None
     if cj.shape != (k, 2, 2):
@@ -755,7 +760,7 @@ def _class_joints(confident_joint: Any, k: int, filter_by: str) -> list[np.ndarr
                 "the confident_joint given is not used with filter_by='confident_learning', which estimates "
                 "each class's joint from the data (as cleanlab does)",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=caller_stacklevel(),
             )
         return None
     return [given_joint(cj[c], 2, filter_by, name=f"confident_joint[{c}]") for c in range(k)]

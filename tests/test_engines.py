@@ -339,8 +339,9 @@ def test_columns_are_declared_before_any_map_runs(backend):
 
 def test_local_engines_reduce_a_map_once():
     """A one-machine engine folds a map's states into its reduction as they
-    come and keeps only their rows, so a second reduction of the same map
-    raises rather than merge states it no longer holds."""
+    come and keeps only the rows of a column map (or results a compute
+    asks it to keep), so a second reduction of the same map raises rather
+    than merge states it no longer holds."""
     labels, probs = contract_data()
     with opened("serial", labels, probs, SPECS["self_confidence"], 7) as engine:
         numbers = engine.map(item_numbers, INPUTS, out=engine.column(np.int64))

@@ -355,6 +355,13 @@ def test_malformed_inputs_are_refused():
         ml.find_label_issues(broken, probs)
     with pytest.raises(ValueError, match=r"an \(N, K\) = \(1500, 4\) 0/1 matrix, got shape \(1500, 3\)"):
         ml.find_label_issues(matrix[:, :3], probs)
+    with pytest.raises(ValueError, match=r"num_to_remove_per_class\[0\] = 2.5 is not a whole number"):
+        ml.find_label_issues(labels, probs, num_to_remove_per_class=2.5)
+    with pytest.raises(ValueError, match=r"num_to_remove_per_class\[1\] = True is not a whole number"):
+        ml.find_issues(labels, probs, num_to_remove_per_class=[1, True, 0, 0])
+    with pytest.raises(ValueError, match="not supported with method='confidence_weighted_entropy'"):
+        ml.find_label_issues(labels, probs, return_indices_ranked_by="confidence_weighted_entropy",
+                             rank_by_kwargs={"adjust_pred_probs": True}, backend="serial", chunk_rows=1)
     with pytest.raises(ValueError, match=r"confident_joint must have shape \(4, 2, 2\)"):
         ml.find_label_issues(labels, probs, confident_joint=np.zeros((4, 2)))
     with pytest.raises(ValueError, match=r"confident_joint\[0\] must hold finite counts"):

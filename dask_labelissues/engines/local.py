@@ -185,7 +185,6 @@ class LocalBlocks(Blocks):
     def __init__(self, task: Callable, args: tuple, out: Column | None, label: str | None) -> None:
         self.task, self.args, self.out, self.label = task, args, out, label
         self.results: list[Any] | None = None
-        self.folded = False
         self.reduced = False
         # A compute asked to keep these blocks for later stages.
         self.kept = False
@@ -294,8 +293,6 @@ class LocalEngine(Engine):
         only their rows, for a reduction that takes the states as they
         come), or as kept."""
         if blocks.results is not None:
-            if fold:
-                blocks.folded = True
             return iter(blocks.results)
         for arg in blocks.args:
             if isinstance(arg, LocalBlocks):
@@ -322,7 +319,7 @@ class LocalEngine(Engine):
             yield result
             if keep:
                 kept.append(Pair(result.data, None) if fold and blocks.out is not None else result)
-        blocks.results, blocks.folded = (kept if keep else None), fold
+        blocks.results = kept if keep else None
 
     def _data(self, blocks: LocalBlocks, i: int) -> Any:
         result = blocks.results[i]

@@ -364,3 +364,12 @@ def test_exact_cells_keep_what_sorting_every_row_and_cell_keeps(dtype, partition
     found = np.bincount(got.group, minlength=given.size)[given == 1].tolist()
     assert found == [0, 1, 5, int((labels == 1).sum()), 3]
     assert not np.isin(got.group, np.flatnonzero(given == 4)).any()
+
+
+@pytest.mark.parametrize("index", [[], [7], [5, 3, 5, 1, 3, 9], list(range(10, 0, -1))])
+def test_a_selections_rows_are_ascending_without_repeats(index):
+    index = np.asarray(index, dtype=np.int64)
+    top = filters.GroupTop(np.zeros(index.size, dtype=np.int64), np.zeros(index.size), index, np.array([index.size]))
+    rows = top.rows()
+    assert rows.dtype == np.int64
+    np.testing.assert_array_equal(rows, sorted(set(index.tolist())))

@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import inputs
+from . import filters, inputs
 from .engines import BACKEND_CHOICES, make_engine
-from .pipelines import run, run_filter, warm_up
-from . import filters
 from .filters import filter_spec
 from .kernels import METHODS, ScoreSpec
+from .pipelines import run, run_filter, warm_up
 from .results import LabelIssues
 
 if TYPE_CHECKING:
@@ -163,9 +162,10 @@ def find_label_issues(
         of the data's, as ``cleanlab.filter.find_label_issues`` takes one
         (cleanlab's ``compute_confident_joint`` makes it); the result's
         ``confident_joint`` is then this one calibrated to the labels'
-        counts, as cleanlab's ``estimate_joint`` calibrates a joint given.  ``confident_learning``
-        estimates its own (with a warning, as cleanlab); the other filters
-        read none.  With ``multi_label``, ``(K, 2, 2)``: each class's joint.
+        counts, as cleanlab's ``estimate_joint`` calibrates a joint given.
+        ``confident_learning`` estimates its own (with a warning, as
+        cleanlab); the other filters read none.  With ``multi_label``,
+        ``(K, 2, 2)``: each class's joint.
     health
         Also compute the confident joint, where ``filter_by`` does not (one
         more read of pred_probs), so that the result's dataset-health views

@@ -235,7 +235,7 @@ def filter_spec(
                 warnings.warn(
                     f"{name} applies to the prune filters only; filter_by={filter_by!r} ignores it",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=caller_stacklevel(),
                 )
     remove = None
     if num_to_remove_per_class is not None:

@@ -308,11 +308,12 @@ class LocalEngine(Engine):
 
     def _keep(self, blocks: LocalBlocks, results: Iterable[Any], fold: bool) -> Iterable[Any]:
         """Yield the results and keep what later stages may read: a column's
-        rows (a view of it) or the results whole.  A reduction's states are kept only where a compute
-        asked to keep the map, as the Dask engine keeps only those: held to
-        the end of the job, per-block states (a selection's candidates, each
-        block's issues) made its memory grow with the number of issues.  A
-        later map that takes a reduced map's blocks runs them again."""
+        rows (a view of it) or the results whole.  A reduction's states are
+        kept only where a compute asked to keep the map, as the Dask engine
+        keeps only those: held to the end of the job, per-block states (a
+        selection's candidates, each block's issues) made its memory grow
+        with the number of issues.  A later map that takes a reduced map's
+        blocks runs them again."""
         keep = not fold or blocks.out is not None or blocks.kept
         kept = []
         for result in results:

@@ -332,8 +332,9 @@ def test_loading_the_kernels_skips_scipy_but_numba_blas_still_works(tmp_path):
     assert out == ["loaded-scipy-linalg", "False", "have-blas", "True", "blas-after", "True"]
 
 
+@pytest.mark.parametrize("k", [4, fused.EXPONENT_SUMS_MAX_K + 1])
 @pytest.mark.parametrize("planes", [False, True])
-def test_float32_sums_by_exponent_are_the_limbs_exact_totals(planes):
+def test_float32_sums_by_exponent_are_the_limbs_exact_totals(planes, k):
     """The loops add float32 values by binary exponent and spread the sums
     over the limbs once a block: the class totals must be the integers the
     per-value limbs give, for values at every exponent (subnormals and
@@ -344,7 +345,8 @@ def test_float32_sums_by_exponent_are_the_limbs_exact_totals(planes):
     from dask_labelissues.kernels import Planes, ScoreSpec
 
     rng = np.random.default_rng(4)
-    n, k = 6000, 4
+    # Past EXPONENT_SUMS_MAX_K classes the loops cut every value into limbs.
+    n = 6000
     exponents = rng.integers(-149, 3, size=(n, k)).astype(np.float64)
     probs = (rng.random((n, k)) * 2.0**exponents).astype(np.float32)
     probs[:500] = np.float32(0.7)  # sums that carry

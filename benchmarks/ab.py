@@ -75,6 +75,13 @@ digested: they make the call of the warm (a) default row, which is.  Any
 difference is reported and makes the script exit with status 1, after the
 report is written.
 
+Each tree's package is compiled to bytecode once before the run (its
+``__pycache__`` directories) and every subprocess loads it, as an installed
+package's processes do (``pip install`` compiles); otherwise,
+with ``PYTHONDONTWRITEBYTECODE=1`` a source tree is compiled again in every
+process, and the tree with more code pays for it in each import.
+``--no-bytecode`` measures that instead.
+
 The package source of each tree (its ``*.py`` files under
 ``dask_labelissues/``) is fingerprinted before and after the run; a tree
 edited during the run is reported, since its figures then mix versions.
@@ -282,6 +289,16 @@ def tree_env(tree: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = tree
     return env
+
+
+def compile_tree(tree: str) -> None:
+    """Compile the tree's package to bytecode beside its source, as ``pip install`` does."""
+    # Not under a PYTHONPYCACHEPREFIX: that moves every module's bytecode,
+    # numpy's and dask's too, which then compile in every process.
+    proc = subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(tree) / "dask_labelissues")],
+                          env=tree_env(tree), capture_output=True, text=True)
+    if proc.returncode:
+        raise Failure(f"compileall of {tree} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
 
 def order(rep: int) -> tuple[str, str]:
@@ -666,7 +683,10 @@ def markdown(report: dict[str, Any]) -> str:
               f"interleaved old/new; new/old is the ratio of the medians, below 1 when the new tree is faster or "
               f"smaller; paired new/old is the median over pairs of consecutive repeats (each tree first in "
               f"one of them) of the new tree's sum over the old's, less moved by other work on the machine; "
-              f"{'quick run, without (c)' if report['quick'] else 'all datasets'}; took {report['elapsed_s'] / 60:.1f} min.", ""]
+              f"{'quick run, without (c)' if report['quick'] else 'all datasets'}; took {report['elapsed_s'] / 60:.1f} min. "
+              + ("Each tree's package was compiled to bytecode once before the run (as an install does) and "
+                 "every process loaded it." if report.get("bytecode") else
+                 "Every process compiled the package from source (--no-bytecode)."), ""]
     for key, (title, unit) in SECTIONS.items():
         rows = report["results"].get(key)
         if not rows:
@@ -721,6 +741,10 @@ def main(argv: list[str] | None = None) -> int:
                                                     "(default 3 x repeats, rounded up to an even number)")
     p.add_argument("--quick", action="store_true", help="3 repeats, no dataset (c); memory on (a)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")
+    p.add_argument("--no-bytecode", action="store_true",
+                   help="compile each tree's source in every process instead of loading bytecode compiled "
+                        "once (an installed package has its bytecode; with PYTHONDONTWRITEBYTECODE=1 a source "
+                        "tree otherwise recompiles in every process, which counts more code as slower)")
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
@@ -746,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{side}: {trees[side]} at {report['trees'][side]['label']}")
     warm_sets = ["a", "b"] if args.quick else ["a", "b", "c"]
     work = Path(tempfile.mkdtemp(prefix="dli-ab-"))
+    report["bytecode"] = not args.no_bytecode
     runs = {
         "warm": lambda: bench_warm(warm_sets, trees, short, args.data_dir, work),
         "cluster": lambda: bench_cluster(trees, short, args.data_dir, work),
@@ -756,6 +781,9 @@ def main(argv: list[str] | None = None) -> int:
     report["errors"] = {}
     report["other_cpu"] = {}
     try:
+        if not args.no_bytecode:
+            for side, tree in trees.items():
+                compile_tree(tree)
         for key in sections:
             before = cpu_clock()
             try:

@@ -1,0 +1,96 @@
+"""The one-machine engines write later jobs' columns into the buffers of
+earlier ones that nothing uses any more, and never into a result's."""
+
+from __future__ import annotations
+
+import gc
+import mmap
+
+import numpy as np
+import pytest
+
+from dask_labelissues import find_label_issues
+from dask_labelissues.engines.local import BUFFERS, BufferPool
+
+from .conftest import make_dataset
+
+FIELDS = ("label_quality_scores", "is_label_issue", "given_label", "predicted_label")
+
+
+def arrays(result):
+    return {name: np.array(getattr(result, name)) for name in (*FIELDS, "issues")}
+
+
+def kept_buffers() -> set[int]:
+    return {id(slot.buf) for slot in BUFFERS._slots}
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads", "fork"])
+def test_a_held_result_keeps_its_buffers_and_a_dropped_ones_are_written_again(backend):
+    first_data = make_dataset(n=3000, k=5, seed=1)
+    second_data = make_dataset(n=3000, k=5, seed=2)
+    kw = dict(backend=backend, chunk_rows=700)
+    gc.collect()
+    BUFFERS.clear()
+    first = find_label_issues(first_data.labels, first_data.pred_probs, **kw)
+    before = arrays(first)
+    first_buffers = kept_buffers()
+    assert first_buffers, "the job's columns were not kept for later jobs"
+    # The first result is held: the second job takes buffers of its own.
+    second = find_label_issues(second_data.labels, second_data.pred_probs, **kw)
+    for name, values in arrays(first).items():
+        np.testing.assert_array_equal(values, before[name], err_msg=name)
+    both = kept_buffers()
+    assert first_buffers < both and len(both) == 2 * len(first_buffers)
+    expected = arrays(second)
+    # Dropped, their buffers (holding their values) are the next job's.
+    del first, second
+    gc.collect()
+    again = find_label_issues(second_data.labels, second_data.pred_probs, **kw)
+    assert kept_buffers() == both
+    for name, values in arrays(again).items():
+        np.testing.assert_array_equal(values, expected[name], err_msg=name)
+
+
+def held(pool: BufferPool, nbytes: int, kind: tuple = ("private",)) -> tuple[np.ndarray, int]:
+    """An array over a new buffer the pool lists, and the buffer's id."""
+    buf = mmap.mmap(-1, nbytes)
+    pool.adopt(kind, buf)
+    return np.frombuffer(buf, dtype=np.uint8), id(buf)
+
+
+def listed(pool: BufferPool) -> set[int]:
+    return {id(slot.buf) for slot in pool._slots}
+
+
+def test_the_pool_gives_only_free_buffers_of_the_kind_and_size_asked():
+    pool = BufferPool(limit=10_000)
+    in_use, in_use_id = held(pool, 1000)
+    dropped, dropped_id = held(pool, 1000)
+    view = dropped[10:20]
+    del dropped
+    assert pool.take(("private",), 1000) is None  # a view still uses it
+    del view
+    assert pool.take(("shared",), 1000) is None  # another kind
+    assert pool.take(("private",), 400) is None  # more than twice as large
+    assert pool.take(("private",), 1001) is None  # too small
+    taken = pool.take(("private",), 600)
+    assert id(taken) == dropped_id != in_use_id
+    # Taken, it is no one else's until let go.
+    assert pool.take(("private",), 600) is None
+
+
+def test_the_pool_lets_go_of_free_buffers_first_then_of_older_ones_in_use():
+    pool = BufferPool(limit=2500)
+    a, a_id = held(pool, 1000)
+    b, b_id = held(pool, 1000)
+    del b
+    c, c_id = held(pool, 1000)  # over the limit: b, free, goes
+    assert listed(pool) == {a_id, c_id}
+    d, d_id = held(pool, 1000)  # none free: a, the oldest, goes (it stays a's)
+    assert listed(pool) == {c_id, d_id}
+    a[:] = 7
+    assert a.sum() == 7000
+    big = mmap.mmap(-1, 3000)
+    pool.adopt(("private",), big)  # larger than the limit: never listed
+    assert listed(pool) == {c_id, d_id}

@@ -280,12 +280,15 @@ def joint_block(
     thresholds: np.ndarray,
     fspec: FilterSpec,
     kernel: str = "auto",
-) -> tuple[np.ndarray, JointState]:
+    counts: bool = True,
+) -> tuple[np.ndarray, JointState | None]:
     """The second read of a block: joint records and the block's confident joint.
 
     A row is counted in the class whose probability clears its threshold
     (``p >= t - 1e-6``); when several do, in the row's argmax class (even if
-    that one does not clear its own); when none does, nowhere.
+    that one does not clear its own); when none does, nowhere.  With
+    ``counts=False``, the records alone (the joint is None): what the
+    stages after the joint's own read make them again for.
     """
     probs = np.asarray(probs)
     n, k = probs.shape
@@ -304,6 +307,8 @@ def joint_block(
         out["cand"] = cand
         out["margin"] = margin
         out["bound"] = bound
+    if not counts:
+        return out, None
     off = (out["guess"] >= 0) & (out["guess"] != y)
     counted = out["guess"] >= 0
     codes, counts = _sparse_counts(y[counted] * k + out["guess"][counted], k * k)
@@ -368,7 +373,24 @@ class GroupTop:
         limits: np.ndarray,
         bound: np.ndarray | None = None,
     ) -> "GroupTop":
-        order = np.lexsort((index, key, group))
+        in_row_order = index.size < 2 or bool((index[1:] >= index[:-1]).all())
+        return cls._top(group, key, index, limits, bound, in_row_order)
+
+    @classmethod
+    def _top(
+        cls, group: np.ndarray, key: np.ndarray, index: np.ndarray, limits: np.ndarray,
+        bound: np.ndarray | None, in_row_order: bool,
+    ) -> "GroupTop":
+        if in_row_order:
+            # Equal (group, key) pairs are then in index order already: two
+            # stable sorts (the key's finds the runs of merged states; the
+            # group's is a radix sort on small ints) instead of lexsort's
+            # three, which took most of a multi-label selection's merge.
+            order = np.argsort(key, kind="stable")
+            small = group.dtype if limits.size > np.iinfo(np.uint16).max else np.uint16
+            order = order[np.argsort(group[order].astype(small, copy=False), kind="stable")]
+        else:
+            order = np.lexsort((index, key, group))
         group, key, index = group[order], key[order], index[order]
         first = np.searchsorted(group, group, side="left")
         keep = np.arange(group.size) - first < limits[group]
@@ -377,12 +399,18 @@ class GroupTop:
     @classmethod
     def combine(cls, states: Sequence["GroupTop"]) -> "GroupTop":
         bounds = [s.bound for s in states if s.bound is not None]
-        return cls.chunk(
+        # States of consecutive row ranges, in order (as every engine merges
+        # blocks' states), hold equal (group, key) pairs in index order once
+        # concatenated.
+        spans = [(s.index.min(), s.index.max()) for s in states if s.index.size]
+        in_row_order = all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+        return cls._top(
             np.concatenate([s.group for s in states]),
             np.concatenate([s.key for s in states]),
             np.concatenate([s.index for s in states]),
             states[0].limits,
             np.maximum.reduce(bounds) if bounds else None,
+            in_row_order,
         )
 
     def found(self) -> np.ndarray:

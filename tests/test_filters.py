@@ -258,6 +258,40 @@ def test_group_top_keeps_the_smallest_per_group_ties_by_index():
     assert merged.index.tolist() == top.index.tolist()
 
 
+def _smallest_by_lexsort(group, key, index, limits):
+    order = np.lexsort((index, key, group))
+    g, k, i = group[order], key[order], index[order]
+    keep = np.arange(g.size) - np.searchsorted(g, g, side="left") < limits[g]
+    return g[keep], k[keep], i[keep]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_group_top_is_the_lexicographic_smallest_however_it_is_fed(seed):
+    """Rows in index order take a faster sort than others, and states of
+    consecutive row ranges merged in order a faster merge than states in
+    any order: each gives the (group, key, index) smallest rows, with many
+    equal keys, -0.0 beside 0.0, and limits from none to all."""
+    rng = np.random.default_rng(seed)
+    n, groups = int(rng.integers(0, 2000)), int(rng.integers(1, 6))
+    group = rng.integers(0, groups, n)
+    key = np.round(rng.normal(size=n), int(rng.integers(0, 3)))
+    key[rng.random(n) < 0.05] = -0.0
+    limits = rng.integers(0, n + 2, groups)
+    index = np.sort(rng.integers(0, 10**6, n)) if seed % 2 else rng.permutation(n)
+    want = _smallest_by_lexsort(group, key, index, limits)
+    top = filters.GroupTop.chunk(group, key, index, limits)
+    for got, expected in zip((top.group, top.key, top.index), want):
+        np.testing.assert_array_equal(got, expected)
+    rows = np.arange(n) * 3
+    cuts = [0, *np.sort(rng.integers(0, n + 1, 3)), n]
+    parts = [filters.GroupTop.chunk(group[a:b], key[a:b], rows[a:b], limits) for a, b in zip(cuts, cuts[1:])]
+    want = _smallest_by_lexsort(group, key, rows, limits)
+    for ordered in (parts, parts[::-1], parts[1:] + parts[:1]):
+        merged = filters.GroupTop.combine(ordered)
+        for got, expected in zip((merged.group, merged.key, merged.index), want):
+            np.testing.assert_array_equal(got, expected)
+
+
 # -- arguments ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs,match",

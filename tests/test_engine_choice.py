@@ -184,3 +184,34 @@ def test_usable_cores_match_dask():
     import dask.system
 
     assert usable_cores() == dask.system.CPU_COUNT
+
+
+@pytest.mark.parametrize("n_rows", [1, 7, 999, 2_000_000, 2_000_001])
+@pytest.mark.parametrize("rows, unit", [(160_000, 20_000), (167_772, None), (3, None), (20_000, 20_000)])
+@pytest.mark.parametrize("threads", [0, 1, 2, 3, 8])
+def test_balanced_blocks_split_whole_chunks_evenly_among_threads(n_rows, rows, unit, threads):
+    sizes = blocks.balanced_chunks(n_rows, rows, unit, threads)
+    assert sum(sizes) == n_rows and min(sizes) > 0
+    assert max(sizes) <= max(rows, unit or 1)
+    step = unit or 1
+    assert all(s % step == 0 for s in sizes[:-1])
+    planned = blocks.even_chunks(n_rows, rows)
+    if threads < 2 or len(planned) < 2:
+        assert sizes == planned
+        return
+    chunks = -(-n_rows // step)
+    assert len(sizes) % threads == 0 or len(sizes) == chunks
+    assert len(planned) <= len(sizes) < len(planned) + threads
+    # As even as whole chunks allow (the last may end inside one).
+    assert max(sizes[:-1]) - min(sizes) < 2 * step
+
+
+def test_local_engines_balance_their_blocks_among_their_threads():
+    labels, probs = np.zeros(1000, dtype=np.int64), np.full((1000, 4), 0.25)
+    spec = ScoreSpec()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(blocks, "TARGET_BLOCK_BYTES", 130 * 32)  # 130 rows: 8 blocks, the last short
+        serial, _, _ = make_engine("serial", labels, probs, spec)
+        threads, _, _ = make_engine("threads", labels, probs, spec, n_jobs=3)
+    assert serial.plan.chunks == blocks.even_chunks(1000, 130)
+    assert len(threads.plan.chunks) == 9 and max(threads.plan.chunks) - min(threads.plan.chunks) <= 1

@@ -17,6 +17,7 @@ from ..kernels import ScoreSpec
 from ..kinds import ROWS, Kind
 from .base import Engine, distributed_client
 from .blocks import BlockConfig, plan_blocks
+from .local import pool_size
 
 #: The engines, by the name ``backend=`` takes.
 BACKENDS = ("dask", "threads", "fork", "serial")
@@ -81,6 +82,7 @@ def make_engine(
         return engine, name, client
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)
     shape = tuple(int(s) for s in probs.shape)
+    threads = 1 if name == "serial" else pool_size(n_jobs)
     plan = plan_blocks(BlockConfig(
         n_rows=shape[0],
         row_bytes=int(np.prod(shape[1:])) * np.dtype(probs.dtype).itemsize,
@@ -91,6 +93,7 @@ def make_engine(
         chunk_rows=chunk_rows,
         cuts=cuts,
         problems=problems,
+        threads=threads,
     ))
     common = dict(kind=kind, progress=progress, spill_dir=spill_dir)
     if name == "threads":

@@ -280,14 +280,14 @@ def joint_block(
     thresholds: np.ndarray,
     fspec: FilterSpec,
     kernel: str = "auto",
-    counts: bool = True,
+    with_joint: bool = True,
 ) -> tuple[np.ndarray, JointState | None]:
     """The second read of a block: joint records and the block's confident joint.
 
     A row is counted in the class whose probability clears its threshold
     (``p >= t - 1e-6``); when several do, in the row's argmax class (even if
     that one does not clear its own); when none does, nowhere.  With
-    ``counts=False``, the records alone (the joint is None): what the
+    ``with_joint=False``, the records alone (the joint is None): what the
     stages after the joint's own read make them again for.
     """
     probs = np.asarray(probs)
@@ -307,7 +307,7 @@ def joint_block(
         out["cand"] = cand
         out["margin"] = margin
         out["bound"] = bound
-    if not counts:
+    if not with_joint:
         return out, None
     off = (out["guess"] >= 0) & (out["guess"] != y)
     counted = out["guess"] >= 0

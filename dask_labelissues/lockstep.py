@@ -95,9 +95,11 @@ class _Views:
             self._records[p] = scan_block(self.views[p], self.spec, False)
         return self._records[p]
 
-    def joint(self, p: int, thresholds: np.ndarray, fspec: FilterSpec, counts: bool = True) -> Pair:
-        """Problem ``p``'s joint records and, with ``counts``, its part of the confident joint."""
-        return joint_block(self.scan(p).data, self.views[p], thresholds, fspec, self.spec.kernel, counts=counts)
+    def joint(self, p: int, thresholds: np.ndarray, fspec: FilterSpec, with_joint: bool = True) -> Pair:
+        """Problem ``p``'s joint records and, ``with_joint``, its part of the confident joint."""
+        return joint_block(
+            self.scan(p).data, self.views[p], thresholds, fspec, self.spec.kernel, with_joint=with_joint
+        )
 
     def drop(self, p: int) -> None:
         """Let go of problem ``p``'s records: a task holds one problem's at a time."""
@@ -183,7 +185,7 @@ def selections_block(
         if plan is None:
             out.append(None)
             continue
-        joint = views.joint(p, thresholds[p], fspecs[p], counts=False).data
+        joint = views.joint(p, thresholds[p], fspecs[p], with_joint=False).data
         out.append(filters.selection_candidates(plan, fspecs[p], joint, views.scan(p).data, start))
         views.drop(p)
     return out
@@ -244,7 +246,7 @@ def flags_block(
     masks, found = [], []
     for p in range(len(kinds)):
         rec = views.scan(p).data
-        joint = views.joint(p, thresholds[p], fspecs[p], counts=False).data if fspecs[p].mask_reads_joint else None
+        joint = views.joint(p, thresholds[p], fspecs[p], with_joint=False).data if fspecs[p].mask_reads_joint else None
         if issues:
             scores = score_block(rec, thresholds[p], spec, views.view(p) if spec.rereads else None).data
             flagged = flag_block(rules[p], rec, joint, scores, start)

@@ -108,10 +108,10 @@ def bucket_rows(rec: np.ndarray, scores: np.ndarray, bucket: tuple[int, int] | N
 
 def joint_block(
     rec: np.ndarray, block: BlockReader, thresholds: np.ndarray, fspec: FilterSpec, kernel: str,
-    out: np.ndarray | None = None, counts: bool = True,
+    out: np.ndarray | None = None, with_joint: bool = True,
 ) -> Pair:
     """A filter's second read of a block (:func:`dask_labelissues.filters.joint_block`)."""
-    rows, state = filters.joint_block(rec, block.probs(), thresholds, fspec, kernel, counts)
+    rows, state = filters.joint_block(rec, block.probs(), thresholds, fspec, kernel, with_joint)
     rows = _into(out, rows)
     return Pair(rows, state)
 

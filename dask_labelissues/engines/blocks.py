@@ -110,7 +110,9 @@ def plan_blocks(config: BlockConfig) -> BlockPlan:
     - Blocks hold about :data:`TARGET_BLOCK_BYTES` of pred_probs in whole
       storage chunks (no chunk decoded twice), less on workers with little
       memory (a block and its temporaries must fit a worker several times
-      over), or ``chunk_rows`` if given.
+      over), or ``chunk_rows`` if given.  Blocks read whole come in a
+      multiple of the threads that run them, where known
+      (:func:`balanced_chunks`).
     - Where the tasks read files or stores themselves and pred_probs is
       read once, a block holds several such pieces
       (:func:`dask_block_rows`), scanned one at a time.

@@ -215,3 +215,22 @@ def test_local_engines_balance_their_blocks_among_their_threads():
         threads, _, _ = make_engine("threads", labels, probs, spec, n_jobs=3)
     assert serial.plan.chunks == blocks.even_chunks(1000, 130)
     assert len(threads.plan.chunks) == 9 and max(threads.plan.chunks) - min(threads.plan.chunks) <= 1
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_dask_engine_chunks_in_memory_inputs_as_its_balanced_blocks(workers):
+    """Blocks of uneven sizes (balanced among the scheduler's threads): the
+    dask arrays the engine makes of numpy inputs have the same chunks, so
+    each block's task reads its own rows."""
+    import dask
+
+    data = make_dataset(1001, 4, seed=3)
+    want = find_label_issues(data.labels, data.pred_probs, backend="serial", filter_by="prune_by_noise_rate")
+    with pytest.MonkeyPatch.context() as mp, dask.config.set(num_workers=workers, scheduler="threads"):
+        mp.setattr(blocks, "TARGET_BLOCK_BYTES", 150 * 32)  # 150 rows of 4 float64
+        engine, _, _ = make_engine("dask", data.labels, data.pred_probs, ScoreSpec())
+        assert len(set(engine.plan.chunks[:-1])) > 1  # uneven, as the test needs
+        got = find_label_issues(data.labels, data.pred_probs, backend="dask", filter_by="prune_by_noise_rate")
+    np.testing.assert_array_equal(got.issues, want.issues)
+    np.testing.assert_array_equal(np.asarray(got.is_label_issue), np.asarray(want.is_label_issue))
+    np.testing.assert_array_equal(np.asarray(got.label_quality_scores), np.asarray(want.label_quality_scores))

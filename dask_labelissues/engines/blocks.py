@@ -145,7 +145,7 @@ def _plan_blocks(config: BlockConfig) -> BlockPlan:
             if not c.single_read:
                 # Each block is read whole, in one piece.
                 chunks = balanced_chunks(c.n_rows, read_rows, c.storage_rows, c.threads)
-                return BlockPlan(block_bounds(chunks), spec, None, None, max(chunks, default=1))
+                return BlockPlan(block_bounds(chunks), spec, None, None, _chunk_rows(c.n_rows, chunks))
             rows = dask_block_rows(c.n_rows, read_rows, c.row_bytes, c.record_bytes, c.threads)
         return BlockPlan(block_bounds(even_chunks(c.n_rows, rows)), spec, read_rows, None, rows)
     if c.array_chunks is not None and c.chunk_rows is None:
@@ -161,7 +161,16 @@ def _plan_blocks(config: BlockConfig) -> BlockPlan:
         return BlockPlan(block_bounds(even_chunks(c.n_rows, c.chunk_rows)), spec, None, None, c.chunk_rows)
     rows = auto_chunk_rows(c.row_bytes, c.storage_rows, target)
     chunks = balanced_chunks(c.n_rows, rows, c.storage_rows, c.threads)
-    return BlockPlan(block_bounds(chunks), spec, None, None, max(chunks, default=1))
+    return BlockPlan(block_bounds(chunks), spec, None, None, _chunk_rows(c.n_rows, chunks))
+
+
+def _chunk_rows(n_rows: int, chunks: tuple[int, ...]) -> int | tuple[int, ...]:
+    """The plan's ``chunk_rows`` for blocks of these sizes: one size where
+    :func:`even_chunks` makes them, else the sizes, so that inputs the
+    Dask engine chunks itself get the blocks' chunks."""
+    if not chunks:
+        return 1
+    return chunks[0] if even_chunks(n_rows, chunks[0]) == chunks else chunks
 
 
 def snap_blocks(plan: BlockPlan, n_rows: int, cuts: np.ndarray) -> BlockPlan:

@@ -125,16 +125,27 @@ def _new_buffer(kind: tuple, nbytes: int) -> mmap.mmap:
     return buf
 
 
-def _physical_memory() -> int:
+def _usable_memory() -> int:
+    """The machine's memory, or less where a cgroup limits this process's."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 16 << 30
+        memory = 16 << 30
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) > 0:
+            memory = min(memory, int(limit))
+        break
+    return memory
 
 
 #: The most bytes of column buffers this process keeps for later jobs: a
-#: sixteenth of the machine's memory, at most 1 GiB.
-POOL_BYTES = min(1 << 30, _physical_memory() // 16)
+#: sixteenth of the memory it may use, at most 1 GiB.
+POOL_BYTES = min(1 << 30, _usable_memory() // 16)
 
 
 class BufferPool:
@@ -149,7 +160,13 @@ class BufferPool:
     workers, or a spill file in the same directory) once no array refers to
     it: a result the caller still holds keeps its buffers to itself.  Free
     buffers beyond the limit are let go, oldest first, and so are older
-    ones still in use.
+    ones still in use.  Kept spill files stay in ``spill_dir`` (unlinked)
+    until let go.
+
+    Memory shared with other processes (forked workers' columns, spill
+    files) may be read by a process forked while a result held it, after
+    this one let the result go: such buffers are let go at every fork, not
+    written again.
     """
 
     def __init__(self, limit: int) -> None:
@@ -190,6 +207,11 @@ class BufferPool:
         with self._lock:
             self._slots = []
 
+    def before_fork(self) -> None:
+        """Let go of the shared buffers in use: the child may keep them."""
+        with self._lock:
+            self._slots = [s for s in self._slots if s.kind[0] == "private" or s.free()]
+
 
 class _Slot:
     __slots__ = ("kind", "buf")
@@ -206,6 +228,8 @@ class _Slot:
 
 #: This process's kept column buffers.
 BUFFERS = BufferPool(POOL_BYTES)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=BUFFERS.before_fork)
 
 
 def usable_cores() -> int:

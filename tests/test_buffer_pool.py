@@ -118,11 +118,20 @@ def test_shared_buffers_in_use_at_a_fork_are_never_written_again():
     # The process's own pool does so at every fork.
     BUFFERS.clear()
     in_use = allocate(4096, np.uint8, shared=True, spill_dir=None)
+    free = allocate(8192, np.uint8, shared=True, spill_dir=None)
+    del free
     before = kept_buffers()
-    assert before
+    assert len(before) == 2
+    read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
+        # The child lists none, not even the free one the parent keeps.
+        os.write(write, b"%d" % len(BUFFERS._slots))
         os._exit(0)
+    os.close(write)
+    in_child = os.read(read, 16)
+    os.close(read)
     os.waitpid(pid, 0)
-    assert not kept_buffers()
+    assert in_child == b"0"
+    assert len(kept_buffers()) == 1 and kept_buffers() < before
     del in_use

@@ -212,6 +212,12 @@ class BufferPool:
         with self._lock:
             self._slots = [s for s in self._slots if s.kind[0] == "private" or s.free()]
 
+    def in_child(self) -> None:
+        """A forked child starts with no buffers listed (the shared ones are
+        also the parent's to write again) and a lock no thread holds."""
+        self._lock = threading.Lock()
+        self._slots = []
+
 
 class _Slot:
     __slots__ = ("kind", "buf")
@@ -229,7 +235,7 @@ class _Slot:
 #: This process's kept column buffers.
 BUFFERS = BufferPool(POOL_BYTES)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=BUFFERS.before_fork)
+    os.register_at_fork(before=BUFFERS.before_fork, after_in_child=BUFFERS.in_child)
 
 
 def usable_cores() -> int:

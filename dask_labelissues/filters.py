@@ -776,27 +776,38 @@ def caller_stacklevel() -> int:
 
 def given_joint(confident_joint: Any, k: int, filter_by: str, name: str = "confident_joint") -> np.ndarray | None:
     """A caller's ``(K, K)`` confident joint, checked, for :func:`plan`; None
-    where ``filter_by`` does not count from one.
-
-    As in cleanlab: only the prune filters use it; ``confident_learning``
-    warns that it re-estimates the joint from the data; the others do not
-    read one.
-    """
+    where ``filter_by`` does not count from one (:func:`counts_from_given`)."""
     if confident_joint is None:
         return None
+    cj = checked_joint(confident_joint, k, name)
+    return cj if counts_from_given(filter_by, name) else None
+
+
+def checked_joint(confident_joint: Any, k: int, name: str = "confident_joint") -> np.ndarray:
+    """``confident_joint`` as a ``(K, K)`` array of finite counts >= 0, or an
+    error naming ``name``."""
     cj = np.asarray(confident_joint)
     if cj.shape != (k, k):
         raise ValueError(f"{name} must have shape ({k}, {k}), one row and column per class; got {cj.shape}")
     if cj.dtype.kind not in "iuf" or not np.isfinite(cj).all() or (cj < 0).any():
         raise ValueError(f"{name} must hold finite counts >= 0")
+    return cj
+
+
+def counts_from_given(filter_by: str, name: str = "confident_joint", estimated: str = "the joint") -> bool:
+    """Whether ``filter_by`` counts from a confident joint the caller gives.
+
+    As in cleanlab: only the prune filters do; ``confident_learning`` warns
+    that it estimates ``estimated`` from the data; the others read none.
+    """
     if filter_by == "confident_learning":
         warnings.warn(
             f"the {name} given is not used with filter_by='confident_learning', which estimates "
-            "the joint from the data (as cleanlab does)",
+            f"{estimated} from the data (as cleanlab does)",
             UserWarning,
             stacklevel=caller_stacklevel(),
         )
-    return cj if filter_by in PRUNE_FILTERS else None
+    return filter_by in PRUNE_FILTERS
 
 
 def plan(

@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import inputs
-from .filters import PRUNE_FILTERS, caller_stacklevel, filter_spec, given_joint, whole_count
+from .filters import caller_stacklevel, checked_joint, counts_from_given, filter_spec, whole_count
 from .engines import make_engine
 from .kernels import InputProblem, ScoreSpec
 from .kinds import OneVsRest
@@ -754,13 +754,6 @@ def _class_joints(confident_joint: Any, k: int, filter_by: str) -> list[np.ndarr
         return None
     if cj.shape != (k, 2, 2):
         raise ValueError(f"confident_joint must have shape ({k}, 2, 2), each class's 2 x 2 joint; got {cj.shape}")
-    if filter_by not in PRUNE_FILTERS:
-        if filter_by == "confident_learning":
-            warnings.warn(
-                "the confident_joint given is not used with filter_by='confident_learning', which estimates "
-                "each class's joint from the data (as cleanlab does)",
-                UserWarning,
-                stacklevel=caller_stacklevel(),
-            )
+    if not counts_from_given(filter_by, estimated="each class's joint"):
         return None
-    return [given_joint(cj[c], 2, filter_by, name=f"confident_joint[{c}]") for c in range(k)]
+    return [checked_joint(cj[c], 2, name=f"confident_joint[{c}]") for c in range(k)]

@@ -301,6 +301,30 @@ def test_the_selection_loops_pick_the_rows_the_numpy_keys_pick():
     assert fused.issue_mask(scores[:0], cutoff, 3, reduce[:0]).shape == (0,)
 
 
+def test_the_radix_order_is_numpys_stable_order():
+    from dask_labelissues import kernels
+
+    assert fused.key_order(np.zeros(3, dtype=np.uint64)) is None or fused.numba_loaded()
+    fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")  # loads numba
+    rng = np.random.default_rng(11)
+    scores = np.round(rng.random(30_000), 3)
+    scores[:5] = [0.0, -0.0, np.nan, -np.inf, np.inf]
+    cases = {
+        "full range": rng.integers(0, 2**64 - 1, 20_000, dtype=np.uint64),
+        "low bits only": rng.integers(0, 1 << 9, 20_000).astype(np.uint64) | np.uint64(5 << 40),
+        "high bits only": rng.integers(0, 16, 20_000).astype(np.uint64) << np.uint64(60),
+        "a bit on each digit's edge": np.uint64(1) << rng.integers(0, 64, 20_000).astype(np.uint64),
+        "score keys with ties": kernels.score_keys(scores),
+        "all equal": np.full(1000, 7, dtype=np.uint64),
+        "one": np.array([3], dtype=np.uint64),
+        "none": np.zeros(0, dtype=np.uint64),
+    }
+    for name, keys in cases.items():
+        got = fused.key_order(keys)
+        assert got is not None
+        np.testing.assert_array_equal(got, np.argsort(keys, kind="stable"), err_msg=name)
+
+
 BLAS_AFTER_KERNELS = """
 import sys
 import numpy as np

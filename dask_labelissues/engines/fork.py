@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .local import LocalEngine, pool_size
+from .local import BUFFERS, LocalEngine, pool_size
 
 # Engines whose workers are alive, by id; each worker inherits the registry
 # as it was when it was forked, its own engine included.
@@ -90,12 +90,13 @@ class ForkEngine(LocalEngine):
         _ENGINES[id(self)] = self
         context = mp.get_context("fork")
         try:
-            for _ in range(max(1, min(self.n_jobs, len(self.plan.bounds)))):
-                parent, child = context.Pipe()
-                process = context.Process(target=_serve, args=(child, id(self)), daemon=True)
-                process.start()
-                child.close()
-                self.workers.append((process, parent))
+            with BUFFERS.workers_forked():
+                for _ in range(max(1, min(self.n_jobs, len(self.plan.bounds)))):
+                    parent, child = context.Pipe()
+                    process = context.Process(target=_serve, args=(child, id(self)), daemon=True)
+                    process.start()
+                    child.close()
+                    self.workers.append((process, parent))
         except BaseException:
             self.close()
             raise
@@ -157,12 +158,18 @@ class ForkEngine(LocalEngine):
                     conn.send(None)
                 except OSError:
                     pass
+        stuck = False
         for process, conn in self.workers:
             process.join(5)
             if process.is_alive():
                 process.kill()
                 process.join(5)
+                stuck = stuck or process.is_alive()
             conn.close()
+        if stuck:
+            # A worker still alive may still read this job's columns: they
+            # are not to be written again (see BufferPool.workers_forked).
+            BUFFERS.before_fork()
         self.workers = []
         _ENGINES.pop(id(self), None)
 

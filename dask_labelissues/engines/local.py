@@ -17,8 +17,9 @@ import os
 import sys
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -166,13 +167,20 @@ class BufferPool:
     Memory shared with other processes (forked workers' columns, spill
     files) may be read by a process forked while a result held it, after
     this one let the result go: such buffers are let go at every fork, not
-    written again.
+    written again.  The fork engine's own workers are the exception
+    (:meth:`workers_forked`): they are stopped before their job returns,
+    so its columns are written again by its next job, their pages already
+    in place, where a fresh shared mapping cost each worker a page fault,
+    and the kernel a zeroed page, per 4 KiB it wrote.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
+        # Set, in the thread that forks them, while the fork engine starts
+        # its workers (fork handlers run in the forking thread).
+        self._local = threading.local()
 
     def take(self, kind: tuple, nbytes: int) -> mmap.mmap | None:
         """A free buffer of ``kind`` holding ``nbytes`` (at most twice as
@@ -207,8 +215,23 @@ class BufferPool:
         with self._lock:
             self._slots = []
 
+    @contextmanager
+    def workers_forked(self) -> Iterator[None]:
+        """Forks in this block are of workers that exit (or are killed)
+        before anything the job made is given back (see
+        :meth:`ForkEngine.close <dask_labelissues.engines.fork.ForkEngine.close>`):
+        the buffers stay listed."""
+        self._local.workers = True
+        try:
+            yield
+        finally:
+            self._local.workers = False
+
     def before_fork(self) -> None:
-        """Let go of the shared buffers in use: the child may keep them."""
+        """Let go of the shared buffers in use: the child may keep them
+        (unless it is a fork engine's worker)."""
+        if getattr(self._local, "workers", False):
+            return
         with self._lock:
             self._slots = [s for s in self._slots if s.kind[0] == "private" or s.free()]
 
@@ -217,6 +240,7 @@ class BufferPool:
         also the parent's to write again) and a lock no thread holds."""
         self._lock = threading.Lock()
         self._slots = []
+        self._local = threading.local()
 
 
 class _Slot:

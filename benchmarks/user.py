@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -94,6 +95,11 @@ def interleave(cases: dict[str, Callable[[], float]], rounds: int) -> dict[str, 
     times: dict[str, list[float]] = {name: [] for name in cases}
     for r in range(rounds):
         for name, run in cases.items():
+            # Each run starts with no earlier run's writes (result stores,
+            # spill files) still on their way to disk, so that no run pays
+            # for another's.  (Without it, in one run, the warm (c) job went
+            # from 0.70 s to 0.97 s over five rounds while the floors held.)
+            os.sync()
             times[name].append(run())
             print(f"  [{r + 1}/{rounds}] {name:<44} {times[name][-1]:7.3f} s", flush=True)
     return times

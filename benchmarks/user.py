@@ -241,6 +241,7 @@ def bench_demo(rounds: int) -> dict[str, Any]:
     print("[demo]", flush=True)
     runs = []
     for r in range(rounds):
+        os.sync()  # as before every run of interleave()
         t = time.perf_counter()
         proc = subprocess.run([CLI, "demo", "--json", "--no-progress"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)

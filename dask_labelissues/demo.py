@@ -226,11 +226,15 @@ def write_segmentation_zarr(
     else int64), ``pred_probs`` ``(N, K, H, W)`` (``spec.dtype``, stored
     uncompressed: random probabilities barely compress) and
     ``relabelled`` ``(N, H, W)`` bool, the pixels whose label was changed
-    on purpose, all chunked by images.
+    on purpose, all chunked by images.  Like
+    :func:`dask_labelissues.synthetic.write_zarr`, sets this process's
+    allocator to keep freed arrays for reuse.
     """
     import zarr
 
-    from .engines.local import usable_cores
+    from .engines.local import keep_freed_memory, usable_cores
+
+    keep_freed_memory()
 
     n, k, h, w = spec.images, spec.classes, spec.height, spec.width
     chunk = int(chunk_images or segmentation_chunk_images(spec))

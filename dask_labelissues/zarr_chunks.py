@@ -201,3 +201,60 @@ class ChunkReader:
             # A block much smaller than its chunks: keep only its rows alive.
             return out[: stop - start].copy()
         return out[: stop - start]
+
+
+class ChunkWriter:
+    """Writes whole row chunks of an uncompressed local Zarr array, one file
+    a chunk, straight from the caller's rows.
+
+    zarr-python copies a chunk's values into a new buffer, encodes that into
+    another and writes it; for the layout :class:`ChunkReader` reads with
+    only a ``bytes`` codec, the file is the rows' own bytes, written with
+    one system call.  Build it with :meth:`for_array`, which returns None
+    for any other layout (the caller then writes through zarr).
+    """
+
+    def __init__(self, array: Any, directory: str) -> None:
+        self.directory = directory
+        self.metadata = array.metadata
+        self.shape = tuple(int(s) for s in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.rows = int(self.metadata.chunk_grid.chunk_shape[0])
+        self.fill_value = self.metadata.fill_value
+
+    @classmethod
+    def for_array(cls, array: Any) -> "ChunkWriter | None":
+        """A writer for ``array`` (a ``zarr.Array``), or None to write through zarr."""
+        try:
+            reader = ChunkReader._for_array(array)
+        except (ImportError, AttributeError, TypeError, ValueError):
+            return None
+        if reader is None or reader.decode is not _copy:
+            return None
+        return cls(array, reader.directory)
+
+    def write(self, start: int, values: np.ndarray) -> bool:
+        """Write ``values`` as rows ``start:start + len(values)``: whole
+        chunks, or the array's last rows; False (nothing written) for any
+        other range."""
+        stop = start + len(values)
+        n = self.shape[0]
+        if start % self.rows or not 0 <= start < stop <= n or (stop % self.rows and stop != n):
+            return False
+        if values.shape[1:] != self.shape[1:]:
+            return False
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        tail = (0,) * (len(self.shape) - 1)
+        for c in range(start // self.rows, -(-stop // self.rows)):
+            a = c * self.rows - start
+            rows = values[a : a + self.rows]
+            if len(rows) < self.rows:
+                # A chunk at the array's end is stored whole, as zarr pads it.
+                padded = np.full((self.rows,) + self.shape[1:], self.fill_value, dtype=self.dtype)
+                padded[: len(rows)] = rows
+                rows = padded
+            path = os.path.join(self.directory, self.metadata.encode_chunk_key((c,) + tail))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(memoryview(rows.reshape(-1)).cast("B"))
+        return True

@@ -158,3 +158,56 @@ def test_zstd_content_size_reads_headers_with_a_dictionary_id():
     # Single segment, FCS flag 0 (1 byte), 4-byte dictionary id.
     header = magic + bytes([0b0010_0011]) + (9).to_bytes(4, "little") + bytes([200])
     assert zstd_content_size(header) == 200
+
+
+def _chunk_files(root) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name != "zarr.json":
+                path = os.path.join(dirpath, name)
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("rows", [65536 + 4464, 2 * 65536])
+def test_synthetic_chunks_written_directly_are_the_files_zarr_writes(tmp_path, monkeypatch, rows):
+    from dask_labelissues import zarr_chunks
+    from dask_labelissues.synthetic import SyntheticSpec, write_zarr
+
+    spec = SyntheticSpec(rows=rows, classes=7, seed=3)
+    written = []
+    real = zarr_chunks.ChunkWriter.write
+    monkeypatch.setattr(zarr_chunks.ChunkWriter, "write", lambda self, *a: written.append(1) or real(self, *a))
+    write_zarr(spec, tmp_path / "direct.zarr", chunk_rows=16384, compress=False)
+    assert written  # the direct path wrote the chunks
+    monkeypatch.setattr(zarr_chunks.ChunkWriter, "for_array", classmethod(lambda cls, array: None))
+    write_zarr(spec, tmp_path / "zarr.zarr", chunk_rows=16384, compress=False)
+    direct = _chunk_files(tmp_path / "direct.zarr" / "pred_probs")
+    through_zarr = _chunk_files(tmp_path / "zarr.zarr" / "pred_probs")
+    assert len(direct) == -(-rows // 16384)
+    assert direct == through_zarr
+    a = zarr.open_group(str(tmp_path / "direct.zarr"), mode="r")
+    b = zarr.open_group(str(tmp_path / "zarr.zarr"), mode="r")
+    for name in ("labels", "pred_probs", "flipped"):
+        np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+
+
+def test_only_whole_chunks_of_uncompressed_arrays_are_written_directly(tmp_path):
+    from dask_labelissues.zarr_chunks import ChunkWriter
+
+    plain = zarr.create_array(str(tmp_path / "plain.zarr"), shape=(10, 3), chunks=(4, 3), dtype="float32",
+                              compressors=None)
+    writer = ChunkWriter.for_array(plain)
+    values = np.arange(30, dtype=np.float32).reshape(10, 3)
+    assert not writer.write(1, values[1:5])  # not on a chunk boundary
+    assert not writer.write(0, values[:6])  # ends inside a chunk that is not the last
+    assert not writer.write(8, values[:6])  # past the end
+    assert writer.write(0, values[:8]) and writer.write(8, values[8:])
+    np.testing.assert_array_equal(plain[:], values)
+    zstd = zarr.create_array(str(tmp_path / "zstd.zarr"), shape=(10, 3), chunks=(4, 3), dtype="float32")
+    assert ChunkWriter.for_array(zstd) is None
+    sharded = zarr.create_array(str(tmp_path / "sharded.zarr"), shape=(16, 3), chunks=(4, 3), shards=(8, 3),
+                                dtype="float32", compressors=None)
+    assert ChunkWriter.for_array(sharded) is None

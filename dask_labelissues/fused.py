@@ -215,9 +215,9 @@ def _build_numba() -> tuple[Any, ...] | None:
                     other = np.float64(v)
             own = probs[i, y]
             if first_bad < 0:
-                # Combined with & and |, not and/or: the loop then has no
-                # branch per row here (about 6% of it).  0 < total < inf is
-                # isfinite(total) and total > 0, NaN failing both.
+                # Combined with & and |, not and/or: no short-circuit
+                # branches per row here (about 6% of the loop).  0 < total
+                # < inf is isfinite(total) and total > 0, NaN failing both.
                 fine = (raw >= 0) & (raw < k) & (total > 0.0) & (total < np.inf) & (low >= 0)
                 fine = fine & (np.float64(best) < max_value) & ((tolerance < 0) | (abs(total - 1.0) <= tolerance))
                 if not fine:
@@ -419,8 +419,10 @@ def key_order(keys: np.ndarray) -> np.ndarray | None:
     ``np.argsort(keys, kind="stable")`` gives), by a radix sort; None unless
     numba's kernels are loaded in this process (as :func:`prefix_mask`).
 
-    Ranks the selection's rows: on 9,000 rows of random scores it took a
-    tenth of numpy's stable sort, which compares.
+    Ranks the selection's rows (:func:`dask_labelissues.states.rank_order`):
+    on 9,000 random scores' keys, 0.14 ms against 0.36 ms for numpy's
+    stable sort.  It holds the keys and positions twice over besides
+    ``order``: 40 bytes a key.
     """
     if not numba_loaded():
         return None

@@ -791,5 +791,7 @@ def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any, plane
         scores, _ = states.score_block(rec, np.full(k, 2.0), spec)
         states.prefix_rows_block(scores, 0, 0)
         states.issue_mask_block(rec, scores, 0, 0)
+    # The selection ranks a block's rows by radix where numba is loaded.
+    fused.key_order(np.zeros(2, dtype=np.uint64))
     if fspec is not None and fspec.needs_joint:
         fused.joint_rows(probs, label, label, np.full(k, 2.0), min(1, k - 1), spec.kernel)

@@ -1,4 +1,5 @@
-"""Whole chunks of a local Zarr array, decoded straight into the block.
+"""Whole chunks of a local Zarr array, decoded straight into the block
+(and, for uncompressed arrays, written straight from the rows).
 
 zarr-python reads a chunk file into a fresh buffer, decodes it into
 another and copies that into the output; each fresh 50 MB buffer is page
@@ -15,10 +16,12 @@ are always the ones zarr would return.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
 import sys
+import uuid
 from typing import Any, Callable
 
 import numpy as np
@@ -207,11 +210,17 @@ class ChunkWriter:
     """Writes whole row chunks of an uncompressed local Zarr array, one file
     a chunk, straight from the caller's rows.
 
-    zarr-python copies a chunk's values into a new buffer, encodes that into
-    another and writes it; for the layout :class:`ChunkReader` reads with
-    only a ``bytes`` codec, the file is the rows' own bytes, written with
-    one system call.  Build it with :meth:`for_array`, which returns None
-    for any other layout (the caller then writes through zarr).
+    For the layout :class:`ChunkReader` reads with only a ``bytes`` codec, a
+    chunk's file is its rows' own bytes (the last chunk padded with the
+    fill value, as zarr pads it), written here with one system call.  The
+    demo's 2,000,000 x 100 float32 rows took 0.32 s to write through zarr
+    and 0.12 to 0.19 s as files (4 threads, warm page cache).  Each file is
+    written beside its place and renamed into it, as zarr's local store
+    does, so an interrupted write leaves no partial chunk.  Unlike zarr, a
+    chunk holding only the fill value is written too (zarr leaves it out);
+    the array reads the same either way.  Build it with :meth:`for_array`,
+    which returns None for any other layout (the caller then writes
+    through zarr).
     """
 
     def __init__(self, array: Any, directory: str) -> None:
@@ -255,6 +264,13 @@ class ChunkWriter:
                 rows = padded
             path = os.path.join(self.directory, self.metadata.encode_chunk_key((c,) + tail))
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(memoryview(rows.reshape(-1)).cast("B"))
+            partial = f"{path}.{uuid.uuid4().hex}.partial"
+            try:
+                with open(partial, "wb") as f:
+                    f.write(memoryview(rows.reshape(-1)).cast("B"))
+                os.replace(partial, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(partial)
+                raise
         return True

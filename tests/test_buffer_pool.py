@@ -134,3 +134,50 @@ def test_shared_buffers_in_use_at_a_fork_are_never_written_again():
     assert in_child == b"0"
     assert len(kept_buffers()) == 1 and kept_buffers() < before
     del in_use
+
+
+def test_the_fork_engines_flag_is_the_forking_threads_own():
+    """Inside workers_forked(), a fork from another thread still lets go of
+    the shared buffers in use."""
+    import threading
+
+    pool = BufferPool(limit=10_000)
+    shared, shared_id = held(pool, 1000, ("shared",))
+    inside = threading.Event()
+    done = threading.Event()
+
+    def fork_engine_thread():
+        with pool.workers_forked():
+            pool.before_fork()  # the engine's own fork keeps it
+            assert listed(pool) == {shared_id}
+            inside.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=fork_engine_thread)
+    thread.start()
+    assert inside.wait(10)
+    pool.before_fork()  # another thread's fork
+    done.set()
+    thread.join(10)
+    assert listed(pool) == set()
+    del shared
+
+
+def test_shared_buffers_are_let_go_when_a_fork_worker_cannot_be_stopped(monkeypatch):
+    import multiprocessing.process
+
+    data = make_dataset(n=3000, k=5, seed=4)
+    gc.collect()
+    BUFFERS.clear()
+    private = allocate(4096, np.uint8, shared=False, spill_dir=None)
+    del private  # free and private: kept
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "is_alive", lambda self: True)
+    result = find_label_issues(data.labels, data.pred_probs, backend="fork", chunk_rows=700)
+    monkeypatch.undo()
+    kinds = {slot.kind[0] for slot in BUFFERS._slots}
+    assert kinds == {"private"}
+    del result
+    gc.collect()
+    again = find_label_issues(data.labels, data.pred_probs, backend="fork", chunk_rows=700)
+    assert {slot.kind[0] for slot in BUFFERS._slots} >= {"shared"}
+    del again

@@ -211,3 +211,39 @@ def test_only_whole_chunks_of_uncompressed_arrays_are_written_directly(tmp_path)
     sharded = zarr.create_array(str(tmp_path / "sharded.zarr"), shape=(16, 3), chunks=(4, 3), shards=(8, 3),
                                 dtype="float32", compressors=None)
     assert ChunkWriter.for_array(sharded) is None
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["1-D", "float64 rows into float32", "dotted keys", "v2 keys", "NaN fill value"],
+)
+def test_direct_chunk_writes_are_the_files_zarr_writes(tmp_path, case):
+    from dask_labelissues.zarr_chunks import ChunkWriter
+
+    rng = np.random.default_rng(8)
+    shape, chunks, dtype, kwargs = (10, 3), (4, 3), "float32", {}
+    values = rng.random(shape)
+    if case == "1-D":
+        shape, chunks, values = (10,), (4,), values[:, 0]
+    if case == "dotted keys":
+        kwargs["chunk_key_encoding"] = {"name": "default", "separator": "."}
+    if case == "v2 keys":
+        kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "."}
+    if case == "NaN fill value":
+        kwargs["fill_value"] = np.nan
+    if case != "float64 rows into float32":
+        values = values.astype(dtype)
+
+    def make(name):
+        return zarr.create_array(str(tmp_path / name), shape=shape, chunks=chunks, dtype=dtype,
+                                 compressors=None, **kwargs)
+
+    direct, through_zarr = make("direct.zarr"), make("zarr.zarr")
+    writer = ChunkWriter.for_array(direct)
+    assert writer.write(0, values[:8]) and writer.write(8, values[8:])
+    through_zarr[0:8] = values[:8]
+    through_zarr[8:] = values[8:]
+    got, want = _chunk_files(tmp_path / "direct.zarr"), _chunk_files(tmp_path / "zarr.zarr")
+    assert len(got) == 3 and got == want
+    np.testing.assert_array_equal(direct[:], through_zarr[:])
+    assert not [p for p in os.listdir(tmp_path / "direct.zarr") if "partial" in p]

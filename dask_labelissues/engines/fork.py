@@ -167,9 +167,10 @@ class ForkEngine(LocalEngine):
                 stuck = stuck or process.is_alive()
             conn.close()
         if stuck:
-            # A worker still alive may still read this job's columns: they
-            # are not to be written again (see BufferPool.workers_forked).
-            BUFFERS.before_fork()
+            # A worker that outlived SIGKILL (blocked in the kernel) keeps
+            # every shared buffer it inherited mapped, and a system call it
+            # is in may still touch one: none is written again.
+            BUFFERS.drop_shared()
         self.workers = []
         _ENGINES.pop(id(self), None)
 

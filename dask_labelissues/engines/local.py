@@ -227,6 +227,11 @@ class BufferPool:
         finally:
             self._local.workers = False
 
+    def drop_shared(self) -> None:
+        """Let go of every buffer shared with other processes, free or not."""
+        with self._lock:
+            self._slots = [s for s in self._slots if s.kind[0] == "private"]
+
     def before_fork(self) -> None:
         """Let go of the shared buffers in use: the child may keep them
         (unless it is a fork engine's worker)."""

@@ -133,7 +133,19 @@ def _decode_file(path: str, decode: Decoder, out: np.ndarray) -> bool:
                 view.release()
 
 
-class ChunkReader:
+class _RowChunks:
+    """Where a local Zarr array's row chunks are, and their layout."""
+
+    def __init__(self, array: Any, directory: str) -> None:
+        self.directory = directory
+        self.metadata = array.metadata
+        self.shape = tuple(int(s) for s in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.rows = int(self.metadata.chunk_grid.chunk_shape[0])
+        self.fill_value = self.metadata.fill_value
+
+
+class ChunkReader(_RowChunks):
     """Reads row ranges that start on a chunk boundary, one chunk file at a time.
 
     Build it with :meth:`for_array`, which returns None for the layouts it
@@ -141,13 +153,8 @@ class ChunkReader:
     """
 
     def __init__(self, array: Any, directory: str, decode: Decoder) -> None:
-        self.directory = directory
+        super().__init__(array, directory)
         self.decode = decode
-        self.metadata = array.metadata
-        self.shape = tuple(int(s) for s in array.shape)
-        self.dtype = np.dtype(array.dtype)
-        self.rows = int(self.metadata.chunk_grid.chunk_shape[0])
-        self.fill_value = self.metadata.fill_value
 
     @classmethod
     def for_array(cls, array: Any) -> "ChunkReader | None":
@@ -206,7 +213,7 @@ class ChunkReader:
         return out[: stop - start]
 
 
-class ChunkWriter:
+class ChunkWriter(_RowChunks):
     """Writes whole row chunks of an uncompressed local Zarr array, one file
     a chunk, straight from the caller's rows.
 
@@ -222,14 +229,6 @@ class ChunkWriter:
     which returns None for any other layout (the caller then writes
     through zarr).
     """
-
-    def __init__(self, array: Any, directory: str) -> None:
-        self.directory = directory
-        self.metadata = array.metadata
-        self.shape = tuple(int(s) for s in array.shape)
-        self.dtype = np.dtype(array.dtype)
-        self.rows = int(self.metadata.chunk_grid.chunk_shape[0])
-        self.fill_value = self.metadata.fill_value
 
     @classmethod
     def for_array(cls, array: Any) -> "ChunkWriter | None":

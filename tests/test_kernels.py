@@ -129,10 +129,10 @@ def test_rank_order_is_by_value_then_index_whatever_the_given_order():
     # With numba loaded, rows in no ranked order are sorted by radix.
     fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")
     rng = np.random.default_rng(5)
-    values = np.round(rng.random(5000), 2)  # many ties
-    values[rng.choice(5000, 40, replace=False)] = np.nan
-    values[rng.choice(5000, 40, replace=False)] = -0.0
-    values[rng.choice(5000, 40, replace=False)] = 0.0
+    values = np.round(rng.random(8000), 2)  # many ties
+    values[rng.choice(8000, 40, replace=False)] = np.nan
+    values[rng.choice(8000, 40, replace=False)] = -0.0
+    values[rng.choice(8000, 40, replace=False)] = 0.0
     index = np.arange(values.size) * 3 + 7
     runs = np.array_split(np.arange(values.size), 9)
     ranked_runs = np.concatenate([r[np.lexsort((index[r], values[r]))] for r in runs])

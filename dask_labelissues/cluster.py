@@ -48,11 +48,7 @@ from typing import Any, Iterator, Mapping
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .engines import local as local_engine
-
-#: glibc's trim and mmap thresholds in the embedded cluster's workers, in
-#: bytes (see the module docstring): those of jobs in this process.
-MALLOC_THRESHOLD = local_engine.MALLOC_THRESHOLD
+from .system import MALLOC_THRESHOLD
 
 #: Variables that must be in a worker's environment before it starts: the
 #: nanny sets these (``distributed.nanny.pre-spawn-environ``) when it

@@ -232,7 +232,7 @@ def write_segmentation_zarr(
     """
     import zarr
 
-    from .engines.local import keep_freed_memory, usable_cores
+    from .system import keep_freed_memory, usable_cores
 
     keep_freed_memory()
 

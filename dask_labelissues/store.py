@@ -303,7 +303,7 @@ def _store_lazy(sources: list, targets: list, client: Any) -> None:
     if client is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from .engines.local import usable_cores
+        from .system import usable_cores
 
         pool = ThreadPoolExecutor(usable_cores(), thread_name_prefix="dask-labelissues-store")
         try:

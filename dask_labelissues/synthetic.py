@@ -116,14 +116,14 @@ def write_zarr(
     about 8% and takes a quarter of the writing time.
 
     Sets this process's allocator to keep freed arrays for reuse, as a job
-    does (:func:`~dask_labelissues.engines.local.keep_freed_memory`): each
+    does (:func:`~dask_labelissues.system.keep_freed_memory`): each
     generation block's arrays (about 26 MB at 100 classes) were otherwise
     mapped and zeroed anew, and writing the demo's 2,000,000 x 100 rows in a
     fresh process spent 0.6 to 1.2 s of system time against 0.25 to 0.45 s.
     """
     import zarr
 
-    from .engines.local import keep_freed_memory, usable_cores
+    from .system import keep_freed_memory, usable_cores
     from .zarr_chunks import ChunkWriter
 
     keep_freed_memory()

@@ -14,7 +14,7 @@ import pytest
 from dask_labelissues import find_label_issues
 from dask_labelissues.engines import blocks, choose_backend, make_engine
 from dask_labelissues.engines.blocks import choose_kernel, group_chunks, join_adjacent
-from dask_labelissues.engines.local import usable_cores
+from dask_labelissues.system import usable_cores
 from dask_labelissues.engines.threads import ThreadEngine
 from dask_labelissues.kernels import ScoreSpec
 

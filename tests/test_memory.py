@@ -203,7 +203,8 @@ def segmentation_store(tmp_path_factory):
     import zarr
     from concurrent.futures import ThreadPoolExecutor
 
-    from dask_labelissues.engines.local import SPILL_BYTES, usable_cores
+    from dask_labelissues.engines.local import SPILL_BYTES
+    from dask_labelissues.system import usable_cores
     from dask_labelissues.synthetic import SegmentationSpec, segmentation_images
 
     path = str(tmp_path_factory.mktemp("segmentation") / "seg.zarr")

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -317,9 +318,52 @@ def _store_lazy(sources: list, targets: list, client: Any) -> None:
     try:
         client.gather(futures)
     except BaseException:
-        from .engines.dask import cancel_and_drain
-
         # Before the temporary store is removed: a write still running
         # would otherwise recreate part of it.
         cancel_and_drain(client, futures, stored)
         raise
+
+
+#: Longest :func:`cancel_and_drain` waits for running tasks to end.
+DRAIN_SECONDS = 60.0
+
+
+def cancel_and_drain(client: Any, futures: Sequence[Any], graphs: Iterable[Any] | None = None) -> None:
+    """Cancel ``futures`` and wait, up to :data:`DRAIN_SECONDS`, until no
+    worker still runs a task of the dask collections ``graphs`` (None: any
+    task).
+
+    A worker finishes a task it has started even when it is cancelled: a
+    store write would then land after its temporary store is removed.
+    Never raises: a cluster that is gone runs nothing.
+    """
+    try:
+        if futures:
+            client.cancel(list(futures))
+        deadline = time.monotonic() + DRAIN_SECONDS
+        wanted = None
+        if graphs is not None:
+            wanted = sorted({_layer_name(k) for g in graphs for k in dict(g.__dask_graph__())})
+        while time.monotonic() < deadline:
+            if not any(client.run(_running_tasks, names=wanted).values()):
+                return
+            time.sleep(0.05)
+    except Exception:
+        return
+
+
+def _running_tasks(dask_worker: Any, names: list[str] | None) -> list[str]:
+    """This worker's tasks (of layers ``names``, if given) that it is running
+    or still finishing after a cancel."""
+    busy = ("executing", "long-running", "cancelled", "resumed")
+    # Graph optimization renames fused layers around the original names
+    # (``store-map-<token>`` runs as ``data-store-map-<token>``), whose
+    # tokens are unique: a layer is ours when it holds one of the names.
+    return [
+        str(ts.key) for ts in list(dask_worker.state.tasks.values())
+        if ts.state in busy and (names is None or any(n in _layer_name(ts.key) for n in names))
+    ]
+
+
+def _layer_name(key: Any) -> str:
+    return str(key[0] if isinstance(key, tuple) else key)

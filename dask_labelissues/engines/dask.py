@@ -189,16 +189,17 @@ def shared(value: Any, copies: int) -> Any:
     Small values (the spec, the thresholds of a job with few blocks) go into
     each task: a key of their own is a task that must run, and then travel
     to every other worker, before the stage can start.  Large ones, or many
-    copies (tens of thousands of blocks), are one key.  Only small opaque
-    objects and arrays come here (each copy is unpickled on its own), never
+    copies (tens of thousands of blocks), are one key, and so are
     containers, which Dask would search for tasks and keys.  The file and
     store row sources come here too
     (:func:`dask_labelissues.inputs.reads_in_tasks`): a copy reopens its
     file or store in its task, 0.02 to 0.33 ms more than a read from an
     open one (``.npy``, HDF5, Zarr).
     """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
     if isinstance(value, (tuple, list, dict, set, frozenset)):
-        raise TypeError(f"shared() takes opaque values, not {type(value).__name__}")
+        return delayed(value, pure=False)
     try:
         small = len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)) * copies <= INLINE_BYTES
     except Exception:  # not picklable: fine for local schedulers, as one key
@@ -232,51 +233,6 @@ def cluster_workers(client: Any) -> tuple[int | None, int]:
     limits = [m for m in limits if m > 0]
     threads = sum(int(w.get("nthreads") or 0) for w in workers.values())
     return (min(limits) if limits else None), threads
-
-
-#: Longest :func:`cancel_and_drain` waits for running tasks to end.
-DRAIN_SECONDS = 60.0
-
-
-def cancel_and_drain(client: Any, futures: Sequence[Any], graphs: Iterable[Any] | None = None) -> None:
-    """Cancel ``futures`` and wait, up to :data:`DRAIN_SECONDS`, until no
-    worker still runs a task of the dask collections ``graphs`` (None: any
-    task).
-
-    A worker finishes a task it has started even when it is cancelled: a
-    store write would then land after its temporary store is removed.
-    Never raises: a cluster that is gone runs nothing.
-    """
-    try:
-        if futures:
-            client.cancel(list(futures))
-        deadline = time.monotonic() + DRAIN_SECONDS
-        wanted = None
-        if graphs is not None:
-            wanted = sorted({_layer_name(k) for g in graphs for k in dict(g.__dask_graph__())})
-        while time.monotonic() < deadline:
-            if not any(client.run(_running_tasks, names=wanted).values()):
-                return
-            time.sleep(0.05)
-    except Exception:
-        return
-
-
-def _running_tasks(dask_worker: Any, names: list[str] | None) -> list[str]:
-    """This worker's tasks (of layers ``names``, if given) that it is running
-    or still finishing after a cancel."""
-    busy = ("executing", "long-running", "cancelled", "resumed")
-    # Graph optimization renames fused layers around the original names
-    # (``store-map-<token>`` runs as ``data-store-map-<token>``), whose
-    # tokens are unique: a layer is ours when it holds one of the names.
-    return [
-        str(ts.key) for ts in list(dask_worker.state.tasks.values())
-        if ts.state in busy and (names is None or any(n in _layer_name(ts.key) for n in names))
-    ]
-
-
-def _layer_name(key: Any) -> str:
-    return str(key[0] if isinstance(key, tuple) else key)
 
 
 class DaskBlocks(Blocks):
@@ -347,7 +303,7 @@ class DaskEngine(Engine):
             elif isinstance(arg, DaskBlocks):
                 columns.append(arg.parts)
             elif isinstance(arg, DaskValue):
-                common = arg.part if arg.part is not None else self._common(_data(arg.value), n)
+                common = arg.part if arg.part is not None else shared(_data(arg.value), n)
                 columns.append([common] * n)
             elif arg is START:
                 columns.append(self.starts)
@@ -358,7 +314,7 @@ class DaskEngine(Engine):
                     for v in arg.values
                 ])
             else:
-                columns.append([self._common(arg, n)] * n)
+                columns.append([shared(arg, n)] * n)
         rows = []
         for i in range(n):
             row: list[Any] = []
@@ -375,7 +331,7 @@ class DaskEngine(Engine):
         parts = blocks.parts
         if blocks.pairs:
             parts = layer(block_state, [(p,) for p in parts])
-        common = tuple(self._common(a, 1) for a in args)
+        common = tuple(shared(a, 1) for a in args)
         return DaskValue(tree_reduce(parts, aggregation, common))
 
     def compute(self, *handles: Blocks | Value, keep: Sequence[Blocks] = ()) -> list[Any]:
@@ -421,7 +377,7 @@ class DaskEngine(Engine):
             # Copies in every task while they pickle small: as keys of their
             # own they were two more tasks, which each worker but one then
             # had to fetch before its first scan.
-            lab, probs = self._common(self.labels, n), self._common(self.pred_probs, n)
+            lab, probs = shared(self.labels, n), shared(self.pred_probs, n)
             return [(lab, probs, a, b, *per_block) for a, b in self.plan.bounds]
         # to_delayed() optimizes the array's graph: built only here.
         lab = self.labels.to_delayed().ravel().tolist()
@@ -430,14 +386,6 @@ class DaskEngine(Engine):
         return [
             (lab[g:h], probs[g:h], a, b, *per_block) for (g, h), (a, b) in zip(groups, self.plan.bounds)
         ]
-
-    def _common(self, value: Any, copies: int) -> Any:
-        """A value every task of a stage takes (:func:`shared`)."""
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        if isinstance(value, (tuple, list, dict, set, frozenset)):
-            return delayed(value, pure=False)  # a container Dask would search for keys
-        return shared(value, copies)
 
     # -- running graphs ----------------------------------------------------------
     @contextlib.contextmanager

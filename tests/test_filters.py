@@ -170,10 +170,13 @@ def test_identical_across_chunkings_and_engines(filter_by):
         assert base.reads == other.reads
 
 
-def test_filters_on_a_local_cluster():
+def test_filters_on_a_local_cluster(monkeypatch, tmp_path):
     """A LocalCluster of two worker processes gives cleanlab's mask and the
     serial engine's result, for the default filter and the one-read one."""
+    import dask
     from distributed import Client, LocalCluster
+
+    from dask_labelissues.engines import dask as dask_engine
 
     d = dataset("imbalanced")
     with LocalCluster(
@@ -186,6 +189,21 @@ def test_filters_on_a_local_cluster():
             assert result.client is client
             np.testing.assert_array_equal(result.compute().is_label_issue, reference(d, filter_by=filter_by))
             assert_identical(ours(d, filter_by=filter_by), result)
+        # The per-block rules hold the rows the filter selected: past a
+        # size, they go to the workers before the graph, not inside it.
+        # Files, read in the tasks: in-memory inputs would be in the graph.
+        np.save(tmp_path / "labels.npy", d.labels)
+        np.save(tmp_path / "pred_probs.npy", d.pred_probs)
+        monkeypatch.setattr(dask_engine, "INLINE_BYTES", 2048)
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": "16kB"}):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = find_label_issues(
+                    str(tmp_path / "labels.npy"), str(tmp_path / "pred_probs.npy"),
+                    filter_by="prune_by_noise_rate", client=client, chunk_rows=3000,
+                )
+        assert not [w for w in caught if "large graph" in str(w.message)]
+        assert_identical(ours(d, filter_by="prune_by_noise_rate"), result)
 
 
 def _run_with_candidates(d, filter_by: str, candidates: int, chunk_rows: int = 2500):

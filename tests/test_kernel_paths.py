@@ -421,3 +421,68 @@ def test_warm_up_loads_every_kernel_a_rows_job_runs_in_its_workers():
     # limbs and joint serve the numpy path's sums and the filters' joints.
     assert skipped <= {"limbs", "joint", "scan"}, skipped
     assert "key_order" not in skipped and "scored" not in skipped and "records" not in skipped
+
+
+def test_group_selections_merge_as_numpys_sort_merges_them():
+    """The numba merge of per-group selections keeps the rows, in the
+    order, that sorting every candidate again keeps: ties (equal keys in
+    one state and across states, -0.0 against 0.0) go to the lower row,
+    groups past their limit, empty states and groups of no rows included."""
+    from dask_labelissues import kernels
+    from dask_labelissues.filters import GroupTop
+
+    fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")  # loads numba
+    rng = np.random.default_rng(8)
+    for trial in range(30):
+        n_groups = int(rng.integers(1, 40))
+        limits = rng.integers(0, 60, n_groups)
+        states, start = [], 0
+        for _ in range(int(rng.integers(1, 18))):
+            n = int(rng.integers(0, 400))
+            group = rng.integers(0, n_groups, n)
+            key = -np.round(rng.random(n), 1 if trial % 2 else 6)  # coarse keys: many ties
+            key[rng.random(n) < 0.05] = 0.0
+            key[rng.random(n) < 0.05] = -0.0
+            states.append(GroupTop.chunk(group, key, np.arange(start, start + n), limits))
+            start += n + int(rng.integers(0, 3))
+        merged = GroupTop.combine(states)
+        edges = np.cumsum([0] + [s.index.size for s in states])
+        keys = kernels.score_keys(np.concatenate([s.key for s in states]))
+        assert fused.merge_top(np.concatenate([s.group for s in states]), keys, edges, limits) is not None
+        # numpy's path: every candidate sorted again.
+        want = GroupTop._top(
+            np.concatenate([s.group for s in states]), np.concatenate([s.key for s in states]),
+            np.concatenate([s.index for s in states]), limits, None, True,
+        )
+        reference = GroupTop._top(
+            np.concatenate([s.group for s in states]), np.concatenate([s.key for s in states]),
+            np.concatenate([s.index for s in states]), limits, None, False,
+        )
+        for got in (merged, want):
+            np.testing.assert_array_equal(got.group, reference.group)
+            np.testing.assert_array_equal(got.index, reference.index)
+            np.testing.assert_array_equal(got.key, reference.key)
+
+
+def test_a_state_out_of_order_falls_back_to_sorting():
+    fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")
+    keys = np.array([3, 1], dtype=np.uint64)
+    assert fused.merge_top(np.zeros(2, dtype=np.int64), keys, np.array([0, 2]), np.array([2])) is None
+    got = fused.merge_top(np.zeros(2, dtype=np.int64), keys, np.array([0, 1, 2]), np.array([2]))
+    np.testing.assert_array_equal(got, [1, 0])
+
+
+def test_the_chunk_selection_ranks_keys_by_radix_as_numpy_does():
+    from dask_labelissues import filters
+
+    fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")
+    rng = np.random.default_rng(9)
+    n = filters.RADIX_ROWS[0] * 3
+    group = rng.integers(0, 50, n)
+    key = -np.round(rng.random(n), 3)
+    key[::7] = -0.0
+    limits = rng.integers(0, 400, 50)
+    fast = filters.GroupTop.chunk(group, key, np.arange(n), limits)
+    slow = filters.GroupTop._top(group, key, np.arange(n), limits, None, False)
+    np.testing.assert_array_equal(fast.index, slow.index)
+    np.testing.assert_array_equal(fast.group, slow.group)

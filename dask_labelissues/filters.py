@@ -296,7 +296,8 @@ def joint_block(
     out = np.empty(n, dtype=fspec.joint_dtype(k, probs.dtype))
     y = rec["label"].astype(np.intp)
     cut = thresholds - FLOATING_POINT_COMPARISON
-    guess, max_other, cand, margin, bound = fused.joint_rows(probs, y, rec["pred"], cut, m, kernel)
+    cells = np.zeros((2, k * k), dtype=np.int64) if with_joint and k * k <= DENSE_CELLS else None
+    guess, max_other, cand, margin, bound = fused.joint_rows(probs, y, rec["pred"], cut, m, kernel, cells)
     out["guess"] = guess
     own = probs[np.arange(n), y]
     out["p_label"] = own
@@ -310,14 +311,18 @@ def joint_block(
     if not with_joint:
         return out, None
     off = (out["guess"] >= 0) & (out["guess"] != y)
-    counted = out["guess"] >= 0
-    codes, counts = _sparse_counts(y[counted] * k + out["guess"][counted], k * k)
-    if m:
-        positive = out["margin"] > 0
-        rows, slots = np.nonzero(positive)
-        pos_codes, pos_counts = _sparse_counts(y[rows] * k + out["cand"][rows, slots], k * k)
+    if cells is not None:
+        codes, pos_codes = np.flatnonzero(cells[0]), np.flatnonzero(cells[1])
+        counts, pos_counts = cells[0, codes], cells[1, pos_codes]
     else:
-        pos_codes = pos_counts = np.zeros(0, dtype=np.int64)
+        counted = out["guess"] >= 0
+        codes, counts = _sparse_counts(y[counted] * k + out["guess"][counted], k * k)
+        if m:
+            positive = out["margin"] > 0
+            rows, slots = np.nonzero(positive)
+            pos_codes, pos_counts = _sparse_counts(y[rows] * k + out["cand"][rows, slots], k * k)
+        else:
+            pos_codes = pos_counts = np.zeros(0, dtype=np.int64)
     low_label = np.bincount(
         y, weights=out["p_label"] < SPLIT["p_label"], minlength=k
     ).astype(np.int64)
@@ -431,7 +436,7 @@ class GroupTop:
             # Each state is sorted by (group, key) already: a merge that
             # reads only the rows it keeps.
             edges = np.cumsum([0] + [s.index.size for s in states])
-            kept = fused.merge_top(group, kernels.score_keys(key), edges, limits)
+            kept = fused.merge_top(group, key, edges, limits)
             if kept is not None:
                 return cls(group[kept], key[kept], index[kept], limits, bound)
         return cls._top(group, key, index, limits, bound, in_row_order)

@@ -124,7 +124,7 @@ def _build_numba() -> tuple[Any, ...] | None:
                 rest = (rest - limb) * base
 
     @numba.njit(nogil=True, cache=True)
-    def joint(probs, labels, pred, cut, m, guess, max_other, cand, margin, bound, top_v, top_j):
+    def joint(probs, labels, pred, cut, m, guess, max_other, cand, margin, bound, top_v, top_j, cells, add_cells):
         n, k = probs.shape
         full = m + 1 >= k
         for i in range(n):
@@ -134,7 +134,6 @@ def _build_numba() -> tuple[Any, ...] | None:
             n_confident = 0
             first = -1
             best = -np.inf
-            count = 0
             for j in range(k):
                 v = probs[i, j]
                 total += v
@@ -142,34 +141,44 @@ def _build_numba() -> tuple[Any, ...] | None:
                     n_confident += 1
                     if first < 0:
                         first = j
-                if j == y:
-                    continue
-                if v > best:
+                if j != y and v > best:
                     best = v
-                if m > 0 and (count <= m or v > top_v[m]):
-                    # insertion into the m + 1 largest, earlier classes first on ties
-                    pos = count if count <= m else m
-                    while pos > 0 and top_v[pos - 1] < v:
-                        top_v[pos] = top_v[pos - 1]
-                        top_j[pos] = top_j[pos - 1]
-                        pos -= 1
-                    top_v[pos] = v
-                    top_j[pos] = j
-                    if count <= m:
-                        count += 1
             if n_confident == 0:
                 guess[i] = -1
             elif n_confident == 1:
                 guess[i] = first
             else:
                 guess[i] = pred[i]
+            if add_cells and guess[i] >= 0:
+                cells[0, y * k + guess[i]] += 1
             max_other[i] = best
             if m == 0:
                 continue
             if full or own < total / 2.0:
+                # The candidates, in a second look at the row (in cache by
+                # now): most rows keep none, and the insertions took most
+                # of the loop's time when every row made them.
+                count = 0
+                for j in range(k):
+                    if j == y:
+                        continue
+                    v = probs[i, j]
+                    if count <= m or v > top_v[m]:
+                        # insertion into the m + 1 largest, earlier classes first on ties
+                        pos = count if count <= m else m
+                        while pos > 0 and top_v[pos - 1] < v:
+                            top_v[pos] = top_v[pos - 1]
+                            top_j[pos] = top_j[pos - 1]
+                            pos -= 1
+                        top_v[pos] = v
+                        top_j[pos] = j
+                        if count <= m:
+                            count += 1
                 for s in range(m):
                     cand[i, s] = top_j[s]
                     margin[i, s] = top_v[s] - own
+                    if add_cells and margin[i, s] > 0:
+                        cells[1, y * k + top_j[s]] += 1
                 if full:
                     bound[i] = -np.inf
                 else:
@@ -378,11 +387,24 @@ def _build_numba() -> tuple[Any, ...] | None:
             order[:] = cur_order
 
     @numba.njit(nogil=True, cache=True)
-    def merge_top(group, keys, bounds, limits, out):
-        # States sorted by (group, key), one after another in ``bounds``,
-        # merged group by group: the ``limits[g]`` smallest keys of group g,
-        # a tie to the earlier state.  A state's rows past what its group
-        # takes are skipped, never compared.  -1 if a state is out of order.
+    def merge_top(group, values, bits, bounds, limits, top, nan_key, out):
+        # States sorted by (group, value), one after another in ``bounds``,
+        # merged group by group: the ``limits[g]`` smallest values of group
+        # g, a tie to the earlier state.  A state's rows past what its group
+        # takes are skipped, never compared.  Values compare by
+        # kernels.score_keys's keys (NaN last, -0.0 equal to 0.0), made
+        # here.  -1 if a state is out of order.
+        keys = np.empty(values.shape[0], dtype=np.uint64)
+        for i in range(values.shape[0]):
+            v = values[i]
+            if v != v:
+                keys[i] = nan_key
+            elif v == 0.0:
+                keys[i] = top
+            elif bits[i] >= top:
+                keys[i] = ~bits[i]
+            else:
+                keys[i] = bits[i] | top
         n_states = bounds.shape[0] - 1
         head = bounds[:-1].copy()
         ends = np.empty(n_states, dtype=np.int64)
@@ -472,16 +494,16 @@ def key_order(keys: np.ndarray) -> np.ndarray | None:
     return order
 
 
-def merge_top(group: np.ndarray, keys: np.ndarray, bounds: np.ndarray, limits: np.ndarray) -> np.ndarray | None:
+def merge_top(group: np.ndarray, values: np.ndarray, bounds: np.ndarray, limits: np.ndarray) -> np.ndarray | None:
     """Positions of the rows a merge of per-group selections keeps, in
-    (group, key) order; None unless numba's kernels are loaded in this
+    (group, value) order; None unless numba's kernels are loaded in this
     process, or if a state is not sorted.
 
-    ``group`` and ``keys`` (uint64, :func:`dask_labelissues.kernels.score_keys`)
-    are states one after another, rows ``bounds[s]:bounds[s + 1]`` each,
-    sorted by (group, key) and given in row order; of group ``g`` the
-    ``limits[g]`` smallest keys are kept, ties to the earlier state.  It
-    visits only the rows kept: numpy's merge sorted every row of every
+    ``group`` and ``values`` (float64) are states one after another, rows
+    ``bounds[s]:bounds[s + 1]`` each, sorted by (group, value) as
+    ``np.argsort`` sorts (NaN last) and given in row order; of group ``g``
+    the ``limits[g]`` smallest values are kept, ties to the earlier state.
+    It visits only the rows kept: numpy's merge sorted every row of every
     state again (8.2 million candidates of a token job: 2.3 s).
     """
     if not numba_loaded():
@@ -489,10 +511,12 @@ def merge_top(group: np.ndarray, keys: np.ndarray, bounds: np.ndarray, limits: n
     fast = _kernels("auto")
     if fast is None:
         return None
-    out = np.empty(int(min(keys.shape[0], max(int(limits.sum()), 0))), dtype=np.int64)
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    out = np.empty(int(min(values.shape[0], max(int(limits.sum()), 0))), dtype=np.int64)
     n = fast[7](
-        np.ascontiguousarray(group, dtype=np.int64), np.ascontiguousarray(keys, dtype=np.uint64),
-        np.ascontiguousarray(bounds, dtype=np.int64), np.ascontiguousarray(limits, dtype=np.int64), out,
+        np.ascontiguousarray(group, dtype=np.int64), values, values.view(np.uint64),
+        np.ascontiguousarray(bounds, dtype=np.int64), np.ascontiguousarray(limits, dtype=np.int64),
+        _KEY_TOP, _NAN_KEY, out,
     )
     return None if n < 0 else out[:n]
 
@@ -876,6 +900,7 @@ def joint_rows(
     cut: np.ndarray,
     m: int,
     kernel: str = "auto",
+    cells: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     """The per-row part of a filter's second read, in one pass over each row.
 
@@ -894,6 +919,11 @@ def joint_rows(
 
     Both implementations give the same guesses, maxima and bounds; on equal
     probabilities they may keep different classes, which changes no result.
+
+    ``cells``, if given, a (2, K * K) int64 table, gets added the rows of
+    each (label, guess) cell (``guess`` >= 0) in its first row and, in its
+    second, the kept (label, candidate) pairs with a positive margin: the
+    loop counts them as it goes, where numpy read the outputs again.
     """
     n, k = probs.shape
     native = probs.dtype
@@ -909,6 +939,7 @@ def joint_rows(
             np.ascontiguousarray(probs), y, pred.astype(np.int64, copy=False), cut, m,
             guess, max_other, cand, margin, bound,
             np.empty(m + 1, dtype=native), np.empty(m + 1, dtype=np.int64),
+            np.zeros((2, 1), dtype=np.int64) if cells is None else cells, cells is not None,
         )
         return guess, max_other, cand, margin, bound
     step = max(1, SUB_BLOCK_BYTES // (k * 8))
@@ -928,6 +959,11 @@ def joint_rows(
         if m:
             total = np.add.accumulate(p, axis=1, dtype=np.float64)[:, -1]
             _top_candidates(others, own, total, m, cand[a:b], margin[a:b], bound[a:b])
+    if cells is not None:
+        counted = guess >= 0
+        cells[0] += np.bincount(y[counted] * k + guess[counted], minlength=k * k)
+        rows, slots = np.nonzero(margin > 0)
+        cells[1] += np.bincount(y[rows] * k + cand[rows, slots], minlength=k * k)
     return guess, max_other, cand, margin, bound
 
 

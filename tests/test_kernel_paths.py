@@ -92,8 +92,21 @@ def test_joint_rows_paths_agree_on_edge_rows():
         labels = rng.integers(0, k, 600)
         pred = probs.argmax(axis=1)
         cut = rng.uniform(0.05, 0.6, k)
-        fast = fused.joint_rows(probs, labels, pred, cut, m, "numba")
-        slow = fused.joint_rows(probs, labels, pred, cut, m, "numpy")
+        cells = {kernel: np.zeros((2, k * k), dtype=np.int64) for kernel in ("numba", "numpy")}
+        fast = fused.joint_rows(probs, labels, pred, cut, m, "numba", cells["numba"])
+        slow = fused.joint_rows(probs, labels, pred, cut, m, "numpy", cells["numpy"])
+        for kernel, out in (("numba", fast), ("numpy", slow)):
+            # The cells each path counts are those of its own outputs.
+            guess, cand, margin = out[0], out[2], out[3]
+            counted = guess >= 0
+            np.testing.assert_array_equal(
+                cells[kernel][0], np.bincount(labels[counted] * k + guess[counted], minlength=k * k)
+            )
+            rows, slots = np.nonzero(margin > 0)
+            np.testing.assert_array_equal(
+                cells[kernel][1], np.bincount(labels[rows] * k + cand[rows, slots], minlength=k * k)
+            )
+        assert cells["numba"][0].sum() > 0 and cells["numba"][1].sum() > 0
         for name, a, b in zip(("guess", "max_other", "cand", "margin", "bound"), fast, slow):
             if name == "cand":  # equal probabilities may keep different classes
                 continue
@@ -428,7 +441,6 @@ def test_group_selections_merge_as_numpys_sort_merges_them():
     order, that sorting every candidate again keeps: ties (equal keys in
     one state and across states, -0.0 against 0.0) go to the lower row,
     groups past their limit, empty states and groups of no rows included."""
-    from dask_labelissues import kernels
     from dask_labelissues.filters import GroupTop
 
     fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")  # loads numba
@@ -447,7 +459,7 @@ def test_group_selections_merge_as_numpys_sort_merges_them():
             start += n + int(rng.integers(0, 3))
         merged = GroupTop.combine(states)
         edges = np.cumsum([0] + [s.index.size for s in states])
-        keys = kernels.score_keys(np.concatenate([s.key for s in states]))
+        keys = np.concatenate([s.key for s in states])
         assert fused.merge_top(np.concatenate([s.group for s in states]), keys, edges, limits) is not None
         # numpy's path: every candidate sorted again.
         want = GroupTop._top(
@@ -466,10 +478,14 @@ def test_group_selections_merge_as_numpys_sort_merges_them():
 
 def test_a_state_out_of_order_falls_back_to_sorting():
     fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")
-    keys = np.array([3, 1], dtype=np.uint64)
-    assert fused.merge_top(np.zeros(2, dtype=np.int64), keys, np.array([0, 2]), np.array([2])) is None
-    got = fused.merge_top(np.zeros(2, dtype=np.int64), keys, np.array([0, 1, 2]), np.array([2]))
+    values = np.array([0.5, -0.25])
+    assert fused.merge_top(np.zeros(2, dtype=np.int64), values, np.array([0, 2]), np.array([2])) is None
+    got = fused.merge_top(np.zeros(2, dtype=np.int64), values, np.array([0, 1, 2]), np.array([2]))
     np.testing.assert_array_equal(got, [1, 0])
+    # NaN after every number; -0.0 and 0.0 tie, to the earlier state.
+    values = np.array([np.nan, 0.0, -0.0, 1.0])
+    got = fused.merge_top(np.zeros(4, dtype=np.int64), values, np.array([0, 1, 2, 3, 4]), np.array([4]))
+    np.testing.assert_array_equal(got, [1, 2, 3, 0])
 
 
 def test_the_chunk_selection_ranks_keys_by_radix_as_numpy_does():
@@ -486,3 +502,30 @@ def test_the_chunk_selection_ranks_keys_by_radix_as_numpy_does():
     slow = filters.GroupTop._top(group, key, np.arange(n), limits, None, False)
     np.testing.assert_array_equal(fast.index, slow.index)
     np.testing.assert_array_equal(fast.group, slow.group)
+
+
+BOUNDS_CHECKED = r"""
+import numpy as np
+from dask_labelissues import fused
+rng = np.random.default_rng(1)
+for k, m in ((3, 2), (20, 8), (20, 0)):
+    probs = rng.dirichlet(np.full(k, 0.3), size=500).astype(np.float32)
+    labels = rng.integers(0, k, 500)
+    cut = rng.uniform(0.05, 0.6, k)
+    for cells in (None, np.zeros((2, k * k), dtype=np.int64)):
+        fused.joint_rows(probs, labels, probs.argmax(axis=1), cut, m, "numba", cells)
+group = np.sort(rng.integers(0, 5, 300))
+values = rng.random(300)
+order = np.lexsort((values, group))
+assert fused.merge_top(group[order], values[order], np.array([0, 300]), np.full(5, 40)) is not None
+fused.key_order(rng.integers(0, 1 << 62, 9000).astype(np.uint64))
+print("ok")
+"""
+
+
+def test_the_selection_and_joint_kernels_stay_in_bounds(tmp_path):
+    """The kernels compiled with numba's bounds checks: an index out of
+    bounds raises there, where the cached build would write past an array."""
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", BOUNDS_CHECKED], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

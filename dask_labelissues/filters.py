@@ -519,20 +519,25 @@ def noise_rate_block(joint: np.ndarray, rec: np.ndarray, start: int, cells: Cell
         np.maximum.at(bound, y, joint["bound"].astype(np.float64))
     if joint.size == 0 or cells.limits.size == 0:
         return _empty_top(cells.limits, bound)
-    m = joint["cand"].shape[1]
     rows = np.flatnonzero(joint["cand"][:, 0] >= 0)  # rows that kept candidates
-    cand = joint["cand"][rows]
-    codes = (y[rows, None] * k + cand).ravel()
+    codes = y[rows, None] * k + joint["cand"][rows]  # (rows, m)
     sorted_codes = cells.codes
-    pos = np.minimum(np.searchsorted(sorted_codes, codes), sorted_codes.size - 1)
-    hit = sorted_codes[pos] == codes
-    group = pos[hit]
-    margin = joint["margin"][rows].ravel()[hit]
+    if k * k <= DENSE_CELLS:
+        # Each (given, other) pair's cell by table: a search of every pair
+        # among the cells took most of this function's time.
+        lookup = np.full(k * k, -1, dtype=np.int64)
+        lookup[sorted_codes] = np.arange(sorted_codes.size)
+        group = lookup[codes]
+    else:
+        group = np.minimum(np.searchsorted(sorted_codes, codes), sorted_codes.size - 1)
+        group[sorted_codes[group] != codes] = -1
+    margin = joint["margin"][rows]
     # Where enough positive margins exist, nothing else can be chosen.
-    keep = (margin > SPLIT["margin"]) | ~cells.enough[group]
-    index = np.repeat(rows, m)[hit][keep] + start
-    key = -margin[keep].astype(np.float64)
-    return GroupTop.chunk(group[keep].astype(np.int64), key, index, cells.limits, bound)
+    hit = group >= 0
+    keep = hit & ((margin > SPLIT["margin"]) | ~cells.enough[np.where(hit, group, 0)])
+    at, slot = np.nonzero(keep)  # pairs in row order, then slot order
+    key = -margin[at, slot].astype(np.float64)
+    return GroupTop.chunk(group[at, slot], key, rows[at] + start, cells.limits, bound)
 
 
 #: A class whose rows meet at least this many (row, cell) pairs in a block

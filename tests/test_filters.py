@@ -425,3 +425,14 @@ def test_a_selections_rows_are_ascending_without_repeats(index):
     rows = top.rows()
     assert rows.dtype == np.int64
     np.testing.assert_array_equal(rows, sorted(set(index.tolist())))
+
+
+def test_noise_rate_candidates_by_search_are_those_by_table(monkeypatch):
+    """Classes past 256 find each (given, other) pair's cell by a search,
+    not a K x K table (and count the joint sparsely): the same candidates."""
+    d = dataset("k100")
+    dense = ours(d, filter_by="prune_by_noise_rate", backend="serial", chunk_rows=3000)
+    monkeypatch.setattr(filters, "DENSE_CELLS", 0)
+    searched = ours(d, filter_by="prune_by_noise_rate", backend="serial", chunk_rows=3000)
+    assert_identical(dense, searched)
+    np.testing.assert_array_equal(dense.confident_joint, searched.confident_joint)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import mmap
 import os
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,6 +60,8 @@ def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None) ->
 
 def _new_buffer(kind: tuple, nbytes: int) -> mmap.mmap:
     if kind[0] == "file":
+        import tempfile  # a few milliseconds of start-up, for large jobs only
+
         fd, path = tempfile.mkstemp(prefix="dask-labelissues-", dir=kind[1])
         try:
             os.ftruncate(fd, nbytes)

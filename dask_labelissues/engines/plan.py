@@ -17,7 +17,6 @@ from ..kernels import ScoreSpec
 from ..kinds import ROWS, Kind
 from .base import Engine, distributed_client
 from .blocks import BlockConfig, plan_blocks
-from .local import pool_size
 
 #: The engines, by the name ``backend=`` takes.
 BACKENDS = ("dask", "threads", "fork", "serial")
@@ -82,6 +81,9 @@ def make_engine(
         return engine, name, client
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)
     shape = tuple(int(s) for s in probs.shape)
+    # The local engines' module is imported for the jobs that run them only.
+    from .local import pool_size
+
     threads = 1 if name == "serial" else pool_size(n_jobs)
     plan = plan_blocks(BlockConfig(
         n_rows=shape[0],

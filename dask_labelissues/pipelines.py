@@ -128,12 +128,16 @@ def exact_cells_block(block: BlockReader, cells: Cells) -> filters.GroupTop:
 
 def flag_block(
     rule: MaskRule, rec: np.ndarray, joint: np.ndarray | None, scores: np.ndarray, start: int,
-    out: np.ndarray | None = None,
+    ranked: bool = False, out: np.ndarray | None = None,
 ) -> Pair:
-    """A filter's ``is_label_issue`` for a block, and its flagged rows."""
+    """A filter's ``is_label_issue`` for a block, and its flagged rows, in
+    item order or (``ranked``) by score, ties by item: ranked in the
+    blocks, where the kernels are loaded, the caller's ranking of all of
+    them merges runs."""
     mask = filters.mask_block(rule, rec, joint, start)
     mask = _into(out, mask)
-    return Pair(mask, Winners.chunk(rec, scores, mask, start))
+    flagged = Winners.chunk(rec, scores, mask, start)
+    return Pair(mask, flagged.ranked() if ranked else flagged)
 
 
 def issue_mask_block(rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, out: np.ndarray | None = None) -> Pair:
@@ -414,7 +418,7 @@ def run_filter(
     rule = MaskRule(fspec.filter_by, selected)
     # Each task gets only its own block's share of the selected rows.
     rules = PerBlock([rule.restrict(a, b) for a, b in engine.item_bounds])
-    flags = engine.map(flag_block, rules, records, joint, passes.scores, START, out=columns["mask"])
+    flags = engine.map(flag_block, rules, records, joint, passes.scores, START, ranked, out=columns["mask"])
     (winners,) = engine.compute(engine.reduce(flags, WINNERS), keep=[flags])
     if ranked:
         winners = winners.ranked()

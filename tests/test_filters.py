@@ -172,7 +172,8 @@ def test_identical_across_chunkings_and_engines(filter_by):
 
 def test_filters_on_a_local_cluster(monkeypatch, tmp_path):
     """A LocalCluster of two worker processes gives cleanlab's mask and the
-    serial engine's result, for the default filter and the one-read one."""
+    serial engine's result, for the default filter and the one-read one,
+    and the default filter's per-block rules stay out of the graph."""
     import dask
     from distributed import Client, LocalCluster
 

@@ -354,20 +354,11 @@ COUNTS_ONLY = FilterSpec("confident_learning")
 
 
 # -- selections: the n best rows of each group -------------------------------
-#: Rows from which a selection's keys are ranked by radix where numba is
-#: loaded (:func:`dask_labelissues.fused.key_order`), up to the second
-#: (its buffers take 40 bytes a row): 700,000 random keys took 34 ms
-#: against 84 ms for numpy's stable sort.
-RADIX_ROWS = (6500, 1 << 22)
-
-
-def _key_order(key: np.ndarray) -> np.ndarray:
-    """The stable ascending order of float64 ``key`` (NaN last)."""
-    if RADIX_ROWS[0] <= key.size <= RADIX_ROWS[1] and fused.numba_loaded():
-        order = fused.key_order(kernels.score_keys(key))
-        if order is not None:
-            return order
-    return np.argsort(key, kind="stable")
+#: The most candidates of a block whose keys are sorted by radix
+#: (:func:`dask_labelissues.kernels.stable_order`; its buffers take 40
+#: bytes a row): 700,000 random keys took 34 ms against 84 ms for numpy's
+#: stable sort.
+RADIX_MAX_ROWS = 1 << 22
 
 
 @dataclass
@@ -407,7 +398,7 @@ class GroupTop:
             # stable sorts (the group's is a radix sort on small ints)
             # instead of lexsort's three, which took most of a multi-label
             # selection's merge.
-            order = _key_order(key)
+            order = kernels.stable_order(key, RADIX_MAX_ROWS)
             small = group.dtype if limits.size > np.iinfo(np.uint16).max else np.uint16
             order = order[np.argsort(group[order].astype(small, copy=False), kind="stable")]
         else:

@@ -452,12 +452,8 @@ class Winners:
         )
 
 
-#: Rows ranked by radix (see :func:`rank_order`): from the first, where
-#: numpy's sort starts to take longer (random scores: 6,000 rows 79 us
-#: against the radix sort's 83 us, 7,000 rows 162 us against 94 us), up to
-#: the second, so that the radix sort's buffers (40 bytes a row against
-#: numpy's 16) stay small.
-RADIX_MIN_ROWS = 6500
+#: The most rows :func:`rank_order` sorts by radix, so that the radix
+#: sort's buffers (40 bytes a row against numpy's 16) stay small.
 RADIX_MAX_ROWS = 1 << 20
 
 
@@ -470,24 +466,12 @@ def rank_order(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     On such ranked runs the sort merges instead of sorting: on 130,000
     rows in 16 runs it took 4 ms, against 16 ms for ``np.lexsort``.  When the
     given order breaks a tie the other way, ``np.lexsort`` decides.
-    Rows in no such order (a block's rows, in index order: their keys
-    descend more than once in 64 rows) are sorted by their keys' radix
-    (:func:`dask_labelissues.fused.key_order`) where numba is loaded and
-    there are :data:`RADIX_MIN_ROWS` to :data:`RADIX_MAX_ROWS` of them: on
-    9,000 random scores, 0.14 ms against numpy's 0.36 ms.  Both are stable
-    sorts of the same keys, so they give the same order.
+    Rows in no such order (a block's rows, in index order) are sorted by
+    their keys' radix where numba is loaded, up to :data:`RADIX_MAX_ROWS`
+    of them (:func:`dask_labelissues.kernels.stable_order`).  Both are
+    stable sorts of the same keys, so they give the same order.
     """
-    order = None
-    if (
-        values.dtype in (np.float64, np.uint64)
-        and RADIX_MIN_ROWS <= values.size <= RADIX_MAX_ROWS
-        and fused.numba_loaded()
-    ):
-        keys = values if values.dtype == np.uint64 else kernels.score_keys(values)
-        if np.count_nonzero(keys[1:] < keys[:-1]) > keys.size // 64:
-            order = fused.key_order(keys)
-    if order is None:
-        order = np.argsort(values, kind="stable")
+    order = kernels.stable_order(values, RADIX_MAX_ROWS)
     v, i = values[order], index[order]
     tie = v[1:] == v[:-1]
     if v.dtype.kind == "f":

@@ -489,11 +489,11 @@ def test_a_state_out_of_order_falls_back_to_sorting():
 
 
 def test_the_chunk_selection_ranks_keys_by_radix_as_numpy_does():
-    from dask_labelissues import filters
+    from dask_labelissues import filters, kernels
 
     fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")
     rng = np.random.default_rng(9)
-    n = filters.RADIX_ROWS[0] * 3
+    n = kernels.RADIX_MIN_ROWS * 3
     group = rng.integers(0, 50, n)
     key = -np.round(rng.random(n), 3)
     key[::7] = -0.0

@@ -469,6 +469,14 @@ def numba_loaded() -> bool:
     return _NUMBA is not None
 
 
+def _loaded_kernels(kernel: str = "auto") -> tuple[Any, ...] | None:
+    """The numba kernels where ``kernel`` allows them and pass one loaded
+    them in this process already, else None: the selection's callers do not
+    know the job's kernel, and a worker given the numpy kernel to spare its
+    memory must not load numba for them."""
+    return _kernels(kernel) if numba_loaded() else None
+
+
 def kernel_name(kernel: str = "auto") -> str:
     """Which implementation ``kernel`` ("auto", "numba", "numpy") resolves to here."""
     return "numba" if _kernels(kernel) is not None else "numpy"
@@ -484,9 +492,7 @@ def key_order(keys: np.ndarray) -> np.ndarray | None:
     stable sort.  It holds the keys and positions twice over besides
     ``order``: 40 bytes a key.
     """
-    if not numba_loaded():
-        return None
-    fast = _kernels("auto")
+    fast = _loaded_kernels()
     if fast is None:
         return None
     order = np.empty(keys.shape[0], dtype=np.int64)
@@ -506,9 +512,7 @@ def merge_top(group: np.ndarray, values: np.ndarray, bounds: np.ndarray, limits:
     It visits only the rows kept: numpy's merge sorted every row of every
     state again (8.2 million candidates of a token job: 2.3 s).
     """
-    if not numba_loaded():
-        return None
-    fast = _kernels("auto")
+    fast = _loaded_kernels()
     if fast is None:
         return None
     values = np.ascontiguousarray(values, dtype=np.float64)
@@ -815,12 +819,7 @@ def score_records(
 
 def _select(score: np.ndarray, shift: int, prefix: int, cutoff: int, quota: int, reduce: np.ndarray,
             kernel: str) -> np.ndarray | None:
-    # Only where pass one loaded numba already: the selection's callers do
-    # not know the job's kernel, and a worker given the numpy kernel to
-    # spare its memory must not load numba here.
-    if not numba_loaded():
-        return None
-    fast = _kernels(kernel)
+    fast = _loaded_kernels(kernel)
     if fast is None:
         return None
     score = np.ascontiguousarray(score, dtype=np.float64)

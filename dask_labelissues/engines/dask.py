@@ -177,6 +177,9 @@ def merged_graph(collections: Iterable[Delayed]) -> HighLevelGraph:
     return HighLevelGraph(layers, dependencies)
 
 
+#: Values Dask searches for keys and tasks: such task arguments go as keys.
+CONTAINERS = (tuple, list, dict, set, frozenset)
+
 #: A stage's common argument is copied into each of its tasks if all its
 #: copies together pickle to at most this many bytes, else it is one key
 #: (a limit per argument).
@@ -198,7 +201,7 @@ def shared(value: Any, copies: int) -> Any:
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, (tuple, list, dict, set, frozenset)):
+    if isinstance(value, CONTAINERS):
         return delayed(value, pure=False)
     try:
         small = len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)) * copies <= INLINE_BYTES
@@ -378,7 +381,7 @@ class DaskEngine(Engine):
             name = f"per-block-{uuid.uuid4().hex[:16]}"
             graph = HighLevelGraph({name: {f.key: f for f in futures}}, {name: set()})
             return [Delayed(f.key, graph, layer=name) for f in futures]
-        return [delayed(v, pure=False) if isinstance(v, (tuple, list, dict, set, frozenset)) else v for v in values]
+        return [delayed(v, pure=False) if isinstance(v, CONTAINERS) else v for v in values]
 
     # -- inputs ------------------------------------------------------------------
     @functools.cached_property

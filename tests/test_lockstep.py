@@ -127,7 +127,7 @@ def test_the_kernel_is_chosen_for_the_work_of_every_problem():
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 3), (4096, 7), (10_001, 50)])
 def test_a_column_major_copy_holds_the_same_values(dtype, shape):
-    from dask_labelissues.engines.blocks import column_major_copy
+    from dask_labelissues.lockstep import column_major_copy
 
     a = (np.random.default_rng(3).random(shape) * 100).astype(dtype)
     out = column_major_copy(a)

@@ -83,6 +83,22 @@ class BlockConfig:
     #: blocks; None: any row.
     cuts: np.ndarray | None = field(default=None, compare=False)
 
+    @classmethod
+    def of_job(cls, pred_probs: Any, spec: ScoreSpec, kind: Kind = ROWS, **known: Any) -> "BlockConfig":
+        """The config of a job on ``pred_probs`` (an array or row source:
+        its shape, dtype and ``storage_rows`` if any) with the kernel
+        ``spec``, plus what the engine knows besides (``known``)."""
+        shape = tuple(int(s) for s in pred_probs.shape)
+        return cls(
+            n_rows=shape[0],
+            row_bytes=int(np.prod(shape[1:])) * np.dtype(pred_probs.dtype).itemsize,
+            record_bytes=kind.items_per_row(shape) * spec.record_dtype().itemsize,
+            spec=spec,
+            cells=int(np.prod(shape)),
+            storage_rows=getattr(pred_probs, "storage_rows", None),
+            **known,
+        )
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -349,38 +365,6 @@ def group_chunks(chunks: Sequence[int], rows: int) -> list[tuple[int, int]]:
     return groups
 
 
-#: Rows a slab of :func:`column_major_copy` moves at a time.
-TRANSPOSE_ROWS = 4096
-
-
-def column_major_copy(a: np.ndarray) -> np.ndarray:
-    """``a`` with its columns contiguous (Fortran order).
-
-    A 2-D array is moved a slab of :data:`TRANSPOSE_ROWS` rows at a time: a
-    slab's columns stay in cache while they are written out, where numpy's
-    whole-array copy went through memory once a value (200,000 x 50
-    float32: 20 ms against 70 ms on the development machine).
-
-    Parameters
-    ----------
-    a
-        An array of any dimension (only 2-D arrays are moved in slabs).
-
-    Returns
-    -------
-    numpy.ndarray
-        The same values, Fortran-contiguous.
-    """
-    a = np.asarray(a)
-    if a.ndim != 2 or a.flags.f_contiguous:
-        return np.asfortranarray(a)
-    n = a.shape[0]
-    out = np.empty(a.shape[::-1], dtype=a.dtype)
-    for start in range(0, n, TRANSPOSE_ROWS):
-        out[:, start : start + TRANSPOSE_ROWS] = a[start : start + TRANSPOSE_ROWS].T
-    return out.T
-
-
 def join_adjacent(parts: Sequence[np.ndarray]) -> np.ndarray | None:
     """Consecutive row pieces as one array, without a copy, where they lie
     end to end in one C-contiguous buffer (the chunks of a dask array made
@@ -510,7 +494,9 @@ class BlockReader:
             piece = np.asarray(self._probs[a:b])
             yield (a - self.start) * self.items_per_row, self._items(piece, a - self.start, scan=True)
 
-    def views(self, kinds: Sequence[Kind], *, column_major: bool = False) -> list["BlockReader"]:
+    def views(
+        self, kinds: Sequence[Kind], *, layout: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> list["BlockReader"]:
         """The block, read once and whole, as items of each of ``kinds``.
 
         Parameters
@@ -519,11 +505,11 @@ class BlockReader:
             How each view makes items of the stored rows (each class of
             multi-label rows, say), with as many items a row as this
             reader's kind.
-        column_major
-            Copy the stored block once with its columns contiguous
-            (:func:`column_major_copy`): kinds that each take one column
-            of a row (:class:`~dask_labelissues.kinds.OneVsRest`) then read
-            theirs at memory speed, not one strided value a row.
+        layout
+            Applied once to the stored labels and pred_probs before the
+            views take them: a copy in the memory order the kinds read
+            fastest (the column-major copy of
+            :func:`dask_labelissues.lockstep.column_major_copy`).
 
         Returns
         -------
@@ -532,8 +518,8 @@ class BlockReader:
             the engine made closes the block.
         """
         labels, probs = self.stored_labels(), self.stored_probs()
-        if column_major:
-            labels, probs = column_major_copy(labels), column_major_copy(probs)
+        if layout is not None:
+            labels, probs = layout(labels), layout(probs)
         # One-piece lists: a reader takes a list as pieces already read.
         return [
             BlockReader([labels], [probs], self.start, self.stop, kind=kind, items_per_row=self.items_per_row)

@@ -26,7 +26,7 @@ import sys
 import time
 import uuid
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import dask
 import dask.array as da
@@ -177,6 +177,16 @@ def merged_graph(collections: Iterable[Delayed]) -> HighLevelGraph:
     return HighLevelGraph(layers, dependencies)
 
 
+def held(futures: Sequence[Any], prefix: str) -> list[Delayed]:
+    """Futures as Delayed, as ``Client.persist`` returns them, but all in
+    one shared layer: a graph over thousands of kept blocks then has one
+    layer for them, not one each (the scheduler's intake of such graphs
+    grows with layers times keys)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:16]}"
+    graph = HighLevelGraph({name: {f.key: f for f in futures}}, {name: set()})
+    return [Delayed(f.key, graph, layer=name) for f in futures]
+
+
 #: Values Dask searches for keys and tasks: such task arguments go as keys.
 CONTAINERS = (tuple, list, dict, set, frozenset)
 
@@ -243,6 +253,10 @@ class DaskBlocks(Blocks):
 
     def __init__(self, parts: list[Delayed], pairs: bool) -> None:
         self.parts, self.pairs = parts, pairs
+
+    def states(self) -> list[Delayed]:
+        """Each block's state (its result, where it is no Pair)."""
+        return layer(block_state, [(p,) for p in self.parts]) if self.pairs else self.parts
 
 
 class DaskValue(Value):
@@ -327,17 +341,14 @@ class DaskEngine(Engine):
 
     def reduce(self, blocks: Blocks, aggregation: Aggregation, *args: Any) -> Value:
         assert isinstance(blocks, DaskBlocks)
-        parts = blocks.parts
-        if blocks.pairs:
-            parts = layer(block_state, [(p,) for p in parts])
         common = tuple(shared(a, 1) for a in args)
-        return DaskValue(tree_reduce(parts, aggregation, common))
+        return DaskValue(tree_reduce(blocks.states(), aggregation, common))
 
     def compute(self, *handles: Blocks | Value, keep: Sequence[Blocks] = ()) -> list[Any]:
         wanted: list[Delayed] = []
         for h in handles:
             if isinstance(h, DaskBlocks):
-                wanted.extend(layer(block_state, [(p,) for p in h.parts]) if h.pairs else h.parts)
+                wanted.extend(h.states())
             elif h.part is not None:
                 wanted.append(h.part)
         kept = [p for b in keep for p in b.parts]
@@ -377,10 +388,7 @@ class DaskEngine(Engine):
         of 75 MiB, which the client pickled and the scheduler unpacked.
         """
         if self.client is not None and sum(sizeof(v) for v in values) > INLINE_BYTES:
-            futures = self.client.scatter(list(values), hash=False)
-            name = f"per-block-{uuid.uuid4().hex[:16]}"
-            graph = HighLevelGraph({name: {f.key: f for f in futures}}, {name: set()})
-            return [Delayed(f.key, graph, layer=name) for f in futures]
+            return held(self.client.scatter(list(values), hash=False), "per-block")
         return [delayed(v, pure=False) if isinstance(v, CONTAINERS) else v for v in values]
 
     # -- inputs ------------------------------------------------------------------
@@ -404,16 +412,6 @@ class DaskEngine(Engine):
         ]
 
     # -- running graphs ----------------------------------------------------------
-    @contextlib.contextmanager
-    def _local_bar(self) -> Iterator[None]:
-        if self.progress and self.client is None:
-            from dask.diagnostics import ProgressBar
-
-            with ProgressBar(out=sys.stderr):
-                yield
-        else:
-            yield
-
     def _run(self, blocks: list[Delayed], wanted: list[Delayed]) -> tuple[list[Delayed], list[Any]]:
         """Keep ``blocks`` where they are computed and bring back ``wanted``,
         in one graph."""
@@ -434,18 +432,13 @@ class DaskEngine(Engine):
                 progress(futures, notebook=False)
             self._watch(futures)
             values = self.client.gather(futures[len(blocks) :])
-            # As Client.persist returns a Delayed (its key, on a future), but
-            # all the blocks' futures in one shared layer: a graph over
-            # thousands of kept blocks then has one layer for them, not one
-            # each (the scheduler's intake of such graphs grows with layers
-            # times keys).
-            kept = futures[: len(blocks)]
-            if not kept:
-                return [], list(values)
-            name = f"kept-{uuid.uuid4().hex[:16]}"
-            graph = HighLevelGraph({name: {f.key: f for f in kept}}, {name: set()})
-            return [Delayed(f.key, graph, layer=name) for f in kept], list(values)
-        with self._local_bar():
+            return held(futures[: len(blocks)], "kept"), list(values)
+        bar: Any = contextlib.nullcontext()
+        if self.progress:
+            from dask.diagnostics import ProgressBar
+
+            bar = ProgressBar(out=sys.stderr)
+        with bar:
             if not blocks:
                 return [], list(dask.compute(*wanted, optimize_graph=False))
             out = dask.persist(*blocks, *wanted, optimize_graph=False)
@@ -516,15 +509,8 @@ def dask_engine(
     client = distributed_client(client)
     smallest, threads = cluster_workers(client)
     direct = inputs.reads_in_tasks(labels, pred_probs)
-    shape = tuple(int(s) for s in pred_probs.shape)
-    items = kind.items_per_row(shape)
-    config = BlockConfig(
-        n_rows=shape[0],
-        row_bytes=int(np.prod(shape[1:])) * np.dtype(pred_probs.dtype).itemsize,
-        record_bytes=items * spec.record_dtype().itemsize,
-        spec=spec,
-        cells=int(np.prod(shape)),
-        storage_rows=getattr(pred_probs, "storage_rows", None),
+    config = BlockConfig.of_job(
+        pred_probs, spec, kind,
         chunk_rows=chunk_rows,
         worker_memory=smallest,
         threads=threads,

@@ -325,15 +325,12 @@ class LocalEngine(Engine):
             if isinstance(handle, LocalValue):
                 out.append(handle.value)
             else:
-                for _ in self._run(handle):
-                    pass
-                results = handle.results
+                results = self._finished(handle)
                 out.append([r.state for r in results] if handle.out is not None else list(results))
         return out
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> np.ndarray:
-        for _ in self._run(blocks):
-            pass
+        self._finished(blocks)
         if blocks.out is not None:
             array = self.columns[blocks.out.index]
         else:
@@ -350,8 +347,7 @@ class LocalEngine(Engine):
             return iter(blocks.results)
         for arg in blocks.args:
             if isinstance(arg, LocalBlocks):
-                for _ in self._run(arg):
-                    pass
+                self._finished(arg)
         n = len(self.plan.bounds)
         tasks = [self._task(i, blocks) for i in range(n)]
         self.started = True
@@ -359,6 +355,12 @@ class LocalEngine(Engine):
         if self.progress and blocks.label is not None:
             results = _progress(results, n, blocks.label)
         return self._keep(blocks, results, fold)
+
+    def _finished(self, blocks: LocalBlocks) -> list[Any]:
+        """The blocks' results, run now unless kept."""
+        for _ in self._run(blocks):
+            pass
+        return blocks.results
 
     def _keep(self, blocks: LocalBlocks, results: Iterable[Any], fold: bool) -> Iterable[Any]:
         """Yield the results and keep what later stages may read: a column's

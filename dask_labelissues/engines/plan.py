@@ -80,22 +80,12 @@ def make_engine(
         )
         return engine, name, client
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)
-    shape = tuple(int(s) for s in probs.shape)
     # The local engines' module is imported for the jobs that run them only.
     from .local import pool_size
 
     threads = 1 if name == "serial" else pool_size(n_jobs)
-    plan = plan_blocks(BlockConfig(
-        n_rows=shape[0],
-        row_bytes=int(np.prod(shape[1:])) * np.dtype(probs.dtype).itemsize,
-        record_bytes=kind.items_per_row(shape) * spec.record_dtype().itemsize,
-        spec=spec,
-        cells=int(np.prod(shape)),
-        storage_rows=getattr(probs, "storage_rows", None),
-        chunk_rows=chunk_rows,
-        cuts=cuts,
-        problems=problems,
-        threads=threads,
+    plan = plan_blocks(BlockConfig.of_job(
+        probs, spec, kind, chunk_rows=chunk_rows, cuts=cuts, problems=problems, threads=threads
     ))
     common = dict(kind=kind, progress=progress, spill_dir=spill_dir)
     if name == "threads":

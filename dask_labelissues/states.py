@@ -419,6 +419,10 @@ class Winners:
     label: np.ndarray  # int64
     reduce: np.ndarray  # bool
 
+    def __sizeof__(self) -> int:
+        # What Dask and the local reductions count a state as: its rows.
+        return object.__sizeof__(self) + sum(a.nbytes for a in (self.index, self.score, self.label, self.reduce))
+
     @classmethod
     def chunk(
         cls, rec: np.ndarray, scores: np.ndarray, selected: np.ndarray, start: int

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import subprocess
 import sys
+import time
 import warnings
 from typing import Any, Iterator
 
@@ -348,6 +349,56 @@ def test_local_engines_reduce_a_map_once():
         engine.reduce(numbers, TOTAL)
         with pytest.raises(RuntimeError, match="reduced once"):
             engine.reduce(numbers, TOTAL)
+
+
+class Held:
+    """A state that says it holds ``HELD_BYTES``, counting those alive."""
+
+    alive = most = 0
+
+    def __init__(self) -> None:
+        Held.alive += 1
+        Held.most = max(Held.most, Held.alive)
+
+    def __del__(self) -> None:
+        Held.alive -= 1
+
+    def __sizeof__(self) -> int:
+        return HELD_BYTES
+
+
+HELD_BYTES = 12 << 20
+
+
+def held_state(start: int) -> Held:
+    return Held()
+
+
+def merge_held(parts: list) -> Held:
+    time.sleep(0.005)  # a slow merge, while the threads run on
+    return Held()
+
+
+HELD = Aggregation("test_held", merge_held, lambda merged: None)
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads"])
+def test_a_local_reduction_holds_few_large_states(backend):
+    """States that hold much are merged before sixteen wait (here three of
+    12 MiB, the first over the 32 MiB budget), and the threads run only a
+    few blocks ahead of the merges: 37 blocks never have more than ten
+    states alive at once, where waiting for sixteen, or every finished
+    block's state waiting for a slow merge, held 17 to 37."""
+    from dask_labelissues.engines.local import FOLD_BYTES
+
+    assert 2 * HELD_BYTES < FOLD_BYTES < 3 * HELD_BYTES
+    labels, probs = contract_data()
+    Held.alive = Held.most = 0
+    with opened(backend, labels, probs, SPECS["self_confidence"], 1) as engine:
+        assert len(engine.plan.bounds) == N
+        engine.compute(engine.reduce(engine.map(held_state, START), HELD))
+    assert 4 <= Held.most <= 10
+    assert Held.alive == 0
 
 
 @pytest.mark.parametrize("backend", ["serial", "threads", "fork", "dask"])

@@ -203,6 +203,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=BUFFERS.before_fork, after_in_child=BUFFERS.in_child)
 
 
+#: Bytes of unmerged states a reduction holds before it merges them.
+FOLD_BYTES = 32 * 2**20
+
+
+def held_bytes(state: Any) -> int:
+    """What ``state`` holds, as ``sys.getsizeof`` counts it (the states
+    holding arrays say their bytes), summed over lists and tuples."""
+    if isinstance(state, (list, tuple)):
+        return sum(held_bytes(s) for s in state)
+    return sys.getsizeof(state)
+
+
 def pool_size(n_jobs: int | None) -> int:
     """Threads or processes for a one-machine pool: ``n_jobs``, checked, or
     one per usable core."""
@@ -307,11 +319,19 @@ class LocalEngine(Engine):
         blocks.reduced = True
 
         def run() -> Any:
+            # Merged at SPLIT_EVERY states, or sooner where the states not
+            # yet merged hold more than FOLD_BYTES and than the merged one:
+            # sixteen blocks' selection candidates held at once were most
+            # of a token job's memory, and merging them into a large merged
+            # state at every block would copy it once a block.
             acc: list[Any] = []
+            merged = waiting = 0
             for result in self._run(blocks, fold=True):
                 acc.append(result.state if blocks.out is not None else result)
-                if len(acc) > SPLIT_EVERY:
+                waiting += held_bytes(acc[-1])
+                if len(acc) > SPLIT_EVERY or (len(acc) > 1 and waiting > max(FOLD_BYTES, merged)):
                     acc = [aggregation.combine(acc)]
+                    merged, waiting = held_bytes(acc[0]), 0
             return aggregation.root(acc, *args)
 
         return LocalValue(run)

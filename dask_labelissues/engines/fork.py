@@ -104,42 +104,54 @@ class ForkEngine(LocalEngine):
     def _owner(self, block: int) -> int:
         return block * len(self.workers) // len(self.plan.bounds)
 
-    def _map(self, tasks: Sequence[tuple]) -> Iterable[Any]:
+    def _runs(self) -> list[tuple[int, int]]:
+        n, workers = len(self.plan.bounds), max(1, min(self.n_jobs, len(self.plan.bounds)))
+        ends = [-(-(w + 1) * n // workers) for w in range(workers)]
+        return list(zip([0, *ends[:-1]], ends))
+
+    def _map(self, tasks: Sequence[tuple]) -> Iterable[tuple[int, Any]]:
         if not self.workers:
             self._start()
         # Every task's first item is its block's index.
-        mine: list[list[int]] = [[] for _ in self.workers]
-        for position, task in enumerate(tasks):
-            mine[self._owner(task[0])].append(position)
+        mine: list[list[tuple]] = [[] for _ in self.workers]
+        for task in tasks:
+            mine[self._owner(task[0])].append(task)
         self.busy = True
-        for (_, conn), positions in zip(self.workers, mine):
-            if positions:
-                conn.send([tasks[p] for p in positions])
-        return self._results(mine, len(tasks))
-    def _results(self, mine: list[list[int]], n: int) -> Iterator[Any]:
-        """The stage's results in task order, as the workers send them."""
-        done: dict[int, Any] = {}
-        pending = {w: list(reversed(positions)) for w, positions in enumerate(mine) if positions}
-        for position in range(n):
-            while position not in done:
-                conns = {self.workers[w][1]: w for w in pending}
-                sentinels = {self.workers[w][0].sentinel: w for w in pending}
-                ready = wait([*conns, *sentinels])
-                got = [r for r in ready if r in conns]
-                for conn in got:
-                    w = conns[conn]
-                    try:
-                        ok, value = conn.recv()
-                    except (EOFError, OSError):  # its end of the pipe closed: it died
-                        self._died(w)
-                    if not ok:
-                        raise value
-                    done[pending[w].pop()] = value
-                    if not pending[w]:
-                        del pending[w]
-                if not got:  # results first: a worker that died may have sent some
-                    self._died(sentinels[ready[0]])
-            yield done.pop(position)
+        for (_, conn), own in zip(self.workers, mine):
+            if own:
+                conn.send(own)
+        return self._results([[task[0] for task in own] for own in mine])
+
+    def _results(self, mine: list[list[int]]) -> Iterator[tuple[int, Any]]:
+        """``(block, result)`` as the workers send them, each worker's in
+        its blocks' order.
+
+        Taken as they come, so that a reduction merges each worker's
+        states as they arrive: yielded in block order, every later
+        worker's results waited here for the blocks before them, and a
+        stage of large states (a selection's candidates) held about half
+        of them at once.
+        """
+        pending = {w: list(reversed(blocks)) for w, blocks in enumerate(mine) if blocks}
+        while pending:
+            conns = {self.workers[w][1]: w for w in pending}
+            sentinels = {self.workers[w][0].sentinel: w for w in pending}
+            ready = wait([*conns, *sentinels])
+            got = [r for r in ready if r in conns]
+            for conn in got:
+                w = conns[conn]
+                try:
+                    ok, value = conn.recv()
+                except (EOFError, OSError):  # its end of the pipe closed: it died
+                    self._died(w)
+                if not ok:
+                    raise value
+                block = pending[w].pop()
+                if not pending[w]:
+                    del pending[w]
+                yield block, value
+            if not got:  # results first: a worker that died may have sent some
+                self._died(sentinels[ready[0]])
         self.busy = False
 
     def _died(self, w: int) -> None:

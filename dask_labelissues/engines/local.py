@@ -271,11 +271,35 @@ class LocalValue(Value):
         return self._value
 
 
+class _Fold:
+    """A reduction's states of consecutive blocks, merged as they come: at
+    :data:`~.base.SPLIT_EVERY` states, or sooner where the states not yet
+    merged hold more than :data:`FOLD_BYTES` and more than the merged one.
+
+    Sixteen blocks' selection candidates held at once were most of a
+    token job's memory; merging each block's into a large merged state
+    would copy that state once a block.
+    """
+
+    def __init__(self, aggregation: Aggregation) -> None:
+        self.aggregation = aggregation
+        self.acc: list[Any] = []
+        self.merged = self.waiting = 0
+
+    def add(self, state: Any) -> None:
+        self.acc.append(state)
+        self.waiting += held_bytes(state)
+        if len(self.acc) > SPLIT_EVERY or (len(self.acc) > 1 and self.waiting > max(FOLD_BYTES, self.merged)):
+            self.acc = [self.aggregation.combine(self.acc)]
+            self.merged, self.waiting = held_bytes(self.acc[0]), 0
+
+
 class LocalEngine(Engine):
-    """Runs block tasks through :meth:`_map`, which yields their results in
-    block order: in this process one after another (the serial engine, the
-    reference the others are tested against), on threads, or in forked
-    processes (:mod:`.threads`, :mod:`.fork`)."""
+    """Runs block tasks through :meth:`_map`, which yields ``(block,
+    result)`` pairs, each run of blocks (:meth:`_runs`) in order: in this
+    process one after another (the serial engine, the reference the others
+    are tested against), on threads, or in forked processes
+    (:mod:`.threads`, :mod:`.fork`)."""
 
     shared_columns = False
 
@@ -319,20 +343,14 @@ class LocalEngine(Engine):
         blocks.reduced = True
 
         def run() -> Any:
-            # Merged at SPLIT_EVERY states, or sooner where the states not
-            # yet merged hold more than FOLD_BYTES and than the merged one:
-            # sixteen blocks' selection candidates held at once were most
-            # of a token job's memory, and merging them into a large merged
-            # state at every block would copy it once a block.
-            acc: list[Any] = []
-            merged = waiting = 0
-            for result in self._run(blocks, fold=True):
-                acc.append(result.state if blocks.out is not None else result)
-                waiting += held_bytes(acc[-1])
-                if len(acc) > SPLIT_EVERY or (len(acc) > 1 and waiting > max(FOLD_BYTES, merged)):
-                    acc = [aggregation.combine(acc)]
-                    merged, waiting = held_bytes(acc[0]), 0
-            return aggregation.root(acc, *args)
+            runs = self._runs()
+            folds = [_Fold(aggregation) for _ in runs]
+            ends = np.array([b for _, b in runs])
+            for i, result in self._run(blocks, fold=True):
+                folds[int(np.searchsorted(ends, i, side="right"))].add(
+                    result.state if blocks.out is not None else result
+                )
+            return aggregation.root([state for fold in folds for state in fold.acc], *args)
 
         return LocalValue(run)
 
@@ -359,12 +377,12 @@ class LocalEngine(Engine):
         return array if row_shape is None else array.reshape((-1, *row_shape))
 
     # -- running blocks ------------------------------------------------------------
-    def _run(self, blocks: LocalBlocks, fold: bool = False) -> Iterable[Any]:
-        """The blocks' results, in order: run now (with ``fold``, keeping
-        only their rows, for a reduction that takes the states as they
-        come), or as kept."""
+    def _run(self, blocks: LocalBlocks, fold: bool = False) -> Iterable[tuple[int, Any]]:
+        """The blocks' ``(block, result)`` pairs, as :meth:`_map` yields
+        them: run now (with ``fold``, keeping only their rows, for a
+        reduction that takes the states as they come), or as kept."""
         if blocks.results is not None:
-            return iter(blocks.results)
+            return enumerate(blocks.results)
         for arg in blocks.args:
             if isinstance(arg, LocalBlocks):
                 self._finished(arg)
@@ -382,7 +400,12 @@ class LocalEngine(Engine):
             pass
         return blocks.results
 
-    def _keep(self, blocks: LocalBlocks, results: Iterable[Any], fold: bool) -> Iterable[Any]:
+    def _runs(self) -> list[tuple[int, int]]:
+        """Runs of blocks ``(first, end)`` whose results :meth:`_map` yields
+        in block order, the runs in any order between them."""
+        return [(0, len(self.plan.bounds))]
+
+    def _keep(self, blocks: LocalBlocks, results: Iterable[tuple[int, Any]], fold: bool) -> Iterable[tuple[int, Any]]:
         """Yield the results and keep what later stages may read: a column's
         rows (a view of it) or the results whole.  A reduction's states are
         kept only where a compute asked to keep the map, as the Dask engine
@@ -391,11 +414,11 @@ class LocalEngine(Engine):
         with the number of issues.  A later map that takes a reduced map's
         blocks runs them again."""
         keep = not fold or blocks.out is not None or blocks.kept
-        kept = []
-        for result in results:
-            yield result
+        kept: list[Any] = [None] * len(self.plan.bounds)
+        for i, result in results:
+            yield i, result
             if keep:
-                kept.append(Pair(result.data, None) if fold and blocks.out is not None else result)
+                kept[i] = Pair(result.data, None) if fold and blocks.out is not None else result
         blocks.results = kept if keep else None
 
     def _data(self, blocks: LocalBlocks, i: int) -> Any:
@@ -451,8 +474,9 @@ class LocalEngine(Engine):
             if rows is not source:
                 source.release(start, stop)
 
-    def _map(self, tasks: Sequence[tuple]) -> Iterable[Any]:
-        return (self.call(*task) for task in tasks)
+    def _map(self, tasks: Sequence[tuple]) -> Iterable[tuple[int, Any]]:
+        # A task's first item is its block.
+        return ((task[0], self.call(*task)) for task in tasks)
 
 
 def _progress(items: Iterable[Any], total: int, desc: str) -> Iterable[Any]:

@@ -30,8 +30,8 @@ class ThreadEngine(LocalEngine):
         self.n_jobs = pool_size(n_jobs)
         self.pool = ThreadPoolExecutor(self.n_jobs, thread_name_prefix="dask-labelissues")
 
-    def _map(self, tasks: Sequence[tuple]) -> Iterator[Any]:
-        """The tasks' results in order, with at most
+    def _map(self, tasks: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
+        """The tasks' ``(block, result)`` in order, with at most
         :data:`AHEAD_PER_THREAD` tasks a thread submitted and not yet taken.
 
         Submitting every task at once let finished results wait for the
@@ -40,20 +40,21 @@ class ThreadEngine(LocalEngine):
         candidates at its peak, growing with the number of blocks.
         """
         waiting = iter(tasks)
-        running: deque[Future] = deque()
+        running: deque[tuple[int, Future]] = deque()
         try:
             for task in waiting:
-                running.append(self.pool.submit(self.call, *task))
+                running.append((task[0], self.pool.submit(self.call, *task)))
                 if len(running) >= AHEAD_PER_THREAD * self.n_jobs:
                     break
             while running:
-                result = running.popleft().result()
+                i, future = running.popleft()
+                result = future.result()
                 task = next(waiting, None)
                 if task is not None:
-                    running.append(self.pool.submit(self.call, *task))
-                yield result
+                    running.append((task[0], self.pool.submit(self.call, *task)))
+                yield i, result
         finally:
-            for future in running:
+            for _, future in running:
                 future.cancel()
 
     def close(self) -> None:

@@ -377,8 +377,10 @@ class GroupTop:
     bound: np.ndarray | None = None  # float64 (K,)
 
     def __sizeof__(self) -> int:
-        # What Dask and the local reductions count a state as: its rows.
-        return object.__sizeof__(self) + self.group.nbytes + self.key.nbytes + self.index.nbytes
+        # What Dask and the local reductions count a state as: its arrays
+        # (the limits and bounds are shared in one process, not once moved).
+        arrays = (self.group, self.key, self.index, self.limits, self.bound)
+        return object.__sizeof__(self) + sum(a.nbytes for a in arrays if a is not None)
 
     @classmethod
     def chunk(

@@ -407,6 +407,56 @@ def test_a_local_reduction_holds_few_large_states(backend):
     assert Held.alive == 0
 
 
+def as_list(start: int) -> list[int]:
+    return [start]
+
+
+def _concatenated(parts: list) -> list:
+    return [x for part in parts for x in part]
+
+
+#: A merge whose result depends on the order of its states.
+ORDERED = Aggregation("test_ordered", _concatenated)
+
+
+@pytest.mark.parametrize("backend, n_jobs", [("serial", 1), ("threads", 3), ("fork", 3), ("fork", 8)])
+def test_a_local_reduction_merges_states_in_block_order(backend, n_jobs, monkeypatch):
+    """A merge that depends on the order of its states (a concatenation)
+    gets them in block order, however the fork engine's workers' runs of
+    blocks arrive and however often the byte budget merges (here at every
+    second state)."""
+    from dask_labelissues.engines import local
+
+    monkeypatch.setattr(local, "FOLD_BYTES", 1)
+    labels, probs = contract_data()
+    engine, _, _ = make_engine(
+        backend, inputs.InMemory(labels), inputs.InMemory(probs), SPECS["self_confidence"],
+        chunk_rows=1, n_jobs=n_jobs,
+    )
+    try:
+        (got,) = engine.compute(engine.reduce(engine.map(as_list, START), ORDERED))
+    finally:
+        engine.close()
+    assert got == list(range(N))
+
+
+def fail_at_block_two(start: int) -> int:
+    if start == 2:
+        raise ValueError("block two failed")
+    return start
+
+
+def test_a_fork_engine_refuses_a_stage_after_one_failed():
+    """The workers of a failed stage may still hold its results, which the
+    next stage would take for its own: it is refused instead."""
+    labels, probs = contract_data()
+    with opened("fork", labels, probs, SPECS["self_confidence"], 1) as engine:
+        with pytest.raises(ValueError, match="block two failed"):
+            engine.compute(engine.map(fail_at_block_two, START))
+        with pytest.raises(RuntimeError, match="not used again after a stage failed"):
+            engine.compute(engine.map(block_start, START))
+
+
 @pytest.mark.parametrize("backend", ["serial", "threads", "fork", "dask"])
 def test_task_arguments_reach_tasks_as_given(backend):
     """Arguments are data, whatever their type: a tuple whose first item is

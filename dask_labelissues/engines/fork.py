@@ -91,7 +91,7 @@ class ForkEngine(LocalEngine):
         context = mp.get_context("fork")
         try:
             with BUFFERS.workers_forked():
-                for _ in range(max(1, min(self.n_jobs, len(self.plan.bounds)))):
+                for _ in self._runs():
                     parent, child = context.Pipe()
                     process = context.Process(target=_serve, args=(child, id(self)), daemon=True)
                     process.start()
@@ -101,21 +101,21 @@ class ForkEngine(LocalEngine):
             self.close()
             raise
 
-    def _owner(self, block: int) -> int:
-        return block * len(self.workers) // len(self.plan.bounds)
-
     def _runs(self) -> list[tuple[int, int]]:
-        n, workers = len(self.plan.bounds), max(1, min(self.n_jobs, len(self.plan.bounds)))
+        """Each worker's blocks: an even share, in order."""
+        n = len(self.plan.bounds)
+        workers = max(1, min(self.n_jobs, n))
         ends = [-(-(w + 1) * n // workers) for w in range(workers)]
         return list(zip([0, *ends[:-1]], ends))
 
     def _map(self, tasks: Sequence[tuple]) -> Iterable[tuple[int, Any]]:
+        if self.busy:
+            # Its workers may still hold results of the stage that failed.
+            raise RuntimeError("a fork engine is not used again after a stage failed")
         if not self.workers:
             self._start()
         # Every task's first item is its block's index.
-        mine: list[list[tuple]] = [[] for _ in self.workers]
-        for task in tasks:
-            mine[self._owner(task[0])].append(task)
+        mine = [[task for task in tasks if a <= task[0] < b] for a, b in self._runs()]
         self.busy = True
         for (_, conn), own in zip(self.workers, mine):
             if own:

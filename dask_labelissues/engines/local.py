@@ -203,7 +203,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=BUFFERS.before_fork, after_in_child=BUFFERS.in_child)
 
 
-#: Bytes of unmerged states a reduction holds before it merges them.
+#: Bytes of unmerged states a local reduction holds before it merges some
+#: (a run of blocks that has one state only cannot merge it: see :class:`_Folds`).
 FOLD_BYTES = 32 * 2**20
 
 
@@ -271,27 +272,43 @@ class LocalValue(Value):
         return self._value
 
 
-class _Fold:
-    """A reduction's states of consecutive blocks, merged as they come: at
-    :data:`~.base.SPLIT_EVERY` states, or sooner where the states not yet
-    merged hold more than :data:`FOLD_BYTES` and more than the merged one.
+class _Folds:
+    """A reduction's states, merged as they come, in runs of consecutive
+    blocks (:meth:`LocalEngine._runs`) whose states arrive in order.
 
-    Sixteen blocks' selection candidates held at once were most of a
-    token job's memory; merging each block's into a large merged state
-    would copy that state once a block.
+    A run's states are merged at :data:`~.base.SPLIT_EVERY`, or sooner:
+    when the states of all runs not yet merged hold more than
+    :data:`FOLD_BYTES` and more than the merged ones, the run with the most
+    waiting is merged.  Sixteen blocks' selection candidates held at once
+    were most of a token job's memory; merging each block's into a large
+    merged state would copy that state once a block.
     """
 
-    def __init__(self, aggregation: Aggregation) -> None:
+    def __init__(self, aggregation: Aggregation, runs: Sequence[tuple[int, int]]) -> None:
         self.aggregation = aggregation
-        self.acc: list[Any] = []
-        self.merged = self.waiting = 0
+        self.ends = np.array([b for _, b in runs])
+        self.acc: list[list[Any]] = [[] for _ in runs]
+        self.waiting = [0] * len(runs)
+        self.merged = [0] * len(runs)
 
-    def add(self, state: Any) -> None:
-        self.acc.append(state)
-        self.waiting += held_bytes(state)
-        if len(self.acc) > SPLIT_EVERY or (len(self.acc) > 1 and self.waiting > max(FOLD_BYTES, self.merged)):
-            self.acc = [self.aggregation.combine(self.acc)]
-            self.merged, self.waiting = held_bytes(self.acc[0]), 0
+    def add(self, block: int, state: Any) -> None:
+        r = int(np.searchsorted(self.ends, block, side="right"))
+        self.acc[r].append(state)
+        self.waiting[r] += held_bytes(state)
+        if len(self.acc[r]) > SPLIT_EVERY:
+            self._merge(r)
+        while sum(self.waiting) > max(FOLD_BYTES, sum(self.merged)):
+            r = max(range(len(self.acc)), key=lambda q: self.waiting[q] if len(self.acc[q]) > 1 else -1)
+            if len(self.acc[r]) < 2:
+                break
+            self._merge(r)
+
+    def _merge(self, r: int) -> None:
+        self.acc[r] = [self.aggregation.combine(self.acc[r])]
+        self.merged[r], self.waiting[r] = held_bytes(self.acc[r][0]), 0
+
+    def root(self, *args: Any) -> Any:
+        return self.aggregation.root([state for acc in self.acc for state in acc], *args)
 
 
 class LocalEngine(Engine):
@@ -343,14 +360,10 @@ class LocalEngine(Engine):
         blocks.reduced = True
 
         def run() -> Any:
-            runs = self._runs()
-            folds = [_Fold(aggregation) for _ in runs]
-            ends = np.array([b for _, b in runs])
+            folds = _Folds(aggregation, self._runs())
             for i, result in self._run(blocks, fold=True):
-                folds[int(np.searchsorted(ends, i, side="right"))].add(
-                    result.state if blocks.out is not None else result
-                )
-            return aggregation.root([state for fold in folds for state in fold.acc], *args)
+                folds.add(i, result.state if blocks.out is not None else result)
+            return folds.root(*args)
 
         return LocalValue(run)
 

@@ -361,6 +361,26 @@ COUNTS_ONLY = FilterSpec("confident_learning")
 RADIX_MAX_ROWS = 1 << 22
 
 
+def group_dtype(n_groups: int) -> np.dtype:
+    """The dtype of a selection's group numbers: 4 bytes a candidate where
+    they fit (K x K cells up to K = 46,340), not 8."""
+    return np.dtype(np.int32 if n_groups <= np.iinfo(np.int32).max else np.int64)
+
+
+def rows_dtype(rows: np.ndarray) -> np.dtype:
+    """The dtype a selection holds ``rows`` (row numbers) in: 4 bytes a
+    candidate where every one is below 2**31, else 8."""
+    return np.dtype(np.int32 if rows.size == 0 or int(rows.max()) <= np.iinfo(np.int32).max else np.int64)
+
+
+def key_dtype(native: np.dtype) -> np.dtype:
+    """The dtype of keys made from values of ``native`` dtype: float32
+    values stay float32 (exact: a key is such a value negated), any other
+    float64.  A multi-label job of 2,000,000 x 100 selects about 6,000,000
+    candidates, held three times over at a merge's peak."""
+    return np.dtype(np.float32 if np.dtype(native) == np.float32 else np.float64)
+
+
 @dataclass
 class GroupTop:
     """The ``limits[g]`` rows with the smallest (key, index) in each group g.
@@ -370,9 +390,9 @@ class GroupTop:
     -inf means every row kept every class).
     """
 
-    group: np.ndarray  # int64
-    key: np.ndarray  # float64
-    index: np.ndarray  # int64
+    group: np.ndarray  # group_dtype(limits.size)
+    key: np.ndarray  # float64, or float32 (key_dtype)
+    index: np.ndarray  # rows_dtype: int32 where the rows allow, else int64
     limits: np.ndarray  # int64, per group
     bound: np.ndarray | None = None  # float64 (K,)
 
@@ -404,7 +424,7 @@ class GroupTop:
             # stable sorts (the group's is a radix sort on small ints)
             # instead of lexsort's three, which took most of a multi-label
             # selection's merge.
-            order = kernels.stable_order(key, RADIX_MAX_ROWS)
+            order = kernels.stable_order(key.astype(np.float64, copy=False), RADIX_MAX_ROWS)
             small = group.dtype if limits.size > np.iinfo(np.uint16).max else np.uint16
             order = order[np.argsort(group[order].astype(small, copy=False), kind="stable")]
         else:
@@ -414,28 +434,35 @@ class GroupTop:
         # searchsorted of every row took 7 times as long.
         sizes = np.bincount(group, minlength=limits.size)
         keep = np.arange(group.size) - (np.cumsum(sizes) - sizes)[group] < limits[group]
-        return cls(group[keep], key[keep], index[keep], limits, bound)
+        index = index[keep]
+        return cls(
+            group[keep].astype(group_dtype(limits.size), copy=False), key[keep],
+            index.astype(rows_dtype(index), copy=False), limits, bound,
+        )
 
     @classmethod
     def combine(cls, states: Sequence["GroupTop"]) -> "GroupTop":
         bounds = [s.bound for s in states if s.bound is not None]
+        limits = states[0].limits
+        bound = np.maximum.reduce(bounds) if bounds else None
+        # Empty states (a block with no candidates) are left out: their
+        # float64 keys would make every key float64.
+        states = [s for s in states if s.index.size] or list(states[:1])
         # States of consecutive row ranges, in order (as every engine merges
         # blocks' states), hold equal (group, key) pairs in index order once
         # concatenated.
         spans = [(s.index.min(), s.index.max()) for s in states if s.index.size]
         in_row_order = all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
-        group = np.concatenate([s.group for s in states])
+        group = np.concatenate([s.group for s in states]).astype(group_dtype(limits.size), copy=False)
         key = np.concatenate([s.key for s in states])
         index = np.concatenate([s.index for s in states])
-        limits = states[0].limits
-        bound = np.maximum.reduce(bounds) if bounds else None
         if in_row_order:
             # Each state is sorted by (group, key) already: a merge that
             # reads only the rows it keeps.
             edges = np.cumsum([0] + [s.index.size for s in states])
-            kept = fused.merge_top(group, key, edges, limits)
+            kept = fused.merge_top(group, key, index, edges, limits)
             if kept is not None:
-                return cls(group[kept], key[kept], index[kept], limits, bound)
+                return cls(*kept, limits, bound)
         return cls._top(group, key, index, limits, bound, in_row_order)
 
     def found(self) -> np.ndarray:
@@ -463,7 +490,7 @@ class GroupTop:
         drop = np.isin(self.group, groups)
         take = np.isin(other.group, groups)
         return GroupTop(
-            np.concatenate([self.group[~drop], other.group[take]]),
+            np.concatenate([self.group[~drop], other.group[take]]).astype(self.group.dtype, copy=False),
             np.concatenate([self.key[~drop], other.key[take]]),
             np.concatenate([self.index[~drop], other.index[take]]),
             self.limits,
@@ -503,8 +530,9 @@ class Cells:
 
 
 def _empty_top(limits: np.ndarray, bound: np.ndarray | None = None) -> GroupTop:
-    z = np.zeros(0, dtype=np.int64)
-    return GroupTop(z, np.zeros(0), z, limits, bound)
+    return GroupTop(
+        np.zeros(0, dtype=group_dtype(limits.size)), np.zeros(0), np.zeros(0, dtype=np.int64), limits, bound
+    )
 
 
 def noise_rate_block(joint: np.ndarray, rec: np.ndarray, start: int, cells: Cells) -> GroupTop:
@@ -533,7 +561,7 @@ def noise_rate_block(joint: np.ndarray, rec: np.ndarray, start: int, cells: Cell
     hit = group >= 0
     keep = hit & ((margin > SPLIT["margin"]) | ~cells.enough[np.where(hit, group, 0)])
     at, slot = np.nonzero(keep)  # pairs in row order, then slot order
-    key = -margin[at, slot].astype(np.float64)
+    key = -margin[at, slot].astype(key_dtype(margin.dtype), copy=False)
     return GroupTop.chunk(group[at, slot], key, rows[at] + start, cells.limits, bound)
 
 
@@ -578,7 +606,7 @@ def exact_cells_block(
         for a in range(0, members.size, step):
             rows = members[a : a + step]
             margin = probs[rows[:, None], others] - probs[rows, c][:, None]  # input dtype, as cleanlab
-            key = -margin.astype(np.float64)
+            key = -margin.astype(key_dtype(margin.dtype), copy=False)
             if rows.size > deepest:
                 cut = np.partition(key, deepest - 1, axis=0)[deepest - 1]
                 r, g = np.nonzero(key <= cut)
@@ -596,7 +624,7 @@ def exact_cells_block(
         group = first[yy][pair_row] + offset
         at = rows[pair_row]
         margin = probs[at, cells.other[group]] - probs[at, yy[pair_row]]  # input dtype, as cleanlab
-        parts.append(GroupTop.chunk(group, -margin.astype(np.float64), at + start, cells.limits))
+        parts.append(GroupTop.chunk(group, -margin.astype(key_dtype(margin.dtype), copy=False), at + start, cells.limits))
     if not parts:
         return _empty_top(cells.limits)
     return GroupTop.combine(parts)

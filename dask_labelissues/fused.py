@@ -387,34 +387,24 @@ def _build_numba() -> tuple[Any, ...] | None:
             order[:] = cur_order
 
     @numba.njit(nogil=True, cache=True)
-    def merge_top(group, values, bits, bounds, limits, top, nan_key, out):
+    def merge_top(group, values, index, bounds, limits, out_group, out_value, out_index):
         # States sorted by (group, value), one after another in ``bounds``,
         # merged group by group: the ``limits[g]`` smallest values of group
-        # g, a tie to the earlier state.  A state's rows past what its group
-        # takes are skipped, never compared.  Values compare by
-        # kernels.score_keys's keys (NaN last, -0.0 equal to 0.0), made
-        # here.  -1 if a state is out of order.
-        keys = np.empty(values.shape[0], dtype=np.uint64)
-        for i in range(values.shape[0]):
-            v = values[i]
-            if v != v:
-                keys[i] = nan_key
-            elif v == 0.0:
-                keys[i] = top
-            elif bits[i] >= top:
-                keys[i] = ~bits[i]
-            else:
-                keys[i] = bits[i] | top
+        # g, a tie to the earlier state, written to the outputs.  A state's
+        # rows past what its group takes are skipped, never compared.
+        # Values compare as np.argsort orders them: NaN last, -0.0 equal to
+        # 0.0 (a < b, or b alone is NaN).  -1 if a state is out of order.
         n_states = bounds.shape[0] - 1
-        head = bounds[:-1].copy()
-        ends = np.empty(n_states, dtype=np.int64)
-        n_out = 0
         for s in range(n_states):
             for i in range(bounds[s] + 1, bounds[s + 1]):
-                if group[i] < group[i - 1] or (group[i] == group[i - 1] and keys[i] < keys[i - 1]):
+                a, b = values[i], values[i - 1]
+                if group[i] < group[i - 1] or (group[i] == group[i - 1] and (a < b or (b != b and a == a))):
                     return -1
             if bounds[s + 1] > bounds[s] and (group[bounds[s]] < 0 or group[bounds[s + 1] - 1] >= limits.shape[0]):
                 return -1
+        head = bounds[:-1].copy()
+        ends = np.empty(n_states, dtype=np.int64)
+        n_out = 0
         for g in range(limits.shape[0]):
             for s in range(n_states):
                 e = head[s]
@@ -425,11 +415,19 @@ def _build_numba() -> tuple[Any, ...] | None:
             while left > 0:
                 best = -1
                 for s in range(n_states):
-                    if head[s] < ends[s] and (best < 0 or keys[head[s]] < keys[head[best]]):
-                        best = s
+                    if head[s] < ends[s]:
+                        if best < 0:
+                            best = s
+                        else:
+                            a, b = values[head[s]], values[head[best]]
+                            if a < b or (b != b and a == a):
+                                best = s
                 if best < 0:
                     break
-                out[n_out] = head[best]
+                i = head[best]
+                out_group[n_out] = g
+                out_value[n_out] = values[i]
+                out_index[n_out] = index[i]
                 n_out += 1
                 head[best] += 1
                 left -= 1
@@ -500,29 +498,35 @@ def key_order(keys: np.ndarray) -> np.ndarray | None:
     return order
 
 
-def merge_top(group: np.ndarray, values: np.ndarray, bounds: np.ndarray, limits: np.ndarray) -> np.ndarray | None:
-    """Positions of the rows a merge of per-group selections keeps, in
-    (group, value) order; None unless numba's kernels are loaded in this
-    process, or if a state is not sorted.
+def merge_top(
+    group: np.ndarray, values: np.ndarray, index: np.ndarray, bounds: np.ndarray, limits: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The rows a merge of per-group selections keeps, as ``(group, value,
+    index)`` in (group, value) order; None unless numba's kernels are
+    loaded in this process, or if a state is not sorted.
 
-    ``group`` and ``values`` (float64) are states one after another, rows
+    ``group``, ``values`` and ``index`` are states one after another, rows
     ``bounds[s]:bounds[s + 1]`` each, sorted by (group, value) as
     ``np.argsort`` sorts (NaN last) and given in row order; of group ``g``
     the ``limits[g]`` smallest values are kept, ties to the earlier state.
     It visits only the rows kept: numpy's merge sorted every row of every
-    state again (8.2 million candidates of a token job: 2.3 s).
+    state again (8.2 million candidates of a token job: 2.3 s).  The kept
+    rows are written to outputs of their exact size (each group keeps its
+    limit or all it has): positions to gather them by, and integer keys to
+    compare, held 16 bytes more per candidate at a multi-label job's peak.
     """
     fast = _loaded_kernels()
     if fast is None:
         return None
-    values = np.ascontiguousarray(values, dtype=np.float64)
-    out = np.empty(int(min(values.shape[0], max(int(limits.sum()), 0))), dtype=np.int64)
-    n = fast[7](
-        np.ascontiguousarray(group, dtype=np.int64), values, values.view(np.uint64),
-        np.ascontiguousarray(bounds, dtype=np.int64), np.ascontiguousarray(limits, dtype=np.int64),
-        _KEY_TOP, _NAN_KEY, out,
-    )
-    return None if n < 0 else out[:n]
+    limits = np.ascontiguousarray(limits, dtype=np.int64)
+    if group.size and (group.min() < 0 or group.max() >= limits.size):
+        return None
+    # Each group keeps its limit or all it has: the outputs' exact size.
+    n = int(np.minimum(np.bincount(group, minlength=limits.size), np.maximum(limits, 0)).sum())
+    out = (np.empty(n, dtype=group.dtype), np.empty(n, dtype=values.dtype), np.empty(n, dtype=index.dtype))
+    if fast[7](group, values, index, np.ascontiguousarray(bounds, dtype=np.int64), limits, *out) < 0:
+        return None
+    return out
 
 
 def scan_rows(

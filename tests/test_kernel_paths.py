@@ -453,6 +453,8 @@ def test_group_selections_merge_as_numpys_sort_merges_them():
             n = int(rng.integers(0, 400))
             group = rng.integers(0, n_groups, n)
             key = -np.round(rng.random(n), 1 if trial % 2 else 6)  # coarse keys: many ties
+            if trial % 3 == 0:  # keys of float32 pred_probs stay float32
+                key = key.astype(np.float32)
             key[rng.random(n) < 0.05] = 0.0
             key[rng.random(n) < 0.05] = -0.0
             states.append(GroupTop.chunk(group, key, np.arange(start, start + n), limits))
@@ -460,7 +462,10 @@ def test_group_selections_merge_as_numpys_sort_merges_them():
         merged = GroupTop.combine(states)
         edges = np.cumsum([0] + [s.index.size for s in states])
         keys = np.concatenate([s.key for s in states])
-        assert fused.merge_top(np.concatenate([s.group for s in states]), keys, edges, limits) is not None
+        assert fused.merge_top(
+            np.concatenate([s.group for s in states]), keys, np.concatenate([s.index for s in states]), edges, limits
+        ) is not None
+        assert merged.group.dtype == np.int32 and merged.key.dtype == keys.dtype
         # numpy's path: every candidate sorted again.
         want = GroupTop._top(
             np.concatenate([s.group for s in states]), np.concatenate([s.key for s in states]),
@@ -479,13 +484,40 @@ def test_group_selections_merge_as_numpys_sort_merges_them():
 def test_a_state_out_of_order_falls_back_to_sorting():
     fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")
     values = np.array([0.5, -0.25])
-    assert fused.merge_top(np.zeros(2, dtype=np.int64), values, np.array([0, 2]), np.array([2])) is None
-    got = fused.merge_top(np.zeros(2, dtype=np.int64), values, np.array([0, 1, 2]), np.array([2]))
-    np.testing.assert_array_equal(got, [1, 0])
+    rows = np.array([10, 11])
+    assert fused.merge_top(np.zeros(2, dtype=np.int32), values, rows, np.array([0, 2]), np.array([2])) is None
+    got = fused.merge_top(np.zeros(2, dtype=np.int32), values, rows, np.array([0, 1, 2]), np.array([2]))
+    np.testing.assert_array_equal(got[2], [11, 10])
+    np.testing.assert_array_equal(got[1], [-0.25, 0.5])
     # NaN after every number; -0.0 and 0.0 tie, to the earlier state.
-    values = np.array([np.nan, 0.0, -0.0, 1.0])
-    got = fused.merge_top(np.zeros(4, dtype=np.int64), values, np.array([0, 1, 2, 3, 4]), np.array([4]))
-    np.testing.assert_array_equal(got, [1, 2, 3, 0])
+    for dtype in (np.float64, np.float32):
+        values = np.array([np.nan, 0.0, -0.0, 1.0], dtype=dtype)
+        got = fused.merge_top(
+            np.zeros(4, dtype=np.int32), values, np.arange(4), np.array([0, 1, 2, 3, 4]), np.array([4])
+        )
+        np.testing.assert_array_equal(got[2], [1, 2, 3, 0])
+        assert got[1].dtype == dtype
+
+
+def test_selection_candidates_of_float32_data_are_held_in_4_byte_keys_groups_and_rows():
+    """A candidate of float32 pred_probs holds a float32 key, an int32
+    group and an int32 row (12 bytes, not 24), also after a merge with a
+    block that had none, whose empty state has float64 keys; rows from
+    2**31 on are int64."""
+    from dask_labelissues.filters import GroupTop, _empty_top
+
+    limits = np.array([2, 3])
+    key = np.array([-0.5, -0.25, -0.75], dtype=np.float32)
+    state = GroupTop.chunk(np.array([0, 1, 1]), key, np.array([4, 5, 6]), limits)
+    assert (state.group.dtype, state.key.dtype, state.index.dtype) == (np.int32, np.float32, np.int32)
+    merged = GroupTop.combine([_empty_top(limits), state, _empty_top(limits)])
+    assert (merged.group.dtype, merged.key.dtype, merged.index.dtype) == (np.int32, np.float32, np.int32)
+    np.testing.assert_array_equal(merged.index, [4, 6, 5])
+    far = GroupTop.chunk(np.array([0, 1]), key[:2], np.array([2**31 - 1, 2**31]), limits)
+    assert far.index.dtype == np.int64
+    merged = GroupTop.combine([state, far])
+    assert merged.index.dtype == np.int64
+    np.testing.assert_array_equal(merged.index, [4, 2**31 - 1, 6, 5, 2**31])
 
 
 def test_the_chunk_selection_ranks_keys_by_radix_as_numpy_does():
@@ -517,7 +549,8 @@ for k, m in ((3, 2), (20, 8), (20, 0)):
 group = np.sort(rng.integers(0, 5, 300))
 values = rng.random(300)
 order = np.lexsort((values, group))
-assert fused.merge_top(group[order], values[order], np.array([0, 300]), np.full(5, 40)) is not None
+for g, v in ((group, values), (group.astype(np.int32), values.astype(np.float32))):
+    assert fused.merge_top(g[order], v[order], order, np.array([0, 300]), np.full(5, 40)) is not None
 fused.key_order(rng.integers(0, 1 << 62, 9000).astype(np.uint64))
 print("ok")
 """

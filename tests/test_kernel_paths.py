@@ -520,6 +520,17 @@ def test_selection_candidates_of_float32_data_are_held_in_4_byte_keys_groups_and
     np.testing.assert_array_equal(merged.index, [4, 2**31 - 1, 6, 5, 2**31])
 
 
+def test_the_mask_of_a_block_past_2_31_rows_takes_rows_held_as_int32():
+    """Selected rows all below 2**31 are int32; a block that starts past
+    them (numpy 2 refuses int32 minus such a start) flags none of its own."""
+    from dask_labelissues.filters import MaskRule, mask_block
+
+    rec = np.zeros(3, dtype=[("label", "i4"), ("pred", "i4"), ("reduce", "?")])
+    rule = MaskRule("prune_by_noise_rate", (np.array([5, 2**31 - 2], dtype=np.int32),))
+    np.testing.assert_array_equal(mask_block(rule, rec, None, 2**31 - 3), [False, True, False])
+    np.testing.assert_array_equal(mask_block(rule, rec, None, 2**31 + 7), [False, False, False])
+
+
 def test_the_chunk_selection_ranks_keys_by_radix_as_numpy_does():
     from dask_labelissues import filters, kernels
 

@@ -378,7 +378,9 @@ def key_dtype(native: np.dtype) -> np.dtype:
     values stay float32 (exact: a key is such a value negated), any other
     float64.  A multi-label job of 2,000,000 x 100 keeps about 18,000,000
     candidates, held about three times over at a merge's peak."""
-    return np.dtype(np.float32 if np.dtype(native) == np.float32 else np.float64)
+    native = np.dtype(native)
+    # Any byte order: a negated value is made in the machine's own.
+    return np.dtype(np.float32 if native.kind == "f" and native.itemsize == 4 else np.float64)
 
 
 @dataclass

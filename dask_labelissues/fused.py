@@ -512,8 +512,9 @@ def merge_top(
     It visits only the rows kept: numpy's merge sorted every row of every
     state again (8.2 million candidates of a token job: 2.3 s).  The kept
     rows are written to outputs of their exact size (each group keeps its
-    limit or all it has): positions to gather them by, and integer keys to
-    compare, held 16 bytes more per candidate at a multi-label job's peak.
+    limit or all it has), and the values are compared as floats: the
+    positions to gather by and the integer keys this merge once made held
+    16 bytes more a candidate at a multi-label job's peak.
     """
     fast = _loaded_kernels()
     if fast is None:
@@ -524,7 +525,7 @@ def merge_top(
     # Each group keeps its limit or all it has: the outputs' exact size.
     n = int(np.minimum(np.bincount(group, minlength=limits.size), np.maximum(limits, 0)).sum())
     out = (np.empty(n, dtype=group.dtype), np.empty(n, dtype=values.dtype), np.empty(n, dtype=index.dtype))
-    if fast[7](group, values, index, np.ascontiguousarray(bounds, dtype=np.int64), limits, *out) < 0:
+    if fast[7](group, values, index, np.ascontiguousarray(bounds, dtype=np.int64), limits, *out) != n:
         return None
     return out
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -169,6 +169,9 @@ class JointState:
     positive_counts: np.ndarray | None = None
     low_label: np.ndarray | None = None  # int64 (K,)
     low_margin_score: int = 0
+    #: Where asked for (:func:`key_counts`): (K x K, KEY_BUCKETS + 1) int64,
+    #: each cell's candidates counted by their key's bucket.
+    key_counts: np.ndarray | None = None
 
     @classmethod
     def combine(cls, states: Sequence["JointState"]) -> "JointState":
@@ -176,6 +179,7 @@ class JointState:
         pos_codes, pos_counts = _sparse_sum(
             [s.positive_codes for s in states], [s.positive_counts for s in states]
         )
+        keyed = [s.key_counts for s in states if s.key_counts is not None]
         return cls(
             codes,
             counts,
@@ -184,6 +188,7 @@ class JointState:
             pos_counts,
             np.sum([s.low_label for s in states], axis=0, dtype=np.int64),
             sum(s.low_margin_score for s in states),
+            np.sum(keyed, axis=0, dtype=np.int64) if keyed else None,
         )
 
     def matrix(self, k: int) -> np.ndarray:
@@ -537,15 +542,38 @@ def _empty_top(limits: np.ndarray, bound: np.ndarray | None = None) -> GroupTop:
     )
 
 
-def noise_rate_block(joint: np.ndarray, rec: np.ndarray, start: int, cells: Cells) -> GroupTop:
-    """A block's candidates for each cell, from the kept classes and margins."""
+def noise_rate_block(
+    joint: np.ndarray, rec: np.ndarray, start: int, cells: Cells, cut: "BucketCut | None" = None
+) -> GroupTop:
+    """A block's candidates for each cell, from the kept classes and margins;
+    with ``cut``, only those in each cell's boundary bucket, for the rows
+    its bucket still needs (:class:`BucketCut`)."""
     k = cells.k
     y = rec["label"].astype(np.int64)
     bound = np.full(k, -np.inf)
     if joint.size:
         np.maximum.at(bound, y, joint["bound"].astype(np.float64))
     if joint.size == 0 or cells.limits.size == 0:
-        return _empty_top(cells.limits, bound)
+        return _empty_top(cells.limits if cut is None else cut.need, bound)
+    rows, group, margin = _cell_pairs(joint, y, cells)
+    hit = group >= 0
+    if cut is None:
+        # Where enough positive margins exist, nothing else can be chosen.
+        keep = hit & ((margin > SPLIT["margin"]) | ~cells.enough[np.where(hit, group, 0)])
+    else:
+        # Every pair, as the buckets were counted: a cell whose limit its
+        # positive margins meet takes its rows among them anyway.
+        keep = hit & (key_bucket(-margin) == cut.low[np.where(hit, group, 0)])
+    at, slot = np.nonzero(keep)  # pairs in row order, then slot order
+    key = -margin[at, slot].astype(key_dtype(margin.dtype), copy=False)
+    limits = cells.limits if cut is None else cut.need
+    return GroupTop.chunk(group[at, slot], key, rows[at] + start, limits, bound)
+
+
+def _cell_pairs(joint: np.ndarray, y: np.ndarray, cells: Cells) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, group, margin)``: the rows that kept candidates, and per
+    kept class (rows x slots) its cell among ``cells`` (-1: none) and margin."""
+    k = cells.k
     rows = np.flatnonzero(joint["cand"][:, 0] >= 0)  # rows that kept candidates
     codes = y[rows, None] * k + joint["cand"][rows]  # (rows, m)
     sorted_codes = cells.codes
@@ -558,13 +586,146 @@ def noise_rate_block(joint: np.ndarray, rec: np.ndarray, start: int, cells: Cell
     else:
         group = np.minimum(np.searchsorted(sorted_codes, codes), sorted_codes.size - 1)
         group[sorted_codes[group] != codes] = -1
-    margin = joint["margin"][rows]
-    # Where enough positive margins exist, nothing else can be chosen.
-    hit = group >= 0
-    keep = hit & ((margin > SPLIT["margin"]) | ~cells.enough[np.where(hit, group, 0)])
-    at, slot = np.nonzero(keep)  # pairs in row order, then slot order
-    key = -margin[at, slot].astype(key_dtype(margin.dtype), copy=False)
-    return GroupTop.chunk(group[at, slot], key, rows[at] + start, cells.limits, bound)
+    return rows, group, joint["margin"][rows]
+
+
+# -- noise-rate selections by buckets of the keys ----------------------------
+#: Equal buckets of the keys over [-1, 1] (a key is minus a margin of
+#: probabilities), and one more for NaN and keys above 1.
+KEY_BUCKETS = 1024
+
+
+def key_bucket(key: np.ndarray) -> np.ndarray:
+    """Each key's bucket: never lower for a larger key (NaN last, -0.0 with
+    0.0), so a bucket's keys are all below the next bucket's."""
+    b = np.floor((np.asarray(key, dtype=np.float64) + 1.0) * (KEY_BUCKETS / 2))
+    return np.clip(np.nan_to_num(b, nan=KEY_BUCKETS, posinf=KEY_BUCKETS, neginf=0), 0, KEY_BUCKETS).astype(np.intp)
+
+
+def key_counts(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A block's (row, other class) pairs counted by (given, other) cell and
+    key bucket: ``(K x K, KEY_BUCKETS + 1)`` int64.  A pair's key is minus
+    its margin ``p[other] - p[given]`` in the input's dtype, as the joint's
+    records hold it for problems whose rows keep every other class."""
+    probs = np.asarray(probs)
+    if probs.dtype in (np.float32, np.float64):
+        counts = fused.pair_buckets(probs, labels, KEY_BUCKETS)
+        if counts is not None:
+            return counts
+    n, k = probs.shape
+    codes, key = _pairs(probs, labels)
+    slots = codes * (KEY_BUCKETS + 1) + key_bucket(key)
+    return np.bincount(slots.ravel(), minlength=k * k * (KEY_BUCKETS + 1)).reshape(k * k, -1).astype(np.int64, copy=False)
+
+
+def _pairs(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(cell codes, keys)`` of every (row, other class) pair, rows x (K - 1)."""
+    n, k = probs.shape
+    y = np.asarray(labels).astype(np.int64)
+    own = probs[np.arange(n), y]
+    other = np.arange(k)[None, :] != y[:, None]
+    key = -(probs - own[:, None])[other].reshape(n, k - 1)
+    codes = (y[:, None] * k + np.arange(k)[None, :])[other].reshape(n, k - 1)
+    return codes, key
+
+
+@dataclass(frozen=True)
+class BucketCut:
+    """Noise-rate selections decided by the buckets of their keys.
+
+    Of each cell g, every candidate in a bucket below ``low[g]`` is chosen,
+    and of bucket ``low[g]`` the ``need[g]`` smallest (key, row); once
+    those are known (:meth:`with_last`), the last of them is ``(key[g],
+    row[g])``.  Only the boundary buckets' candidates are ever gathered, so
+    the selection's memory does not grow with the rows it chooses.  Exact
+    where every row keeps every other class as a candidate (the joint's
+    bound is then -inf: no cell is undecided).
+    """
+
+    cells: Cells
+    low: np.ndarray  # int64 (G,); KEY_BUCKETS + 1: the whole cell is chosen
+    need: np.ndarray  # int64 (G,)
+    key: np.ndarray | None = None  # (G,) the last chosen key of bucket low[g]
+    row: np.ndarray | None = None  # int64 (G,); -1 where need[g] is 0
+
+    @classmethod
+    def plan(cls, cells: Cells, counts: np.ndarray) -> "BucketCut":
+        """The cut of every cell from the merged :func:`key_counts`."""
+        per_cell = counts[cells.codes]  # (G, KEY_BUCKETS + 1)
+        below = np.cumsum(per_cell, axis=1)
+        limits = cells.limits
+        whole = below[:, -1] <= limits
+        low = np.where(whole, KEY_BUCKETS + 1, (below < limits[:, None]).sum(axis=1))
+        before = np.where(low > 0, below[np.arange(limits.size), np.maximum(low - 1, 0)], 0)
+        need = np.where(whole, 0, limits - before).astype(np.int64)
+        return cls(cells, low.astype(np.int64), need)
+
+    def with_last(self, top: GroupTop) -> "BucketCut":
+        """The cut once the boundary buckets' chosen rows are known."""
+        found = top.found()
+        if not np.array_equal(found, self.need):
+            raise RuntimeError("a boundary bucket held fewer candidates than its counts")
+        key = np.full(self.need.size, -np.inf, dtype=top.key.dtype)
+        row = np.full(self.need.size, -1, dtype=np.int64)
+        has = found > 0
+        ends = np.cumsum(found)[has] - 1
+        key[has], row[has] = top.key[ends], top.index[ends]
+        return replace(self, key=key, row=row)
+
+    def boundary(self, probs: np.ndarray, labels: np.ndarray, start: int) -> GroupTop:
+        """A block's candidates in each cell's boundary bucket, the rows it
+        still needs of them kept: what :func:`noise_rate_block` gathers with
+        this cut, from the block's pred_probs and labels alone (no joint
+        records: every row keeps every other class)."""
+        probs = np.asarray(probs)
+        n, k = probs.shape
+        bound = np.full(k, -np.inf)
+        if n == 0 or self.low.size == 0:
+            return _empty_top(self.need, bound)
+        groups = self._groups(k)
+        found = None
+        if probs.dtype in (np.float32, np.float64):
+            found = fused.boundary_pairs(probs, labels, KEY_BUCKETS, groups, self.low)
+        if found is None:
+            codes, key = _pairs(probs, labels)
+            g = groups[codes]
+            at, slot = np.nonzero((g >= 0) & (key_bucket(key) == self.low[np.maximum(g, 0)]))
+            found = (at, g[at, slot], key[at, slot])
+        rows, group, key = found
+        key = key.astype(key_dtype(probs.dtype), copy=False)
+        return GroupTop.chunk(group, key, rows + start, self.need, bound)
+
+    def _groups(self, k: int) -> np.ndarray:
+        groups = np.full(k * k, -1, dtype=np.int64)
+        groups[self.cells.codes] = np.arange(self.cells.codes.size)
+        return groups
+
+    def chosen(self, probs: np.ndarray, labels: np.ndarray, start: int) -> np.ndarray:
+        """The items of a block (its pred_probs, its labels, its first item)
+        that this selection chooses, as a mask."""
+        probs = np.asarray(probs)
+        n, k = probs.shape
+        if n == 0 or self.low.size == 0:
+            return np.zeros(n, dtype=bool)
+        groups = self._groups(k)
+        if probs.dtype in (np.float32, np.float64):
+            chosen = fused.pair_buckets(probs, labels, KEY_BUCKETS, (groups, self.low, self.key, self.row), start)
+            if chosen is not None:
+                return chosen
+        codes, key = _pairs(probs, labels)
+        g = groups[codes]
+        hit = g >= 0
+        g = np.where(hit, g, 0)
+        key = key.astype(self.key.dtype, copy=False)
+        bucket, last = key_bucket(key), self.key[g]
+        same = (key == last) | (np.isnan(key) & np.isnan(last))
+        row = start + np.arange(n)[:, None]
+        take = hit & ((bucket < self.low[g]) | ((bucket == self.low[g]) & ((key < last) | (same & (row <= self.row[g])))))
+        return take.any(axis=1)
+
+    def __sizeof__(self) -> int:
+        arrays = (self.low, self.need, self.key, self.row, self.cells.codes)
+        return object.__sizeof__(self) + sum(a.nbytes for a in arrays if a is not None)
 
 
 #: A class whose rows meet at least this many (row, cell) pairs in a block
@@ -681,7 +842,7 @@ def selection_candidates(
         the filter does not make.
     """
     return (
-        None if plan.cells is None else noise_rate_block(joint, rec, start, plan.cells),
+        None if plan.cells is None else noise_rate_block(joint, rec, start, plan.cells, plan.bucket_cut),
         None if plan.class_limits is None else class_block(joint, rec, start, plan.class_limits, plan.class_enough),
         None if fspec.lowest_field is None else lowest_block(
             joint, start, fspec.lowest_field, plan.lowest, plan.lowest_enough
@@ -703,21 +864,40 @@ def decided(top: GroupTop, unsure: np.ndarray, exact: GroupTop) -> GroupTop:
 class MaskRule:
     """How a block's ``is_label_issue`` follows from its records.
 
-    ``selected`` are the rows chosen by the selections (ascending); both
-    prune filters keep the rows in both lists.
+    ``selected`` are the rows chosen by the selections (ascending), or a
+    :class:`BucketCut` that chooses them from each block's pred_probs and
+    labels; both prune filters keep the rows in both.
     """
 
     filter_by: str
-    selected: tuple[np.ndarray, ...] = ()
+    selected: tuple[np.ndarray | BucketCut, ...] = ()
 
     def __sizeof__(self) -> int:
         # What Dask counts a rule as (it asks ``sys.getsizeof``): its rows.
-        return object.__sizeof__(self) + sum(int(rows.nbytes) for rows in self.selected)
+        return object.__sizeof__(self) + sum(
+            sys.getsizeof(rows) if isinstance(rows, BucketCut) else int(rows.nbytes) for rows in self.selected
+        )
+
+    @property
+    def bucketed(self) -> bool:
+        """A selection is a :class:`BucketCut`, which :meth:`resolved` turns
+        into a block's rows before :func:`mask_block` takes the rule."""
+        return any(isinstance(rows, BucketCut) for rows in self.selected)
+
+    def resolved(self, probs: np.ndarray, labels: np.ndarray, start: int) -> "MaskRule":
+        """The rule for one block, its bucket cuts made its chosen rows."""
+        return MaskRule(self.filter_by, tuple(
+            np.flatnonzero(rows.chosen(probs, labels, start)) + start if isinstance(rows, BucketCut) else rows
+            for rows in self.selected
+        ))
 
     def restrict(self, start: int, stop: int) -> "MaskRule":
         """The rule for rows ``start:stop`` only (what one block task needs)."""
-        parts = []
+        parts: list[np.ndarray | BucketCut] = []
         for rows in self.selected:
+            if isinstance(rows, BucketCut):
+                parts.append(rows)
+                continue
             lo, hi = np.searchsorted(rows, [start, stop])
             parts.append(rows[lo:hi])
         return MaskRule(self.filter_by, tuple(parts))
@@ -826,6 +1006,9 @@ class Plan:
     lowest: int  # low_* filters: rows to take
     class_enough: np.ndarray | None = None  # per class: enough rows under the split
     lowest_enough: bool = False
+    #: The noise-rate cells chosen by the buckets of their keys, where the
+    #: joint's read counted them (:class:`BucketCut`); None: by candidates.
+    bucket_cut: BucketCut | None = None
 
 
 def caller_stacklevel() -> int:

@@ -435,7 +435,79 @@ def _build_numba() -> tuple[Any, ...] | None:
                 head[s] = ends[s]
         return n_out
 
-    return scan, limbs, joint, records, scored, select, key_order, merge_top
+    @numba.njit(nogil=True, cache=True)
+    def pair_buckets(probs, labels, groups, n_buckets, low, last_key, last_row, start, counts, chosen):
+        # Every (row, class other than its label) pair: its key, minus the
+        # margin p[c] - p[y] in the input's dtype, and the key's bucket of
+        # n_buckets over [-1, 1] (NaN and keys above 1: bucket n_buckets),
+        # as filters.key_bucket makes it.  With counts (cells x buckets),
+        # count each pair in its (y * K + c) cell; else mark the rows that
+        # the cut (low, last_key, last_row per group; groups: cell to group
+        # or -1) chooses.
+        n, k = probs.shape
+        half = n_buckets / 2.0
+        counting = counts.shape[0] > 0
+        for i in range(n):
+            y = labels[i]
+            own = probs[i, y]
+            for c in range(k):
+                if c == y:
+                    continue
+                key = -(probs[i, c] - own)
+                wide = np.float64(key)
+                if wide != wide:
+                    b = n_buckets
+                else:
+                    f = np.floor((wide + 1.0) * half)
+                    b = 0 if f < 0 else (n_buckets if f > n_buckets else np.int64(f))
+                if counting:
+                    counts[y * k + c, b] += 1
+                    continue
+                g = groups[y * k + c]
+                if g < 0:
+                    continue
+                if b < low[g]:
+                    chosen[i] = True
+                elif b == low[g]:
+                    last = last_key[g]
+                    if key < last or ((key == last or (key != key and last != last)) and start + i <= last_row[g]):
+                        chosen[i] = True
+
+    @numba.njit(nogil=True, cache=True)
+    def boundary_pairs(probs, labels, groups, n_buckets, low, out_row, out_group, out_key):
+        # The pairs of pair_buckets whose bucket is their group's low one,
+        # in row order, then class order; written where out_row has room,
+        # counted either way.
+        n, k = probs.shape
+        half = n_buckets / 2.0
+        writing = out_row.shape[0] > 0
+        found = 0
+        for i in range(n):
+            y = labels[i]
+            own = probs[i, y]
+            for c in range(k):
+                if c == y:
+                    continue
+                g = groups[y * k + c]
+                if g < 0:
+                    continue
+                key = -(probs[i, c] - own)
+                wide = np.float64(key)
+                if wide != wide:
+                    b = n_buckets
+                else:
+                    f = np.floor((wide + 1.0) * half)
+                    b = 0 if f < 0 else (n_buckets if f > n_buckets else np.int64(f))
+                if b != low[g]:
+                    continue
+                if writing:
+                    out_row[found] = i
+                    out_group[found] = g
+                    out_key[found] = key
+                found += 1
+        return found
+
+    return scan, limbs, joint, records, scored, select, key_order, merge_top, pair_buckets, boundary_pairs
 
 
 _NUMBA: tuple[Any, ...] | None = None
@@ -527,6 +599,49 @@ def merge_top(
     out = (np.empty(n, dtype=group.dtype), np.empty(n, dtype=values.dtype), np.empty(n, dtype=index.dtype))
     if fast[7](group, values, index, np.ascontiguousarray(bounds, dtype=np.int64), limits, *out) != n:
         return None
+    return out
+
+
+def pair_buckets(
+    probs: np.ndarray, labels: np.ndarray, n_buckets: int, cut: tuple | None = None, start: int = 0
+) -> np.ndarray | None:
+    """Every (row, other class) pair of a block by its key's bucket
+    (:func:`dask_labelissues.filters.key_bucket`): without ``cut``, the
+    pairs counted by ``(label * K + class, bucket)``; with ``cut =
+    (groups, low, last_key, last_row)``, the rows it chooses.  None unless
+    numba's kernels are loaded in this process."""
+    fast = _loaded_kernels()
+    if fast is None:
+        return None
+    n, k = probs.shape
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    if cut is None:
+        counts = np.zeros((k * k, n_buckets + 1), dtype=np.int64)
+        fast[8](probs, labels, np.zeros(0, np.int64), n_buckets, np.zeros(0, np.int64), np.zeros(0, probs.dtype),
+                np.zeros(0, np.int64), start, counts, np.zeros(0, np.bool_))
+        return counts
+    groups, low, last_key, last_row = cut
+    chosen = np.zeros(n, dtype=np.bool_)
+    fast[8](probs, labels, groups, n_buckets, low, last_key.astype(probs.dtype, copy=False), last_row, start,
+            np.zeros((0, 0), np.int64), chosen)
+    return chosen
+
+
+def boundary_pairs(
+    probs: np.ndarray, labels: np.ndarray, n_buckets: int, groups: np.ndarray, low: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(rows, groups, keys)`` of a block's pairs in their group's boundary
+    bucket (see :func:`pair_buckets`), in row order; None unless numba's
+    kernels are loaded in this process."""
+    fast = _loaded_kernels()
+    if fast is None:
+        return None
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, probs.dtype))
+    found = fast[9](probs, labels, groups, n_buckets, low, *empty)
+    out = (np.empty(found, np.int64), np.empty(found, np.int64), np.empty(found, probs.dtype))
+    if found:
+        fast[9](probs, labels, groups, n_buckets, low, *out)
     return out
 
 

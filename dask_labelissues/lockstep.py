@@ -22,11 +22,19 @@ computed only where its filter selects by counts (not for
 confident_learning, whose mask needs no whole joint).  Blocks are read
 whole, so the engine is built with ``single_read=False`` (one piece a
 block).
+
+A problem whose rows keep every other class as a noise-rate candidate
+(each binary problem of multi-label data) is not selected from gathered
+candidates, whose number grows with the rows flagged: the joint's read
+also counts each cell's pairs by the bucket of their key
+(:class:`~dask_labelissues.filters.BucketCut`), the selections' read
+gathers only each cell's boundary bucket, and the last read chooses a
+block's rows from its own pred_probs.  Same reads, same rows chosen.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -169,7 +177,7 @@ def thresholds_block(block: BlockReader, kinds: Sequence[Kind], spec: ScoreSpec)
 
 def joints_block(
     block: BlockReader, kinds: Sequence[Kind], spec: ScoreSpec, fspecs: Sequence[FilterSpec],
-    thresholds: Sequence[np.ndarray],
+    thresholds: Sequence[np.ndarray], bucketed: Sequence[bool] | None = None,
 ) -> list[Any]:
     """Every problem's part of its confident joint, on one read of the block.
 
@@ -179,6 +187,9 @@ def joints_block(
         As :func:`thresholds_block`.
     fspecs, thresholds
         Each problem's filter and exact thresholds.
+    bucketed
+        Per problem, also count its noise-rate candidates by key bucket
+        (:func:`~dask_labelissues.filters.key_counts`); None: none.
 
     Returns
     -------
@@ -188,7 +199,12 @@ def joints_block(
     views = _Views(block, kinds, spec)
     states = []
     for p in range(len(kinds)):
-        states.append(views.joint(p, thresholds[p], fspecs[p]).state)
+        joint = views.joint(p, thresholds[p], fspecs[p])
+        state = joint.state
+        if bucketed is not None and bucketed[p]:
+            counts = filters.key_counts(views.view(p).probs(), views.scan(p).data["label"])
+            state = replace(state, key_counts=counts)
+        states.append(state)
         views.drop(p)
     return states
 
@@ -219,6 +235,11 @@ def selections_block(
     for p, plan in enumerate(plans):
         if plan is None:
             out.append(None)
+            continue
+        if plan.bucket_cut is not None and fspecs[p].filter_by == "prune_by_noise_rate":
+            # Its boundary buckets alone, from the block: no records needed.
+            view = views.view(p)
+            out.append((plan.bucket_cut.boundary(view.probs(), view.labels(), start), None, None))
             continue
         joint = views.joint(p, thresholds[p], fspecs[p], with_joint=False).data
         out.append(filters.selection_candidates(plan, fspecs[p], joint, views.scan(p).data, start))
@@ -282,13 +303,14 @@ def flags_block(
     for p in range(len(kinds)):
         rec = views.scan(p).data
         joint = views.joint(p, thresholds[p], fspecs[p], with_joint=False).data if fspecs[p].mask_reads_joint else None
+        rule = rules[p].resolved(views.view(p).probs(), rec["label"], start) if rules[p].bucketed else rules[p]
         if issues:
             scores = score_block(rec, thresholds[p], spec, views.view(p) if spec.rereads else None).data
-            flagged = flag_block(rules[p], rec, joint, scores, start)
+            flagged = flag_block(rule, rec, joint, scores, start)
             masks.append(flagged.data)
             found.append(flagged.state)
         else:
-            masks.append(filters.mask_block(rules[p], rec, joint, start))
+            masks.append(filters.mask_block(rule, rec, joint, start))
             found.append(np.bincount(rec["label"][masks[-1]], minlength=thresholds[p].shape[0]))
         views.drop(p)
     mask = np.stack(masks, axis=1)
@@ -323,8 +345,9 @@ def run_filters(
        predicted_neq_given, which flag each row by its own records), the
        second read -> every confident joint; the client plans each
        problem's selections from its joint;
-    3. where a plan selects, a read for every problem's candidates, and one
-       more for the noise-rate cells their kept candidates cannot decide;
+    3. where a plan selects, a read for every problem's candidates (of a
+       bucketed problem, its boundary buckets' only), and one more for the
+       noise-rate cells their kept candidates cannot decide;
     4. the last read -> the masks, each problem's flagged rows and, with
        ``row_scores``, a score of every stored row.
 
@@ -379,8 +402,10 @@ def run_filters(
     # A filter that selects nothing flags a row from its own joint record,
     # which the last read makes: its whole joint is not needed then.
     if any(f.selects for f in fspecs):
+        bucketed = [_bucketed(f, t.shape[0]) for f, t in zip(fspecs, thresholds)]
         joints = engine.map(
-            joints_block, INPUTS, kinds, spec, fspecs, thresholds, label="second read: confident joints"
+            joints_block, INPUTS, kinds, spec, fspecs, thresholds, bucketed if any(bucketed) else None,
+            label="second read: confident joints",
         )
         (states,) = engine.compute(engine.reduce(joints, each(JOINT)))
         reads += 1
@@ -388,6 +413,10 @@ def run_filters(
             if fspecs[p].selects:
                 given = None if confident_joints is None else confident_joints[p]
                 plans[p], calibrated[p] = filters.plan(fspecs[p], states[p], counts[p], given)
+                if bucketed[p] and plans[p].cells is not None:
+                    cut = filters.BucketCut.plan(plans[p].cells, states[p].key_counts)
+                    plans[p] = replace(plans[p], bucket_cut=cut)
+        del states
 
     selected: list[tuple[np.ndarray, ...]] = [() for _ in range(n)]
     merged: list[Any] = []
@@ -399,7 +428,11 @@ def run_filters(
         reads += _decide_cells(engine, kinds, plans, merged)
         for p, m in enumerate(merged):
             if m is not None:
-                selected[p] = tuple(top.rows() for top in m if top is not None)
+                cut = plans[p].bucket_cut
+                selected[p] = tuple(
+                    cut.with_last(top) if i == 0 and cut is not None else top.rows()
+                    for i, top in enumerate(m) if top is not None
+                )
 
     rules = [MaskRule(f.filter_by, s) for f, s in zip(fspecs, selected)]
     per_block = PerBlock([[rule.restrict(a, b) for rule in rules] for a, b in engine.item_bounds])
@@ -429,6 +462,27 @@ def run_filters(
     )
 
 
+#: Noise-rate selections by buckets of the keys (:class:`~dask_labelissues.filters.BucketCut`)
+#: where a problem allows them; False: by candidates, as every problem once was.
+BUCKETED_SELECTIONS = True
+
+#: Most bytes of one problem's bucket counts in a block's joint state.
+BUCKET_COUNTS_BYTES = 1 << 20
+
+
+def _bucketed(fspec: FilterSpec, k: int) -> bool:
+    """Whether a problem of ``k`` classes selects its noise-rate cells by
+    buckets: where every row keeps every other class as a candidate (two
+    classes: each one-vs-rest problem of multi-label data), so no cell is
+    left undecided, and its counts stay small.  Its candidates, which
+    grow with the rows flagged (2,000,000 x 100 multi-label: about 18
+    million, 213 MB merged), are then never gathered."""
+    return (
+        BUCKETED_SELECTIONS and fspec.by_noise_rate and fspec.kept_candidates(k) == k - 1
+        and k * k * (filters.KEY_BUCKETS + 1) * 8 <= BUCKET_COUNTS_BYTES
+    )
+
+
 def _pass_one(engine: Engine, kinds: Sequence[Kind], spec: ScoreSpec) -> list[Pair]:
     """Every problem's pass one on one read: ``Pair(thresholds, state)`` a
     problem; bad input raised, the first bad row and of that row the first
@@ -447,7 +501,8 @@ def _decide_cells(engine: Engine, kinds: Sequence[Kind], plans: Sequence[Plan | 
     selections are updated in place.  Returns the reads made (0 or 1)."""
     unsure: list[np.ndarray | None] = [None] * len(kinds)
     for p, m in enumerate(merged):
-        if m is None or m[0] is None:
+        if m is None or m[0] is None or plans[p].bucket_cut is not None:
+            # A bucket cut's problems keep every other class: all decided.
             continue
         found = m[0].uncertain(plans[p].cells.given)
         if found.size:

@@ -563,6 +563,14 @@ order = np.lexsort((values, group))
 for g, v in ((group, values), (group.astype(np.int32), values.astype(np.float32))):
     assert fused.merge_top(g[order], v[order], order, np.array([0, 300]), np.full(5, 40)) is not None
 fused.key_order(rng.integers(0, 1 << 62, 9000).astype(np.uint64))
+for k in (2, 5):
+    probs = rng.dirichlet(np.full(k, 0.5), size=400).astype(np.float32)
+    labels = rng.integers(0, k, 400)
+    counts = fused.pair_buckets(probs, labels, 64)
+    groups = np.where(rng.random(k * k) < 0.7, np.arange(k * k), -1)
+    low = rng.integers(0, 66, k * k)
+    fused.pair_buckets(probs, labels, 64, (groups, low, rng.random(k * k).astype(np.float32), np.full(k * k, 200)), 0)
+    fused.boundary_pairs(probs, labels, 64, groups, low)
 print("ok")
 """
 

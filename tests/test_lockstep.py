@@ -188,3 +188,83 @@ def test_the_flagged_examples_alone_are_one_column():
     for found in (both, union):  # counted from the gathered issues, not from an (N, K) mask
         np.testing.assert_array_equal(found.given_flagged, given)
         np.testing.assert_array_equal(found.left_out_flagged, left_out)
+
+
+# -- noise-rate selections by key buckets -------------------------------------------------
+def test_key_buckets_never_fall_as_keys_rise():
+    keys = np.array([-np.inf, -5.0, -1.0, -0.5, -1e-300, -0.0, 0.0, 1e-300, 0.25, 1.0, 3.0, np.inf, np.nan])
+    buckets = filters.key_bucket(keys)
+    assert (np.diff(buckets) >= 0).all()
+    assert buckets[0] == 0 and buckets[-1] == filters.KEY_BUCKETS
+    assert buckets[5] == buckets[6]  # -0.0 and 0.0 tie, as the sort ties them
+    float32 = filters.key_bucket(np.float32(-0.3))
+    assert float32 == filters.key_bucket(np.float64(np.float32(-0.3)))
+
+
+def test_a_bucket_cut_takes_the_lower_buckets_whole_and_the_rest_from_the_boundary():
+    width = filters.KEY_BUCKETS + 1
+    counts = np.zeros((4, width), dtype=np.int64)
+    counts[1, [3, 7, 9]] = [5, 4, 2]  # cell (0, 1)
+    counts[2, [0, 1]] = [1, 1]  # cell (1, 0)
+    cells = filters.Cells(np.array([0, 1]), np.array([1, 0]), np.array([7, 5]), 2)
+    cut = filters.BucketCut.plan(cells, counts)
+    np.testing.assert_array_equal(cut.low, [7, width])  # the second cell has 2 rows for 5: all
+    np.testing.assert_array_equal(cut.need, [2, 0])
+
+
+def _ties(n=3000, k=5, seed=3, dtype="float32"):
+    """Multi-label data whose probabilities take few values: keys tie within
+    and across blocks, and bucket edges fall on keys."""
+    rng = np.random.default_rng(seed)
+    truth = rng.random((n, k)) < 0.3
+    probs = np.round(np.where(truth, rng.beta(5, 2, (n, k)), rng.beta(2, 5, (n, k))), 2).astype(dtype)
+    given = truth ^ (rng.random((n, k)) < 0.04)
+    return given.astype(np.uint8), probs
+
+
+@pytest.mark.parametrize("filter_by", ["prune_by_noise_rate", "both"])
+@pytest.mark.parametrize(("backend", "chunk_rows"), [("serial", 97), ("threads", 700), ("fork", 1499), ("dask", 256)])
+def test_bucketed_selections_choose_what_the_candidates_chose(monkeypatch, filter_by, backend, chunk_rows):
+    import dask_labelissues.lockstep as lockstep
+
+    for dtype in ("float32", "float64"):
+        matrix, probs = _ties(dtype=dtype)
+        kinds = [OneVsRest(k=c) for c in range(probs.shape[1])]
+        fspecs = [filters.FilterSpec(filter_by)] * len(kinds)
+        got = {}
+        for bucketed in (False, True):
+            monkeypatch.setattr(lockstep, "BUCKETED_SELECTIONS", bucketed)
+            got[bucketed] = together(backend, matrix, probs, kinds, fspecs, chunk_rows)
+        assert np.asarray(got[True].mask).any()
+        np.testing.assert_array_equal(np.asarray(got[True].mask), np.asarray(got[False].mask))
+        for p in range(len(kinds)):
+            np.testing.assert_array_equal(got[True].issues[p], got[False].issues[p])
+            np.testing.assert_array_equal(got[True].issue_scores[p], got[False].issue_scores[p])
+
+
+def test_bucketed_selections_gather_only_their_boundary_buckets(monkeypatch):
+    """The selections' read brings back a small part of the candidates it
+    used to: those of each cell's boundary bucket."""
+    import dask_labelissues.lockstep as lockstep
+
+    matrix, probs = _ties(n=20000, k=4, dtype="float64")
+    probs = np.clip(probs + np.random.default_rng(5).random(probs.shape) * 1e-3, 0, 1)  # few ties
+    kinds = [OneVsRest(k=c) for c in range(4)]
+    fspecs = [filters.FilterSpec("prune_by_noise_rate")] * 4
+    gathered = {}
+    real = filters.noise_rate_block
+    for bucketed in (False, True):
+        sizes = []
+
+        def counting(*args, **kwargs):
+            top = real(*args, **kwargs)
+            sizes.append(top.index.size)
+            return top
+
+        monkeypatch.setattr(filters, "noise_rate_block", counting)
+        monkeypatch.setattr(lockstep, "BUCKETED_SELECTIONS", bucketed)
+        got = together("serial", matrix, probs, kinds, fspecs, 2500)
+        gathered[bucketed] = sum(sizes)
+    flagged = int(np.asarray(got.mask).sum())
+    assert gathered[False] >= flagged > 0
+    assert gathered[True] < gathered[False] / 20

@@ -169,8 +169,8 @@ class JointState:
     positive_counts: np.ndarray | None = None
     low_label: np.ndarray | None = None  # int64 (K,)
     low_margin_score: int = 0
-    #: Where asked for (:func:`key_counts`): (K x K, KEY_BUCKETS + 1) int64,
-    #: each cell's candidates counted by their key's bucket.
+    #: Where asked for (:func:`key_counts`): (K x (K - 1), KEY_BUCKETS + 1),
+    #: each off-diagonal cell's candidates counted by their key's bucket.
     key_counts: np.ndarray | None = None
 
     @classmethod
@@ -592,7 +592,7 @@ def _cell_pairs(joint: np.ndarray, y: np.ndarray, cells: Cells) -> tuple[np.ndar
 # -- noise-rate selections by buckets of the keys ----------------------------
 #: Equal buckets of the keys over [-1, 1] (a key is minus a margin of
 #: probabilities), and one more for NaN and keys above 1.
-KEY_BUCKETS = 1024
+KEY_BUCKETS = 512
 
 
 def key_bucket(key: np.ndarray) -> np.ndarray:
@@ -604,9 +604,12 @@ def key_bucket(key: np.ndarray) -> np.ndarray:
 
 def key_counts(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """A block's (row, other class) pairs counted by (given, other) cell and
-    key bucket: ``(K x K, KEY_BUCKETS + 1)`` int64.  A pair's key is minus
-    its margin ``p[other] - p[given]`` in the input's dtype, as the joint's
-    records hold it for problems whose rows keep every other class."""
+    key bucket: ``(K x (K - 1), KEY_BUCKETS + 1)`` int32, the off-diagonal
+    cells (:func:`off_diagonal_cells`).  A pair's key is minus its margin
+    ``p[other] - p[given]`` in the input's dtype, as the joint's records
+    hold it for problems whose rows keep every other class.  A block's
+    counts travel to the merges (820 kB a block for 100 binary problems at
+    int32), so they take 4 bytes; merged ones are int64."""
     probs = np.asarray(probs)
     if probs.dtype in (np.float32, np.float64):
         counts = fused.pair_buckets(probs, labels, KEY_BUCKETS)
@@ -614,8 +617,16 @@ def key_counts(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
             return counts
     n, k = probs.shape
     codes, key = _pairs(probs, labels)
-    slots = codes * (KEY_BUCKETS + 1) + key_bucket(key)
-    return np.bincount(slots.ravel(), minlength=k * k * (KEY_BUCKETS + 1)).reshape(k * k, -1).astype(np.int64, copy=False)
+    cells = off_diagonal_cells(*np.divmod(codes, k), k)
+    slots = cells * (KEY_BUCKETS + 1) + key_bucket(key)
+    counts = np.bincount(slots.ravel(), minlength=k * (k - 1) * (KEY_BUCKETS + 1))
+    return counts.reshape(k * (k - 1), -1).astype(np.int32)
+
+
+def off_diagonal_cells(given: np.ndarray, other: np.ndarray, k: int) -> np.ndarray:
+    """The index of each (given, other != given) cell among the K x (K - 1)
+    off-diagonal ones, row by row."""
+    return given * (k - 1) + np.where(other < given, other, other - 1)
 
 
 def _pairs(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -651,7 +662,7 @@ class BucketCut:
     @classmethod
     def plan(cls, cells: Cells, counts: np.ndarray) -> "BucketCut":
         """The cut of every cell from the merged :func:`key_counts`."""
-        per_cell = counts[cells.codes]  # (G, KEY_BUCKETS + 1)
+        per_cell = counts[off_diagonal_cells(cells.given, cells.other, cells.k)].astype(np.int64)
         below = np.cumsum(per_cell, axis=1)
         limits = cells.limits
         whole = below[:, -1] <= limits

@@ -441,7 +441,8 @@ def _build_numba() -> tuple[Any, ...] | None:
         # margin p[c] - p[y] in the input's dtype, and the key's bucket of
         # n_buckets over [-1, 1] (NaN and keys above 1: bucket n_buckets),
         # as filters.key_bucket makes it.  With counts (cells x buckets),
-        # count each pair in its (y * K + c) cell; else mark the rows that
+        # count each pair in its off-diagonal cell y * (K - 1) + (c or c - 1
+        # above y); else mark the rows that
         # the cut (low, last_key, last_row per group; groups: cell to group
         # or -1) chooses.
         n, k = probs.shape
@@ -461,7 +462,7 @@ def _build_numba() -> tuple[Any, ...] | None:
                     f = np.floor((wide + 1.0) * half)
                     b = 0 if f < 0 else (n_buckets if f > n_buckets else np.int64(f))
                 if counting:
-                    counts[y * k + c, b] += 1
+                    counts[y * (k - 1) + (c if c < y else c - 1), b] += 1
                     continue
                 g = groups[y * k + c]
                 if g < 0:
@@ -607,7 +608,8 @@ def pair_buckets(
 ) -> np.ndarray | None:
     """Every (row, other class) pair of a block by its key's bucket
     (:func:`dask_labelissues.filters.key_bucket`): without ``cut``, the
-    pairs counted by ``(label * K + class, bucket)``; with ``cut =
+    pairs counted by off-diagonal cell and bucket, int32 (see
+    :func:`dask_labelissues.filters.key_counts`); with ``cut =
     (groups, low, last_key, last_row)``, the rows it chooses.  None unless
     numba's kernels are loaded in this process."""
     fast = _loaded_kernels()
@@ -616,7 +618,7 @@ def pair_buckets(
     n, k = probs.shape
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     if cut is None:
-        counts = np.zeros((k * k, n_buckets + 1), dtype=np.int64)
+        counts = np.zeros((k * (k - 1), n_buckets + 1), dtype=np.int32)
         fast[8](probs, labels, np.zeros(0, np.int64), n_buckets, np.zeros(0, np.int64), np.zeros(0, probs.dtype),
                 np.zeros(0, np.int64), start, counts, np.zeros(0, np.bool_))
         return counts

@@ -479,7 +479,7 @@ def _bucketed(fspec: FilterSpec, k: int) -> bool:
     million, 213 MB merged), are then never gathered."""
     return (
         BUCKETED_SELECTIONS and fspec.by_noise_rate and fspec.kept_candidates(k) == k - 1
-        and k * k * (filters.KEY_BUCKETS + 1) * 8 <= BUCKET_COUNTS_BYTES
+        and k * (k - 1) * (filters.KEY_BUCKETS + 1) * 4 <= BUCKET_COUNTS_BYTES
     )
 
 

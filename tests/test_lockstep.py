@@ -191,6 +191,23 @@ def test_the_flagged_examples_alone_are_one_column():
 
 
 # -- noise-rate selections by key buckets -------------------------------------------------
+def test_key_counts_of_numba_and_numpy_agree_by_off_diagonal_cell():
+    from dask_labelissues import fused
+
+    rng = np.random.default_rng(4)
+    fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")  # loads numba
+    for k, dtype in ((2, np.float32), (5, np.float64)):
+        probs = np.round(rng.dirichlet(np.full(k, 0.4), size=3000), 2).astype(dtype)
+        labels = rng.integers(0, k, 3000)
+        fast = filters.key_counts(probs, labels)
+        codes, key = filters._pairs(probs, labels)
+        assert fast.dtype == np.int32 and fast.shape == (k * (k - 1), filters.KEY_BUCKETS + 1)
+        cells = filters.off_diagonal_cells(*np.divmod(codes, k), k)
+        want = np.zeros_like(fast)
+        np.add.at(want, (cells, filters.key_bucket(key)), 1)
+        np.testing.assert_array_equal(fast, want)
+
+
 def test_key_buckets_never_fall_as_keys_rise():
     keys = np.array([-np.inf, -5.0, -1.0, -0.5, -1e-300, -0.0, 0.0, 1e-300, 0.25, 1.0, 3.0, np.inf, np.nan])
     buckets = filters.key_bucket(keys)
@@ -203,9 +220,9 @@ def test_key_buckets_never_fall_as_keys_rise():
 
 def test_a_bucket_cut_takes_the_lower_buckets_whole_and_the_rest_from_the_boundary():
     width = filters.KEY_BUCKETS + 1
-    counts = np.zeros((4, width), dtype=np.int64)
-    counts[1, [3, 7, 9]] = [5, 4, 2]  # cell (0, 1)
-    counts[2, [0, 1]] = [1, 1]  # cell (1, 0)
+    counts = np.zeros((2, width), dtype=np.int32)
+    counts[0, [3, 7, 9]] = [5, 4, 2]  # cell (0, 1)
+    counts[1, [0, 1]] = [1, 1]  # cell (1, 0)
     cells = filters.Cells(np.array([0, 1]), np.array([1, 0]), np.array([7, 5]), 2)
     cut = filters.BucketCut.plan(cells, counts)
     np.testing.assert_array_equal(cut.low, [7, width])  # the second cell has 2 rows for 5: all

@@ -442,9 +442,8 @@ def _build_numba() -> tuple[Any, ...] | None:
         # n_buckets over [-1, 1] (NaN and keys above 1: bucket n_buckets),
         # as filters.key_bucket makes it.  With counts (cells x buckets),
         # count each pair in its off-diagonal cell y * (K - 1) + (c or c - 1
-        # above y); else mark the rows that
-        # the cut (low, last_key, last_row per group; groups: cell to group
-        # or -1) chooses.
+        # above y); else mark the rows that the cut (low, last_key, last_row
+        # per group; groups: cell to group or -1) chooses.
         n, k = probs.shape
         half = n_buckets / 2.0
         counting = counts.shape[0] > 0
@@ -478,7 +477,9 @@ def _build_numba() -> tuple[Any, ...] | None:
     def boundary_pairs(probs, labels, groups, n_buckets, low, out_row, out_group, out_key):
         # The pairs of pair_buckets whose bucket is their group's low one,
         # in row order, then class order; written where out_row has room,
-        # counted either way.
+        # counted either way.  The key and bucket are pair_buckets', written
+        # out again rather than shared through an njit helper, for the
+        # on-disk cache's sake (see records).
         n, k = probs.shape
         half = n_buckets / 2.0
         writing = out_row.shape[0] > 0

@@ -542,38 +542,15 @@ def _empty_top(limits: np.ndarray, bound: np.ndarray | None = None) -> GroupTop:
     )
 
 
-def noise_rate_block(
-    joint: np.ndarray, rec: np.ndarray, start: int, cells: Cells, cut: "BucketCut | None" = None
-) -> GroupTop:
-    """A block's candidates for each cell, from the kept classes and margins;
-    with ``cut``, only those in each cell's boundary bucket, for the rows
-    its bucket still needs (:class:`BucketCut`)."""
+def noise_rate_block(joint: np.ndarray, rec: np.ndarray, start: int, cells: Cells) -> GroupTop:
+    """A block's candidates for each cell, from the kept classes and margins."""
     k = cells.k
     y = rec["label"].astype(np.int64)
     bound = np.full(k, -np.inf)
     if joint.size:
         np.maximum.at(bound, y, joint["bound"].astype(np.float64))
     if joint.size == 0 or cells.limits.size == 0:
-        return _empty_top(cells.limits if cut is None else cut.need, bound)
-    rows, group, margin = _cell_pairs(joint, y, cells)
-    hit = group >= 0
-    if cut is None:
-        # Where enough positive margins exist, nothing else can be chosen.
-        keep = hit & ((margin > SPLIT["margin"]) | ~cells.enough[np.where(hit, group, 0)])
-    else:
-        # Every pair, as the buckets were counted: a cell whose limit its
-        # positive margins meet takes its rows among them anyway.
-        keep = hit & (key_bucket(-margin) == cut.low[np.where(hit, group, 0)])
-    at, slot = np.nonzero(keep)  # pairs in row order, then slot order
-    key = -margin[at, slot].astype(key_dtype(margin.dtype), copy=False)
-    limits = cells.limits if cut is None else cut.need
-    return GroupTop.chunk(group[at, slot], key, rows[at] + start, limits, bound)
-
-
-def _cell_pairs(joint: np.ndarray, y: np.ndarray, cells: Cells) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(rows, group, margin)``: the rows that kept candidates, and per
-    kept class (rows x slots) its cell among ``cells`` (-1: none) and margin."""
-    k = cells.k
+        return _empty_top(cells.limits, bound)
     rows = np.flatnonzero(joint["cand"][:, 0] >= 0)  # rows that kept candidates
     codes = y[rows, None] * k + joint["cand"][rows]  # (rows, m)
     sorted_codes = cells.codes
@@ -586,7 +563,13 @@ def _cell_pairs(joint: np.ndarray, y: np.ndarray, cells: Cells) -> tuple[np.ndar
     else:
         group = np.minimum(np.searchsorted(sorted_codes, codes), sorted_codes.size - 1)
         group[sorted_codes[group] != codes] = -1
-    return rows, group, joint["margin"][rows]
+    margin = joint["margin"][rows]
+    # Where enough positive margins exist, nothing else can be chosen.
+    hit = group >= 0
+    keep = hit & ((margin > SPLIT["margin"]) | ~cells.enough[np.where(hit, group, 0)])
+    at, slot = np.nonzero(keep)  # pairs in row order, then slot order
+    key = -margin[at, slot].astype(key_dtype(margin.dtype), copy=False)
+    return GroupTop.chunk(group[at, slot], key, rows[at] + start, cells.limits, bound)
 
 
 # -- noise-rate selections by buckets of the keys ----------------------------
@@ -685,9 +668,11 @@ class BucketCut:
 
     def boundary(self, probs: np.ndarray, labels: np.ndarray, start: int) -> GroupTop:
         """A block's candidates in each cell's boundary bucket, the rows it
-        still needs of them kept: what :func:`noise_rate_block` gathers with
-        this cut, from the block's pred_probs and labels alone (no joint
-        records: every row keeps every other class)."""
+        still needs of them kept, in place of :func:`noise_rate_block`'s
+        candidates, from the block's pred_probs and labels alone (no joint
+        records: every row keeps every other class).  Every pair is a
+        candidate here, as the buckets counted them: a cell whose limit its
+        positive margins meet takes its rows among those anyway."""
         probs = np.asarray(probs)
         n, k = probs.shape
         bound = np.full(k, -np.inf)
@@ -850,10 +835,12 @@ def selection_candidates(
     tuple
         ``(noise-rate cells, classes, lowest scores)`` candidates, in the
         order the mask takes them (:class:`MaskRule`); None for a selection
-        the filter does not make.
+        the filter does not make, and for noise-rate cells a
+        :class:`BucketCut` gathers (:meth:`BucketCut.boundary`).
     """
+    by_rows = plan.cells is not None and plan.bucket_cut is None
     return (
-        None if plan.cells is None else noise_rate_block(joint, rec, start, plan.cells, plan.bucket_cut),
+        noise_rate_block(joint, rec, start, plan.cells) if by_rows else None,
         None if plan.class_limits is None else class_block(joint, rec, start, plan.class_limits, plan.class_enough),
         None if fspec.lowest_field is None else lowest_block(
             joint, start, fspec.lowest_field, plan.lowest, plan.lowest_enough

@@ -236,13 +236,17 @@ def selections_block(
         if plan is None:
             out.append(None)
             continue
-        if plan.bucket_cut is not None and fspecs[p].filter_by == "prune_by_noise_rate":
-            # Its boundary buckets alone, from the block: no records needed.
+        boundary = None
+        if plan.bucket_cut is not None:
             view = views.view(p)
-            out.append((plan.bucket_cut.boundary(view.probs(), view.labels(), start), None, None))
-            continue
+            boundary = plan.bucket_cut.boundary(view.probs(), view.labels(), start)
+            if fspecs[p].filter_by == "prune_by_noise_rate":
+                # Its boundary buckets alone: no records needed.
+                out.append((boundary, None, None))
+                continue
         joint = views.joint(p, thresholds[p], fspecs[p], with_joint=False).data
-        out.append(filters.selection_candidates(plan, fspecs[p], joint, views.scan(p).data, start))
+        found = filters.selection_candidates(plan, fspecs[p], joint, views.scan(p).data, start)
+        out.append(found if boundary is None else (boundary, *found[1:]))
         views.drop(p)
     return out
 

@@ -22,7 +22,8 @@ _MALLOC_SET = False
 
 def keep_freed_memory() -> None:
     """Let this process's allocator keep freed arrays of up to
-    :data:`MALLOC_THRESHOLD` for reuse, once per process (glibc only).
+    :data:`MALLOC_THRESHOLD` for reuse, once per process (glibc only), or
+    of up to a 32nd of :func:`usable_memory` where that is less.
 
     glibc serves every array of 128 KiB or more from a fresh ``mmap`` until
     one is freed, and then raises that threshold only up to 32 MiB: the
@@ -36,6 +37,11 @@ def keep_freed_memory() -> None:
     variable the user set (``MALLOC_MMAP_THRESHOLD_``,
     ``MALLOC_TRIM_THRESHOLD_``) wins.  The embedded cluster gives its
     workers the same setting through their environment.
+
+    Each allocator arena (one a thread that allocates, up to eight a core)
+    keeps that much, which no other arena can take: under a 400 MB
+    ``prlimit --data``, a multi-label job on 2,000,000 x 100 ended holding
+    387 MB of address space with 128 MiB kept, 255 MB with 12 MiB.
     """
     global _MALLOC_SET
     if _MALLOC_SET:
@@ -52,15 +58,23 @@ def keep_freed_memory() -> None:
     except (OSError, AttributeError):  # not glibc
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
+    wanted = min(MALLOC_THRESHOLD, max(usable_memory() // 32, 1 << 20))
     # glibc before 2.35 refuses an mmap threshold above 32 MiB (it returns 0).
-    threshold = MALLOC_THRESHOLD if mallopt(m_mmap_threshold, MALLOC_THRESHOLD) else 32 << 20
-    if threshold != MALLOC_THRESHOLD:
+    threshold = wanted if mallopt(m_mmap_threshold, wanted) else min(wanted, 32 << 20)
+    if threshold != wanted:
         mallopt(m_mmap_threshold, threshold)
     mallopt(m_trim_threshold, threshold)
 
 
 def usable_memory() -> int:
-    """The machine's memory, or less where a cgroup limits this process's."""
+    """The machine's memory, or less where a cgroup or a resource limit
+    bounds this process's.
+
+    The soft ``RLIMIT_DATA`` and ``RLIMIT_AS`` limits count address space
+    (``ulimit -d``, ``prlimit --data``: private writable mappings, touched or
+    not), so a job under one must keep its allocations, not only its
+    resident pages, below it.
+    """
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -74,6 +88,14 @@ def usable_memory() -> int:
         if limit.isdigit() and int(limit) > 0:
             memory = min(memory, int(limit))
         break
+    try:
+        import resource
+    except ImportError:  # not on a Unix
+        return memory
+    for which in (resource.RLIMIT_DATA, getattr(resource, "RLIMIT_AS", resource.RLIMIT_DATA)):
+        soft, _ = resource.getrlimit(which)
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            memory = min(memory, int(soft))
     return memory
 
 

@@ -186,6 +186,50 @@ def test_usable_cores_match_dask():
     assert usable_cores() == dask.system.CPU_COUNT
 
 
+_UNDER_LIMIT = """
+import json, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+import numpy as np
+from dask_labelissues.engines import make_engine
+from dask_labelissues.kernels import ScoreSpec
+from dask_labelissues.system import usable_memory
+probs = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (2_000_000, 100), (0, 0))
+labels = np.zeros(2_000_000, dtype=np.int64)
+engine, _, _ = make_engine("threads", labels, probs, ScoreSpec(), n_jobs=2)
+engine.close()
+print(json.dumps({"memory": usable_memory(), "rows": max(engine.plan.chunks)}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resource limits as Linux counts them")
+def test_a_data_limit_shrinks_the_blocks_of_local_jobs():
+    """Under ``ulimit -d`` (address space), each of a job's threads holds
+    a block and its temporaries: blocks shrink to fit, where the 64 MiB a
+    block holds otherwise took a multi-label job past half its data."""
+    out = {}
+    for limit in (2**40, 512 << 20):
+        proc = subprocess.run(
+            [sys.executable, "-c", _UNDER_LIMIT, str(limit)], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        out[limit] = json.loads(proc.stdout)
+    row = 100 * 4
+    assert out[2**40]["rows"] * row == pytest.approx(blocks.TARGET_BLOCK_BYTES, rel=0.01)
+    assert out[512 << 20]["memory"] == 512 << 20
+    # 512 MiB over 8 x 2 threads: 32 MiB blocks.
+    assert out[512 << 20]["rows"] * row == pytest.approx(32 << 20, rel=0.01)
+
+
+def test_block_plans_fit_the_process_memory_per_thread():
+    job = dict(n_rows=1_000_000, row_bytes=400, record_bytes=32, spec=ScoreSpec(), cells=100_000_000)
+    free = blocks.plan_blocks(blocks.BlockConfig(**job, threads=2, process_memory=24 << 30))
+    tight = blocks.plan_blocks(blocks.BlockConfig(**job, threads=2, process_memory=400 << 20))
+    assert max(free.chunks) * 400 == pytest.approx(blocks.TARGET_BLOCK_BYTES, rel=0.01)
+    assert max(tight.chunks) * 400 <= (400 << 20) // 16
+    assert sum(tight.chunks) == 1_000_000
+
+
 @pytest.mark.parametrize("n_rows", [1, 7, 999, 2_000_000, 2_000_001])
 @pytest.mark.parametrize("rows, unit", [(160_000, 20_000), (167_772, None), (3, None), (20_000, 20_000)])
 @pytest.mark.parametrize("threads", [0, 1, 2, 3, 8])

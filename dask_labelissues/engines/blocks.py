@@ -59,6 +59,9 @@ class BlockConfig:
     chunk_rows: int | None = None
     #: The workers' smallest memory limit (a Dask cluster), if known.
     worker_memory: int | None = None
+    #: The memory this process may use, where the tasks run in it (its
+    #: threads, or forks of it): :func:`~dask_labelissues.system.usable_memory`.
+    process_memory: int | None = None
     #: Worker threads running the blocks, 0 if unknown.
     threads: int = 0
     #: The tasks read the inputs themselves (files and stores on Dask).
@@ -126,7 +129,8 @@ def plan_blocks(config: BlockConfig) -> BlockPlan:
     - Blocks hold about :data:`TARGET_BLOCK_BYTES` of pred_probs in whole
       storage chunks (no chunk decoded twice), less on workers with little
       memory (a block and its temporaries must fit a worker several times
-      over), or ``chunk_rows`` if given.  Blocks read whole come in a
+      over) or in a process under a memory limit (each of its threads
+      holds a block and its temporaries), or ``chunk_rows`` if given.  Blocks read whole come in a
       multiple of the threads that run them, where known
       (:func:`balanced_chunks`).
     - Where the tasks read files or stores themselves and pred_probs is
@@ -154,6 +158,12 @@ def _plan_blocks(config: BlockConfig) -> BlockPlan:
         target = min(target, max(c.worker_memory // 16, 1 << 20))
         if c.worker_memory < SMALL_WORKER_BYTES:
             spec = replace(spec, kernel="numpy")
+    if c.process_memory:
+        # A multi-label task holds its block about four times over (read,
+        # copied column-major, labels, a problem's records); two threads
+        # on 64 MiB blocks peaked at 649 MB of address space on
+        # 2,000,000 x 100, and on 16 MiB blocks at 340 MB.
+        target = min(target, max(c.process_memory // (8 * max(c.threads, 1)), 1 << 20))
     if c.reads_in_tasks:
         read_rows = auto_chunk_rows(c.row_bytes, c.storage_rows, target)
         rows = c.chunk_rows

@@ -39,6 +39,7 @@ from .. import inputs
 from ..aggregations import Aggregation, Pair
 from ..kernels import ScoreSpec
 from ..kinds import ROWS, Kind
+from ..system import usable_memory
 from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, Value, distributed_client
 from .blocks import BlockConfig, BlockPlan, BlockReader, plan_blocks
 
@@ -518,6 +519,7 @@ def dask_engine(
         single_read=single_read,
         array_chunks=tuple(pred_probs.chunks[0]) if inputs.is_dask_array(pred_probs) else None,
         in_process=client is None,
+        process_memory=usable_memory() if client is None else None,
         cuts=cuts,
         problems=problems,
     )

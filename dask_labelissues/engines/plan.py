@@ -15,6 +15,7 @@ import numpy as np
 from .. import inputs
 from ..kernels import ScoreSpec
 from ..kinds import ROWS, Kind
+from ..system import usable_memory
 from .base import Engine, distributed_client
 from .blocks import BlockConfig, plan_blocks
 
@@ -85,7 +86,8 @@ def make_engine(
 
     threads = 1 if name == "serial" else pool_size(n_jobs)
     plan = plan_blocks(BlockConfig.of_job(
-        probs, spec, kind, chunk_rows=chunk_rows, cuts=cuts, problems=problems, threads=threads
+        probs, spec, kind, chunk_rows=chunk_rows, cuts=cuts, problems=problems, threads=threads,
+        process_memory=usable_memory(),
     ))
     common = dict(kind=kind, progress=progress, spill_dir=spill_dir)
     if name == "threads":

@@ -2,25 +2,15 @@
 
 An engine holds a job's inputs, cut into blocks by
 :func:`~dask_labelissues.engines.blocks.plan_blocks`, and runs block tasks
-on them.  The pipelines (:mod:`dask_labelissues.pipelines`) are written
-once against these primitives; an engine holds no algorithm.
-
-- :meth:`Engine.map` runs a task on every block.  Its arguments are
-  handles of earlier results (:class:`Blocks`: the block's own; a
-  :class:`Value`: the same for all), :data:`INPUTS` (the block's
-  :class:`~dask_labelissues.engines.blocks.BlockReader`), :data:`START`
-  (the block's first item), :class:`PerBlock` values, or plain values.
-- :meth:`Engine.reduce` merges the states of a map's blocks with an
-  :class:`~dask_labelissues.aggregations.Aggregation`.
-- :meth:`Engine.compute` brings values and per-block results to the
-  caller and keeps blocks that later stages read where they are.
-- :meth:`Engine.column` declares an item-long output that a map writes in
-  place (``out=``); :meth:`Engine.to_array` is a map's blocks as one array.
-
-Engines may run a primitive at once or when a later one needs it (the
-Dask engine builds one graph from the maps and reductions between two
-computes, so stages follow each other with no stop at the client); the
-results are the same bits either way.
+on them: :meth:`Engine.map` (a task on every block), :meth:`Engine.reduce`
+(a map's states merged by an
+:class:`~dask_labelissues.aggregations.Aggregation`), :meth:`Engine.compute`,
+:meth:`Engine.column` and :meth:`Engine.to_array`.  The pipelines
+(:mod:`dask_labelissues.pipelines`) are written once against them; an
+engine holds no algorithm.  Engines may run a primitive at once or when a
+later one needs it (the Dask engine builds one graph from the maps and
+reductions between two computes, so stages follow each other with no stop
+at the client); the results are the same bits either way.
 """
 
 from __future__ import annotations
@@ -132,8 +122,11 @@ class Engine(ABC):
 
     @abstractmethod
     def map(self, task: Callable[..., Any], *args: Any, out: Column | None = None, label: str | None = None) -> Blocks:
-        """``task(*args)`` on every block, each handle argument resolved to
-        the block's share.
+        """``task(*args)`` on every block.  An argument is a handle of
+        earlier results (:class:`Blocks`: the block's own; a
+        :class:`Value`: the same for all), :data:`INPUTS` (the block's
+        :class:`~.blocks.BlockReader`), :data:`START` (the block's first
+        item), :class:`PerBlock` values, or a plain value.
 
         With ``out``, the task also gets ``out=`` the block's rows of that
         column (None where the engine keeps no such buffer) and returns a

@@ -103,13 +103,11 @@ class Merge:
     """A merge task of a reduction's tree (``root``: its last, which finalizes)."""
 
     def __init__(self, aggregation: Aggregation, root: bool) -> None:
-        self.aggregation, self.root = aggregation, root
+        self.merge = aggregation.root if root else aggregation.combine
         self.__name__ = aggregation.name if root else f"{aggregation.name}-combine"
 
     def __call__(self, parts: list, *args: Any) -> Any:
-        if self.root:
-            return self.aggregation.root(parts, *args)
-        return self.aggregation.combine(parts)
+        return self.merge(parts, *args)
 
 
 def _ref(arg: Any, deps: dict[Any, Delayed]) -> Any:
@@ -329,15 +327,11 @@ class DaskEngine(Engine):
                 columns.append(self._per_block(arg.values))
             else:
                 columns.append([shared(arg, n)] * n)
-        rows = []
-        for i in range(n):
-            row: list[Any] = []
-            for reader, column in zip(readers, columns):
-                if reader:
-                    row.extend(column[i])
-                else:
-                    row.append(column[i])
-            rows.append(tuple(row))
+        # A reader argument is its block's READER_ARGS, flat in the task.
+        rows = [
+            tuple(x for reader, column in zip(readers, columns) for x in (column[i] if reader else (column[i],)))
+            for i in range(n)
+        ]
         return DaskBlocks(layer(_block_task(task, readers), rows), pairs=out is not None)
 
     def reduce(self, blocks: Blocks, aggregation: Aggregation, *args: Any) -> Value:
@@ -361,10 +355,10 @@ class DaskEngine(Engine):
             if isinstance(h, DaskBlocks):
                 out.append(values[: len(h.parts)])
                 values = values[len(h.parts) :]
-            else:
-                if h.part is not None:
-                    h.value, h.part, values = values[0], None, values[1:]
-                out.append(h.value)
+                continue
+            if h.part is not None:
+                h.value, h.part, values = values[0], None, values[1:]
+            out.append(h.value)
         return out
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> da.Array:

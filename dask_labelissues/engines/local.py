@@ -122,14 +122,9 @@ class BufferPool:
         """A free buffer of ``kind`` holding ``nbytes`` (at most twice as
         large), or None."""
         with self._lock:
-            best = None
-            for slot in self._slots:
-                size = len(slot.buf)
-                if slot.kind == kind and nbytes <= size <= 2 * nbytes and slot.free():
-                    if best is None or size < len(best.buf):
-                        best = slot
+            fits = [s.buf for s in self._slots if s.kind == kind and nbytes <= len(s.buf) <= 2 * nbytes and s.free()]
             # The caller's reference marks it taken for every other caller.
-            return None if best is None else best.buf
+            return min(fits, key=len, default=None)
 
     def adopt(self, kind: tuple, buf: mmap.mmap) -> None:
         """List ``buf`` for later jobs if it fits in the limit."""
@@ -184,11 +179,10 @@ class BufferPool:
         self._local = threading.local()
 
 
+@dataclass(slots=True)
 class _Slot:
-    __slots__ = ("kind", "buf")
-
-    def __init__(self, kind: tuple, buf: mmap.mmap) -> None:
-        self.kind, self.buf = kind, buf
+    kind: tuple
+    buf: mmap.mmap
 
     def free(self) -> bool:
         # Arrays over the buffer (and their views, whose base numpy

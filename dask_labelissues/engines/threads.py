@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from typing import Any, Iterator, Sequence
 
 from .local import LocalEngine, pool_size
@@ -42,15 +43,12 @@ class ThreadEngine(LocalEngine):
         waiting = iter(tasks)
         running: deque[tuple[int, Future]] = deque()
         try:
-            for task in waiting:
+            for task in islice(waiting, AHEAD_PER_THREAD * self.n_jobs):
                 running.append((task[0], self.pool.submit(self.call, *task)))
-                if len(running) >= AHEAD_PER_THREAD * self.n_jobs:
-                    break
             while running:
                 i, future = running.popleft()
                 result = future.result()
-                task = next(waiting, None)
-                if task is not None:
+                for task in islice(waiting, 1):
                     running.append((task[0], self.pool.submit(self.call, *task)))
                 yield i, result
         finally:

@@ -56,6 +56,15 @@ def test_dask_style_keys_take_the_direct_path(tmp_path, monkeypatch):
     assert calls == [(64, 192), (0, 64)]
 
 
+def test_blocks_that_start_inside_a_chunk_are_read_directly(tmp_path, monkeypatch):
+    """Token jobs' blocks end at sentence offsets, inside chunks."""
+    values = np.random.default_rng(6).random((250, 6)).astype(np.float32)
+    src = open_path(_write(tmp_path / "a.zarr", values, (64, 6), compressors=zc.ZstdCodec(level=1)), "x")
+    monkeypatch.setattr(type(src.array), "__getitem__", lambda *a: pytest.fail("read through zarr"))
+    for a, b in [(5, 100), (70, 250), (63, 65), (100, 120), (1, 250)]:
+        np.testing.assert_array_equal(src[a:b], values[a:b])
+
+
 def test_a_small_block_does_not_keep_its_whole_chunk(tmp_path):
     values = np.random.default_rng(5).random((250, 6)).astype(np.float32)
     src = open_path(_write(tmp_path / "a.zarr", values, (64, 6), compressors=zc.ZstdCodec(level=1)), "x")

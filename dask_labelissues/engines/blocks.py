@@ -127,22 +127,16 @@ def plan_blocks(config: BlockConfig) -> BlockPlan:
     """The blocks of a job, and the kernel its tasks run.
 
     - Blocks hold about :data:`TARGET_BLOCK_BYTES` of pred_probs in whole
-      storage chunks (no chunk decoded twice), less on workers with little
-      memory (a block and its temporaries must fit a worker several times
-      over) or in a process under a memory limit (each of its threads
-      holds a block and its temporaries), or ``chunk_rows`` if given.  Blocks read whole come in a
-      multiple of the threads that run them, where known
-      (:func:`balanced_chunks`).
-    - Where the tasks read files or stores themselves and pred_probs is
-      read once, a block holds several such pieces
-      (:func:`dask_block_rows`), scanned one at a time.
-    - A dask array's own chunks are kept; small ones are taken in runs of
-      about the automatic size: each block costs a few milliseconds of
-      scheduling whatever its size, which 2,000-row chunks multiply.
+      storage chunks, less where a worker's or this process's memory is
+      small (a block and its temporaries must fit each thread several
+      times over), or ``chunk_rows``; in a multiple of the threads where
+      known (:func:`balanced_chunks`).  Where the tasks read files or
+      stores and pred_probs is read once, a block holds several such
+      pieces (:func:`dask_block_rows`).
+    - A dask array's own chunks are kept, small ones in runs of about the
+      automatic size (a block costs milliseconds of scheduling).
     - The kernel: :func:`choose_kernel`, and numpy on small workers.
-    - With ``cuts``, each block end of that plan is moved to the nearest
-      cut (:func:`snap_blocks`), and a dask array is rechunked to the
-      blocks unless they are its chunks already.
+    - With ``cuts``, block ends move to the nearest cut (:func:`snap_blocks`).
     """
     plan = _plan_blocks(config)
     return plan if config.cuts is None else snap_blocks(plan, config.n_rows, config.cuts)
@@ -201,19 +195,12 @@ def _chunk_rows(n_rows: int, chunks: tuple[int, ...]) -> int | tuple[int, ...]:
 
 def snap_blocks(plan: BlockPlan, n_rows: int, cuts: np.ndarray) -> BlockPlan:
     """``plan`` with each block end moved to the nearest of ``cuts``
-    (:func:`snap_ends`).
+    (:func:`snap_ends`), by at most half the sentence it falls in.
 
-    Blocks keep about the size the plan chose: an end moves by at most
-    half the sentence it falls in.  Where the ends move, a dask array's
-    own chunks (and runs of them) are no longer the blocks, and the plan
-    asks for the inputs rechunked to the blocks (``chunk_rows``, a size
-    per block).  Storage chunks: a default plan's ends lie between storage
-    chunks, so that no chunk is decoded twice; an end moved inside a chunk
-    has both blocks around it decode that chunk, one chunk more per block
-    against the several a default block holds.  That is the price of
-    whole sentences (an end kept on the chunk's edge would split one); an
-    end that is a cut already does not move, so sentences stored in
-    chunks of whole sentences cost nothing more.
+    Where ends move, a dask array is rechunked to the blocks
+    (``chunk_rows``, a size per block), and an end inside a storage chunk
+    has both blocks around it decode that chunk: the price of whole
+    sentences.  An end that is a cut already does not move.
     """
     ends = snap_ends(np.cumsum(plan.chunks)[:-1], cuts, n_rows)
     bounds = block_bounds(np.diff(np.concatenate([[0], ends, [n_rows]])))
@@ -271,21 +258,13 @@ def dask_block_rows(n_rows: int, read_rows: int, row_bytes: int, record_bytes: i
     """Rows per block when the tasks read file or store inputs themselves,
     in pieces of ``read_rows`` (:func:`auto_chunk_rows`).
 
-    Each task of a job costs the scheduler and a worker a few milliseconds
-    of CPU whatever its size, and a block has three (its scan, the state
-    taken out of it, its count).  On a 2-core machine that CPU is taken
-    from the scans.  On 2,000,000 x 100 float32 in Zarr chunks of 131,072
-    rows, with 2 single-thread workers (medians of 16 runs), 16 blocks of
-    one chunk took 1.13 s a job, for 0.19 s of CPU in the client and
-    scheduler's process and 1.86 s in the workers; 4 blocks of 4 chunks
-    took 1.02 s, for 0.09 s and 1.75 s.  So a block holds several pieces,
-    but no more than leave at least two blocks per worker thread (so every
-    thread has work to the end), at most :data:`MAX_PIECES_PER_BLOCK`, and
-    at most as many as keep the block's records (``record_bytes`` a row)
-    within the size of one piece of pred_probs (``row_bytes`` a row): a
-    scan task holds one piece of pred_probs and at most about as much
-    again in records.  ``threads``: the cluster's worker threads, 0 if
-    unknown (one piece a block).
+    Each task costs the scheduler and a worker milliseconds of CPU, taken
+    from the scans on a small machine: on 2,000,000 x 100 float32 Zarr
+    (2 single-thread workers), 16 blocks of one chunk took 1.13 s, 4 of 4
+    chunks 1.02 s.  So a block holds several pieces, but leaves at least
+    two blocks per worker thread (``threads``; 0, unknown: one piece), at
+    most :data:`MAX_PIECES_PER_BLOCK`, and no more records (``record_bytes``
+    a row) than one piece of pred_probs holds (``row_bytes`` a row).
     """
     if threads < 1 or read_rows < 1:
         return max(read_rows, 1)
@@ -507,25 +486,12 @@ class BlockReader:
     def views(
         self, kinds: Sequence[Kind], *, layout: Callable[[np.ndarray], np.ndarray] | None = None
     ) -> list["BlockReader"]:
-        """The block, read once and whole, as items of each of ``kinds``.
+        """The block, read once and whole, as items of each of ``kinds``
+        (each class of multi-label rows, say), one reader a kind.
 
-        Parameters
-        ----------
-        kinds
-            How each view makes items of the stored rows (each class of
-            multi-label rows, say), with as many items a row as this
-            reader's kind.
-        layout
-            Applied once to the stored labels and pred_probs before the
-            views take them: a copy in the memory order the kinds read
-            fastest (the column-major copy of
-            :func:`dask_labelissues.lockstep.column_major_copy`).
-
-        Returns
-        -------
-        list of BlockReader
-            One a kind.  They hold no pages of their own: only the reader
-            the engine made closes the block.
+        ``layout`` is applied once to the stored labels and pred_probs
+        first (:func:`dask_labelissues.lockstep.column_major_copy`).  The
+        views hold no pages: only the engine's reader closes the block.
         """
         labels, probs = self.stored_labels(), self.stored_probs()
         if layout is not None:

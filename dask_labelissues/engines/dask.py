@@ -2,19 +2,13 @@
 
 Each primitive adds one graph layer of plain tasks (:func:`layer`): a map
 is a task per block, a reduction a ``split_every``-way tree whose last
-merge also finalizes, so what the next stage needs is made where the
-merged state is.  Nothing runs until :meth:`DaskEngine.compute`, which
-sends everything built since the last compute as one graph, keeps the
-blocks later stages read on the workers (spilled by Dask if need be) and
-brings back the values: pass one, its thresholds, pass two and the first
-rows of the selection are then one graph, with no stop at the client
-between them.
-
-File and store inputs are read inside the tasks that use them (a piece of
-about 64 MB, in whole storage chunks, at a time); a dask array's blocks
-come from its own graph.  It runs on whatever scheduler is active: the
-``client`` passed in, else Dask's current default (a distributed Client,
-threads or processes).
+merge also finalizes.  Nothing runs until :meth:`DaskEngine.compute`,
+which sends everything built since the last compute as one graph, keeps
+the blocks later stages read on the workers and brings back the values:
+pass one, its thresholds and pass two are one graph, with no stop at the
+client between them.  File and store inputs are read inside the tasks; a
+dask array's blocks come from its own graph.  It runs on the ``client``
+passed in, else Dask's current scheduler.
 """
 
 from __future__ import annotations
@@ -122,14 +116,11 @@ def _ref(arg: Any, deps: dict[Any, Delayed]) -> Any:
 
 def layer(fn: Callable, rows: Sequence[tuple], suffix: tuple[int, ...] = ()) -> list[Delayed]:
     """One task ``fn(*row)`` per row, as one graph layer; Delayed arguments
-    (and lists of them) are passed by key.
+    (and lists of them) are passed by key, literals are never keys or tasks.
 
-    Built as a plain dict rather than with ``delayed(fn)(...)``, whose cost
-    per call (tokenizing the arguments, merging the graphs of its inputs)
-    grows with the inputs: a tree reduction over 77 blocks took 55 ms to
-    build that way, and the graph of a billion-row job has tens of
-    thousands of tasks.  Every literal argument is a number, an array or a
-    plain object, never a key or a task.
+    A plain dict, not ``delayed(fn)(...)``, whose tokenizing and graph
+    merging grow with the inputs: a tree reduction over 77 blocks took 55
+    ms to build that way.
     """
     name = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:16]}"
     deps: dict[Any, Delayed] = {}
@@ -198,15 +189,11 @@ INLINE_BYTES = 1 << 20
 def shared(value: Any, copies: int) -> Any:
     """An argument all ``copies`` tasks of a stage take.
 
-    Small values (the spec, the thresholds of a job with few blocks) go into
-    each task: a key of their own is a task that must run, and then travel
-    to every other worker, before the stage can start.  Large ones, or many
-    copies (tens of thousands of blocks), are one key, and so are
-    containers, which Dask would search for tasks and keys.  The file and
-    store row sources come here too
-    (:func:`dask_labelissues.inputs.reads_in_tasks`): a copy reopens its
-    file or store in its task, 0.02 to 0.33 ms more than a read from an
-    open one (``.npy``, HDF5, Zarr).
+    Small values (the spec, a few blocks' thresholds, file and store row
+    sources) go into each task: a key of their own is a task that must run,
+    and travel to every worker, before the stage can start.  Large ones,
+    many copies, and containers (which Dask would search for keys) are one
+    key.
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -373,15 +360,11 @@ class DaskEngine(Engine):
         return da.Array(parts[0].dask, parts[0].key[0], chunks=chunks, dtype=dtype)
 
     def _per_block(self, values: Sequence[Any]) -> list[Any]:
-        """Each block's own value of a :class:`~.base.PerBlock` argument.
-
-        Literals in the tasks (a container as a key of its own, which Dask
-        would search for keys and tasks), unless, on a distributed cluster,
-        they come to more than :data:`INLINE_BYTES` together: they are then
-        scattered to the workers first.  A filter's per-block rules hold the
-        rows it selected: on 2,000,000 x 100 multi-label they made a graph
-        of 75 MiB, which the client pickled and the scheduler unpacked.
-        """
+        """Each block's own value of a :class:`~.base.PerBlock` argument:
+        literals in the tasks (containers as keys), or scattered first where
+        a distributed cluster would get more than :data:`INLINE_BYTES` (a
+        filter's per-block rules made a 75 MiB graph on 2,000,000 x 100
+        multi-label)."""
         if self.client is not None and sum(sizeof(v) for v in values) > INLINE_BYTES:
             return held(self.client.scatter(list(values), hash=False), "per-block")
         return [delayed(v, pure=False) if isinstance(v, CONTAINERS) else v for v in values]
@@ -492,15 +475,10 @@ def dask_engine(
     problems: int = 1,
 ) -> DaskEngine:
     """The Dask engine for a job, with its blocks and kernel planned
-    (:func:`~.blocks.plan_blocks`) from the cluster's workers.
-
-    File and store inputs are read inside the tasks; other inputs become
-    dask arrays of the plan's row chunks (a dask array keeps its own).
-    ``single_read``: pred_probs is read once, so a block may hold several
-    pieces, scanned one at a time.  ``cuts``: the rows blocks may end at
-    (:attr:`~.blocks.BlockConfig.cuts`); a dask array is rechunked to
-    blocks so cut.  ``problems``: :attr:`~.blocks.BlockConfig.problems`.
-    """
+    (:func:`~.blocks.plan_blocks`) from the cluster's workers; the
+    arguments are :func:`~.plan.make_engine`'s.  File and store inputs are
+    read inside the tasks; other inputs become dask arrays of the plan's
+    row chunks (a dask array keeps its own unless cut)."""
     client = distributed_client(client)
     smallest, threads = cluster_workers(client)
     direct = inputs.reads_in_tasks(labels, pred_probs)

@@ -1,15 +1,12 @@
 """The fork engine: processes forked from this one, which inherit the inputs.
 
 Workers are forked at the job's first map, once its columns (shared output
-buffers) are in place, so no array is ever pickled: a task is a function,
-its small arguments and a block index, and a result is a small state.
-Each worker owns a contiguous run of blocks and runs every stage's task
-for those blocks, so it reads the records it wrote itself: in a pool that
-sent each task to any free worker, a worker touching records another
-process wrote faulted in every page of them, and pass two's tasks took 2
-to 5 times as long as in one process.  A worker that dies (killed, out of
-memory, a crash in native code) fails the job with ``BrokenProcessPool``
-instead of leaving it waiting forever.
+buffers) are in place, so no array is pickled: a task is a function, small
+arguments and a block index; a result is a small state.  Each worker owns
+a contiguous run of blocks for every stage, so it reads the records it
+wrote: a worker touching another's records faulted in every page of them,
+and pass two took 2 to 5 times as long.  A worker that dies fails the job
+with ``BrokenProcessPool`` instead of leaving it waiting.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """The one-machine engine the serial, threads and fork engines share.
 
-Blocks are row ranges of the inputs, sliced from one mapping of each file
-for the whole job.  Columns are item-long buffers allocated before any
-worker process starts, so forked workers share them (anonymous shared
-memory, or a file in ``spill_dir`` when large) and write their rows in
-place; only states travel back.  A map runs when something needs its
-results, and a reduction merges states as they arrive, so memory holds at
-most :data:`~.base.SPLIT_EVERY` of them.
+Blocks are row ranges, sliced from one mapping of each file for the whole
+job.  Columns are item-long buffers allocated before any worker process
+starts, so forked workers write their rows in place and only states
+travel back.  A map runs when something needs its results; a reduction
+merges states as they arrive (:class:`_Folds`).
 """
 
 from __future__ import annotations
@@ -34,19 +32,15 @@ SPILL_BYTES = 256 * 2**20
 HUGE_PAGE_BYTES = 2 << 20
 
 def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None) -> np.ndarray:
-    """An uninitialized length-``n`` buffer.
+    """An uninitialized length-``n`` buffer, taken from :class:`BufferPool`
+    where it has a free one.
 
     Large buffers are backed by an unlinked temporary file, so that the
-    page cache, not anonymous memory, holds them and nothing is left on
-    disk.  Others are anonymous mappings, shared with forked workers if
-    ``shared``; private ones of 2 MiB or more ask for transparent huge
-    pages, since a job's first write to each 4 KiB page of a fresh buffer
-    is a page fault: touching a fresh 320 MB mapping took 0.12 to 0.13 s
-    with 4 KiB pages and 0.02 to 0.04 s with huge pages (development
-    machine, kernel 6.18, THP in madvise mode).
-
-    A buffer no array uses any more is written again by a later job in this
-    process (see :class:`BufferPool`), its pages already in place.
+    page cache, not anonymous memory, holds them.  Others are anonymous
+    mappings, shared with forked workers if ``shared``; private ones of 2
+    MiB or more ask for transparent huge pages: touching a fresh 320 MB
+    mapping took 0.12 to 0.13 s with 4 KiB pages, 0.02 to 0.04 s with huge
+    pages (kernel 6.18, THP in madvise mode).
     """
     dtype = np.dtype(dtype)
     nbytes = max(n * dtype.itemsize, 1)
@@ -89,25 +83,17 @@ class BufferPool:
     """The column buffers of this process's recent jobs, for later jobs to
     write into.
 
-    Every new column takes a fresh mapping whose pages the kernel faults in
-    and zeroes on first write, job after job: on 10,000,000 x 100 that is
-    the 320 MB of records in a file mapping, a quarter of the warm job.
-    A job's buffers that fit in :data:`POOL_BYTES` stay listed here, and a
-    later job takes one of the same kind (private, shared with forked
-    workers, or a spill file in the same directory) once no array refers to
-    it: a result the caller still holds keeps its buffers to itself.  Free
-    buffers beyond the limit are let go, oldest first, and so are older
-    ones still in use.  Kept spill files stay in ``spill_dir`` (unlinked)
-    until let go.
+    A fresh mapping's pages are faulted in and zeroed on first write, job
+    after job: on 10,000,000 x 100, the 320 MB of records were a quarter of
+    the warm job.  Buffers that fit in :data:`POOL_BYTES` stay listed, and
+    a later job takes one of the same kind (private, shared, or a spill
+    file in the same directory) once no array refers to it.  Beyond the
+    limit, free buffers are let go oldest first, then older ones in use.
 
-    Memory shared with other processes (forked workers' columns, spill
-    files) may be read by a process forked while a result held it, after
-    this one let the result go: such buffers are let go at every fork, not
-    written again.  The fork engine's own workers are the exception
-    (:meth:`workers_forked`): they are stopped before their job returns,
-    so its columns are written again by its next job, their pages already
-    in place, where a fresh shared mapping cost each worker a page fault,
-    and the kernel a zeroed page, per 4 KiB it wrote.
+    Shared memory (forked workers' columns, spill files) may still be read
+    by a process forked while a result held it: such buffers are let go at
+    every fork, except the fork engine's own workers' (:meth:`workers_forked`),
+    which are stopped before their job returns.
     """
 
     def __init__(self, limit: int) -> None:
@@ -415,11 +401,9 @@ class LocalEngine(Engine):
     def _keep(self, blocks: LocalBlocks, results: Iterable[tuple[int, Any]], fold: bool) -> Iterable[tuple[int, Any]]:
         """Yield the results and keep what later stages may read: a column's
         rows (a view of it) or the results whole.  A reduction's states are
-        kept only where a compute asked to keep the map, as the Dask engine
-        keeps only those: held to the end of the job, per-block states (a
-        selection's candidates, each block's issues) made its memory grow
-        with the number of issues.  A later map that takes a reduced map's
-        blocks runs them again."""
+        kept only where a compute asked (as the Dask engine keeps them):
+        held to the end, a selection's candidates made memory grow with the
+        issues.  A later map of a reduced map's blocks runs them again."""
         keep = not fold or blocks.out is not None or blocks.kept
         kept: list[Any] = [None] * len(self.plan.bounds)
         for i, result in results:

@@ -68,6 +68,35 @@ def test_every_engine_completes_under_the_cap(big):
     assert 0.02 * ROWS < num_issues < 0.2 * ROWS
 
 
+MULTILABEL_RUN = """
+import sys, numpy as np
+from dask_labelissues import multilabel_classification as ml
+labels = np.load(sys.argv[1], mmap_mode="r")
+probs = np.load(sys.argv[2], mmap_mode="r")
+print(int(ml.find_label_issues(labels, probs).sum()))
+"""
+
+#: A third of pred_probs, where a multi-label job's two threads once held
+#: their 64 MB blocks several times over and ran out.
+MULTILABEL_LIMIT = 400_000_000
+
+
+def test_a_multilabel_job_plans_its_blocks_within_the_cap(big, tmp_path):
+    """The job reads the process's limit (``prlimit --data``, ``ulimit -d``)
+    as its memory and sizes its blocks to it."""
+    given = np.load(big["labels"], mmap_mode="r")
+    matrix = np.lib.format.open_memmap(tmp_path / "labels.npy", "w+", np.uint8, (ROWS, CLASSES))
+    for a in range(0, ROWS, 500_000):
+        block = np.zeros((min(500_000, ROWS - a), CLASSES), dtype=np.uint8)
+        block[np.arange(len(block)), given[a : a + len(block)]] = 1
+        matrix[a : a + len(block)] = block
+    matrix.flush()
+    del matrix
+    proc = _limited(MULTILABEL_RUN, str(tmp_path / "labels.npy"), big["pred_probs"], limit=MULTILABEL_LIMIT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 0.02 * ROWS < int(proc.stdout) < 0.5 * ROWS
+
+
 def _rss() -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -57,7 +57,7 @@ def test_dask_style_keys_take_the_direct_path(tmp_path, monkeypatch):
 
 
 def test_blocks_that_start_inside_a_chunk_are_read_directly(tmp_path, monkeypatch):
-    """Token jobs' blocks end at sentence offsets, inside chunks."""
+    """Blocks cut at sentence offsets (token scores) start inside chunks."""
     values = np.random.default_rng(6).random((250, 6)).astype(np.float32)
     src = open_path(_write(tmp_path / "a.zarr", values, (64, 6), compressors=zc.ZstdCodec(level=1)), "x")
     monkeypatch.setattr(type(src.array), "__getitem__", lambda *a: pytest.fail("read through zarr"))

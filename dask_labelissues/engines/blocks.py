@@ -262,9 +262,9 @@ def dask_block_rows(n_rows: int, read_rows: int, row_bytes: int, record_bytes: i
     from the scans on a small machine: on 2,000,000 x 100 float32 Zarr
     (2 single-thread workers), 16 blocks of one chunk took 1.13 s, 4 of 4
     chunks 1.02 s.  So a block holds several pieces, but leaves at least
-    two blocks per worker thread (``threads``; 0, unknown: one piece), at
-    most :data:`MAX_PIECES_PER_BLOCK`, and no more records (``record_bytes``
-    a row) than one piece of pred_probs holds (``row_bytes`` a row).
+    two blocks per worker thread (``threads``; 0 if unknown: one piece a
+    block), at most :data:`MAX_PIECES_PER_BLOCK`, and its records
+    (``record_bytes`` a row) no larger than one piece (``row_bytes`` a row).
     """
     if threads < 1 or read_rows < 1:
         return max(read_rows, 1)

@@ -591,7 +591,7 @@ def key_counts(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     cells (:func:`off_diagonal_cells`).  A pair's key is minus its margin
     ``p[other] - p[given]`` in the input's dtype, as the joint's records
     hold it for problems whose rows keep every other class.  A block's
-    counts travel to the merges (820 kB a block for 100 binary problems at
+    counts travel to the merges (410 kB a block for 100 binary problems at
     int32), so they take 4 bytes; merged ones are int64."""
     probs = np.asarray(probs)
     if probs.dtype in (np.float32, np.float64):

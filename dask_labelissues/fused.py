@@ -393,15 +393,14 @@ def _build_numba() -> tuple[Any, ...] | None:
         # g, a tie to the earlier state, written to the outputs.  A state's
         # rows past what its group takes are skipped, never compared.
         # Values compare as np.argsort orders them: NaN last, -0.0 equal to
-        # 0.0 (a < b, or b alone is NaN).  -1 if a state is out of order.
+        # 0.0 (a < b, or b alone is NaN).  -1 if a state is out of order;
+        # groups are within 0..len(limits) - 1 (the caller checks).
         n_states = bounds.shape[0] - 1
         for s in range(n_states):
             for i in range(bounds[s] + 1, bounds[s + 1]):
                 a, b = values[i], values[i - 1]
                 if group[i] < group[i - 1] or (group[i] == group[i - 1] and (a < b or (b != b and a == a))):
                     return -1
-            if bounds[s + 1] > bounds[s] and (group[bounds[s]] < 0 or group[bounds[s + 1] - 1] >= limits.shape[0]):
-                return -1
         head = bounds[:-1].copy()
         ends = np.empty(n_states, dtype=np.int64)
         n_out = 0

@@ -115,8 +115,10 @@ def find_label_issues(
         distributed Client is current or an input is a dask array (its
         N-long outputs are then lazy dask arrays), else ``"threads"``.
         ``"dask"`` (any Dask scheduler), ``"threads"`` (a pool of threads in
-        this process: the fastest on one machine), ``"fork"`` (a pool of
-        forked processes on this machine) or ``"serial"``.
+        this process: the fastest on one machine), ``"fork"`` (processes
+        forked from this one; on files and stores they are kept for the
+        process's later jobs, and exit after a minute without one) or
+        ``"serial"``.
     chunk_rows
         Rows per block. Default: about 64 MB of pred_probs per block, in
         whole storage chunks; a dask array keeps its own row chunks.  The

@@ -1,56 +1,241 @@
-"""The fork engine: processes forked from this one, which inherit the inputs.
+"""The fork engine: block tasks in worker processes forked from this one.
 
-Workers are forked at the job's first map, once its columns (shared output
-buffers) are in place, so no array is pickled: a task is a function, small
-arguments and a block index; a result is a small state.  Each worker owns
-a contiguous run of blocks for every stage, so it reads the records it
-wrote: a worker touching another's records faulted in every page of them,
-and pass two took 2 to 5 times as long.  A worker that dies fails the job
-with ``BrokenProcessPool`` instead of leaving it waiting.
+A task is a function, small arguments and a block index; a result is a
+small state; the workers write the job's columns (shared buffers) in
+place, so no array is pickled.  Each worker owns a contiguous run of
+blocks for every stage, so it reads the records it wrote: a worker
+touching another's records faulted in every page of them, and pass two
+took 2 to 5 times as long.  A worker that dies fails the job with
+``BrokenProcessPool`` instead of leaving it waiting.
+
+Workers reach a job in one of two ways:
+
+* Inputs that pickle small (files and stores): a pool forked once and kept
+  for later jobs is sent the job; each worker maps the files itself and
+  the column buffers from their descriptors, and keeps a buffer mapped
+  while this process keeps it for later jobs.  Workers forked for every
+  job took a sixth of a warm job on 2,000,000 x 100: the forks and exits,
+  a page fault for every page of the columns they wrote and copies of the
+  heap pages they touched, all of which a kept worker has already paid.
+  A kept worker exits after :data:`IDLE_SECONDS` without a job.
+* Other inputs (arrays in memory): workers forked at the job's first map,
+  once its columns are in place, which inherit everything and exit when
+  the job ends.
 """
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing as mp
+import os
 import signal
+import socket
+import threading
 import warnings
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .local import BUFFERS, LocalEngine, pool_size
+import numpy as np
 
-# Engines whose workers are alive, by id; each worker inherits the registry
-# as it was when it was forked, its own engine included.
+from .. import inputs
+from .local import BUFFERS, LocalEngine, pool_size, shared_handle
+
+#: Seconds a kept worker waits for its next job before it exits.
+IDLE_SECONDS = 60.0
+
+# Engines whose own workers are alive, by id; each worker inherits the
+# registry as it was when it was forked, its own engine included.
 _ENGINES: dict[int, LocalEngine] = {}
 
 
-def _serve(conn: Any, engine_id: int) -> None:
-    """A worker's loop: run each request's tasks on the inherited engine,
-    sending back one ``(ok, value)`` per task, in order; a task that raises
-    ends its request.  ``None`` or a closed pipe ends it."""
+def _serve(conn: Any, engine_id: int | None) -> None:
+    """A worker's loop.  Requests: ``("job", ...)`` (a kept worker's next
+    job), ``("tasks", [...])`` (one ``(ok, value)`` reply per task, in
+    order; a task that raises ends the request), ``("keep", keys)`` (the
+    job ended: unmap other buffers).  ``None`` or a closed pipe ends it."""
     # Ctrl-C reaches the whole process group; the parent reports it and
     # stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    engine = _ENGINES[engine_id]
+    engine = _ENGINES.get(engine_id) if engine_id is not None else None
+    mapped: dict[int, mmap.mmap] = {}
     while True:
         try:
-            tasks = conn.recv()
+            if engine_id is None and not conn.poll(IDLE_SECONDS):
+                return
+            request = conn.recv()
         except (EOFError, OSError):
             return
-        if tasks is None:
+        if request is None:
             return
-        for task in tasks:
+        op, body = request
+        if op == "job":
+            state, new = body
+            for (key, size), fd in zip(new, _recv_fds(conn, len(new)) if new else []):
+                try:
+                    mapped[key] = mmap.mmap(fd, size)
+                finally:
+                    os.close(fd)
             try:
-                reply = (True, engine.call(*task))
-            except BaseException as exc:  # sent to the parent, which raises it
-                reply = (False, exc)
+                engine = _job_engine(state, mapped)
+                reply = (True, None)
+            except BaseException as exc:
+                engine, reply = None, (False, exc)
+            _send(conn, reply)
+        elif op == "keep":
+            engine = None
+            for key in set(mapped) - body:
+                del mapped[key]
+        else:
+            for task in body:
+                try:
+                    reply = (True, engine.call(*task))
+                except BaseException as exc:  # sent to the parent, which raises it
+                    reply = (False, exc)
+                _send(conn, reply)
+                if not reply[0]:
+                    break
+
+
+def _send(conn: Any, reply: tuple[bool, Any]) -> None:
+    try:
+        conn.send(reply)
+    except Exception as exc:  # a result or an error that does not pickle
+        conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+def _socket(conn: Any) -> socket.socket:
+    # A duplicate of the pipe's socket, so closing it leaves the pipe open.
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(conn.fileno()))
+
+
+def _recv_fds(conn: Any, n: int) -> list[int]:
+    with _socket(conn) as sock:
+        return socket.recv_fds(sock, 1, n)[1]
+
+
+def _job_state(engine: LocalEngine, handles: Sequence[tuple[int, int, int]]) -> tuple:
+    """What a kept worker needs of a job: its inputs (which pickle small),
+    blocks, kind and columns (as buffer keys)."""
+    columns = [(key, c.dtype, len(c)) for (key, _, _), c in zip(handles, engine.columns)]
+    return engine.labels, engine.pred_probs, engine.plan, engine.kind, columns
+
+
+def _job_engine(state: tuple, mapped: dict[int, mmap.mmap]) -> LocalEngine:
+    labels, pred_probs, plan, kind, columns = state
+    engine = LocalEngine(labels, pred_probs, plan, kind=kind)
+    engine.columns = [np.frombuffer(mapped[key], dtype=dtype, count=n) for key, dtype, n in columns]
+    return engine
+
+
+def _start_workers(count: int, engine_id: int | None) -> list[tuple[Any, Any]]:
+    """``count`` forked workers, as ``(process, pipe)``."""
+    context = mp.get_context("fork")
+    workers: list[tuple[Any, Any]] = []
+    try:
+        # These workers never read a buffer after their job ends (kept
+        # ones map each job's anew): the buffers stay listed.
+        with BUFFERS.workers_forked():
+            for _ in range(count):
+                parent, child = context.Pipe()
+                process = context.Process(target=_serve, args=(child, engine_id), daemon=True)
+                process.start()
+                child.close()
+                workers.append((process, parent))
+    except BaseException:
+        _stop(workers, kill=True)
+        raise
+    return workers
+
+
+def _stop(workers: Sequence[tuple[Any, Any]], kill: bool) -> None:
+    """Ask workers to exit (``kill``: terminate them, as after a stage whose
+    results were not all taken) and wait for them."""
+    for process, conn in workers:
+        if kill:
+            process.terminate()
+        else:
             try:
-                conn.send(reply)
-            except Exception as exc:  # a result or an error that does not pickle
-                conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
-            if not reply[0]:
-                break
+                conn.send(None)
+            except OSError:
+                pass
+    stuck = False
+    for process, conn in workers:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+            stuck = stuck or process.is_alive()
+        conn.close()
+    if stuck:
+        # A worker that outlived SIGKILL (blocked in the kernel) keeps
+        # every shared buffer it mapped, and a system call it is in may
+        # still touch one: none is written again.
+        BUFFERS.drop_shared()
+
+
+class _Pool:
+    """Workers kept for later jobs, and the buffers each has mapped."""
+
+    def __init__(self, size: int) -> None:
+        self.workers = _start_workers(size, None)
+        self.mapped: list[set[int]] = [set() for _ in self.workers]
+
+    def alive(self) -> bool:
+        return all(process.is_alive() for process, _ in self.workers)
+
+    def send_job(self, engine: LocalEngine, count: int) -> bool:
+        """Give the first ``count`` workers the job; False where one had
+        exited (idle) before it read it."""
+        handles = [shared_handle(c) for c in engine.columns]
+        state = _job_state(engine, handles)
+        replies = []
+        try:
+            for (_, conn), has in zip(self.workers[:count], self.mapped):
+                new = [(key, fd, size) for key, fd, size in handles if key not in has]
+                conn.send(("job", (state, [(key, size) for key, _, size in new])))
+                if new:
+                    with _socket(conn) as sock:
+                        socket.send_fds(sock, [b"\0"], [fd for _, fd, _ in new])
+                has.update(key for key, _, _ in new)
+            # Every reply is read before one is raised: none is left for
+            # the next request.
+            replies = [conn.recv() for _, conn in self.workers[:count]]
+        except (EOFError, OSError):
+            return False
+        for ok, value in replies:
+            if not ok:
+                raise value
+        return True
+
+    def end_job(self) -> None:
+        keep = BUFFERS.shared_keys()
+        for (_, conn), has in zip(self.workers, self.mapped):
+            conn.send(("keep", keep))
+            has &= keep
+
+
+_POOL: _Pool | None = None
+# Held by the job using the pool; a job that finds it taken (another
+# thread's) forks workers of its own.
+_POOL_LOCK = threading.Lock()
+
+
+def _stop_pool(kill: bool = False) -> None:
+    global _POOL
+    if _POOL is not None:
+        pool, _POOL = _POOL, None
+        _stop(pool.workers, kill)
+
+
+def _forget_pool() -> None:
+    # A forked child holds no pool: the workers are its parent's.
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def fork_available() -> bool:
@@ -63,9 +248,9 @@ class ForkEngine(LocalEngine):
     forked processes (default: one per usable core), each owning a
     contiguous run of blocks.
 
-    ``warm_up``, if given, runs here just before the fork: the workers
-    then inherit what it loaded (numba's compiled kernels), where each
-    would otherwise load it again in every job.
+    ``warm_up``, if given, runs here before any worker gets the job:
+    workers forked after it inherit what it loaded (numba's compiled
+    kernels), and kept ones load them from numba's cache once.
     """
 
     shared_columns = True
@@ -80,23 +265,51 @@ class ForkEngine(LocalEngine):
         # A stage whose results were not all taken (an error, Ctrl-C): its
         # workers are stopped at close rather than waited for.
         self.busy = False
+        self.pool = self._take_pool() if inputs.reads_in_tasks(self.labels, self.pred_probs) else None
+
+    def _take_pool(self) -> _Pool | None:
+        """The kept workers, forked now if there are none: before the job's
+        columns exist, which they would otherwise keep mapped.  None where
+        another job holds them."""
+        global _POOL
+        if not hasattr(os, "memfd_create") or not _POOL_LOCK.acquire(blocking=False):
+            return None
+        try:
+            if _POOL is not None and (len(_POOL.workers) != self.n_jobs or not _POOL.alive()):
+                _stop_pool()
+            if _POOL is None:
+                if self.warm_up is not None:
+                    self.warm_up()
+                _POOL = _Pool(self.n_jobs)
+            return _POOL
+        except BaseException:
+            _POOL_LOCK.release()
+            raise
 
     def _start(self) -> None:
         if self.warm_up is not None:
             self.warm_up()
+        count = len(self._runs())
+        if self.pool is not None:
+            try:
+                if all(shared_handle(c) is not None for c in self.columns):
+                    if self.pool.send_job(self, count):
+                        self.workers = self.pool.workers[:count]
+                        return
+                    # A kept worker had exited (idle): this job forks its
+                    # own, the next one a new pool.
+                    _stop_pool(kill=True)
+            except BaseException:
+                _stop_pool(kill=True)
+                self._release_pool()
+                raise
+            self._release_pool()
         _ENGINES[id(self)] = self
-        context = mp.get_context("fork")
-        try:
-            with BUFFERS.workers_forked():
-                for _ in self._runs():
-                    parent, child = context.Pipe()
-                    process = context.Process(target=_serve, args=(child, id(self)), daemon=True)
-                    process.start()
-                    child.close()
-                    self.workers.append((process, parent))
-        except BaseException:
-            self.close()
-            raise
+        self.workers = _start_workers(count, id(self))
+
+    def _release_pool(self) -> None:
+        self.pool = None
+        _POOL_LOCK.release()
 
     def _runs(self) -> list[tuple[int, int]]:
         """Each worker's blocks: an even share, in order."""
@@ -116,7 +329,7 @@ class ForkEngine(LocalEngine):
         self.busy = True
         for (_, conn), own in zip(self.workers, mine):
             if own:
-                conn.send(own)
+                conn.send(("tasks", own))
         return self._results([[task[0] for task in own] for own in mine])
 
     def _results(self, mine: list[list[int]]) -> Iterator[tuple[int, Any]]:
@@ -159,27 +372,18 @@ class ForkEngine(LocalEngine):
         )
 
     def close(self) -> None:
-        for process, conn in self.workers:
-            if self.busy:
-                process.terminate()
-            else:
-                try:
-                    conn.send(None)
-                except OSError:
-                    pass
-        stuck = False
-        for process, conn in self.workers:
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-                stuck = stuck or process.is_alive()
-            conn.close()
-        if stuck:
-            # A worker that outlived SIGKILL (blocked in the kernel) keeps
-            # every shared buffer it inherited mapped, and a system call it
-            # is in may still touch one: none is written again.
-            BUFFERS.drop_shared()
+        if self.pool is not None:
+            try:
+                if self.busy:
+                    _stop_pool(kill=True)
+                else:
+                    self.pool.end_job()
+            except OSError:  # a worker gone since its last result
+                _stop_pool(kill=True)
+            finally:
+                self._release_pool()
+        else:
+            _stop(self.workers, kill=self.busy)
         self.workers = []
         _ENGINES.pop(id(self), None)
 

@@ -9,10 +9,12 @@ merges states as they arrive (:class:`_Folds`).
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import sys
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -53,18 +55,28 @@ def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None) ->
 
 
 def _new_buffer(kind: tuple, nbytes: int) -> mmap.mmap:
+    fd = None
     if kind[0] == "file":
         import tempfile  # a few milliseconds of start-up, for large jobs only
 
         fd, path = tempfile.mkstemp(prefix="dask-labelissues-", dir=kind[1])
+        os.unlink(path)
+    elif kind[0] == "shared" and hasattr(os, "memfd_create"):
+        fd = os.memfd_create("dask-labelissues", os.MFD_CLOEXEC)
+    elif kind[0] == "shared":
+        return mmap.mmap(-1, nbytes)
+    if fd is not None:
         try:
             os.ftruncate(fd, nbytes)
-            return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
-        finally:
+            buf = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+        except BaseException:
             os.close(fd)
-            os.unlink(path)
-    if kind[0] == "shared":
-        return mmap.mmap(-1, nbytes)
+            raise
+        # The descriptor stays open while the buffer lives, for processes
+        # that did not inherit the mapping (the fork engine's kept workers).
+        _SHARED[buf] = (next(_KEYS), fd)
+        weakref.finalize(buf, os.close, fd)
+        return buf
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if nbytes >= HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
@@ -72,6 +84,19 @@ def _new_buffer(kind: tuple, nbytes: int) -> mmap.mmap:
         except OSError:  # a kernel without transparent huge pages: 4 KiB pages
             pass
     return buf
+
+
+#: Shared buffers that have a file descriptor: ``(key, fd)`` by buffer.
+_SHARED: "weakref.WeakKeyDictionary[mmap.mmap, tuple[int, int]]" = weakref.WeakKeyDictionary()
+_KEYS = itertools.count()
+
+
+def shared_handle(array: np.ndarray) -> tuple[int, int, int] | None:
+    """``(key, fd, size)`` of the shared buffer ``array`` was allocated
+    over (by :func:`allocate`), or None if it has no descriptor."""
+    buf = getattr(array.base, "obj", None)
+    found = _SHARED.get(buf) if isinstance(buf, mmap.mmap) else None
+    return None if found is None else (*found, len(buf))
 
 
 #: The most bytes of column buffers this process keeps for later jobs: a
@@ -126,6 +151,11 @@ class BufferPool:
                     if not free_first or slot.free():
                         self._slots.remove(slot)
                         total -= len(slot.buf)
+
+    def shared_keys(self) -> set[int]:
+        """The keys (:func:`shared_handle`) of the listed shared buffers."""
+        with self._lock:
+            return {_SHARED[s.buf][0] for s in self._slots if s.buf in _SHARED}
 
     def clear(self) -> None:
         """Let go of every listed buffer (those in use stay with their arrays)."""

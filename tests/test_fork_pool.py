@@ -74,6 +74,17 @@ def memfd_mappings(pid: int) -> int:
         return sum("memfd:dask-labelissues" in line for line in maps)
 
 
+def settled_mappings(pids: list[int], expected: int) -> list[int]:
+    """Each worker's memfd mappings once it has handled the job's end,
+    which it is sent as the job returns (waiting at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [memfd_mappings(pid) for pid in pids]
+        if found == [expected] * len(pids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/<pid>/maps")
 def test_kept_workers_unmap_buffers_this_process_no_longer_keeps(files):
     data, labels, probs = files
@@ -84,14 +95,14 @@ def test_kept_workers_unmap_buffers_this_process_no_longer_keeps(files):
     first = find_label_issues(labels, probs, backend="fork", n_jobs=2, chunk_rows=700)
     listed = len(BUFFERS.shared_keys())
     assert listed >= 2
-    assert [memfd_mappings(pid) for pid in pool_pids()] == [held + listed] * 2
+    assert settled_mappings(pool_pids(), held + listed) == [held + listed] * 2
     # Let go here, the first job's buffers live on in the workers until
     # the next job ends, which maps buffers of its own (none is free).
     BUFFERS.clear()
     second = find_label_issues(labels, probs, backend="fork", n_jobs=2, chunk_rows=700)
     assert_identical(first, second)
     assert len(BUFFERS.shared_keys()) == listed
-    assert [memfd_mappings(pid) for pid in pool_pids()] == [held + listed] * 2
+    assert settled_mappings(pool_pids(), held + listed) == [held + listed] * 2
 
 
 def test_workers_that_exited_idle_or_were_killed_are_replaced(files, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import dask
 import dask.array as da
@@ -12,7 +13,8 @@ import zarr
 from cleanlab.token_classification import filter as cl_filter
 from cleanlab.token_classification import rank as cl_rank
 
-from dask_labelissues import api, pipelines, sentences as sm, token_classification as tc
+from dask_labelissues import api, lockstep, pipelines, sentences as sm, token_classification as tc
+from dask_labelissues.engines import blocks
 from dask_labelissues.engines import make_engine
 from dask_labelissues.engines.blocks import BlockConfig, even_chunks, plan_blocks, snap_ends
 from dask_labelissues.kernels import ScoreSpec
@@ -48,12 +50,52 @@ def flat(labels, probs):
 
 
 # -- find_label_issues -------------------------------------------------------------------
+@pytest.fixture(params=["buckets", "kept candidates"])
+def selection(request, monkeypatch):
+    """Both ways prune_by_noise_rate's issues are selected: by key buckets
+    with no item-long column (where the job runs numba's kernels), or from
+    each token's kept candidates (numpy's).  Yields how many jobs took the
+    buckets."""
+    taken = []
+    if request.param == "buckets":
+        monkeypatch.setattr(blocks, "NUMBA_MIN_CELLS", 0)
+
+        def run_filters(engine, *args, **kwargs):
+            taken.append(engine)
+            return lockstep.run_filters(engine, *args, **kwargs)
+
+        monkeypatch.setattr(tc, "run_filters", run_filters)
+    else:
+        monkeypatch.setattr(blocks, "choose_kernel", lambda spec, cells, in_process: replace(spec, kernel="numpy"))
+    yield taken
+    assert (len(taken) > 0) == (request.param == "buckets")
+
+
 @pytest.mark.parametrize("k", [2, 5, 20])
 @pytest.mark.parametrize("ranked_by", ["self_confidence", "normalized_margin", "confidence_weighted_entropy"])
-def test_issues_equal_cleanlabs(k, ranked_by):
+def test_issues_equal_cleanlabs(k, ranked_by, selection):
     labels, probs = sentences(k)
     expected = cl_filter.find_label_issues(labels, probs, return_indices_ranked_by=ranked_by, n_jobs=1)
     got = tc.find_label_issues(labels, probs, return_indices_ranked_by=ranked_by, backend="serial")
+    assert len(expected) > 20
+    assert got == expected
+
+
+@pytest.mark.parametrize("backend", ["serial", "fork"])
+def test_the_bucket_selection_keeps_no_item_long_column(monkeypatch, backend):
+    from dask_labelissues.engines.local import LocalEngine
+
+    labels, probs = sentences(20, n=500, seed=4, dtype="float32")
+    expected = cl_filter.find_label_issues(labels, probs, n_jobs=1, frac_noise=0.5, min_examples_per_class=30)
+    monkeypatch.setattr(blocks, "NUMBA_MIN_CELLS", 0)
+
+    def column(self, dtype):
+        raise AssertionError("an item-long column")
+
+    monkeypatch.setattr(LocalEngine, "column", column)
+    got = tc.find_label_issues(
+        labels, probs, frac_noise=0.5, min_examples_per_class=30, chunk_rows=999, backend=backend
+    )
     assert len(expected) > 20
     assert got == expected
 
@@ -106,7 +148,7 @@ def stored(tmp_path_factory):
     [("serial", {"chunk_rows": 7}), ("threads", {"chunk_rows": 500}), ("fork", {"chunk_rows": 1000}),
      ("dask", {"chunk_rows": 333})],
 )
-def test_stored_tokens_with_offsets_give_the_in_memory_results(stored, backend, options):
+def test_stored_tokens_with_offsets_give_the_in_memory_results(stored, backend, options, selection):
     root, labels, probs = stored
     expected = cl_filter.find_label_issues(labels, probs, n_jobs=1)
     exp_sentences, exp_tokens = cl_rank.get_label_quality_scores(labels, probs, sentence_score_method="softmin")

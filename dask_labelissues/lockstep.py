@@ -58,7 +58,8 @@ class ProblemsResult:
 
     ``mask`` is ``(items, P)`` bool (lazy where the engine is), column
     ``p`` the ``is_label_issue`` of problem ``p``, or ``(items,)``, an
-    item's issue in any problem (``per_problem=False``); the lists hold
+    item's issue in any problem (``per_problem=False``), or None where it
+    was not asked for (``mask=False``); the lists hold
     one entry a problem.  ``issues`` and ``issue_scores`` are None where
     they were not asked for (``issues=False``).
     """
@@ -345,7 +346,7 @@ def _row_scores(flags: tuple[np.ndarray, list[Winners], Any]) -> np.ndarray:
 def run_filters(
     engine: Engine, spec: ScoreSpec, kinds: Sequence[Kind], fspecs: Sequence[FilterSpec], ranked: bool = True,
     row_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, per_problem: bool = True,
-    confident_joints: Sequence[np.ndarray | None] | None = None, issues: bool = True,
+    confident_joints: Sequence[np.ndarray | None] | None = None, issues: bool = True, mask: bool = True,
 ) -> ProblemsResult:
     """cleanlab.filter's method of each ``fspecs[p]`` on problem ``kinds[p]``,
     each stage for all problems on one read of pred_probs.
@@ -392,6 +393,9 @@ def run_filters(
         Gather each problem's flagged items; False: only their counts by
         given label (the lists grow with the issues, and a caller that
         wants the mask needs none of them).
+    mask
+        Make the mask; False: None, and the last read's blocks are not
+        kept for it (an item-long byte a problem, held to the end).
 
     Returns
     -------
@@ -452,7 +456,7 @@ def run_filters(
     flags = engine.map(flags_block, INPUTS, START, kinds, spec, fspecs, thresholds, per_block, row_scores,
                        per_problem, issues, label="flagging the issues")
     found = engine.reduce(engine.map(_found, flags), each(WINNERS) if issues else PAIR_COUNTS)
-    (found,) = engine.compute(found, keep=[flags])
+    (found,) = engine.compute(found, keep=[flags] if mask or row_scores is not None else [])
     reads += 1
     winners = None
     if issues:
@@ -461,7 +465,8 @@ def run_filters(
     else:
         by_label = found
     return ProblemsResult(
-        mask=engine.to_array(engine.map(_mask, flags), np.bool_, row_shape=(n,) if per_problem else None),
+        mask=engine.to_array(engine.map(_mask, flags), np.bool_, row_shape=(n,) if per_problem else None)
+        if mask else None,
         issues=None if winners is None else [w.index for w in winners],
         issue_scores=None if winners is None else [w.score for w in winners],
         thresholds=thresholds,

@@ -9,7 +9,7 @@ import dask
 import numpy as np
 import pytest
 
-from dask_labelissues import filters
+from dask_labelissues import filters, lockstep
 from dask_labelissues import multilabel_classification as ml
 from dask_labelissues.engines import make_engine
 from dask_labelissues.kernels import ScoreSpec
@@ -73,6 +73,34 @@ def test_every_class_gets_what_its_own_job_gives(filter_by, backend, chunk_rows)
     got = together(backend, matrix, probs, kinds, fspecs, chunk_rows)
     assert got.issues[0].size and got.issues[5].size
     assert_each_alone(got, matrix, probs, kinds, fspecs)
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads", "dask"])
+def test_a_job_without_the_mask_keeps_no_block_for_it(backend, monkeypatch):
+    """Ten classes by buckets (prune_by_noise_rate with its own candidates
+    unset) give the rows' filter's issues; without the mask, the last
+    read's blocks are not kept."""
+    d = make_dataset(6000, 10, seed=63)
+    fspec = filters.FilterSpec("prune_by_noise_rate")
+    assert lockstep.by_buckets(fspec, 10)
+    engine = _engine(backend, d.labels, d.pred_probs, ROWS, 700, False)
+    kept = []
+    compute = type(engine).compute
+
+    def spy(self, *handles, keep=()):
+        kept.extend(keep)
+        return compute(self, *handles, keep=keep)
+
+    monkeypatch.setattr(type(engine), "compute", spy)
+    try:
+        with dask.config.set(scheduler="threads"):
+            got = run_filters(engine, engine.plan.spec, [ROWS], [fspec], mask=False)
+    finally:
+        engine.close()
+    assert got.mask is None and kept == []
+    ref = alone(d.labels, d.pred_probs, ROWS, fspec, 389)
+    np.testing.assert_array_equal(got.issues[0], ref.issues)
+    np.testing.assert_array_equal(got.issue_scores[0], ref.issue_scores)
 
 
 def test_problems_with_other_filters_and_undecided_cells():

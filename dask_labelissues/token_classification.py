@@ -136,8 +136,8 @@ def _issues_by_buckets(labels: Any, pred_probs: Any, method: str, options: dict[
     an item-long joint record of kept candidates (76 bytes a token of 20
     classes) and the records, scores and mask (41 bytes): this path keeps
     no item-long column, and reads pred_probs 4 times instead of 2.  Taken
-    where the job runs numba's kernels: on 20,000,000 tokens of 20 classes
-    in a fresh process, 4.4 s against 6.1 s on ``.npy``, and a peak RSS of
+    where the job runs numba's kernels: on 20,000,000 tokens of 20 classes,
+    warm, 4.4 s against 6.1 s on ``.npy``, and a fresh process's peak RSS
     507 MB against 2,740 MB; with the numpy kernels (small jobs in a fresh
     process) its bucket counts cost 3 times the rows' filter on 2,000,000
     tokens.

@@ -103,6 +103,11 @@ def test_kept_workers_unmap_buffers_this_process_no_longer_keeps(files):
     assert_identical(first, second)
     assert len(BUFFERS.shared_keys()) == listed
     assert settled_mappings(pool_pids(), held + listed) == [held + listed] * 2
+    # Nor do they keep the job's files mapped (a file removed would keep
+    # its disk space).
+    for pid in pool_pids():
+        with open(f"/proc/{pid}/maps") as maps:
+            assert not [line for line in maps if probs in line or labels in line]
 
 
 def test_workers_that_exited_idle_or_were_killed_are_replaced(files, monkeypatch):

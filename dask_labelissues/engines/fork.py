@@ -53,7 +53,9 @@ def _serve(conn: Any, engine_id: int | None) -> None:
     """A worker's loop.  Requests: ``("job", ...)`` (a kept worker's next
     job), ``("tasks", [...])`` (one ``(ok, value)`` reply per task, in
     order; a task that raises ends the request), ``("keep", keys)`` (the
-    job ended: unmap other buffers).  ``None`` or a closed pipe ends it."""
+    job ended: unmap other buffers).  ``None`` or a closed pipe ends it.
+    Each request is handled in a function of its own, so that an idle
+    worker holds nothing of the last one (a result, the job's files)."""
     # Ctrl-C reaches the whole process group; the parent reports it and
     # stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -69,32 +71,44 @@ def _serve(conn: Any, engine_id: int | None) -> None:
         if request is None:
             return
         op, body = request
+        del request
         if op == "job":
-            state, new = body
-            for (key, size), fd in zip(new, _recv_fds(conn, len(new)) if new else []):
-                try:
-                    mapped[key] = mmap.mmap(fd, size)
-                finally:
-                    os.close(fd)
-            try:
-                engine = _job_engine(state, mapped)
-                reply = (True, None)
-            except BaseException as exc:
-                engine, reply = None, (False, exc)
-            _send(conn, reply)
+            engine = _job(conn, body, mapped)
         elif op == "keep":
             engine = None
             for key in set(mapped) - body:
                 del mapped[key]
         else:
-            for task in body:
-                try:
-                    reply = (True, engine.call(*task))
-                except BaseException as exc:  # sent to the parent, which raises it
-                    reply = (False, exc)
-                _send(conn, reply)
-                if not reply[0]:
-                    break
+            _tasks(conn, engine, body)
+        del body
+
+
+def _job(conn: Any, body: tuple, mapped: dict[int, mmap.mmap]) -> LocalEngine | None:
+    """A kept worker's next job: its new buffers mapped, its engine built."""
+    state, new = body
+    for (key, size), fd in zip(new, _recv_fds(conn, len(new)) if new else []):
+        try:
+            mapped[key] = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+    try:
+        engine = _job_engine(state, mapped)
+    except BaseException as exc:
+        _send(conn, (False, exc))
+        return None
+    _send(conn, (True, None))
+    return engine
+
+
+def _tasks(conn: Any, engine: LocalEngine, tasks: list[tuple]) -> None:
+    for task in tasks:
+        try:
+            reply = (True, engine.call(*task))
+        except BaseException as exc:  # sent to the parent, which raises it
+            reply = (False, exc)
+        _send(conn, reply)
+        if not reply[0]:
+            return
 
 
 def _send(conn: Any, reply: tuple[bool, Any]) -> None:
@@ -256,21 +270,29 @@ class ForkEngine(LocalEngine):
     shared_columns = True
 
     def __init__(
-        self, *args: Any, n_jobs: int | None = None, warm_up: Callable[[], None] | None = None, **kwargs: Any
+        self, labels: Any, pred_probs: Any, *args: Any, n_jobs: int | None = None,
+        warm_up: Callable[[], None] | None = None, **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
         self.n_jobs = pool_size(n_jobs)
         self.warm_up = warm_up
         self.workers: list[tuple[Any, Any]] = []
         # A stage whose results were not all taken (an error, Ctrl-C): its
         # workers are stopped at close rather than waited for.
         self.busy = False
-        self.pool = self._take_pool() if inputs.reads_in_tasks(self.labels, self.pred_probs) else None
+        # Taken before this job maps its files, which kept workers forked
+        # now would otherwise keep mapped.
+        self.pool = self._take_pool() if inputs.reads_in_tasks(labels, pred_probs) else None
+        try:
+            super().__init__(labels, pred_probs, *args, **kwargs)
+        except BaseException:
+            if self.pool is not None:
+                self._release_pool()
+            raise
 
     def _take_pool(self) -> _Pool | None:
         """The kept workers, forked now if there are none: before the job's
-        columns exist, which they would otherwise keep mapped.  None where
-        another job holds them."""
+        files and columns are mapped, which they would otherwise keep.
+        None where another job holds them."""
         global _POOL
         if not hasattr(os, "memfd_create") or not _POOL_LOCK.acquire(blocking=False):
             return None

@@ -63,7 +63,8 @@ memory
     Peak resident set of a fresh process running one job on (c) .npy (on (a)
     with ``--quick``), with the default backend and with ``backend="fork"``:
     ``ru_maxrss`` of the process itself and of its largest reaped child
-    (``RUSAGE_CHILDREN``), read before the result is digested.  RSS counts
+    (``RUSAGE_CHILDREN``; a fork engine's kept workers are stopped first),
+    read before the result is digested.  RSS counts
     the pages of the memory-mapped .npy file the process touched.
 
 Results must be the same bits in both trees: every configuration's result is
@@ -265,6 +266,11 @@ def measure_memory(tree: str, spec: str) -> None:
     t = time.perf_counter()
     result = dli.find_label_issues(request["labels"], request["probs"], **request["kwargs"])
     seconds = time.perf_counter() - t
+    # A tree whose fork engine keeps its workers after the job: stopped
+    # (and reaped) here, so that RUSAGE_CHILDREN counts them.
+    fork = sys.modules.get(f"{dli.__name__}.engines.fork")
+    if fork is not None and hasattr(fork, "_stop_pool"):
+        fork._stop_pool()
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(json.dumps({"seconds": seconds, "self_peak_rss": own, "children_peak_rss": children,

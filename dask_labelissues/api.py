@@ -116,8 +116,9 @@ def find_label_issues(
         N-long outputs are then lazy dask arrays), else ``"threads"``.
         ``"dask"`` (any Dask scheduler), ``"threads"`` (a pool of threads in
         this process: the fastest on one machine), ``"fork"`` (processes
-        forked from this one; on files and stores they are kept for the
-        process's later jobs, and exit after a minute without one) or
+        forked from this one; on files and stores, where the system has
+        memfd, they are kept for the process's later jobs, and exit after
+        a minute without one) or
         ``"serial"``.
     chunk_rows
         Rows per block. Default: about 64 MB of pred_probs per block, in

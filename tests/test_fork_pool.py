@@ -5,6 +5,7 @@ themselves and hold only the buffers this process keeps."""
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import signal
 import threading
@@ -136,6 +137,10 @@ def test_workers_that_exited_idle_or_were_killed_are_replaced(files, monkeypatch
     assert not set(pool_pids()) & set(gone)
 
 
+def block_start(start: int) -> int:
+    return start
+
+
 def fail_at_block_two(start: int) -> int:
     if start == 2:
         raise ValueError("block two failed")
@@ -211,6 +216,90 @@ def test_jobs_in_two_threads_at_once_both_run(files):
     assert not errors and len(results) == 6
     for result in results:
         assert_identical(reference, result)
-    time.sleep(0)  # the pool is free again
     assert fork._POOL_LOCK.acquire(blocking=False)
     fork._POOL_LOCK.release()
+
+
+def test_relative_paths_are_read_from_the_callers_working_directory(tmp_path, monkeypatch):
+    """Kept workers were forked in another working directory than the
+    job's: they read its relative paths from the caller's."""
+    results = {}
+    for name, seed in (("a", 61), ("b", 62)):
+        (tmp_path / name).mkdir()
+        data = make_dataset(3000, 4, seed=seed, dtype=np.float32)
+        np.save(tmp_path / name / "labels.npy", data.labels)
+        np.save(tmp_path / name / "probs.npy", data.pred_probs)
+        results[name] = find_label_issues(data.labels, data.pred_probs, backend="serial")
+    for name in ("a", "b", "a"):
+        monkeypatch.chdir(tmp_path / name)
+        got = find_label_issues("labels.npy", "probs.npy", backend="fork", n_jobs=2, chunk_rows=500)
+        assert_identical(results[name], got)
+    assert memfd_mappings(pool_pids()[0]) > 0  # the kept workers ran them
+
+
+def test_a_kept_worker_waits_between_its_job_s_stages(files, monkeypatch):
+    """The idle limit counts only while a worker has no job."""
+    data, labels, probs = files
+    monkeypatch.setattr(fork, "IDLE_SECONDS", 0.2)
+    engine, _, _ = make_engine(
+        "fork", RawFile.from_npy(labels), RawFile.from_npy(probs), ScoreSpec(), chunk_rows=1000, n_jobs=2
+    )
+    try:
+        assert engine.pool is not None
+        first = engine.compute(engine.map(block_start, START))
+        time.sleep(0.8)
+        assert engine.compute(engine.map(block_start, START)) == first
+        assert engine.workers == fork._POOL.workers
+    finally:
+        engine.close()
+
+
+def test_a_forked_child_leaves_the_kept_workers_alone(files):
+    import multiprocessing.util
+
+    data, labels, probs = files
+    find_label_issues(labels, probs, backend="fork", n_jobs=2, chunk_rows=700)
+    pids = pool_pids()
+    pid = os.fork()
+    if pid == 0:  # what multiprocessing does as a child exits normally
+        try:
+            multiprocessing.util._exit_function()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert fork._POOL.alive()
+    reference = find_label_issues(data.labels, data.pred_probs, backend="serial")
+    assert_identical(reference, find_label_issues(labels, probs, backend="fork", n_jobs=2, chunk_rows=700))
+    assert pool_pids() == pids
+
+
+def test_a_store_held_in_memory_is_not_sent_to_the_kept_workers(files, monkeypatch):
+    data, labels, probs = files
+    find_label_issues(labels, probs, backend="fork", n_jobs=2, chunk_rows=700)
+    pids, sent = pool_pids(), []
+    send_job = fork._Pool.send_job
+
+    def spy(self, engine, count, payload):
+        sent.append(len(payload))
+        return send_job(self, engine, count, payload)
+
+    monkeypatch.setattr(fork._Pool, "send_job", spy)
+    monkeypatch.setattr(fork, "JOB_BYTES", 1 << 16)
+    store = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    store.create_array("labels", data=data.labels, chunks=(1000,))
+    store.create_array("probs", data=data.pred_probs, chunks=(1000, 5))
+    got = find_label_issues(store["labels"], store["probs"], backend="fork", n_jobs=2, chunk_rows=700)
+    assert_identical(find_label_issues(data.labels, data.pred_probs, backend="serial"), got)
+    assert sent == [] and pool_pids() == pids
+    # The same arrays in files go to the kept workers, small.
+    find_label_issues(labels, probs, backend="fork", n_jobs=2, chunk_rows=700)
+    assert len(sent) == 1 and sent[0] < 1 << 16
+
+
+def test_the_buffer_pool_lists_a_bounded_number_of_buffers():
+    from dask_labelissues.engines.local import MAX_SLOTS, BufferPool
+
+    pool = BufferPool(1 << 30)
+    for _ in range(MAX_SLOTS + 10):
+        pool.adopt(("private",), mmap.mmap(-1, 4096))
+    assert len(pool._slots) == MAX_SLOTS

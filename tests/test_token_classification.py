@@ -100,6 +100,16 @@ def test_the_bucket_selection_keeps_no_item_long_column(monkeypatch, backend):
     assert got == expected
 
 
+def test_options_the_bucket_selection_does_not_take_go_to_the_filter_on_rows(monkeypatch):
+    labels, probs = sentences(5, seed=5, dtype="float32")
+    monkeypatch.setattr(blocks, "NUMBA_MIN_CELLS", 0)
+    remove = [3, 0, 5, 2, 1]
+    expected = cl_filter.find_label_issues(labels, probs, num_to_remove_per_class=remove, n_jobs=1)
+    assert tc.find_label_issues(labels, probs, num_to_remove_per_class=remove) == expected
+    expected = cl_filter.find_label_issues(labels, probs, n_jobs=1, frac_noise=0.6)
+    assert tc.find_label_issues(labels, probs, frac_noise=0.6, row_sum_tolerance=1e-2) == expected
+
+
 @pytest.mark.parametrize("filter_by", ["prune_by_class", "both", "confident_learning", "predicted_neq_given",
                                        "low_self_confidence", "low_normalized_margin"])
 def test_cleanlabs_filter_keywords_pass_through(filter_by):

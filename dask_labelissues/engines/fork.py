@@ -10,17 +10,22 @@ took 2 to 5 times as long.  A worker that dies fails the job with
 
 Workers reach a job in one of two ways:
 
-* Inputs that pickle small (files and stores): a pool forked once and kept
-  for later jobs is sent the job; each worker maps the files itself and
-  the column buffers from their descriptors, and keeps a buffer mapped
-  while this process keeps it for later jobs.  Workers forked for every
-  job took a sixth of a warm job on 2,000,000 x 100: the forks and exits,
-  a page fault for every page of the columns they wrote and copies of the
-  heap pages they touched, all of which a kept worker has already paid.
-  A kept worker exits after :data:`IDLE_SECONDS` without a job.
-* Other inputs (arrays in memory): workers forked at the job's first map,
-  once its columns are in place, which inherit everything and exit when
-  the job ends.
+* Inputs that pickle small (files and stores on disk; where the system
+  has memfd): a pool forked once and kept for later jobs is sent the
+  job; each worker maps the files itself (from the caller's working
+  directory) and the column buffers from their descriptors, and keeps a
+  buffer mapped while this process keeps it for later jobs.  Workers
+  forked for every job took a sixth of a warm job on 2,000,000 x 100: the
+  forks and exits, a page fault for every page of the columns they wrote
+  and copies of the heap pages they touched, all of which a kept worker
+  has already paid.  A kept worker exits after :data:`IDLE_SECONDS`
+  without a job.  Like any forked process, it keeps what this process
+  held when the pool was forked (before the first such job mapped its
+  files) until it exits.
+* Other inputs (arrays in memory, a store held in memory, whose pickle
+  exceeds :data:`JOB_BYTES`): workers forked at the job's first map, once
+  its columns are in place, which inherit everything and exit when the
+  job ends.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from __future__ import annotations
 import mmap
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import socket
 import threading
 import warnings
+import weakref
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -53,7 +60,8 @@ def _serve(conn: Any, engine_id: int | None) -> None:
     """A worker's loop.  Requests: ``("job", ...)`` (a kept worker's next
     job), ``("tasks", [...])`` (one ``(ok, value)`` reply per task, in
     order; a task that raises ends the request), ``("keep", keys)`` (the
-    job ended: unmap other buffers).  ``None`` or a closed pipe ends it.
+    job ended: unmap other buffers).  ``None``, a closed pipe or the
+    parent's exit ends it.
     Each request is handled in a function of its own, so that an idle
     worker holds nothing of the last one (a result, the job's files)."""
     # Ctrl-C reaches the whole process group; the parent reports it and
@@ -61,9 +69,14 @@ def _serve(conn: Any, engine_id: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     engine = _ENGINES.get(engine_id) if engine_id is not None else None
     mapped: dict[int, mmap.mmap] = {}
+    # Later workers inherit earlier ones' ends of their pipes, so a parent
+    # that dies does not close them: its sentinel says so.
+    parent = mp.parent_process()
     while True:
         try:
-            if engine_id is None and not conn.poll(IDLE_SECONDS):
+            # A kept worker without a job waits IDLE_SECONDS at most.
+            idle = IDLE_SECONDS if engine_id is None and engine is None else None
+            if conn not in wait([conn, parent.sentinel], idle):  # idle, or the parent is gone
                 return
             request = conn.recv()
         except (EOFError, OSError):
@@ -84,18 +97,23 @@ def _serve(conn: Any, engine_id: int | None) -> None:
 
 
 def _job(conn: Any, body: tuple, mapped: dict[int, mmap.mmap]) -> LocalEngine | None:
-    """A kept worker's next job: its new buffers mapped, its engine built."""
-    state, new = body
-    for (key, size), fd in zip(new, _recv_fds(conn, len(new)) if new else []):
-        try:
-            mapped[key] = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+    """A kept worker's next job: its new buffers mapped, its engine built
+    in the parent's working directory (the job's paths may be relative)."""
+    cwd, payload, new = body
+    fds = _recv_fds(conn, len(new)) if new else []
     try:
-        engine = _job_engine(state, mapped)
+        if len(fds) != len(new):
+            raise OSError(f"a kept fork worker received {len(fds)} of the job's {len(new)} buffer descriptors")
+        for (key, size), fd in zip(new, fds):
+            mapped[key] = mmap.mmap(fd, size)
+        os.chdir(cwd)
+        engine = _job_engine(pickle.loads(payload), mapped)
     except BaseException as exc:
         _send(conn, (False, exc))
         return None
+    finally:
+        for fd in fds:
+            os.close(fd)
     _send(conn, (True, None))
     return engine
 
@@ -128,11 +146,17 @@ def _recv_fds(conn: Any, n: int) -> list[int]:
         return socket.recv_fds(sock, 1, n)[1]
 
 
-def _job_state(engine: LocalEngine, handles: Sequence[tuple[int, int, int]]) -> tuple:
-    """What a kept worker needs of a job: its inputs (which pickle small),
-    blocks, kind and columns (as buffer keys)."""
-    columns = [(key, c.dtype, len(c)) for (key, _, _), c in zip(handles, engine.columns)]
-    return engine.labels, engine.pred_probs, engine.plan, engine.kind, columns
+def _job_state(engine: LocalEngine) -> bytes:
+    """What a kept worker needs of a job, pickled: its inputs, blocks, kind
+    and columns (as buffer keys)."""
+    columns = [(shared_handle(c)[0], c.dtype, len(c)) for c in engine.columns]
+    return pickle.dumps((engine.labels, engine.pred_probs, engine.plan, engine.kind, columns))
+
+
+#: Largest pickled job sent to kept workers: a store held in memory (a
+#: Zarr MemoryStore) pickles whole, and workers forked for the job
+#: inherit it instead.
+JOB_BYTES = 4 << 20
 
 
 def _job_engine(state: tuple, mapped: dict[int, mmap.mmap]) -> LocalEngine:
@@ -198,16 +222,17 @@ class _Pool:
     def alive(self) -> bool:
         return all(process.is_alive() for process, _ in self.workers)
 
-    def send_job(self, engine: LocalEngine, count: int) -> bool:
-        """Give the first ``count`` workers the job; False where one had
-        exited (idle) before it read it."""
+    def send_job(self, engine: LocalEngine, count: int, payload: bytes) -> bool:
+        """Give the first ``count`` workers the job (``payload``: its
+        pickled :func:`_job_state`); False where one had exited (idle)
+        before it read it."""
         handles = [shared_handle(c) for c in engine.columns]
-        state = _job_state(engine, handles)
+        cwd = os.getcwd()
         replies = []
         try:
             for (_, conn), has in zip(self.workers[:count], self.mapped):
                 new = [(key, fd, size) for key, fd, size in handles if key not in has]
-                conn.send(("job", (state, [(key, size) for key, _, size in new])))
+                conn.send(("job", (cwd, payload, [(key, size) for key, _, size in new])))
                 if new:
                     with _socket(conn) as sock:
                         socket.send_fds(sock, [b"\0"], [fd for _, fd, _ in new])
@@ -224,8 +249,12 @@ class _Pool:
 
     def end_job(self) -> None:
         keep = BUFFERS.shared_keys()
-        for (_, conn), has in zip(self.workers, self.mapped):
-            conn.send(("keep", keep))
+        for (process, conn), has in zip(self.workers, self.mapped):
+            try:
+                conn.send(("keep", keep))
+            except OSError:  # exited idle (no job of its own): the next job finds it gone
+                if process.is_alive():
+                    raise
             has &= keep
 
 
@@ -243,8 +272,14 @@ def _stop_pool(kill: bool = False) -> None:
 
 
 def _forget_pool() -> None:
-    # A forked child holds no pool: the workers are its parent's.
+    # A forked child holds no pool: the workers are its parent's, which
+    # multiprocessing would otherwise terminate as the child exits.
     global _POOL, _POOL_LOCK
+    workers = [] if _POOL is None else list(_POOL.workers)
+    for engine in _ENGINES.values():
+        workers += getattr(engine, "workers", [])
+    for process, _ in workers:
+        mp.process._children.discard(process)
     _POOL, _POOL_LOCK = None, threading.Lock()
 
 
@@ -282,6 +317,9 @@ class ForkEngine(LocalEngine):
         # Taken before this job maps its files, which kept workers forked
         # now would otherwise keep mapped.
         self.pool = self._take_pool() if inputs.reads_in_tasks(labels, pred_probs) else None
+        self.descriptors = self.pool is not None
+        # Released at close, or when this engine is collected unclosed.
+        self._held = weakref.finalize(self, _POOL_LOCK.release) if self.pool is not None else None
         try:
             super().__init__(labels, pred_probs, *args, **kwargs)
         except BaseException:
@@ -314,8 +352,11 @@ class ForkEngine(LocalEngine):
         count = len(self._runs())
         if self.pool is not None:
             try:
+                payload = None
                 if all(shared_handle(c) is not None for c in self.columns):
-                    if self.pool.send_job(self, count):
+                    payload = _job_state(self)
+                if payload is not None and len(payload) <= JOB_BYTES:
+                    if self.pool.send_job(self, count, payload):
                         self.workers = self.pool.workers[:count]
                         return
                     # A kept worker had exited (idle): this job forks its
@@ -331,7 +372,7 @@ class ForkEngine(LocalEngine):
 
     def _release_pool(self) -> None:
         self.pool = None
-        _POOL_LOCK.release()
+        self._held()
 
     def _runs(self) -> list[tuple[int, int]]:
         """Each worker's blocks: an even share, in order."""

@@ -33,20 +33,27 @@ SPILL_BYTES = 256 * 2**20
 #: Buffers from this size on ask for transparent huge pages.
 HUGE_PAGE_BYTES = 2 << 20
 
-def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None) -> np.ndarray:
+def allocate(
+    n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None, descriptor: bool = False
+) -> np.ndarray:
     """An uninitialized length-``n`` buffer, taken from :class:`BufferPool`
     where it has a free one.
 
     Large buffers are backed by an unlinked temporary file, so that the
     page cache, not anonymous memory, holds them.  Others are anonymous
-    mappings, shared with forked workers if ``shared``; private ones of 2
-    MiB or more ask for transparent huge pages: touching a fresh 320 MB
-    mapping took 0.12 to 0.13 s with 4 KiB pages, 0.02 to 0.04 s with huge
-    pages (kernel 6.18, THP in madvise mode).
+    mappings, shared with forked workers if ``shared`` (with a descriptor
+    that processes not forked from this one can map, if ``descriptor``:
+    a memfd); private ones of 2 MiB or more ask for transparent huge
+    pages: touching a fresh 320 MB mapping took 0.12 to 0.13 s with 4 KiB
+    pages, 0.02 to 0.04 s with huge pages (kernel 6.18, THP in madvise
+    mode).
     """
     dtype = np.dtype(dtype)
     nbytes = max(n * dtype.itemsize, 1)
-    kind = ("file", spill_dir) if nbytes > SPILL_BYTES else ("shared",) if shared else ("private",)
+    if nbytes > SPILL_BYTES:
+        kind: tuple = ("file", spill_dir)
+    else:
+        kind = (("memfd",) if descriptor else ("shared",)) if shared else ("private",)
     buf = BUFFERS.take(kind, nbytes)
     if buf is None:
         buf = _new_buffer(kind, nbytes)
@@ -61,8 +68,11 @@ def _new_buffer(kind: tuple, nbytes: int) -> mmap.mmap:
 
         fd, path = tempfile.mkstemp(prefix="dask-labelissues-", dir=kind[1])
         os.unlink(path)
-    elif kind[0] == "shared" and hasattr(os, "memfd_create"):
-        fd = os.memfd_create("dask-labelissues", os.MFD_CLOEXEC)
+    elif kind[0] == "memfd":
+        try:
+            fd = os.memfd_create("dask-labelissues", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):  # none here: shared, without one
+            return mmap.mmap(-1, nbytes)
     elif kind[0] == "shared":
         return mmap.mmap(-1, nbytes)
     if fd is not None:
@@ -72,8 +82,9 @@ def _new_buffer(kind: tuple, nbytes: int) -> mmap.mmap:
         except BaseException:
             os.close(fd)
             raise
-        # The descriptor stays open while the buffer lives, for processes
-        # that did not inherit the mapping (the fork engine's kept workers).
+        # The descriptor stays open while the buffer lives (with the
+        # duplicate mmap keeps, two a buffer), for processes that did not
+        # inherit the mapping (the fork engine's kept workers).
         _SHARED[buf] = (next(_KEYS), fd)
         weakref.finalize(buf, os.close, fd)
         return buf
@@ -98,6 +109,11 @@ def shared_handle(array: np.ndarray) -> tuple[int, int, int] | None:
     found = _SHARED.get(buf) if isinstance(buf, mmap.mmap) else None
     return None if found is None else (*found, len(buf))
 
+
+#: The most buffers listed at once: each shared one with a descriptor
+#: holds two open files, and many small jobs would otherwise list
+#: hundreds within the byte limit.
+MAX_SLOTS = 64
 
 #: The most bytes of column buffers this process keeps for later jobs: a
 #: sixteenth of the memory it may use, at most 1 GiB.
@@ -146,7 +162,7 @@ class BufferPool:
             total = sum(len(s.buf) for s in self._slots)
             for free_first in (True, False):
                 for slot in list(self._slots[:-1]):
-                    if total <= self.limit:
+                    if total <= self.limit and len(self._slots) <= MAX_SLOTS:
                         return
                     if not free_first or slot.free():
                         self._slots.remove(slot)
@@ -164,9 +180,10 @@ class BufferPool:
 
     @contextmanager
     def workers_forked(self) -> Iterator[None]:
-        """Forks in this block are of workers that exit (or are killed)
-        before anything the job made is given back (see
-        :meth:`ForkEngine.close <dask_labelissues.engines.fork.ForkEngine.close>`):
+        """Forks in this block are of the fork engine's workers, which
+        write a buffer only during the job they were given, and exit or
+        are sent the next job before anything the job made is given back
+        (see :meth:`ForkEngine.close <dask_labelissues.engines.fork.ForkEngine.close>`):
         the buffers stay listed."""
         self._local.workers = True
         try:
@@ -329,6 +346,9 @@ class LocalEngine(Engine):
     (:mod:`.threads`, :mod:`.fork`)."""
 
     shared_columns = False
+    #: Columns get descriptors (:func:`shared_handle`) for processes not
+    #: forked from this one.
+    descriptors = False
 
     def __init__(
         self,
@@ -357,7 +377,9 @@ class LocalEngine(Engine):
         if self.started:
             raise RuntimeError("columns are declared before the job's first map")
         dtype = np.dtype(dtype)
-        self.columns.append(allocate(self.n_items, dtype, shared=self.shared_columns, spill_dir=self.spill_dir))
+        self.columns.append(allocate(
+            self.n_items, dtype, shared=self.shared_columns, spill_dir=self.spill_dir, descriptor=self.descriptors,
+        ))
         return Column(len(self.columns) - 1, dtype)
 
     def map(self, task: Callable[..., Any], *args: Any, out: Column | None = None, label: str | None = None) -> Blocks:

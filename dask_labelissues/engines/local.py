@@ -181,9 +181,9 @@ class BufferPool:
     @contextmanager
     def workers_forked(self) -> Iterator[None]:
         """Forks in this block are of the fork engine's workers, which
-        write a buffer only during the job they were given, and exit or
-        are sent the next job before anything the job made is given back
-        (see :meth:`ForkEngine.close <dask_labelissues.engines.fork.ForkEngine.close>`):
+        write a buffer only while they run a job's tasks, all finished
+        before the job returns, and never read one after it (see
+        :meth:`ForkEngine.close <dask_labelissues.engines.fork.ForkEngine.close>`):
         the buffers stay listed."""
         self._local.workers = True
         try:

@@ -776,8 +776,9 @@ def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any, plane
     The fork engine calls it before it forks and before a job goes to its
     kept workers: workers then inherit numba's compiled kernels (kept
     ones load those of later jobs from the cache once); otherwise every
-    worker of every job imports numba and loads them from its cache again (0.73 s per job on
-    the development machine, whatever its size; 0.07 s with this).  The
+    worker of every job imports numba and loads them from its cache again
+    (0.73 s per job on the development machine, whatever its size; 0.07 s
+    with this).  The
     scan runs on a read-only row too: blocks of a memory-mapped file are
     read-only, and numba keeps a kernel per writeability of its arguments.
     """

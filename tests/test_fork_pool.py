@@ -279,9 +279,9 @@ def test_a_store_held_in_memory_is_not_sent_to_the_kept_workers(files, monkeypat
     pids, sent = pool_pids(), []
     send_job = fork._Pool.send_job
 
-    def spy(self, engine, count, payload):
+    def spy(self, handles, count, payload):
         sent.append(len(payload))
-        return send_job(self, engine, count, payload)
+        return send_job(self, handles, count, payload)
 
     monkeypatch.setattr(fork._Pool, "send_job", spy)
     monkeypatch.setattr(fork, "JOB_BYTES", 1 << 16)

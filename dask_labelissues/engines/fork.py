@@ -146,10 +146,10 @@ def _recv_fds(conn: Any, n: int) -> list[int]:
         return socket.recv_fds(sock, 1, n)[1]
 
 
-def _job_state(engine: LocalEngine) -> bytes:
+def _job_state(engine: LocalEngine, handles: Sequence[tuple[int, int, int]]) -> bytes:
     """What a kept worker needs of a job, pickled: its inputs, blocks, kind
-    and columns (as buffer keys)."""
-    columns = [(shared_handle(c)[0], c.dtype, len(c)) for c in engine.columns]
+    and columns (as the keys of their buffers' ``handles``)."""
+    columns = [(key, c.dtype, len(c)) for (key, _, _), c in zip(handles, engine.columns)]
     return pickle.dumps((engine.labels, engine.pred_probs, engine.plan, engine.kind, columns))
 
 
@@ -171,8 +171,8 @@ def _start_workers(count: int, engine_id: int | None) -> list[tuple[Any, Any]]:
     context = mp.get_context("fork")
     workers: list[tuple[Any, Any]] = []
     try:
-        # These workers never read a buffer after their job ends (kept
-        # ones map each job's anew): the buffers stay listed.
+        # These workers never touch a buffer after their job's tasks end:
+        # the buffers stay listed.
         with BUFFERS.workers_forked():
             for _ in range(count):
                 parent, child = context.Pipe()
@@ -222,11 +222,10 @@ class _Pool:
     def alive(self) -> bool:
         return all(process.is_alive() for process, _ in self.workers)
 
-    def send_job(self, engine: LocalEngine, count: int, payload: bytes) -> bool:
+    def send_job(self, handles: Sequence[tuple[int, int, int]], count: int, payload: bytes) -> bool:
         """Give the first ``count`` workers the job (``payload``: its
-        pickled :func:`_job_state`); False where one had exited (idle)
-        before it read it."""
-        handles = [shared_handle(c) for c in engine.columns]
+        pickled :func:`_job_state`; ``handles``: its columns' buffers);
+        False where one had exited (idle) before it read it."""
         cwd = os.getcwd()
         replies = []
         try:
@@ -352,11 +351,10 @@ class ForkEngine(LocalEngine):
         count = len(self._runs())
         if self.pool is not None:
             try:
-                payload = None
-                if all(shared_handle(c) is not None for c in self.columns):
-                    payload = _job_state(self)
+                handles = [shared_handle(c) for c in self.columns]
+                payload = None if None in handles else _job_state(self, handles)
                 if payload is not None and len(payload) <= JOB_BYTES:
-                    if self.pool.send_job(self, count, payload):
+                    if self.pool.send_job(handles, count, payload):
                         self.workers = self.pool.workers[:count]
                         return
                     # A kept worker had exited (idle): this job forks its

@@ -6,8 +6,9 @@ another and copies that into the output; each fresh 50 MB buffer is page
 faulted in and zeroed by the kernel.  On the benchmark machine that is
 about 200 ms per 52 MB chunk of (a), against about 80 ms for decompressing
 the memory-mapped file straight into the output.  For the common layout of
-a label-issues input (format 3, a local store, no sharding, row chunks that
-span every column, a native-endian ``bytes`` codec then at most one of
+a label-issues input (format 3, a local store, no sharding, chunks of
+whole rows: every axis but the first whole, as in rows x classes or
+images x classes x height x width; a native-endian ``bytes`` codec then at most one of
 zstd, blosc or gzip) this module does the latter, with numcodecs, the
 library zarr itself decodes with.  Anything else, and any chunk whose header
 does not promise exactly one chunk of bytes, is left to zarr, so the values
@@ -178,7 +179,7 @@ class ChunkReader(_RowChunks):
         if not isinstance(store, LocalStore) or not isinstance(meta.chunk_grid, RegularChunkGrid):
             return None
         chunk_shape = tuple(meta.chunk_grid.chunk_shape)
-        if len(chunk_shape) not in (1, 2) or tuple(chunk_shape[1:]) != tuple(array.shape[1:]):
+        if not chunk_shape or tuple(chunk_shape[1:]) != tuple(array.shape[1:]):
             return None
         dtype = np.dtype(array.dtype)
         if dtype.kind not in "biuf" or not dtype.isnative:

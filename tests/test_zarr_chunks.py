@@ -99,6 +99,29 @@ def test_missing_chunks_read_as_the_fill_value(tmp_path):
     assert isinstance(src._reader, ChunkReader)
 
 
+@pytest.mark.parametrize("compressors", [None, zc.ZstdCodec(level=1)], ids=["none", "zstd"])
+def test_images_chunked_whole_are_read_directly(tmp_path, compressors, monkeypatch):
+    """Segmentation's (N, K, H, W) pred_probs and (N, H, W) labels, chunked
+    by whole images: zarr-python's read of these took twice as long."""
+    rng = np.random.default_rng(7)
+    probs = rng.random((11, 3, 4, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, (11, 4, 5)).astype(np.uint8)
+    p = open_path(_write(tmp_path / "p.zarr", probs, (4, 3, 4, 5), compressors=compressors), "x")
+    lab = open_path(_write(tmp_path / "l.zarr", labels, (4, 4, 5), compressors=compressors), "x")
+    monkeypatch.setattr(type(p.array), "__getitem__", lambda *a: pytest.fail("read through zarr"))
+    for a, b in [(0, 11), (0, 4), (4, 8), (3, 9), (8, 11), (10, 11)]:
+        np.testing.assert_array_equal(p[a:b], probs[a:b])
+        np.testing.assert_array_equal(lab[a:b], labels[a:b])
+    assert isinstance(p._reader, ChunkReader) and isinstance(lab._reader, ChunkReader)
+
+
+def test_images_chunked_within_are_read_by_zarr(tmp_path):
+    probs = np.random.default_rng(8).random((11, 3, 4, 6)).astype(np.float32)
+    src = open_path(_write(tmp_path / "p.zarr", probs, (4, 3, 2, 6)), "x")
+    np.testing.assert_array_equal(src[0:11], probs)
+    assert src._reader is False
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -99,6 +99,22 @@ def test_the_pool_lets_go_of_free_buffers_first_then_of_older_ones_in_use():
     assert listed(pool) == {c_id, d_id}
 
 
+def test_spill_files_count_against_their_own_limit():
+    pool = BufferPool(limit=1500, file_limit=2500)
+    memory, memory_id = held(pool, 1000)
+    spill = ("file", None)
+    f1, f1_id = held(pool, 1000, spill)
+    f2, f2_id = held(pool, 1000, spill)  # 2,000 bytes of files, under their limit
+    assert listed(pool) == {memory_id, f1_id, f2_id}
+    del f1
+    f3, f3_id = held(pool, 1000, spill)  # over it: the free file goes, not memory
+    assert listed(pool) == {memory_id, f2_id, f3_id}
+    m2, m2_id = held(pool, 1000)  # over the memory limit: memory goes, not files
+    assert listed(pool) == {m2_id, f2_id, f3_id}
+    pool.adopt(spill, mmap.mmap(-1, 3000))  # larger than the files' limit
+    assert listed(pool) == {m2_id, f2_id, f3_id}
+
+
 def test_shared_buffers_in_use_at_a_fork_are_never_written_again():
     """A process forked while a result held shared memory may still read it
     after this one drops the result; private buffers are the child's own

@@ -115,9 +115,13 @@ def shared_handle(array: np.ndarray) -> tuple[int, int, int] | None:
 #: hundreds within the byte limit.
 MAX_SLOTS = 64
 
-#: The most bytes of column buffers this process keeps for later jobs: a
-#: sixteenth of the memory it may use, at most 1 GiB.
+#: The most bytes of column buffers in memory this process keeps for later
+#: jobs: a sixteenth of the memory it may use, at most 1 GiB.
 POOL_BYTES = min(1 << 30, usable_memory() // 16)
+
+#: The same for spill files, whose pages the kernel can write back and
+#: reclaim: an eighth of that memory.
+FILE_POOL_BYTES = usable_memory() // 8
 
 
 class BufferPool:
@@ -128,8 +132,11 @@ class BufferPool:
     after job: on 10,000,000 x 100, the 320 MB of records were a quarter of
     the warm job.  Buffers that fit in :data:`POOL_BYTES` stay listed, and
     a later job takes one of the same kind (private, shared, or a spill
-    file in the same directory) once no array refers to it.  Beyond the
-    limit, free buffers are let go oldest first, then older ones in use.
+    file in the same directory) once no array refers to it.  Spill files
+    have a limit of their own (``file_limit``): segmentation's 2,000 images
+    of 128 x 128 pixels spill 1.25 GB of columns, which took a second of
+    page faults per job when not kept.  Beyond a limit, free buffers are
+    let go oldest first, then older ones in use.
 
     Shared memory (forked workers' columns, spill files) may still be read
     by a process forked while a result held it: such buffers are let go at
@@ -137,8 +144,9 @@ class BufferPool:
     which are stopped before their job returns.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, file_limit: int | None = None) -> None:
         self.limit = limit
+        self.file_limit = limit if file_limit is None else file_limit
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
         # Set, in the thread that forks them, while the fork engine starts
@@ -154,15 +162,17 @@ class BufferPool:
             return min(fits, key=len, default=None)
 
     def adopt(self, kind: tuple, buf: mmap.mmap) -> None:
-        """List ``buf`` for later jobs if it fits in the limit."""
-        if len(buf) > self.limit:
+        """List ``buf`` for later jobs if it fits in its kind's limit."""
+        spill = kind[0] == "file"
+        limit = self.file_limit if spill else self.limit
+        if len(buf) > limit:
             return
         with self._lock:
             self._slots.append(_Slot(kind, buf))
-            total = sum(len(s.buf) for s in self._slots)
+            total = sum(len(s.buf) for s in self._slots if (s.kind[0] == "file") == spill)
             for free_first in (True, False):
-                for slot in list(self._slots[:-1]):
-                    if total <= self.limit and len(self._slots) <= MAX_SLOTS:
+                for slot in [s for s in self._slots[:-1] if (s.kind[0] == "file") == spill]:
+                    if total <= limit and len(self._slots) <= MAX_SLOTS:
                         return
                     if not free_first or slot.free():
                         self._slots.remove(slot)
@@ -225,7 +235,7 @@ class _Slot:
 
 
 #: This process's kept column buffers.
-BUFFERS = BufferPool(POOL_BYTES)
+BUFFERS = BufferPool(POOL_BYTES, FILE_POOL_BYTES)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=BUFFERS.before_fork, after_in_child=BUFFERS.in_child)
 

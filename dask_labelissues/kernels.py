@@ -387,8 +387,15 @@ def fused_records(
         if spec.method != "self_confidence":
             return None
         rec = _records_out(labels.shape[0], spec, out)
+        data = probs.data
+        if data.dtype == np.float16:
+            # Every float16 is a float32: one conversion, and the planes are
+            # scanned in place as float32 ones are, where the items' copy
+            # led to the unfused path (2,000 images of 20 x 128 x 128 took
+            # 1.5 times as long as in float32, from half the bytes).
+            data = data.astype(np.float32)
         got = fused.scan_planes(
-            probs.data, labels, rec, spec.row_sum_tolerance, MAX_VALUE, FLOATING_POINT_COMPARISON, limbs, spec.kernel,
+            data, labels, rec, spec.row_sum_tolerance, MAX_VALUE, FLOATING_POINT_COMPARISON, limbs, spec.kernel,
         )
     else:
         rec = _records_out(labels.shape[0], spec, out)

@@ -254,6 +254,34 @@ def test_the_class_planes_loop_gives_the_row_loops_bits(dtype, bad):
     assert (st_a.problem is None) == (bad in GOOD)
 
 
+@pytest.mark.parametrize("bad", [b for b in BAD_KINDS if b != "huge"])
+def test_float16_class_planes_are_scanned_by_the_loop_with_numpys_bits(bad, monkeypatch):
+    """float16 images (segmentation models often store half precision) go
+    to the class planes loop as float32, with the bits numpy gives on the
+    same planes, the first bad pixel included."""
+    from dask_labelissues import states
+    from dask_labelissues.kernels import Planes, ScoreSpec
+
+    labels, rows = _bad_block(np.float32, bad)
+    rows = rows.astype(np.float16)
+    planes = np.ascontiguousarray(np.moveaxis(rows.reshape(30, 100, 7), -1, 1))
+    scanned = []
+    original = fused.scan_planes
+    monkeypatch.setattr(fused, "scan_planes", lambda p, *a, **k: scanned.append(p.dtype) or original(p, *a, **k))
+    rec_a, st_a = states.scan_block(labels, Planes(planes), 1000, ScoreSpec("self_confidence", kernel="numba"))
+    rec_b, st_b = states.scan_block(labels, Planes(planes), 1000, ScoreSpec("self_confidence", kernel="numpy"))
+    assert scanned == [np.float32]
+    for name in rec_a.dtype.names:
+        same = rec_a[name] == rec_b[name]
+        if bad == "nan":
+            same[2500] = True
+        assert same.all(), name
+    np.testing.assert_array_equal(st_a.counts, st_b.counts)
+    assert st_a.sums.tolist() == st_b.sums.tolist()
+    assert st_a.problem == st_b.problem
+    assert (st_a.problem is None) == (bad in GOOD)
+
+
 @pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])
 def test_the_fused_pass_two_loop_gives_the_numpy_paths_values(method):
     from dask_labelissues import states

@@ -150,9 +150,9 @@ def find_issues(
     """
     if temperature is not None and not temperature:
         raise ValueError("temperature must be a number other than 0")
+    temperature = None if temperature is None else float(temperature)
     lab, probs, shape = _open(labels, pred_probs, downsample)
     engine, spec = _engine(lab, probs, shape, downsample, **options)
-    temperature = None if temperature is None else float(temperature)
     try:
         with _located(engine, shape):
             result = run_segmentation(engine, spec, shape[2:], downsample, temperature)

@@ -158,17 +158,14 @@ def _plan_blocks(config: BlockConfig) -> BlockPlan:
         # on 64 MiB blocks peaked at 649 MB of address space on
         # 2,000,000 x 100, and on 16 MiB blocks at 340 MB.
         target = min(target, max(c.process_memory // (8 * max(c.threads, 1)), 1 << 20))
-    if c.reads_in_tasks:
-        read_rows = auto_chunk_rows(c.row_bytes, c.storage_rows, target)
-        rows = c.chunk_rows
-        if rows is None:
-            if not c.single_read:
-                # Each block is read whole, in one piece.
-                chunks = balanced_chunks(c.n_rows, read_rows, c.storage_rows, c.threads)
-                return BlockPlan(block_bounds(chunks), spec, None, None, _chunk_rows(c.n_rows, chunks))
-            rows = dask_block_rows(c.n_rows, read_rows, c.row_bytes, c.record_bytes, c.threads)
+    read_rows = auto_chunk_rows(c.row_bytes, c.storage_rows, target)
+    if c.chunk_rows is not None:
+        chunks = even_chunks(c.n_rows, c.chunk_rows)
+        return BlockPlan(block_bounds(chunks), spec, read_rows if c.reads_in_tasks else None, None, c.chunk_rows)
+    if c.reads_in_tasks and c.single_read:
+        rows = dask_block_rows(c.n_rows, read_rows, c.row_bytes, c.record_bytes, c.threads)
         return BlockPlan(block_bounds(even_chunks(c.n_rows, rows)), spec, read_rows, None, rows)
-    if c.array_chunks is not None and c.chunk_rows is None:
+    if c.array_chunks is not None and not c.reads_in_tasks:
         chunks = c.array_chunks
         rows = auto_chunk_rows(c.row_bytes, None, target)
         rows = min(rows, max(1, -(-c.n_rows // (2 * max(c.threads, 1)))))
@@ -177,10 +174,8 @@ def _plan_blocks(config: BlockConfig) -> BlockPlan:
             groups = tuple(group_chunks(chunks, rows))
             chunks = tuple(sum(chunks[a:b]) for a, b in groups)
         return BlockPlan(block_bounds(chunks), spec, None, groups, None)
-    if c.chunk_rows:
-        return BlockPlan(block_bounds(even_chunks(c.n_rows, c.chunk_rows)), spec, None, None, c.chunk_rows)
-    rows = auto_chunk_rows(c.row_bytes, c.storage_rows, target)
-    chunks = balanced_chunks(c.n_rows, rows, c.storage_rows, c.threads)
+    # Each block is read whole, in one piece.
+    chunks = balanced_chunks(c.n_rows, read_rows, c.storage_rows, c.threads)
     return BlockPlan(block_bounds(chunks), spec, None, None, _chunk_rows(c.n_rows, chunks))
 
 

@@ -2,15 +2,12 @@
 
 An engine holds a job's inputs, cut into blocks by
 :func:`~dask_labelissues.engines.blocks.plan_blocks`, and runs block tasks
-on them: :meth:`Engine.map` (a task on every block), :meth:`Engine.reduce`
-(a map's states merged by an
-:class:`~dask_labelissues.aggregations.Aggregation`), :meth:`Engine.compute`,
-:meth:`Engine.column` and :meth:`Engine.to_array`.  The pipelines
-(:mod:`dask_labelissues.pipelines`) are written once against them; an
-engine holds no algorithm.  Engines may run a primitive at once or when a
-later one needs it (the Dask engine builds one graph from the maps and
-reductions between two computes, so stages follow each other with no stop
-at the client); the results are the same bits either way.
+on them (:class:`Engine`).  The pipelines (:mod:`dask_labelissues.pipelines`)
+are written once against these primitives; an engine holds no algorithm.
+An engine may run a primitive at once or when a later one needs it (the
+Dask engine sends the maps and reductions between two computes as one
+graph, so stages follow each other with no stop at the client); the
+results are the same bits either way.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..aggregations import Aggregation
+from ..aggregations import Aggregation, Pair
 from ..kinds import ROWS, Kind
 from .blocks import BlockPlan
 
@@ -40,8 +37,8 @@ class Blocks:
 
 
 class Value:
-    """Opaque handle: the result of an :meth:`Engine.reduce`.  A later map
-    gets its ``data`` where it is a :class:`~dask_labelissues.aggregations.Pair`."""
+    """Opaque handle: the result of an :meth:`Engine.reduce` (a later map
+    gets its ``data`` where it is a :class:`~dask_labelissues.aggregations.Pair`)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +56,11 @@ class PerBlock:
     """A task argument with a value of its own for each block."""
 
     values: Sequence[Any]
+
+
+def data_of(result: Any) -> Any:
+    """A task's rows where its result is a :class:`~dask_labelissues.aggregations.Pair`, else the result."""
+    return result.data if isinstance(result, Pair) else result
 
 
 class _Marker:
@@ -117,8 +119,7 @@ class Engine(ABC):
     @abstractmethod
     def column(self, dtype: Any) -> Column:
         """Declare an item-long output of ``dtype``, before any map has run
-        (the fork engine's workers share the columns that exist when it
-        starts them)."""
+        (the fork engine's workers share the columns that exist as they start)."""
 
     @abstractmethod
     def map(self, task: Callable[..., Any], *args: Any, out: Column | None = None, label: str | None = None) -> Blocks:

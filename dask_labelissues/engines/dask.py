@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import pickle
 import sys
 import time
@@ -34,7 +35,7 @@ from ..aggregations import Aggregation, Pair
 from ..kernels import ScoreSpec
 from ..kinds import ROWS, Kind
 from ..system import usable_memory
-from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, Value, distributed_client
+from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, Value, data_of, distributed_client
 from .blocks import BlockConfig, BlockPlan, BlockReader, plan_blocks
 
 
@@ -45,12 +46,8 @@ def _sizeof_pair(pair: Pair) -> int:
     return int(sizeof(pair.data)) + int(sizeof(pair.state))
 
 
-def _data(x: Any) -> Any:
-    return x.data if isinstance(x, Pair) else x
-
-
 def _rows_of(x: Any, row_shape: tuple[int, ...]) -> np.ndarray:
-    return np.asarray(_data(x)).reshape((-1, *row_shape))
+    return np.asarray(data_of(x)).reshape((-1, *row_shape))
 
 
 def block_state(pair: Pair) -> Any:
@@ -88,9 +85,13 @@ class BlockTask:
                 args.append(BlockReader(lab, probs, start, stop, kind=kind, items_per_row=per_row, read_rows=read_rows))
                 at += READER_ARGS
             else:
-                args.append(_data(flat[at]))
+                args.append(data_of(flat[at]))
                 at += 1
         return self.fn(*args)
+
+
+# One task function for every task of a stage.
+_block_task = functools.lru_cache(maxsize=None)(BlockTask)
 
 
 class Merge:
@@ -306,7 +307,7 @@ class DaskEngine(Engine):
             elif isinstance(arg, DaskBlocks):
                 columns.append(arg.parts)
             elif isinstance(arg, DaskValue):
-                common = arg.part if arg.part is not None else shared(_data(arg.value), n)
+                common = arg.part if arg.part is not None else shared(data_of(arg.value), n)
                 columns.append([common] * n)
             elif arg is START:
                 columns.append(self.starts)
@@ -333,24 +334,22 @@ class DaskEngine(Engine):
                 wanted.extend(h.states())
             elif h.part is not None:
                 wanted.append(h.part)
-        kept = [p for b in keep for p in b.parts]
-        persisted, values = self._run(kept, wanted)
+        persisted, values = map(iter, self._run([p for b in keep for p in b.parts], wanted))
         for b in keep:
-            b.parts, persisted = persisted[: len(b.parts)], persisted[len(b.parts) :]
+            b.parts = list(itertools.islice(persisted, len(b.parts)))
         out = []
         for h in handles:
             if isinstance(h, DaskBlocks):
-                out.append(values[: len(h.parts)])
-                values = values[len(h.parts) :]
+                out.append(list(itertools.islice(values, len(h.parts))))
                 continue
             if h.part is not None:
-                h.value, h.part, values = values[0], None, values[1:]
+                h.value, h.part = next(values), None
             out.append(h.value)
         return out
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> da.Array:
         if row_shape is None:
-            parts = layer(_data, [(b,) for b in blocks.parts])
+            parts = layer(data_of, [(b,) for b in blocks.parts])
             chunks: tuple = (tuple(c * self.items_per_row for c in self.plan.chunks),)
         else:
             # Keys (name, i, 0, ...), as the chunks of an array of that many axes.
@@ -454,13 +453,6 @@ class DaskEngine(Engine):
                     )
 
 
-
-@functools.lru_cache(maxsize=None)
-def _block_task(fn: Callable, readers: tuple[bool, ...]) -> BlockTask:
-    # One task function for every task of a stage.
-    return BlockTask(fn, readers)
-
-
 def dask_engine(
     labels: Any,
     pred_probs: Any,
@@ -482,20 +474,12 @@ def dask_engine(
     client = distributed_client(client)
     smallest, threads = cluster_workers(client)
     direct = inputs.reads_in_tasks(labels, pred_probs)
-    config = BlockConfig.of_job(
-        pred_probs, spec, kind,
-        chunk_rows=chunk_rows,
-        worker_memory=smallest,
-        threads=threads,
-        reads_in_tasks=direct,
-        single_read=single_read,
+    plan = plan_blocks(BlockConfig.of_job(
+        pred_probs, spec, kind, chunk_rows=chunk_rows, worker_memory=smallest, threads=threads,
+        reads_in_tasks=direct, single_read=single_read, in_process=client is None,
         array_chunks=tuple(pred_probs.chunks[0]) if inputs.is_dask_array(pred_probs) else None,
-        in_process=client is None,
-        process_memory=usable_memory() if client is None else None,
-        cuts=cuts,
-        problems=problems,
-    )
-    plan = plan_blocks(config)
+        process_memory=usable_memory() if client is None else None, cuts=cuts, problems=problems,
+    ))
     if not direct:
         labels, pred_probs = as_dask_arrays(labels, pred_probs, plan.chunk_rows)
     return DaskEngine(labels, pred_probs, plan, direct=direct, client=client, progress=progress, kind=kind)

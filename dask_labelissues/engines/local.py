@@ -1,21 +1,21 @@
 """The one-machine engine the serial, threads and fork engines share.
 
-Blocks are row ranges, sliced from one mapping of each file for the whole
-job.  Columns are item-long buffers allocated before any worker process
-starts, so forked workers write their rows in place and only states
-travel back.  A map runs when something needs its results; a reduction
-merges states as they arrive (:class:`_Folds`).
+Blocks are row ranges of one mapping of each file for the whole job.
+Columns are item-long buffers allocated before any worker process starts,
+so forked workers write their rows in place and only states travel back.
+A map runs when something needs its results; a reduction merges states as
+they arrive (:class:`_Folds`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import os
 import sys
 import threading
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -24,7 +24,7 @@ import numpy as np
 from ..aggregations import Aggregation, Pair
 from ..kinds import ROWS, Kind
 from ..system import keep_freed_memory, usable_cores, usable_memory
-from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, Value
+from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, Value, data_of
 from .blocks import BlockPlan, BlockReader
 
 #: Buffers larger than this go to a file in ``spill_dir`` instead of memory.
@@ -33,20 +33,20 @@ SPILL_BYTES = 256 * 2**20
 #: Buffers from this size on ask for transparent huge pages.
 HUGE_PAGE_BYTES = 2 << 20
 
+
 def allocate(
     n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None, descriptor: bool = False
 ) -> np.ndarray:
-    """An uninitialized length-``n`` buffer, taken from :class:`BufferPool`
-    where it has a free one.
+    """An uninitialized length-``n`` buffer, from :class:`BufferPool` where
+    it has a free one.
 
-    Large buffers are backed by an unlinked temporary file, so that the
-    page cache, not anonymous memory, holds them.  Others are anonymous
-    mappings, shared with forked workers if ``shared`` (with a descriptor
-    that processes not forked from this one can map, if ``descriptor``:
-    a memfd); private ones of 2 MiB or more ask for transparent huge
-    pages: touching a fresh 320 MB mapping took 0.12 to 0.13 s with 4 KiB
-    pages, 0.02 to 0.04 s with huge pages (kernel 6.18, THP in madvise
-    mode).
+    Large buffers are an unlinked temporary file, so that the page cache,
+    not anonymous memory, holds them.  Others are anonymous mappings,
+    shared with forked workers if ``shared`` (as a memfd, which processes
+    not forked from this one can map, if ``descriptor``); private ones ask
+    for transparent huge pages from :data:`HUGE_PAGE_BYTES`: touching a
+    fresh 320 MB mapping took 0.12 to 0.13 s with 4 KiB pages, 0.02 to
+    0.04 s with huge pages (kernel 6.18, THP in madvise mode).
     """
     dtype = np.dtype(dtype)
     nbytes = max(n * dtype.itemsize, 1)
@@ -62,38 +62,35 @@ def allocate(
 
 
 def _new_buffer(kind: tuple, nbytes: int) -> mmap.mmap:
-    fd = None
+    if kind[0] == "private":
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if nbytes >= HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+            with contextlib.suppress(OSError):  # a kernel without transparent huge pages: 4 KiB pages
+                buf.madvise(mmap.MADV_HUGEPAGE)
+        return buf
+    if kind[0] == "shared":
+        return mmap.mmap(-1, nbytes)
     if kind[0] == "file":
         import tempfile  # a few milliseconds of start-up, for large jobs only
 
         fd, path = tempfile.mkstemp(prefix="dask-labelissues-", dir=kind[1])
         os.unlink(path)
-    elif kind[0] == "memfd":
+    else:
         try:
             fd = os.memfd_create("dask-labelissues", os.MFD_CLOEXEC)
         except (AttributeError, OSError):  # none here: shared, without one
             return mmap.mmap(-1, nbytes)
-    elif kind[0] == "shared":
-        return mmap.mmap(-1, nbytes)
-    if fd is not None:
-        try:
-            os.ftruncate(fd, nbytes)
-            buf = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
-        except BaseException:
-            os.close(fd)
-            raise
-        # The descriptor stays open while the buffer lives (with the
-        # duplicate mmap keeps, two a buffer), for processes that did not
-        # inherit the mapping (the fork engine's kept workers).
-        _SHARED[buf] = (next(_KEYS), fd)
-        weakref.finalize(buf, os.close, fd)
-        return buf
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if nbytes >= HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without transparent huge pages: 4 KiB pages
-            pass
+    try:
+        os.ftruncate(fd, nbytes)
+        buf = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+    except BaseException:
+        os.close(fd)
+        raise
+    # The descriptor stays open while the buffer lives (with the duplicate
+    # mmap keeps, two a buffer), for processes that did not inherit the
+    # mapping (the fork engine's kept workers).
+    _SHARED[buf] = (next(_KEYS), fd)
+    weakref.finalize(buf, os.close, fd)
     return buf
 
 
@@ -110,17 +107,15 @@ def shared_handle(array: np.ndarray) -> tuple[int, int, int] | None:
     return None if found is None else (*found, len(buf))
 
 
-#: The most buffers listed at once: each shared one with a descriptor
-#: holds two open files, and many small jobs would otherwise list
-#: hundreds within the byte limit.
+#: The most buffers listed at once: a shared one with a descriptor holds
+#: two open files, and many small jobs would list hundreds within the bytes.
 MAX_SLOTS = 64
 
 #: The most bytes of column buffers in memory this process keeps for later
 #: jobs: a sixteenth of the memory it may use, at most 1 GiB.
 POOL_BYTES = min(1 << 30, usable_memory() // 16)
 
-#: The same for spill files, whose pages the kernel can write back and
-#: reclaim: an eighth of that memory.
+#: The same for spill files, whose pages the kernel can write back: an eighth.
 FILE_POOL_BYTES = usable_memory() // 8
 
 
@@ -130,18 +125,16 @@ class BufferPool:
 
     A fresh mapping's pages are faulted in and zeroed on first write, job
     after job: on 10,000,000 x 100, the 320 MB of records were a quarter of
-    the warm job.  Buffers that fit in :data:`POOL_BYTES` stay listed, and
-    a later job takes one of the same kind (private, shared, or a spill
-    file in the same directory) once no array refers to it.  Spill files
-    have a limit of their own (``file_limit``): segmentation's 2,000 images
-    of 128 x 128 pixels spill 1.25 GB of columns, which took a second of
-    page faults per job when not kept.  Beyond a limit, free buffers are
-    let go oldest first, then older ones in use.
+    the warm job.  A later job takes a listed buffer of the same kind
+    (private, shared, or a spill file in the same directory) once no array
+    refers to it.  Spill files have a limit of their own (``file_limit``):
+    segmentation's 2,000 images of 128 x 128 pixels spill 1.25 GB of
+    columns, a second of page faults per job when not kept.  Beyond a
+    limit, free buffers are let go oldest first, then older ones in use.
 
-    Shared memory (forked workers' columns, spill files) may still be read
-    by a process forked while a result held it: such buffers are let go at
-    every fork, except the fork engine's own workers' (:meth:`workers_forked`),
-    which are stopped before their job returns.
+    Shared buffers may still be read by a process forked while a result
+    held them: they are let go at every fork but of the fork engine's
+    workers (:meth:`workers_forked`), which stop before their job returns.
     """
 
     def __init__(self, limit: int, file_limit: int | None = None) -> None:
@@ -188,31 +181,29 @@ class BufferPool:
         with self._lock:
             self._slots = []
 
-    @contextmanager
+    @contextlib.contextmanager
     def workers_forked(self) -> Iterator[None]:
-        """Forks in this block are of the fork engine's workers, which
-        write a buffer only while they run a job's tasks, all finished
-        before the job returns, and never read one after it (see
-        :meth:`ForkEngine.close <dask_labelissues.engines.fork.ForkEngine.close>`):
-        the buffers stay listed."""
+        """Forks in this block are of fork engine workers, which touch a
+        buffer only in a job's tasks, all finished before the job returns
+        (:meth:`~dask_labelissues.engines.fork.ForkEngine.close`): the
+        buffers stay listed."""
         self._local.workers = True
         try:
             yield
         finally:
             self._local.workers = False
 
-    def drop_shared(self) -> None:
-        """Let go of every buffer shared with other processes, free or not."""
+    def drop_shared(self, in_use_only: bool = False) -> None:
+        """Let go of the buffers shared with other processes (or of those
+        an array holds, ``in_use_only``)."""
         with self._lock:
-            self._slots = [s for s in self._slots if s.kind[0] == "private"]
+            self._slots = [s for s in self._slots if s.kind[0] == "private" or (in_use_only and s.free())]
 
     def before_fork(self) -> None:
-        """Let go of the shared buffers in use: the child may keep them
-        (unless it is a fork engine's worker)."""
-        if getattr(self._local, "workers", False):
-            return
-        with self._lock:
-            self._slots = [s for s in self._slots if s.kind[0] == "private" or s.free()]
+        # The child may keep the shared buffers in use, unless it is a fork
+        # engine's worker.
+        if not getattr(self._local, "workers", False):
+            self.drop_shared(in_use_only=True)
 
     def in_child(self) -> None:
         """A forked child starts with no buffers listed (the shared ones are
@@ -228,9 +219,9 @@ class _Slot:
     buf: mmap.mmap
 
     def free(self) -> bool:
-        # Arrays over the buffer (and their views, whose base numpy
-        # collapses to the buffer itself) each hold a reference to it: the
-        # slot's and getrefcount's own argument mean none is left.
+        # Each array over the buffer (or view of one: numpy collapses its
+        # base to the buffer) holds a reference: the slot's and
+        # getrefcount's argument mean none is left.
         return sys.getrefcount(self.buf) <= 2
 
 
@@ -241,7 +232,7 @@ if hasattr(os, "register_at_fork"):
 
 
 #: Bytes of unmerged states a local reduction holds before it merges some
-#: (a run of blocks that has one state only cannot merge it: see :class:`_Folds`).
+#: (:class:`_Folds`; a run of blocks with one state has nothing to merge).
 FOLD_BYTES = 32 * 2**20
 
 
@@ -314,11 +305,10 @@ class _Folds:
     blocks (:meth:`LocalEngine._runs`) whose states arrive in order.
 
     A run's states are merged at :data:`~.base.SPLIT_EVERY`, or sooner:
-    when the states of all runs not yet merged hold more than
-    :data:`FOLD_BYTES` and more than the merged ones, the run with the most
-    waiting is merged.  Sixteen blocks' selection candidates held at once
-    were most of a token job's memory; merging each block's into a large
-    merged state would copy that state once a block.
+    while the unmerged states hold more than :data:`FOLD_BYTES` and more
+    than the merged ones, the run with the most waiting is merged.  Sixteen
+    blocks' selection candidates held at once were most of a token job's
+    memory; merging each block's into a large state would copy it each time.
     """
 
     def __init__(self, aggregation: Aggregation, runs: Sequence[tuple[int, int]]) -> None:
@@ -350,10 +340,9 @@ class _Folds:
 
 class LocalEngine(Engine):
     """Runs block tasks through :meth:`_map`, which yields ``(block,
-    result)`` pairs, each run of blocks (:meth:`_runs`) in order: in this
-    process one after another (the serial engine, the reference the others
-    are tested against), on threads, or in forked processes
-    (:mod:`.threads`, :mod:`.fork`)."""
+    result)`` pairs, each run of blocks (:meth:`_runs`) in order: here one
+    after another (the serial engine, the others' reference), on threads
+    (:mod:`.threads`) or in forked processes (:mod:`.fork`)."""
 
     shared_columns = False
     #: Columns get descriptors (:func:`shared_handle`) for processes not
@@ -361,14 +350,8 @@ class LocalEngine(Engine):
     descriptors = False
 
     def __init__(
-        self,
-        labels: Any,
-        pred_probs: Any,
-        plan: BlockPlan,
-        *,
-        kind: Kind = ROWS,
-        progress: bool = False,
-        spill_dir: str | None = None,
+        self, labels: Any, pred_probs: Any, plan: BlockPlan, *,
+        kind: Kind = ROWS, progress: bool = False, spill_dir: str | None = None,
     ) -> None:
         super().__init__(labels, pred_probs, plan, kind)
         keep_freed_memory()
@@ -427,7 +410,7 @@ class LocalEngine(Engine):
         if blocks.out is not None:
             array = self.columns[blocks.out.index]
         else:
-            parts = [np.asarray(self._data(blocks, i)).reshape(-1) for i in range(len(self.plan.bounds))]
+            parts = [np.asarray(data_of(result)).reshape(-1) for result in blocks.results]
             array = np.concatenate(parts).astype(dtype, copy=False)
         return array if row_shape is None else array.reshape((-1, *row_shape))
 
@@ -474,18 +457,14 @@ class LocalEngine(Engine):
                 kept[i] = Pair(result.data, None) if fold and blocks.out is not None else result
         blocks.results = kept if keep else None
 
-    def _data(self, blocks: LocalBlocks, i: int) -> Any:
-        result = blocks.results[i]
-        return result.data if isinstance(result, Pair) else result
-
     def _task(self, i: int, blocks: LocalBlocks) -> tuple:
         """Block ``i``'s task as what crosses to the process that runs it."""
         args = []
         for arg in blocks.args:
             if isinstance(arg, LocalBlocks):
-                arg = _Rows(arg.out.index) if arg.out is not None else self._data(arg, i)
+                arg = _Rows(arg.out.index) if arg.out is not None else data_of(arg.results[i])
             elif isinstance(arg, LocalValue):
-                arg = arg.value.data if isinstance(arg.value, Pair) else arg.value
+                arg = data_of(arg.value)
             elif arg is INPUTS:
                 arg = _Inputs()
             elif arg is START:
@@ -504,7 +483,10 @@ class LocalEngine(Engine):
             if isinstance(arg, _Rows):
                 arg = self.columns[arg.column][a:b]
             elif isinstance(arg, _Inputs):
-                arg = self._reader(i)
+                arg = BlockReader(
+                    self._labels_rows, self._probs_rows, *self.plan.bounds[i],
+                    kind=self.kind, items_per_row=self.items_per_row, release=self._release,
+                )
                 readers.append(arg)
             resolved.append(arg)
         if out is None:
@@ -514,13 +496,6 @@ class LocalEngine(Engine):
         for reader in readers:
             reader.close()
         return result
-
-    def _reader(self, i: int) -> BlockReader:
-        a, b = self.plan.bounds[i]
-        return BlockReader(
-            self._labels_rows, self._probs_rows, a, b,
-            kind=self.kind, items_per_row=self.items_per_row, release=self._release,
-        )
 
     def _release(self, start: int, stop: int) -> None:
         for source, rows in ((self.labels, self._labels_rows), (self.pred_probs, self._probs_rows)):

@@ -2,13 +2,11 @@
 
 Each primitive adds one graph layer of plain tasks (:func:`layer`): a map
 is a task per block, a reduction a ``split_every``-way tree whose last
-merge also finalizes.  Nothing runs until :meth:`DaskEngine.compute`,
-which sends everything built since the last compute as one graph, keeps
-the blocks later stages read on the workers and brings back the values:
-pass one, its thresholds and pass two are one graph, with no stop at the
-client between them.  File and store inputs are read inside the tasks; a
-dask array's blocks come from its own graph.  It runs on the ``client``
-passed in, else Dask's current scheduler.
+merge also finalizes.  :meth:`DaskEngine.compute` sends everything built
+since the last compute as one graph (pass one, its thresholds and pass two
+with no stop at the client), keeps the blocks later stages read on the
+workers and brings back the values.  File and store inputs are read inside
+the tasks; a dask array's blocks come from its own graph.
 """
 
 from __future__ import annotations
@@ -58,20 +56,17 @@ def block_state(pair: Pair) -> Any:
     return pair.state
 
 
-#: How :class:`BlockTask` rebuilds a :class:`~.blocks.BlockReader` argument
-#: from the task's arguments: labels, pred_probs, start, stop, kind, items
-#: per row, read_rows.
+#: Task arguments :class:`BlockTask` builds a :class:`~.blocks.BlockReader`
+#: of: labels, pred_probs, start, stop, kind, items per row, read_rows.
 READER_ARGS = 7
 
 
 class BlockTask:
-    """A block task's function, as the task Dask runs.
-
-    Takes the data of :class:`~dask_labelissues.aggregations.Pair`
-    arguments, and builds the :class:`~.blocks.BlockReader` of each
-    argument ``readers`` marks, in the task.  Has its function's name, which
-    Dask uses for the task keys a user sees on the dashboard.
-    """
+    """A block task's function, as the task Dask runs: takes the data of
+    :class:`~dask_labelissues.aggregations.Pair` arguments and builds, in
+    the task, the :class:`~.blocks.BlockReader` of each argument
+    ``readers`` marks.  Has its function's name, which Dask's task keys on
+    the dashboard show."""
 
     def __init__(self, fn: Callable, readers: tuple[bool, ...]) -> None:
         self.fn, self.readers = fn, readers
@@ -169,10 +164,9 @@ def merged_graph(collections: Iterable[Delayed]) -> HighLevelGraph:
 
 
 def held(futures: Sequence[Any], prefix: str) -> list[Delayed]:
-    """Futures as Delayed, as ``Client.persist`` returns them, but all in
-    one shared layer: a graph over thousands of kept blocks then has one
-    layer for them, not one each (the scheduler's intake of such graphs
-    grows with layers times keys)."""
+    """Futures as Delayed, as ``Client.persist`` returns them, but in one
+    shared layer, not one each: the scheduler's intake of a graph grows
+    with layers times keys."""
     name = f"{prefix}-{uuid.uuid4().hex[:16]}"
     graph = HighLevelGraph({name: {f.key: f for f in futures}}, {name: set()})
     return [Delayed(f.key, graph, layer=name) for f in futures]
@@ -181,9 +175,8 @@ def held(futures: Sequence[Any], prefix: str) -> list[Delayed]:
 #: Values Dask searches for keys and tasks: such task arguments go as keys.
 CONTAINERS = (tuple, list, dict, set, frozenset)
 
-#: A stage's common argument is copied into each of its tasks if all its
-#: copies together pickle to at most this many bytes, else it is one key
-#: (a limit per argument).
+#: A stage's common argument is copied into each task if all the copies
+#: pickle to at most this many bytes, else it is one key.
 INLINE_BYTES = 1 << 20
 
 
@@ -192,9 +185,8 @@ def shared(value: Any, copies: int) -> Any:
 
     Small values (the spec, a few blocks' thresholds, file and store row
     sources) go into each task: a key of their own is a task that must run,
-    and travel to every worker, before the stage can start.  Large ones,
-    many copies, and containers (which Dask would search for keys) are one
-    key.
+    and travel to every worker, before the stage can start.  Large values
+    and containers (which Dask would search for keys) are one key.
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -221,16 +213,14 @@ def tree_reduce(parts: Sequence[Delayed], aggregation: Aggregation, args: tuple 
 
 
 def cluster_workers(client: Any) -> tuple[int | None, int]:
-    """The smallest worker memory limit (None if none is set) and the total
-    worker threads of a distributed ``client``; without one, Dask's local
-    scheduler's threads."""
+    """The smallest worker memory limit (None if none is set) and the
+    worker threads of a distributed ``client``, or of the local scheduler."""
     if client is None:
         import dask.system
 
         return None, int(dask.config.get("num_workers", None) or dask.system.CPU_COUNT)
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    limits = [w.get("memory_limit") or 0 for w in workers.values()]
-    limits = [m for m in limits if m > 0]
+    limits = [w["memory_limit"] for w in workers.values() if (w.get("memory_limit") or 0) > 0]
     threads = sum(int(w.get("nthreads") or 0) for w in workers.values())
     return (min(limits) if limits else None), threads
 
@@ -275,15 +265,8 @@ class DaskEngine(Engine):
     fuses_stages = True
 
     def __init__(
-        self,
-        labels: Any,
-        pred_probs: Any,
-        plan: BlockPlan,
-        *,
-        direct: bool,
-        client: Any = None,
-        progress: bool = False,
-        kind: Kind = ROWS,
+        self, labels: Any, pred_probs: Any, plan: BlockPlan, *,
+        direct: bool, client: Any = None, progress: bool = False, kind: Kind = ROWS,
     ) -> None:
         super().__init__(labels, pred_probs, plan, kind)
         self.direct = direct
@@ -384,9 +367,7 @@ class DaskEngine(Engine):
         lab = self.labels.to_delayed().ravel().tolist()
         probs = self.pred_probs.to_delayed().ravel().tolist()
         groups = self.plan.groups or [(i, i + 1) for i in range(len(probs))]
-        return [
-            (lab[g:h], probs[g:h], a, b, *per_block) for (g, h), (a, b) in zip(groups, self.plan.bounds)
-        ]
+        return [(lab[g:h], probs[g:h], a, b, *per_block) for (g, h), (a, b) in zip(groups, self.plan.bounds)]
 
     # -- running graphs ----------------------------------------------------------
     def _run(self, blocks: list[Delayed], wanted: list[Delayed]) -> tuple[list[Delayed], list[Any]]:
@@ -454,17 +435,8 @@ class DaskEngine(Engine):
 
 
 def dask_engine(
-    labels: Any,
-    pred_probs: Any,
-    spec: ScoreSpec,
-    *,
-    single_read: bool,
-    chunk_rows: int | None = None,
-    client: Any = None,
-    progress: bool = False,
-    kind: Kind = ROWS,
-    cuts: np.ndarray | None = None,
-    problems: int = 1,
+    labels: Any, pred_probs: Any, spec: ScoreSpec, *, single_read: bool, chunk_rows: int | None = None,
+    client: Any = None, progress: bool = False, kind: Kind = ROWS, cuts: np.ndarray | None = None, problems: int = 1,
 ) -> DaskEngine:
     """The Dask engine for a job, with its blocks and kernel planned
     (:func:`~.blocks.plan_blocks`) from the cluster's workers; the
@@ -507,9 +479,7 @@ def as_dask_arrays(
                 where = "the class axis" if split == [1] else f"axes {split}"
                 warnings.warn(
                     f"{label} is split into chunks along {where}; rechunking to whole rows "
-                    "(a block needs all the classes of its rows, and whole images)",
-                    UserWarning,
-                    stacklevel=5,
+                    "(a block needs all the classes of its rows, and whole images)", UserWarning, stacklevel=5,
                 )
             return src.rechunk(whole) if whole else src
         return da.from_array(

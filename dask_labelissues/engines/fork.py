@@ -11,17 +11,15 @@ took 2 to 5 times as long.  A worker that dies fails the job with
 Workers reach a job in one of two ways:
 
 * Inputs that pickle small (files and stores on disk; where the system
-  has memfd): a pool forked once and kept for later jobs is sent the
-  job; each worker maps the files itself (from the caller's working
-  directory) and the column buffers from their descriptors, and keeps a
-  buffer mapped while this process keeps it for later jobs.  Workers
-  forked for every job took a sixth of a warm job on 2,000,000 x 100: the
-  forks and exits, a page fault for every page of the columns they wrote
-  and copies of the heap pages they touched, all of which a kept worker
-  has already paid.  A kept worker exits after :data:`IDLE_SECONDS`
-  without a job.  Like any forked process, it keeps what this process
-  held when the pool was forked (before the first such job mapped its
-  files) until it exits.
+  has memfd): a pool forked once and kept is sent the job; each worker
+  maps the files itself (from the caller's working directory) and the
+  column buffers from their descriptors, and keeps a buffer mapped while
+  this process keeps it for later jobs.  Workers forked for every job
+  took a sixth of a warm job on 2,000,000 x 100: the forks and exits, a
+  page fault for every page of the columns they wrote and copies of the
+  heap pages they touched, all paid once by a kept worker.  A kept worker
+  exits after :data:`IDLE_SECONDS` without a job, holding until then what
+  this process held when the pool was forked.
 * Other inputs (arrays in memory, a store held in memory, whose pickle
   exceeds :data:`JOB_BYTES`): workers forked at the job's first map, once
   its columns are in place, which inherit everything and exit when the
@@ -30,6 +28,7 @@ Workers reach a job in one of two ways:
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import multiprocessing as mp
 import os
@@ -61,9 +60,8 @@ def _serve(conn: Any, engine_id: int | None) -> None:
     job), ``("tasks", [...])`` (one ``(ok, value)`` reply per task, in
     order; a task that raises ends the request), ``("keep", keys)`` (the
     job ended: unmap other buffers).  ``None``, a closed pipe or the
-    parent's exit ends it.
-    Each request is handled in a function of its own, so that an idle
-    worker holds nothing of the last one (a result, the job's files)."""
+    parent's exit ends it.  Each request is handled in a function of its
+    own, so that an idle worker holds nothing of the last one."""
     # Ctrl-C reaches the whole process group; the parent reports it and
     # stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -193,10 +191,8 @@ def _stop(workers: Sequence[tuple[Any, Any]], kill: bool) -> None:
         if kill:
             process.terminate()
         else:
-            try:
+            with contextlib.suppress(OSError):
                 conn.send(None)
-            except OSError:
-                pass
     stuck = False
     for process, conn in workers:
         process.join(5)
@@ -296,9 +292,9 @@ class ForkEngine(LocalEngine):
     forked processes (default: one per usable core), each owning a
     contiguous run of blocks.
 
-    ``warm_up``, if given, runs here before any worker gets the job:
-    workers forked after it inherit what it loaded (numba's compiled
-    kernels), and kept ones load them from numba's cache once.
+    ``warm_up``, if given, runs here before any worker gets the job: workers
+    forked after it inherit what it loaded (numba's compiled kernels), and
+    kept ones load them from numba's cache once.
     """
 
     shared_columns = True
@@ -395,14 +391,10 @@ class ForkEngine(LocalEngine):
 
     def _results(self, mine: list[list[int]]) -> Iterator[tuple[int, Any]]:
         """``(block, result)`` as the workers send them, each worker's in
-        its blocks' order.
-
-        Taken as they come, so that a reduction merges each worker's
-        states as they arrive: yielded in block order, every later
-        worker's results waited here for the blocks before them, and a
-        stage of large states (a selection's candidates) held about half
-        of them at once.
-        """
+        its blocks' order, so that a reduction merges each worker's states
+        as they arrive: yielded in block order, later workers' results
+        waited for the blocks before them, and a stage of large states (a
+        selection's candidates) held about half of them at once."""
         pending = {w: list(reversed(blocks)) for w, blocks in enumerate(mine) if blocks}
         while pending:
             conns = {self.workers[w][1]: w for w in pending}
@@ -456,7 +448,6 @@ def fork_engine(*args: Any, n_jobs: int | None = None, warm_up: Callable[[], Non
         return ForkEngine(*args, n_jobs=n_jobs, warm_up=warm_up, **kwargs)
     warnings.warn(
         "backend='fork' needs the fork start method, which this platform lacks; running serially",
-        RuntimeWarning,
-        stacklevel=3,
+        RuntimeWarning, stacklevel=3,
     )
     return LocalEngine(*args, **kwargs)

@@ -42,21 +42,10 @@ def choose_backend(backend: str, labels: Any, pred_probs: Any, client: Any = Non
 
 
 def make_engine(
-    backend: str,
-    labels: Any,
-    pred_probs: Any,
-    spec: ScoreSpec,
-    *,
-    single_read: bool = True,
-    chunk_rows: int | None = None,
-    n_jobs: int | None = None,
-    client: Any = None,
-    progress: bool = False,
-    spill_dir: str | None = None,
-    warm_up: Callable[[ScoreSpec], None] | None = None,
-    kind: Kind = ROWS,
-    cuts: np.ndarray | None = None,
-    problems: int = 1,
+    backend: str, labels: Any, pred_probs: Any, spec: ScoreSpec, *, single_read: bool = True,
+    chunk_rows: int | None = None, n_jobs: int | None = None, client: Any = None, progress: bool = False,
+    spill_dir: str | None = None, warm_up: Callable[[ScoreSpec], None] | None = None, kind: Kind = ROWS,
+    cuts: np.ndarray | None = None, problems: int = 1,
 ) -> tuple[Engine, str, Any]:
     """The engine for a job on opened, shape-checked inputs.
 

@@ -11,19 +11,6 @@ from .blocks import BlockConfig, BlockPlan, BlockReader, plan_blocks
 from .plan import BACKEND_CHOICES, BACKENDS, choose_backend, make_engine
 
 __all__ = [
-    "BACKENDS",
-    "BACKEND_CHOICES",
-    "INPUTS",
-    "START",
-    "BlockConfig",
-    "BlockPlan",
-    "BlockReader",
-    "Blocks",
-    "Column",
-    "Engine",
-    "PerBlock",
-    "Value",
-    "choose_backend",
-    "make_engine",
-    "plan_blocks",
+    "BACKENDS", "BACKEND_CHOICES", "INPUTS", "START", "BlockConfig", "BlockPlan", "BlockReader", "Blocks",
+    "Column", "Engine", "PerBlock", "Value", "choose_backend", "make_engine", "plan_blocks",
 ]

@@ -1,11 +1,10 @@
 """Blocks: how a job's rows are cut, and how a task reads its block.
 
-:func:`plan_blocks` is the one place a job's blocks are decided (their
-bounds, the pieces a block is read in, runs of a dask array's small chunks
-taken as one block, their size from worker memory, the kernel), from a
-typed :class:`BlockConfig` the engines fill in.  :class:`BlockReader` is
-what a block task gets for the job's inputs: the block's items, read in
-the task, in pieces where the plan says so.
+:func:`plan_blocks` is the one place a job's blocks (bounds, the pieces a
+block is read in, runs of a dask array's small chunks) and kernel are
+decided, from the :class:`BlockConfig` the engines fill in.
+:class:`BlockReader` is what a block task gets for the job's inputs: the
+block's items, read in the task, in pieces where the plan says so.
 """
 
 from __future__ import annotations
@@ -81,16 +80,14 @@ class BlockConfig:
     #: a stored value more, where a classification row costs numpy about
     #: 5 ns a value more).
     problems: int = 1
-    #: Rows a block may end at (besides ``n_rows``), non-decreasing: a
-    #: token job's sentence offsets, so that no sentence is split between
-    #: blocks; None: any row.
+    #: Rows a block may end at (besides ``n_rows``), non-decreasing: a token
+    #: job's sentence offsets, so that no sentence is split; None: any row.
     cuts: np.ndarray | None = field(default=None, compare=False)
 
     @classmethod
     def of_job(cls, pred_probs: Any, spec: ScoreSpec, kind: Kind = ROWS, **known: Any) -> "BlockConfig":
-        """The config of a job on ``pred_probs`` (an array or row source:
-        its shape, dtype and ``storage_rows`` if any) with the kernel
-        ``spec``, plus what the engine knows besides (``known``)."""
+        """The config of a job on ``pred_probs`` (its shape, dtype and
+        ``storage_rows`` if any) with the kernel ``spec``, plus ``known``."""
         shape = tuple(int(s) for s in pred_probs.shape)
         return cls(
             n_rows=shape[0],
@@ -180,9 +177,8 @@ def _plan_blocks(config: BlockConfig) -> BlockPlan:
 
 
 def _chunk_rows(n_rows: int, chunks: tuple[int, ...]) -> int | tuple[int, ...]:
-    """The plan's ``chunk_rows`` for blocks of these sizes: one size where
-    :func:`even_chunks` makes them, else the sizes, so that inputs the
-    Dask engine chunks itself get the blocks' chunks."""
+    """The plan's ``chunk_rows`` for blocks of these sizes (one size where
+    :func:`even_chunks` makes them), for inputs the Dask engine chunks."""
     if not chunks:
         return 1
     return chunks[0] if even_chunks(n_rows, chunks[0]) == chunks else chunks
@@ -233,9 +229,7 @@ def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool) -> ScoreSpec
     already; otherwise it stays ``"auto"`` (numba where it imports).  Both
     kernels give the same bits, so the choice changes only the time.
     """
-    if spec.kernel != "auto" or cells >= NUMBA_MIN_CELLS:
-        return spec
-    if in_process and fused.numba_loaded():
+    if spec.kernel != "auto" or cells >= NUMBA_MIN_CELLS or (in_process and fused.numba_loaded()):
         return spec
     return replace(spec, kernel="numpy")
 
@@ -451,9 +445,9 @@ class BlockReader:
         return read(probs, self._whole(self._labels)[first_row : first_row + len(probs)])
 
     def pieces(self) -> Iterator[tuple[int, Any]]:
-        """``(first item, pred_probs)`` of each piece of the block in turn,
-        as pass one's scan reads them (:meth:`Kind.scan_view`), items
-        counted from the block's start; one piece is held at a time."""
+        """``(first item from the block's start, pred_probs)`` of each piece
+        of the block in turn, as pass one's scan reads them
+        (:meth:`Kind.scan_view`); one piece is held at a time."""
         if isinstance(self._probs, list):
             joined = join_adjacent(self._probs)
             parts = [joined] if joined is not None else self._probs
@@ -484,10 +478,8 @@ class BlockReader:
         if layout is not None:
             labels, probs = layout(labels), layout(probs)
         # One-piece lists: a reader takes a list as pieces already read.
-        return [
-            BlockReader([labels], [probs], self.start, self.stop, kind=kind, items_per_row=self.items_per_row)
-            for kind in kinds
-        ]
+        n = self.items_per_row
+        return [BlockReader([labels], [probs], self.start, self.stop, kind=kind, items_per_row=n) for kind in kinds]
 
     def close(self) -> None:
         """Let go of the block's pages of memory-mapped inputs, once read."""

@@ -52,12 +52,9 @@ def make_engine(
     Returns ``(engine, backend, client)``: the engine chosen (see
     :func:`choose_backend`) and, for the Dask engine on a distributed
     cluster, the Client that holds the job's lazy outputs.  The kernel the
-    job's tasks run is ``engine.plan.spec``.  ``single_read``: pred_probs
-    is read once (blocks may then be read in pieces); ``warm_up(spec)``
-    runs before the fork engine forks; ``cuts``: the rows blocks may end
-    at (:attr:`~.blocks.BlockConfig.cuts`); ``problems``: how many
-    problems the job runs side by side on each block
-    (:attr:`~.blocks.BlockConfig.problems`).
+    job's tasks run is ``engine.plan.spec``.  ``warm_up(spec)`` runs before
+    the fork engine forks; ``single_read``, ``cuts`` and ``problems`` are
+    :class:`~.blocks.BlockConfig`'s.
     """
     name = choose_backend(backend, labels, pred_probs, client)
     if name == "dask":

@@ -1,12 +1,10 @@
 """The threads engine: block tasks on a pool of threads in this process.
 
-The kernels release the GIL (numba's ``nogil`` loops, numpy's reductions
-and the codecs that decompress Zarr chunks), so threads scan blocks in
-parallel without starting a process, pickling anything or waiting on a
-scheduler.  The job's columns are ordinary arrays (or, when large, an
-unlinked file) that every thread writes its own rows of.  On one machine
-this is the fastest engine the benchmarks found, and the default when no
-Dask cluster is in use.
+The kernels release the GIL (numba's ``nogil`` loops, numpy's reductions,
+the codecs that decompress Zarr chunks), so threads scan blocks in parallel
+without starting a process, pickling anything or waiting on a scheduler;
+each writes its own rows of the job's columns.  On one machine this is the
+fastest engine the benchmarks found, and the default without a Dask cluster.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ MAX_SLOTS = 64
 #: jobs: a sixteenth of the memory it may use, at most 1 GiB.
 POOL_BYTES = min(1 << 30, usable_memory() // 16)
 
-#: The same for spill files, whose pages the kernel can write back: an eighth.
+#: The same for spill files, whose pages the kernel can write back: an
+#: eighth of that memory.
 FILE_POOL_BYTES = usable_memory() // 8
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -72,6 +73,27 @@ def test_a_small_block_does_not_keep_its_whole_chunk(tmp_path):
     np.testing.assert_array_equal(small, values[64:70])
     assert small.base is None  # a copy of 6 rows, not a view of 64
     assert src[0:128].base is not None  # whole chunks: no copy
+
+
+def test_a_thread_reads_into_its_last_buffer_only_once_no_block_refers_to_it(tmp_path):
+    values = np.random.default_rng(9).random((256, 6)).astype(np.float32)
+    src = open_path(_write(tmp_path / "a.zarr", values, (64, 6), compressors=zc.ZstdCodec(level=1)), "x")
+    first = src[0:64]
+    held = src[64:128]  # the first block is alive: a buffer of its own
+    np.testing.assert_array_equal(first, values[:64])
+    np.testing.assert_array_equal(held, values[64:128])
+    assert not np.shares_memory(first, held)
+    base = weakref.ref(held.base)
+    del first, held
+    again = src[128:192]  # nothing refers to the last buffer: read into it
+    assert again.base is base()
+    np.testing.assert_array_equal(again, values[128:192])
+    view = again[3:5]
+    del again
+    other = src[192:256]  # a view keeps it
+    assert other.base is not base()
+    np.testing.assert_array_equal(view, values[131:133])
+    np.testing.assert_array_equal(other, values[192:256])
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSORS))

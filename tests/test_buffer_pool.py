@@ -115,6 +115,22 @@ def test_spill_files_count_against_their_own_limit():
     assert listed(pool) == {m2_id, f2_id, f3_id}
 
 
+def test_many_small_buffers_make_room_by_count_not_at_a_spill_file_in_use():
+    """Many small jobs list many small memory buffers; a spill file a result
+    still holds stays listed when the count of slots is over."""
+    from dask_labelissues.engines.local import MAX_SLOTS
+
+    pool = BufferPool(limit=10**9, file_limit=10**9)
+    spill = ("file", None)
+    f1, f1_id = held(pool, 1000, spill)
+    small = [held(pool, 10)[1] for _ in range(MAX_SLOTS - 1)]  # their jobs are done: free
+    f2, f2_id = held(pool, 1000, spill)
+    assert len(pool._slots) == MAX_SLOTS
+    assert {f1_id, f2_id} <= listed(pool) and small[0] not in listed(pool)
+    busy = [held(pool, 10) for _ in range(2)]  # the count is over with every free slot gone
+    assert len(pool._slots) == MAX_SLOTS and f2_id in listed(pool) and busy[1][1] in listed(pool)
+
+
 def test_shared_buffers_in_use_at_a_fork_are_never_written_again():
     """A process forked while a result held shared memory may still read it
     after this one drops the result; private buffers are the child's own

@@ -115,9 +115,9 @@ MAX_SLOTS = 64
 #: jobs: a sixteenth of the memory it may use, at most 1 GiB.
 POOL_BYTES = min(1 << 30, usable_memory() // 16)
 
-#: The same for spill files, whose pages the kernel can write back: an
-#: eighth of that memory.
-FILE_POOL_BYTES = usable_memory() // 8
+#: The same for spill files, whose pages the kernel can write back (where
+#: ``spill_dir`` is on a disk): an eighth of that memory, at most 4 GiB.
+FILE_POOL_BYTES = min(4 << 30, usable_memory() // 8)
 
 
 class BufferPool:
@@ -165,12 +165,16 @@ class BufferPool:
             self._slots.append(_Slot(kind, buf))
             total = sum(len(s.buf) for s in self._slots if (s.kind[0] == "file") == spill)
             for free_first in (True, False):
-                for slot in [s for s in self._slots[:-1] if (s.kind[0] == "file") == spill]:
-                    if total <= limit and len(self._slots) <= MAX_SLOTS:
+                for slot in list(self._slots[:-1]):
+                    alike = (slot.kind[0] == "file") == spill
+                    over_slots = len(self._slots) > MAX_SLOTS
+                    if total <= limit and not over_slots:
                         return
-                    if not free_first or slot.free():
+                    # Bytes of one kind are let go to make room for that
+                    # kind; any slot, to bring the count under MAX_SLOTS.
+                    if (alike or over_slots) and (not free_first or slot.free()):
                         self._slots.remove(slot)
-                        total -= len(slot.buf)
+                        total -= len(slot.buf) if alike else 0
 
     def shared_keys(self) -> set[int]:
         """The keys (:func:`shared_handle`) of the listed shared buffers."""

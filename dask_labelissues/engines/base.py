@@ -90,8 +90,8 @@ class Engine(ABC):
         The job's blocks (:class:`~.blocks.BlockPlan`), in stored rows.
     n_items, n_classes
         Items (rows, pixels) and classes of the job.
-    starts
-        Each block's first item.
+    starts, item_bounds
+        Each block's first item, and its items' ``(start, stop)``.
     fuses_stages
         True where maps and reductions between two computes run as one
         job, so a pipeline gains by chaining stages before it computes.
@@ -106,15 +106,11 @@ class Engine(ABC):
         self.items_per_row = kind.items_per_row(pred_probs.shape)
         self.n_items = int(pred_probs.shape[0]) * self.items_per_row
         self.n_classes = kind.n_classes(pred_probs.shape)
+        # Made once: every block task of the one-machine engines looks its
+        # bounds up here.
+        self.item_bounds = [(a * self.items_per_row, b * self.items_per_row) for a, b in plan.bounds]
+        self.starts = [a for a, _ in self.item_bounds]
 
-    @property
-    def starts(self) -> list[int]:
-        return [a * self.items_per_row for a, _ in self.plan.bounds]
-
-    @property
-    def item_bounds(self) -> list[tuple[int, int]]:
-        m = self.items_per_row
-        return [(a * m, b * m) for a, b in self.plan.bounds]
 
     @abstractmethod
     def column(self, dtype: Any) -> Column:

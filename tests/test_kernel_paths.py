@@ -194,19 +194,11 @@ GOOD = (None, "minus zero")
 BAD_KINDS = [None, "nan", "negative", "label", "sum", "zeros", "huge", "label -1", "inf", "minus zero"]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])
-@pytest.mark.parametrize("bad", BAD_KINDS)
-def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
-    from dask_labelissues import states
-    from dask_labelissues.kernels import ScoreSpec
-
-    labels, probs = _bad_block(dtype, bad)
-    numba_spec, numpy_spec = ScoreSpec(method, kernel="numba"), ScoreSpec(method, kernel="numpy")
-    assert fused.scan_records(probs, labels, np.empty(len(labels), numba_spec.record_dtype()),
-                              method != "self_confidence", 1e-3, 2.0**31, 1e-6, (7, 24, 2.0**-7)) is not None
-    rec_a, st_a = states.scan_block(labels, probs, 1000, numba_spec)
-    rec_b, st_b = states.scan_block(labels, probs, 1000, numpy_spec)
+def _same_scans(a, b, bad):
+    """Two pass-one scans of a :func:`_bad_block` (records, state) hold the
+    same bits, and a problem exactly where the block has a bad value; the
+    first one's state."""
+    (rec_a, st_a), (rec_b, st_b) = a, b
     # A NaN row's records differ (numpy's argmax takes the NaN, the loop
     # passes over it); the job fails on that row whatever they hold.
     for name in rec_a.dtype.names:
@@ -218,6 +210,22 @@ def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
     assert st_a.sums.tolist() == st_b.sums.tolist()
     assert st_a.problem == st_b.problem
     assert (st_a.problem is None) == (bad in GOOD)
+    return st_a
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])
+@pytest.mark.parametrize("bad", BAD_KINDS)
+def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
+    from dask_labelissues import states
+    from dask_labelissues.kernels import ScoreSpec
+
+    labels, probs = _bad_block(dtype, bad)
+    numba_spec, numpy_spec = ScoreSpec(method, kernel="numba"), ScoreSpec(method, kernel="numpy")
+    assert fused.scan_records(probs, labels, np.empty(len(labels), numba_spec.record_dtype()),
+                              method != "self_confidence", 1e-3, 2.0**31, 1e-6, (7, 24, 2.0**-7)) is not None
+    st_a = _same_scans(states.scan_block(labels, probs, 1000, numba_spec),
+                       states.scan_block(labels, probs, 1000, numpy_spec), bad)
     if bad not in GOOD:
         assert 1000 <= st_a.problem.row < 4000
 
@@ -241,17 +249,8 @@ def test_the_class_planes_loop_gives_the_row_loops_bits(dtype, bad):
     planes.setflags(write=False)  # as memory-mapped blocks are
     got = [states.scan_block(labels, view, 1000, spec)]
     got += [states.scan_block(labels, rows, 1000, ScoreSpec("self_confidence", kernel=k)) for k in ("numba", "numpy")]
-    rec_a, st_a = got[0]
-    for rec_b, st_b in got[1:]:
-        for name in rec_a.dtype.names:
-            same = rec_a[name] == rec_b[name]
-            if bad == "nan":
-                same[2500] = True
-            assert same.all(), name
-        np.testing.assert_array_equal(st_a.counts, st_b.counts)
-        assert st_a.sums.tolist() == st_b.sums.tolist()
-        assert st_a.problem == st_b.problem
-    assert (st_a.problem is None) == (bad in GOOD)
+    for other in got[1:]:
+        _same_scans(got[0], other, bad)
 
 
 @pytest.mark.parametrize("bad", [b for b in BAD_KINDS if b != "huge"])
@@ -268,18 +267,10 @@ def test_float16_class_planes_are_scanned_by_the_loop_with_numpys_bits(bad, monk
     scanned = []
     original = fused.scan_planes
     monkeypatch.setattr(fused, "scan_planes", lambda p, *a, **k: scanned.append(p.dtype) or original(p, *a, **k))
-    rec_a, st_a = states.scan_block(labels, Planes(planes), 1000, ScoreSpec("self_confidence", kernel="numba"))
-    rec_b, st_b = states.scan_block(labels, Planes(planes), 1000, ScoreSpec("self_confidence", kernel="numpy"))
+    scans = [states.scan_block(labels, Planes(planes), 1000, ScoreSpec("self_confidence", kernel=k))
+             for k in ("numba", "numpy")]
     assert scanned == [np.float32]
-    for name in rec_a.dtype.names:
-        same = rec_a[name] == rec_b[name]
-        if bad == "nan":
-            same[2500] = True
-        assert same.all(), name
-    np.testing.assert_array_equal(st_a.counts, st_b.counts)
-    assert st_a.sums.tolist() == st_b.sums.tolist()
-    assert st_a.problem == st_b.problem
-    assert (st_a.problem is None) == (bad in GOOD)
+    _same_scans(*scans, bad)
 
 
 @pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])

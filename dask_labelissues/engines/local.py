@@ -223,11 +223,23 @@ class _Slot:
     kind: tuple
     buf: mmap.mmap
 
+    def references(self) -> int:
+        return sys.getrefcount(self.buf)
+
     def free(self) -> bool:
         # Each array over the buffer (or view of one: numpy collapses its
-        # base to the buffer) holds a reference: the slot's and
-        # getrefcount's argument mean none is left.
-        return sys.getrefcount(self.buf) <= 2
+        # base to the buffer) holds a reference; none is left at the count
+        # of a buffer only a slot holds, measured the same way (how
+        # getrefcount counts its own argument differs between versions).
+        return self.references() <= _UNREFERENCED
+
+
+def _unreferenced() -> int:
+    slot = _Slot(("private",), mmap.mmap(-1, 1))
+    return slot.references()
+
+
+_UNREFERENCED = _unreferenced()
 
 
 #: This process's kept column buffers.

@@ -10,9 +10,9 @@ a label-issues input (format 3, a local store, no sharding, chunks of
 whole rows: every axis but the first whole, as in rows x classes or images
 x classes x height x width; a native-endian ``bytes`` codec then at most
 one of zstd, blosc or gzip) this module does the latter, with numcodecs,
-the library zarr itself decodes with.  Anything else, and any chunk whose header
-does not promise exactly one chunk of bytes, is left to zarr, so the values
-are always the ones zarr would return.
+the library zarr itself decodes with.  Anything else, and any chunk whose
+header does not promise exactly one chunk of bytes, is left to zarr, so the
+values are always the ones zarr would return.
 """
 
 from __future__ import annotations

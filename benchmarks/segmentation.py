@@ -11,7 +11,7 @@ labels as uint8 (both libraries take any integer labels; uint8 is how masks
 are stored), pred_probs as float32 and as float16.  Both pred_probs arrays
 are rounded once from the same float64 probabilities, so they differ only
 by their precision.  A third array holds the float32 values uncompressed
-(zstd makes these probabilities only 1.14 times smaller, and its decoding
+(zstd makes these probabilities only 1.09 times smaller, and its decoding
 is most of a read: a store of model outputs is often written without it);
 it is copied from the float32 array once, chunk by chunk.  ``--quick`` uses 240 images, for a check of the harness.
 

@@ -185,8 +185,9 @@ def shared(value: Any, copies: int) -> Any:
 
     Small values (the spec, a few blocks' thresholds, file and store row
     sources) go into each task: a key of their own is a task that must run,
-    and travel to every worker, before the stage can start.  Large values
-    and containers (which Dask would search for keys) are one key.
+    and travel to every worker, before the stage can start.  Values whose
+    copies together exceed :data:`INLINE_BYTES`, and containers (which Dask
+    would search for keys), are one key.
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value

@@ -1,5 +1,5 @@
-"""What this process may use of the machine: its cores, its memory, and
-how its allocator keeps freed arrays.
+"""What this process may use of the machine: its cores, its memory, how
+its allocator keeps freed arrays, and whether a kept buffer is in use.
 
 The engines size their pools and buffers from these; the demo, the
 synthetic data writers and the results store size their thread pools;
@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+import types
+from typing import Any
 
 #: glibc's mmap and trim thresholds, in bytes, for jobs in this process
 #: and the embedded cluster's workers (128 MiB: twice the 64 MiB blocks the
@@ -133,3 +135,23 @@ def _cgroup_cpus() -> int | None:
                 return max(1, math.ceil(quota / period))
         return None
     return None
+
+
+def _references(holder: Any, name: str) -> int:
+    return sys.getrefcount(getattr(holder, name))
+
+
+#: The count of an attribute only its holder refers to, measured as
+#: :func:`held_elsewhere` measures: how getrefcount counts its own argument
+#: differs between Python versions.
+_ALONE = _references(types.SimpleNamespace(value=object()), "value")
+
+
+def held_elsewhere(holder: Any, name: str) -> bool:
+    """Whether anything but ``holder`` refers to its attribute ``name``.
+
+    A kept buffer is in use while an array refers to it: numpy arrays over
+    a buffer, and their views (whose base numpy collapses to the buffer),
+    each hold a reference.
+    """
+    return _references(holder, name) > _ALONE

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .system import held_elsewhere
+
 #: Decoders: ``decode(raw, out)`` fills ``out`` (C-contiguous) from ``raw``
 #: and returns True, or returns False when ``raw`` does not hold exactly
 #: ``out.nbytes`` bytes (the caller then asks zarr).
@@ -123,23 +125,6 @@ def _decoder(codecs: tuple) -> Decoder | None:
 _SPARE = threading.local()
 
 
-def _references(holder: Any) -> int:
-    """What ``sys.getrefcount`` says of ``holder.buf``."""
-    return sys.getrefcount(holder.buf)
-
-
-def _unreferenced() -> int:
-    # What the interpreter counts for a buffer that only its slot holds,
-    # measured as the check will measure it (the count of getrefcount's own
-    # argument differs between Python versions).
-    probe = threading.local()
-    probe.buf = np.empty(1, dtype=np.uint8)
-    return _references(probe)
-
-
-_UNREFERENCED = _unreferenced()
-
-
 def _block_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialized array of ``shape``, over this thread's spare buffer
     when it fits (at most twice the size needed) and no array (each view
@@ -148,7 +133,7 @@ def _block_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     spare = getattr(_SPARE, "buf", None)
     fits = spare is not None and nbytes <= spare.nbytes <= 2 * nbytes
     del spare  # a reference of this frame's own
-    if not fits or _references(_SPARE) > _UNREFERENCED:
+    if not fits or held_elsewhere(_SPARE, "buf"):
         _SPARE.buf = np.empty(max(nbytes, 1), dtype=np.uint8)
     return _SPARE.buf[:nbytes].view(dtype).reshape(shape)
 

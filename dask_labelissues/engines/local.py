@@ -23,7 +23,7 @@ import numpy as np
 
 from ..aggregations import Aggregation, Pair
 from ..kinds import ROWS, Kind
-from ..system import keep_freed_memory, usable_cores, usable_memory
+from ..system import held_elsewhere, keep_freed_memory, usable_cores, usable_memory
 from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, Value, data_of
 from .blocks import BlockPlan, BlockReader
 
@@ -223,23 +223,8 @@ class _Slot:
     kind: tuple
     buf: mmap.mmap
 
-    def references(self) -> int:
-        return sys.getrefcount(self.buf)
-
     def free(self) -> bool:
-        # Each array over the buffer (or view of one: numpy collapses its
-        # base to the buffer) holds a reference; none is left at the count
-        # of a buffer only a slot holds, measured the same way (how
-        # getrefcount counts its own argument differs between versions).
-        return self.references() <= _UNREFERENCED
-
-
-def _unreferenced() -> int:
-    slot = _Slot(("private",), mmap.mmap(-1, 1))
-    return slot.references()
-
-
-_UNREFERENCED = _unreferenced()
+        return not held_elsewhere(self, "buf")
 
 
 #: This process's kept column buffers.

@@ -26,7 +26,10 @@ Differences from cleanlab:
 - bad values are refused naming the sentence and token;
 - :func:`issues_from_scores` over sentence scores returns the sentences
   scored below the threshold, ties by index (cleanlab's fails when every
-  sentence is below it).
+  sentence is below it);
+- :func:`common_label_issues` prints only with ``verbose`` (cleanlab
+  prints the words either way), and :func:`display_issues` marks the
+  flagged token with brackets rather than a terminal colour.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import numpy as np
 from . import inputs
 from .api import find_label_issues as _find_rows
 from .engines import make_engine
+from .filter import RANK_BY_KWARGS
 from .filters import filter_spec
 from .kernels import ScoreSpec
 from .kinds import ROWS
@@ -48,7 +52,10 @@ from .sentences import SENTENCE_SCORE_METHODS, SOFTMIN_TEMPERATURE
 from .sentences import sentence_mean, sentence_min, sentence_softmin  # noqa: F401
 from .states import located
 
-__all__ = ["find_label_issues", "get_label_quality_scores", "issues_from_scores"]
+__all__ = [
+    "common_label_issues", "display_issues", "filter_by_token", "find_label_issues", "get_label_quality_scores",
+    "issues_from_scores",
+]
 
 TOKEN_SCORE_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 #: What :func:`get_label_quality_scores` passes to the engine.
@@ -91,8 +98,9 @@ def find_label_issues(
         :func:`dask_labelissues.find_label_issues`'s options, applied to
         the tokens: cleanlab.filter's (``filter_by``, default
         ``"prune_by_noise_rate"`` as in cleanlab, ``frac_noise``,
-        ``num_to_remove_per_class``, ``min_examples_per_class``, ``n_jobs``)
-        and the engine's (``backend``, ``client``, ``chunk_rows``, ...);
+        ``num_to_remove_per_class``, ``min_examples_per_class``, ``n_jobs``,
+        ``rank_by_kwargs={"adjust_pred_probs": True}``) and the engine's
+        (``backend``, ``client``, ``chunk_rows``, ...);
         ``verbose`` shows progress bars.
 
     Returns
@@ -306,6 +314,216 @@ def issues_from_scores(
     return ranking[: int(np.count_nonzero(scores < threshold))]
 
 
+# -- summaries ---------------------------------------------------------------------------
+def filter_by_token(token: str, issues: Any, tokens: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    """The issues at tokens that are ``token``, compared case-insensitively,
+    in the order given, as cleanlab's ``filter_by_token``.
+
+    Parameters
+    ----------
+    token
+        The word to look for.
+    issues
+        ``(sentence, token)`` pairs (:func:`find_label_issues`: a list of
+        tuples or an ``(M, 2)`` array).
+    tokens
+        ``tokens[i][j]``: the word of token ``j`` of sentence ``i``.
+
+    Returns
+    -------
+    list of (int, int)
+    """
+    pairs = _issue_pairs(issues)
+    wanted = token.lower()
+    return [(i, j) for i, j in pairs.tolist() if str(tokens[i][j]).lower() == wanted]
+
+
+def common_label_issues(
+    issues: Any,
+    tokens: Sequence[Sequence[str]],
+    *,
+    labels: Any = None,
+    pred_probs: Any = None,
+    class_names: Sequence[str] | None = None,
+    top: int = 10,
+    exclude: Sequence[tuple[int, int]] = (),
+    verbose: bool = True,
+    sentence_offsets: Any = None,
+) -> Any:
+    """The words that most often carry a label issue, as cleanlab's table.
+
+    Parameters
+    ----------
+    issues
+        ``(sentence, token)`` pairs (:func:`find_label_issues`).
+    tokens
+        ``tokens[i][j]``: the word of token ``j`` of sentence ``i``.
+    labels, pred_probs
+        Optional, as in :func:`find_label_issues` (nested, or flat with
+        ``sentence_offsets``).  With both, the table has a row per word and
+        (given, predicted) pair, the prediction being the token's argmax;
+        only the flagged tokens' rows are read.
+    class_names
+        Names of the K classes, shown instead of their indices.
+    top
+        How many words to print (the table has them all).
+    exclude
+        ``(given, predicted)`` pairs not counted.
+    verbose
+        Print the ``top`` words, and with labels and pred_probs each one's
+        pairs (cleanlab prints the words whatever ``verbose`` says).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``token``, ``given_label``, ``predicted_label``,
+        ``num_label_issues`` with labels and pred_probs, else ``token`` and
+        ``num_label_issues``; most issues first, ties in the order the
+        words first appear in ``issues`` (then by given and predicted class).
+    """
+    import pandas as pd
+
+    pairs = _issue_pairs(issues)
+    words = [str(tokens[i][j]) for i, j in pairs.tolist()]
+    if labels is None or pred_probs is None:
+        totals: dict[str, int] = {}
+        for word in words:
+            totals[word] = totals.get(word, 0) + 1
+        table = pd.DataFrame(sorted(totals.items(), key=lambda row: -row[1]), columns=["token", "num_label_issues"])
+        if verbose:
+            for word, count in table.head(top).itertuples(index=False):
+                print(f"'{word}': {count} tokens flagged")
+        return table
+    given, predicted = _issue_classes(pairs, labels, pred_probs, sentence_offsets)
+    k = _n_classes(pred_probs, sentence_offsets is not None)
+    skip = {(int(a), int(b)) for a, b in exclude}
+    counts: dict[str, dict[tuple[int, int], int]] = {}
+    for word, g, p in zip(words, given.tolist(), predicted.tolist()):
+        cell = counts.setdefault(word, {})
+        if (g, p) not in skip:
+            cell[(g, p)] = cell.get((g, p), 0) + 1
+    names = [str(c) for c in range(k)] if class_names is None else list(class_names)
+    rows = [
+        (word, names[g] if class_names is not None else g, names[p] if class_names is not None else p, n)
+        for word, cell in counts.items() for (g, p), n in sorted(cell.items())
+    ]
+    table = pd.DataFrame(
+        sorted(rows, key=lambda row: -row[3]), columns=["token", "given_label", "predicted_label", "num_label_issues"]
+    )
+    if verbose:
+        ranked = sorted(counts.items(), key=lambda item: -sum(item[1].values()))[:top]
+        for word, cell in ranked:
+            print(f"'{word}': {sum(cell.values())} tokens flagged")
+            for (g, p), n in sorted(cell.items(), key=lambda item: -item[1]):
+                print(f"    given {names[g]}, predicted {names[p]}: {n}")
+    return table
+
+
+def display_issues(
+    issues: Any,
+    tokens: Sequence[Sequence[str]],
+    *,
+    labels: Any = None,
+    pred_probs: Any = None,
+    exclude: Sequence[tuple[int, int]] = (),
+    class_names: Sequence[str] | None = None,
+    top: int = 20,
+    sentence_offsets: Any = None,
+) -> None:
+    """Print the first ``top`` issues as cleanlab's ``display_issues`` does:
+    each flagged token's sentence, the token marked, with its given and
+    predicted labels where ``labels`` and ``pred_probs`` are given (pairs
+    in ``exclude`` are skipped).  ``issues`` may also be sentence indices
+    (:func:`issues_from_scores`), which prints those sentences."""
+    if np.ndim(issues) == 1:
+        for i in np.asarray(issues, dtype=np.int64)[:top].tolist():
+            print(f"Sentence {i}: {' '.join(map(str, tokens[i]))}")
+        return
+    pairs = _issue_pairs(issues)
+    given, predicted = _issue_classes(pairs, labels, pred_probs, sentence_offsets)
+    names = None if class_names is None else list(class_names)
+    skip = {(int(a), int(b)) for a, b in exclude}
+    shown = 0
+    for n, (i, j) in enumerate(pairs.tolist()):
+        if shown == top:
+            break
+        g = None if given is None else int(given[n])
+        p = None if predicted is None else int(predicted[n])
+        if g is not None and p is not None and (g, p) in skip:
+            continue
+        shown += 1
+        words = [str(w) for w in tokens[i]]
+        marked = " ".join(f"[{w}]" if t == j else w for t, w in enumerate(words))
+        print(f"Sentence {i}, token {j}: '{words[j]}'")
+        label_of = (lambda c: names[c]) if names is not None else str
+        if g is not None:
+            print(f"  given label: {label_of(g)}")
+        if p is not None:
+            print(f"  predicted label: {label_of(p)}")
+        print(f"  {marked}")
+
+
+def _issue_pairs(issues: Any) -> np.ndarray:
+    """``(sentence, token)`` issues as an ``(M, 2)`` int64 array."""
+    pairs = np.asarray(issues, dtype=np.int64) if len(issues) else np.zeros((0, 2), np.int64)
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"issues must be (sentence, token) pairs, got shape {pairs.shape}")
+    return pairs
+
+
+def _issue_classes(
+    pairs: np.ndarray, labels: Any, pred_probs: Any, sentence_offsets: Any
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The given label and the argmax of each issue's token (None for an
+    input not given), reading only those tokens' rows."""
+    if sentence_offsets is None:
+        given = predicted = None
+        if labels is not None:
+            given = np.array([labels[i][j] for i, j in pairs.tolist()], dtype=np.int64)
+        if pred_probs is not None:
+            predicted = np.array([int(np.argmax(pred_probs[i][j])) for i, j in pairs.tolist()], dtype=np.int64)
+        return given, predicted
+    sources = [None if x is None else inputs.open_source(x, name) for x, name in ((labels, "labels"), (pred_probs, "pred_probs"))]
+    n_tokens = next(int(src.shape[0]) for src in sources if src is not None)
+    offsets = _offsets(sentence_offsets, n_tokens)
+    rows = offsets[pairs[:, 0]] + pairs[:, 1]
+    lab, probs = sources
+    return (
+        None if lab is None else _rows_at(lab, rows).astype(np.int64),
+        None if probs is None else _rows_at(probs, rows).argmax(axis=1),
+    )
+
+
+def _n_classes(pred_probs: Any, flat: bool) -> int:
+    """K, from flat pred_probs (any source) or the first sentence with tokens."""
+    if flat:
+        return int(inputs.open_source(pred_probs, "pred_probs").shape[1])
+    return int(np.shape(next(p for p in pred_probs if len(p)))[1])
+
+
+#: Issues closer than this many rows are read as one slice of the source.
+ROW_GAP = 4096
+
+
+def _rows_at(source: Any, rows: np.ndarray) -> np.ndarray:
+    """``source[rows]`` for any array source, read in slices spanning
+    nearby rows (sorted first), so a few issues do not read a store whole."""
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    parts = []
+    breaks = np.flatnonzero(np.diff(sorted_rows) > ROW_GAP) + 1
+    for run in np.split(sorted_rows, breaks) if sorted_rows.size else []:
+        a, b = int(run[0]), int(run[-1]) + 1
+        block = source[a:b]
+        block = block.compute() if inputs.is_dask_array(block) else np.asarray(block)
+        parts.append(block[run - a])
+    if not parts:
+        return np.zeros((0, *source.shape[1:]), dtype=source.dtype)
+    out = np.empty((rows.size, *parts[0].shape[1:]), dtype=parts[0].dtype)
+    out[order] = np.concatenate(parts)
+    return out
+
+
 # -- sentences ---------------------------------------------------------------------------
 def _as_tuples(pairs: np.ndarray) -> list[tuple[int, int]]:
     """``(sentence, token)`` rows as a list of tuples of Python ints, as
@@ -400,6 +618,14 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     options = dict(kwargs)
     if "verbose" in options:
         options["progress"] = bool(options.pop("verbose"))
+    # cleanlab passes its keywords on to cleanlab.filter, whose scoring
+    # options come in rank_by_kwargs.
+    ranking = dict(options.pop("rank_by_kwargs", None) or {})
+    unknown = sorted(set(ranking) - set(RANK_BY_KWARGS))
+    if unknown:
+        raise NotImplementedError(f"rank_by_kwargs {unknown} are not supported (only {', '.join(RANK_BY_KWARGS)})")
+    if ranking.get("adjust_pred_probs"):
+        options["adjust_pred_probs"] = True
     return options
 
 

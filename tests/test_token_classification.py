@@ -437,3 +437,91 @@ def test_options_the_scores_do_not_take_are_refused():
     labels, probs = sentences(5, n=20, seed=1)
     with pytest.raises(TypeError, match="unexpected keyword arguments: adjust_pred_probs"):
         tc.get_label_quality_scores(labels, probs, adjust_pred_probs=True)
+
+
+# -- summaries ---------------------------------------------------------------------------
+def words_of(labels, seed: int = 0):
+    """A word per token from a small vocabulary, cases mixed, so words repeat."""
+    rng = np.random.default_rng(seed)
+    vocab = ["the", "The", "Paris", "paris", "run", "?odd", "x"]
+    return [[str(w) for w in rng.choice(vocab, len(s))] for s in labels]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"given": True},
+    {"given": True, "class_names": ["PER", "LOC", "ORG", "MISC", "O"], "exclude": [(0, 1), (4, 2)]},
+])
+def test_common_label_issues_equal_cleanlabs_table(kwargs, capsys):
+    from cleanlab.token_classification import summary as cl_summary
+
+    labels, probs = sentences(5, seed=4)
+    tokens = words_of(labels)
+    issues = tc.find_label_issues(labels, probs)
+    options = {k: v for k, v in kwargs.items() if k != "given"}
+    if kwargs.get("given"):
+        options.update(labels=labels, pred_probs=probs)
+    expected = cl_summary.common_label_issues(issues, tokens, **options)
+    capsys.readouterr()
+    got = tc.common_label_issues(issues, tokens, verbose=False, **options)
+    assert capsys.readouterr().out == ""
+    assert len(got) > 3 and got.equals(expected)
+    tc.common_label_issues(issues, tokens, top=2, **options)
+    assert capsys.readouterr().out.count("tokens flagged") == 2
+
+
+def test_summaries_read_the_flat_form_from_a_store(stored):
+    from cleanlab.token_classification import summary as cl_summary
+
+    root, labels, probs = stored
+    tokens = words_of(labels, seed=1)
+    issues = tc.find_label_issues(labels, probs)
+    flat_form = {"labels": f"{root / 'tokens.zarr'}:labels", "pred_probs": f"{root / 'tokens.zarr'}:pred_probs",
+                 "sentence_offsets": np.load(root / "offsets.npy")}
+    got = tc.common_label_issues(np.asarray(issues), tokens, verbose=False, **flat_form)
+    expected = cl_summary.common_label_issues(issues, tokens, labels=labels, pred_probs=probs, verbose=False)
+    assert got.equals(expected)
+
+
+def test_rows_are_read_in_slices_of_nearby_rows():
+    source = np.arange(100_000)
+    rows = np.array([99_999, 5, 7, 60_000, 5, 0])
+    assert (tc._rows_at(source, rows) == rows).all()
+    reads = []
+
+    class Counting:
+        shape, dtype = source.shape, source.dtype
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return source[key]
+
+    assert (tc._rows_at(Counting(), rows) == rows).all()
+    assert reads == [slice(0, 8), slice(60_000, 60_001), slice(99_999, 100_000)]
+
+
+def test_filter_by_token_and_display_issues(capsys):
+    from cleanlab.token_classification import summary as cl_summary
+
+    labels, probs = sentences(5, seed=5)
+    tokens = words_of(labels, seed=2)
+    issues = tc.find_label_issues(labels, probs)
+    assert tc.filter_by_token("PARIS", issues, tokens) == cl_summary.filter_by_token("PARIS", issues, tokens)
+    assert len(tc.filter_by_token("paris", issues, tokens)) > 0
+    i, j = issues[0]
+    tc.display_issues(issues, tokens, labels=labels, pred_probs=probs, class_names=list("ABCDE"), top=3)
+    out = capsys.readouterr().out
+    assert out.count("Sentence") == 3
+    assert f"Sentence {i}, token {j}: '{tokens[i][j]}'" in out
+    assert f"given label: {'ABCDE'[labels[i][j]]}" in out
+    assert f"predicted label: {'ABCDE'[int(np.argmax(probs[i][j]))]}" in out
+    tc.display_issues([4, 0], tokens)
+    assert capsys.readouterr().out.splitlines() == [f"Sentence 4: {' '.join(tokens[4])}", f"Sentence 0: {' '.join(tokens[0])}"]
+
+
+def test_rank_by_kwargs_as_cleanlab_passes_them():
+    labels, probs = sentences(5, seed=6)
+    options = {"rank_by_kwargs": {"adjust_pred_probs": True}}
+    assert tc.find_label_issues(labels, probs, **options) == cl_filter.find_label_issues(labels, probs, n_jobs=1, **options)
+    with pytest.raises(NotImplementedError, match="rank_by_kwargs"):
+        tc.find_label_issues(labels, probs, rank_by_kwargs={"method": "x"})

@@ -8,7 +8,9 @@ values.  From ``labels`` and ``pred_probs`` (any input
 computed where the job runs: pass one for the exact thresholds, one more
 read of pred_probs for the joint, both tree reductions of per-block
 states; only K x K counts reach this process.  From ``joint`` (with
-``num_examples``) or ``confident_joint``, nothing is read.  A
+``num_examples``) or ``confident_joint``, nothing is read (as in
+cleanlab, ``joint`` is used first, then ``confident_joint``, then
+``labels`` and ``pred_probs``).  A
 :class:`~dask_labelissues.LabelIssues` that holds a joint has the same
 views as methods.
 
@@ -61,8 +63,10 @@ def rank_classes_by_label_quality(
     worst class first.
 
     Give one of: ``labels`` and ``pred_probs``; ``joint`` and
-    ``num_examples``; ``confident_joint`` (with ``labels`` it is
-    calibrated to their class counts first).
+    ``num_examples`` (or ``labels``, whose length it is); ``confident_joint``
+    (with ``labels`` it is calibrated to their class counts first).  As
+    in cleanlab, the first given of ``joint``, ``confident_joint`` and
+    ``pred_probs`` is used.
 
     Parameters
     ----------
@@ -71,7 +75,7 @@ def rank_classes_by_label_quality(
     class_names
         Names of the classes in index order; adds a ``Class Name`` column.
     num_examples
-        N, needed with ``joint`` only.
+        N, needed with ``joint`` only (default: the length of ``labels``).
     joint
         The estimated joint distribution p(given, true), (K, K), summing to 1.
     confident_joint
@@ -143,11 +147,12 @@ def overall_label_health_score(
 
     From ``labels`` and ``pred_probs``: one minus the rows the confident
     joint counts off its diagonal (near ties the given label wins
-    excluded: ``cleanlab.count.num_label_issues``) over N.  From a joint
-    or confident joint alone: the joint's trace.  ``verbose`` prints the
+    excluded: ``cleanlab.count.num_label_issues``) over N; as in
+    cleanlab, a ``joint`` or ``confident_joint`` given with them is not
+    used.  From a joint or confident joint alone: the joint's trace.  ``verbose`` prints the
     estimate on stdout.
     """
-    est = _estimate(labels, pred_probs, joint, confident_joint, num_examples, multi_label, engine)
+    est = _estimate(labels, pred_probs, joint, confident_joint, num_examples, multi_label, engine, data_first=True)
     score, issues = health.health_score(est.num_examples, num_label_issues=est.num_label_issues,
                                         joint=est.joint)
     if verbose:
@@ -178,6 +183,10 @@ def health_summary(
         functions of those names return them).  ``verbose`` prints them.
     """
     est = _estimate(labels, pred_probs, joint, confident_joint, num_examples, multi_label, engine)
+    if est.num_label_issues is None and labels is not None and pred_probs is not None:
+        # The tables come from the joint given, the score from the data.
+        scored = _estimate(labels, pred_probs, None, None, num_examples, multi_label, engine)
+        est = Estimate(est.joint, est.num_examples, scored.num_label_issues)
     return summary_of(est, asymmetric=asymmetric, class_names=class_names, verbose=verbose)
 
 
@@ -295,29 +304,40 @@ def _estimate(
     num_examples: int | None,
     multi_label: bool,
     engine: dict[str, Any],
+    data_first: bool = False,
 ) -> Estimate:
+    """The joint to report on.  As in cleanlab, ``joint`` is used first,
+    then ``confident_joint``, then ``labels`` and ``pred_probs``; with
+    ``data_first`` (the overall score, which cleanlab counts from the
+    data whenever it has them), ``labels`` and ``pred_probs`` first."""
+    if data_first and labels is not None and pred_probs is not None:
+        joint = confident_joint = None
     if multi_label:
         raise ValueError("multi_label=True is not supported by dask_labelissues.dataset yet")
     unknown = set(engine) - {"backend", "client", "chunk_rows", "n_jobs", "progress", "row_sum_tolerance"}
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    given = [name for name, v in (("labels and pred_probs", pred_probs), ("joint", joint),
-                                  ("confident_joint", confident_joint)) if v is not None]
-    if len(given) != 1 or (pred_probs is not None and labels is None):
+    # As in cleanlab: a joint is used as given, else a confident joint,
+    # else one computed from labels and pred_probs.
+    if joint is None and confident_joint is None and (pred_probs is None or labels is None):
         raise ValueError(
-            "give exactly one of: labels and pred_probs; joint (with num_examples); confident_joint "
-            f"(optionally with labels, to calibrate it); got {', '.join(given) or 'none'}"
-            + ("" if pred_probs is None or labels is not None else " without labels")
+            "give one of: labels and pred_probs; joint (with num_examples or labels); confident_joint "
+            "(optionally with labels, to calibrate it)"
+            + ("; got pred_probs without labels" if pred_probs is not None else "")
         )
-    if pred_probs is not None:
-        job = confident_joint_of(labels, pred_probs, **engine)
-        n = int(job.per_class_count.sum())
-        return from_calibrated(job.confident_joint, int(num_examples or n), job.num_label_issues)
     if joint is not None:
         joint = _square(joint, "joint")
         if num_examples is None:
-            raise ValueError("num_examples is needed with joint (the joint does not say how many rows it covers)")
+            if labels is None and confident_joint is None:
+                raise ValueError("num_examples is needed with joint (the joint does not say how many rows it covers)")
+            num_examples = (
+                inputs.open_source(labels, "labels").shape[0] if labels is not None else np.sum(confident_joint)
+            )
         return Estimate(joint.astype(np.float64), int(num_examples), None)
+    if confident_joint is None:
+        job = confident_joint_of(labels, pred_probs, **engine)
+        n = int(job.per_class_count.sum())
+        return from_calibrated(job.confident_joint, int(num_examples or n), job.num_label_issues)
     cj = _square(confident_joint, "confident_joint")
     if labels is not None:
         counts = label_counts(labels, len(cj))

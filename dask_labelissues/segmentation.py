@@ -13,13 +13,17 @@ machine or a Dask cluster.  Differences from cleanlab:
   column), where cleanlab's sort takes any of them;
 - bad values are refused with the image and pixel they are at;
 - :func:`issues_from_scores` returns the images scored below the threshold
-  (cleanlab's also returns the first one at or above it).
+  (cleanlab's also returns the first one at or above it);
+- :func:`common_label_issues` prints its table only with ``verbose=True``
+  (cleanlab's default), and :func:`display_issues` draws 4 images by
+  default (cleanlab's 20) in one figure, which it returns.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -200,7 +204,8 @@ def get_label_quality_scores(
         Softmin's temperature: lower values move the image score towards
         its worst pixel's.
     downsample
-        ``"num_pixel_issues"`` only, as in :func:`find_label_issues`.
+        ``"num_pixel_issues"`` only, as in :func:`find_label_issues`; with
+        ``"softmin"`` it is ignored with a warning, as cleanlab does.
 
     Returns
     -------
@@ -215,7 +220,10 @@ def get_label_quality_scores(
     if not temperature:
         raise ValueError("temperature must be a number other than 0")
     if downsample != 1 and method != "num_pixel_issues":
-        raise ValueError("downsample applies to method='num_pixel_issues' only")
+        # cleanlab warns and scores every pixel; so do we.
+        warnings.warn(f"downsample={downsample} applies to method='num_pixel_issues' only; "
+                      f"method={method!r} scores every pixel", UserWarning, stacklevel=2)
+        downsample = 1
     lab, probs, shape = _open(labels, pred_probs, 1)
     engine, spec = _engine(
         lab, probs, shape, 1, backend=backend, client=client, n_jobs=n_jobs, batch_size=batch_size,

@@ -136,10 +136,39 @@ def test_health_true_adds_the_joint_to_the_batched_method() -> None:
         plain.health_summary()
 
 
+def test_inputs_given_together_are_taken_in_cleanlabs_order() -> None:
+    from cleanlab.count import compute_confident_joint
+
+    d = make_dataset(3000, 5, seed=11)
+    cj = compute_confident_joint(d.labels, d.pred_probs)
+    cj[0, 1] += 40  # not what the data would give, so it shows whether it was used
+    joint = cj / cj.sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cleanlab's: the confident joint is not used for the score
+        theirs = cl_dataset.health_summary(d.labels, d.pred_probs, confident_joint=cj, verbose=False)
+    ours = dataset.health_summary(d.labels, d.pred_probs, confident_joint=cj, verbose=False)
+    assert ours["overall_label_health_score"] == theirs["overall_label_health_score"]
+    assert ours["overall_label_health_score"] == dataset.overall_label_health_score(
+        d.labels, d.pred_probs, confident_joint=cj, verbose=False
+    ) == dataset.overall_label_health_score(d.labels, d.pred_probs, verbose=False)
+    for name in ("classes_by_label_quality", "overlapping_classes"):
+        assert (ours[name]["Label Issues" if name.startswith("classes") else "Num Overlapping Examples"].to_numpy()
+                == theirs[name]["Label Issues" if name.startswith("classes") else "Num Overlapping Examples"].to_numpy()).all()
+    assert not (ours["classes_by_label_quality"]["Label Issues"].to_numpy() ==
+                dataset.rank_classes_by_label_quality(d.labels, d.pred_probs)["Label Issues"].to_numpy()).all()
+    ours = dataset.find_overlapping_classes(labels=d.labels, joint=joint)
+    theirs = cl_dataset.find_overlapping_classes(labels=d.labels, joint=joint)
+    np.testing.assert_allclose(ours["Joint Probability"].to_numpy(), theirs["Joint Probability"].to_numpy())
+    assert (ours["Num Overlapping Examples"].to_numpy() == theirs["Num Overlapping Examples"].to_numpy()).all()
+    ours = dataset.rank_classes_by_label_quality(d.labels, d.pred_probs, joint=joint, confident_joint=cj)
+    theirs = cl_dataset.rank_classes_by_label_quality(d.labels, d.pred_probs, joint=joint, confident_joint=cj)
+    assert (ours["Label Issues"].to_numpy() == theirs["Label Issues"].to_numpy()).all()
+
+
 def test_bad_calls_are_refused_with_what_to_give() -> None:
     d = make_dataset(500, 4, seed=10)
-    with pytest.raises(ValueError, match="exactly one"):
-        dataset.health_summary(d.labels, d.pred_probs, joint=np.eye(4) / 4)
+    with pytest.raises(ValueError, match="give one of.*pred_probs without labels"):
+        dataset.health_summary(pred_probs=d.pred_probs)
     with pytest.raises(ValueError, match="num_examples"):
         dataset.find_overlapping_classes(joint=np.eye(4) / 4)
     with pytest.raises(ValueError, match="multi_label"):

@@ -368,9 +368,12 @@ def test_score_arguments_are_checked():
         segmentation.get_label_quality_scores(labels, probs, method="margin")
     with pytest.raises(ValueError, match="temperature"):
         segmentation.get_label_quality_scores(labels, probs, temperature=0)
-    # cleanlab warns and ignores downsample with softmin; here it is refused.
-    with pytest.raises(ValueError, match="downsample applies to method='num_pixel_issues' only"):
-        segmentation.get_label_quality_scores(labels, probs, downsample=2)
+    # As cleanlab: downsample with softmin is ignored, with a warning.
+    with pytest.warns(UserWarning, match="downsample=2 applies to method='num_pixel_issues' only"):
+        got = segmentation.get_label_quality_scores(labels, probs, downsample=2)
+    expected = segmentation.get_label_quality_scores(labels, probs)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
 
 
 # -- 4. issues_from_scores ------------------------------------------------------------

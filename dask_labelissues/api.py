@@ -138,7 +138,8 @@ def find_label_issues(
     row_sum_tolerance
         Largest accepted ``|sum(row) - 1|``; None accepts unnormalized rows.
     spill_dir
-        Where the fork and serial engines put large per-row buffers
+        Where the one-machine engines (threads, fork, serial) put large
+        per-row buffers
         (default: the system's temporary directory).
     filter_by
         None (default): batched confident learning as above, what cleanlab's

@@ -14,8 +14,7 @@ cleanlab, ``joint`` is used first, then ``confident_joint``, then
 :class:`~dask_labelissues.LabelIssues` that holds a joint has the same
 views as methods.
 
-Tables are pandas DataFrames when pandas imports, else lists of dicts
-(one per row).  Rows with equal scores are in class order.
+Tables are pandas DataFrames.  Rows with equal scores are in class order.
 """
 
 from __future__ import annotations
@@ -286,13 +285,8 @@ def _say_score(score: float, issues: int, n: int, stream: Any = None) -> None:
 
 
 def _table(table: dict[str, np.ndarray]) -> Any:
-    try:
-        import pandas as pd
-    except ImportError:
-        names = list(table)
-        return [dict(zip(names, (col[i].item() if hasattr(col[i], "item") else col[i]
-                                 for col in table.values())))
-                for i in range(len(next(iter(table.values()))))]
+    import pandas as pd
+
     return pd.DataFrame(table)
 
 

@@ -5,12 +5,13 @@ Layout of ``OUT.zarr``:
 ``label_quality_scores`` (float64, N), ``is_label_issue`` (bool, N),
 ``given_label`` and ``predicted_label`` (int32, N), ``issues`` (int64, ranked),
 ``issue_scores`` (float64, the scores of ``issues``), ``confident_thresholds``
-(float64, K), ``per_class_count`` and ``per_class_issues`` (int64, K); the
+(float64, K), ``per_class_count`` and ``per_class_issues`` (int64, K),
+``confident_joint`` (int64, K x K, where the job computed it); the
 group's attributes hold the counts, settings, inputs, versions and timing.
 
 The N-long arrays are written chunk by chunk by whoever holds them: Dask
 workers for the dask engine (``dask.array.store``), this process for the
-fork and serial engines.  The group is built under a hidden temporary name
+threads, fork and serial engines.  The group is built under a hidden temporary name
 beside ``OUT`` and renamed into place only when complete.
 """
 

@@ -181,24 +181,6 @@ def test_bad_calls_are_refused_with_what_to_give() -> None:
         dataset.rank_classes_by_label_quality(labels=bad, confident_joint=np.eye(4, dtype=int))
 
 
-def test_without_pandas_tables_are_lists_of_records(monkeypatch) -> None:
-    import builtins
-
-    real = builtins.__import__
-
-    def no_pandas(name, *args, **kwargs):
-        if name == "pandas" or name.startswith("pandas."):
-            raise ImportError("no pandas here")
-        return real(name, *args, **kwargs)
-
-    d = make_dataset(1000, 3, seed=11)
-    expected = dataset.rank_classes_by_label_quality(d.labels, d.pred_probs).to_dict("records")
-    monkeypatch.setattr(builtins, "__import__", no_pandas)
-    records = dataset.rank_classes_by_label_quality(d.labels, d.pred_probs)
-    assert isinstance(records, list) and len(records) == 3
-    assert records == expected
-
-
 @pytest.mark.parametrize("backend", ["serial", "threads", "fork", "dask"])
 @pytest.mark.parametrize("filter_by", [None, "predicted_neq_given"])
 def test_health_true_on_every_engine_where_no_filter_computes_the_joint(backend, filter_by) -> None:

@@ -57,17 +57,17 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", metavar="ADDRESS",
                    help="run on the Dask scheduler at ADDRESS (default: $DASK_SCHEDULER_ADDRESS if set)")
     _add_local_clusters(g)
-    g.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+    g.add_argument("--connect-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="give up connecting to --scheduler after this long (default %(default)g)")
-    g.add_argument("--no-workers-timeout", type=float, default=60.0, metavar="SECONDS",
+    g.add_argument("--no-workers-timeout", type=_seconds, default=60.0, metavar="SECONDS",
                    help="fail if the cluster has no workers for this long (default %(default)g)")
-    g.add_argument("--threads-per-worker", type=int, default=1, metavar="M",
+    g.add_argument("--threads-per-worker", type=_at_least(1), default=1, metavar="M",
                    help="threads of each --workers process (default %(default)s)")
     g.add_argument("--memory-limit", default="auto", metavar="X",
                    help="memory of each --workers process, e.g. 2GB (default %(default)s)")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="engine; auto: dask on a cluster above, else threads (default %(default)s)")
-    g.add_argument("--n-jobs", type=int, metavar="N",
+    g.add_argument("--n-jobs", type=_at_least(1), metavar="N",
                    help="threads (--backend threads) or processes (fork) to use (default: one per core)")
     g.add_argument("--tls-ca-file", metavar="PEM", help="CA certificate of a TLS scheduler (default: none)")
     g.add_argument("--tls-cert", metavar="PEM", help="client certificate for a TLS scheduler (default: none)")
@@ -87,7 +87,7 @@ def _add_inputs_and_output(p: argparse.ArgumentParser, labels: str, probs_shape:
 
 def _add_local_clusters(p: Any) -> None:
     """``--workers`` and ``--dashboard``, the same for ``demo`` and ``find``."""
-    p.add_argument("--workers", type=int, metavar="N",
+    p.add_argument("--workers", type=_at_least(1), metavar="N",
                    help="run on a LocalCluster of N worker processes started here, and print its dashboard link")
     p.add_argument("--dashboard", action="store_true",
                    help="run on a LocalCluster in this process (threads), and print its dashboard link")
@@ -503,6 +503,14 @@ def _checked_output(args: argparse.Namespace) -> str:
     output = os.path.abspath(args.output)
     if os.path.exists(output) and not args.overwrite:
         raise CommandError(f"{output} already exists (use --overwrite to replace it)")
+    from .store import is_results_store
+
+    if os.path.exists(output) and not is_results_store(output):
+        raise CommandError(
+            f"{output} is not a results store of dask-labelissues: --overwrite replaces only those "
+            "(remove it yourself if it should go)"
+        )
+    args.output_was = _stamp(output)
     parent = os.path.dirname(output)
     if not os.path.isdir(parent):
         raise CommandError(f"directory {parent} does not exist (create it first, or choose another --output)")
@@ -517,12 +525,26 @@ def _absolute(source: str) -> str:
     return source if "://" in source else os.path.abspath(source)
 
 
+def _stamp(path: str) -> tuple[int, int] | None:
+    """What tells a store at ``path`` from one written after it: its inode
+    and change time (None where there is none)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
 def _left_as_it_was(args: argparse.Namespace) -> str:
-    """What a failed or interrupted ``find`` left at its output path."""
+    """What a failed or interrupted ``find`` left at its output path: an
+    interrupt can come after the store was renamed into place, complete."""
     output = os.path.abspath(args.output)
-    if args.overwrite and os.path.exists(output):
+    now = _stamp(output)
+    if now is None:
+        return f"nothing was left at {output}"
+    if now == getattr(args, "output_was", None):
         return f"the store at {output} is as it was"
-    return f"nothing was left at {output}"
+    return f"the results were written to {output}, complete, before it stopped"
 
 
 def _import_quietly(name: str) -> None:
@@ -530,6 +552,31 @@ def _import_quietly(name: str) -> None:
         importlib.import_module(name)
     except Exception:  # the import is retried, and reported, where it is needed
         pass
+
+
+def _at_least(low: int) -> Any:
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"wants an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
 
 
 def _tolerance(text: str) -> float | None:
@@ -673,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subtract the class thresholds from pred_probs before scoring, as cleanlab does")
     p.add_argument("--estimation-method", choices=ESTIMATION_METHODS, default="off_diagonal",
                    help="how the number of issues is estimated (default %(default)s)")
-    p.add_argument("--chunk-rows", type=int, metavar="N", help="rows per block (default: about 64 MB of pred_probs)")
+    p.add_argument("--chunk-rows", type=_at_least(1), metavar="N", help="rows per block (default: about 64 MB of pred_probs)")
     p.add_argument("--row-sum-tolerance", type=_tolerance, default=1e-3, metavar="T",
                    help="largest accepted |row sum - 1| of pred_probs, or 'none' (default %(default)s)")
     g = p.add_argument_group(
@@ -693,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the issues in row order instead of worst first")
     p.add_argument("--health", action="store_true",
                    help="also store the confident joint for dataset health (one more read of pred_probs)")
-    p.add_argument("--top", type=int, default=10, metavar="N", help="worst rows to print (default %(default)s)")
+    p.add_argument("--top", type=_at_least(0), default=10, metavar="N", help="worst rows to print (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     _add_cluster(p)
     _add_progress(p)
@@ -702,18 +749,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("segment", "Find the mislabeled pixels of a segmentation dataset and write them to a results store.")
     _add_inputs_and_output(p, "the given label maps, N x H x W", "N x K x H x W")
-    p.add_argument("--downsample", type=int, default=1, metavar="F",
+    p.add_argument("--downsample", type=_at_least(1), default=1, metavar="F",
                    help="find issues on F x F tiles first, then check their pixels (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.1, metavar="T",
                    help="softmin temperature of the image scores (default %(default)s)")
-    p.add_argument("--images-per-block", type=int, metavar="N",
+    p.add_argument("--images-per-block", type=_at_least(1), metavar="N",
                    help="images per block (default: about 64 MB of pred_probs)")
     p.add_argument("--class-names", metavar="A,B,...", help="names of the K classes, for the printed tables")
     p.add_argument("--ignore-index", type=int, metavar="L",
                    help="a label marking pixels to leave out, often 255 (default: none; every label must be a class)")
     p.add_argument("--row-sum-tolerance", type=_tolerance, default=1e-3, metavar="T",
                    help="largest accepted |sum over classes - 1| of a pixel, or 'none' (default %(default)s)")
-    p.add_argument("--top", type=int, default=10, metavar="N",
+    p.add_argument("--top", type=_at_least(0), default=10, metavar="N",
                    help="worst images and common issues to print (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     _add_cluster(p)
@@ -723,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("summary", "Print a results store's counts, worst rows and dataset health, and plot them if asked.")
     p.add_argument("store", metavar="OUT.zarr", help="a results store written by find or segment")
-    p.add_argument("--top", type=int, default=20, metavar="N", help="worst rows to print (default %(default)s)")
+    p.add_argument("--top", type=_at_least(0), default=20, metavar="N", help="worst rows to print (default %(default)s)")
     p.add_argument("--plot", metavar="FILE.png", help="also write the summary plot to FILE.png (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     _add_common(p)

@@ -157,6 +157,22 @@ class _Group:
         return getattr(self.group, name)
 
 
+def is_results_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a store this package wrote: a Zarr v3 group
+    whose attributes carry the package's version.  Overwriting replaces
+    only those, so a mistyped ``--output`` cannot delete the inputs or
+    anything else."""
+    import json
+
+    try:
+        with open(os.path.join(os.fspath(path), "zarr.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    versions = meta.get("attributes", {}).get("versions") if isinstance(meta, dict) else None
+    return meta.get("node_type") == "group" and isinstance(versions, dict) and "dask_labelissues" in versions
+
+
 @contextlib.contextmanager
 def _atomic_group(path: str | os.PathLike, overwrite: bool) -> Iterator[_Group]:
     """A Zarr v3 group built under a hidden temporary name beside ``path``
@@ -166,6 +182,8 @@ def _atomic_group(path: str | os.PathLike, overwrite: bool) -> Iterator[_Group]:
     target = _local(path)
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} already exists (use --overwrite / overwrite=True to replace it)")
+    if os.path.exists(target) and not is_results_store(target):
+        raise FileExistsError(f"{target} is not a results store of dask_labelissues; overwrite replaces only those")
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"directory {parent} does not exist")

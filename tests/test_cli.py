@@ -117,6 +117,61 @@ def test_overwrite_and_existing_output(data, tmp_path):
     assert [p for p in os.listdir(tmp_path)] == ["out.zarr"]
 
 
+def test_overwrite_replaces_only_a_results_store(data, tmp_path):
+    labels, probs = np.load(data[1]["labels"]), np.load(data[1]["pred_probs"])
+    inputs = tmp_path / "in.zarr"
+    group = zarr.open_group(str(inputs), mode="w", zarr_format=3)
+    group.create_array("labels", data=labels, chunks=(10000,))
+    group.create_array("pred_probs", data=probs, chunks=(10000, 8))
+    plain = tmp_path / "folder"
+    (plain / "sub").mkdir(parents=True)
+    (plain / "sub" / "keep.txt").write_text("mine")
+    a_file = tmp_path / "labels.npy"
+    np.save(a_file, np.zeros(3, np.int64))
+    for out in (inputs, plain, a_file):
+        proc = run("find", "--labels", f"{inputs}:labels", "--pred-probs", f"{inputs}:pred_probs",
+                   "--output", str(out), "--overwrite", "--backend", "serial")
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == (
+            f"error: {out} is not a results store of dask-labelissues: --overwrite replaces only those "
+            "(remove it yourself if it should go)"
+        )
+    assert (plain / "sub" / "keep.txt").read_text() == "mine" and np.load(a_file).shape == (3,)
+    np.testing.assert_array_equal(zarr.open_group(str(inputs), mode="r")["labels"][:], labels)
+    with pytest.raises(FileExistsError, match="not a results store"):
+        find_label_issues(labels[:100], probs[:100]).to_zarr(str(plain), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["folder", "in.zarr", "labels.npy"]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--workers", "-1", "must be >= 1, got '-1'"), ("--workers", "0", "must be >= 1, got '0'"),
+    ("--threads-per-worker", "0", "must be >= 1, got '0'"), ("--top", "-3", "must be >= 0, got '-3'"),
+    ("--connect-timeout", "-1", "must be > 0, got '-1'"), ("--chunk-rows", "x", "wants an integer, got 'x'"),
+])
+def test_numbers_out_of_range_are_refused_by_the_parser(data, tmp_path, option, value, message):
+    _, paths, _ = data
+    proc = run("find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+               "--output", str(tmp_path / "o.zarr"), option, value)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"error: argument {option}: {message}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupt_after_the_store_is_in_place_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from dask_labelissues import cli
+
+    out = tmp_path / "o.zarr"
+    args = SimpleNamespace(output=str(out), overwrite=True)
+    assert cli._left_as_it_was(args) == f"nothing was left at {out}"
+    find_label_issues(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]])).to_zarr(str(out))
+    args.output_was = cli._stamp(str(out))
+    assert cli._left_as_it_was(args) == f"the store at {out} is as it was"
+    find_label_issues(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]])).to_zarr(str(out), overwrite=True)
+    assert cli._left_as_it_was(args) == f"the results were written to {out}, complete, before it stopped"
+
+
 def test_output_directory_is_checked_before_any_work(data, tmp_path):
     labels, probs = _sources(data[0], "npy")
     out = tmp_path / "missing" / "out.zarr"

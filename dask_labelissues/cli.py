@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -795,9 +796,15 @@ class _Interrupts:
     seen = False
     previous_hook: Any = sys.__unraisablehook__
 
+    #: Without --debug: the embedded cluster's shutdown after an interrupt
+    #: (workers removed, tasks lost, streams closed) is not reported.
+    quiet = True
+
     @classmethod
     def handler(cls, signum: int, frame: Any) -> None:
         cls.seen = True
+        if cls.quiet:
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
         raise KeyboardInterrupt
 
     @classmethod
@@ -814,6 +821,10 @@ class _Interrupts:
             raise KeyboardInterrupt
 
 
+def _not_all_exit(record: Any) -> bool:
+    return not (record.exc_info and getattr(record.exc_info[0], "__name__", "") == "AllExit")
+
+
 def _terminate(signum: int, frame: Any) -> None:
     # Turn SIGTERM into an exception so half-written stores are removed.
     raise SystemExit(128 + signum)
@@ -822,13 +833,15 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
-        import logging
-
         # distributed logs shutdown chatter at INFO; users want the result.
         logging.getLogger("distributed").setLevel(logging.WARNING)
+        # A client closed by Ctrl-C leaves a waiting task failed with
+        # AllExit, which asyncio reports at exit with its traceback.
+        logging.getLogger("asyncio").addFilter(_not_all_exit)
     previous = signal.signal(signal.SIGTERM, _terminate)
     previous_int = previous_hook = None
     _Interrupts.seen = False
+    _Interrupts.quiet = not args.debug
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         previous_int = signal.signal(signal.SIGINT, _Interrupts.handler)
         previous_hook = _Interrupts.previous_hook = sys.unraisablehook

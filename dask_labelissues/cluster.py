@@ -42,6 +42,8 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 from typing import Any, Iterator, Mapping
 
@@ -121,13 +123,16 @@ def local_cluster(
         names = [*(dask.config.get(_ENV, default=None) or {}), "PYTHONHASHSEED"]
         before = {name: os.environ.get(name) for name in names}
         try:
-            with _children_ignore_sigint(processes):
+            with _children_ignore_sigint(processes) as interrupted:
                 cluster = LocalCluster(
                     n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
                     memory_limit=memory_limit, dashboard_address=dashboard_address, **kwargs,
                 )
         finally:
             _put_back(before)
+        if any(interrupted):
+            cluster.close()
+            raise KeyboardInterrupt
     try:
         with cluster:
             yield cluster
@@ -136,19 +141,46 @@ def local_cluster(
 
 
 @contextlib.contextmanager
-def _children_ignore_sigint(yes: bool) -> Iterator[None]:
+def _children_ignore_sigint(yes: bool) -> Iterator[list[bool]]:
     """Ignore SIGINT while worker processes are spawned, so that they start
     with it ignored (an ignored signal stays ignored across exec, and
     Python then installs no KeyboardInterrupt handler).  Only the main
-    thread may change a handler; elsewhere nothing changes."""
+    thread may change a handler; elsewhere nothing changes.
+
+    This process ignores it meanwhile too, so a Ctrl-C then would be lost
+    and the job run on to the end.  A small watcher process, started
+    first with SIGINT as usual and in the same process group, is told of
+    it as the terminal tells every process of the group: once the workers
+    are up, the list yielded holds True if it saw a Ctrl-C.  (A
+    blocked signal mask, which would keep the interrupt pending instead,
+    does not reach the workers: Python unblocks every signal in a child
+    before exec.)"""
+    seen: list[bool] = []
     if not yes or threading.current_thread() is not threading.main_thread():
-        yield
+        yield seen
         return
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    watcher.stdout.readline()  # its handler is in place
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        yield
+        yield seen
     finally:
         signal.signal(signal.SIGINT, previous)
+        watcher.stdin.close()
+        seen.append(watcher.wait() == _WATCHER_SAW_SIGINT)
+        watcher.stdout.close()
+
+
+#: Exit status of the watcher (:func:`_children_ignore_sigint`) that saw SIGINT.
+_WATCHER_SAW_SIGINT = 3
+_WATCHER = f"""
+import os, signal, sys
+signal.signal(signal.SIGINT, lambda *_: os._exit({_WATCHER_SAW_SIGINT}))
+print(flush=True)
+sys.stdin.read()
+"""
 
 
 class QuietWorkers(WorkerPlugin):

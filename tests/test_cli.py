@@ -558,3 +558,22 @@ def test_an_unwritable_output_place_is_named_without_the_temporary_store(data, t
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: could not write {out}: ") and "cannot write a store in /proc" in proc.stderr
     assert ".partial-" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("interrupt", [True, False])
+def test_a_ctrl_c_while_workers_are_spawned_is_kept_for_after(interrupt):
+    """While the embedded cluster spawns its workers, SIGINT is ignored (so
+    they start ignoring it); a Ctrl-C to the process group meanwhile is
+    seen by the watcher and reported once the start is over."""
+    code = (
+        "import os, signal, time\n"
+        "from dask_labelissues.cluster import _children_ignore_sigint\n"
+        "with _children_ignore_sigint(True) as seen:\n"
+        f"    if {interrupt}: os.killpg(0, signal.SIGINT)\n"
+        "    time.sleep(0.3)\n"
+        "print(seen)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"[{interrupt}]"

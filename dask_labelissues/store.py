@@ -204,8 +204,32 @@ def _atomic_group(path: str | os.PathLike, overwrite: bool) -> Iterator[_Group]:
             raise type(exc)(exc.errno, f"cannot write a store in {parent}: {exc.strerror}") from None
         raise
     except BaseException:
+        # An interrupt stops this thread, not zarr's: a write it was
+        # waiting for (an array's metadata) could land after the removal.
+        _wait_for_zarr()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _wait_for_zarr(timeout: float = 10.0) -> None:
+    """Wait for the tasks on zarr's event loop (its writes) to end."""
+    import asyncio
+
+    try:
+        from zarr.core import sync as zarr_sync
+    except ImportError:
+        return
+    held = getattr(zarr_sync, "loop", None)  # zarr 3 keeps its loop in a one-item list
+    loop = held[0] if isinstance(held, list) and held else None
+    if loop is None or not loop.is_running():
+        return
+
+    async def others() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.wait(tasks, timeout=timeout) if tasks else None
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(others(), loop).result(timeout + 1)
 
 
 def _store_rows(group: Any, arrays: dict[str, tuple[Any, Any]], client: Any) -> None:

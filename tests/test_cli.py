@@ -577,3 +577,25 @@ def test_a_ctrl_c_while_workers_are_spawned_is_kept_for_after(interrupt):
                           start_new_session=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"[{interrupt}]"
+
+
+def test_an_interrupted_store_waits_for_zarrs_own_writes_before_it_is_removed(tmp_path):
+    """An interrupt stops the thread writing the store, not zarr's event
+    loop: a write still pending there must land before the temporary store
+    is removed, or it would leave a hidden partial store behind."""
+    import asyncio
+
+    from zarr.core import sync as zarr_sync
+
+    from dask_labelissues import store
+
+    zarr.open_group(str(tmp_path / "start.zarr"), mode="w")  # zarr's loop runs
+    late = tmp_path / "late"
+
+    async def write_late() -> None:
+        await asyncio.sleep(0.3)
+        late.write_text("x")
+
+    asyncio.run_coroutine_threadsafe(write_late(), zarr_sync.loop[0])
+    store._wait_for_zarr()
+    assert late.exists()

@@ -303,6 +303,14 @@ def cmd_find(args: argparse.Namespace) -> int:
     from .api import find_label_issues
     from .inputs import open_path
 
+    misplaced = [flag for flag, given, tasks in (
+        ("--sentence-offsets", args.sentence_offsets is not None, ("token",)),
+        ("--sentence-score-method", args.sentence_score_method != "min", ("token",)),
+        ("--label-offsets", args.label_offsets is not None, ("multilabel",)),
+        ("--class-names", args.class_names is not None, ("multilabel",)),
+    ) if given and args.task not in tasks]
+    if misplaced:
+        raise CommandError(f"{', '.join(misplaced)} does not go with --task {args.task}")
     output = _checked_output(args)
     if args.task != "classification":
         return _find_task(args, output)
@@ -365,7 +373,6 @@ def _find_task(args: argparse.Namespace, output: str) -> int:
         ("--estimation-method", args.estimation_method != "off_diagonal"), ("--health", args.health),
         ("--row-order", args.row_order), ("--num-to-remove-per-class", args.num_to_remove_per_class is not None),
         ("--row-sum-tolerance", args.task == "multilabel" and args.row_sum_tolerance != 1e-3),
-        ("--label-offsets", args.task != "multilabel" and args.label_offsets is not None),
     ) if given]
     if unsupported:
         raise CommandError(f"{', '.join(unsupported)} does not go with --task {args.task}")
@@ -730,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with --filter-by, cleanlab.filter.find_label_issues(filter_by=NAME), ranked by --method",
     )
     g.add_argument("--filter-by", choices=FILTERS, metavar="NAME",
-                   help=f"{', '.join(FILTERS)} (default: none, the batched method)")
+                   help=f"{', '.join(FILTERS)} (default: none, the batched method; for --task multilabel "
+                        "and token, prune_by_noise_rate, as cleanlab's)")
     g.add_argument("--frac-noise", type=float, default=1.0, metavar="F",
                    help="prune filters: keep this fraction of the estimated noise (default %(default)g)")
     g.add_argument("--num-to-remove-per-class", metavar="N[,N,...]",

@@ -466,11 +466,15 @@ def _open(labels: Any, pred_probs: Any, downsample: int) -> tuple[Any, Any, tupl
     if np.dtype(lab.dtype).kind not in "iu":
         raise TypeError(f"labels must be integer class indices, got dtype {np.dtype(lab.dtype)}")
     if tuple(int(s) for s in lab.shape) != (n, h, w):
-        hint = ""
         if tuple(lab.shape) == (n, k, h):
-            hint = (" (pred_probs looks like (N, H, W, K): move the class axis second, "
-                    "np.moveaxis(pred_probs, -1, 1))")
-        elif tuple(lab.shape) == (n, w, h):
+            # The labels are right; pred_probs has its class axis last.
+            raise ValueError(
+                f"pred_probs has shape {shape} and labels {tuple(lab.shape)}: pred_probs looks like "
+                f"(N, H, W, K) = {shape}; move its class axis second, np.moveaxis(pred_probs, -1, 1), "
+                f"to (N, K, H, W) = {(n, w, k, h)}"
+            )
+        hint = ""
+        if tuple(lab.shape) == (n, w, h):
             hint = " (labels look like (N, W, H): the pixel axes of the two differ in order)"
         raise ValueError(
             f"labels have shape {tuple(lab.shape)} but pred_probs {shape}: labels must be (N, H, W) = "

@@ -565,6 +565,9 @@ def _tokens(labels: Any, pred_probs: Any, sentence_offsets: Any) -> tuple[Any, A
     and the sentence offsets."""
     if sentence_offsets is not None:
         lab = inputs.open_source(labels, "labels")
+        probs = inputs.open_source(pred_probs, "pred_probs")
+        if int(lab.shape[0]) != int(probs.shape[0]):
+            raise ValueError(f"labels has {lab.shape[0]:,} tokens but pred_probs {probs.shape[0]:,}")
         return labels, pred_probs, _offsets(sentence_offsets, int(lab.shape[0]))
     if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
         raise TypeError("labels must be a list of per-sentence labels, or flat labels with sentence_offsets")

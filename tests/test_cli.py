@@ -599,3 +599,19 @@ def test_an_interrupted_store_waits_for_zarrs_own_writes_before_it_is_removed(tm
     asyncio.run_coroutine_threadsafe(write_late(), zarr_sync.loop[0])
     store._wait_for_zarr()
     assert late.exists()
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    (["--class-names", "a,b,c,d,e,f,g,h"], "--class-names does not go with --task classification"),
+    (["--sentence-offsets", "o.npy", "--sentence-score-method", "softmin"],
+     "--sentence-offsets, --sentence-score-method does not go with --task classification"),
+    (["--task", "multilabel", "--sentence-offsets", "o.npy"], "--sentence-offsets does not go with --task multilabel"),
+    (["--task", "token", "--label-offsets", "o.npy"], "--label-offsets does not go with --task token"),
+])
+def test_options_of_another_task_are_refused(data, tmp_path, options, named):
+    _, paths, _ = data
+    proc = run("find", "--labels", paths["labels"], "--pred-probs", paths["pred_probs"],
+               "--output", str(tmp_path / "o.zarr"), *options)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {named}"
+    assert os.listdir(tmp_path) == []

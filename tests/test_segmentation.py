@@ -673,7 +673,10 @@ def test_axes_in_another_order_get_a_hint():
         segmentation.find_label_issues(np.ascontiguousarray(labels.transpose(0, 2, 1)), probs)
     # pred_probs (N, H, W, K), as many models write them: read as (N, K, H, W)
     # its shape is (4, K=8, H=12, W=3), which the labels (4, 8, 12) do not match.
-    with pytest.raises(ValueError, match=r"looks like \(N, H, W, K\).*np.moveaxis\(pred_probs, -1, 1\)"):
+    # The message blames pred_probs, whose shape is wrong, not the labels.
+    with pytest.raises(ValueError, match=(r"^pred_probs has shape \(4, 8, 12, 3\) and labels \(4, 8, 12\): pred_probs "
+                                          r"looks like \(N, H, W, K\).*np.moveaxis\(pred_probs, -1, 1\), to "
+                                          r"\(N, K, H, W\) = \(4, 3, 8, 12\)$")):
         segmentation.find_label_issues(labels, np.ascontiguousarray(np.moveaxis(probs, 1, -1)))
 
 

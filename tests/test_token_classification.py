@@ -276,6 +276,8 @@ def test_malformed_inputs_are_refused():
     y, p, offsets = flat(labels, probs)
     with pytest.raises(ValueError, match="sentence_offsets must run from 0 to the number of tokens"):
         tc.find_label_issues(y, p, sentence_offsets=offsets[:-1])
+    with pytest.raises(ValueError, match=f"labels has {len(y) - 1:,} tokens but pred_probs {len(y):,}"):
+        tc.find_label_issues(y[:-1], p, sentence_offsets=offsets)
     swapped = offsets.copy()
     swapped[[5, 6]] = swapped[[6, 5]]
     with pytest.raises(ValueError, match="sentence_offsets decrease at sentence 5"):

@@ -311,6 +311,13 @@ def cmd_find(args: argparse.Namespace) -> int:
     ) if given and args.task not in tasks]
     if misplaced:
         raise CommandError(f"{', '.join(misplaced)} does not go with --task {args.task}")
+    pruning = [flag for flag, given in (
+        ("--frac-noise", args.frac_noise != 1.0), ("--num-to-remove-per-class", args.num_to_remove_per_class is not None),
+        ("--min-examples-per-class", args.min_examples_per_class != 1),
+    ) if given]
+    if args.task == "classification" and args.filter_by is None and pruning:
+        verb = "needs" if len(pruning) == 1 else "need"
+        raise CommandError(f"{', '.join(pruning)} {verb} --filter-by (one of cleanlab.filter's methods)")
     output = _checked_output(args)
     if args.task != "classification":
         return _find_task(args, output)
@@ -617,11 +624,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     task_view = _task_store(args.store, args.top)
     if task_view is not None:
-        if args.plot:
-            raise CommandError("--plot draws classification and segmentation stores, not yet this one")
         from .cli_tasks import print_view
 
         print_view(task_view, args.json)
+        if args.plot:
+            raise CommandError(f"--plot draws classification and segmentation stores; there is no plot of "
+                               f"{task_view['task']} results yet (the summary above is all)")
         return 0
     segmentation = _segmentation_store(args.store)
     if segmentation is not None:
@@ -630,8 +638,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
             from .plot import SEGMENTATION_PLOT_TOP, plot_segmentation
 
             # --top defaults to 20 rows of text; a figure of 20 rows of images is unreadable.
-            plot_segmentation(args.store, args.plot, top=max(1, min(args.top, SEGMENTATION_PLOT_TOP)))
-            print(f"plot written to {os.path.abspath(args.plot)}", file=sys.stderr)
+            shown = max(1, min(args.top, SEGMENTATION_PLOT_TOP))
+            plot_segmentation(args.store, args.plot, top=shown)
+            print(f"plot of the {shown} worst images written to {os.path.abspath(args.plot)}", file=sys.stderr)
         return 0
     result = open_results(args.store)
     if args.json:
@@ -780,7 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("summary", "Print a results store's counts, worst rows and dataset health, and plot them if asked.")
     p.add_argument("store", metavar="OUT.zarr", help="a results store written by find or segment")
     p.add_argument("--top", type=_at_least(0), default=20, metavar="N", help="worst rows to print (default %(default)s)")
-    p.add_argument("--plot", metavar="FILE.png", help="also write the summary plot to FILE.png (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also write the summary plot to FILE.png (needs matplotlib): classification and "
+                        "segmentation stores (the worst images, at most 6)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     _add_common(p)
     p.set_defaults(func=cmd_summary)

@@ -607,6 +607,9 @@ def test_an_interrupted_store_waits_for_zarrs_own_writes_before_it_is_removed(tm
      "--sentence-offsets, --sentence-score-method does not go with --task classification"),
     (["--task", "multilabel", "--sentence-offsets", "o.npy"], "--sentence-offsets does not go with --task multilabel"),
     (["--task", "token", "--label-offsets", "o.npy"], "--label-offsets does not go with --task token"),
+    (["--frac-noise", "0.5"], "--frac-noise needs --filter-by (one of cleanlab.filter's methods)"),
+    (["--frac-noise", "0.5", "--min-examples-per-class", "3"],
+     "--frac-noise, --min-examples-per-class need --filter-by (one of cleanlab.filter's methods)"),
 ])
 def test_options_of_another_task_are_refused(data, tmp_path, options, named):
     _, paths, _ = data

@@ -74,7 +74,7 @@ def test_summary_plot_draws_the_worst_images(data, store, tmp_path, top):
     png = tmp_path / "seg.png"
     proc = run("summary", str(out), "--top", str(top), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr
-    assert f"plot written to {png}" in proc.stderr
+    assert f"plot of the {top} worst images written to {png}" in proc.stderr
     assert "worst images" in proc.stdout  # the text summary is printed as before
     assert png.exists()
 

@@ -61,6 +61,12 @@ def test_multilabel_store_holds_what_the_api_finds(files):
     assert summary.returncode == 0, summary.stderr
     assert f"label issues    {int(mask.sum()):,} examples" in summary.stdout
     assert "most common issues:" in summary.stdout
+    # No plot of these yet: the summary is printed, then the plot refused.
+    plotted = run("summary", str(out), "--top", "3", "--plot", str(out.parent / "ml.png"))
+    assert plotted.returncode == 2 and plotted.stdout == summary.stdout
+    assert plotted.stderr.strip() == ("error: --plot draws classification and segmentation stores; there is no plot "
+                                      "of multilabel results yet (the summary above is all)")
+    assert not (out.parent / "ml.png").exists()
 
 
 def test_token_store_holds_what_the_api_finds(files):

@@ -620,6 +620,13 @@ def _int_list(text: str | None) -> list[int] | int | None:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    try:
+        return _summary(args)
+    except KeyError as exc:
+        raise CommandError(f"{args.store} is missing {exc}: not a complete results store") from None
+
+
+def _summary(args: argparse.Namespace) -> int:
     from .results import open_results
 
     task_view = _task_store(args.store, args.top)

@@ -11,6 +11,7 @@ the blocks it needs straight from storage and nothing is copied up front.
 from __future__ import annotations
 
 import mmap
+import contextlib
 import os
 import sys
 from typing import Any
@@ -405,7 +406,14 @@ def _open_zarr(base: str, inner: str, name: str, remote: bool) -> RowSource:
         node = zarr.open(store=base, path=inner or "", mode="r")
     except (FileNotFoundError, zarr.errors.BaseZarrError, KeyError, ValueError) as exc:
         where = f"{base}:{inner}" if inner else base
-        raise ValueError(f"{name}: cannot open {where} as a Zarr array ({exc})") from None
+        held = ""
+        if inner:
+            # The store opens but holds no such array: say what it holds.
+            with contextlib.suppress(Exception):
+                arrays = sorted(k for k, _ in zarr.open_group(store=base, mode="r").arrays())
+                held = f"; {base} holds {', '.join(arrays)}" if arrays else f"; {base} holds no arrays"
+        reason = f"there is no array {inner!r} in it" if held else str(exc)
+        raise ValueError(f"{name}: cannot open {where} as a Zarr array ({reason}){held}") from None
     if isinstance(node, zarr.Group):
         arrays = sorted(k for k, _ in node.arrays())
         hint = f"; it holds {', '.join(arrays)}" if arrays else ""

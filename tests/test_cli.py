@@ -618,3 +618,14 @@ def test_options_of_another_task_are_refused(data, tmp_path, options, named):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {named}"
     assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_zarr_array_is_named_with_what_the_store_holds(data, tmp_path):
+    d, paths, _ = data
+    labels, probs = _sources(d, "zarr")
+    base = labels.rsplit(":", 1)[0]
+    proc = run("find", "--labels", f"{base}:nolabels", "--pred-probs", probs, "--output", str(tmp_path / "o.zarr"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(
+        f"error: labels: cannot open {base}:nolabels as a Zarr array (there is no array 'nolabels' in it); {base} holds "
+    )

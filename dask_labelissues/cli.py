@@ -557,7 +557,8 @@ def _left_as_it_was(args: argparse.Namespace) -> str:
     now = _stamp(output)
     if now is None:
         return f"nothing was left at {output}"
-    if now == getattr(args, "output_was", None):
+    # No stamp: stopped before the output was checked, so before any write.
+    if now == getattr(args, "output_was", now):
         return f"the store at {output} is as it was"
     return f"the results were written to {output}, complete, before it stopped"
 
@@ -620,13 +621,6 @@ def _int_list(text: str | None) -> list[int] | int | None:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    try:
-        return _summary(args)
-    except KeyError as exc:
-        raise CommandError(f"{args.store} is missing {exc}: not a complete results store") from None
-
-
-def _summary(args: argparse.Namespace) -> int:
     from .results import open_results
 
     task_view = _task_store(args.store, args.top)
@@ -640,13 +634,20 @@ def _summary(args: argparse.Namespace) -> int:
         return 0
     segmentation = _segmentation_store(args.store)
     if segmentation is not None:
-        print(json.dumps(segmentation(args.top)) if args.json else format_segmentation(segmentation(args.top)))
+        try:
+            view = segmentation(args.top)
+        except KeyError as exc:
+            raise CommandError(f"{args.store} is missing {exc}: not a complete segmentation results store") from None
+        print(json.dumps(view) if args.json else format_segmentation(view))
         if args.plot:
+            import zarr
+
             from .plot import SEGMENTATION_PLOT_TOP, plot_segmentation
 
             # --top defaults to 20 rows of text; a figure of 20 rows of images is unreadable.
             shown = max(1, min(args.top, SEGMENTATION_PLOT_TOP))
             plot_segmentation(args.store, args.plot, top=shown)
+            shown = min(shown, int(zarr.open_group(os.path.abspath(args.store), mode="r").attrs["images"]))
             print(f"plot of the {shown} worst images written to {os.path.abspath(args.plot)}", file=sys.stderr)
         return 0
     result = open_results(args.store)
@@ -864,6 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A client closed by Ctrl-C leaves a waiting task failed with
         # AllExit, which asyncio reports at exit with its traceback.
         logging.getLogger("asyncio").addFilter(_not_all_exit)
+    distributed_level = logging.getLogger("distributed").level
     previous = signal.signal(signal.SIGTERM, _terminate)
     previous_int = previous_hook = None
     _Interrupts.seen = False
@@ -884,6 +886,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     finally:
+        logging.getLogger("asyncio").removeFilter(_not_all_exit)
+        logging.getLogger("distributed").setLevel(distributed_level)
         signal.signal(signal.SIGTERM, previous)
         if previous_int is not None:
             signal.signal(signal.SIGINT, previous_int)

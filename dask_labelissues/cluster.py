@@ -122,19 +122,21 @@ def local_cluster(
         # the cluster closes, in case a worker was restarted meanwhile.
         names = [*(dask.config.get(_ENV, default=None) or {}), "PYTHONHASHSEED"]
         before = {name: os.environ.get(name) for name in names}
-        try:
+        with contextlib.ExitStack() as started:
+            # Put back however the start ends; the cluster is closed if it
+            # is interrupted before the caller holds it.
+            started.callback(_put_back, before)
             with _children_ignore_sigint(processes) as interrupted:
-                cluster = LocalCluster(
+                cluster = started.enter_context(LocalCluster(
                     n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
                     memory_limit=memory_limit, dashboard_address=dashboard_address, **kwargs,
-                )
-        finally:
-            _put_back(before)
-        if any(interrupted):
-            cluster.close()
-            raise KeyboardInterrupt
+                ))
+            if any(interrupted):
+                raise KeyboardInterrupt
+            started.pop_all()
+        _put_back(before)
     try:
-        with cluster:
+        with contextlib.closing(cluster):
             yield cluster
     finally:
         _put_back(before)
@@ -159,18 +161,33 @@ def _children_ignore_sigint(yes: bool) -> Iterator[list[bool]]:
     if not yes or threading.current_thread() is not threading.main_thread():
         yield seen
         return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # this process ignores it already, and so will they
+        yield seen
+        return
     watcher = subprocess.Popen(
         [sys.executable, "-c", _WATCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
-    watcher.stdout.readline()  # its handler is in place
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        yield seen
+        watcher.stdout.readline()  # its handler is in place
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            yield seen
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        # One line ends it: workers forked meanwhile hold the pipe open too,
+        # so it would never see the end of its input.
+        with contextlib.suppress(OSError):
+            watcher.stdin.write(b"\n")
+            watcher.stdin.close()
+        seen.append(watcher.wait(timeout=10) == _WATCHER_SAW_SIGINT)
     finally:
-        signal.signal(signal.SIGINT, previous)
-        watcher.stdin.close()
-        seen.append(watcher.wait() == _WATCHER_SAW_SIGINT)
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
         watcher.stdout.close()
+        with contextlib.suppress(OSError):
+            watcher.stdin.close()
 
 
 #: Exit status of the watcher (:func:`_children_ignore_sigint`) that saw SIGINT.
@@ -179,7 +196,7 @@ _WATCHER = f"""
 import os, signal, sys
 signal.signal(signal.SIGINT, lambda *_: os._exit({_WATCHER_SAW_SIGINT}))
 print(flush=True)
-sys.stdin.read()
+sys.stdin.readline()
 """
 
 

@@ -311,8 +311,8 @@ def _estimate(
     unknown = set(engine) - {"backend", "client", "chunk_rows", "n_jobs", "progress", "row_sum_tolerance"}
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    # As in cleanlab: a joint is used as given, else a confident joint,
-    # else one computed from labels and pred_probs.
+    # cleanlab's order, so that code written for it, which may pass
+    # several of these, gets the same tables.
     if joint is None and confident_joint is None and (pred_probs is None or labels is None):
         raise ValueError(
             "give one of: labels and pred_probs; joint (with num_examples or labels); confident_joint "

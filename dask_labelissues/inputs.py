@@ -11,7 +11,6 @@ the blocks it needs straight from storage and nothing is copied up front.
 from __future__ import annotations
 
 import mmap
-import contextlib
 import os
 import sys
 from typing import Any
@@ -406,14 +405,7 @@ def _open_zarr(base: str, inner: str, name: str, remote: bool) -> RowSource:
         node = zarr.open(store=base, path=inner or "", mode="r")
     except (FileNotFoundError, zarr.errors.BaseZarrError, KeyError, ValueError) as exc:
         where = f"{base}:{inner}" if inner else base
-        held = ""
-        if inner:
-            # The store opens but holds no such array: say what it holds.
-            with contextlib.suppress(Exception):
-                arrays = sorted(k for k, _ in zarr.open_group(store=base, mode="r").arrays())
-                held = f"; {base} holds {', '.join(arrays)}" if arrays else f"; {base} holds no arrays"
-        reason = f"there is no array {inner!r} in it" if held else str(exc)
-        raise ValueError(f"{name}: cannot open {where} as a Zarr array ({reason}){held}") from None
+        raise ValueError(f"{name}: cannot open {where} as a Zarr array ({_absent(base, inner) or exc})") from None
     if isinstance(node, zarr.Group):
         arrays = sorted(k for k, _ in node.arrays())
         hint = f"; it holds {', '.join(arrays)}" if arrays else ""
@@ -422,6 +414,24 @@ def _open_zarr(base: str, inner: str, name: str, remote: bool) -> RowSource:
             f"name the array as {base}:path/in/group{hint}"
         )
     return ZarrArray(node)
+
+
+def _absent(base: str, inner: str) -> str | None:
+    """Where ``inner`` names nothing in the group that would hold it, a
+    message saying so and what that group holds (a misspelt array is the
+    usual cause); None where it is there, or the group does not open."""
+    import zarr
+
+    parent, _, leaf = inner.strip("/").rpartition("/")
+    try:
+        group = zarr.open_group(store=base, path=parent, mode="r")
+        members = sorted(k for k, _ in group.members())
+    except Exception:
+        return None
+    if not leaf or leaf in members:
+        return None
+    where = f"{base}:{parent}" if parent else base
+    return f"{where} has no member {leaf!r}; it holds {', '.join(members) if members else 'nothing'}"
 
 
 def open_source(obj: Any, name: str) -> RowSource | Any:

@@ -169,8 +169,11 @@ def is_results_store(path: str | os.PathLike) -> bool:
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    versions = meta.get("attributes", {}).get("versions") if isinstance(meta, dict) else None
-    return meta.get("node_type") == "group" and isinstance(versions, dict) and "dask_labelissues" in versions
+    if not isinstance(meta, dict) or meta.get("node_type") != "group":
+        return False
+    attributes = meta.get("attributes")
+    versions = attributes.get("versions") if isinstance(attributes, dict) else None
+    return isinstance(versions, dict) and "dask_labelissues" in versions
 
 
 @contextlib.contextmanager
@@ -206,12 +209,14 @@ def _atomic_group(path: str | os.PathLike, overwrite: bool) -> Iterator[_Group]:
     except BaseException:
         # An interrupt stops this thread, not zarr's: a write it was
         # waiting for (an array's metadata) could land after the removal.
-        _wait_for_zarr()
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _wait_for_zarr()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _wait_for_zarr(timeout: float = 10.0) -> None:
+def _wait_for_zarr(timeout: float = 5.0) -> None:
     """Wait for the tasks on zarr's event loop (its writes) to end."""
     import asyncio
 

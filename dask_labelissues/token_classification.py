@@ -121,7 +121,7 @@ def find_label_issues(
         )
     del low_memory  # the exact method runs in bounded memory already
     flat_labels, flat_probs, offsets = _tokens(labels, pred_probs, sentence_offsets)
-    options = _options(kwargs)
+    options = _filter_options(kwargs)
     options.setdefault("filter_by", "prune_by_noise_rate")
     with _located(offsets):
         issues = _issues_by_buckets(flat_labels, flat_probs, return_indices_ranked_by, options)
@@ -372,6 +372,9 @@ def common_label_issues(
     verbose
         Print the ``top`` words, and with labels and pred_probs each one's
         pairs (cleanlab prints the words whatever ``verbose`` says).
+    sentence_offsets
+        ``(N + 1,)`` token offsets, for flat ``labels`` and ``pred_probs``
+        (as in :func:`find_label_issues`).
 
     Returns
     -------
@@ -384,8 +387,11 @@ def common_label_issues(
     import pandas as pd
 
     pairs = _issue_pairs(issues)
+    both = labels is not None and pred_probs is not None
+    # The pairs are checked against the offsets before any word is looked up.
+    given, predicted = _issue_classes(pairs, labels, pred_probs, sentence_offsets) if both else (None, None)
     words = [str(tokens[i][j]) for i, j in pairs.tolist()]
-    if labels is None or pred_probs is None:
+    if not both:
         totals: dict[str, int] = {}
         for word in words:
             totals[word] = totals.get(word, 0) + 1
@@ -394,7 +400,6 @@ def common_label_issues(
             for word, count in table.head(top).itertuples(index=False):
                 print(f"'{word}': {count} tokens flagged")
         return table
-    given, predicted = _issue_classes(pairs, labels, pred_probs, sentence_offsets)
     k = _n_classes(pred_probs, sentence_offsets is not None)
     skip = {(int(a), int(b)) for a, b in exclude}
     counts: dict[str, dict[tuple[int, int], int]] = {}
@@ -431,10 +436,29 @@ def display_issues(
     sentence_offsets: Any = None,
 ) -> None:
     """Print the first ``top`` issues as cleanlab's ``display_issues`` does:
-    each flagged token's sentence, the token marked, with its given and
-    predicted labels where ``labels`` and ``pred_probs`` are given (pairs
-    in ``exclude`` are skipped).  ``issues`` may also be sentence indices
-    (:func:`issues_from_scores`), which prints those sentences."""
+    each flagged token's sentence with the token marked, and its given and
+    predicted labels where those are given.
+
+    Parameters
+    ----------
+    issues
+        ``(sentence, token)`` pairs (:func:`find_label_issues`), or
+        sentence indices (:func:`issues_from_scores`), which prints those
+        sentences.
+    tokens
+        ``tokens[i][j]``: the word of token ``j`` of sentence ``i``.
+    labels, pred_probs
+        Optional, as in :func:`common_label_issues`: each adds the given,
+        or the predicted (argmax) label.
+    exclude
+        ``(given, predicted)`` pairs not shown (with both inputs given).
+    class_names
+        Names of the K classes, shown instead of their indices.
+    top
+        Most issues to print.
+    sentence_offsets
+        ``(N + 1,)`` token offsets, for flat ``labels`` and ``pred_probs``.
+    """
     if np.ndim(issues) == 1:
         for i in np.asarray(issues, dtype=np.int64)[:top].tolist():
             print(f"Sentence {i}: {' '.join(map(str, tokens[i]))}")
@@ -483,10 +507,20 @@ def _issue_classes(
         if pred_probs is not None:
             predicted = np.array([int(np.argmax(pred_probs[i][j])) for i, j in pairs.tolist()], dtype=np.int64)
         return given, predicted
+    if labels is None and pred_probs is None:
+        return None, None
     sources = [None if x is None else inputs.open_source(x, name) for x, name in ((labels, "labels"), (pred_probs, "pred_probs"))]
     n_tokens = next(int(src.shape[0]) for src in sources if src is not None)
     offsets = _offsets(sentence_offsets, n_tokens)
-    rows = offsets[pairs[:, 0]] + pairs[:, 1]
+    sentence, token = pairs[:, 0], pairs[:, 1]
+    bad = (sentence < 0) | (sentence >= len(offsets) - 1)
+    bad[~bad] |= (token[~bad] < 0) | (token[~bad] >= np.diff(offsets)[sentence[~bad]])
+    if bad.any():
+        # A flat index would silently land in another sentence.
+        i, j = pairs[np.flatnonzero(bad)[0]].tolist()
+        raise ValueError(f"issue ({i}, {j}) names no token: the sentence_offsets give {len(offsets) - 1} sentences"
+                         + (f", sentence {i} has {int(offsets[i + 1] - offsets[i])} tokens" if 0 <= i < len(offsets) - 1 else ""))
+    rows = offsets[sentence] + token
     lab, probs = sources
     return (
         None if lab is None else _rows_at(lab, rows).astype(np.int64),
@@ -621,8 +655,14 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     options = dict(kwargs)
     if "verbose" in options:
         options["progress"] = bool(options.pop("verbose"))
-    # cleanlab passes its keywords on to cleanlab.filter, whose scoring
-    # options come in rank_by_kwargs.
+    return options
+
+
+def _filter_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_options`, and cleanlab.filter's ``rank_by_kwargs`` (cleanlab
+    passes :func:`find_label_issues`'s keywords on to cleanlab.filter) as
+    the engine's ``adjust_pred_probs``."""
+    options = _options(kwargs)
     ranking = dict(options.pop("rank_by_kwargs", None) or {})
     unknown = sorted(set(ranking) - set(RANK_BY_KWARGS))
     if unknown:

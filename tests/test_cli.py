@@ -560,6 +560,7 @@ def test_an_unwritable_output_place_is_named_without_the_temporary_store(data, t
     assert ".partial-" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
 @pytest.mark.parametrize("interrupt", [True, False])
 def test_a_ctrl_c_while_workers_are_spawned_is_kept_for_after(interrupt):
     """While the embedded cluster spawns its workers, SIGINT is ignored (so
@@ -626,6 +627,60 @@ def test_a_missing_zarr_array_is_named_with_what_the_store_holds(data, tmp_path)
     base = labels.rsplit(":", 1)[0]
     proc = run("find", "--labels", f"{base}:nolabels", "--pred-probs", probs, "--output", str(tmp_path / "o.zarr"))
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith(
-        f"error: labels: cannot open {base}:nolabels as a Zarr array (there is no array 'nolabels' in it); {base} holds "
+    assert proc.stderr.strip() == (
+        f"error: labels: cannot open {base}:nolabels as a Zarr array ({base} has no member 'nolabels'; "
+        f"it holds {', '.join(sorted(zarr.open_group(base, mode='r').keys()))})"
     )
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_a_cluster_interrupted_while_it_starts_is_closed_and_the_interrupt_raised():
+    """local_cluster with a LocalCluster that takes a Ctrl-C (to the whole
+    process group) while it starts: the start ends, the cluster is closed
+    and KeyboardInterrupt raised; a process already ignoring SIGINT keeps
+    ignoring it."""
+    code = (
+        "import os, signal, time, distributed\n"
+        "from dask_labelissues import cluster\n"
+        "closed = []\n"
+        "class Started:\n"
+        "    def __init__(self, **kwargs):\n"
+        "        os.killpg(0, signal.SIGINT)\n"
+        "        time.sleep(0.3)\n"
+        "    def __enter__(self): return self\n"
+        "    def __exit__(self, *exc): self.close()\n"
+        "    def close(self): closed.append(True)\n"
+        "distributed.LocalCluster = Started\n"
+        "if {ignore}: signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "try:\n"
+        "    with cluster.local_cluster(1):\n"
+        "        print('held', end=' ')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', end=' ')\n"
+        "print(closed)\n"
+    )
+    for ignore, expected in ((False, "interrupted [True]"), (True, "held [True]")):
+        proc = subprocess.run([sys.executable, "-c", code.format(ignore=ignore)], capture_output=True, text=True,
+                              timeout=60, start_new_session=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == expected
+
+
+def test_a_store_that_fails_waits_for_zarr_before_it_is_removed(tmp_path, monkeypatch):
+    from dask_labelissues import store
+
+    calls = []
+    monkeypatch.setattr(store, "_wait_for_zarr", lambda: calls.append(sorted(os.listdir(tmp_path))))
+    with pytest.raises(KeyboardInterrupt):
+        with store._atomic_group(tmp_path / "o.zarr", overwrite=False):
+            raise KeyboardInterrupt
+    assert len(calls) == 1 and len(calls[0]) == 1 and calls[0][0].startswith(".o.zarr.partial-")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("meta", ['[]', '{"node_type": "group", "attributes": []}', '{"node_type": "array"}', 'x'])
+def test_a_zarr_json_of_another_shape_is_no_results_store(tmp_path, meta):
+    from dask_labelissues.store import is_results_store
+
+    (tmp_path / "zarr.json").write_text(meta)
+    assert is_results_store(tmp_path) is False

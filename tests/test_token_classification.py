@@ -527,3 +527,20 @@ def test_rank_by_kwargs_as_cleanlab_passes_them():
     assert tc.find_label_issues(labels, probs, **options) == cl_filter.find_label_issues(labels, probs, n_jobs=1, **options)
     with pytest.raises(NotImplementedError, match="rank_by_kwargs"):
         tc.find_label_issues(labels, probs, rank_by_kwargs={"method": "x"})
+
+
+def test_summaries_of_the_flat_form_refuse_pairs_that_name_no_token():
+    labels, probs = sentences(5, seed=7)
+    y, p, offsets = flat(labels, probs)
+    tokens = words_of(labels)
+    for bad in [(3, -1), (3, len(labels[3])), (len(labels), 0), (-1, 0)]:
+        with pytest.raises(ValueError, match=rf"issue \({bad[0]}, {bad[1]}\) names no token"):
+            tc.common_label_issues([bad], tokens, labels=y, pred_probs=p, sentence_offsets=offsets, verbose=False)
+
+
+def test_display_issues_of_the_flat_form_without_labels_prints_the_sentences(capsys):
+    labels, probs = sentences(5, seed=7)
+    _, _, offsets = flat(labels, probs)
+    tc.display_issues([(2, 0)], words_of(labels), sentence_offsets=offsets)
+    out = capsys.readouterr().out
+    assert out.startswith("Sentence 2, token 0:") and "label" not in out

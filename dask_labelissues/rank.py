@@ -1,0 +1,145 @@
+"""cleanlab.rank's label quality scores, on any engine.
+
+:func:`get_label_quality_scores` takes ``cleanlab.rank.get_label_quality_scores``'s
+arguments and gives its scores for inputs of any size (numpy, ``.npy``,
+Zarr, HDF5, dask): the rows are scored a block at a time where the engine
+runs, and the ``(N,)`` scores come back as numpy for in-memory inputs, as
+a dask array (held on the cluster) for dask inputs.  With
+``adjust_pred_probs`` the confident thresholds come first, exact, from one
+read of pred_probs.  :func:`find_top_issues` ranks scores as cleanlab's does.
+
+Differences from cleanlab:
+
+- scores are float64 whatever the input's precision (cleanlab keeps
+  float32 inputs' precision: the two then differ by up to about 1e-7);
+- bad values (NaN, inf, negative, rows not summing to 1, labels outside
+  ``0..K-1``) are refused naming the row;
+- :func:`find_top_issues` ranks tied scores by index (cleanlab's sort
+  takes any of them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import inputs
+from .engines import BACKEND_CHOICES, make_engine
+from .kernels import METHODS, ScoreSpec
+from .pipelines import first_passes, warm_up
+
+__all__ = ["find_top_issues", "get_label_quality_scores"]
+
+
+def get_label_quality_scores(
+    labels: Any,
+    pred_probs: Any,
+    *,
+    method: str = "self_confidence",
+    adjust_pred_probs: bool = False,
+    backend: str = "auto",
+    client: Any = None,
+    chunk_rows: int | None = None,
+    n_jobs: int | None = None,
+    progress: bool = False,
+    row_sum_tolerance: float | None = 1e-3,
+    spill_dir: str | None = None,
+) -> Any:
+    """Each row's label quality score, lower for likelier label issues.
+
+    Parameters
+    ----------
+    labels
+        ``(N,)`` integer class indices in ``0..K-1``: numpy, ``.npy`` path,
+        Zarr or HDF5 array, or dask array.
+    pred_probs
+        ``(N, K)`` predicted probabilities, rows summing to 1, in the same forms.
+    method
+        ``"self_confidence"`` (default), ``"normalized_margin"`` or
+        ``"confidence_weighted_entropy"``, as in cleanlab.
+    adjust_pred_probs
+        Subtract each class's confident threshold and renormalize before
+        scoring, as cleanlab does (one more read of pred_probs for the
+        thresholds, and for methods other than self-confidence a second
+        read for the scores).
+    backend, client, chunk_rows, n_jobs, progress, row_sum_tolerance, spill_dir
+        As for :func:`dask_labelissues.find_label_issues`.
+
+    Returns
+    -------
+    numpy.ndarray or dask.array.Array
+        ``(N,)`` float64 scores in [0, 1]; a dask array where the job ran
+        on Dask.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`dask_labelissues.find_label_issues`: wrong types or
+        shapes, or a bad value, named by its row.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    if adjust_pred_probs and method == "confidence_weighted_entropy":
+        raise ValueError("adjust_pred_probs does not go with method='confidence_weighted_entropy' (nor in cleanlab)")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
+    spec = ScoreSpec(method, bool(adjust_pred_probs), "off_diagonal", row_sum_tolerance)
+    lab, probs, _, k = inputs.open_pair(labels, pred_probs)
+    engine, _, _ = make_engine(
+        backend, lab, probs, spec, single_read=not spec.rereads, chunk_rows=chunk_rows, n_jobs=n_jobs,
+        client=client, progress=progress, spill_dir=spill_dir, warm_up=lambda s: warm_up(s, None, k, probs.dtype),
+    )
+    try:
+        spec = engine.plan.spec  # with the kernel the engine chose
+        columns = {"records": engine.column(spec.record_dtype()), "scores": engine.column(np.float64)}
+        passes = first_passes(engine, spec, columns, select=False)
+        return engine.to_array(passes.scores, np.float64)
+    finally:
+        engine.close()
+
+
+def find_top_issues(quality_scores: Any, *, top: int | None = 10) -> np.ndarray:
+    """Indices of the ``top`` lowest scores, lowest first, ties by index,
+    as ``cleanlab.rank.find_top_issues``.
+
+    Parameters
+    ----------
+    quality_scores
+        ``(N,)`` scores (numpy or dask; a dask array is reduced where it
+        lives, each chunk sending its ``top`` lowest).
+    top
+        How many (None or more than N: all).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 indices.
+    """
+    n = int(quality_scores.shape[0])
+    top = n if top is None or top > n else int(top)
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
+    if inputs.is_dask_array(quality_scores):
+        import dask
+        import dask.array as da
+
+        # Each chunk sends only its own lowest to the client.
+        index = da.arange(n, chunks=quality_scores.chunks[0], dtype=np.int64)
+        lowest = dask.delayed(_lowest, pure=True)
+        pieces = dask.compute(*[
+            lowest(s, i, top) for s, i in zip(quality_scores.to_delayed().ravel(), index.to_delayed().ravel())
+        ])
+        scores = np.concatenate([s for s, _ in pieces])
+        index = np.concatenate([i for _, i in pieces])
+    else:
+        scores = np.asarray(quality_scores, dtype=np.float64)
+        index = np.arange(n, dtype=np.int64)
+    return _lowest(scores, index, top)[1]
+
+
+def _lowest(scores: Any, index: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top`` lowest ``scores`` (NaN last) and their ``index``, ties by index."""
+    scores = np.asarray(scores, dtype=np.float64)
+    keep = np.lexsort((index, scores))[:top]
+    return scores[keep], np.asarray(index[keep], dtype=np.int64)

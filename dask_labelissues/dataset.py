@@ -387,7 +387,11 @@ def common_multilabel_issues(
     class_names
         Names of the K classes, for a ``Class Name`` column.
     confident_joint
-        Not supported (each class's joint is computed).
+        Optional ``(K, 2, 2)`` per-class confident joints, used instead of
+        those the data give, as cleanlab's multi-label filter uses them.
+        (cleanlab's ``rank_classes_by_multilabel_quality`` passes the one
+        it is given on as ``joint``, where it is not used, so there its
+        table is the data's whatever is given.)
     **engine
         ``backend``, ``client``, ``chunk_rows``, ``n_jobs``.
 

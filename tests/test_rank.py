@@ -82,3 +82,20 @@ def test_find_top_issues_ranks_as_cleanlab_with_ties_by_index():
     with dask.config.set(scheduler="threads"):
         np.testing.assert_array_equal(rank.find_top_issues(da.from_array(s, chunks=271), top=40),
                                       rank.find_top_issues(s, top=40))
+
+
+def test_on_a_cluster_the_workers_read_the_store(local_cluster, tmp_path):
+    """Zarr inputs on a real 2-worker cluster: the scores stay on the
+    workers as a dask array and equal the in-memory ones."""
+    import zarr
+
+    d = make_dataset(3000, 6, seed=27)
+    group = zarr.open_group(str(tmp_path / "in.zarr"), mode="w", zarr_format=3)
+    group.create_array("labels", data=d.labels, chunks=(700,))
+    group.create_array("pred_probs", data=d.pred_probs, chunks=(700, 6))
+    got = rank.get_label_quality_scores(group["labels"], group["pred_probs"], method="normalized_margin",
+                                        adjust_pred_probs=True, client=local_cluster)
+    assert isinstance(got, da.Array)
+    expected = rank.get_label_quality_scores(d.labels, d.pred_probs, method="normalized_margin", adjust_pred_probs=True)
+    np.testing.assert_array_equal(got.compute(), expected)
+    np.testing.assert_array_equal(rank.find_top_issues(got, top=30), rank.find_top_issues(expected, top=30))

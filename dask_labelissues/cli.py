@@ -83,7 +83,8 @@ def _add_inputs_and_output(p: argparse.ArgumentParser, labels: str, probs_shape:
                    help=f"the predicted probabilities, {probs_shape}, in the same forms as --labels")
     p.add_argument("--output", required=True, metavar="OUT.zarr",
                    help="the results store to write (Zarr v3; it appears only when complete)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output store")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing results store at --output (never anything else)")
 
 
 def _add_local_clusters(p: Any) -> None:

@@ -6,7 +6,8 @@ Zarr, HDF5, dask): the rows are scored a block at a time where the engine
 runs, and the ``(N,)`` scores come back as numpy for in-memory inputs, as
 a dask array (held on the cluster) for dask inputs.  With
 ``adjust_pred_probs`` the confident thresholds come first, exact, from one
-read of pred_probs.  :func:`find_top_issues` ranks scores as cleanlab's does.
+read of pred_probs.  :func:`order_label_issues` ranks a mask's rows by
+those scores, and :func:`find_top_issues` ranks scores, as cleanlab's do.
 
 Differences from cleanlab:
 
@@ -14,8 +15,8 @@ Differences from cleanlab:
   float32 inputs' precision: the two then differ by up to about 1e-7);
 - bad values (NaN, inf, negative, rows not summing to 1, labels outside
   ``0..K-1``) are refused naming the row;
-- :func:`find_top_issues` ranks tied scores by index (cleanlab's sort
-  takes any of them).
+- :func:`find_top_issues` and :func:`order_label_issues` rank tied scores
+  by index (cleanlab's sort takes any of them).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .engines import BACKEND_CHOICES, make_engine
 from .kernels import METHODS, ScoreSpec
 from .pipelines import first_passes, warm_up
 
-__all__ = ["find_top_issues", "get_label_quality_scores"]
+__all__ = ["find_top_issues", "get_label_quality_scores", "order_label_issues"]
 
 
 def get_label_quality_scores(
@@ -97,6 +98,58 @@ def get_label_quality_scores(
         return engine.to_array(passes.scores, np.float64)
     finally:
         engine.close()
+
+
+def order_label_issues(
+    label_issues_mask: Any,
+    labels: Any,
+    pred_probs: Any,
+    *,
+    rank_by: str = "self_confidence",
+    rank_by_kwargs: dict[str, Any] | None = None,
+    **engine: Any,
+) -> np.ndarray:
+    """The rows ``label_issues_mask`` flags, lowest label quality score
+    first, ties by index, as ``cleanlab.rank.order_label_issues``.
+
+    Parameters
+    ----------
+    label_issues_mask
+        ``(N,)`` bool (numpy or dask), e.g. ``cleanlab.filter``'s mask.
+    labels, pred_probs
+        As in :func:`get_label_quality_scores`, which scores every row.
+    rank_by
+        The score's ``method``.
+    rank_by_kwargs
+        ``{"adjust_pred_probs": True}`` to adjust, as in cleanlab.
+    **engine
+        ``backend``, ``client``, ``chunk_rows``, ``n_jobs``, ``progress``,
+        ``row_sum_tolerance``, ``spill_dir``.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 row indices.
+    """
+    ranking = dict(rank_by_kwargs or {})
+    unknown = sorted(set(ranking) - {"adjust_pred_probs"})
+    if unknown:
+        raise NotImplementedError(f"rank_by_kwargs {unknown} are not supported (only adjust_pred_probs)")
+    scores = get_label_quality_scores(
+        labels, pred_probs, method=rank_by, adjust_pred_probs=bool(ranking.get("adjust_pred_probs")), **engine
+    )
+    if int(label_issues_mask.shape[0]) != int(scores.shape[0]):
+        raise ValueError(f"label_issues_mask has {label_issues_mask.shape[0]} rows; labels {scores.shape[0]}")
+    if inputs.is_dask_array(label_issues_mask) or inputs.is_dask_array(scores):
+        import dask
+        import dask.array as da
+
+        mask = da.asarray(label_issues_mask).astype(bool)
+        index, flagged = dask.compute(da.flatnonzero(mask), da.asarray(scores)[mask])
+    else:
+        mask = np.asarray(label_issues_mask, dtype=bool)
+        index, flagged = np.flatnonzero(mask), scores[mask]
+    return _lowest(flagged, np.asarray(index, dtype=np.int64), len(index))[1]
 
 
 def find_top_issues(quality_scores: Any, *, top: int | None = 10) -> np.ndarray:

@@ -99,3 +99,37 @@ def test_on_a_cluster_the_workers_read_the_store(local_cluster, tmp_path):
     expected = rank.get_label_quality_scores(d.labels, d.pred_probs, method="normalized_margin", adjust_pred_probs=True)
     np.testing.assert_array_equal(got.compute(), expected)
     np.testing.assert_array_equal(rank.find_top_issues(got, top=30), rank.find_top_issues(expected, top=30))
+
+
+@pytest.mark.parametrize("rank_by", ["self_confidence", "normalized_margin"])
+def test_order_label_issues_equals_cleanlabs(rank_by):
+    from cleanlab.filter import find_label_issues as cl_find
+
+    d = make_dataset(4000, 6, seed=28, dtype=np.float32)
+    mask = cl_find(d.labels, d.pred_probs)
+    kwargs = {"adjust_pred_probs": True}
+    expected = cl_rank.order_label_issues(mask, d.labels, d.pred_probs, rank_by=rank_by, rank_by_kwargs=kwargs)
+    got = rank.order_label_issues(mask, d.labels, d.pred_probs, rank_by=rank_by, rank_by_kwargs=kwargs)
+    assert got.dtype == np.int64 and len(got) == mask.sum() > 100
+    # float32 scores: cleanlab's differ from these float64 ones by ~1e-8, so
+    # near ties may swap; the set and the order up to them are the same.
+    assert set(got.tolist()) == set(expected.tolist())
+    scores = rank.get_label_quality_scores(d.labels, d.pred_probs, method=rank_by, adjust_pred_probs=True)
+    assert (np.diff(scores[got]) >= 0).all()
+    with dask.config.set(scheduler="threads"):
+        lazy = rank.order_label_issues(da.from_array(mask, chunks=900), da.from_array(d.labels, chunks=900),
+                                       da.from_array(d.pred_probs, chunks=(900, 6)), rank_by=rank_by,
+                                       rank_by_kwargs=kwargs)
+    np.testing.assert_array_equal(lazy, got)
+    with pytest.raises(NotImplementedError, match="rank_by_kwargs"):
+        rank.order_label_issues(mask, d.labels, d.pred_probs, rank_by_kwargs={"method": "x"})
+
+
+def test_order_label_issues_of_float64_rows_is_cleanlabs_order():
+    from cleanlab.filter import find_label_issues as cl_find
+
+    d = make_dataset(4000, 6, seed=29)
+    mask = cl_find(d.labels, d.pred_probs)
+    expected = cl_rank.order_label_issues(mask, d.labels, d.pred_probs, rank_by="normalized_margin")
+    got = rank.order_label_issues(mask, d.labels, d.pred_probs, rank_by="normalized_margin")
+    np.testing.assert_array_equal(got, expected)  # continuous scores: no ties to order

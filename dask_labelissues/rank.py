@@ -30,7 +30,10 @@ from .engines import BACKEND_CHOICES, make_engine
 from .kernels import METHODS, ScoreSpec
 from .pipelines import first_passes, warm_up
 
-__all__ = ["find_top_issues", "get_label_quality_scores", "order_label_issues"]
+__all__ = [
+    "find_top_issues", "get_confidence_weighted_entropy_for_each_label", "get_label_quality_scores",
+    "get_normalized_margin_for_each_label", "get_self_confidence_for_each_label", "order_label_issues",
+]
 
 
 def get_label_quality_scores(
@@ -98,6 +101,26 @@ def get_label_quality_scores(
         return engine.to_array(passes.scores, np.float64)
     finally:
         engine.close()
+
+
+def get_self_confidence_for_each_label(labels: Any, pred_probs: Any, **engine: Any) -> Any:
+    """:func:`get_label_quality_scores` with ``method="self_confidence"``
+    (each row's probability of its given label), as cleanlab's function
+    of that name; ``**engine`` as there."""
+    return get_label_quality_scores(labels, pred_probs, method="self_confidence", **engine)
+
+
+def get_normalized_margin_for_each_label(labels: Any, pred_probs: Any, **engine: Any) -> Any:
+    """:func:`get_label_quality_scores` with ``method="normalized_margin"``,
+    as cleanlab's function of that name; ``**engine`` as there."""
+    return get_label_quality_scores(labels, pred_probs, method="normalized_margin", **engine)
+
+
+def get_confidence_weighted_entropy_for_each_label(labels: Any, pred_probs: Any, **engine: Any) -> Any:
+    """:func:`get_label_quality_scores` with
+    ``method="confidence_weighted_entropy"``, as cleanlab's function of that
+    name; ``**engine`` as there."""
+    return get_label_quality_scores(labels, pred_probs, method="confidence_weighted_entropy", **engine)
 
 
 def order_label_issues(

@@ -133,3 +133,11 @@ def test_order_label_issues_of_float64_rows_is_cleanlabs_order():
     expected = cl_rank.order_label_issues(mask, d.labels, d.pred_probs, rank_by="normalized_margin")
     got = rank.order_label_issues(mask, d.labels, d.pred_probs, rank_by="normalized_margin")
     np.testing.assert_array_equal(got, expected)  # continuous scores: no ties to order
+
+
+def test_the_per_method_functions_are_cleanlabs():
+    d = make_dataset(2000, 5, seed=30)
+    for name in ("get_self_confidence_for_each_label", "get_normalized_margin_for_each_label",
+                 "get_confidence_weighted_entropy_for_each_label"):
+        np.testing.assert_allclose(getattr(rank, name)(d.labels, d.pred_probs),
+                                   getattr(cl_rank, name)(d.labels, d.pred_probs), rtol=0, atol=1e-15)

@@ -361,6 +361,21 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(held[0].client.compute(x).result() if held else x.compute())
 
 
+def compute_all(*collections: Any, like: Any = None) -> tuple[Any, ...]:
+    """``dask.compute(*collections)``, by the client whose cluster holds
+    their persisted blocks (or ``like``'s), if any (as :func:`to_numpy`)."""
+    import dask
+
+    try:
+        from distributed import futures_of
+    except ImportError:
+        return dask.compute(*collections)
+    held = futures_of(like if like is not None else list(collections))
+    if not held:
+        return dask.compute(*collections)
+    return tuple(held[0].client.compute(list(collections), sync=True))
+
+
 _H5_SUFFIXES = (".h5", ".hdf5", ".he5", ".hdf")
 
 

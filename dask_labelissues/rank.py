@@ -3,8 +3,9 @@
 :func:`get_label_quality_scores` takes ``cleanlab.rank.get_label_quality_scores``'s
 arguments and gives its scores for inputs of any size (numpy, ``.npy``,
 Zarr, HDF5, dask): the rows are scored a block at a time where the engine
-runs, and the ``(N,)`` scores come back as numpy for in-memory inputs, as
-a dask array (held on the cluster) for dask inputs.  With
+runs, and the ``(N,)`` scores come back as numpy where the job ran in this
+process, as a dask array (held on the cluster) where it ran on Dask (dask
+inputs, a ``client``, a current distributed Client, ``backend="dask"``).  With
 ``adjust_pred_probs`` the confident thresholds come first, exact, from one
 read of pred_probs.  :func:`order_label_issues` ranks a mask's rows by
 those scores, and :func:`find_top_issues` ranks scores, as cleanlab's do.
@@ -14,7 +15,8 @@ Differences from cleanlab:
 - scores are float64 whatever the input's precision (cleanlab keeps
   float32 inputs' precision: the two then differ by up to about 1e-7);
 - bad values (NaN, inf, negative, rows not summing to 1, labels outside
-  ``0..K-1``) are refused naming the row;
+  ``0..K-1``) are refused naming the row, and so are fewer than 2 classes,
+  integer pred_probs and labels that are not integers;
 - :func:`find_top_issues` and :func:`order_label_issues` rank tied scores
   by index (cleanlab's sort takes any of them).
 """
@@ -73,8 +75,8 @@ def get_label_quality_scores(
     Returns
     -------
     numpy.ndarray or dask.array.Array
-        ``(N,)`` float64 scores in [0, 1]; a dask array where the job ran
-        on Dask.
+        ``(N,)`` float64 scores, in [0, 1] for rows summing to 1; a dask
+        array where the job ran on Dask.
 
     Raises
     ------
@@ -138,7 +140,8 @@ def order_label_issues(
     Parameters
     ----------
     label_issues_mask
-        ``(N,)`` bool (numpy or dask), e.g. ``cleanlab.filter``'s mask.
+        ``(N,)`` bool (a list, numpy or dask), e.g. ``cleanlab.filter``'s
+        mask; integers are row indices, as numpy (and cleanlab) index by them.
     labels, pred_probs
         As in :func:`get_label_quality_scores`, which scores every row.
     rank_by
@@ -161,18 +164,27 @@ def order_label_issues(
     scores = get_label_quality_scores(
         labels, pred_probs, method=rank_by, adjust_pred_probs=bool(ranking.get("adjust_pred_probs")), **engine
     )
-    if int(label_issues_mask.shape[0]) != int(scores.shape[0]):
-        raise ValueError(f"label_issues_mask has {label_issues_mask.shape[0]} rows; labels {scores.shape[0]}")
-    if inputs.is_dask_array(label_issues_mask) or inputs.is_dask_array(scores):
-        import dask
+    mask = label_issues_mask if inputs.is_dask_array(label_issues_mask) else np.asarray(label_issues_mask)
+    _known_rows(mask, "label_issues_mask")
+    if mask.dtype.kind in "iu":  # row indices
+        index = inputs.to_numpy(mask).astype(np.int64)
+        flagged = inputs.to_numpy(scores)[index]
+    elif mask.dtype.kind != "b":
+        raise TypeError(f"label_issues_mask must be a boolean mask or row indices, got dtype {mask.dtype}")
+    elif int(mask.shape[0]) != int(scores.shape[0]):
+        raise ValueError(f"label_issues_mask has {mask.shape[0]} rows; labels {scores.shape[0]}")
+    elif inputs.is_dask_array(mask) or inputs.is_dask_array(scores):
         import dask.array as da
 
-        mask = da.asarray(label_issues_mask).astype(bool)
-        index, flagged = dask.compute(da.flatnonzero(mask), da.asarray(scores)[mask])
+        index, flagged = inputs.compute_all(da.flatnonzero(da.asarray(mask)), da.asarray(scores)[da.asarray(mask)])
     else:
-        mask = np.asarray(label_issues_mask, dtype=bool)
         index, flagged = np.flatnonzero(mask), scores[mask]
     return _lowest(flagged, np.asarray(index, dtype=np.int64), len(index))[1]
+
+
+def _known_rows(x: Any, name: str) -> None:
+    if inputs.is_dask_array(x) and any(np.isnan(c) for c in x.chunks[0]):
+        raise ValueError(f"{name} is a dask array with unknown chunk sizes; call {name}.compute_chunk_sizes() first")
 
 
 def find_top_issues(quality_scores: Any, *, top: int | None = 10) -> np.ndarray:
@@ -192,6 +204,7 @@ def find_top_issues(quality_scores: Any, *, top: int | None = 10) -> np.ndarray:
     numpy.ndarray
         int64 indices.
     """
+    _known_rows(quality_scores, "quality_scores")
     n = int(quality_scores.shape[0])
     top = n if top is None or top > n else int(top)
     if top < 0:
@@ -203,9 +216,10 @@ def find_top_issues(quality_scores: Any, *, top: int | None = 10) -> np.ndarray:
         # Each chunk sends only its own lowest to the client.
         index = da.arange(n, chunks=quality_scores.chunks[0], dtype=np.int64)
         lowest = dask.delayed(_lowest, pure=True)
-        pieces = dask.compute(*[
-            lowest(s, i, top) for s, i in zip(quality_scores.to_delayed().ravel(), index.to_delayed().ravel())
-        ])
+        pieces = inputs.compute_all(*[
+            lowest(s, i, top) for s, i in zip(quality_scores.to_delayed(optimize_graph=False).ravel(),
+                                               index.to_delayed().ravel())
+        ], like=quality_scores)
         scores = np.concatenate([s for s, _ in pieces])
         index = np.concatenate([i for _, i in pieces])
     else:

@@ -98,7 +98,15 @@ def test_on_a_cluster_the_workers_read_the_store(local_cluster, tmp_path):
     assert isinstance(got, da.Array)
     expected = rank.get_label_quality_scores(d.labels, d.pred_probs, method="normalized_margin", adjust_pred_probs=True)
     np.testing.assert_array_equal(got.compute(), expected)
-    np.testing.assert_array_equal(rank.find_top_issues(got, top=30), rank.find_top_issues(expected, top=30))
+    mask = expected < 0.4
+    ordered = rank.order_label_issues(mask, d.labels, d.pred_probs, rank_by="normalized_margin")
+    # The cluster's blocks are found through the client that holds them,
+    # whatever scheduler is current.
+    with dask.config.set(scheduler="threads"):
+        np.testing.assert_array_equal(rank.find_top_issues(got, top=30), rank.find_top_issues(expected, top=30))
+        np.testing.assert_array_equal(
+            rank.order_label_issues(mask, group["labels"], group["pred_probs"], rank_by="normalized_margin",
+                                    client=local_cluster), ordered)
 
 
 @pytest.mark.parametrize("rank_by", ["self_confidence", "normalized_margin"])
@@ -141,3 +149,19 @@ def test_the_per_method_functions_are_cleanlabs():
                  "get_confidence_weighted_entropy_for_each_label"):
         np.testing.assert_allclose(getattr(rank, name)(d.labels, d.pred_probs),
                                    getattr(cl_rank, name)(d.labels, d.pred_probs), rtol=0, atol=1e-15)
+
+
+def test_masks_as_lists_indices_and_lazy_arrays_of_unknown_length():
+    d = make_dataset(300, 3, seed=31)
+    mask = (np.arange(300) % 7 == 0)
+    expected = rank.order_label_issues(mask, d.labels, d.pred_probs)
+    np.testing.assert_array_equal(rank.order_label_issues(mask.tolist(), d.labels, d.pred_probs), expected)
+    index = np.flatnonzero(mask)
+    np.testing.assert_array_equal(rank.order_label_issues(index, d.labels, d.pred_probs),
+                                  cl_rank.order_label_issues(index, d.labels, d.pred_probs))
+    with pytest.raises(TypeError, match="boolean mask or row indices"):
+        rank.order_label_issues(mask.astype(float), d.labels, d.pred_probs)
+    unknown = da.from_array(np.arange(300.0), chunks=50)
+    unknown = unknown[unknown >= 0]
+    with pytest.raises(ValueError, match="unknown chunk sizes; call quality_scores.compute_chunk_sizes"):
+        rank.find_top_issues(unknown)

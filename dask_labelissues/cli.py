@@ -888,7 +888,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         logging.getLogger("asyncio").removeFilter(_not_all_exit)
-        logging.getLogger("distributed").setLevel(distributed_level)
+        if not _Interrupts.seen:  # after one, a cluster may still be closing in the background
+            logging.getLogger("distributed").setLevel(distributed_level)
         signal.signal(signal.SIGTERM, previous)
         if previous_int is not None:
             signal.signal(signal.SIGINT, previous_int)

@@ -44,7 +44,7 @@ import os
 import signal
 import subprocess
 import threading
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -121,19 +121,13 @@ def local_cluster(
         # the cluster closes, in case a worker was restarted meanwhile.
         names = [*(dask.config.get(_ENV, default=None) or {}), "PYTHONHASHSEED"]
         before = {name: os.environ.get(name) for name in names}
-        with contextlib.ExitStack() as started:
-            # Put back however the start ends; the cluster is closed if it
-            # is interrupted before the caller holds it.
-            started.callback(_put_back, before)
-            with _children_ignore_sigint(processes) as interrupted:
-                cluster = started.enter_context(LocalCluster(
-                    n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
-                    memory_limit=memory_limit, dashboard_address=dashboard_address, **kwargs,
-                ))
-            if any(interrupted):
-                raise KeyboardInterrupt
-            started.pop_all()
-        _put_back(before)
+        try:
+            cluster = _start_interruptibly(lambda: LocalCluster(
+                n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
+                memory_limit=memory_limit, dashboard_address=dashboard_address, **kwargs,
+            ), processes)
+        finally:
+            _put_back(before)
     try:
         with contextlib.closing(cluster):
             yield cluster
@@ -141,8 +135,61 @@ def local_cluster(
         _put_back(before)
 
 
+def _start_interruptibly(start: Callable[[], Any], processes: bool) -> Any:
+    """``start()`` (a cluster) in a thread of its own, while this one waits
+    for it or for a Ctrl-C (:func:`_children_ignore_sigint`'s watcher, or
+    SIGINT itself where nothing ignores it): a start that hangs (a worker's
+    preload, a port) can be stopped.  An interrupt comes back as SIGINT
+    raised in this thread, so the caller's handler decides; a cluster that
+    starts after it is closed."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["cluster"] = start()
+        except BaseException as exc:  # raised again in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="dask-labelissues-cluster-start", daemon=True)
+    try:
+        with _children_ignore_sigint(processes) as watch:
+            thread.start()
+            while thread.is_alive() and not watch.interrupted():
+                thread.join(0.05)
+        if thread.is_alive() or watch.interrupted():
+            signal.raise_signal(signal.SIGINT)
+        thread.join()  # a handler that did not raise: the start goes on
+    except BaseException:
+        threading.Thread(target=_close_when_started, args=(thread, box), daemon=True).start()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["cluster"]
+
+
+def _close_when_started(thread: threading.Thread, box: dict[str, Any]) -> None:
+    thread.join()
+    if "cluster" in box:
+        with contextlib.suppress(Exception):
+            box["cluster"].close()
+
+
+class _Watch:
+    """What :func:`_children_ignore_sigint` yields: whether its watcher saw
+    a Ctrl-C, asked without waiting."""
+
+    def __init__(self, watcher: subprocess.Popen | None) -> None:
+        self.watcher = watcher
+        self.seen = False
+
+    def interrupted(self) -> bool:
+        if not self.seen and self.watcher is not None and self.watcher.poll() == _WATCHER_SAW_SIGINT:
+            self.seen = True
+        return self.seen
+
+
 @contextlib.contextmanager
-def _children_ignore_sigint(yes: bool) -> Iterator[list[bool]]:
+def _children_ignore_sigint(yes: bool) -> Iterator[_Watch]:
     """Ignore SIGINT while worker processes are spawned, so that they start
     with it ignored (an ignored signal stays ignored across exec, and
     Python then installs no KeyboardInterrupt handler).  Only the main
@@ -152,33 +199,34 @@ def _children_ignore_sigint(yes: bool) -> Iterator[list[bool]]:
     and the job run on to the end.  A small watcher process (a shell),
     started first with SIGINT as usual and in the same process group, is told of
     it as the terminal tells every process of the group: once the workers
-    are up, the list yielded holds True if it saw a Ctrl-C.  (A
+    are up, or while they start (:meth:`_Watch.interrupted`), it says
+    whether it saw a Ctrl-C.  (A
     blocked signal mask, which would keep the interrupt pending instead,
     does not reach the workers: Python unblocks every signal in a child
     before exec.)"""
-    seen: list[bool] = []
     if not yes or threading.current_thread() is not threading.main_thread():
-        yield seen
+        yield _Watch(None)
         return
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.SIG_IGN:  # this process ignores it already, and so will they
-        yield seen
+        yield _Watch(None)
         return
     if not os.path.exists(_SHELL):  # no POSIX shell: a Ctrl-C meanwhile is lost, as it was
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            yield seen
+            yield _Watch(None)
         finally:
             signal.signal(signal.SIGINT, previous)
         return
     watcher = subprocess.Popen(
         [_SHELL, "-c", _WATCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )
+    watch = _Watch(watcher)
     try:
         watcher.stdout.readline()  # its handler is in place
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            yield seen
+            yield watch
         finally:
             signal.signal(signal.SIGINT, previous)
         # One line ends it: workers forked meanwhile hold the pipe open too,
@@ -186,11 +234,9 @@ def _children_ignore_sigint(yes: bool) -> Iterator[list[bool]]:
         with contextlib.suppress(OSError):
             watcher.stdin.write(b"\n")
             watcher.stdin.close()
-        try:
-            code = watcher.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # never seen; killed below
-            code = None
-        seen.append(code == _WATCHER_SAW_SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # never seen; killed below
+            watcher.wait(timeout=10)
+        watch.interrupted()
     finally:
         if watcher.poll() is None:
             watcher.kill()

@@ -569,15 +569,16 @@ def test_a_ctrl_c_while_workers_are_spawned_is_kept_for_after(interrupt):
     code = (
         "import os, signal, time\n"
         "from dask_labelissues.cluster import _children_ignore_sigint\n"
-        "with _children_ignore_sigint(True) as seen:\n"
+        "with _children_ignore_sigint(True) as watch:\n"
         f"    if {interrupt}: os.killpg(0, signal.SIGINT)\n"
         "    time.sleep(0.3)\n"
-        "print(seen)\n"
+        "    print(watch.interrupted(), end=' ')\n"
+        "print(watch.interrupted())\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           start_new_session=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"[{interrupt}]"
+    assert proc.stdout.strip() == f"{interrupt} {interrupt}"
 
 
 def test_an_interrupted_store_waits_for_zarrs_own_writes_before_it_is_removed(tmp_path):
@@ -634,11 +635,12 @@ def test_a_missing_zarr_array_is_named_with_what_the_store_holds(data, tmp_path)
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
-def test_a_cluster_interrupted_while_it_starts_is_closed_and_the_interrupt_raised():
+@pytest.mark.parametrize("start_seconds", [0.3, 60])
+def test_a_cluster_interrupted_while_it_starts_is_closed_and_the_interrupt_raised(start_seconds):
     """local_cluster with a LocalCluster that takes a Ctrl-C (to the whole
-    process group) while it starts: the start ends, the cluster is closed
-    and KeyboardInterrupt raised; a process already ignoring SIGINT keeps
-    ignoring it."""
+    process group) while it starts: KeyboardInterrupt comes at once, even
+    from a start that would hang, and a cluster that does start is closed;
+    a process already ignoring SIGINT keeps ignoring it."""
     code = (
         "import os, signal, time, distributed\n"
         "from dask_labelissues import cluster\n"
@@ -646,22 +648,26 @@ def test_a_cluster_interrupted_while_it_starts_is_closed_and_the_interrupt_raise
         "class Started:\n"
         "    def __init__(self, **kwargs):\n"
         "        os.killpg(0, signal.SIGINT)\n"
-        "        time.sleep(0.3)\n"
-        "    def __enter__(self): return self\n"
-        "    def __exit__(self, *exc): self.close()\n"
+        f"        time.sleep({start_seconds})\n"
         "    def close(self): closed.append(True)\n"
         "distributed.LocalCluster = Started\n"
         "if {ignore}: signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "t = time.perf_counter()\n"
         "try:\n"
         "    with cluster.local_cluster(1):\n"
         "        print('held', end=' ')\n"
         "except KeyboardInterrupt:\n"
         "    print('interrupted', end=' ')\n"
+        "print(time.perf_counter() - t < 10, end=' ')\n"
+        "time.sleep(1)\n"
         "print(closed)\n"
     )
-    for ignore, expected in ((False, "interrupted [True]"), (True, "held [True]")):
+    cases = [(False, "interrupted True [True]" if start_seconds < 1 else "interrupted True []")]
+    if start_seconds < 1:
+        cases.append((True, "held True [True]"))
+    for ignore, expected in cases:
         proc = subprocess.run([sys.executable, "-c", code.format(ignore=ignore)], capture_output=True, text=True,
-                              timeout=60, start_new_session=True)
+                              timeout=120, start_new_session=True)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == expected
 

@@ -641,14 +641,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
             raise CommandError(f"{args.store} is missing {exc}: not a complete segmentation results store") from None
         print(json.dumps(view) if args.json else format_segmentation(view))
         if args.plot:
-            import zarr
-
             from .plot import SEGMENTATION_PLOT_TOP, plot_segmentation
 
             # --top defaults to 20 rows of text; a figure of 20 rows of images is unreadable.
             shown = max(1, min(args.top, SEGMENTATION_PLOT_TOP))
             plot_segmentation(args.store, args.plot, top=shown)
-            shown = min(shown, int(zarr.open_group(os.path.abspath(args.store), mode="r").attrs["images"]))
+            shown = min(shown, int(view["images"]))
             print(f"plot of the {shown} worst images written to {os.path.abspath(args.plot)}", file=sys.stderr)
         return 0
     result = open_results(args.store)

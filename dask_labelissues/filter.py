@@ -29,6 +29,15 @@ __all__ = ["find_label_issues"]
 RANK_BY_KWARGS = ("adjust_pred_probs",)
 
 
+def adjusts(rank_by_kwargs: dict[str, Any] | None) -> bool:
+    """Whether cleanlab's ``rank_by_kwargs`` ask for ``adjust_pred_probs``;
+    NotImplementedError for keywords not supported here."""
+    unknown = sorted(set(rank_by_kwargs or {}) - set(RANK_BY_KWARGS))
+    if unknown:
+        raise NotImplementedError(f"rank_by_kwargs {unknown} are not supported (only {', '.join(RANK_BY_KWARGS)})")
+    return bool((rank_by_kwargs or {}).get("adjust_pred_probs", False))
+
+
 def find_label_issues(
     labels: Any,
     pred_probs: Any,
@@ -108,10 +117,7 @@ def find_label_issues(
             min_examples_per_class=min_examples_per_class, confident_joint=confident_joint, n_jobs=n_jobs,
             verbose=verbose, low_memory=low_memory, backend=backend, client=client, chunk_rows=chunk_rows,
         )
-    unknown = sorted(set(rank_by_kwargs or {}) - set(RANK_BY_KWARGS))
-    if unknown:
-        raise NotImplementedError(f"rank_by_kwargs {unknown} are not supported (only {', '.join(RANK_BY_KWARGS)})")
-    adjust = bool((rank_by_kwargs or {}).get("adjust_pred_probs", False))
+    adjust = adjusts(rank_by_kwargs)
     result = _find(
         labels, pred_probs, filter_by=filter_by, return_indices_ranked_by=return_indices_ranked_by,
         adjust_pred_probs=adjust and return_indices_ranked_by is not None,

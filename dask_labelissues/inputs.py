@@ -351,14 +351,7 @@ def to_numpy(x: Any) -> np.ndarray:
     """``x`` as numpy; a dask array computed by the client whose cluster
     holds its persisted blocks, if any (the default scheduler would not
     find them when that client is not the current one)."""
-    if not is_dask_array(x):
-        return np.asarray(x)
-    try:
-        from distributed import futures_of
-    except ImportError:
-        return np.asarray(x.compute())
-    held = futures_of(x)
-    return np.asarray(held[0].client.compute(x).result() if held else x.compute())
+    return np.asarray(compute_all(x)[0] if is_dask_array(x) else x)
 
 
 def compute_all(*collections: Any, like: Any = None) -> tuple[Any, ...]:
@@ -500,17 +493,20 @@ def open_pair(labels: Any, pred_probs: Any) -> tuple[Any, Any, int, int]:
     return lab, probs, n, k
 
 
+def known_shape(arr: Any, name: str) -> None:
+    """ValueError naming the remedy where ``arr`` is a dask array whose
+    chunk sizes are unknown (after boolean indexing, say)."""
+    if any(isinstance(s, float) and np.isnan(s) for s in arr.shape):
+        raise ValueError(f"{name} is a dask array with unknown chunk sizes; call {name}.compute_chunk_sizes() first")
+
+
 def check_shapes(labels: Any, pred_probs: Any) -> tuple[int, int]:
     """Check what can be checked without reading data; return ``(N, K)``.
 
     Raises TypeError for wrong dtypes and ValueError for wrong shapes.
     """
     for name, arr in (("labels", labels), ("pred_probs", pred_probs)):
-        if any(isinstance(s, float) and np.isnan(s) for s in arr.shape):
-            raise ValueError(
-                f"{name} is a dask array with unknown chunk sizes; call "
-                f"{name}.compute_chunk_sizes() first"
-            )
+        known_shape(arr, name)
     ldt, pdt = np.dtype(labels.dtype), np.dtype(pred_probs.dtype)
     if pdt == object:
         raise TypeError("pred_probs has object dtype; it must hold floating-point numbers")

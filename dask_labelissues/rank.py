@@ -29,6 +29,7 @@ import numpy as np
 
 from . import inputs
 from .engines import BACKEND_CHOICES, make_engine
+from .filter import adjusts
 from .kernels import METHODS, ScoreSpec
 from .pipelines import first_passes, warm_up
 
@@ -157,15 +158,11 @@ def order_label_issues(
     numpy.ndarray
         int64 row indices.
     """
-    ranking = dict(rank_by_kwargs or {})
-    unknown = sorted(set(ranking) - {"adjust_pred_probs"})
-    if unknown:
-        raise NotImplementedError(f"rank_by_kwargs {unknown} are not supported (only adjust_pred_probs)")
     scores = get_label_quality_scores(
-        labels, pred_probs, method=rank_by, adjust_pred_probs=bool(ranking.get("adjust_pred_probs")), **engine
+        labels, pred_probs, method=rank_by, adjust_pred_probs=adjusts(rank_by_kwargs), **engine
     )
     mask = label_issues_mask if inputs.is_dask_array(label_issues_mask) else np.asarray(label_issues_mask)
-    _known_rows(mask, "label_issues_mask")
+    inputs.known_shape(mask, "label_issues_mask")
     if mask.dtype.kind in "iu":  # row indices
         index = inputs.to_numpy(mask).astype(np.int64)
         flagged = inputs.to_numpy(scores)[index]
@@ -180,11 +177,6 @@ def order_label_issues(
     else:
         index, flagged = np.flatnonzero(mask), scores[mask]
     return _lowest(flagged, np.asarray(index, dtype=np.int64), len(index))[1]
-
-
-def _known_rows(x: Any, name: str) -> None:
-    if inputs.is_dask_array(x) and any(np.isnan(c) for c in x.chunks[0]):
-        raise ValueError(f"{name} is a dask array with unknown chunk sizes; call {name}.compute_chunk_sizes() first")
 
 
 def find_top_issues(quality_scores: Any, *, top: int | None = 10) -> np.ndarray:
@@ -204,7 +196,7 @@ def find_top_issues(quality_scores: Any, *, top: int | None = 10) -> np.ndarray:
     numpy.ndarray
         int64 indices.
     """
-    _known_rows(quality_scores, "quality_scores")
+    inputs.known_shape(quality_scores, "quality_scores")
     n = int(quality_scores.shape[0])
     top = n if top is None or top > n else int(top)
     if top < 0:

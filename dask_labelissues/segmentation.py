@@ -453,8 +453,7 @@ def _open(labels: Any, pred_probs: Any, downsample: int) -> tuple[Any, Any, tupl
     lab = inputs.open_source(labels, "labels")
     probs = inputs.open_source(pred_probs, "pred_probs")
     for name, arr in (("labels", lab), ("pred_probs", probs)):
-        if any(isinstance(s, float) and np.isnan(s) for s in arr.shape):
-            raise ValueError(f"{name} is a dask array with unknown chunk sizes; call {name}.compute_chunk_sizes() first")
+        inputs.known_shape(arr, name)
     if len(probs.shape) != 4:
         raise ValueError(f"pred_probs must be 4-D (N, K, H, W), got shape {tuple(probs.shape)}")
     if len(lab.shape) != 3:

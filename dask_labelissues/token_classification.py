@@ -41,7 +41,7 @@ import numpy as np
 from . import inputs
 from .api import find_label_issues as _find_rows
 from .engines import make_engine
-from .filter import RANK_BY_KWARGS
+from .filter import adjusts
 from .filters import filter_spec
 from .kernels import ScoreSpec
 from .kinds import ROWS
@@ -466,6 +466,7 @@ def display_issues(
     pairs = _issue_pairs(issues)
     given, predicted = _issue_classes(pairs, labels, pred_probs, sentence_offsets)
     names = None if class_names is None else list(class_names)
+    label_of = (lambda c: names[c]) if names is not None else str
     skip = {(int(a), int(b)) for a, b in exclude}
     shown = 0
     for n, (i, j) in enumerate(pairs.tolist()):
@@ -479,7 +480,6 @@ def display_issues(
         words = [str(w) for w in tokens[i]]
         marked = " ".join(f"[{w}]" if t == j else w for t, w in enumerate(words))
         print(f"Sentence {i}, token {j}: '{words[j]}'")
-        label_of = (lambda c: names[c]) if names is not None else str
         if g is not None:
             print(f"  given label: {label_of(g)}")
         if p is not None:
@@ -663,11 +663,7 @@ def _filter_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     passes :func:`find_label_issues`'s keywords on to cleanlab.filter) as
     the engine's ``adjust_pred_probs``."""
     options = _options(kwargs)
-    ranking = dict(options.pop("rank_by_kwargs", None) or {})
-    unknown = sorted(set(ranking) - set(RANK_BY_KWARGS))
-    if unknown:
-        raise NotImplementedError(f"rank_by_kwargs {unknown} are not supported (only {', '.join(RANK_BY_KWARGS)})")
-    if ranking.get("adjust_pred_probs"):
+    if adjusts(options.pop("rank_by_kwargs", None)):
         options["adjust_pred_probs"] = True
     return options
 

@@ -165,21 +165,22 @@ def test_a_local_job_lets_go_of_the_rows_it_has_read(big, backend):
 #   twice the block at its peak (nearly three times with zarr's default
 #   zstd); pass one's scan itself adds about 1 byte a pixel;
 # - per pixel: the item-long columns, records (32 bytes) and, for
-#   find_label_issues, scores (8 bytes).  A column above 256 MiB
-#   (engines.local.SPILL_BYTES) goes to an unlinked file, which the cap
-#   does not count (nor is it anonymous memory); below that, serial and
+#   find_label_issues, scores (8 bytes).  A column above a 32nd of the
+#   process's usable memory (engines.local.SPILL_BYTES: 26 MB under this
+#   test's cap) goes to an unlinked file, which the cap does not count (nor
+#   is it anonymous memory); below that, serial and
 #   threads map it privately (counted), while fork shares it with its
 #   workers: MAP_SHARED anonymous memory, real but NOT seen by the cap.
 #   And about 2 bytes a pixel of mask in find_label_issues (the blocks'
 #   masks, then the joined one).
 #
-# So anonymous memory is flat in N only once every column spills (past
-# 33.5M pixels for the scores column; here 16.8M: records spill, the
-# 128 MiB scores column does not).  The store is sized so that records
-# spill, as in any job too large for memory: held in memory (512 MiB here,
-# SPILL_BYTES raised in the child) they fail the serial and threads jobs
-# under the cap, while the fork jobs still pass, the cap being blind to
-# shared memory.  Smallest caps that pass on this store (MiB, to 10 MiB):
+# So anonymous memory is flat in N once every column spills, as both do
+# here under the cap (records 512 MiB, scores 128 MiB).  The store is sized
+# so that the records spill, as in any job too large for memory: held in
+# memory (SPILL_BYTES raised in the child) they fail the serial and threads
+# jobs under the cap, while the fork jobs still pass, the cap being blind
+# to shared memory.  Smallest caps that passed on this store at 9ec52d8,
+# when the scores column stayed in memory (MiB, to 10 MiB):
 # find_label_issues serial 491, threads 705 (up to about 740 over repeated
 # runs, as the two threads' reads overlap), fork 384;
 # get_label_quality_scores 364, 588, 374.  The classification test's cap
@@ -232,7 +233,7 @@ def segmentation_store(tmp_path_factory):
     import zarr
     from concurrent.futures import ThreadPoolExecutor
 
-    from dask_labelissues.engines.local import SPILL_BYTES
+    from dask_labelissues.engines.local import SPILL_SHARE
     from dask_labelissues.system import usable_cores
     from dask_labelissues.synthetic import SegmentationSpec, segmentation_images
 
@@ -260,7 +261,7 @@ def segmentation_store(tmp_path_factory):
     assert probs.nbytes > SEG_LIMIT * 1.5
     # The records (32 bytes a pixel) spill to a file, as in any job too
     # large for memory (see above).
-    assert SEG_IMAGES * SEG_SIDE * SEG_SIDE * 32 > SPILL_BYTES
+    assert SEG_IMAGES * SEG_SIDE * SEG_SIDE * 32 > SEG_LIMIT // SPILL_SHARE
     return path
 
 

@@ -377,10 +377,10 @@ class Selection:
                 f"the selection gathered {gathered.index.size} rows, not the "
                 f"{self.below} + {self.bucket} at or below its bucket"
             )
-        keys = kernels.score_keys(gathered.score)
-        taken = rank_order(keys, gathered.index)[: self.target]
-        cutoff = int(keys[taken[-1]])
-        at_cutoff = gathered.index[taken[keys[taken] == np.uint64(cutoff)]]
+        order, ranked_keys = _ranked(kernels.score_keys(gathered.score), gathered.index)
+        taken, ranked_keys = order[: self.target], ranked_keys[: self.target]
+        cutoff = int(ranked_keys[-1])
+        at_cutoff = gathered.index[taken[ranked_keys == np.uint64(cutoff)]]
         block = np.searchsorted(np.asarray(starts), at_cutoff, side="right") - 1
         quotas = np.bincount(block, minlength=len(starts)).tolist()
         return gathered.take(taken), cutoff, quotas
@@ -475,14 +475,23 @@ def rank_order(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     of them (:func:`dask_labelissues.kernels.stable_order`).  Both are
     stable sorts of the same keys, so they give the same order.
     """
+    return _ranked(values, index)[0]
+
+
+def _ranked(values: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rank_order`'s order and ``values`` in it."""
     order = kernels.stable_order(values, RADIX_MAX_ROWS)
-    v, i = values[order], index[order]
+    v = values[order]
     tie = v[1:] == v[:-1]
     if v.dtype.kind == "f":
         tie |= np.isnan(v[1:]) & np.isnan(v[:-1])
-    if np.any(tie & (i[1:] < i[:-1])):
+    # Only the tied neighbours' indices are read: gathering every row's
+    # index took a fifth of the client's ranking of 557,000 rows.
+    at = np.flatnonzero(tie)
+    if np.any(index[order[at + 1]] < index[order[at]]):
         order = np.lexsort((index, values))
-    return order
+        v = values[order]
+    return order, v
 
 
 def prefix_winners(rec: np.ndarray, scores: np.ndarray, shift: int, prefix: int, start: int) -> Winners:

@@ -121,8 +121,12 @@ def shared_handle(array: np.ndarray) -> tuple[int, int, int] | None:
 MAX_SLOTS = 64
 
 #: The most bytes of column buffers in memory this process keeps for later
-#: jobs: a sixteenth of the memory it may use, at most 1 GiB.
-POOL_BYTES = min(1 << 30, usable_memory() // 16)
+#: jobs: an eighth of the memory it may use (four columns of the largest
+#: size kept in memory), at most 4 GiB.  With less, jobs of more than one
+#: engine in a process let go of each other's buffers: at a sixteenth, the
+#: warm (c) job beside fork and serial ones took 1.2 s against 0.7 s alone,
+#: faulting its columns in afresh every time.
+POOL_BYTES = min(4 << 30, usable_memory() // 8)
 
 #: The same for spill files, whose pages the kernel can write back (where
 #: ``spill_dir`` is on a disk): an eighth of that memory, at most 4 GiB.

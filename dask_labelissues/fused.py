@@ -291,7 +291,10 @@ def _build_numba() -> tuple[Any, ...] | None:
     def scored(score, score_bits, label, pred, p_pred, cut, out, prune, norm, n_rows, hist, shift, top, nan_key):
         # Pass two's per-row work in one read of the records: the scores,
         # the count state and the first radix round's digit histogram,
-        # with the keys of kernels.score_keys.
+        # with the keys of kernels.score_keys.  With one-long ``prune``,
+        # only the off-diagonal total (prune[0]) is counted: the per-class
+        # counts were half of this loop's time on 100 classes.
+        per_class = prune.shape[0] == cut.shape[0]
         for i in range(score.shape[0]):
             s = score[i]
             out[i] = s
@@ -305,13 +308,16 @@ def _build_numba() -> tuple[Any, ...] | None:
                 key = score_bits[i] | top
             hist[key >> shift] += 1
             y = label[i]
-            n_rows[y] += 1
             # Added as 0 or 1, not branched on: whether a row clears its
             # class's cut is as good as random, and mispredicted branches
             # cost this loop more than half its time.
             clears = np.int64(np.float64(p_pred[i]) >= cut[pred[i]])
-            norm[y] += clears
-            prune[y] += clears * np.int64(pred[i] != y)
+            if per_class:
+                n_rows[y] += 1
+                norm[y] += clears
+                prune[y] += clears * np.int64(pred[i] != y)
+            else:
+                prune[0] += clears * np.int64(pred[i] != y)
 
     @numba.njit(nogil=True, cache=True)
     def select(score, score_bits, shift, prefix, cutoff, quota, reduce, top, nan_key, mask):
@@ -912,7 +918,7 @@ def scan_planes(
 
 
 def score_records(
-    rec: np.ndarray, cut: np.ndarray, out: np.ndarray, digit_bits: int, kernel: str = "auto"
+    rec: np.ndarray, cut: np.ndarray, out: np.ndarray, digit_bits: int, kernel: str = "auto", total_only: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """Pass two on a block of records whose ``score`` field is the score, in
     one numba loop; None where numba does not run (the caller then takes
@@ -921,14 +927,15 @@ def score_records(
     Copies the scores to ``out`` (float64) and returns ``(prune, norm, n,
     histogram)``: per given label, the rows whose ``p_pred`` reaches
     ``cut[pred]`` and are predicted as another class, those rows whatever
-    their prediction, and all rows (int64, K each); and the counts of the
-    leading ``digit_bits`` bits of each score's order-preserving key
+    their prediction, and all rows (int64, K each; with ``total_only``,
+    the first's total alone, as one class, and zeros); and the counts of
+    the leading ``digit_bits`` bits of each score's order-preserving key
     (int64, ``2**digit_bits``).
     """
     fast = _kernels(kernel)
     if fast is None:
         return None
-    k = cut.shape[0]
+    k = 1 if total_only else cut.shape[0]
     prune, norm, n_rows = (np.zeros(k, dtype=np.int64) for _ in range(3))
     hist = np.zeros(1 << digit_bits, dtype=np.int64)
     score = rec["score"]

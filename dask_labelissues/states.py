@@ -250,10 +250,13 @@ def score_block(
 ) -> tuple[np.ndarray, ScoreState]:
     """Pass two's task on one block: its scores (written to ``out`` if
     given) and its :class:`ScoreState`."""
+    # The off_diagonal estimate reads the count's total alone: every block's
+    # state is then off_diagonal_total's, of one pseudo-class, on either path.
+    total_only = spec.estimation_method == "off_diagonal"
     if not spec.rereads and not spec.adjust_pred_probs:
         scores = np.empty(len(rec), dtype=np.float64) if out is None else out
         cut = thresholds - kernels.FLOATING_POINT_COMPARISON
-        fast = fused.score_records(rec, cut, scores, kernels.DIGIT_BITS, spec.kernel)
+        fast = fused.score_records(rec, cut, scores, kernels.DIGIT_BITS, spec.kernel, total_only)
         if fast is not None:
             prune, norm, n, dense = fast
             digits = np.flatnonzero(dense)
@@ -263,8 +266,8 @@ def score_block(
     if out is not None:
         out[...] = scores
         scores = out
-    state = ScoreState(CountState.chunk(rec, thresholds), HistogramState.chunk(scores, 0, 0))
-    return scores, state
+    counts = (CountState.off_diagonal_total if total_only else CountState.chunk)(rec, thresholds)
+    return scores, ScoreState(counts, HistogramState.chunk(scores, 0, 0))
 
 
 @dataclass

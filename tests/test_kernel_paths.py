@@ -273,13 +273,15 @@ def test_float16_class_planes_are_scanned_by_the_loop_with_numpys_bits(bad, monk
     _same_scans(*scans, bad)
 
 
+@pytest.mark.parametrize("estimation", ["off_diagonal", "off_diagonal_calibrated"])
 @pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])
-def test_the_fused_pass_two_loop_gives_the_numpy_paths_values(method):
+def test_the_fused_pass_two_loop_gives_the_numpy_paths_values(method, estimation):
     from dask_labelissues import states
     from dask_labelissues.kernels import FLOATING_POINT_COMPARISON, ScoreSpec
 
     labels, probs = _edge_block(np.float32)
-    numba_spec, numpy_spec = ScoreSpec(method, kernel="numba"), ScoreSpec(method, kernel="numpy")
+    numba_spec = ScoreSpec(method, estimation_method=estimation, kernel="numba")
+    numpy_spec = ScoreSpec(method, estimation_method=estimation, kernel="numpy")
     rec, _ = states.scan_block(labels, probs, 0, numpy_spec)
     # Scores the keys must order like floats: both zeros, a negative, NaN.
     rec["score"][:4] = [0.0, -0.0, -0.5, np.nan]
@@ -295,7 +297,15 @@ def test_the_fused_pass_two_loop_gives_the_numpy_paths_values(method):
     np.testing.assert_array_equal(sc_a, sc_b)
     for name in ("prune", "norm", "n"):
         np.testing.assert_array_equal(getattr(st_a.counts, name), getattr(st_b.counts, name))
-    assert st_a.counts.norm.sum() > st_a.counts.prune.sum() > 0
+    if estimation == "off_diagonal":
+        # Only the total is counted, as one pseudo-class: the per-class
+        # count's total, which the calibrated estimate's state also holds.
+        per_class = states.score_block(rec, thresholds, ScoreSpec(method, estimation_method="off_diagonal_calibrated"))[1].counts
+        assert st_a.counts.prune.tolist() == [per_class.prune.sum()]
+        assert st_a.counts.finalize(estimation) == per_class.prune.sum() > 0
+    else:
+        assert st_a.counts.norm.sum() > st_a.counts.prune.sum() > 0
+        assert st_a.counts.prune.shape == (probs.shape[1],)
     np.testing.assert_array_equal(st_a.first_digits.digits, st_b.first_digits.digits)
     np.testing.assert_array_equal(st_a.first_digits.counts, st_b.first_digits.counts)
 

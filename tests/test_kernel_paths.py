@@ -300,7 +300,8 @@ def test_the_fused_pass_two_loop_gives_the_numpy_paths_values(method, estimation
     if estimation == "off_diagonal":
         # Only the total is counted, as one pseudo-class: the per-class
         # count's total, which the calibrated estimate's state also holds.
-        per_class = states.score_block(rec, thresholds, ScoreSpec(method, estimation_method="off_diagonal_calibrated"))[1].counts
+        calibrated = ScoreSpec(method, estimation_method="off_diagonal_calibrated")
+        per_class = states.score_block(rec, thresholds, calibrated)[1].counts
         assert st_a.counts.prune.tolist() == [per_class.prune.sum()]
         assert st_a.counts.finalize(estimation) == per_class.prune.sum() > 0
     else:

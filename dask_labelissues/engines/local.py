@@ -28,14 +28,15 @@ from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, 
 from .blocks import BlockPlan, BlockReader
 
 #: Buffers larger than ``SPILL_BYTES``, a 32nd of the memory the process
-#: may use, go to a file in ``spill_dir`` instead of memory, so that a job too large for
-#: memory keeps its columns where the kernel can write them back.  Not
-#: smaller ones: each job writes a kept spill file's pages again, and once
-#: they have been written back every page faults anew (on 10,000,000 x 100,
-#: a 320 MB records column in a file made the warm job 1.35x to 1.37x the
-#: fused floor, in memory 1.28x to 1.32x).  The records, 32 of the about
-#: 41 bytes an item of a job's columns, are the largest, so the columns a
-#: job keeps in memory are at most about a twenty-fifth of it.
+#: may use, go to a file in ``spill_dir`` instead of memory, so that a job
+#: too large for memory keeps its columns where the kernel can write them
+#: back.  Not smaller ones: each job writes a kept spill file's pages
+#: again, and once they have been written out every page faults anew (on
+#: 10,000,000 x 100, with the disk synced between jobs, a 320 MB records
+#: column in a file made the warm job 1.35x to 1.37x the fused floor, in
+#: memory 1.28x to 1.32x).  The records, 32 of the about 41 bytes an item
+#: of a job's columns, are the largest, so the columns a job holds in
+#: memory are at most about a twenty-fifth of it.
 SPILL_SHARE = 32
 SPILL_BYTES = usable_memory() // SPILL_SHARE
 

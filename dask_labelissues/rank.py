@@ -30,7 +30,7 @@ import numpy as np
 from . import inputs
 from .engines import BACKEND_CHOICES, make_engine
 from .filter import adjusts
-from .kernels import METHODS, ScoreSpec
+from .kernels import ScoreSpec
 from .pipelines import first_passes, warm_up
 
 __all__ = [
@@ -85,8 +85,6 @@ def get_label_quality_scores(
         As :func:`dask_labelissues.find_label_issues`: wrong types or
         shapes, or a bad value, named by its row.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
     if adjust_pred_probs and method == "confidence_weighted_entropy":
         raise ValueError("adjust_pred_probs does not go with method='confidence_weighted_entropy' (nor in cleanlab)")
     if backend not in BACKEND_CHOICES:

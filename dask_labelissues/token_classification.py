@@ -548,9 +548,7 @@ def _rows_at(source: Any, rows: np.ndarray) -> np.ndarray:
     breaks = np.flatnonzero(np.diff(sorted_rows) > ROW_GAP) + 1
     for run in np.split(sorted_rows, breaks) if sorted_rows.size else []:
         a, b = int(run[0]), int(run[-1]) + 1
-        block = source[a:b]
-        block = block.compute() if inputs.is_dask_array(block) else np.asarray(block)
-        parts.append(block[run - a])
+        parts.append(inputs.to_numpy(source[a:b])[run - a])
     if not parts:
         return np.zeros((0, *source.shape[1:]), dtype=source.dtype)
     out = np.empty((rows.size, *parts[0].shape[1:]), dtype=parts[0].dtype)

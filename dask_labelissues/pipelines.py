@@ -140,11 +140,11 @@ def flag_block(
     return Pair(mask, flagged.ranked() if ranked else flagged)
 
 
-def issue_mask_block(rec: np.ndarray, scores: np.ndarray, cutoff: int, quota: int, out: np.ndarray | None = None) -> Pair:
+def issue_mask_block(
+    scores: np.ndarray, cutoff: int, quota: int, dropped: np.ndarray, out: np.ndarray | None = None
+) -> Pair:
     """``is_label_issue`` for a block (:func:`dask_labelissues.states.issue_mask_block`)."""
-    mask = states.issue_mask_block(rec, scores, cutoff, quota)
-    mask = _into(out, mask)
-    return Pair(mask, None)
+    return Pair(states.issue_mask_block(scores, cutoff, quota, dropped, out=out), None)
 
 
 # -- the jobs ---------------------------------------------------------------------
@@ -289,7 +289,8 @@ def run(engine: Engine, spec: ScoreSpec, health: bool = False) -> RawResult:
     estimated = passes.score.counts.finalize(spec.estimation_method)
     records, scores = passes.records, passes.scores
     cutoff, quotas, winners = lowest_scores(engine, spec, passes)
-    mask = engine.map(issue_mask_block, records, scores, cutoff, PerBlock(quotas), out=columns["mask"])
+    dropped = PerBlock(states.dropped_rows(winners, engine.starts))
+    mask = engine.map(issue_mask_block, scores, cutoff, PerBlock(quotas), dropped, out=columns["mask"])
 
     k = engine.n_classes
     if winners is None:
@@ -796,7 +797,7 @@ def warm_up(spec: ScoreSpec, fspec: FilterSpec | None, k: int, dtype: Any, plane
     if not spec.rereads:
         scores, _ = states.score_block(rec, np.full(k, 2.0), spec)
         states.prefix_rows_block(scores, 0, 0)
-        states.issue_mask_block(rec, scores, 0, 0)
+        states.issue_mask_block(scores, 0, 0, np.zeros(0, dtype=np.int64))
     # The selection ranks a block's rows by radix where numba is loaded.
     fused.key_order(np.zeros(2, dtype=np.uint64))
     if fspec is not None and fspec.needs_joint:

@@ -333,8 +333,8 @@ def test_a_new_process_loads_the_kernel_from_numbas_cache(tmp_path):
     assert entries[1] == entries[0] and entries[2] == entries[0]
 
 
-def test_the_selection_loops_pick_the_rows_the_numpy_keys_pick():
-    from dask_labelissues import kernels
+def test_the_selection_loops_pick_the_rows_the_numpy_keys_pick(monkeypatch):
+    from dask_labelissues import kernels, states
 
     fused.scan_rows(np.full((2, 2), 0.5), np.zeros(2, dtype=np.int64), kernel="numba")  # loads numba
     rng = np.random.default_rng(3)
@@ -349,10 +349,20 @@ def test_the_selection_loops_pick_the_rows_the_numpy_keys_pick():
         assert 0 < want.sum() < scores.size
         np.testing.assert_array_equal(fused.prefix_mask(scores, shift, prefix), want)
     cutoff = int(kernels.score_keys(np.array([0.25]))[0])
+    dropped = np.flatnonzero(reduce)  # selected or not: rows outside the top set are skipped
     for quota in [0, 1, 50, 102, 500]:
-        want = kernels.selected_rows(keys, cutoff, quota) & ~reduce
-        np.testing.assert_array_equal(fused.issue_mask(scores, cutoff, quota, reduce), want)
-    assert fused.issue_mask(scores[:0], cutoff, 3, reduce[:0]).shape == (0,)
+        selected = kernels.selected_rows(keys, cutoff, quota)
+        want = selected & ~reduce
+        np.testing.assert_array_equal(fused.issue_mask(scores, cutoff, quota, dropped), want)
+        np.testing.assert_array_equal(fused.issue_mask(scores, cutoff, quota, np.flatnonzero(reduce & selected)), want)
+        out = np.ones(scores.size, dtype=bool)
+        assert fused.issue_mask(scores, cutoff, quota, dropped, out=out) is out
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(states.issue_mask_block(scores, cutoff, quota, dropped), want)
+        with monkeypatch.context() as m:
+            m.setattr(fused, "issue_mask", lambda *args, **kwargs: None)  # the numpy path
+            np.testing.assert_array_equal(states.issue_mask_block(scores, cutoff, quota, dropped), want)
+    assert fused.issue_mask(scores[:0], cutoff, 3, dropped[:0]).shape == (0,)
 
 
 def test_the_radix_order_is_numpys_stable_order():

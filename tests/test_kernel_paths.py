@@ -363,6 +363,9 @@ def test_the_selection_loops_pick_the_rows_the_numpy_keys_pick(monkeypatch):
             m.setattr(fused, "issue_mask", lambda *args, **kwargs: None)  # the numpy path
             np.testing.assert_array_equal(states.issue_mask_block(scores, cutoff, quota, dropped), want)
     assert fused.issue_mask(scores[:0], cutoff, 3, dropped[:0]).shape == (0,)
+    for outside in ([scores.size], [-1]):
+        with pytest.raises(IndexError, match="outside the block"):
+            states.issue_mask_block(scores, cutoff, 0, np.array(outside))
 
 
 def test_the_radix_order_is_numpys_stable_order():

@@ -126,7 +126,7 @@ def find_label_issues(
         dask backend reads files and stores in such pieces, and when
         pass one is its only read of pred_probs, its default blocks hold up
         to 4 of them (leaving two blocks per worker thread at least), read
-        one at a time (:func:`dask_labelissues.inputs.dask_block_rows`).
+        one at a time (:func:`dask_labelissues.engines.blocks.dask_block_rows`).
     n_jobs
         Threads for ``backend="threads"``, processes for ``"fork"``
         (default: the cores this process may use).

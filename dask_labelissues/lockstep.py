@@ -17,11 +17,11 @@ stage that needs them, because they are larger than the stored values
 they come from (4 bytes a class of a row, for float32 multi-label data).
 The block tasks are :mod:`dask_labelissues.pipelines`' own, so every
 problem's mask, issues, scores and thresholds are those of its own
-:func:`run_filter`, bit for bit; its calibrated confident joint is
-computed only where its filter selects by counts (not for
-confident_learning, whose mask needs no whole joint).  Blocks are read
-whole, so the engine is built with ``single_read=False`` (one piece a
-block).
+:func:`~dask_labelissues.pipelines.run_filter`, bit for bit; its
+calibrated confident joint is computed only where its filter selects by
+counts (not for confident_learning, whose mask needs no whole joint).
+Blocks are read whole, so the engine is built with
+``single_read=False`` (one piece a block).
 
 A problem whose noise-rate selection reads no kept candidate
 (prune_by_noise_rate, or rows that keep every other class, as each binary

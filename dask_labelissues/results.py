@@ -14,7 +14,7 @@ from . import store
 
 @dataclass
 class LabelIssues:
-    """The outcome of :func:`find_label_issues`.
+    """The outcome of :func:`dask_labelissues.find_label_issues`.
 
     Attributes
     ----------

@@ -140,6 +140,30 @@ def test_small_dask_chunks_are_grouped_into_blocks_with_the_same_result(settings
     assert joined and all((j is not None) == adjacent for j in joined)
 
 
+def test_chunks_held_as_data_in_the_graph_cost_no_task_each():
+    """``from_array`` of a numpy array holds each chunk as data in its
+    graph: the graphs of a job on 200 such chunks have as many keys as on
+    the 4 chunks its blocks are (the scheduler orders and runs each key),
+    none more a chunk, and the job finds the same issues."""
+    import dask
+    from dask.callbacks import Callback
+
+    data = make_dataset(24000, 8, seed=3, dtype=np.float32)
+
+    def job(rows: int) -> tuple[int, object]:
+        keys = []
+        labels = da.from_array(data.labels, chunks=rows)
+        probs = da.from_array(data.pred_probs, chunks=(rows, 8))
+        with dask.config.set(scheduler="threads", num_workers=2), Callback(start=lambda dsk: keys.append(len(dsk))):
+            result = find_label_issues(labels, probs).compute()
+        return sum(keys), result
+
+    small, small_result = job(120)
+    whole, whole_result = job(6000)
+    assert small == whole
+    assert_identical(whole_result, small_result)
+
+
 def test_join_adjacent_makes_a_view_only_of_pieces_lying_end_to_end(tmp_path):
     whole = np.arange(60.0).reshape(20, 3)
     view = join_adjacent([whole[2:5], whole[5:6], whole[6:11]])

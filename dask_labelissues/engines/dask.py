@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 import dask
 import dask.array as da
 import numpy as np
+from dask.core import flatten
 from dask.delayed import Delayed, delayed
 from dask.highlevelgraph import HighLevelGraph
 from dask.sizeof import sizeof
@@ -364,11 +365,32 @@ class DaskEngine(Engine):
             # had to fetch before its first scan.
             lab, probs = shared(self.labels, n), shared(self.pred_probs, n)
             return [(lab, probs, a, b, *per_block) for a, b in self.plan.bounds]
-        # to_delayed() optimizes the array's graph: built only here.
-        lab = self.labels.to_delayed().ravel().tolist()
-        probs = self.pred_probs.to_delayed().ravel().tolist()
+        lab, probs = self._chunks(self.labels), self._chunks(self.pred_probs)
         groups = self.plan.groups or [(i, i + 1) for i in range(len(probs))]
         return [(lab[g:h], probs[g:h], a, b, *per_block) for (g, h), (a, b) in zip(groups, self.plan.bounds)]
+
+    def _chunks(self, array: da.Array) -> list[Any]:
+        """A dask array's row chunks, in order, as task arguments.
+
+        Where the array's graph holds its chunks as data (``from_array`` of
+        a numpy array does) and the graph runs in this process, the chunks
+        themselves, so that they are no keys of the job's graphs: each key
+        is ordered and run by the scheduler, and a job on 1,000,000 x 100
+        in 500 chunks of 2,000 rows took 1.46 times as long as in 7 chunks
+        of 160,000 with a key a chunk, 1.17 times without.  Else one
+        Delayed a chunk; ``to_delayed()`` optimizes the array's graph, so
+        it is built only here.  (On a distributed cluster the chunks stay
+        keys: a job that reads its inputs twice would send them twice.)
+        """
+        top = array.__dask_graph__().layers.get(array.name)
+        if self.client is None and top is not None and top.is_materialized():
+            keys = list(flatten(array.__dask_keys__()))
+            first = top.get(keys[0]) if keys else None
+            if isinstance(first, np.ndarray):
+                chunks = [top.get(key) for key in keys]
+                if all(isinstance(chunk, np.ndarray) for chunk in chunks):
+                    return chunks
+        return array.to_delayed().ravel().tolist()
 
     # -- running graphs ----------------------------------------------------------
     def _run(self, blocks: list[Delayed], wanted: list[Delayed]) -> tuple[list[Delayed], list[Any]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-#: Target size of one block of pred_probs when chunk_rows is not given.
+
 def _split_key(key: Any) -> tuple[Any, tuple]:
     """``(rows, rest)``: an index's part on rows and its parts on other axes."""
     return (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
@@ -592,6 +592,50 @@ class LabelSetRows(RowSource):
         return out[(slice(None), *rest)] if rest else out
 
 
+def stored_rows(array: Any) -> RowSource | None:
+    """The stored array a dask array only reads, as a row source; None for
+    any other dask array or object.
+
+    ``da.from_zarr``, and ``da.from_array`` of a Zarr array or an h5py
+    dataset on disk, make a graph of two layers: the stored array, and a
+    task a chunk that slices it (Dask's getter).  A job then reads the
+    stored rows itself, in its own blocks, as it does given the store:
+    through the dask array, a job on 1,000,000 x 100 in a Zarr store took
+    2.7 times as long as given the store in 160,000-row chunks, and 4.9
+    times in 2,000-row chunks, each chunk a task of its own and a new
+    array.  Computations on
+    the array, another getter, chunks held in the graph, or a memory map
+    (which ``from_array`` copies into memory) keep the dask array.
+    """
+    if not is_dask_array(array):
+        return None
+    from dask.array.core import getter, getter_inline, getter_nofancy
+    from dask.core import flatten
+
+    graph = array.__dask_graph__()
+    original = f"original-{array.name}"
+    if set(graph.layers) != {original, array.name} or graph.dependencies.get(array.name) != {original}:
+        return None
+    stored = list(graph.layers[original].values())
+    if len(stored) != 1 or tuple(getattr(stored[0], "shape", ())) != array.shape:
+        return None
+    if np.dtype(getattr(stored[0], "dtype", object)) != array.dtype:
+        return None
+    first = graph.layers[array.name][next(flatten(array.__dask_keys__()))]
+    if getattr(first, "func", None) not in (getter, getter_nofancy, getter_inline):
+        return None
+    try:
+        source = open_source(stored[0], "stored array")
+    except (TypeError, ValueError):
+        return None
+    return source if isinstance(source, (RawFile, HDF5Dataset, ZarrArray)) else None
+
+
 def as_row_source(obj: Any) -> RowSource:
-    """The fork and serial engines read row sources; wrap a dask array for them."""
-    return DaskRows(obj) if is_dask_array(obj) else obj
+    """The one-machine engines read row sources: a dask array's stored rows
+    (:func:`stored_rows`) where it only reads them, else the dask array
+    wrapped."""
+    if is_dask_array(obj):
+        stored = stored_rows(obj)
+        return stored if stored is not None else DaskRows(obj)
+    return obj

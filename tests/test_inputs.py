@@ -92,6 +92,72 @@ def test_dask_arrays_and_lists(data, reference, backend):
     _check(result, reference)
 
 
+def _straight_from(kind, stores, h5):
+    """A (labels, pred_probs) pair of dask arrays made straight from stored arrays."""
+    if kind == "from_zarr":
+        return (da.from_zarr(str(stores / "labels.zarr"), chunks=100),
+                da.from_zarr(str(stores / "probs.zarr"), chunks=(100, 3)))
+    if kind == "zarr":
+        return (da.from_array(zarr.open_array(str(stores / "labels.zarr"), mode="r"), chunks=300),
+                da.from_array(zarr.open_array(str(stores / "probs.zarr"), mode="r"), chunks=(300, 6)))
+    return da.from_array(h5["labels"], chunks=300), da.from_array(h5["group/probs"], chunks=(300, 6))
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize("kind", ["from_zarr", "zarr", "hdf5"])
+def test_dask_arrays_straight_from_a_store_are_read_as_the_store(stores, reference, backend, kind):
+    """``da.from_zarr``, or ``da.from_array`` of a Zarr array or an h5py
+    dataset on disk: the job reads the stored rows in its own blocks
+    (chunks split along the classes need no rechunking then), with the
+    same result, and its outputs stay lazy on the Dask engine."""
+    from dask_labelissues import inputs
+
+    with h5py.File(stores / "data.h5", "r") as h5:
+        labels, probs = _straight_from(kind, stores, h5)
+        expected = {"from_zarr": inputs.ZarrArray, "zarr": inputs.ZarrArray, "hdf5": inputs.HDF5Dataset}[kind]
+        assert isinstance(inputs.stored_rows(labels), expected)
+        assert isinstance(inputs.stored_rows(probs), expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no rechunking of the class axis
+            result = find_label_issues(labels, probs, backend=backend)
+        assert isinstance(result.is_label_issue, da.Array) == (backend in ("auto", "dask"))
+        _check(result, reference)
+
+
+def test_a_job_on_a_dask_array_straight_from_a_store_has_no_key_a_chunk(stores, reference):
+    import dask
+    from dask.callbacks import Callback
+
+    def keys(rows: int) -> int:
+        seen = []
+        labels = da.from_zarr(str(stores / "labels.zarr"), chunks=rows)
+        probs = da.from_zarr(str(stores / "probs.zarr"), chunks=(rows, 6))
+        with dask.config.set(scheduler="threads"), Callback(start=lambda dsk: seen.append(len(dsk))):
+            _check(find_label_issues(labels, probs), reference)
+        return sum(seen)
+
+    assert keys(50) == keys(2500)
+
+
+def test_other_dask_arrays_are_not_taken_for_their_store(stores, data):
+    from dask_labelissues import inputs
+
+    stored = da.from_zarr(str(stores / "probs.zarr"))
+    others = [
+        stored + 0,                                    # computed from the store
+        stored[::2],                                   # a view of part of it
+        stored.rechunk((1000, 6)),
+        da.from_zarr(str(stores / "probs.zarr"), inline_array=True),  # the store inside each task
+        da.from_array(data.pred_probs, chunks=(700, 6)),               # in memory
+        # from_array copies a memory map into memory (it has .copy())
+        da.from_array(np.load(stores / "probs.npy", mmap_mode="r"), chunks=(700, 6)),
+        da.from_array(zarr.open_array(str(stores / "probs.zarr"), mode="r"), chunks=(700, 6),
+                      getitem=lambda a, b: np.asarray(a[b]) * 2),       # a getter of its own
+    ]
+    assert [inputs.stored_rows(x) for x in others] == [None] * len(others)
+    assert inputs.stored_rows(data.pred_probs) is None
+
+
 def test_unsigned_labels(data, reference):
     _check(find_label_issues(data.labels.astype(np.uint8), data.pred_probs, backend="dask"), reference)
 

@@ -468,6 +468,9 @@ def dask_engine(
     row chunks (a dask array keeps its own unless cut)."""
     client = distributed_client(client)
     smallest, threads = cluster_workers(client)
+    stored = inputs.stored_rows(labels), inputs.stored_rows(pred_probs)
+    if None not in stored and inputs.reads_in_tasks(*stored):
+        labels, pred_probs = stored
     direct = inputs.reads_in_tasks(labels, pred_probs)
     plan = plan_blocks(BlockConfig.of_job(
         pred_probs, spec, kind, chunk_rows=chunk_rows, worker_memory=smallest, threads=threads,

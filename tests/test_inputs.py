@@ -92,39 +92,37 @@ def test_dask_arrays_and_lists(data, reference, backend):
     _check(result, reference)
 
 
-def _straight_from(kind, stores, h5):
-    """A (labels, pred_probs) pair of dask arrays made straight from stored arrays."""
+def _straight_from(kind, stores):
+    """A (labels, pred_probs) pair of dask arrays made straight from Zarr arrays."""
     if kind == "from_zarr":
         return (da.from_zarr(str(stores / "labels.zarr"), chunks=100),
                 da.from_zarr(str(stores / "probs.zarr"), chunks=(100, 3)))
-    if kind == "zarr":
-        return (da.from_array(zarr.open_array(str(stores / "labels.zarr"), mode="r"), chunks=300),
-                da.from_array(zarr.open_array(str(stores / "probs.zarr"), mode="r"), chunks=(300, 6)))
-    return da.from_array(h5["labels"], chunks=300), da.from_array(h5["group/probs"], chunks=(300, 6))
+    fmt = "2" if kind == "zarr2" else ""
+    return (da.from_array(zarr.open_array(str(stores / f"labels{fmt}.zarr"), mode="r"), chunks=300),
+            da.from_array(zarr.open_array(str(stores / f"probs{fmt}.zarr"), mode="r"), chunks=(300, 6),
+                          asarray=False, fancy=False, lock=True))
 
 
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])
-@pytest.mark.parametrize("kind", ["from_zarr", "zarr", "hdf5"])
-def test_dask_arrays_straight_from_a_store_are_read_as_the_store(stores, reference, backend, kind):
-    """``da.from_zarr``, or ``da.from_array`` of a Zarr array or an h5py
-    dataset on disk: the job reads the stored rows in its own blocks
-    (chunks split along the classes need no rechunking then), with the
-    same result, and its outputs stay lazy on the Dask engine."""
+@pytest.mark.parametrize("kind", ["from_zarr", "zarr", "zarr2"])
+def test_dask_arrays_straight_from_zarr_are_read_as_the_zarr_array(stores, reference, backend, kind):
+    """``da.from_zarr``, or ``da.from_array`` of a Zarr array: the job reads
+    the stored rows in its own blocks (chunks split along the classes need
+    no rechunking then), with the same result, and its outputs stay lazy
+    on the Dask engine."""
     from dask_labelissues import inputs
 
-    with h5py.File(stores / "data.h5", "r") as h5:
-        labels, probs = _straight_from(kind, stores, h5)
-        expected = {"from_zarr": inputs.ZarrArray, "zarr": inputs.ZarrArray, "hdf5": inputs.HDF5Dataset}[kind]
-        assert isinstance(inputs.stored_rows(labels), expected)
-        assert isinstance(inputs.stored_rows(probs), expected)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no rechunking of the class axis
-            result = find_label_issues(labels, probs, backend=backend)
-        assert isinstance(result.is_label_issue, da.Array) == (backend in ("auto", "dask"))
-        _check(result, reference)
+    labels, probs = _straight_from(kind, stores)
+    assert isinstance(inputs.stored_rows(labels), inputs.ZarrArray)
+    assert isinstance(inputs.stored_rows(probs), inputs.ZarrArray)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no rechunking of the class axis
+        result = find_label_issues(labels, probs, backend=backend)
+    assert isinstance(result.is_label_issue, da.Array) == (backend in ("auto", "dask"))
+    _check(result, reference)
 
 
-def test_a_job_on_a_dask_array_straight_from_a_store_has_no_key_a_chunk(stores, reference):
+def test_a_job_on_a_dask_array_straight_from_zarr_has_no_key_a_chunk(stores, reference):
     import dask
     from dask.callbacks import Callback
 
@@ -140,22 +138,57 @@ def test_a_job_on_a_dask_array_straight_from_a_store_has_no_key_a_chunk(stores, 
 
 
 def test_other_dask_arrays_are_not_taken_for_their_store(stores, data):
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
     from dask_labelissues import inputs
 
-    stored = da.from_zarr(str(stores / "probs.zarr"))
-    others = [
-        stored + 0,                                    # computed from the store
-        stored[::2],                                   # a view of part of it
-        stored.rechunk((1000, 6)),
-        da.from_zarr(str(stores / "probs.zarr"), inline_array=True),  # the store inside each task
-        da.from_array(data.pred_probs, chunks=(700, 6)),               # in memory
-        # from_array copies a memory map into memory (it has .copy())
-        da.from_array(np.load(stores / "probs.npy", mmap_mode="r"), chunks=(700, 6)),
-        da.from_array(zarr.open_array(str(stores / "probs.zarr"), mode="r"), chunks=(700, 6),
-                      getitem=lambda a, b: np.asarray(a[b]) * 2),       # a getter of its own
-    ]
-    assert [inputs.stored_rows(x) for x in others] == [None] * len(others)
+    stored = da.from_zarr(str(stores / "probs.zarr"), chunks=(1000, 6))
+    graph = stored.__dask_graph__()
+    keys = [k for (k,) in stored.__dask_keys__()]
+    tasks = [graph.layers[stored.name][k] for k in keys]
+    # The same two layers, the chunks' tasks in reverse order: not the store's rows.
+    swapped = da.Array(
+        HighLevelGraph({**graph.layers, stored.name: MaterializedLayer(dict(zip(keys, reversed(tasks))))},
+                       graph.dependencies),
+        stored.name, stored.chunks, dtype=stored.dtype,
+    )
+    with h5py.File(stores / "data.h5", "r") as h5:
+        others = [
+            stored + 0,                                    # computed from the store
+            stored[::2],                                   # a view of part of it
+            stored.rechunk((500, 6)),
+            swapped,
+            da.from_zarr(str(stores / "probs.zarr"), inline_array=True),  # the store inside each task
+            da.from_array(data.pred_probs, chunks=(700, 6)),               # in memory
+            # from_array copies a memory map into memory (it has .copy())
+            da.from_array(np.load(stores / "probs.npy", mmap_mode="r"), chunks=(700, 6)),
+            # read through the open dataset (see the test after this one)
+            da.from_array(h5["group/probs"], chunks=(700, 6)),
+            da.from_array(zarr.open_array(str(stores / "probs.zarr"), mode="r"), chunks=(700, 6),
+                          getitem=lambda a, b: np.asarray(a[b]) * 2),       # a getter of its own
+        ]
+        assert [inputs.stored_rows(x) for x in others] == [None] * len(others)
     assert inputs.stored_rows(data.pred_probs) is None
+
+
+@pytest.mark.parametrize("backend", ["auto", "threads", "serial"])
+def test_a_dask_array_of_an_h5py_dataset_is_read_through_the_dataset(tmp_path, monkeypatch, backend):
+    """Not reopened by its file's path, which may lead to another file by
+    the time the job runs (here the working directory changed)."""
+    made = {d: make_dataset(900, 4, seed=s, dtype=np.float32) for d, s in (("a", 1), ("b", 2))}
+    for d, data in made.items():
+        (tmp_path / d).mkdir()
+        with h5py.File(tmp_path / d / "data.h5", "w") as f:
+            f.create_dataset("l", data=data.labels)
+            f.create_dataset("p", data=data.pred_probs)
+    monkeypatch.chdir(tmp_path / "a")
+    with h5py.File("data.h5", "r") as f:
+        labels, probs = da.from_array(f["l"], chunks=300), da.from_array(f["p"], chunks=(300, 4))
+        monkeypatch.chdir(tmp_path / "b")
+        got = find_label_issues(labels, probs, backend=backend).compute()
+    expected = find_label_issues(made["a"].labels, made["a"].pred_probs, backend="serial")
+    np.testing.assert_array_equal(got.label_quality_scores, expected.label_quality_scores)
+    np.testing.assert_array_equal(got.issues, expected.issues)
 
 
 def test_unsigned_labels(data, reference):

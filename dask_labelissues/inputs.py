@@ -10,6 +10,7 @@ the blocks it needs straight from storage and nothing is copied up front.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import sys
@@ -442,6 +443,26 @@ def _absent(base: str, inner: str) -> str | None:
     return f"{where} has no member {leaf!r}; it holds {', '.join(members) if members else 'nothing'}"
 
 
+def _reopenable(dataset: Any) -> str | None:
+    """The absolute path of an h5py dataset's file where opening that path
+    again opens the file the dataset is read from, else None.
+
+    h5py keeps the name the file was opened by: relative to the working
+    directory of that moment, and naming whatever file is there now (one
+    moved into place since), so the path is only taken where it still
+    leads to the open file (the same device and inode).
+    """
+    f = dataset.file
+    if f.driver != "sec2":  # stdio's handle is a FILE pointer, not a descriptor
+        return None
+    path = os.path.abspath(f.filename)
+    try:
+        same = os.path.samestat(os.stat(path), os.fstat(f.id.get_vfd_handle()))
+    except (OSError, TypeError, ValueError):
+        return None
+    return path if same else None
+
+
 def open_source(obj: Any, name: str) -> RowSource | Any:
     """Turn one user input into a row source (dask arrays are returned as they are).
 
@@ -470,9 +491,12 @@ def open_source(obj: Any, name: str) -> RowSource | Any:
     if module.startswith("zarr"):
         return ZarrArray(obj)
     if module.startswith("h5py"):
-        if obj.file.driver in ("sec2", "stdio") and os.path.exists(obj.file.filename):
-            return HDF5Dataset(obj.file.filename, obj.name)
-        # In-memory or file-object HDF5: read through this handle (one process).
+        path = _reopenable(obj)
+        if path is not None:
+            with contextlib.suppress(OSError):  # open here with other flags (locking=False)
+                return HDF5Dataset(path, obj.name)
+        # In memory, a file object, or a path that leads elsewhere now: read
+        # through this handle (one process).
         return InMemory(obj, description=f"h5py {obj.name}")
     if isinstance(obj, (list, tuple)):
         return InMemory(np.asarray(obj))

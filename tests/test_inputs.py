@@ -162,7 +162,7 @@ def test_other_dask_arrays_are_not_taken_for_their_store(stores, data):
             da.from_array(data.pred_probs, chunks=(700, 6)),               # in memory
             # from_array copies a memory map into memory (it has .copy())
             da.from_array(np.load(stores / "probs.npy", mmap_mode="r"), chunks=(700, 6)),
-            # read through the open dataset (see the test after this one)
+            # read through the open dataset (see test_an_h5py_dataset_is_read_from_its_own_file)
             da.from_array(h5["group/probs"], chunks=(700, 6)),
             da.from_array(zarr.open_array(str(stores / "probs.zarr"), mode="r"), chunks=(700, 6),
                           getitem=lambda a, b: np.asarray(a[b]) * 2),       # a getter of its own
@@ -171,10 +171,14 @@ def test_other_dask_arrays_are_not_taken_for_their_store(stores, data):
     assert inputs.stored_rows(data.pred_probs) is None
 
 
-@pytest.mark.parametrize("backend", ["auto", "threads", "serial"])
-def test_a_dask_array_of_an_h5py_dataset_is_read_through_the_dataset(tmp_path, monkeypatch, backend):
-    """Not reopened by its file's path, which may lead to another file by
-    the time the job runs (here the working directory changed)."""
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize("wrap", [False, True], ids=["dataset", "dask-array"])
+@pytest.mark.parametrize("change", ["directory", "file-replaced", "locking-off"])
+def test_an_h5py_dataset_is_read_from_its_own_file(tmp_path, monkeypatch, backend, wrap, change):
+    """The job reads the file the dataset was opened from: where its name
+    now leads to another file (opened by a relative name before the working
+    directory changed, or a file moved into place since), or the file was
+    opened with other flags (``locking=False``), through the open dataset."""
     made = {d: make_dataset(900, 4, seed=s, dtype=np.float32) for d, s in (("a", 1), ("b", 2))}
     for d, data in made.items():
         (tmp_path / d).mkdir()
@@ -182,9 +186,14 @@ def test_a_dask_array_of_an_h5py_dataset_is_read_through_the_dataset(tmp_path, m
             f.create_dataset("l", data=data.labels)
             f.create_dataset("p", data=data.pred_probs)
     monkeypatch.chdir(tmp_path / "a")
-    with h5py.File("data.h5", "r") as f:
-        labels, probs = da.from_array(f["l"], chunks=300), da.from_array(f["p"], chunks=(300, 4))
-        monkeypatch.chdir(tmp_path / "b")
+    with h5py.File("data.h5", "r", **({"locking": False} if change == "locking-off" else {})) as f:
+        labels, probs = f["l"], f["p"]
+        if wrap:
+            labels, probs = da.from_array(labels, chunks=300), da.from_array(probs, chunks=(300, 4))
+        if change == "directory":
+            monkeypatch.chdir(tmp_path / "b")
+        elif change == "file-replaced":
+            (tmp_path / "b" / "data.h5").replace(tmp_path / "a" / "data.h5")
         got = find_label_issues(labels, probs, backend=backend).compute()
     expected = find_label_issues(made["a"].labels, made["a"].pred_probs, backend="serial")
     np.testing.assert_array_equal(got.label_quality_scores, expected.label_quality_scores)

@@ -140,7 +140,7 @@ def test_small_dask_chunks_are_grouped_into_blocks_with_the_same_result(settings
     assert joined and all((j is not None) == adjacent for j in joined)
 
 
-def test_chunks_held_as_data_in_the_graph_cost_no_task_each():
+def test_chunks_held_as_data_in_the_graph_cost_no_key_each():
     """``from_array`` of a numpy array holds each chunk as data in its
     graph: the graphs of a job on 200 such chunks have as many keys as on
     the 4 chunks its blocks are (the scheduler orders and runs each key),

@@ -158,9 +158,9 @@ def first_call(backend: str, source: str, fresh: bool = False) -> dict[str, floa
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if copy is not None and not out.pop("package").startswith(str(copy)):
+    package = out.pop("package")
+    if copy is not None and not package.startswith(str(copy)):
         raise RuntimeError("the fresh copy of the package was not the one imported")
-    out.pop("package", None)
     return out
 
 

@@ -412,7 +412,7 @@ def fused_records(
         row = probs.row(bad) if isinstance(probs, Planes) else np.asarray(probs[bad : bad + 1])
         problem = find_problem(
             labels[bad : bad + 1], row, start + bad, spec.row_sum_tolerance,
-            np.add.accumulate(row, axis=1, dtype=np.float64)[:, -1], row.min(axis=1), rec["p_pred"][bad : bad + 1],
+            fused.row_sums(row), row.min(axis=1), rec["p_pred"][bad : bad + 1],
             block_labels=labels,
         )
         assert problem is not None, "the fused loop and find_problem disagree on a row"

@@ -624,3 +624,23 @@ def test_the_selection_and_joint_kernels_stay_in_bounds(tmp_path):
     env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", BOUNDS_CHECKED], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (1, 40), (2, 3), (257, 100), (33, 1000)])
+def test_row_sums_are_the_sequential_sums(dtype, shape):
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    probs = rng.random(shape).astype(dtype) * np.array(10.0, dtype) ** rng.integers(-30, 3, shape)
+    if probs.size > 4:
+        probs.flat[[0, 1, 2]] = [np.nan, np.inf, -0.0]
+    want = np.add.accumulate(probs, axis=1, dtype=np.float64)[:, -1] if shape[1] else np.zeros(shape[0])
+    got = fused.row_sums(probs)
+    assert got.dtype == np.float64
+    assert got.tobytes() == want.tobytes()
+    # And as numba's kernel adds them, read-only and strided inputs too.
+    view = np.asfortranarray(probs)
+    view.flags.writeable = False
+    assert fused.row_sums(view).tobytes() == want.tobytes()
+    if shape[0] and shape[1]:
+        numba_sum = fused.scan_rows(probs, np.zeros(shape[0], dtype=np.int64), kernel="numba")[4]
+        assert numba_sum.tobytes() == want.tobytes()

@@ -1,4 +1,5 @@
-"""The ``dask-labelissues`` command: ``demo``, ``find`` and ``summary``.
+"""The ``dask-labelissues`` command: ``demo``, ``find``, ``segment``,
+``summary`` and ``compile``.
 
 Every failure a user can cause (bad input, missing file, unreadable store,
 unreachable scheduler, existing output) ends with one ``error:`` line on
@@ -293,6 +294,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {w['index']:>12}  {w['given_label']:>7}  {w['predicted_label']:>9}  {w['score']:>10.4g}")
     if report.results_path:
         print(f"data in {report.data_path}, results in {report.results_path}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from . import numba_cache
+    from .warmup import compile_kernels
+
+    seconds = compile_kernels()
+    print(f"numba's kernels are in its cache ({seconds:.1f} s); stamp: {numba_cache.stamp_path()}")
     return 0
 
 
@@ -802,6 +812,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     _add_common(p)
     p.set_defaults(func=cmd_summary)
+
+    p = command("compile", "Compile numba's kernels into its cache now, so that no job waits for them.")
+    p.epilog = (
+        "The first job after installing the package (or numba) would otherwise run the slower numpy kernels "
+        "while they compile in the background, or compile them itself (a few seconds) if it is large. "
+        "Useful in a container image's build, or before timing a job."
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_compile)
     return parser
 
 

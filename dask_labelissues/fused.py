@@ -548,6 +548,16 @@ def _kernels(kernel: str) -> tuple[Any, ...] | None:
     return _NUMBA
 
 
+def numba_allowed() -> bool:
+    """Whether ``kernel="auto"`` may use numba here: installed, and not
+    turned off by ``DASK_LABELISSUES_KERNEL=numpy``.  Imports nothing."""
+    if _NUMBA_TRIED:
+        return _NUMBA is not None
+    if os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy":
+        return False
+    return importlib.util.find_spec("numba") is not None
+
+
 def numba_loaded() -> bool:
     """Whether numba's kernels are loaded in this process already (a job
     here then pays nothing more for them)."""

@@ -13,6 +13,18 @@ import numpy as np
 import pytest
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fill numba's cache first, as ``dask-labelissues compile`` does.
+
+    A job that finds the cache without the kernels runs the numpy kernels
+    and compiles numba's in the background; the tests pin which kernel
+    runs where, so they start from a filled cache, whatever ran before.
+    The cold case has tests of its own, in a cache directory of their own.
+    """
+    subprocess.run([sys.executable, "-m", "dask_labelissues", "compile"], check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+
+
 @dataclass
 class Dataset:
     labels: np.ndarray

@@ -524,7 +524,7 @@ def test_top_level_help_lists_every_command_with_a_sentence():
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     helps = {c.dest: c.help for c in sub._choices_actions}
-    assert set(helps) == set(sub.choices) == {"demo", "find", "segment", "summary"}
+    assert set(helps) == set(sub.choices) == {"demo", "find", "segment", "summary", "compile"}
     proc = run("--help")
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .. import fused
+from .. import fused, numba_cache
 from ..kernels import ScoreSpec
 from ..kinds import ROWS, Kind
 
@@ -26,11 +26,21 @@ MAX_PIECES_PER_BLOCK = 4
 
 #: Jobs with fewer cells (N x K) than this run the numpy kernel unless numba
 #: is loaded in this process already.  Importing numba and loading its
-#: cached kernels cost a fresh process 0.5 to 0.75 s on the development
-#: machine, while the numpy kernel costs about 5 ns a cell more than numba's
-#: (on one thread): it pays off from about 120 million cells, and a job of
-#: 50 million cells loses at most about 0.25 s to numpy the first time.
+#: cached kernels cost a fresh process 0.35 to 0.75 s on the development
+#: machine, while the numpy kernel costs about 2.3 ns a cell more than
+#: numba's on one thread (2,000,000 x 100 float32: 0.75 s against 0.30 s):
+#: numba pays off from about 150 to 300 million cells, and a job of 50
+#: million cells loses at most about 0.1 s to numpy the first time.
 NUMBA_MIN_CELLS = 50_000_000
+
+#: Jobs with fewer cells than this run the numpy kernel while numba's cache
+#: lacks the kernels (:func:`dask_labelissues.numba_cache.compiled`), and
+#: start their compile in the background.  Numba's compile of a job's
+#: kernels takes 3.5 to 8 s on the development machine; the numpy kernel
+#: costs about 1.7 ns a cell more than numba's on its 2 threads
+#: (2,000,000 x 100 float32: 0.51 s against 0.17 s), so it loses less than
+#: the compile up to about 2 billion cells, and at most 1.7 s here.
+COLD_NUMBA_MAX_CELLS = 1_000_000_000
 
 #: Workers with less memory than this run the pure-numpy kernel: importing
 #: numba and loading its compiled code costs a process about 150 MB.
@@ -143,7 +153,7 @@ def _plan_blocks(config: BlockConfig) -> BlockPlan:
     c = config
     if c.chunk_rows is not None and c.chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {c.chunk_rows}")
-    spec = choose_kernel(c.spec, c.cells * c.problems, in_process=c.in_process)
+    spec = choose_kernel(c.spec, c.cells * c.problems, in_process=c.in_process, problems=c.problems)
     target = TARGET_BLOCK_BYTES
     if c.worker_memory:
         target = min(target, max(c.worker_memory // 16, 1 << 20))
@@ -220,18 +230,31 @@ def snap_ends(ends: np.ndarray, cuts: np.ndarray, n_rows: int) -> np.ndarray:
     return np.unique(np.where(np.abs(ends - below) <= np.abs(above - ends), below, above))
 
 
-def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool) -> ScoreSpec:
-    """``spec`` with the kernel a job of ``cells`` (N x K) values should run.
+def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool, problems: int = 1) -> ScoreSpec:
+    """``spec`` with the kernel a job of ``cells`` (N x K, times its
+    ``problems``) values should run.
 
-    An explicit ``"numba"`` or ``"numpy"`` is kept.  ``"auto"`` becomes
-    ``"numpy"`` for a job below :data:`NUMBA_MIN_CELLS`, unless the job runs
-    in this process (``in_process``) and numba's kernels are loaded here
-    already; otherwise it stays ``"auto"`` (numba where it imports).  Both
-    kernels give the same bits, so the choice changes only the time.
+    An explicit ``"numba"`` or ``"numpy"`` is kept, and so is ``"auto"``
+    (numba where it imports) where the job runs in this process
+    (``in_process``) and numba's kernels are loaded here already.
+    Otherwise ``"auto"`` becomes ``"numpy"`` for a job below
+    :data:`NUMBA_MIN_CELLS`, and for an in-process job of one problem below
+    :data:`COLD_NUMBA_MAX_CELLS` while numba's cache lacks the kernels,
+    whose compile this starts in the background
+    (:func:`dask_labelissues.numba_cache.compile_in_background`).  A job of
+    many problems (multi-label) keeps numba: its numpy kernels cost about
+    0.85 us a stored value more, far more than the compile.  Both kernels
+    give the same bits, so the choice changes only the time.
     """
-    if spec.kernel != "auto" or cells >= NUMBA_MIN_CELLS or (in_process and fused.numba_loaded()):
+    if spec.kernel != "auto" or (in_process and fused.numba_loaded()):
         return spec
-    return replace(spec, kernel="numpy")
+    if cells < NUMBA_MIN_CELLS:
+        return replace(spec, kernel="numpy")
+    if (in_process and problems == 1 and cells < COLD_NUMBA_MAX_CELLS and fused.numba_allowed()
+            and not numba_cache.compiled()):
+        numba_cache.compile_in_background()
+        return replace(spec, kernel="numpy")
+    return spec
 
 
 def auto_chunk_rows(row_bytes: int, storage_rows: int | None, target_bytes: int = TARGET_BLOCK_BYTES) -> int:

@@ -1,0 +1,83 @@
+"""``dask-labelissues compile``: numba's kernels compiled into its cache
+before a job needs them.
+
+Numba compiles a kernel for each set of argument types it is called with,
+so the kernels are compiled by running the usual jobs on small data:
+pred_probs of either float width, in memory and memory-mapped from
+``.npy`` files (read-only arrays are a type of their own), the batched
+method and a ``cleanlab.filter`` method.  A job of another kind (a
+segmentation or token job, say) still compiles its own kernels the first
+time it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from . import fused, numba_cache
+
+
+def _dataset(n: int, k: int, dtype: type, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k))
+    labels = logits.argmax(axis=1)
+    flipped = rng.random(n) < 0.1
+    labels[flipped] = rng.integers(0, k, int(flipped.sum()))
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return labels.astype(np.int64), probs.astype(dtype)
+
+
+def compile_kernels() -> float:
+    """Compile the kernels of the usual classification jobs into numba's
+    cache (or load them from it) and mark the cache filled
+    (:func:`dask_labelissues.numba_cache.compiled`).
+
+    Returns
+    -------
+    float
+        The seconds it took.
+
+    Raises
+    ------
+    ImportError
+        Without numba.
+    """
+    from .api import find_label_issues
+
+    started = time.perf_counter()
+    # Loaded here, numba's kernels are what the jobs below run (a job in a
+    # process that has them loaded uses them whatever its size).
+    fused.kernel_name("numba")
+    with tempfile.TemporaryDirectory(prefix="dask-labelissues-compile-") as tmp:
+        for i, dtype in enumerate((np.float32, np.float64)):
+            # Enough rows for the selection's radix sort to run.
+            labels, probs = _dataset(20_000, 10, dtype, seed=i)
+            paths = [os.path.join(tmp, f"{name}-{i}.npy") for name in ("labels", "pred_probs")]
+            np.save(paths[0], labels)
+            np.save(paths[1], probs)
+            for source in ((labels, probs), paths):
+                find_label_issues(*source, backend="serial")
+                find_label_issues(*source, filter_by="prune_by_noise_rate", backend="serial")
+    numba_cache.mark_compiled()
+    return time.perf_counter() - started
+
+
+def compile_in_background_child() -> None:
+    """What ``python -m dask_labelissues.warmup`` runs (at the lowest
+    CPU priority, :func:`dask_labelissues.numba_cache.compile_in_background`):
+    the compile, and the lock let go however it ends."""
+    try:
+        compile_kernels()
+    finally:
+        lock = numba_cache.lock_path()
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    compile_in_background_child()

@@ -627,12 +627,13 @@ def test_the_selection_and_joint_kernels_stay_in_bounds(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (1, 40), (2, 3), (257, 100), (33, 1000)])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (1, 40), (2, 3), (63, 7), (64, 7), (257, 100), (33, 1000), (300, 1000)])
 def test_row_sums_are_the_sequential_sums(dtype, shape):
     rng = np.random.default_rng(shape[0] * 7 + shape[1])
-    probs = rng.random(shape).astype(dtype) * np.array(10.0, dtype) ** rng.integers(-30, 3, shape)
+    probs = (rng.random(shape) * 10.0 ** rng.integers(-30, 3, shape)).astype(dtype)
     if probs.size > 4:
-        probs.flat[[0, 1, 2]] = [np.nan, np.inf, -0.0]
+        probs.flat[[1, 2]] = [np.nan, np.inf]
+        probs[-1] = -0.0  # a sum of -0.0 alone stays -0.0
     want = np.add.accumulate(probs, axis=1, dtype=np.float64)[:, -1] if shape[1] else np.zeros(shape[0])
     got = fused.row_sums(probs)
     assert got.dtype == np.float64
@@ -641,6 +642,10 @@ def test_row_sums_are_the_sequential_sums(dtype, shape):
     view = np.asfortranarray(probs)
     view.flags.writeable = False
     assert fused.row_sums(view).tobytes() == want.tobytes()
+    if shape[1]:
+        every_other = probs[:, ::2]
+        strided = np.add.accumulate(every_other, axis=1, dtype=np.float64)[:, -1]
+        assert fused.row_sums(every_other).tobytes() == strided.tobytes()
     if shape[0] and shape[1]:
         numba_sum = fused.scan_rows(probs, np.zeros(shape[0], dtype=np.int64), kernel="numba")[4]
         assert numba_sum.tobytes() == want.tobytes()

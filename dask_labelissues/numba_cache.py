@@ -10,9 +10,16 @@ the kernels in about 0.3 s.  Knowing which case it is from numba itself
 would mean importing numba (0.2 s) and reading its index, so
 :func:`compiled` answers from a stamp that ``dask-labelissues compile``
 writes once it has run the kernels, next to numba's cache and keyed by
-what numba's cache is keyed by.  The stamp can be wrong only towards
-today's cost: a job that trusts it and finds numba's cache empty after all
-compiles the kernels, as it would without the stamp.
+what numba's cache is keyed by.  Where the stamp is wrong, a job that
+trusts it and finds numba's cache empty after all compiles the kernels
+itself, as it would without the stamp.
+
+A compile in the background holds an advisory lock (``flock``) on a
+file beside the stamp for as long as it runs, so that only one runs; a
+lock file nobody holds is one that ended without its stamp (killed with
+the job that started it, say), and jobs then compile the kernels
+themselves, as without this module.  Not on Windows or in a frozen
+application, where no background process is started.
 
 Imports nothing of the package, and neither numba nor numpy.
 """
@@ -26,17 +33,21 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-#: A background compile whose lock is older than this is taken to have
-#: died (it takes seconds), and another may start.
-STALE_LOCK_SECONDS = 600
-
 _SOURCE = Path(__file__).with_name("fused.py")
-_STARTED = False
 _CHILD: subprocess.Popen | None = None
+
+# The background process's first lines: not the working directory's
+# modules (``-c`` puts it first on the path), this copy of the package
+# (its directory last, where the environment does not find one), and the
+# stamp to write.
+_BOOTSTRAP = (
+    "import sys; root, stamp = sys.argv[1:]; del sys.path[0]; "
+    "sys.path.append(root) if root not in sys.path else None; "
+    "from dask_labelissues import warmup; warmup.background(root, stamp)"
+)
 
 
 def _key() -> str | None:
@@ -84,9 +95,9 @@ def compiled() -> bool:
     return path is not None and path.is_file()
 
 
-def mark_compiled() -> None:
-    """Write the stamp of :func:`compiled`, whole or not at all."""
-    path = stamp_path()
+def mark_compiled(path: Path | None = None) -> None:
+    """Write the stamp of :func:`compiled` (or ``path``), whole or not at all."""
+    path = stamp_path() if path is None else path
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,10 +106,11 @@ def mark_compiled() -> None:
     os.replace(partial, path)
 
 
-def lock_path() -> Path | None:
-    """The lock held by the one background compile of this install."""
-    path = stamp_path()
-    return None if path is None else path.with_suffix(".lock")
+def lock_path(stamp: Path | None = None) -> Path | None:
+    """The lock file of the background compile that writes ``stamp``
+    (this install's by default)."""
+    stamp = stamp_path() if stamp is None else stamp
+    return None if stamp is None else stamp.with_suffix(".lock")
 
 
 def _lowest_priority(pid: int) -> None:
@@ -109,8 +121,7 @@ def _lowest_priority(pid: int) -> None:
     share of the cores whatever its processes' niceness (the job that
     started the compile took 1.3 s instead of 0.65 s on 2,000,000 x 100).
     So the session's niceness is raised as well, and the process is put in
-    the idle class.  Set from here, right after the start, so that the
-    child's imports do not run at full priority either.
+    the idle class (Linux; elsewhere it is only niced).
     """
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, pid, 19)
@@ -122,50 +133,63 @@ def _lowest_priority(pid: int) -> None:
 
 
 def compile_in_background() -> bool:
-    """Start ``python -m dask_labelissues.warmup`` (the compile of
-    ``dask-labelissues compile``) in a process of its own (lowest CPU
-    priority, its own session, no output), unless this process started one
-    already or another compile holds the lock.  True if started.
+    """Whether numba's kernels are being compiled in the background now:
+    by a process this call starts (``python -c`` running
+    :func:`dask_labelissues.warmup.background`, at the lowest CPU priority,
+    in its own session, without output), by one it started before, or by
+    another process's.
 
-    The process outlives a command that ends before it; the job that starts
-    it runs the numpy kernels meanwhile, and later jobs find the kernels in
-    numba's cache.
+    False where none can run: no numba, Windows, a frozen application, a
+    cache directory that cannot be written, a compile of this process's
+    that failed, or a lock file left by one that ended without its stamp.
+    The caller then compiles the kernels itself.  Never raises.
     """
-    global _STARTED, _CHILD
-    if _STARTED:
-        return False
-    _STARTED = True
+    if _CHILD is not None:
+        # Reaps it if it has ended; a compile that succeeded wrote the stamp.
+        return _CHILD.poll() is None
     try:
-        lock = lock_path()
-        if lock is None:
-            return False
-        lock.parent.mkdir(parents=True, exist_ok=True)
+        return _start()
+    except Exception:
+        return False
+
+
+def _start() -> bool:
+    global _CHILD
+    if os.name != "posix" or getattr(sys, "frozen", False) or not sys.executable:
+        return False
+    import fcntl
+
+    stamp = stamp_path()
+    if stamp is None:
+        return False
+    lock = stamp.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, fresh = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), True
+    except FileExistsError:
+        fd, fresh = os.open(lock, os.O_WRONLY), False
+    try:
         try:
-            if time.time() - lock.stat().st_mtime < STALE_LOCK_SECONDS:
-                return False
-            lock.unlink()
-        except FileNotFoundError:
-            pass
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except OSError:  # a read-only cache, or another process took the lock first
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    env = dict(os.environ)
-    # The child imports this same copy of the package, wherever it came from.
-    root = str(_SOURCE.parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # another process's compile holds it
+        if not fresh:
+            return False
+        flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
+        root = str(_SOURCE.parent.parent)
+        # The child inherits the locked descriptor: the lock is held for as
+        # long as the child lives, and let go however it ends.
         _CHILD = subprocess.Popen(
-            [sys.executable, "-m", "dask_labelissues.warmup"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
+            [sys.executable, *flags, "-c", _BOOTSTRAP, root, str(stamp)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, pass_fds=(fd,),
         )
-    except OSError:
-        lock.unlink(missing_ok=True)
-        return False
-    _lowest_priority(_CHILD.pid)
-    # Reaped when it ends, so that a long-lived process (a notebook) keeps
-    # no zombie.
-    threading.Thread(target=_CHILD.wait, name="dask_labelissues-compile-reaper", daemon=True).start()
-    return True
+        _lowest_priority(_CHILD.pid)
+        os.write(fd, f"{_CHILD.pid}\n".encode())
+        return True
+    except BaseException:
+        if fresh and _CHILD is None:
+            lock.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)

@@ -167,6 +167,9 @@ def _issues_by_buckets(labels: Any, pred_probs: Any, method: str, options: dict[
         options.get("backend", "auto"), lab, probs, spec, single_read=False,
         **{name: options[name] for name in ("chunk_rows", "n_jobs", "client", "progress", "spill_dir") if name in options},
         warm_up=lambda s: warm_up(s, fspec, k, probs.dtype),
+        # The buckets run on numba only; the rows' filter instead would take
+        # several times the memory.
+        numpy_while_compiling=False,
     )
     try:
         if engine.plan.spec.kernel == "numpy":

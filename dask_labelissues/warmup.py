@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -32,10 +33,17 @@ def _dataset(n: int, k: int, dtype: type, seed: int) -> tuple[np.ndarray, np.nda
     return labels.astype(np.int64), probs.astype(dtype)
 
 
-def compile_kernels() -> float:
+def compile_kernels(stamp: Path | None = None) -> float:
     """Compile the kernels of the usual classification jobs into numba's
     cache (or load them from it) and mark the cache filled
     (:func:`dask_labelissues.numba_cache.compiled`).
+
+    Parameters
+    ----------
+    stamp
+        The stamp to write; by default this install's
+        (:func:`dask_labelissues.numba_cache.stamp_path`, taken before the
+        compile).
 
     Returns
     -------
@@ -50,34 +58,47 @@ def compile_kernels() -> float:
     from .api import find_label_issues
 
     started = time.perf_counter()
-    # Loaded here, numba's kernels are what the jobs below run (a job in a
-    # process that has them loaded uses them whatever its size).
-    fused.kernel_name("numba")
-    with tempfile.TemporaryDirectory(prefix="dask-labelissues-compile-") as tmp:
-        for i, dtype in enumerate((np.float32, np.float64)):
-            # Enough rows for the selection's radix sort to run.
-            labels, probs = _dataset(20_000, 10, dtype, seed=i)
-            paths = [os.path.join(tmp, f"{name}-{i}.npy") for name in ("labels", "pred_probs")]
-            np.save(paths[0], labels)
-            np.save(paths[1], probs)
-            for source in ((labels, probs), paths):
-                find_label_issues(*source, backend="serial")
-                find_label_issues(*source, filter_by="prune_by_noise_rate", backend="serial")
-    numba_cache.mark_compiled()
+    stamp = numba_cache.stamp_path() if stamp is None else stamp
+    # numba's kernels are what is asked for here, whatever the environment
+    # says jobs should run.
+    saved = os.environ.pop("DASK_LABELISSUES_KERNEL", None)
+    try:
+        # Loaded here, numba's kernels are what the jobs below run (a job
+        # in a process that has them loaded uses them whatever its size).
+        fused.kernel_name("numba")
+        if not fused.numba_loaded():
+            raise ImportError("numba's kernels did not load: is numba installed?")
+        with tempfile.TemporaryDirectory(prefix="dask-labelissues-compile-") as tmp:
+            for i, dtype in enumerate((np.float32, np.float64)):
+                # Enough rows for the selection's radix sort to run.
+                labels, probs = _dataset(20_000, 10, dtype, seed=i)
+                paths = [os.path.join(tmp, f"{name}-{i}.npy") for name in ("labels", "pred_probs")]
+                np.save(paths[0], labels)
+                np.save(paths[1], probs)
+                for source in ((labels, probs), paths):
+                    find_label_issues(*source, backend="serial")
+                    find_label_issues(*source, filter_by="prune_by_noise_rate", backend="serial")
+    finally:
+        if saved is not None:
+            os.environ["DASK_LABELISSUES_KERNEL"] = saved
+    numba_cache.mark_compiled(stamp)
+    lock = numba_cache.lock_path(stamp)
+    if lock is not None:
+        # A lock file nobody holds says a background compile failed; this
+        # one did not.
+        lock.unlink(missing_ok=True)
     return time.perf_counter() - started
 
 
-def compile_in_background_child() -> None:
-    """What ``python -m dask_labelissues.warmup`` runs (at the lowest
-    CPU priority, :func:`dask_labelissues.numba_cache.compile_in_background`):
-    the compile, and the lock let go however it ends."""
-    try:
-        compile_kernels()
-    finally:
-        lock = numba_cache.lock_path()
-        if lock is not None:
-            lock.unlink(missing_ok=True)
+def background(root: str, stamp: str) -> None:
+    """The background compile :func:`dask_labelissues.numba_cache.compile_in_background`
+    starts: :func:`compile_kernels`, writing ``stamp``, if this is the copy
+    of the package in ``root`` that started it.  The lock it inherited is
+    let go when it exits; its file is removed only after the stamp is
+    written, so that a compile that fails leaves it for later jobs to see.
+    """
+    import dask_labelissues
 
-
-if __name__ == "__main__":
-    compile_in_background_child()
+    if Path(dask_labelissues.__file__).resolve().parent.parent != Path(root).resolve():
+        raise SystemExit(f"imported {dask_labelissues.__file__}, not the package in {root}")
+    compile_kernels(Path(stamp))

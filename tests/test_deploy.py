@@ -311,6 +311,12 @@ def test_dockerfile_installs_this_package_from_the_copied_source():
     assert cmd == '["dask-labelissues", "--help"]'
     users = [arg for word, arg in instr if word == "USER"]
     assert users and users[-1] not in ("root", "0")
+    # numba's kernels are compiled as the runtime user, into a cache
+    # directory it keeps (numba uses only one it can write to).
+    words = [word for word, _ in instr]
+    compile_at = instr.index(("RUN", "dask-labelissues compile"))
+    assert compile_at > len(words) - 1 - words[::-1].index("USER")
+    assert ("ENV", "NUMBA_CACHE_DIR=/home/dask/.cache/numba") in instr[:compile_at]
 
 
 def test_dockerignore_keeps_the_context_small():

@@ -57,8 +57,10 @@ def test_backend_names_are_checked_before_any_input_is_opened():
 
 
 def test_small_jobs_get_the_numpy_kernel_unless_numba_is_loaded(monkeypatch):
-    from dask_labelissues import fused
+    from dask_labelissues import fused, numba_cache
 
+    # With numba's cache filled (the cold case: tests/test_numba_cache.py).
+    monkeypatch.setattr(numba_cache, "compiled", lambda: True)
     auto = ScoreSpec()
     small, large = blocks.NUMBA_MIN_CELLS - 1, blocks.NUMBA_MIN_CELLS
     monkeypatch.setattr(fused, "numba_loaded", lambda: False)

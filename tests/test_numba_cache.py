@@ -3,7 +3,10 @@ kernels and has them compiled in the background; the next job loads them."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +42,14 @@ def _run_job(path, env):
     return out.stdout.split()
 
 
+def _kill_left_compile(cache):
+    """Stop a background compile a failed test left running (its PID is in
+    its lock file)."""
+    for lock in cache.glob("*.lock"):
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(lock.read_text().split()[0]), signal.SIGKILL)
+
+
 def test_a_cold_cache_runs_numpy_compiles_in_the_background_and_the_next_job_loads_numba(tmp_path):
     data = make_dataset(3_000, 6, seed=11, dtype=np.float32)
     path = tmp_path / "data.npz"
@@ -46,20 +57,18 @@ def test_a_cold_cache_runs_numpy_compiles_in_the_background_and_the_next_job_loa
     cache = tmp_path / "numba-cache"
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
     env.pop("DASK_LABELISSUES_KERNEL", None)
-
-    digest, ran, compiled = _run_job(path, env)
-    assert (ran, compiled) == ("numpy", "False")
-    # The job's process has ended; its background compile goes on alone.
-    stamps = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not stamps:
-        stamps = list(cache.glob("dask_labelissues-numba-*.stamp"))
-        time.sleep(0.25)
-    assert len(stamps) == 1, "the background compile wrote no stamp"
-    deadline = time.monotonic() + 60
-    while list(cache.glob("*.lock")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not list(cache.glob("*.lock")), "the background compile kept its lock"
+    try:
+        digest, ran, compiled = _run_job(path, env)
+        assert (ran, compiled) == ("numpy", "False")
+        # The job's process has ended; its background compile goes on alone,
+        # holding its lock, and removes the lock file once the stamp is written.
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and (not list(cache.glob("*.stamp")) or list(cache.glob("*.lock"))):
+            time.sleep(0.1)
+        assert len(list(cache.glob("dask_labelissues-numba-*.stamp"))) == 1, "the background compile wrote no stamp"
+        assert not list(cache.glob("*.lock")), "the background compile left its lock file"
+    finally:
+        _kill_left_compile(cache)
     compiled_files = sorted(p.name for p in cache.rglob("*.nbc"))
     assert compiled_files
 
@@ -69,31 +78,68 @@ def test_a_cold_cache_runs_numpy_compiles_in_the_background_and_the_next_job_loa
     assert sorted(p.name for p in cache.rglob("*.nbc")) == compiled_files
 
 
+def test_after_a_background_compile_that_did_not_finish_jobs_compile_the_kernels_themselves(tmp_path, monkeypatch):
+    data = make_dataset(2_000, 5, seed=12, dtype=np.float32)
+    path = tmp_path / "data.npz"
+    np.savez(path, labels=data.labels, probs=data.pred_probs)
+    cache = tmp_path / "numba-cache"
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(cache))
+    lock = numba_cache.lock_path()
+    lock.parent.mkdir(parents=True)
+    lock.write_text("12345\n")  # nobody holds it: that compile was killed
+    env = dict(os.environ)
+    env.pop("DASK_LABELISSUES_KERNEL", None)
+    ran, compiled = _run_job(path, env)[1:]
+    assert (ran, compiled) == ("numba", "False")
+    assert lock.read_text() == "12345\n" and not list(cache.glob("*.stamp"))
+    # dask-labelissues compile fills the cache and clears the failure.
+    subprocess.run([sys.executable, "-m", "dask_labelissues", "compile"], env=env, check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    assert numba_cache.compiled() and not lock.exists()
+
+
 def test_the_kernel_a_job_runs_while_the_cache_is_cold(monkeypatch):
-    started = []
+    running = [True]
+    asked = []
     monkeypatch.setattr(numba_cache, "compiled", lambda: False)
-    monkeypatch.setattr(numba_cache, "compile_in_background", lambda: started.append(1) or True)
+    monkeypatch.setattr(numba_cache, "compile_in_background", lambda: asked.append(1) or running[0])
     monkeypatch.setattr(fused, "numba_loaded", lambda: False)
     monkeypatch.setattr(fused, "numba_allowed", lambda: True)
     auto = ScoreSpec()
     large = NUMBA_MIN_CELLS
     assert choose_kernel(auto, large, in_process=True).kernel == "numpy"
-    assert len(started) == 1
-    # A job large enough that numpy would cost more than the compile,
-    # one of many problems, or one on a Dask cluster, keeps numba.
+    assert len(asked) == 1
+    # A job large enough that numpy would cost more than the compile, one
+    # whose numpy path costs far more, or one on a Dask cluster, keeps numba.
     assert choose_kernel(auto, COLD_NUMBA_MAX_CELLS, in_process=True).kernel == "auto"
-    assert choose_kernel(auto, large * 4, in_process=True, problems=4).kernel == "auto"
+    assert choose_kernel(auto, large, in_process=True, numpy_while_compiling=False).kernel == "auto"
     assert choose_kernel(auto, large, in_process=False).kernel == "auto"
     for kernel in ("numba", "numpy"):
         assert choose_kernel(replace(auto, kernel=kernel), large, in_process=True).kernel == kernel
-    assert len(started) == 1
+    assert len(asked) == 1
+    # Where no compile can run in the background, the job compiles.
+    running[0] = False
+    assert choose_kernel(auto, large, in_process=True).kernel == "auto"
     monkeypatch.setattr(numba_cache, "compiled", lambda: True)
     assert choose_kernel(auto, large, in_process=True).kernel == "auto"
-    monkeypatch.setattr(numba_cache, "compiled", lambda: False)
     # Where numba may not run, "auto" is numpy already: nothing to compile.
+    monkeypatch.setattr(numba_cache, "compiled", lambda: False)
     monkeypatch.setattr(fused, "numba_allowed", lambda: False)
     assert choose_kernel(auto, large, in_process=True).kernel == "auto"
-    assert len(started) == 1
+    assert len(asked) == 2
+
+
+def test_multilabel_jobs_compile_while_the_cache_is_cold(monkeypatch):
+    from dask_labelissues.engines.blocks import BlockConfig, plan_blocks
+
+    monkeypatch.setattr(numba_cache, "compiled", lambda: False)
+    monkeypatch.setattr(numba_cache, "compile_in_background", lambda: True)
+    monkeypatch.setattr(fused, "numba_loaded", lambda: False)
+    monkeypatch.setattr(fused, "numba_allowed", lambda: True)
+    job = dict(n_rows=1_000_000, row_bytes=400, record_bytes=32, spec=ScoreSpec(), cells=NUMBA_MIN_CELLS)
+    assert plan_blocks(BlockConfig(**job)).spec.kernel == "numpy"
+    assert plan_blocks(BlockConfig(**job, problems=2)).spec.kernel == "auto"
+    assert plan_blocks(BlockConfig(**job, numpy_while_compiling=False)).spec.kernel == "auto"
 
 
 def test_numba_is_not_allowed_where_the_environment_says_numpy(monkeypatch):
@@ -104,40 +150,62 @@ def test_numba_is_not_allowed_where_the_environment_says_numpy(monkeypatch):
     assert fused.numba_allowed()
 
 
-class _Spawned:
+class _Child:
+    """A stand-in for the background process: it holds no lock."""
+
     def __init__(self, argv, **kwargs):
-        self.argv, self.kwargs, self.pid = argv, kwargs, os.getpid()
+        self.argv, self.kwargs, self.pid, self.code = argv, kwargs, os.getpid(), None
 
-    def wait(self):
-        return 0
+    def poll(self):
+        return self.code
 
 
-def test_one_background_compile_at_a_time(monkeypatch, tmp_path):
+def test_one_background_compile_at_a_time_and_none_after_one_failed(monkeypatch, tmp_path):
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
-    spawned = []
-    monkeypatch.setattr(numba_cache.subprocess, "Popen", lambda argv, **kw: spawned.append(_Spawned(argv, **kw)) or spawned[-1])
+    started = []
+    monkeypatch.setattr(numba_cache.subprocess, "Popen", lambda argv, **kw: started.append(_Child(argv, **kw)) or started[-1])
     monkeypatch.setattr(numba_cache, "_lowest_priority", lambda pid: None)
-    monkeypatch.setattr(numba_cache, "_STARTED", False)
+    monkeypatch.setattr(numba_cache, "_CHILD", None)
     assert not numba_cache.compiled()
     assert numba_cache.compile_in_background()
-    assert spawned[0].argv[1:] == ["-m", "dask_labelissues.warmup"]
-    assert spawned[0].kwargs["start_new_session"]
+    argv, kwargs = started[0].argv, started[0].kwargs
+    assert argv[0] == sys.executable and argv[-2:] == [str(numba_cache._SOURCE.parent.parent), str(numba_cache.stamp_path())]
+    assert kwargs["start_new_session"] and len(kwargs["pass_fds"]) == 1
     lock = numba_cache.lock_path()
-    assert lock.is_file() and lock.parent == tmp_path
-    # Once per process; and another process's fresh lock is respected.
-    assert not numba_cache.compile_in_background()
-    monkeypatch.setattr(numba_cache, "_STARTED", False)
-    assert not numba_cache.compile_in_background()
-    assert len(spawned) == 1
-    # A lock left by a compile that died long ago is taken over.
-    old = time.time() - numba_cache.STALE_LOCK_SECONDS - 1
-    os.utime(lock, (old, old))
-    monkeypatch.setattr(numba_cache, "_STARTED", False)
+    assert lock.parent == tmp_path and lock.read_text() == f"{os.getpid()}\n"
+    # While this process's compile runs, no other starts; once it failed,
+    # none does, and jobs compile the kernels themselves.
     assert numba_cache.compile_in_background()
-    assert len(spawned) == 2
+    started[0].code = 1
+    assert not numba_cache.compile_in_background()
+    assert len(started) == 1
+    # In another process: the lock file is there and nobody holds it.
+    monkeypatch.setattr(numba_cache, "_CHILD", None)
+    assert not numba_cache.compile_in_background()
+    # Held by another process's compile: that one runs.
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        monkeypatch.setattr(numba_cache, "_CHILD", None)
+        assert numba_cache.compile_in_background()
+    assert len(started) == 1
     numba_cache.mark_compiled()
     assert numba_cache.compiled()
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_a_compile_that_cannot_start_leaves_nothing_and_raises_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(numba_cache, "_CHILD", None)
+
+    def fail(argv, **kwargs):
+        raise TypeError("expected str, bytes or os.PathLike object, not NoneType")
+
+    monkeypatch.setattr(numba_cache.subprocess, "Popen", fail)
+    assert not numba_cache.compile_in_background()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(numba_cache.sys, "frozen", True, raising=False)
+    assert not numba_cache.compile_in_background()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_stamp_belongs_to_one_cache_directory(monkeypatch, tmp_path):

@@ -90,6 +90,10 @@ class BlockConfig:
     #: a stored value more, where a classification row costs numpy about
     #: 5 ns a value more).
     problems: int = 1
+    #: While numba's kernels are compiled in the background, the job may run
+    #: the numpy kernels (:func:`choose_kernel`); False where its numpy path
+    #: costs far more than the compile.
+    numpy_while_compiling: bool = True
     #: Rows a block may end at (besides ``n_rows``), non-decreasing: a token
     #: job's sentence offsets, so that no sentence is split; None: any row.
     cuts: np.ndarray | None = field(default=None, compare=False)
@@ -153,7 +157,10 @@ def _plan_blocks(config: BlockConfig) -> BlockPlan:
     c = config
     if c.chunk_rows is not None and c.chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {c.chunk_rows}")
-    spec = choose_kernel(c.spec, c.cells * c.problems, in_process=c.in_process, problems=c.problems)
+    # Multi-label's numpy kernels cost about 0.85 us a stored value more
+    # than numba's, far more than the compile.
+    spec = choose_kernel(c.spec, c.cells * c.problems, in_process=c.in_process,
+                         numpy_while_compiling=c.numpy_while_compiling and c.problems == 1)
     target = TARGET_BLOCK_BYTES
     if c.worker_memory:
         target = min(target, max(c.worker_memory // 16, 1 << 20))
@@ -230,29 +237,27 @@ def snap_ends(ends: np.ndarray, cuts: np.ndarray, n_rows: int) -> np.ndarray:
     return np.unique(np.where(np.abs(ends - below) <= np.abs(above - ends), below, above))
 
 
-def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool, problems: int = 1) -> ScoreSpec:
+def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool, numpy_while_compiling: bool = True) -> ScoreSpec:
     """``spec`` with the kernel a job of ``cells`` (N x K, times its
-    ``problems``) values should run.
+    problems) values should run.
 
     An explicit ``"numba"`` or ``"numpy"`` is kept, and so is ``"auto"``
     (numba where it imports) where the job runs in this process
     (``in_process``) and numba's kernels are loaded here already.
     Otherwise ``"auto"`` becomes ``"numpy"`` for a job below
-    :data:`NUMBA_MIN_CELLS`, and for an in-process job of one problem below
-    :data:`COLD_NUMBA_MAX_CELLS` while numba's cache lacks the kernels,
-    whose compile this starts in the background
-    (:func:`dask_labelissues.numba_cache.compile_in_background`).  A job of
-    many problems (multi-label) keeps numba: its numpy kernels cost about
-    0.85 us a stored value more, far more than the compile.  Both kernels
-    give the same bits, so the choice changes only the time.
+    :data:`NUMBA_MIN_CELLS`; and for an in-process job below
+    :data:`COLD_NUMBA_MAX_CELLS` that allows it (``numpy_while_compiling``)
+    while numba's cache lacks the kernels and they are being compiled in
+    the background (:func:`dask_labelissues.numba_cache.compile_in_background`,
+    which this starts).  Both kernels give the same bits, so the choice
+    changes only the time.
     """
     if spec.kernel != "auto" or (in_process and fused.numba_loaded()):
         return spec
     if cells < NUMBA_MIN_CELLS:
         return replace(spec, kernel="numpy")
-    if (in_process and problems == 1 and cells < COLD_NUMBA_MAX_CELLS and fused.numba_allowed()
-            and not numba_cache.compiled()):
-        numba_cache.compile_in_background()
+    if (in_process and numpy_while_compiling and cells < COLD_NUMBA_MAX_CELLS and fused.numba_allowed()
+            and not numba_cache.compiled() and numba_cache.compile_in_background()):
         return replace(spec, kernel="numpy")
     return spec
 

@@ -460,6 +460,7 @@ class DaskEngine(Engine):
 def dask_engine(
     labels: Any, pred_probs: Any, spec: ScoreSpec, *, single_read: bool, chunk_rows: int | None = None,
     client: Any = None, progress: bool = False, kind: Kind = ROWS, cuts: np.ndarray | None = None, problems: int = 1,
+    numpy_while_compiling: bool = True,
 ) -> DaskEngine:
     """The Dask engine for a job, with its blocks and kernel planned
     (:func:`~.blocks.plan_blocks`) from the cluster's workers; the
@@ -477,6 +478,7 @@ def dask_engine(
         reads_in_tasks=direct, single_read=single_read, in_process=client is None,
         array_chunks=tuple(pred_probs.chunks[0]) if inputs.is_dask_array(pred_probs) else None,
         process_memory=usable_memory() if client is None else None, cuts=cuts, problems=problems,
+        numpy_while_compiling=numpy_while_compiling,
     ))
     if not direct:
         labels, pred_probs = as_dask_arrays(labels, pred_probs, plan.chunk_rows)

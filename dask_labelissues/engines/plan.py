@@ -45,7 +45,7 @@ def make_engine(
     backend: str, labels: Any, pred_probs: Any, spec: ScoreSpec, *, single_read: bool = True,
     chunk_rows: int | None = None, n_jobs: int | None = None, client: Any = None, progress: bool = False,
     spill_dir: str | None = None, warm_up: Callable[[ScoreSpec], None] | None = None, kind: Kind = ROWS,
-    cuts: np.ndarray | None = None, problems: int = 1,
+    cuts: np.ndarray | None = None, problems: int = 1, numpy_while_compiling: bool = True,
 ) -> tuple[Engine, str, Any]:
     """The engine for a job on opened, shape-checked inputs.
 
@@ -53,8 +53,8 @@ def make_engine(
     :func:`choose_backend`) and, for the Dask engine on a distributed
     cluster, the Client that holds the job's lazy outputs.  The kernel the
     job's tasks run is ``engine.plan.spec``.  ``warm_up(spec)`` runs before
-    the fork engine forks; ``single_read``, ``cuts`` and ``problems`` are
-    :class:`~.blocks.BlockConfig`'s.
+    the fork engine forks; ``single_read``, ``cuts``, ``problems`` and
+    ``numpy_while_compiling`` are :class:`~.blocks.BlockConfig`'s.
     """
     name = choose_backend(backend, labels, pred_probs, client)
     if name == "dask":
@@ -64,6 +64,7 @@ def make_engine(
         engine = dask_engine(
             labels, pred_probs, spec, single_read=single_read, chunk_rows=chunk_rows,
             client=client, progress=progress, kind=kind, cuts=cuts, problems=problems,
+            numpy_while_compiling=numpy_while_compiling,
         )
         return engine, name, client
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)
@@ -73,7 +74,7 @@ def make_engine(
     threads = 1 if name == "serial" else pool_size(n_jobs)
     plan = plan_blocks(BlockConfig.of_job(
         probs, spec, kind, chunk_rows=chunk_rows, cuts=cuts, problems=problems, threads=threads,
-        process_memory=usable_memory(),
+        process_memory=usable_memory(), numpy_while_compiling=numpy_while_compiling,
     ))
     common = dict(kind=kind, progress=progress, spill_dir=spill_dir)
     if name == "threads":

@@ -239,18 +239,13 @@ def snap_ends(ends: np.ndarray, cuts: np.ndarray, n_rows: int) -> np.ndarray:
 
 def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool, numpy_while_compiling: bool = True) -> ScoreSpec:
     """``spec`` with the kernel a job of ``cells`` (N x K, times its
-    problems) values should run.
-
-    An explicit ``"numba"`` or ``"numpy"`` is kept, and so is ``"auto"``
-    (numba where it imports) where the job runs in this process
-    (``in_process``) and numba's kernels are loaded here already.
-    Otherwise ``"auto"`` becomes ``"numpy"`` for a job below
-    :data:`NUMBA_MIN_CELLS`; and for an in-process job below
-    :data:`COLD_NUMBA_MAX_CELLS` that allows it (``numpy_while_compiling``)
-    while numba's cache lacks the kernels and they are being compiled in
-    the background (:func:`dask_labelissues.numba_cache.compile_in_background`,
-    which this starts).  Both kernels give the same bits, so the choice
-    changes only the time.
+    problems) values should run: explicit kernels are kept, and ``"auto"``
+    (numba where it imports) becomes ``"numpy"`` below
+    :data:`NUMBA_MIN_CELLS` unless numba is loaded in this process, or
+    below :data:`COLD_NUMBA_MAX_CELLS` while numba's kernels are compiled
+    in the background (:func:`dask_labelissues.numba_cache.compile_in_background`,
+    started here) for an ``in_process`` job that allows it
+    (``numpy_while_compiling``).  Both kernels give the same bits.
     """
     if spec.kernel != "auto" or (in_process and fused.numba_loaded()):
         return spec

@@ -201,12 +201,11 @@ def shared(value: Any, copies: int) -> Any:
     return value if small else delayed(value, pure=False)
 
 
-def tree_reduce(parts: Sequence[Delayed], aggregation: Aggregation, args: tuple = (), split_every: int = SPLIT_EVERY) -> Delayed:
-    """Merge delayed states ``split_every`` at a time, one layer a level;
-    the last merge is the root, which also finalizes with ``args`` (always
-    one, so the result is finalized even for a single block)."""
-    if split_every < 2:
-        raise ValueError(f"split_every must be >= 2, got {split_every}")
+def tree_reduce(parts: Sequence[Delayed], aggregation: Aggregation, args: tuple = ()) -> Delayed:
+    """Merge delayed states :data:`~.base.SPLIT_EVERY` at a time, one layer
+    a level; the last merge is the root, which also finalizes with ``args``
+    (always one, so the result is finalized even for a single block)."""
+    split_every = SPLIT_EVERY
     level = list(parts)
     combine = Merge(aggregation, root=False)
     while len(level) > split_every:

@@ -183,8 +183,9 @@ class LabelInspector:
     num_issue_kwargs
         ``estimation_method``.
     n_jobs
-        Accepted for compatibility; each batch is scored with vectorized
-        numpy in this process, so it changes nothing.
+        Accepted for compatibility; each batch is scored in this process
+        (by numba's kernels where numba is installed, which compiles them
+        on the first batch if its cache lacks them), so it changes nothing.
     """
 
     def __init__(

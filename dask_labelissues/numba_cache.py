@@ -40,11 +40,11 @@ _SOURCE = Path(__file__).with_name("fused.py")
 _CHILD: subprocess.Popen | None = None
 
 # The background process's first lines: not the working directory's
-# modules (``-c`` puts it first on the path), this copy of the package
-# (its directory last, where the environment does not find one), and the
-# stamp to write.
+# modules (``-c`` puts it first on the path, as ``''``, unless ``-I`` or
+# ``-P``), this copy of the package (its directory last, where the
+# environment does not find one), and the stamp to write.
 _BOOTSTRAP = (
-    "import sys; root, stamp = sys.argv[1:]; del sys.path[0]; "
+    "import sys; root, stamp = sys.argv[1:]; sys.path[:1] = [p for p in sys.path[:1] if p]; "
     "sys.path.append(root) if root not in sys.path else None; "
     "from dask_labelissues import warmup; warmup.background(root, stamp)"
 )

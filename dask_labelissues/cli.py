@@ -817,7 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = (
         "The first job after installing the package (or numba) would otherwise run the slower numpy kernels "
         "while they compile in the background, or compile them itself (a few seconds) if it is large. "
-        "Useful in a container image's build, or before timing a job."
+        "Run it as the user that runs the jobs (numba uses only a cache directory it can write to): in a "
+        "container image's build after switching to that user, or before timing a job."
     )
     _add_common(p)
     p.set_defaults(func=cmd_compile)

@@ -533,10 +533,14 @@ _NUMBA_TRIED = False
 _NUMBA_LOCK = threading.Lock()
 
 
+def _numpy_by_environment() -> bool:
+    return os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy"
+
+
 def _kernels(kernel: str) -> tuple[Any, ...] | None:
     """The numba kernels if ``kernel`` allows them and numba is installed."""
     global _NUMBA, _NUMBA_TRIED
-    if kernel == "numpy" or os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy":
+    if kernel == "numpy" or _numpy_by_environment():
         return None
     if not _NUMBA_TRIED:
         with _NUMBA_LOCK:
@@ -553,7 +557,7 @@ def numba_allowed() -> bool:
     turned off by ``DASK_LABELISSUES_KERNEL=numpy``.  Imports nothing."""
     if _NUMBA_TRIED:
         return _NUMBA is not None
-    if os.environ.get("DASK_LABELISSUES_KERNEL", "").lower() == "numpy":
+    if _numpy_by_environment():
         return False
     return importlib.util.find_spec("numba") is not None
 
@@ -688,8 +692,10 @@ def row_sums(rows: np.ndarray) -> np.ndarray:
     so fewer than :data:`ROW_SUMS_MIN_ROWS` are added by accumulate.
     """
     rows = np.asarray(rows)
-    if rows.shape[0] < ROW_SUMS_MIN_ROWS or rows.shape[1] == 0:
-        return np.add.accumulate(rows, axis=1, dtype=np.float64)[:, -1] if rows.shape[1] else np.zeros(rows.shape[0])
+    if rows.shape[1] == 0:
+        return np.zeros(rows.shape[0])
+    if rows.shape[0] < ROW_SUMS_MIN_ROWS:
+        return np.add.accumulate(rows, axis=1, dtype=np.float64)[:, -1]
     columns = np.ascontiguousarray(rows.T, dtype=np.float64)
     total = columns[0].copy()
     for column in columns[1:]:

@@ -162,7 +162,7 @@ def _start() -> bool:
     stamp = stamp_path()
     if stamp is None:
         return False
-    lock = stamp.with_suffix(".lock")
+    lock = lock_path(stamp)
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, fresh = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), True

@@ -386,7 +386,7 @@ def test_planned_blocks_end_at_sentence_offsets(fields):
         assert min(abs(end - b) for _, b in unsnapped.bounds) <= longest // 2
     if plan.bounds != unsnapped.bounds:
         # The inputs are cut to the blocks, not the array's chunks.
-        assert plan.groups is None and plan.chunk_rows == plan.chunks
+        assert plan.groups is None
 
 
 def test_ends_move_to_the_nearest_sentence_offset():

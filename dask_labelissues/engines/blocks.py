@@ -25,21 +25,14 @@ TARGET_BLOCK_BYTES = 64 * 2**20
 MAX_PIECES_PER_BLOCK = 4
 
 #: Jobs with fewer cells (N x K) than this run the numpy kernel unless numba
-#: is loaded in this process already.  Importing numba and loading its
-#: cached kernels cost a fresh process 0.35 to 0.75 s on the development
-#: machine, while the numpy kernel costs about 2.3 ns a cell more than
-#: numba's on one thread (2,000,000 x 100 float32: 0.75 s against 0.30 s):
-#: numba pays off from about 150 to 300 million cells, and a job of 50
-#: million cells loses at most about 0.1 s to numpy the first time.
+#: is loaded in this process already: loading numba's cached kernels costs
+#: a fresh process more than numpy's extra time (docs/design.md, "Kernels").
 NUMBA_MIN_CELLS = 50_000_000
 
 #: Jobs with fewer cells than this run the numpy kernel while numba's cache
 #: lacks the kernels (:func:`dask_labelissues.numba_cache.compiled`), and
-#: start their compile in the background.  Numba's compile of a job's
-#: kernels takes 3.5 to 8 s on the development machine; the numpy kernel
-#: costs about 1.7 ns a cell more than numba's on its 2 threads
-#: (2,000,000 x 100 float32: 0.51 s against 0.17 s), so it loses less than
-#: the compile up to about 2 billion cells, and at most 1.7 s here.
+#: start their compile in the background: below it, numpy's extra time is
+#: less than the compile (docs/design.md, "Kernels").
 COLD_NUMBA_MAX_CELLS = 1_000_000_000
 
 #: Workers with less memory than this run the pure-numpy kernel: importing
@@ -83,16 +76,12 @@ class BlockConfig:
     in_process: bool = True
     #: Problems the job runs side by side on every block (multi-label's K
     #: classes, :mod:`dask_labelissues.lockstep`).  The kernel is chosen
-    #: for ``cells`` times this: each problem's kernels run over the whole
-    #: block, and for few-class problems the numpy kernels' cost goes with
-    #: the items, not the cells (400,000 x 50 multi-label, 50 problems of
-    #: 2 classes: 24.7 s with numpy against 7.8 s with numba, about 0.85 us
-    #: a stored value more, where a classification row costs numpy about
-    #: 5 ns a value more).
+    #: for ``cells`` times this, as each problem's kernels run over the
+    #: whole block; such jobs never run numpy while numba compiles, which
+    #: costs them far more than the compile (docs/design.md, "Kernels").
     problems: int = 1
-    #: While numba's kernels are compiled in the background, the job may run
-    #: the numpy kernels (:func:`choose_kernel`); False where its numpy path
-    #: costs far more than the compile.
+    #: The job may run the numpy kernels while numba's are compiled in the
+    #: background (:func:`choose_kernel`).
     numpy_while_compiling: bool = True
     #: Rows a block may end at (besides ``n_rows``), non-decreasing: a token
     #: job's sentence offsets, so that no sentence is split; None: any row.
@@ -124,10 +113,6 @@ class BlockPlan:
     read_rows: int | None = None
     #: Blocks as runs of a dask array's chunks ``(first, end)``; None: one each.
     groups: tuple[tuple[int, int], ...] | None = None
-    #: Row chunks of dask arrays made from the inputs: that many rows each,
-    #: or each block's rows (blocks snapped to ``cuts``); None keeps a dask
-    #: array's own.
-    chunk_rows: int | tuple[int, ...] | None = None
 
     @property
     def chunks(self) -> tuple[int, ...]:
@@ -149,16 +134,9 @@ def plan_blocks(config: BlockConfig) -> BlockPlan:
     - The kernel: :func:`choose_kernel`, and numpy on small workers.
     - With ``cuts``, block ends move to the nearest cut (:func:`snap_blocks`).
     """
-    plan = _plan_blocks(config)
-    return plan if config.cuts is None else snap_blocks(plan, config.n_rows, config.cuts)
-
-
-def _plan_blocks(config: BlockConfig) -> BlockPlan:
     c = config
     if c.chunk_rows is not None and c.chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {c.chunk_rows}")
-    # Multi-label's numpy kernels cost about 0.85 us a stored value more
-    # than numba's, far more than the compile.
     spec = choose_kernel(c.spec, c.cells * c.problems, in_process=c.in_process,
                          numpy_while_compiling=c.numpy_while_compiling and c.problems == 1)
     target = TARGET_BLOCK_BYTES
@@ -168,45 +146,33 @@ def _plan_blocks(config: BlockConfig) -> BlockPlan:
             spec = replace(spec, kernel="numpy")
     if c.process_memory:
         # A multi-label task holds its block about four times over (read,
-        # copied column-major, labels, a problem's records); two threads
-        # on 64 MiB blocks peaked at 649 MB of address space on
-        # 2,000,000 x 100, and on 16 MiB blocks at 340 MB.
+        # copied column-major, labels, a problem's records).
         target = min(target, max(c.process_memory // (8 * max(c.threads, 1)), 1 << 20))
     read_rows = auto_chunk_rows(c.row_bytes, c.storage_rows, target)
+    groups = None
     if c.chunk_rows is not None:
         chunks = even_chunks(c.n_rows, c.chunk_rows)
-        return BlockPlan(block_bounds(chunks), spec, read_rows if c.reads_in_tasks else None, None, c.chunk_rows)
-    if c.reads_in_tasks and c.single_read:
-        rows = dask_block_rows(c.n_rows, read_rows, c.row_bytes, c.record_bytes, c.threads)
-        return BlockPlan(block_bounds(even_chunks(c.n_rows, rows)), spec, read_rows, None, rows)
-    if c.array_chunks is not None and not c.reads_in_tasks:
-        chunks = c.array_chunks
+        read_rows = read_rows if c.reads_in_tasks else None
+    elif c.reads_in_tasks and c.single_read:
+        chunks = even_chunks(c.n_rows, dask_block_rows(c.n_rows, read_rows, c.row_bytes, c.record_bytes, c.threads))
+    elif c.array_chunks is not None and not c.reads_in_tasks:
+        chunks, read_rows = c.array_chunks, None
         rows = auto_chunk_rows(c.row_bytes, None, target)
         rows = min(rows, max(1, -(-c.n_rows // (2 * max(c.threads, 1)))))
-        groups = None
         if chunks and 2 * max(chunks) <= rows:
             groups = tuple(group_chunks(chunks, rows))
             chunks = tuple(sum(chunks[a:b]) for a, b in groups)
-        return BlockPlan(block_bounds(chunks), spec, None, groups, None)
-    # Each block is read whole, in one piece.
-    chunks = balanced_chunks(c.n_rows, read_rows, c.storage_rows, c.threads)
-    return BlockPlan(block_bounds(chunks), spec, None, None, _chunk_rows(c.n_rows, chunks))
-
-
-def _chunk_rows(n_rows: int, chunks: tuple[int, ...]) -> int | tuple[int, ...]:
-    """The plan's ``chunk_rows`` for blocks of these sizes (one size where
-    :func:`even_chunks` makes them), for inputs the Dask engine chunks."""
-    if not chunks:
-        return 1
-    return chunks[0] if even_chunks(n_rows, chunks[0]) == chunks else chunks
+    else:  # each block read whole, in one piece
+        chunks, read_rows = balanced_chunks(c.n_rows, read_rows, c.storage_rows, c.threads), None
+    plan = BlockPlan(block_bounds(chunks), spec, read_rows, groups)
+    return plan if c.cuts is None else snap_blocks(plan, c.n_rows, c.cuts)
 
 
 def snap_blocks(plan: BlockPlan, n_rows: int, cuts: np.ndarray) -> BlockPlan:
     """``plan`` with each block end moved to the nearest of ``cuts``
     (:func:`snap_ends`), by at most half the sentence it falls in.
 
-    Where ends move, a dask array is rechunked to the blocks
-    (``chunk_rows``, a size per block), and an end inside a storage chunk
+    Where ends move, a dask array is rechunked to the blocks, and an end inside a storage chunk
     has both blocks around it decode that chunk: the price of whole
     sentences.  An end that is a cut already does not move.
     """
@@ -214,7 +180,7 @@ def snap_blocks(plan: BlockPlan, n_rows: int, cuts: np.ndarray) -> BlockPlan:
     bounds = block_bounds(np.diff(np.concatenate([[0], ends, [n_rows]])))
     if bounds == plan.bounds:
         return plan
-    return replace(plan, bounds=bounds, groups=None, chunk_rows=tuple(b - a for a, b in bounds))
+    return replace(plan, bounds=bounds, groups=None)
 
 
 def snap_ends(ends: np.ndarray, cuts: np.ndarray, n_rows: int) -> np.ndarray:
@@ -270,13 +236,11 @@ def dask_block_rows(n_rows: int, read_rows: int, row_bytes: int, record_bytes: i
     """Rows per block when the tasks read file or store inputs themselves,
     in pieces of ``read_rows`` (:func:`auto_chunk_rows`).
 
-    Each task costs the scheduler and a worker milliseconds of CPU, taken
-    from the scans on a small machine: on 2,000,000 x 100 float32 Zarr
-    (2 single-thread workers), 16 blocks of one chunk took 1.13 s, 4 of 4
-    chunks 1.02 s.  So a block holds several pieces, but leaves at least
-    two blocks per worker thread (``threads``; 0 if unknown: one piece a
-    block), at most :data:`MAX_PIECES_PER_BLOCK`, and its records
-    (``record_bytes`` a row) no larger than one piece (``row_bytes`` a row).
+    A task costs the scheduler and a worker milliseconds of CPU, so a block
+    holds several pieces, but leaves at least two blocks per worker thread
+    (``threads``; 0 if unknown: one piece a block), at most
+    :data:`MAX_PIECES_PER_BLOCK`, and its records (``record_bytes`` a row)
+    no larger than one piece (``row_bytes`` a row).
     """
     if threads < 1 or read_rows < 1:
         return max(read_rows, 1)
@@ -291,11 +255,8 @@ def balanced_chunks(n_rows: int, rows: int, unit: int | None, threads: int) -> t
     multiple of ``threads`` where there are chunks enough, and as even as
     whole chunks allow.
 
-    A stage ends when its busiest thread does: 13 blocks of 8 chunks (the
-    last of 4) on 2 single-thread workers gave one worker 7 blocks, 56
-    chunks against an even share of 50; 14 blocks of 7 or 8 chunks give
-    each 7.  ``threads`` 0 or 1 (unknown, or one), or data within one
-    block: blocks of ``rows``.
+    A stage ends when its busiest thread does.  ``threads`` 0 or 1
+    (unknown, or one), or data within one block: blocks of ``rows``.
     """
     if n_rows < 1:
         return ()
@@ -371,8 +332,7 @@ def join_adjacent(parts: Sequence[np.ndarray]) -> np.ndarray | None:
     end to end in one C-contiguous buffer (the chunks of a dask array made
     from one numpy array or memory map do); None where they do not.
 
-    A block of many small chunks is then scanned in one kernel call, not
-    one call (and one exact-sum conversion) per chunk.
+    A block of many small chunks is then scanned in one kernel call.
     """
     first = parts[0]
     if len(parts) == 1:
@@ -397,12 +357,6 @@ def join_adjacent(parts: Sequence[np.ndarray]) -> np.ndarray | None:
         return None
     rows = sum(part.shape[0] for part in parts)
     return np.ndarray((rows, *first.shape[1:]), dtype=first.dtype, buffer=root, offset=offset)
-
-
-def concatenate(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Row pieces as one array: a view where they lie end to end, else a copy."""
-    joined = join_adjacent(parts)
-    return joined if joined is not None else np.concatenate(parts)
 
 
 class BlockReader:
@@ -438,7 +392,8 @@ class BlockReader:
         key = id(source)
         if key not in self._read:
             if isinstance(source, list):
-                self._read[key] = concatenate(source)
+                joined = join_adjacent(source)
+                self._read[key] = joined if joined is not None else np.concatenate(source)
             else:
                 self._read[key] = np.asarray(source[self.start : self.stop])
         return self._read[key]

@@ -116,8 +116,7 @@ def layer(fn: Callable, rows: Sequence[tuple], suffix: tuple[int, ...] = ()) -> 
     (and lists of them) are passed by key, literals are never keys or tasks.
 
     A plain dict, not ``delayed(fn)(...)``, whose tokenizing and graph
-    merging grow with the inputs: a tree reduction over 77 blocks took 55
-    ms to build that way.
+    merging grow with the inputs.
     """
     name = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:16]}"
     deps: dict[Any, Delayed] = {}
@@ -130,9 +129,8 @@ def _with_inputs(name: str, tasks: dict, inputs: Iterable[Delayed]) -> HighLevel
     """The graph of layer ``name`` over the graphs of its ``inputs``.
 
     What ``HighLevelGraph.from_collections`` does, without its
-    ``is_dask_collection`` check: on a Delayed that check asks for
-    attributes a Delayed lacks, and each miss builds (and tokenizes) a new
-    Delayed; that was most of the time it took to build each layer.
+    ``is_dask_collection`` check, which builds and tokenizes a new Delayed
+    for each attribute a Delayed lacks.
     """
     inputs = list(inputs)
     graph = merged_graph(inputs)
@@ -184,11 +182,10 @@ INLINE_BYTES = 1 << 20
 def shared(value: Any, copies: int) -> Any:
     """An argument all ``copies`` tasks of a stage take.
 
-    Small values (the spec, a few blocks' thresholds, file and store row
-    sources) go into each task: a key of their own is a task that must run,
-    and travel to every worker, before the stage can start.  Values whose
-    copies together exceed :data:`INLINE_BYTES`, and containers (which Dask
-    would search for keys), are one key.
+    Small values go into each task, since a key of their own must run and
+    travel to every worker before the stage starts; values whose copies
+    exceed :data:`INLINE_BYTES`, and containers (which Dask would search
+    for keys), are one key.
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -345,9 +342,7 @@ class DaskEngine(Engine):
     def _per_block(self, values: Sequence[Any]) -> list[Any]:
         """Each block's own value of a :class:`~.base.PerBlock` argument:
         literals in the tasks (containers as keys), or scattered first where
-        a distributed cluster would get more than :data:`INLINE_BYTES` (a
-        filter's per-block rules made a 75 MiB graph on 2,000,000 x 100
-        multi-label)."""
+        a distributed cluster would get more than :data:`INLINE_BYTES`."""
         if self.client is not None and sum(sizeof(v) for v in values) > INLINE_BYTES:
             return held(self.client.scatter(list(values), hash=False), "per-block")
         return [delayed(v, pure=False) if isinstance(v, CONTAINERS) else v for v in values]
@@ -359,9 +354,7 @@ class DaskEngine(Engine):
         n = len(self.plan.bounds)
         per_block = (self.kind, self.items_per_row, self.plan.read_rows)
         if self.direct:
-            # Copies in every task while they pickle small: as keys of their
-            # own they were two more tasks, which each worker but one then
-            # had to fetch before its first scan.
+            # Copies in every task while they pickle small (shared()).
             lab, probs = shared(self.labels, n), shared(self.pred_probs, n)
             return [(lab, probs, a, b, *per_block) for a, b in self.plan.bounds]
         lab, probs = self._chunks(self.labels), self._chunks(self.pred_probs)
@@ -372,14 +365,10 @@ class DaskEngine(Engine):
         """A dask array's row chunks, in order, as task arguments.
 
         Where the array's graph holds its chunks as data (``from_array`` of
-        a numpy array does) and the graph runs in this process, the chunks
-        themselves, so that they are no keys of the job's graphs: each key
-        is ordered and run by the scheduler, and a job on 1,000,000 x 100
-        in 500 chunks of 2,000 rows took 1.46 times as long as in 7 chunks
-        of 160,000 with a key a chunk, 1.17 times without.  Else one
-        Delayed a chunk; ``to_delayed()`` optimizes the array's graph, so
-        it is built only here.  (On a distributed cluster the chunks stay
-        keys: a job that reads its inputs twice would send them twice.)
+        a numpy array) and runs in this process, the chunks themselves: a
+        key a chunk costs the scheduler, most for many small chunks (on a
+        distributed cluster they stay keys, sent once).  Else one Delayed a
+        chunk, from ``to_delayed()``, which optimizes the array's graph.
         """
         top = array.__dask_graph__().layers.get(array.name)
         if self.client is None and top is not None and top.is_materialized():
@@ -400,10 +389,8 @@ class DaskEngine(Engine):
         # No graph optimization: fusing would give the blocks and the merged
         # state separate copies of the block task, running pass one twice.
         if self.client is not None:
-            # The graph as it is (Client.get does not optimize it), sent as
-            # one graph.  Client.persist first makes and tokenizes an
-            # expression of each Delayed: sending the first graph of a job
-            # on (a) took the client 11 to 14 ms that way, 3 to 6 ms this way.
+            # The graph as it is (Client.get does not optimize it): Client.persist
+            # would first make and tokenize an expression of each Delayed.
             everything = [*blocks, *wanted]
             futures = self.client.get(merged_graph(everything), [d.key for d in everything], sync=False)
             if self.progress:
@@ -480,7 +467,8 @@ def dask_engine(
         numpy_while_compiling=numpy_while_compiling,
     ))
     if not direct:
-        labels, pred_probs = as_dask_arrays(labels, pred_probs, plan.chunk_rows)
+        # Runs of a dask array's chunks keep its chunks; else the blocks are the chunks.
+        labels, pred_probs = as_dask_arrays(labels, pred_probs, None if plan.groups else plan.chunks or None)
     return DaskEngine(labels, pred_probs, plan, direct=direct, client=client, progress=progress, kind=kind)
 
 

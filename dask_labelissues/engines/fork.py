@@ -3,9 +3,8 @@
 A task is a function, small arguments and a block index; a result is a
 small state; the workers write the job's columns (shared buffers) in
 place, so no array is pickled.  Each worker owns a contiguous run of
-blocks for every stage, so it reads the records it wrote: a worker
-touching another's records faulted in every page of them, and pass two
-took 2 to 5 times as long.  A worker that dies fails the job with
+blocks for every stage, so it reads the records it wrote (pages another
+worker wrote fault in again).  A worker that dies fails the job with
 ``BrokenProcessPool`` instead of leaving it waiting.
 
 Workers reach a job in one of two ways:
@@ -14,16 +13,13 @@ Workers reach a job in one of two ways:
   has memfd): a pool forked once and kept is sent the job; each worker
   maps the files itself (from the caller's working directory) and the
   column buffers from their descriptors, and keeps a buffer mapped while
-  this process keeps it for later jobs.  Workers forked for every job
-  took a sixth of a warm job on 2,000,000 x 100: the forks and exits, a
-  page fault for every page of the columns they wrote and copies of the
-  heap pages they touched, all paid once by a kept worker.  A kept worker
-  exits after :data:`IDLE_SECONDS` without a job, holding until then what
-  this process held when the pool was forked.
+  this process keeps it.  Forking for every job costs forks, exits and
+  page faults a kept worker pays once.  A kept worker exits after
+  :data:`IDLE_SECONDS` without a job, holding until then what this
+  process held when the pool was forked.
 * Other inputs (arrays in memory, a store held in memory, whose pickle
-  exceeds :data:`JOB_BYTES`): workers forked at the job's first map, once
-  its columns are in place, which inherit everything and exit when the
-  job ends.
+  exceeds :data:`JOB_BYTES`): workers forked at the job's first map,
+  which inherit everything and exit when the job ends.
 """
 
 from __future__ import annotations
@@ -50,13 +46,13 @@ from .local import BUFFERS, LocalEngine, pool_size, shared_handle
 #: Seconds a kept worker waits for its next job before it exits.
 IDLE_SECONDS = 60.0
 
-# Engines whose own workers are alive, by id; each worker inherits the
-# registry as it was when it was forked, its own engine included.
-_ENGINES: dict[int, LocalEngine] = {}
+#: The name of every fork engine worker process.
+WORKER_NAME = "dask-labelissues-fork-worker"
 
 
-def _serve(conn: Any, engine_id: int | None) -> None:
-    """A worker's loop.  Requests: ``("job", ...)`` (a kept worker's next
+def _serve(conn: Any, engine: LocalEngine | None) -> None:
+    """A worker's loop, for ``engine``'s job (inherited: forked for it), or
+    kept (None) for the jobs it is sent.  Requests: ``("job", ...)`` (a kept worker's next
     job), ``("tasks", [...])`` (one ``(ok, value)`` reply per task, in
     order; a task that raises ends the request), ``("keep", keys)`` (the
     job ended: unmap other buffers).  ``None``, a closed pipe or the
@@ -65,7 +61,7 @@ def _serve(conn: Any, engine_id: int | None) -> None:
     # Ctrl-C reaches the whole process group; the parent reports it and
     # stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    engine = _ENGINES.get(engine_id) if engine_id is not None else None
+    kept = engine is None
     mapped: dict[int, mmap.mmap] = {}
     # Later workers inherit earlier ones' ends of their pipes, so a parent
     # that dies does not close them: its sentinel says so.
@@ -73,7 +69,7 @@ def _serve(conn: Any, engine_id: int | None) -> None:
     while True:
         try:
             # A kept worker without a job waits IDLE_SECONDS at most.
-            idle = IDLE_SECONDS if engine_id is None and engine is None else None
+            idle = IDLE_SECONDS if kept and engine is None else None
             if conn not in wait([conn, parent.sentinel], idle):  # idle, or the parent is gone
                 return
             request = conn.recv()
@@ -164,8 +160,8 @@ def _job_engine(state: tuple, mapped: dict[int, mmap.mmap]) -> LocalEngine:
     return engine
 
 
-def _start_workers(count: int, engine_id: int | None) -> list[tuple[Any, Any]]:
-    """``count`` forked workers, as ``(process, pipe)``."""
+def _start_workers(count: int, engine: LocalEngine | None) -> list[tuple[Any, Any]]:
+    """``count`` forked workers of :func:`_serve`, as ``(process, pipe)``."""
     context = mp.get_context("fork")
     workers: list[tuple[Any, Any]] = []
     try:
@@ -174,7 +170,7 @@ def _start_workers(count: int, engine_id: int | None) -> list[tuple[Any, Any]]:
         with BUFFERS.workers_forked():
             for _ in range(count):
                 parent, child = context.Pipe()
-                process = context.Process(target=_serve, args=(child, engine_id), daemon=True)
+                process = context.Process(target=_serve, args=(child, engine), name=WORKER_NAME, daemon=True)
                 process.start()
                 child.close()
                 workers.append((process, parent))
@@ -267,14 +263,10 @@ def _stop_pool(kill: bool = False) -> None:
 
 
 def _forget_pool() -> None:
-    # A forked child holds no pool: the workers are its parent's, which
-    # multiprocessing would otherwise terminate as the child exits.
+    # A forked child holds no pool and no workers: they are its parent's,
+    # which multiprocessing would otherwise terminate as the child exits.
     global _POOL, _POOL_LOCK
-    workers = [] if _POOL is None else list(_POOL.workers)
-    for engine in _ENGINES.values():
-        workers += getattr(engine, "workers", [])
-    for process, _ in workers:
-        mp.process._children.discard(process)
+    mp.process._children -= {p for p in mp.process._children if p.name == WORKER_NAME}
     _POOL, _POOL_LOCK = None, threading.Lock()
 
 
@@ -361,8 +353,7 @@ class ForkEngine(LocalEngine):
                 self._release_pool()
                 raise
             self._release_pool()
-        _ENGINES[id(self)] = self
-        self.workers = _start_workers(count, id(self))
+        self.workers = _start_workers(count, self)
 
     def _release_pool(self) -> None:
         self.pool = None
@@ -392,9 +383,8 @@ class ForkEngine(LocalEngine):
     def _results(self, mine: list[list[int]]) -> Iterator[tuple[int, Any]]:
         """``(block, result)`` as the workers send them, each worker's in
         its blocks' order, so that a reduction merges each worker's states
-        as they arrive: yielded in block order, later workers' results
-        waited for the blocks before them, and a stage of large states (a
-        selection's candidates) held about half of them at once."""
+        as they arrive rather than holding later workers' until the blocks
+        before them are done."""
         pending = {w: list(reversed(blocks)) for w, blocks in enumerate(mine) if blocks}
         while pending:
             conns = {self.workers[w][1]: w for w in pending}
@@ -438,7 +428,6 @@ class ForkEngine(LocalEngine):
         else:
             _stop(self.workers, kill=self.busy)
         self.workers = []
-        _ENGINES.pop(id(self), None)
 
 
 def fork_engine(*args: Any, n_jobs: int | None = None, warm_up: Callable[[], None] | None = None, **kwargs: Any) -> LocalEngine:

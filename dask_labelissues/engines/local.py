@@ -28,15 +28,10 @@ from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, 
 from .blocks import BlockPlan, BlockReader
 
 #: Buffers larger than ``SPILL_BYTES``, a 32nd of the memory the process
-#: may use, go to a file in ``spill_dir`` instead of memory, so that a job
-#: too large for memory keeps its columns where the kernel can write them
-#: back.  Not smaller ones: each job writes a kept spill file's pages
-#: again, and once they have been written out every page faults anew (on
-#: 10,000,000 x 100, with the disk synced between jobs, a 320 MB records
-#: column in a file made the warm job 1.35x to 1.37x the fused floor, in
-#: memory 1.28x to 1.32x).  The records, 32 of the about 41 bytes an item
-#: of a job's columns, are the largest, so the columns a job holds in
-#: memory are at most about a twenty-fifth of it.
+#: may use, go to a file in ``spill_dir``, whose pages the kernel can write
+#: back, so a job's columns in memory are at most about a twenty-fifth of
+#: it (the records are 32 of an item's 41 bytes of columns).  Not smaller
+#: ones: a spill file's pages, once written out, fault anew every job.
 SPILL_SHARE = 32
 SPILL_BYTES = usable_memory() // SPILL_SHARE
 
@@ -54,9 +49,8 @@ def allocate(
     not anonymous memory, holds them.  Others are anonymous mappings,
     shared with forked workers if ``shared`` (as a memfd, which processes
     not forked from this one can map, if ``descriptor``); private ones ask
-    for transparent huge pages from :data:`HUGE_PAGE_BYTES`: touching a
-    fresh 320 MB mapping took 0.12 to 0.13 s with 4 KiB pages, 0.02 to
-    0.04 s with huge pages (kernel 6.18, THP in madvise mode).
+    for transparent huge pages from :data:`HUGE_PAGE_BYTES`, which are
+    several times faster to fault in.
     """
     dtype = np.dtype(dtype)
     nbytes = max(n * dtype.itemsize, 1)
@@ -123,10 +117,8 @@ MAX_SLOTS = 64
 
 #: The most bytes of column buffers in memory this process keeps for later
 #: jobs: an eighth of the memory it may use (four columns of the largest
-#: size kept in memory), at most 4 GiB.  With less, jobs of more than one
-#: engine in a process let go of each other's buffers: at a sixteenth, the
-#: warm (c) job beside fork and serial ones took 1.2 s against 0.7 s alone,
-#: faulting its columns in afresh every time.
+#: size kept in memory), at most 4 GiB; with less, jobs of two engines in
+#: one process let go of each other's buffers.
 POOL_BYTES = min(4 << 30, usable_memory() // 8)
 
 #: The same for spill files, whose pages the kernel can write back (where
@@ -139,13 +131,11 @@ class BufferPool:
     write into.
 
     A fresh mapping's pages are faulted in and zeroed on first write, job
-    after job: on 10,000,000 x 100, the 320 MB of records were a quarter of
-    the warm job.  A later job takes a listed buffer of the same kind
-    (private, shared, or a spill file in the same directory) once no array
-    refers to it.  Spill files have a limit of their own (``file_limit``):
-    segmentation's 2,000 images of 128 x 128 pixels spill 1.25 GB of
-    columns, a second of page faults per job when not kept.  Beyond a
-    limit, free buffers are let go oldest first, then older ones in use.
+    after job (a quarter of a warm job's time).  A later job takes a listed
+    buffer of the same kind (private, shared, or a spill file in the same
+    directory) once no array refers to it.  Spill files have a limit of
+    their own (``file_limit``).  Beyond a limit, free buffers are let go
+    oldest first, then older ones in use.
 
     Shared buffers may still be read by a process forked while a result
     held them: they are let go at every fork but of the fork engine's
@@ -322,9 +312,8 @@ class _Folds:
 
     A run's states are merged at :data:`~.base.SPLIT_EVERY`, or sooner:
     while the unmerged states hold more than :data:`FOLD_BYTES` and more
-    than the merged ones, the run with the most waiting is merged.  Sixteen
-    blocks' selection candidates held at once were most of a token job's
-    memory; merging each block's into a large state would copy it each time.
+    than the merged ones (large states, a selection's candidates), the
+    run with the most waiting is merged.
     """
 
     def __init__(self, aggregation: Aggregation, runs: Sequence[tuple[int, int]]) -> None:
@@ -371,9 +360,8 @@ class LocalEngine(Engine):
     ) -> None:
         super().__init__(labels, pred_probs, plan, kind)
         keep_freed_memory()
-        # Blocks are sliced from one mapping of each file for the whole job,
-        # and a block's pages are let go once it is read: mapping every block
-        # anew cost a tenth of a scan in mmap and munmap calls.
+        # One mapping of each file for the whole job (mapping every block
+        # anew cost a tenth of a scan); a block's pages go once it is read.
         self._labels_rows = _job_view(labels)
         self._probs_rows = _job_view(pred_probs)
         self.progress = progress
@@ -462,9 +450,8 @@ class LocalEngine(Engine):
     def _keep(self, blocks: LocalBlocks, results: Iterable[tuple[int, Any]], fold: bool) -> Iterable[tuple[int, Any]]:
         """Yield the results and keep what later stages may read: a column's
         rows (a view of it) or the results whole.  A reduction's states are
-        kept only where a compute asked (as the Dask engine keeps them):
-        held to the end, a selection's candidates made memory grow with the
-        issues.  A later map of a reduced map's blocks runs them again."""
+        kept only where a compute asked, as the Dask engine keeps them; a
+        later map of a reduced map's blocks runs them again."""
         keep = not fold or blocks.out is not None or blocks.kept
         kept: list[Any] = [None] * len(self.plan.bounds)
         for i, result in results:

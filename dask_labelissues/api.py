@@ -118,8 +118,9 @@ def find_label_issues(
         this process: the fastest on one machine), ``"fork"`` (processes
         forked from this one; on files and stores, where the system has
         memfd, they are kept for the process's later jobs, and exit after
-        a minute without one) or
-        ``"serial"``.
+        a minute without one; until then they hold the files this process
+        had open when they were forked, so an HDF5 file closed since stays
+        locked) or ``"serial"``.
     chunk_rows
         Rows per block. Default: about 64 MB of pred_probs per block, in
         whole storage chunks; a dask array keeps its own row chunks.  The

@@ -519,6 +519,31 @@ def test_kept_blocks_run_once(backend):
         assert sorted(CALLS) == list(range(0, N, 7))
 
 
+def start_in_column(block: Any, start: int, out: Any = None) -> Pair:
+    rows = np.empty(len(block.labels()), dtype=np.int64) if out is None else out
+    rows[:] = start
+    return Pair(rows, start)
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads", "fork", "dask"])
+def test_a_column_map_reduced_and_kept_keeps_its_rows(backend):
+    """A reduction of a column map that a compute keeps leaves its rows for
+    later stages; its states the one-machine engines do not keep (they
+    would grow with the blocks), and asking for them is an error there,
+    not a list of Nones."""
+    labels, probs = contract_data()
+    with opened(backend, labels, probs, SPECS["self_confidence"], 7) as engine:
+        blocks = engine.map(start_in_column, INPUTS, START, out=engine.column(np.int64))
+        (total,) = engine.compute(engine.reduce(blocks, TOTAL), keep=[blocks])
+        assert total == sum(range(0, N, 7))
+        assert (np.asarray(engine.to_array(blocks, np.int64)) == np.arange(N) // 7 * 7).all()
+        if backend == "dask":
+            assert engine.compute(blocks) == [list(range(0, N, 7))]
+        else:
+            with pytest.raises(RuntimeError, match="keep only their rows"):
+                engine.compute(blocks)
+
+
 # -- pixels: a second kind through the same path ----------------------------------------
 IMAGES, HEIGHT, WIDTH = 9, 3, 5
 

@@ -142,7 +142,9 @@ class Engine(ABC):
         """Each handle's content (a :class:`Value`'s value; a list of a
         :class:`Blocks`' results, their states for a map with ``out``),
         computed together; the blocks of ``keep`` are kept for later stages
-        rather than computed again."""
+        rather than computed again.  A map with ``out`` whose states a
+        reduction took has only its rows kept: the one-machine engines
+        refuse to compute its states after that."""
 
     @abstractmethod
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> Any:

@@ -258,8 +258,6 @@ def balanced_chunks(n_rows: int, rows: int, unit: int | None, threads: int) -> t
     A stage ends when its busiest thread does.  ``threads`` 0 or 1
     (unknown, or one), or data within one block: blocks of ``rows``.
     """
-    if n_rows < 1:
-        return ()
     if threads < 2:
         return even_chunks(n_rows, rows)
     unit = max(1, unit or 1)

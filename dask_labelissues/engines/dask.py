@@ -202,11 +202,10 @@ def tree_reduce(parts: Sequence[Delayed], aggregation: Aggregation, args: tuple 
     """Merge delayed states :data:`~.base.SPLIT_EVERY` at a time, one layer
     a level; the last merge is the root, which also finalizes with ``args``
     (always one, so the result is finalized even for a single block)."""
-    split_every = SPLIT_EVERY
     level = list(parts)
     combine = Merge(aggregation, root=False)
-    while len(level) > split_every:
-        level = layer(combine, [(level[i : i + split_every],) for i in range(0, len(level), split_every)])
+    while len(level) > SPLIT_EVERY:
+        level = layer(combine, [(level[i : i + SPLIT_EVERY],) for i in range(0, len(level), SPLIT_EVERY)])
     return layer(Merge(aggregation, root=True), [(level, *args)])[0]
 
 
@@ -373,8 +372,7 @@ class DaskEngine(Engine):
         top = array.__dask_graph__().layers.get(array.name)
         if self.client is None and top is not None and top.is_materialized():
             keys = list(flatten(array.__dask_keys__()))
-            first = top.get(keys[0]) if keys else None
-            if isinstance(first, np.ndarray):
+            if keys and isinstance(top.get(keys[0]), np.ndarray):
                 chunks = [top.get(key) for key in keys]
                 if all(isinstance(chunk, np.ndarray) for chunk in chunks):
                     return chunks

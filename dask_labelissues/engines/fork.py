@@ -61,7 +61,6 @@ def _serve(conn: Any, engine: LocalEngine | None) -> None:
     # Ctrl-C reaches the whole process group; the parent reports it and
     # stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    kept = engine is None
     mapped: dict[int, mmap.mmap] = {}
     # Later workers inherit earlier ones' ends of their pipes, so a parent
     # that dies does not close them: its sentinel says so.
@@ -69,7 +68,7 @@ def _serve(conn: Any, engine: LocalEngine | None) -> None:
     while True:
         try:
             # A kept worker without a job waits IDLE_SECONDS at most.
-            idle = IDLE_SECONDS if kept and engine is None else None
+            idle = IDLE_SECONDS if engine is None else None
             if conn not in wait([conn, parent.sentinel], idle):  # idle, or the parent is gone
                 return
             request = conn.recv()
@@ -219,7 +218,6 @@ class _Pool:
         pickled :func:`_job_state`; ``handles``: its columns' buffers);
         False where one had exited (idle) before it read it."""
         cwd = os.getcwd()
-        replies = []
         try:
             for (_, conn), has in zip(self.workers[:count], self.mapped):
                 new = [(key, fd, size) for key, fd, size in handles if key not in has]

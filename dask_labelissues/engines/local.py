@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..aggregations import Aggregation, Pair
+from ..aggregations import Aggregation
 from ..kinds import ROWS, Kind
 from ..system import held_elsewhere, keep_freed_memory, usable_cores, usable_memory
 from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, Value, data_of
@@ -287,6 +287,8 @@ class LocalBlocks(Blocks):
         self.task, self.args, self.out, self.label = task, args, out, label
         self.results: list[Any] | None = None
         self.reduced = False
+        # A reduction took a column map's states, and only its rows are kept.
+        self.states_dropped = False
         # A compute asked to keep these blocks for later stages.
         self.kept = False
 
@@ -390,8 +392,8 @@ class LocalEngine(Engine):
 
         def run() -> Any:
             folds = _Folds(aggregation, self._runs())
-            for i, result in self._run(blocks, fold=True):
-                folds.add(i, result.state if blocks.out is not None else result)
+            for i, state in self._run(blocks, fold=True):
+                folds.add(i, state)
             return folds.root(*args)
 
         return LocalValue(run)
@@ -400,14 +402,9 @@ class LocalEngine(Engine):
         for blocks in keep:
             assert isinstance(blocks, LocalBlocks)
             blocks.kept = True
-        out = []
-        for handle in handles:
-            if isinstance(handle, LocalValue):
-                out.append(handle.value)
-            else:
-                results = self._finished(handle)
-                out.append([r.state for r in results] if handle.out is not None else list(results))
-        return out
+        if any(isinstance(h, LocalBlocks) and h.states_dropped for h in handles):
+            raise RuntimeError("a reduction took these blocks' states: the one-machine engines keep only their rows")
+        return [h.value if isinstance(h, LocalValue) else list(self._finished(h)) for h in handles]
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> np.ndarray:
         self._finished(blocks)
@@ -457,8 +454,9 @@ class LocalEngine(Engine):
         for i, result in results:
             yield i, result
             if keep:
-                kept[i] = Pair(result.data, None) if fold and blocks.out is not None else result
+                kept[i] = None if fold and blocks.out is not None else result
         blocks.results = kept if keep else None
+        blocks.states_dropped = fold and blocks.out is not None
 
     def _task(self, i: int, blocks: LocalBlocks) -> tuple:
         """Block ``i``'s task as what crosses to the process that runs it."""
@@ -492,10 +490,7 @@ class LocalEngine(Engine):
                 )
                 readers.append(arg)
             resolved.append(arg)
-        if out is None:
-            result = task(*resolved)
-        else:
-            result = Pair(None, task(*resolved, out=self.columns[out][a:b]).state)
+        result = task(*resolved) if out is None else task(*resolved, out=self.columns[out][a:b]).state
         for reader in readers:
             reader.close()
         return result

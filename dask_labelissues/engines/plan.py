@@ -34,9 +34,7 @@ def choose_backend(backend: str, labels: Any, pred_probs: Any, client: Any = Non
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
     if backend != "auto":
         return backend
-    if distributed_client(client) is not None:
-        return "dask"
-    if inputs.is_dask_array(labels) or inputs.is_dask_array(pred_probs):
+    if distributed_client(client) is not None or inputs.is_dask_array(labels) or inputs.is_dask_array(pred_probs):
         return "dask"
     return "threads"
 
@@ -60,13 +58,12 @@ def make_engine(
     if name == "dask":
         from .dask import dask_engine
 
-        client = distributed_client(client)
         engine = dask_engine(
             labels, pred_probs, spec, single_read=single_read, chunk_rows=chunk_rows,
             client=client, progress=progress, kind=kind, cuts=cuts, problems=problems,
             numpy_while_compiling=numpy_while_compiling,
         )
-        return engine, name, client
+        return engine, name, engine.client
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)
     # The local engines' module is imported for the jobs that run them only.
     from .local import pool_size

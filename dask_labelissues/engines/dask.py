@@ -366,8 +366,9 @@ class DaskEngine(Engine):
         Where the array's graph holds its chunks as data (``from_array`` of
         a numpy array) and runs in this process, the chunks themselves: a
         key a chunk costs the scheduler, most for many small chunks (on a
-        distributed cluster they stay keys, sent once).  Else one Delayed a
-        chunk, from ``to_delayed()``, which optimizes the array's graph.
+        distributed cluster they stay keys: a job reading them twice sends
+        them once).  Else one Delayed a chunk, from ``to_delayed()``, which
+        optimizes the array's graph.
         """
         top = array.__dask_graph__().layers.get(array.name)
         if self.client is None and top is not None and top.is_materialized():

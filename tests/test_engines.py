@@ -533,7 +533,8 @@ def test_a_column_map_reduced_and_kept_keeps_its_rows(backend):
     not a list of Nones."""
     labels, probs = contract_data()
     with opened(backend, labels, probs, SPECS["self_confidence"], 7) as engine:
-        blocks = engine.map(start_in_column, INPUTS, START, out=engine.column(np.int64))
+        columns = [engine.column(np.int64) for _ in range(3)]
+        blocks = engine.map(start_in_column, INPUTS, START, out=columns[0])
         (total,) = engine.compute(engine.reduce(blocks, TOTAL), keep=[blocks])
         assert total == sum(range(0, N, 7))
         assert (np.asarray(engine.to_array(blocks, np.int64)) == np.arange(N) // 7 * 7).all()
@@ -542,6 +543,16 @@ def test_a_column_map_reduced_and_kept_keeps_its_rows(backend):
         else:
             with pytest.raises(RuntimeError, match="keep only their rows"):
                 engine.compute(blocks)
+        # In one compute: the blocks listed before their reduction give both
+        # everywhere; listed after it, the one-machine engines refuse too.
+        first = engine.map(start_in_column, INPUTS, START, out=columns[1])
+        assert engine.compute(first, engine.reduce(first, TOTAL)) == [list(range(0, N, 7)), total]
+        after = engine.map(start_in_column, INPUTS, START, out=columns[2])
+        if backend == "dask":
+            assert engine.compute(engine.reduce(after, TOTAL), after) == [total, list(range(0, N, 7))]
+        else:
+            with pytest.raises(RuntimeError, match="keep only their rows"):
+                engine.compute(engine.reduce(after, TOTAL), after)
 
 
 # -- pixels: a second kind through the same path ----------------------------------------

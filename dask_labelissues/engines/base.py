@@ -144,7 +144,8 @@ class Engine(ABC):
         computed together; the blocks of ``keep`` are kept for later stages
         rather than computed again.  A map with ``out`` whose states a
         reduction took has only its rows kept: the one-machine engines
-        refuse to compute its states after that."""
+        refuse to compute its states with or after that reduction (list
+        the blocks before it, in one compute, to have both)."""
 
     @abstractmethod
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> Any:

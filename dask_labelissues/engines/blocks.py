@@ -77,8 +77,9 @@ class BlockConfig:
     #: Problems the job runs side by side on every block (multi-label's K
     #: classes, :mod:`dask_labelissues.lockstep`).  The kernel is chosen
     #: for ``cells`` times this, as each problem's kernels run over the
-    #: whole block; such jobs never run numpy while numba compiles, which
-    #: costs them far more than the compile (docs/design.md, "Kernels").
+    #: whole block; jobs of more than one problem never run numpy while
+    #: numba compiles, which would cost them far more than the compile
+    #: (docs/design.md, "Kernels").
     problems: int = 1
     #: The job may run the numpy kernels while numba's are compiled in the
     #: background (:func:`choose_kernel`).

@@ -184,8 +184,8 @@ def shared(value: Any, copies: int) -> Any:
 
     Small values go into each task, since a key of their own must run and
     travel to every worker before the stage starts; values whose copies
-    exceed :data:`INLINE_BYTES`, and containers (which Dask would search
-    for keys), are one key.
+    together exceed :data:`INLINE_BYTES`, and containers (which Dask would
+    search for keys), are one key.
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -471,11 +471,9 @@ def dask_engine(
     return DaskEngine(labels, pred_probs, plan, direct=direct, client=client, progress=progress, kind=kind)
 
 
-def as_dask_arrays(
-    labels: Any, pred_probs: Any, chunk_rows: int | tuple[int, ...] | None
-) -> tuple[da.Array, da.Array]:
-    """Dask arrays of the two inputs with the same row chunks, ``chunk_rows``
-    each, or those sizes (a tuple), or a dask array's own (None), and whole rows.
+def as_dask_arrays(labels: Any, pred_probs: Any, chunk_rows: tuple[int, ...] | None) -> tuple[da.Array, da.Array]:
+    """Dask arrays of the two inputs with the same row chunks, of the sizes
+    ``chunk_rows``, or a dask array's own (None), and whole rows.
 
     Row sources become dask arrays whose tasks slice the source, so
     memory-mapped and on-disk inputs are read block by block by whichever
@@ -483,7 +481,7 @@ def as_dask_arrays(
     """
     token = uuid.uuid4().hex[:12]
 
-    def to_dask(src: Any, label: str, rows: int | tuple[int, ...] | None) -> da.Array:
+    def to_dask(src: Any, label: str, rows: tuple[int, ...] | None) -> da.Array:
         if inputs.is_dask_array(src):
             whole = {axis: -1 for axis in range(1, src.ndim)}
             if rows is not None:

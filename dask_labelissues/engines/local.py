@@ -131,11 +131,11 @@ class BufferPool:
     write into.
 
     A fresh mapping's pages are faulted in and zeroed on first write, job
-    after job (on 10,000,000 x 100, a quarter of the warm job).  A later job takes a listed
-    buffer of the same kind (private, shared, or a spill file in the same
-    directory) once no array refers to it.  Spill files have a limit of
-    their own (``file_limit``).  Beyond a limit, free buffers are let go
-    oldest first, then older ones in use.
+    after job (on 10,000,000 x 100, a quarter of the warm job).  A later
+    job takes a listed buffer of the same kind (private, shared, or a spill
+    file in the same directory) once no array refers to it.  Spill files
+    have a limit of their own (``file_limit``).  Beyond a limit, free
+    buffers are let go oldest first, then older ones in use.
 
     Shared buffers may still be read by a process forked while a result
     held them: they are let go at every fork but of the fork engine's
@@ -402,9 +402,12 @@ class LocalEngine(Engine):
         for blocks in keep:
             assert isinstance(blocks, LocalBlocks)
             blocks.kept = True
+        out = [h.value if isinstance(h, LocalValue) else list(self._finished(h)) for h in handles]
+        # Checked once every handle has run: a reduction listed before its
+        # blocks takes their states in this very call.
         if any(isinstance(h, LocalBlocks) and h.states_dropped for h in handles):
             raise RuntimeError("a reduction took these blocks' states: the one-machine engines keep only their rows")
-        return [h.value if isinstance(h, LocalValue) else list(self._finished(h)) for h in handles]
+        return out
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> np.ndarray:
         self._finished(blocks)

@@ -20,17 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import fused, numba_cache
-
-
-def _dataset(n: int, k: int, dtype: type, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(n, k))
-    labels = logits.argmax(axis=1)
-    flipped = rng.random(n) < 0.1
-    labels[flipped] = rng.integers(0, k, int(flipped.sum()))
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    return labels.astype(np.int64), probs.astype(dtype)
+from .synthetic import SyntheticSpec, generate_block
 
 
 def compile_kernels(stamp: Path | None = None) -> float:
@@ -69,9 +59,9 @@ def compile_kernels(stamp: Path | None = None) -> float:
         if not fused.numba_loaded():
             raise ImportError("numba's kernels did not load: is numba installed?")
         with tempfile.TemporaryDirectory(prefix="dask-labelissues-compile-") as tmp:
-            for i, dtype in enumerate((np.float32, np.float64)):
+            for i, dtype in enumerate(("float32", "float64")):
                 # Enough rows for the selection's radix sort to run.
-                labels, probs = _dataset(20_000, 10, dtype, seed=i)
+                labels, probs, _ = generate_block(SyntheticSpec(20_000, 10, seed=i, dtype=dtype), 0)
                 paths = [os.path.join(tmp, f"{name}-{i}.npy") for name in ("labels", "pred_probs")]
                 np.save(paths[0], labels)
                 np.save(paths[1], probs)

@@ -1,13 +1,11 @@
 """The interface every engine provides: a few generic block primitives.
 
-An engine holds a job's inputs, cut into blocks by
-:func:`~dask_labelissues.engines.blocks.plan_blocks`, and runs block tasks
-on them (:class:`Engine`).  The pipelines (:mod:`dask_labelissues.pipelines`)
+An engine runs block tasks on a job's inputs, cut into blocks by
+:func:`~.blocks.plan_blocks`.  The pipelines (:mod:`dask_labelissues.pipelines`)
 are written once against these primitives; an engine holds no algorithm.
-An engine may run a primitive at once or when a later one needs it (the
-Dask engine sends the maps and reductions between two computes as one
-graph, so stages follow each other with no stop at the client); the
-results are the same bits either way.
+A primitive may run at once or when a later one needs it (the Dask engine
+sends everything between two computes as one graph, so stages follow each
+other with no stop at the client): the results are the same bits.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ class Blocks:
 
 class Value:
     """Opaque handle: the result of an :meth:`Engine.reduce` (a later map
-    gets its ``data`` where it is a :class:`~dask_labelissues.aggregations.Pair`)."""
+    gets its ``data`` where it is a Pair)."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +108,6 @@ class Engine(ABC):
         # bounds up here.
         self.item_bounds = [(a * self.items_per_row, b * self.items_per_row) for a, b in plan.bounds]
         self.starts = [a for a, _ in self.item_bounds]
-
 
     @abstractmethod
     def column(self, dtype: Any) -> Column:

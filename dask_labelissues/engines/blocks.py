@@ -3,14 +3,13 @@
 :func:`plan_blocks` is the one place a job's blocks (bounds, the pieces a
 block is read in, runs of a dask array's small chunks) and kernel are
 decided, from the :class:`BlockConfig` the engines fill in.
-:class:`BlockReader` is what a block task gets for the job's inputs: the
-block's items, read in the task, in pieces where the plan says so.
+:class:`BlockReader` reads a block's items in its task.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,9 +29,8 @@ MAX_PIECES_PER_BLOCK = 4
 NUMBA_MIN_CELLS = 50_000_000
 
 #: Jobs with fewer cells than this run the numpy kernel while numba's cache
-#: lacks the kernels (:func:`dask_labelissues.numba_cache.compiled`), and
-#: start their compile in the background: below it, numpy's extra time is
-#: less than the compile (docs/design.md, "Kernels").
+#: lacks the kernels, compiled meanwhile in the background: below it,
+#: numpy's extra time is less than the compile (docs/design.md, "Kernels").
 COLD_NUMBA_MAX_CELLS = 1_000_000_000
 
 #: Workers with less memory than this run the pure-numpy kernel: importing
@@ -42,10 +40,8 @@ SMALL_WORKER_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """What the engines know of a job when they plan its blocks.
-
-    Rows are stored rows of pred_probs (an image's pixels are one row).
-    """
+    """What the engines know of a job when they plan its blocks, in stored
+    rows of pred_probs (an image's pixels are one row)."""
 
     n_rows: int
     #: Bytes of one stored row of pred_probs.
@@ -61,8 +57,7 @@ class BlockConfig:
     chunk_rows: int | None = None
     #: The workers' smallest memory limit (a Dask cluster), if known.
     worker_memory: int | None = None
-    #: The memory this process may use, where the tasks run in it (its
-    #: threads, or forks of it): :func:`~dask_labelissues.system.usable_memory`.
+    #: The memory this process may use, where the tasks run in it or in forks of it.
     process_memory: int | None = None
     #: Worker threads running the blocks, 0 if unknown.
     threads: int = 0
@@ -74,15 +69,12 @@ class BlockConfig:
     array_chunks: tuple[int, ...] | None = None
     #: The job runs in this process (its numba kernels may be loaded).
     in_process: bool = True
-    #: Problems the job runs side by side on every block (multi-label's K
-    #: classes, :mod:`dask_labelissues.lockstep`).  The kernel is chosen
-    #: for ``cells`` times this, as each problem's kernels run over the
-    #: whole block; jobs of more than one problem never run numpy while
-    #: numba compiles, which would cost them far more than the compile
-    #: (docs/design.md, "Kernels").
+    #: Problems run side by side on every block (multi-label's classes,
+    #: :mod:`dask_labelissues.lockstep`): the kernel is chosen for ``cells``
+    #: times this, and such jobs never run numpy while numba compiles, which
+    #: would cost them far more than the compile (docs/design.md, "Kernels").
     problems: int = 1
-    #: The job may run the numpy kernels while numba's are compiled in the
-    #: background (:func:`choose_kernel`).
+    #: The job may run numpy while numba compiles (:func:`choose_kernel`).
     numpy_while_compiling: bool = True
     #: Rows a block may end at (besides ``n_rows``), non-decreasing: a token
     #: job's sentence offsets, so that no sentence is split; None: any row.
@@ -173,9 +165,9 @@ def snap_blocks(plan: BlockPlan, n_rows: int, cuts: np.ndarray) -> BlockPlan:
     """``plan`` with each block end moved to the nearest of ``cuts``
     (:func:`snap_ends`), by at most half the sentence it falls in.
 
-    Where ends move, a dask array is rechunked to the blocks, and an end inside a storage chunk
-    has both blocks around it decode that chunk: the price of whole
-    sentences.  An end that is a cut already does not move.
+    Where ends move, a dask array is rechunked to the blocks, and both
+    blocks around an end inside a storage chunk decode that chunk: the
+    price of whole sentences.
     """
     ends = snap_ends(np.cumsum(plan.chunks)[:-1], cuts, n_rows)
     bounds = block_bounds(np.diff(np.concatenate([[0], ends, [n_rows]])))
@@ -206,13 +198,14 @@ def snap_ends(ends: np.ndarray, cuts: np.ndarray, n_rows: int) -> np.ndarray:
 
 def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool, numpy_while_compiling: bool = True) -> ScoreSpec:
     """``spec`` with the kernel a job of ``cells`` (N x K, times its
-    problems) values should run: explicit kernels are kept, and ``"auto"``
-    (numba where it imports) becomes ``"numpy"`` below
-    :data:`NUMBA_MIN_CELLS` unless numba is loaded in this process, or
-    below :data:`COLD_NUMBA_MAX_CELLS` while numba's kernels are compiled
-    in the background (:func:`dask_labelissues.numba_cache.compile_in_background`,
-    started here) for an ``in_process`` job that allows it
-    (``numpy_while_compiling``).  Both kernels give the same bits.
+    problems) values should run.
+
+    Explicit kernels are kept.  ``"auto"`` (numba where it imports) becomes
+    ``"numpy"`` below :data:`NUMBA_MIN_CELLS` unless numba is loaded in this
+    process, or, for an ``in_process`` job that allows it
+    (``numpy_while_compiling``), below :data:`COLD_NUMBA_MAX_CELLS` while
+    numba's kernels compile in the background (started here).  Both
+    kernels give the same bits.
     """
     if spec.kernel != "auto" or (in_process and fused.numba_loaded()):
         return spec
@@ -238,10 +231,9 @@ def dask_block_rows(n_rows: int, read_rows: int, row_bytes: int, record_bytes: i
     in pieces of ``read_rows`` (:func:`auto_chunk_rows`).
 
     A task costs the scheduler and a worker milliseconds of CPU, so a block
-    holds several pieces, but leaves at least two blocks per worker thread
-    (``threads``; 0 if unknown: one piece a block), at most
-    :data:`MAX_PIECES_PER_BLOCK`, and its records (``record_bytes`` a row)
-    no larger than one piece (``row_bytes`` a row).
+    holds several pieces: at most :data:`MAX_PIECES_PER_BLOCK`, two blocks
+    per worker thread at least (``threads``; 0, unknown: one piece), and
+    records (``record_bytes`` a row) no larger than a piece's pred_probs.
     """
     if threads < 1 or read_rows < 1:
         return max(read_rows, 1)
@@ -252,12 +244,10 @@ def dask_block_rows(n_rows: int, read_rows: int, row_bytes: int, record_bytes: i
 
 def balanced_chunks(n_rows: int, rows: int, unit: int | None, threads: int) -> tuple[int, ...]:
     """Block sizes of at most ``rows`` rows in whole storage chunks of
-    ``unit`` rows (the last block may end inside one), as many blocks as a
-    multiple of ``threads`` where there are chunks enough, and as even as
-    whole chunks allow.
-
-    A stage ends when its busiest thread does.  ``threads`` 0 or 1
-    (unknown, or one), or data within one block: blocks of ``rows``.
+    ``unit`` rows (the last block may end inside one), as even as whole
+    chunks allow, and a multiple of ``threads`` blocks where there are
+    chunks enough: a stage ends when its busiest thread does.  With one
+    thread or none known, or data within one block: blocks of ``rows``.
     """
     if threads < 2:
         return even_chunks(n_rows, rows)
@@ -292,9 +282,8 @@ def piece_bounds(start: int, stop: int, piece_rows: int | None) -> list[tuple[in
     """Rows ``start:stop`` cut where a row index is a multiple of
     ``piece_rows`` (None: one piece), the pieces a block is read in.
 
-    Cuts on that grid, not from ``start``: ``piece_rows`` is a whole number
-    of storage chunks, so no piece decodes a chunk another piece of the
-    block decodes too.
+    On that grid, not from ``start``: ``piece_rows`` is whole storage
+    chunks, so no two pieces of a block decode the same chunk.
     """
     if piece_rows is None or stop <= start:
         return [(start, stop)]
@@ -307,11 +296,9 @@ def piece_bounds(start: int, stop: int, piece_rows: int | None) -> list[tuple[in
 
 def group_chunks(chunks: Sequence[int], rows: int) -> list[tuple[int, int]]:
     """Consecutive chunks grouped into blocks of about ``rows`` rows:
-    ``[(first chunk, end chunk), ...]``.
-
-    A group closes once it holds ``rows`` rows or more, so every group
-    but the last holds at least ``rows`` and at most ``rows`` plus one
-    chunk.
+    ``[(first chunk, end chunk), ...]``.  A group closes once it holds
+    ``rows`` rows, so every group but the last holds ``rows`` to ``rows``
+    plus one chunk.
     """
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
@@ -328,10 +315,9 @@ def group_chunks(chunks: Sequence[int], rows: int) -> list[tuple[int, int]]:
 
 def join_adjacent(parts: Sequence[np.ndarray]) -> np.ndarray | None:
     """Consecutive row pieces as one array, without a copy, where they lie
-    end to end in one C-contiguous buffer (the chunks of a dask array made
-    from one numpy array or memory map do); None where they do not.
-
-    A block of many small chunks is then scanned in one kernel call.
+    end to end in one C-contiguous buffer (as the chunks of a dask array of
+    one numpy array or memory map do), so that a block of many small chunks
+    is scanned in one kernel call; else None.
     """
     first = parts[0]
     if len(parts) == 1:
@@ -359,13 +345,13 @@ def join_adjacent(parts: Sequence[np.ndarray]) -> np.ndarray | None:
 
 
 class BlockReader:
-    """One block of the job's inputs, as its task reads it.
-
-    ``labels`` and ``probs`` are either sources sliced by stored rows
-    ``start:stop`` here, in the task (files and stores: read where the
-    block is used, never held between tasks), or lists of the block's
-    chunks already read (a dask array's).  Reads come back as items of
+    """One block of the job's inputs, as its task reads it: items of
     ``kind`` (:mod:`dask_labelissues.kinds`).
+
+    ``labels`` and ``probs`` are sources sliced by stored rows
+    ``start:stop`` in the task (files and stores: read where the block is
+    used, never held between tasks), or lists of the block's chunks
+    already read (a dask array's).
     """
 
     def __init__(
@@ -425,32 +411,26 @@ class BlockReader:
         """``(first item from the block's start, pred_probs)`` of each piece
         of the block in turn, as pass one's scan reads them
         (:meth:`Kind.scan_view`); one piece is held at a time."""
+        parts: Iterable[np.ndarray]
         if isinstance(self._probs, list):
             joined = join_adjacent(self._probs)
             parts = [joined] if joined is not None else self._probs
-            row = 0
-            for part in parts:
-                yield row * self.items_per_row, self._items(part, row, scan=True)
-                row += len(part)
-            return
-        bounds = piece_bounds(self.start, self.stop, self.read_rows)
-        if len(bounds) == 1:
-            yield 0, self._items(self._whole(self._probs), 0, scan=True)
-            return
-        for a, b in bounds:
-            piece = np.asarray(self._probs[a:b])
-            yield (a - self.start) * self.items_per_row, self._items(piece, a - self.start, scan=True)
+        elif len(bounds := piece_bounds(self.start, self.stop, self.read_rows)) == 1:
+            parts = [self._whole(self._probs)]
+        else:
+            parts = (np.asarray(self._probs[a:b]) for a, b in bounds)
+        row = 0
+        for part in parts:
+            yield row * self.items_per_row, self._items(part, row, scan=True)
+            row += len(part)
 
     def views(
         self, kinds: Sequence[Kind], *, layout: Callable[[np.ndarray], np.ndarray] | None = None
     ) -> list["BlockReader"]:
         """The block, read once and whole, as items of each of ``kinds``
-        (each class of multi-label rows, say), one reader a kind.
-
-        ``layout`` is applied once to the stored labels and pred_probs
-        first (:func:`dask_labelissues.lockstep.column_major_copy`).  The
-        views hold no pages: only the engine's reader closes the block.
-        """
+        (each class of multi-label rows, say), one reader a kind; ``layout``
+        is applied once to the stored labels and pred_probs first.  Only the
+        engine's reader closes the block: the views hold no pages."""
         labels, probs = self.stored_labels(), self.stored_probs()
         if layout is not None:
             labels, probs = layout(labels), layout(probs)

@@ -1,9 +1,7 @@
-"""Choosing a job's engine.
+"""Choosing a job's engine: :func:`make_engine`, which the API asks for one.
 
-The API asks :func:`make_engine` for an engine and runs a pipeline on it;
-which engine runs is decided here, and its blocks and kernel by
-:func:`~.blocks.plan_blocks`, which each engine's factory calls with what
-it knows (the inputs, the cluster's workers, the job's size).
+Its blocks and kernel are :func:`~.blocks.plan_blocks`'s, called with what
+each engine knows (the inputs, the cluster's workers, the job's size).
 """
 
 from __future__ import annotations

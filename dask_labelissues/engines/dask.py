@@ -57,33 +57,24 @@ def block_state(pair: Pair) -> Any:
     return pair.state
 
 
-#: Task arguments :class:`BlockTask` builds a :class:`~.blocks.BlockReader`
-#: of: labels, pred_probs, start, stop, kind, items per row, read_rows.
-READER_ARGS = 7
+def _reader(labels: Any, probs: Any, start: int, stop: int, kind: Kind, per_row: int, read_rows: Any) -> BlockReader:
+    return BlockReader(labels, probs, start, stop, kind=kind, items_per_row=per_row, read_rows=read_rows)
 
 
 class BlockTask:
     """A block task's function, as the task Dask runs: takes the data of
     :class:`~dask_labelissues.aggregations.Pair` arguments and builds, in
     the task, the :class:`~.blocks.BlockReader` of each argument
-    ``readers`` marks.  Has its function's name, which Dask's task keys on
-    the dashboard show."""
+    ``readers`` marks, from the list of its arguments (a list, not a
+    tuple, whose keys Dask resolves and which it never takes for a task).
+    Has its function's name, which Dask's task keys on the dashboard show."""
 
     def __init__(self, fn: Callable, readers: tuple[bool, ...]) -> None:
         self.fn, self.readers = fn, readers
         self.__name__ = getattr(fn, "__name__", "task")
 
-    def __call__(self, *flat: Any) -> Any:
-        args, at = [], 0
-        for reader in self.readers:
-            if reader:
-                lab, probs, start, stop, kind, per_row, read_rows = flat[at : at + READER_ARGS]
-                args.append(BlockReader(lab, probs, start, stop, kind=kind, items_per_row=per_row, read_rows=read_rows))
-                at += READER_ARGS
-            else:
-                args.append(data_of(flat[at]))
-                at += 1
-        return self.fn(*args)
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*(_reader(*a) if reader else data_of(a) for reader, a in zip(self.readers, args)))
 
 
 # One task function for every task of a stage.
@@ -295,11 +286,7 @@ class DaskEngine(Engine):
                 columns.append(self._per_block(arg.values))
             else:
                 columns.append([shared(arg, n)] * n)
-        # A reader argument is its block's READER_ARGS, flat in the task.
-        rows = [
-            tuple(x for reader, column in zip(readers, columns) for x in (column[i] if reader else (column[i],)))
-            for i in range(n)
-        ]
+        rows = [tuple(column[i] for column in columns) for i in range(n)]
         return DaskBlocks(layer(_block_task(task, readers), rows), pairs=out is not None)
 
     def reduce(self, blocks: Blocks, aggregation: Aggregation, *args: Any) -> Value:
@@ -348,17 +335,17 @@ class DaskEngine(Engine):
 
     # -- inputs ------------------------------------------------------------------
     @functools.cached_property
-    def _readers(self) -> list[tuple]:
-        """Each block's reader arguments (:data:`READER_ARGS`)."""
+    def _readers(self) -> list[list]:
+        """Each block's reader arguments (:func:`_reader`'s), as a list."""
         n = len(self.plan.bounds)
         per_block = (self.kind, self.items_per_row, self.plan.read_rows)
         if self.direct:
             # Copies in every task while they pickle small (shared()).
             lab, probs = shared(self.labels, n), shared(self.pred_probs, n)
-            return [(lab, probs, a, b, *per_block) for a, b in self.plan.bounds]
+            return [[lab, probs, a, b, *per_block] for a, b in self.plan.bounds]
         lab, probs = self._chunks(self.labels), self._chunks(self.pred_probs)
         groups = self.plan.groups or [(i, i + 1) for i in range(len(probs))]
-        return [(lab[g:h], probs[g:h], a, b, *per_block) for (g, h), (a, b) in zip(groups, self.plan.bounds)]
+        return [[lab[g:h], probs[g:h], a, b, *per_block] for (g, h), (a, b) in zip(groups, self.plan.bounds)]
 
     def _chunks(self, array: da.Array) -> list[Any]:
         """A dask array's row chunks, in order, as task arguments.

@@ -81,17 +81,6 @@ class BlockTask:
 _block_task = functools.lru_cache(maxsize=None)(BlockTask)
 
 
-class Merge:
-    """A merge task of a reduction's tree (``root``: its last, which finalizes)."""
-
-    def __init__(self, aggregation: Aggregation, root: bool) -> None:
-        self.merge = aggregation.root if root else aggregation.combine
-        self.__name__ = aggregation.name if root else f"{aggregation.name}-combine"
-
-    def __call__(self, parts: list, *args: Any) -> Any:
-        return self.merge(parts, *args)
-
-
 def _ref(arg: Any, deps: dict[Any, Delayed]) -> Any:
     """A task argument: a Delayed becomes its key (and a dependency)."""
     if isinstance(arg, Delayed):
@@ -102,14 +91,15 @@ def _ref(arg: Any, deps: dict[Any, Delayed]) -> Any:
     return arg
 
 
-def layer(fn: Callable, rows: Sequence[tuple], suffix: tuple[int, ...] = ()) -> list[Delayed]:
-    """One task ``fn(*row)`` per row, as one graph layer; Delayed arguments
-    (and lists of them) are passed by key, literals are never keys or tasks.
+def layer(fn: Callable, rows: Sequence[tuple], suffix: tuple[int, ...] = (), name: str | None = None) -> list[Delayed]:
+    """One task ``fn(*row)`` per row, as one graph layer named ``name`` (or
+    ``fn``'s name: what the dashboard shows); Delayed arguments (and lists
+    of them) are passed by key, literals are never keys or tasks.
 
     A plain dict, not ``delayed(fn)(...)``, whose tokenizing and graph
     merging grow with the inputs.
     """
-    name = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:16]}"
+    name = f"{name or getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:16]}"
     deps: dict[Any, Delayed] = {}
     tasks = {(name, i, *suffix): (fn, *(_ref(a, deps) for a in row)) for i, row in enumerate(rows)}
     graph = _with_inputs(name, tasks, deps.values())
@@ -194,10 +184,10 @@ def tree_reduce(parts: Sequence[Delayed], aggregation: Aggregation, args: tuple 
     a level; the last merge is the root, which also finalizes with ``args``
     (always one, so the result is finalized even for a single block)."""
     level = list(parts)
-    combine = Merge(aggregation, root=False)
     while len(level) > SPLIT_EVERY:
-        level = layer(combine, [(level[i : i + SPLIT_EVERY],) for i in range(0, len(level), SPLIT_EVERY)])
-    return layer(Merge(aggregation, root=True), [(level, *args)])[0]
+        groups = [(level[i : i + SPLIT_EVERY],) for i in range(0, len(level), SPLIT_EVERY)]
+        level = layer(aggregation.combine, groups, name=f"{aggregation.name}-combine")
+    return layer(aggregation.root, [(level, *args)], name=aggregation.name)[0]
 
 
 def cluster_workers(client: Any) -> tuple[int | None, int]:

@@ -285,23 +285,16 @@ class DaskEngine(Engine):
         return DaskValue(tree_reduce(blocks.states(), aggregation, common))
 
     def compute(self, *handles: Blocks | Value, keep: Sequence[Blocks] = ()) -> list[Any]:
-        wanted: list[Delayed] = []
-        for h in handles:
-            if isinstance(h, DaskBlocks):
-                wanted.extend(h.states())
-            elif h.part is not None:
-                wanted.append(h.part)
-        persisted, values = map(iter, self._run([p for b in keep for p in b.parts], wanted))
+        asks = [h.states() if isinstance(h, DaskBlocks) else [h.part] if h.part is not None else [] for h in handles]
+        kept, values = map(iter, self._run([p for b in keep for p in b.parts], [d for ask in asks for d in ask]))
         for b in keep:
-            b.parts = list(itertools.islice(persisted, len(b.parts)))
+            b.parts = list(itertools.islice(kept, len(b.parts)))
         out = []
-        for h in handles:
-            if isinstance(h, DaskBlocks):
-                out.append(list(itertools.islice(values, len(h.parts))))
-                continue
-            if h.part is not None:
-                h.value, h.part = next(values), None
-            out.append(h.value)
+        for h, ask in zip(handles, asks):
+            got = list(itertools.islice(values, len(ask)))
+            if isinstance(h, DaskValue) and got:
+                h.value, h.part = got[0], None
+            out.append(h.value if isinstance(h, DaskValue) else got)
         return out
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> da.Array:

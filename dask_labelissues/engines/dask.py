@@ -298,14 +298,11 @@ class DaskEngine(Engine):
         return out
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> da.Array:
-        if row_shape is None:
-            parts = layer(data_of, [(b,) for b in blocks.parts])
-            chunks: tuple = (tuple(c * self.items_per_row for c in self.plan.chunks),)
-        else:
-            # Keys (name, i, 0, ...), as the chunks of an array of that many axes.
-            parts = layer(_rows_of, [(b, row_shape) for b in blocks.parts], suffix=(0,) * len(row_shape))
-            chunks = (self.plan.chunks, *((s,) for s in row_shape))
-        # The layer's keys are (name, i), as a dask array's chunks are named.
+        # Item-long: a block's rows times its items per row, on one axis.
+        shape, per_row = ((), self.items_per_row) if row_shape is None else (row_shape, 1)
+        # Keys (name, i, 0, ...), as a dask array of that many axes names its chunks.
+        parts = layer(_rows_of, [(b, shape) for b in blocks.parts], suffix=(0,) * len(shape))
+        chunks = (tuple(c * per_row for c in self.plan.chunks), *((s,) for s in shape))
         return da.Array(parts[0].dask, parts[0].key[0], chunks=chunks, dtype=dtype)
 
     def _per_block(self, values: Sequence[Any]) -> list[Any]:

@@ -170,10 +170,8 @@ def shared(value: Any, copies: int) -> Any:
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, CONTAINERS):
-        return delayed(value, pure=False)
     try:
-        small = len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)) * copies <= INLINE_BYTES
+        small = not isinstance(value, CONTAINERS) and len(pickle.dumps(value, -1)) * copies <= INLINE_BYTES
     except Exception:  # not picklable: fine for local schedulers, as one key
         small = False
     return value if small else delayed(value, pure=False)
@@ -298,7 +296,6 @@ class DaskEngine(Engine):
         return out
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> da.Array:
-        # Item-long: a block's rows times its items per row, on one axis.
         shape, per_row = ((), self.items_per_row) if row_shape is None else (row_shape, 1)
         # Keys (name, i, 0, ...), as a dask array of that many axes names its chunks.
         parts = layer(_rows_of, [(b, shape) for b in blocks.parts], suffix=(0,) * len(shape))

@@ -336,11 +336,9 @@ class DaskEngine(Engine):
         """
         top = array.__dask_graph__().layers.get(array.name)
         if self.client is None and top is not None and top.is_materialized():
-            keys = list(flatten(array.__dask_keys__()))
-            if keys and isinstance(top.get(keys[0]), np.ndarray):
-                chunks = [top.get(key) for key in keys]
-                if all(isinstance(chunk, np.ndarray) for chunk in chunks):
-                    return chunks
+            chunks = [top.get(key) for key in flatten(array.__dask_keys__())]
+            if chunks and all(isinstance(chunk, np.ndarray) for chunk in chunks):
+                return chunks
         return array.to_delayed().ravel().tolist()
 
     # -- running graphs ----------------------------------------------------------

@@ -248,13 +248,12 @@ class DaskEngine(Engine):
         self.direct = direct
         self.client = distributed_client(client)
         self.progress = progress
-        self.n_columns = 0
+        self._columns = itertools.count()
 
     # -- the primitives ----------------------------------------------------------
     def column(self, dtype: Any) -> Column:
         # Each task makes its block's rows, which stay on the worker.
-        self.n_columns += 1
-        return Column(self.n_columns - 1, np.dtype(dtype))
+        return Column(next(self._columns), np.dtype(dtype))
 
     def map(self, task: Callable[..., Any], *args: Any, out: Column | None = None, label: str | None = None) -> Blocks:
         n = len(self.plan.bounds)

@@ -360,12 +360,9 @@ class DaskEngine(Engine):
             self._watch(futures)
             values = self.client.gather(futures[len(blocks) :])
             return held(futures[: len(blocks)], "kept"), list(values)
-        bar: Any = contextlib.nullcontext()
         if self.progress:
             from dask.diagnostics import ProgressBar
-
-            bar = ProgressBar(out=sys.stderr)
-        with bar:
+        with ProgressBar(out=sys.stderr) if self.progress else contextlib.nullcontext():
             if not blocks:
                 return [], list(dask.compute(*wanted, optimize_graph=False))
             out = dask.persist(*blocks, *wanted, optimize_graph=False)
@@ -383,19 +380,14 @@ class DaskEngine(Engine):
         since: float | None = None
         for future in futures:
             while future.status != "finished":  # read locally: no round trip
-                try:
+                with contextlib.suppress(TimeoutError):
                     # Waits on this future's own client (not the default one)
                     # and moves no data; a task error is raised here.
                     if future.exception(timeout=1.0) is not None:
                         future.result()
                     break
-                except TimeoutError:
-                    pass
-                if self.client.nthreads():
-                    since = None
-                    continue
-                since = since if since is not None else time.monotonic()
-                if time.monotonic() - since > limit:
+                since = None if self.client.nthreads() else (time.monotonic() if since is None else since)
+                if since is not None and time.monotonic() - since > limit:
                     self.client.cancel(futures)
                     raise RuntimeError(
                         f"the Dask cluster at {self.client.scheduler.address} has had no "

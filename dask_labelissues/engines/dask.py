@@ -436,9 +436,6 @@ def as_dask_arrays(labels: Any, pred_probs: Any, chunk_rows: tuple[int, ...] | N
 
     def to_dask(src: Any, label: str, rows: tuple[int, ...] | None) -> da.Array:
         if inputs.is_dask_array(src):
-            whole = {axis: -1 for axis in range(1, src.ndim)}
-            if rows is not None:
-                whole[0] = rows
             split = [axis for axis in range(1, src.ndim) if len(src.chunks[axis]) != 1]
             if split:
                 where = "the class axis" if split == [1] else f"axes {split}"
@@ -446,7 +443,7 @@ def as_dask_arrays(labels: Any, pred_probs: Any, chunk_rows: tuple[int, ...] | N
                     f"{label} is split into chunks along {where}; rechunking to whole rows "
                     "(a block needs all the classes of its rows, and whole images)", UserWarning, stacklevel=5,
                 )
-            return src.rechunk(whole) if whole else src
+            return src.rechunk(dict.fromkeys(split, -1) | ({} if rows is None else {0: rows}))
         return da.from_array(
             src, chunks=(rows,) + tuple(src.shape[1:]), name=f"{label}-{token}", asarray=True, lock=False,
             inline_array=False, meta=np.empty((0,) * src.ndim, dtype=src.dtype),

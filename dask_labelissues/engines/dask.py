@@ -396,15 +396,14 @@ class DaskEngine(Engine):
 
 
 def dask_engine(
-    labels: Any, pred_probs: Any, spec: ScoreSpec, *, single_read: bool, chunk_rows: int | None = None,
-    client: Any = None, progress: bool = False, kind: Kind = ROWS, cuts: np.ndarray | None = None, problems: int = 1,
-    numpy_while_compiling: bool = True,
+    labels: Any, pred_probs: Any, spec: ScoreSpec, settings: dict[str, Any], *,
+    client: Any = None, progress: bool = False, kind: Kind = ROWS,
 ) -> DaskEngine:
     """The Dask engine for a job, with its blocks and kernel planned
-    (:func:`~.blocks.plan_blocks`) from the cluster's workers; the
-    arguments are :func:`~.plan.make_engine`'s.  File and store inputs are
-    read inside the tasks; other inputs become dask arrays of the plan's
-    row chunks (a dask array keeps its own unless cut)."""
+    (:func:`~.blocks.plan_blocks`) from the cluster's workers and
+    ``settings``, the :class:`~.blocks.BlockConfig` fields the caller set.
+    File and store inputs are read inside the tasks; other inputs become
+    dask arrays of the plan's row chunks (a dask array keeps its own unless cut)."""
     client = distributed_client(client)
     smallest, threads = cluster_workers(client)
     stored = inputs.stored_rows(labels), inputs.stored_rows(pred_probs)
@@ -412,11 +411,9 @@ def dask_engine(
         labels, pred_probs = stored
     direct = inputs.reads_in_tasks(labels, pred_probs)
     plan = plan_blocks(BlockConfig.of_job(
-        pred_probs, spec, kind, chunk_rows=chunk_rows, worker_memory=smallest, threads=threads,
-        reads_in_tasks=direct, single_read=single_read, in_process=client is None,
-        array_chunks=tuple(pred_probs.chunks[0]) if inputs.is_dask_array(pred_probs) else None,
-        process_memory=usable_memory() if client is None else None, cuts=cuts, problems=problems,
-        numpy_while_compiling=numpy_while_compiling,
+        pred_probs, spec, kind, worker_memory=smallest, threads=threads, reads_in_tasks=direct,
+        in_process=client is None, process_memory=usable_memory() if client is None else None,
+        array_chunks=tuple(pred_probs.chunks[0]) if inputs.is_dask_array(pred_probs) else None, **settings,
     ))
     if not direct:
         # Runs of a dask array's chunks keep its chunks; else the blocks are the chunks.

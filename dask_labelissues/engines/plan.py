@@ -53,24 +53,20 @@ def make_engine(
     ``numpy_while_compiling`` are :class:`~.blocks.BlockConfig`'s.
     """
     name = choose_backend(backend, labels, pred_probs, client)
+    settings = dict(single_read=single_read, chunk_rows=chunk_rows, cuts=cuts, problems=problems,
+                    numpy_while_compiling=numpy_while_compiling)
     if name == "dask":
         from .dask import dask_engine
 
-        engine = dask_engine(
-            labels, pred_probs, spec, single_read=single_read, chunk_rows=chunk_rows,
-            client=client, progress=progress, kind=kind, cuts=cuts, problems=problems,
-            numpy_while_compiling=numpy_while_compiling,
-        )
+        engine = dask_engine(labels, pred_probs, spec, settings, client=client, progress=progress, kind=kind)
         return engine, name, engine.client
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)
     # The local engines' module is imported for the jobs that run them only.
     from .local import pool_size
 
     threads = 1 if name == "serial" else pool_size(n_jobs)
-    plan = plan_blocks(BlockConfig.of_job(
-        probs, spec, kind, chunk_rows=chunk_rows, cuts=cuts, problems=problems, threads=threads,
-        process_memory=usable_memory(), numpy_while_compiling=numpy_while_compiling,
-    ))
+    config = BlockConfig.of_job(probs, spec, kind, threads=threads, process_memory=usable_memory(), **settings)
+    plan = plan_blocks(config)
     common = dict(kind=kind, progress=progress, spill_dir=spill_dir)
     if name == "threads":
         from .threads import ThreadEngine

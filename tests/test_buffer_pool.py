@@ -100,19 +100,20 @@ def test_the_pool_lets_go_of_free_buffers_first_then_of_older_ones_in_use():
 
 
 def test_spill_files_count_against_their_own_limit():
-    pool = BufferPool(limit=1500, file_limit=2500)
+    pool = BufferPool(limit=2500)
     memory, memory_id = held(pool, 1000)
     spill = ("file", None)
     f1, f1_id = held(pool, 1000, spill)
-    f2, f2_id = held(pool, 1000, spill)  # 2,000 bytes of files, under their limit
+    f2, f2_id = held(pool, 1000, spill)  # 3,000 bytes, 2,000 of them files: under each limit
     assert listed(pool) == {memory_id, f1_id, f2_id}
     del f1
-    f3, f3_id = held(pool, 1000, spill)  # over it: the free file goes, not memory
+    f3, f3_id = held(pool, 1000, spill)  # over the files' limit: the free file goes, not memory
     assert listed(pool) == {memory_id, f2_id, f3_id}
-    m2, m2_id = held(pool, 1000)  # over the memory limit: memory goes, not files
-    assert listed(pool) == {m2_id, f2_id, f3_id}
-    pool.adopt(spill, mmap.mmap(-1, 3000))  # larger than the files' limit
-    assert listed(pool) == {m2_id, f2_id, f3_id}
+    m2, m2_id = held(pool, 1000)
+    m3, m3_id = held(pool, 1000)  # over the memory limit: memory goes, not files
+    assert listed(pool) == {m2_id, m3_id, f2_id, f3_id}
+    pool.adopt(spill, mmap.mmap(-1, 3000))  # larger than the limit
+    assert listed(pool) == {m2_id, m3_id, f2_id, f3_id}
 
 
 def test_many_small_buffers_make_room_by_count_not_at_a_spill_file_in_use():
@@ -120,7 +121,7 @@ def test_many_small_buffers_make_room_by_count_not_at_a_spill_file_in_use():
     still holds stays listed when the count of slots is over."""
     from dask_labelissues.engines.local import MAX_SLOTS
 
-    pool = BufferPool(limit=10**9, file_limit=10**9)
+    pool = BufferPool(limit=10**9)
     spill = ("file", None)
     f1, f1_id = held(pool, 1000, spill)
     small = [held(pool, 10)[1] for _ in range(MAX_SLOTS - 1)]  # their jobs are done: free

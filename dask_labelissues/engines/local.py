@@ -115,15 +115,12 @@ def shared_handle(array: np.ndarray) -> tuple[int, int, int] | None:
 #: two open files, and many small jobs would list hundreds within the bytes.
 MAX_SLOTS = 64
 
-#: The most bytes of column buffers in memory this process keeps for later
-#: jobs: an eighth of the memory it may use (four columns of the largest
-#: size kept in memory), at most 4 GiB; with less, jobs of two engines in
-#: one process let go of each other's buffers.
+#: The most bytes of column buffers this process keeps for later jobs, in
+#: memory and again in spill files (whose pages the kernel can write back):
+#: an eighth of the memory it may use (four columns of the largest size
+#: kept in memory), at most 4 GiB; with less, jobs of two engines in one
+#: process let go of each other's buffers.
 POOL_BYTES = min(4 << 30, usable_memory() // 8)
-
-#: The same for spill files, whose pages the kernel can write back (where
-#: ``spill_dir`` is on a disk): an eighth of that memory, at most 4 GiB.
-FILE_POOL_BYTES = min(4 << 30, usable_memory() // 8)
 
 
 class BufferPool:
@@ -133,18 +130,17 @@ class BufferPool:
     A fresh mapping's pages are faulted in and zeroed on first write, job
     after job (on 10,000,000 x 100, a quarter of the warm job).  A later
     job takes a listed buffer of the same kind (private, shared, or a spill
-    file in the same directory) once no array refers to it.  Spill files
-    have a limit of their own (``file_limit``).  Beyond a limit, free
-    buffers are let go oldest first, then older ones in use.
+    file in the same directory) once no array refers to it.  Memory
+    buffers and spill files each have ``limit`` bytes; beyond it, free
+    buffers of that kind are let go oldest first, then older ones in use.
 
     Shared buffers may still be read by a process forked while a result
     held them: they are let go at every fork but of the fork engine's
     workers (:meth:`workers_forked`), which stop before their job returns.
     """
 
-    def __init__(self, limit: int, file_limit: int | None = None) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.file_limit = limit if file_limit is None else file_limit
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
         # Set, in the thread that forks them, while the fork engine starts
@@ -160,25 +156,24 @@ class BufferPool:
             return min(fits, key=len, default=None)
 
     def adopt(self, kind: tuple, buf: mmap.mmap) -> None:
-        """List ``buf`` for later jobs if it fits in its kind's limit."""
-        spill = kind[0] == "file"
-        limit = self.file_limit if spill else self.limit
-        if len(buf) > limit:
+        """List ``buf`` for later jobs if it fits in the limit."""
+        if len(buf) > self.limit:
             return
+        spill = kind[0] == "file"
         with self._lock:
             self._slots.append(_Slot(kind, buf))
             total = sum(len(s.buf) for s in self._slots if (s.kind[0] == "file") == spill)
-            for free_first in (True, False):
-                for slot in list(self._slots[:-1]):
-                    alike = (slot.kind[0] == "file") == spill
-                    over_slots = len(self._slots) > MAX_SLOTS
-                    if total <= limit and not over_slots:
-                        return
-                    # Bytes of one kind are let go to make room for that
-                    # kind; any slot, to bring the count under MAX_SLOTS.
-                    if (alike or over_slots) and (not free_first or slot.free()):
-                        self._slots.remove(slot)
-                        total -= len(slot.buf) if alike else 0
+            # Free slots first (a stable sort keeps them oldest first): bytes
+            # of one kind make room for that kind; any slot, to bring the
+            # count under MAX_SLOTS.
+            for slot in sorted(self._slots[:-1], key=lambda s: not s.free()):
+                over_slots = len(self._slots) > MAX_SLOTS
+                if total <= self.limit and not over_slots:
+                    return
+                alike = (slot.kind[0] == "file") == spill
+                if alike or over_slots:
+                    self._slots.remove(slot)
+                    total -= len(slot.buf) if alike else 0
 
     def shared_keys(self) -> set[int]:
         """The keys (:func:`shared_handle`) of the listed shared buffers."""
@@ -232,7 +227,7 @@ class _Slot:
 
 
 #: This process's kept column buffers.
-BUFFERS = BufferPool(POOL_BYTES, FILE_POOL_BYTES)
+BUFFERS = BufferPool(POOL_BYTES)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=BUFFERS.before_fork, after_in_child=BUFFERS.in_child)
 

@@ -414,12 +414,16 @@ class LocalEngine(Engine):
         return array if row_shape is None else array.reshape((-1, *row_shape))
 
     # -- running blocks ------------------------------------------------------------
-    def _run(self, blocks: LocalBlocks, fold: bool = False) -> Iterable[tuple[int, Any]]:
-        """The blocks' ``(block, result)`` pairs, as :meth:`_map` yields
-        them: run now (with ``fold``, keeping only their rows, for a
-        reduction that takes the states as they come), or as kept."""
+    def _run(self, blocks: LocalBlocks, fold: bool = False) -> Iterator[tuple[int, Any]]:
+        """The blocks' ``(block, result)`` pairs as :meth:`_map` yields them,
+        run now unless kept, keeping for later stages a column's rows (a
+        view of it) or the results whole.  With ``fold`` (a reduction taking
+        the states as they come), results are kept only where a compute
+        asked (as the Dask engine keeps them), a column map's states never;
+        a reduced map's blocks not kept run again for a later map."""
         if blocks.results is not None:
-            return enumerate(blocks.results)
+            yield from enumerate(blocks.results)
+            return
         for arg in blocks.args:
             if isinstance(arg, LocalBlocks):
                 self._finished(arg)
@@ -429,7 +433,15 @@ class LocalEngine(Engine):
         results = self._map(tasks)
         if self.progress and blocks.label is not None:
             results = _progress(results, n, blocks.label)
-        return self._keep(blocks, results, fold)
+        drop = fold and blocks.out is not None
+        keep = not fold or blocks.kept or drop
+        kept: list[Any] = [None] * n
+        for i, result in results:
+            yield i, result
+            if keep:
+                kept[i] = None if drop else result
+        blocks.results = kept if keep else None
+        blocks.states_dropped = drop
 
     def _finished(self, blocks: LocalBlocks) -> list[Any]:
         """The blocks' results, run now unless kept."""
@@ -441,21 +453,6 @@ class LocalEngine(Engine):
         """Runs of blocks ``(first, end)`` whose results :meth:`_map` yields
         in block order, the runs in any order between them."""
         return [(0, len(self.plan.bounds))]
-
-    def _keep(self, blocks: LocalBlocks, results: Iterable[tuple[int, Any]], fold: bool) -> Iterable[tuple[int, Any]]:
-        """Yield the results and keep what later stages may read: a column's
-        rows (a view of it) or the results whole.  After a reduction, a
-        map's results are kept only where a compute asked (as the Dask
-        engine keeps them), and a column map's states never; a later map of
-        a reduced map's blocks that were not kept runs them again."""
-        keep = not fold or blocks.out is not None or blocks.kept
-        kept: list[Any] = [None] * len(self.plan.bounds)
-        for i, result in results:
-            yield i, result
-            if keep:
-                kept[i] = None if fold and blocks.out is not None else result
-        blocks.results = kept if keep else None
-        blocks.states_dropped = fold and blocks.out is not None
 
     def _task(self, i: int, blocks: LocalBlocks) -> tuple:
         """Block ``i``'s task as what crosses to the process that runs it."""

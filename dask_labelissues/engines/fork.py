@@ -68,9 +68,8 @@ def _serve(conn: Any, engine: LocalEngine | None) -> None:
     while True:
         try:
             # A kept worker without a job waits IDLE_SECONDS at most.
-            idle = IDLE_SECONDS if engine is None else None
-            if conn not in wait([conn, parent.sentinel], idle):  # idle, or the parent is gone
-                return
+            if conn not in wait([conn, parent.sentinel], IDLE_SECONDS if engine is None else None):
+                return  # idle, or the parent is gone
             request = conn.recv()
         except (EOFError, OSError):
             return
@@ -93,14 +92,19 @@ def _job(conn: Any, body: tuple, mapped: dict[int, mmap.mmap]) -> LocalEngine | 
     """A kept worker's next job: its new buffers mapped, its engine built
     in the parent's working directory (the job's paths may be relative)."""
     cwd, payload, new = body
-    fds = _recv_fds(conn, len(new)) if new else []
+    fds: list[int] = []
+    if new:
+        with _socket(conn) as sock:
+            fds = socket.recv_fds(sock, 1, len(new))[1]
     try:
         if len(fds) != len(new):
             raise OSError(f"a kept fork worker received {len(fds)} of the job's {len(new)} buffer descriptors")
         for (key, size), fd in zip(new, fds):
             mapped[key] = mmap.mmap(fd, size)
         os.chdir(cwd)
-        engine = _job_engine(pickle.loads(payload), mapped)
+        labels, pred_probs, plan, kind, columns = pickle.loads(payload)
+        engine = LocalEngine(labels, pred_probs, plan, kind=kind)
+        engine.columns = [np.frombuffer(mapped[key], dtype=dtype, count=n) for key, dtype, n in columns]
     except BaseException as exc:
         _send(conn, (False, exc))
         return None
@@ -134,14 +138,9 @@ def _socket(conn: Any) -> socket.socket:
     return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(conn.fileno()))
 
 
-def _recv_fds(conn: Any, n: int) -> list[int]:
-    with _socket(conn) as sock:
-        return socket.recv_fds(sock, 1, n)[1]
-
-
 def _job_state(engine: LocalEngine, handles: Sequence[tuple[int, int, int]]) -> bytes:
     """What a kept worker needs of a job, pickled: its inputs, blocks, kind
-    and columns (as the keys of their buffers' ``handles``)."""
+    and columns (as the keys of their buffers' ``handles``), for :func:`_job`."""
     columns = [(key, c.dtype, len(c)) for (key, _, _), c in zip(handles, engine.columns)]
     return pickle.dumps((engine.labels, engine.pred_probs, engine.plan, engine.kind, columns))
 
@@ -152,20 +151,11 @@ def _job_state(engine: LocalEngine, handles: Sequence[tuple[int, int, int]]) -> 
 JOB_BYTES = 4 << 20
 
 
-def _job_engine(state: tuple, mapped: dict[int, mmap.mmap]) -> LocalEngine:
-    labels, pred_probs, plan, kind, columns = state
-    engine = LocalEngine(labels, pred_probs, plan, kind=kind)
-    engine.columns = [np.frombuffer(mapped[key], dtype=dtype, count=n) for key, dtype, n in columns]
-    return engine
-
-
 def _start_workers(count: int, engine: LocalEngine | None) -> list[tuple[Any, Any]]:
     """``count`` forked workers of :func:`_serve`, as ``(process, pipe)``."""
     context = mp.get_context("fork")
     workers: list[tuple[Any, Any]] = []
     try:
-        # These workers never touch a buffer after their job's tasks end:
-        # the buffers stay listed.
         with BUFFERS.workers_forked():
             for _ in range(count):
                 parent, child = context.Pipe()
@@ -299,26 +289,24 @@ class ForkEngine(LocalEngine):
         # A stage whose results were not all taken (an error, Ctrl-C): its
         # workers are stopped at close rather than waited for.
         self.busy = False
-        # Taken before this job maps its files, which kept workers forked
-        # now would otherwise keep mapped.
+        # Taken before this job maps its files and columns, which kept
+        # workers forked now would otherwise keep mapped.
         self.pool = self._take_pool() if inputs.reads_in_tasks(labels, pred_probs) else None
         self.descriptors = self.pool is not None
-        # Released at close, or when this engine is collected unclosed.
-        self._held = weakref.finalize(self, _POOL_LOCK.release) if self.pool is not None else None
         try:
             super().__init__(labels, pred_probs, *args, **kwargs)
         except BaseException:
-            if self.pool is not None:
-                self._release_pool()
+            self._release_pool()
             raise
 
     def _take_pool(self) -> _Pool | None:
-        """The kept workers, forked now if there are none: before the job's
-        files and columns are mapped, which they would otherwise keep.
-        None where another job holds them."""
+        """The kept workers, forked now if there are none; None where
+        another job holds them."""
         global _POOL
         if not hasattr(os, "memfd_create") or not _POOL_LOCK.acquire(blocking=False):
             return None
+        # Released at close, or when this engine is collected unclosed.
+        self._held = weakref.finalize(self, _POOL_LOCK.release)
         try:
             if _POOL is not None and (len(_POOL.workers) != self.n_jobs or not _POOL.alive()):
                 _stop_pool()
@@ -328,7 +316,7 @@ class ForkEngine(LocalEngine):
                 _POOL = _Pool(self.n_jobs)
             return _POOL
         except BaseException:
-            _POOL_LOCK.release()
+            self._held()
             raise
 
     def _start(self) -> None:
@@ -354,8 +342,9 @@ class ForkEngine(LocalEngine):
         self.workers = _start_workers(count, self)
 
     def _release_pool(self) -> None:
-        self.pool = None
-        self._held()
+        if self.pool is not None:
+            self.pool = None
+            self._held()
 
     def _runs(self) -> list[tuple[int, int]]:
         """Each worker's blocks: an even share, in order."""
@@ -376,14 +365,14 @@ class ForkEngine(LocalEngine):
         for (_, conn), own in zip(self.workers, mine):
             if own:
                 conn.send(("tasks", own))
-        return self._results([[task[0] for task in own] for own in mine])
+        return self._results(mine)
 
-    def _results(self, mine: list[list[int]]) -> Iterator[tuple[int, Any]]:
+    def _results(self, mine: list[list[tuple]]) -> Iterator[tuple[int, Any]]:
         """``(block, result)`` as the workers send them, each worker's in
-        its blocks' order, so that a reduction merges each worker's states
+        its tasks' order, so that a reduction merges each worker's states
         as they arrive rather than holding later workers' until the blocks
         before them are done."""
-        pending = {w: list(reversed(blocks)) for w, blocks in enumerate(mine) if blocks}
+        pending = {w: own[::-1] for w, own in enumerate(mine) if own}
         while pending:
             conns = {self.workers[w][1]: w for w in pending}
             sentinels = {self.workers[w][0].sentinel: w for w in pending}
@@ -397,7 +386,7 @@ class ForkEngine(LocalEngine):
                     self._died(w)
                 if not ok:
                     raise value
-                block = pending[w].pop()
+                block = pending[w].pop()[0]
                 if not pending[w]:
                     del pending[w]
                 yield block, value
@@ -428,7 +417,8 @@ class ForkEngine(LocalEngine):
         self.workers = []
 
 
-def fork_engine(*args: Any, n_jobs: int | None = None, warm_up: Callable[[], None] | None = None, **kwargs: Any) -> LocalEngine:
+def fork_engine(*args: Any, n_jobs: int | None = None, warm_up: Callable[[], None] | None = None,
+                **kwargs: Any) -> LocalEngine:
     """The fork engine; where ``fork`` does not exist, a warning and the
     serial engine."""
     if fork_available():

@@ -38,19 +38,17 @@ class ThreadEngine(LocalEngine):
         on, and a token job of 20,000,000 tokens held 576 MB of
         candidates at its peak, growing with the number of blocks.
         """
-        waiting = iter(tasks)
-        running: deque[tuple[int, Future]] = deque()
+        # Lazy: a task is submitted only as the deque takes its future.
+        futures = (self.pool.submit(self.call, *task) for task in tasks)
+        running: deque[Future] = deque()
         try:
-            for task in islice(waiting, AHEAD_PER_THREAD * self.n_jobs):
-                running.append((task[0], self.pool.submit(self.call, *task)))
-            while running:
-                i, future = running.popleft()
-                result = future.result()
-                for task in islice(waiting, 1):
-                    running.append((task[0], self.pool.submit(self.call, *task)))
-                yield i, result
+            running.extend(islice(futures, AHEAD_PER_THREAD * self.n_jobs))
+            for task in tasks:
+                result = running.popleft().result()
+                running.extend(islice(futures, 1))
+                yield task[0], result
         finally:
-            for _, future in running:
+            for future in running:
                 future.cancel()
 
     def close(self) -> None:

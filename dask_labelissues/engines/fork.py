@@ -359,7 +359,6 @@ class ForkEngine(LocalEngine):
             raise RuntimeError("a fork engine is not used again after a stage failed")
         if not self.workers:
             self._start()
-        # Every task's first item is its block's index.
         mine = [[task for task in tasks if a <= task[0] < b] for a, b in self._runs()]
         self.busy = True
         for (_, conn), own in zip(self.workers, mine):

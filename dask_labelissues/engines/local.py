@@ -455,7 +455,8 @@ class LocalEngine(Engine):
         return [(0, len(self.plan.bounds))]
 
     def _task(self, i: int, blocks: LocalBlocks) -> tuple:
-        """Block ``i``'s task as what crosses to the process that runs it."""
+        """Block ``i``'s task as what crosses to the process that runs it:
+        ``(i, task, args, out)``, the block first."""
         args = []
         for arg in blocks.args:
             if isinstance(arg, LocalBlocks):
@@ -497,7 +498,6 @@ class LocalEngine(Engine):
                 source.release(start, stop)
 
     def _map(self, tasks: Sequence[tuple]) -> Iterable[tuple[int, Any]]:
-        # A task's first item is its block.
         return ((task[0], self.call(*task)) for task in tasks)
 
 

@@ -1,7 +1,7 @@
 """The fork engine: block tasks in worker processes forked from this one.
 
-A task is a function, small arguments and a block index; a result is a
-small state; the workers write the job's columns (shared buffers) in
+A task is a function, small arguments and a block index, and a result is
+a small state.  The workers write the job's columns (shared buffers) in
 place, so no array is pickled.  Each worker owns a contiguous run of
 blocks for every stage, so it reads the records it wrote (pages another
 worker wrote fault in again).  A worker that dies fails the job with
@@ -9,8 +9,8 @@ worker wrote fault in again).  A worker that dies fails the job with
 
 Workers reach a job in one of two ways:
 
-* Inputs that pickle small (files and stores on disk; where the system
-  has memfd): a pool forked once and kept is sent the job; each worker
+* Inputs that pickle small (files and stores on disk), where the system
+  has memfd: a pool forked once and kept is sent the job.  Each worker
   maps the files itself (from the caller's working directory) and the
   column buffers from their descriptors, and keeps a buffer mapped while
   this process keeps it.  Forking for every job costs forks, exits and
@@ -52,12 +52,12 @@ WORKER_NAME = "dask-labelissues-fork-worker"
 
 def _serve(conn: Any, engine: LocalEngine | None) -> None:
     """A worker's loop, for ``engine``'s job (inherited: forked for it), or
-    kept (None) for the jobs it is sent.  Requests: ``("job", ...)`` (a kept worker's next
-    job), ``("tasks", [...])`` (one ``(ok, value)`` reply per task, in
-    order; a task that raises ends the request), ``("keep", keys)`` (the
+    kept (None) for the jobs it is sent.  Requests: ``("job", ...)`` (a kept
+    worker's next job), ``("tasks", [...])`` (one ``(ok, value)`` reply per
+    task, in order, up to the first that raises), ``("keep", keys)`` (the
     job ended: unmap other buffers).  ``None``, a closed pipe or the
     parent's exit ends it.  Each request is handled in a function of its
-    own, so that an idle worker holds nothing of the last one."""
+    own, so an idle worker holds nothing of the last one."""
     # Ctrl-C reaches the whole process group; the parent reports it and
     # stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -67,7 +67,6 @@ def _serve(conn: Any, engine: LocalEngine | None) -> None:
     parent = mp.parent_process()
     while True:
         try:
-            # A kept worker without a job waits IDLE_SECONDS at most.
             if conn not in wait([conn, parent.sentinel], IDLE_SECONDS if engine is None else None):
                 return  # idle, or the parent is gone
             request = conn.recv()
@@ -286,8 +285,8 @@ class ForkEngine(LocalEngine):
         self.n_jobs = pool_size(n_jobs)
         self.warm_up = warm_up
         self.workers: list[tuple[Any, Any]] = []
-        # A stage whose results were not all taken (an error, Ctrl-C): its
-        # workers are stopped at close rather than waited for.
+        # A stage whose results were not all taken (an error, Ctrl-C): close
+        # terminates its workers.
         self.busy = False
         # Taken before this job maps its files and columns, which kept
         # workers forked now would otherwise keep mapped.

@@ -117,9 +117,9 @@ MAX_SLOTS = 64
 
 #: The most bytes of column buffers this process keeps for later jobs, in
 #: memory and again in spill files (whose pages the kernel can write back):
-#: an eighth of the memory it may use (four columns of the largest size
-#: kept in memory), at most 4 GiB; with less, jobs of two engines in one
-#: process let go of each other's buffers.
+#: an eighth of the memory it may use (four columns of the largest in-memory
+#: size), at most 4 GiB.  With less, jobs of two engines in one process let
+#: go of each other's buffers.
 POOL_BYTES = min(4 << 30, usable_memory() // 8)
 
 
@@ -143,8 +143,8 @@ class BufferPool:
         self.limit = limit
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
-        # Set, in the thread that forks them, while the fork engine starts
-        # its workers (fork handlers run in the forking thread).
+        # Set in the forking thread, where fork handlers run, while the fork
+        # engine forks workers.
         self._local = threading.local()
 
     def take(self, kind: tuple, nbytes: int) -> mmap.mmap | None:
@@ -357,8 +357,8 @@ class LocalEngine(Engine):
     ) -> None:
         super().__init__(labels, pred_probs, plan, kind)
         keep_freed_memory()
-        # One mapping of each file for the whole job (mapping every block
-        # anew cost a tenth of a scan); a block's pages go once it is read.
+        # Mapping files anew for every block cost a tenth of a scan.  A
+        # block's pages go once it is read.
         self._labels_rows = _job_view(labels)
         self._probs_rows = _job_view(pred_probs)
         self.progress = progress
@@ -455,8 +455,8 @@ class LocalEngine(Engine):
         return [(0, len(self.plan.bounds))]
 
     def _task(self, i: int, blocks: LocalBlocks) -> tuple:
-        """Block ``i``'s task as what crosses to the process that runs it:
-        ``(i, task, args, out)``, the block first."""
+        """Block ``i``'s task as sent to the process that runs it:
+        ``(i, task, args, out)``."""
         args = []
         for arg in blocks.args:
             if isinstance(arg, LocalBlocks):

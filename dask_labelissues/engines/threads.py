@@ -35,8 +35,8 @@ class ThreadEngine(LocalEngine):
 
         Submitting every task at once let finished results wait for the
         caller: while it merged a selection's candidates, the threads ran
-        on, and a token job of 20,000,000 tokens held 576 MB of
-        candidates at its peak, growing with the number of blocks.
+        on, and a job of 20,000,000 tokens held 576 MB of candidates at
+        its peak, growing with the number of blocks.
         """
         # Lazy: a task is submitted only as the deque takes its future.
         futures = (self.pool.submit(self.call, *task) for task in tasks)

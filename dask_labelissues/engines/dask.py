@@ -62,12 +62,12 @@ def _reader(labels: Any, probs: Any, start: int, stop: int, kind: Kind, per_row:
 
 
 class BlockTask:
-    """A block task's function, as the task Dask runs: takes the data of
-    :class:`~dask_labelissues.aggregations.Pair` arguments and builds, in
-    the task, the :class:`~.blocks.BlockReader` of each argument
-    ``readers`` marks, from the list of its arguments (a list, not a
-    tuple, whose keys Dask resolves and which it never takes for a task).
-    Has its function's name, which Dask's task keys on the dashboard show."""
+    """A block task's function, with ``fn``'s name for the dashboard's task
+    keys.  It gives ``fn`` the data of
+    :class:`~dask_labelissues.aggregations.Pair` arguments and, for each
+    argument ``readers`` marks, a :class:`~.blocks.BlockReader` built in the
+    task from the list of its arguments (a list, not a tuple: Dask resolves
+    the keys in a list and never takes it for a task)."""
 
     def __init__(self, fn: Callable, readers: tuple[bool, ...]) -> None:
         self.fn, self.readers = fn, readers
@@ -164,9 +164,8 @@ def shared(value: Any, copies: int) -> Any:
     """An argument all ``copies`` tasks of a stage take.
 
     Small values go into each task, since a key of their own must run and
-    travel to every worker before the stage starts; values whose copies
-    together exceed :data:`INLINE_BYTES`, and containers (which Dask would
-    search for keys), are one key.
+    travel to every worker before the stage starts; :data:`CONTAINERS` and
+    values whose copies together exceed :data:`INLINE_BYTES` are one key.
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -316,7 +315,6 @@ class DaskEngine(Engine):
         n = len(self.plan.bounds)
         per_block = (self.kind, self.items_per_row, self.plan.read_rows)
         if self.direct:
-            # Copies in every task while they pickle small (shared()).
             lab, probs = shared(self.labels, n), shared(self.pred_probs, n)
             return [[lab, probs, a, b, *per_block] for a, b in self.plan.bounds]
         lab, probs = self._chunks(self.labels), self._chunks(self.pred_probs)
@@ -422,8 +420,8 @@ def dask_engine(
 
 
 def as_dask_arrays(labels: Any, pred_probs: Any, chunk_rows: tuple[int, ...] | None) -> tuple[da.Array, da.Array]:
-    """Dask arrays of the two inputs with the same row chunks, of the sizes
-    ``chunk_rows``, or a dask array's own (None), and whole rows.
+    """Dask arrays of the two inputs with whole rows and the same row
+    chunks: ``chunk_rows``, or a dask array's own (None).
 
     Row sources become dask arrays whose tasks slice the source, so
     memory-mapped and on-disk inputs are read block by block by whichever

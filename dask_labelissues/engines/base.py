@@ -68,6 +68,11 @@ class _Marker:
     def __repr__(self) -> str:
         return self.name
 
+    def __reduce__(self) -> str:
+        # Pickled as a reference to this module's marker, so that a task
+        # sent to a worker process still holds the marker itself.
+        return self.name
+
 
 #: Task argument: the block's inputs, a :class:`~.blocks.BlockReader`.
 INPUTS = _Marker("INPUTS")

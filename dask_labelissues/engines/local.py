@@ -39,9 +39,7 @@ SPILL_BYTES = usable_memory() // SPILL_SHARE
 HUGE_PAGE_BYTES = 2 << 20
 
 
-def allocate(
-    n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None, descriptor: bool = False
-) -> np.ndarray:
+def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None, descriptor: bool = False) -> np.ndarray:
     """An uninitialized length-``n`` buffer, from :class:`BufferPool` where
     it has a free one.
 
@@ -264,15 +262,11 @@ def _job_view(source: Any) -> Any:
     return source
 
 
-# Placeholders a task's arguments carry to the process that runs it, which
-# resolves them against the job it holds (a forked worker inherited it).
+# A placeholder a task's arguments carry to the process that runs it (as
+# they carry INPUTS), which resolves it against the job it holds.
 @dataclass(frozen=True)
 class _Rows:
     column: int
-
-
-class _Inputs:
-    pass
 
 
 class LocalBlocks(Blocks):
@@ -463,8 +457,6 @@ class LocalEngine(Engine):
                 arg = _Rows(arg.out.index) if arg.out is not None else data_of(arg.results[i])
             elif isinstance(arg, LocalValue):
                 arg = data_of(arg.value)
-            elif arg is INPUTS:
-                arg = _Inputs()
             elif arg is START:
                 arg = self.starts[i]
             elif isinstance(arg, PerBlock):
@@ -480,7 +472,7 @@ class LocalEngine(Engine):
         for arg in args:
             if isinstance(arg, _Rows):
                 arg = self.columns[arg.column][a:b]
-            elif isinstance(arg, _Inputs):
+            elif arg is INPUTS:
                 arg = BlockReader(
                     self._labels_rows, self._probs_rows, *self.plan.bounds[i],
                     kind=self.kind, items_per_row=self.items_per_row, release=self._release,

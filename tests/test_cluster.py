@@ -88,6 +88,35 @@ def test_bad_input_found_on_the_cluster_is_reported_as_such(cluster):
         assert failures(client) == before
 
 
+def test_a_task_failing_with_a_timeout_fails_the_job(cluster):
+    """A task's own TimeoutError (a store that did not answer) reaches the
+    caller, and is not taken for the end of the client's one-second waits
+    for the job, which then waited forever."""
+    import dask.array as da
+
+    def unanswered(block):
+        raise TimeoutError("the store did not answer")
+
+    probs = np.random.default_rng(5).dirichlet(np.ones(4), size=4000)
+    lazy = da.from_array(probs, chunks=1000).map_blocks(unanswered, dtype=probs.dtype)
+    raised = []
+
+    def job(client):
+        try:
+            find_label_issues(probs.argmax(axis=1), lazy, client=client)
+        except BaseException as exc:
+            raised.append(exc)
+
+    with cluster.client() as client:
+        # A thread of its own, so that a job that waits forever fails the test.
+        thread = threading.Thread(target=job, args=(client,), daemon=True)
+        thread.start()
+        thread.join(120)
+        assert not thread.is_alive(), "the job still waits after its task failed"
+    assert len(raised) == 1 and isinstance(raised[0], TimeoutError), raised
+    assert "the store did not answer" in str(raised[0])
+
+
 @pytest.mark.parametrize("filter_by", ["prune_by_noise_rate", "both", "low_self_confidence"])
 def test_filters_on_cluster_match_cleanlab(cluster, dataset, tmp_path, filter_by):
     """cleanlab.filter's methods on real workers, from Zarr: the same as the

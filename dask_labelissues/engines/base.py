@@ -36,7 +36,7 @@ class Blocks:
 
 class Value:
     """Opaque handle: the result of an :meth:`Engine.reduce` (a later map
-    gets its ``data`` where it is a Pair)."""
+    gets its ``data`` where it is a :class:`~dask_labelissues.aggregations.Pair`)."""
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ MAX_PIECES_PER_BLOCK = 4
 NUMBA_MIN_CELLS = 50_000_000
 
 #: Jobs with fewer cells than this run the numpy kernel while numba's cache
-#: lacks the kernels, compiled meanwhile in the background: below it,
-#: numpy's extra time is less than the compile (docs/design.md, "Kernels").
+#: lacks the kernels (:func:`dask_labelissues.numba_cache.compiled`),
+#: compiled meanwhile in the background: below it, numpy's extra time is
+#: less than the compile (docs/design.md, "Kernels").
 COLD_NUMBA_MAX_CELLS = 1_000_000_000
 
 #: Workers with less memory than this run the pure-numpy kernel: importing
@@ -57,7 +58,8 @@ class BlockConfig:
     chunk_rows: int | None = None
     #: The workers' smallest memory limit (a Dask cluster), if known.
     worker_memory: int | None = None
-    #: The memory this process may use, where the tasks run in it or in forks of it.
+    #: The memory this process may use, where the tasks run in it or in forks
+    #: of it (:func:`~dask_labelissues.system.usable_memory`).
     process_memory: int | None = None
     #: Worker threads running the blocks, 0 if unknown.
     threads: int = 0
@@ -71,8 +73,9 @@ class BlockConfig:
     in_process: bool = True
     #: Problems run side by side on every block (multi-label's classes,
     #: :mod:`dask_labelissues.lockstep`): the kernel is chosen for ``cells``
-    #: times this, and such jobs never run numpy while numba compiles, which
-    #: would cost them far more than the compile (docs/design.md, "Kernels").
+    #: times this, as each problem's kernels run over the whole block, and
+    #: such jobs never run numpy while numba compiles, which would cost them
+    #: far more than the compile (docs/design.md, "Kernels").
     problems: int = 1
     #: The job may run numpy while numba compiles (:func:`choose_kernel`).
     numpy_while_compiling: bool = True
@@ -167,7 +170,7 @@ def snap_blocks(plan: BlockPlan, n_rows: int, cuts: np.ndarray) -> BlockPlan:
 
     Where ends move, a dask array is rechunked to the blocks, and both
     blocks around an end inside a storage chunk decode that chunk: the
-    price of whole sentences.
+    price of whole sentences.  An end that is a cut already does not move.
     """
     ends = snap_ends(np.cumsum(plan.chunks)[:-1], cuts, n_rows)
     bounds = block_bounds(np.diff(np.concatenate([[0], ends, [n_rows]])))
@@ -204,8 +207,9 @@ def choose_kernel(spec: ScoreSpec, cells: int, *, in_process: bool, numpy_while_
     ``"numpy"`` below :data:`NUMBA_MIN_CELLS` unless numba is loaded in this
     process, or, for an ``in_process`` job that allows it
     (``numpy_while_compiling``), below :data:`COLD_NUMBA_MAX_CELLS` while
-    numba's kernels compile in the background (started here).  Both
-    kernels give the same bits.
+    numba's kernels compile in the background
+    (:func:`dask_labelissues.numba_cache.compile_in_background`, started
+    here).  Both kernels give the same bits.
     """
     if spec.kernel != "auto" or (in_process and fused.numba_loaded()):
         return spec
@@ -231,9 +235,10 @@ def dask_block_rows(n_rows: int, read_rows: int, row_bytes: int, record_bytes: i
     in pieces of ``read_rows`` (:func:`auto_chunk_rows`).
 
     A task costs the scheduler and a worker milliseconds of CPU, so a block
-    holds several pieces: at most :data:`MAX_PIECES_PER_BLOCK`, two blocks
-    per worker thread at least (``threads``; 0, unknown: one piece), and
-    records (``record_bytes`` a row) no larger than a piece's pred_probs.
+    holds several pieces, but leaves at least two blocks per worker thread
+    (``threads``; 0 if unknown: one piece a block), at most
+    :data:`MAX_PIECES_PER_BLOCK`, and its records (``record_bytes`` a row)
+    no larger than one piece (``row_bytes`` a row).
     """
     if threads < 1 or read_rows < 1:
         return max(read_rows, 1)
@@ -430,7 +435,8 @@ class BlockReader:
         """The block, read once and whole, as items of each of ``kinds``
         (each class of multi-label rows, say), one reader a kind; ``layout``
         is applied once to the stored labels and pred_probs first.  Only the
-        engine's reader closes the block: the views hold no pages."""
+        engine's reader closes the block: the views hold no pages
+        (``layout``: :func:`dask_labelissues.lockstep.column_major_copy`)."""
         labels, probs = self.stored_labels(), self.stored_probs()
         if layout is not None:
             labels, probs = layout(labels), layout(probs)

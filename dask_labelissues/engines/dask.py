@@ -281,6 +281,7 @@ class DaskEngine(Engine):
         return DaskValue(tree_reduce(blocks.states(), aggregation, common))
 
     def compute(self, *handles: Blocks | Value, keep: Sequence[Blocks] = ()) -> list[Any]:
+        # What each handle asks of the graph: a Value computed already, nothing.
         asks = [h.states() if isinstance(h, DaskBlocks) else [h.part] if h.part is not None else [] for h in handles]
         kept, values = map(iter, self._run([p for b in keep for p in b.parts], [d for ask in asks for d in ask]))
         for b in keep:
@@ -288,9 +289,12 @@ class DaskEngine(Engine):
         out = []
         for h, ask in zip(handles, asks):
             got = list(itertools.islice(values, len(ask)))
-            if isinstance(h, DaskValue) and got:
+            if isinstance(h, DaskBlocks):
+                out.append(got)
+                continue
+            if got:
                 h.value, h.part = got[0], None
-            out.append(h.value if isinstance(h, DaskValue) else got)
+            out.append(h.value)
         return out
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> da.Array:
@@ -378,14 +382,23 @@ class DaskEngine(Engine):
         since: float | None = None
         for future in futures:
             while future.status != "finished":  # read locally: no round trip
-                with contextlib.suppress(TimeoutError):
+                try:
                     # Waits on this future's own client (not the default one)
-                    # and moves no data; a task error is raised here.
-                    if future.exception(timeout=1.0) is not None:
+                    # and moves no data.
+                    error = future.exception(timeout=1.0)
+                except TimeoutError:  # still running
+                    pass
+                else:
+                    if error is not None:
+                        # Raised outside the try: a task's own TimeoutError
+                        # (a store that did not answer) fails the job.
                         future.result()
                     break
-                since = None if self.client.nthreads() else (time.monotonic() if since is None else since)
-                if since is not None and time.monotonic() - since > limit:
+                if self.client.nthreads():
+                    since = None
+                elif since is None:
+                    since = time.monotonic()
+                elif time.monotonic() - since > limit:
                     self.client.cancel(futures)
                     raise RuntimeError(
                         f"the Dask cluster at {self.client.scheduler.address} has had no "

@@ -351,8 +351,8 @@ class LocalEngine(Engine):
     ) -> None:
         super().__init__(labels, pred_probs, plan, kind)
         keep_freed_memory()
-        # Mapping files anew for every block cost a tenth of a scan.  A
-        # block's pages go once it is read.
+        # One mapping of each file for the whole job (mapping every block
+        # anew cost a tenth of a scan); a block's pages go once it is read.
         self._labels_rows = _job_view(labels)
         self._probs_rows = _job_view(pred_probs)
         self.progress = progress
@@ -410,8 +410,8 @@ class LocalEngine(Engine):
     # -- running blocks ------------------------------------------------------------
     def _run(self, blocks: LocalBlocks, fold: bool = False) -> Iterator[tuple[int, Any]]:
         """The blocks' ``(block, result)`` pairs as :meth:`_map` yields them,
-        run now unless kept, keeping for later stages a column's rows (a
-        view of it) or the results whole.  With ``fold`` (a reduction taking
+        run now unless their results are held already, keeping for later
+        stages a column's rows (a view of it) or the results whole.  With ``fold`` (a reduction taking
         the states as they come), results are kept only where a compute
         asked (as the Dask engine keeps them), a column map's states never;
         a reduced map's blocks not kept run again for a later map."""

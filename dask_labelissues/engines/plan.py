@@ -1,7 +1,8 @@
-"""Choosing a job's engine: :func:`make_engine`, which the API asks for one.
+"""Choosing a job's engine: the API asks :func:`make_engine` for one.
 
-Its blocks and kernel are :func:`~.blocks.plan_blocks`'s, called with what
-each engine knows (the inputs, the cluster's workers, the job's size).
+Which engine runs is decided here; its blocks and kernel by
+:func:`~.blocks.plan_blocks`, called with what each engine knows (the
+inputs, the cluster's workers, the job's size).
 """
 
 from __future__ import annotations

@@ -57,7 +57,9 @@ def block_state(pair: Pair) -> Any:
     return pair.state
 
 
-def _reader(labels: Any, probs: Any, start: int, stop: int, kind: Kind, per_row: int, read_rows: Any) -> BlockReader:
+def _reader(
+    labels: Any, probs: Any, start: int, stop: int, kind: Kind, per_row: int, read_rows: int | None
+) -> BlockReader:
     return BlockReader(labels, probs, start, stop, kind=kind, items_per_row=per_row, read_rows=read_rows)
 
 

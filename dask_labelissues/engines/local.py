@@ -411,10 +411,11 @@ class LocalEngine(Engine):
     def _run(self, blocks: LocalBlocks, fold: bool = False) -> Iterator[tuple[int, Any]]:
         """The blocks' ``(block, result)`` pairs as :meth:`_map` yields them,
         run now unless their results are held already, keeping for later
-        stages a column's rows (a view of it) or the results whole.  With ``fold`` (a reduction taking
-        the states as they come), results are kept only where a compute
-        asked (as the Dask engine keeps them), a column map's states never;
-        a reduced map's blocks not kept run again for a later map."""
+        stages a column's rows (a view of it) or the results whole.  With
+        ``fold`` (a reduction taking the states as they come), results are
+        kept only where a compute asked (as the Dask engine keeps them), a
+        column map's states never; a reduced map's blocks not kept run
+        again for a later map."""
         if blocks.results is not None:
             yield from enumerate(blocks.results)
             return

@@ -1,9 +1,8 @@
 """Engines that run block tasks over a job's blocks (:mod:`.base`).
 
-``dask`` runs on any Dask scheduler, ``threads`` on a pool of threads in
-this process, ``fork`` on a pool of forked processes on one machine,
-``serial`` in this process, one block after another: the reference.
-:func:`make_engine` chooses among them (``backend="auto"``).
+``dask`` runs on any Dask scheduler, ``threads`` on a pool of threads, ``fork``
+on forked processes, ``serial`` in this process, one block after another: the
+reference.  :func:`make_engine` chooses among them (``backend="auto"``).
 """
 
 from .base import INPUTS, START, Blocks, Column, Engine, PerBlock, Value

@@ -1,11 +1,10 @@
 """The interface every engine provides: a few generic block primitives.
 
-An engine runs block tasks on a job's inputs, cut into blocks by
-:func:`~.blocks.plan_blocks`.  The pipelines (:mod:`dask_labelissues.pipelines`)
-are written once against these primitives; an engine holds no algorithm.
-A primitive may run at once or when a later one needs it (the Dask engine
-sends everything between two computes as one graph, so stages follow each
-other with no stop at the client): the results are the same bits.
+The pipelines (:mod:`dask_labelissues.pipelines`) are written once against
+these primitives; an engine holds no algorithm.  A primitive may run at once or
+when a later one needs it (the Dask engine sends everything between two
+computes as one graph, so stages follow each other with no stop at the client):
+the results are the same bits.
 """
 
 from __future__ import annotations
@@ -26,12 +25,7 @@ SPLIT_EVERY = 16
 
 
 class Blocks:
-    """Opaque handle: one result per block of a :meth:`Engine.map`.
-
-    A task that writes a column (``out=``) returns a
-    :class:`~dask_labelissues.aggregations.Pair` of its rows and its state;
-    a later map gets the rows, a reduction the state.
-    """
+    """Opaque handle: one result per block of a :meth:`Engine.map`."""
 
 
 class Value:
@@ -41,9 +35,8 @@ class Value:
 
 @dataclass(frozen=True)
 class Column:
-    """An item-long output declared before the job's first map, which tasks
-    write their block's rows of in place (the one-machine engines share
-    these buffers with their workers)."""
+    """An item-long output (:meth:`Engine.column`): tasks write their block's
+    rows in place, in a buffer the one-machine engines share with workers."""
 
     index: int
     dtype: np.dtype
@@ -81,7 +74,7 @@ START = _Marker("START")
 
 
 class Engine(ABC):
-    """Runs block tasks over a job's blocks.
+    """Runs block tasks over a job's blocks (:func:`~.blocks.plan_blocks`).
 
     Attributes
     ----------
@@ -109,8 +102,7 @@ class Engine(ABC):
         self.items_per_row = kind.items_per_row(pred_probs.shape)
         self.n_items = int(pred_probs.shape[0]) * self.items_per_row
         self.n_classes = kind.n_classes(pred_probs.shape)
-        # Made once: every block task of the one-machine engines looks its
-        # bounds up here.
+        # Made once: every block task of a one-machine engine looks them up.
         self.item_bounds = [(a * self.items_per_row, b * self.items_per_row) for a, b in plan.bounds]
         self.starts = [a for a, _ in self.item_bounds]
 

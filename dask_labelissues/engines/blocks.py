@@ -3,7 +3,6 @@
 :func:`plan_blocks` is the one place a job's blocks (bounds, the pieces a
 block is read in, runs of a dask array's small chunks) and kernel are
 decided, from the :class:`BlockConfig` the engines fill in.
-:class:`BlockReader` reads a block's items in its task.
 """
 
 from __future__ import annotations

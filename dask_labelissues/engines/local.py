@@ -45,10 +45,9 @@ def allocate(n: int, dtype: np.dtype, *, shared: bool, spill_dir: str | None, de
 
     Large buffers are an unlinked temporary file, so that the page cache,
     not anonymous memory, holds them.  Others are anonymous mappings,
-    shared with forked workers if ``shared`` (as a memfd, which processes
-    not forked from this one can map, if ``descriptor``); private ones ask
-    for transparent huge pages from :data:`HUGE_PAGE_BYTES`, which are
-    several times faster to fault in.
+    shared with forked workers if ``shared`` (and with other processes, as
+    a memfd, if ``descriptor``); private ones ask for transparent huge
+    pages from :data:`HUGE_PAGE_BYTES`, several times faster to fault in.
     """
     dtype = np.dtype(dtype)
     nbytes = max(n * dtype.itemsize, 1)
@@ -114,16 +113,14 @@ def shared_handle(array: np.ndarray) -> tuple[int, int, int] | None:
 MAX_SLOTS = 64
 
 #: The most bytes of column buffers this process keeps for later jobs, in
-#: memory and again in spill files (whose pages the kernel can write back):
-#: an eighth of the memory it may use (four columns of the largest in-memory
-#: size), at most 4 GiB.  With less, jobs of two engines in one process let
-#: go of each other's buffers.
+#: memory and again in spill files: an eighth of usable memory (four columns
+#: of the largest in-memory size), at most 4 GiB.  With less, jobs of two
+#: engines in one process let go of each other's buffers.
 POOL_BYTES = min(4 << 30, usable_memory() // 8)
 
 
 class BufferPool:
-    """The column buffers of this process's recent jobs, for later jobs to
-    write into.
+    """This process's recent jobs' column buffers, for later jobs to reuse.
 
     A fresh mapping's pages are faulted in and zeroed on first write, job
     after job (on 10,000,000 x 100, a quarter of the warm job).  A later
@@ -187,8 +184,7 @@ class BufferPool:
     def workers_forked(self) -> Iterator[None]:
         """Forks in this block are of fork engine workers, which touch a
         buffer only in a job's tasks, all finished before the job returns
-        (:meth:`~dask_labelissues.engines.fork.ForkEngine.close`): the
-        buffers stay listed."""
+        (:meth:`~.fork.ForkEngine.close`): the buffers stay listed."""
         self._local.workers = True
         try:
             yield
@@ -202,8 +198,6 @@ class BufferPool:
             self._slots = [s for s in self._slots if s.kind[0] == "private" or (in_use_only and s.free())]
 
     def before_fork(self) -> None:
-        # The child may keep the shared buffers in use, unless it is a fork
-        # engine's worker.
         if not getattr(self._local, "workers", False):
             self.drop_shared(in_use_only=True)
 
@@ -230,8 +224,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=BUFFERS.before_fork, after_in_child=BUFFERS.in_child)
 
 
-#: Bytes of unmerged states a local reduction holds before it merges some
-#: (:class:`_Folds`; a run of blocks with one state has nothing to merge).
+#: Bytes of unmerged states :class:`_Folds` holds before it merges some.
 FOLD_BYTES = 32 * 2**20
 
 

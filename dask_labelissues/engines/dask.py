@@ -1,12 +1,11 @@
 """The Dask engine: blocks are row ranges, tasks run on any Dask scheduler.
 
-Each primitive adds one graph layer of plain tasks (:func:`layer`): a map
-is a task per block, a reduction a ``split_every``-way tree whose last
-merge also finalizes.  :meth:`DaskEngine.compute` sends everything built
-since the last compute as one graph (pass one, its thresholds and pass two
-with no stop at the client), keeps the blocks later stages read on the
-workers and brings back the values.  File and store inputs are read inside
-the tasks; a dask array's blocks come from its own graph.
+Each primitive adds graph layers of plain tasks (:func:`layer`): a map
+is a task per block, a reduction a tree of merges (:func:`tree_reduce`).
+:meth:`DaskEngine.compute` runs everything built since the last compute as
+one graph, so pass one, its thresholds and pass two need no stop at the
+client; the blocks later stages read stay on the workers.  Tasks read
+files and stores themselves; a dask array's blocks come from its graph.
 """
 
 from __future__ import annotations
@@ -50,10 +49,9 @@ def _rows_of(x: Any, row_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def block_state(pair: Pair) -> Any:
-    """A block task's state, as a task of its own: it runs where the
-    :class:`~dask_labelissues.aggregations.Pair` is, so only the state
-    crosses the network to the merges (merging the Pairs themselves pulled
-    every block's rows to the merging worker)."""
+    """A block task's state, as a task of its own that runs where the
+    :class:`~dask_labelissues.aggregations.Pair` is, so the merges fetch
+    only the state, not the block's rows."""
     return pair.state
 
 
@@ -330,12 +328,11 @@ class DaskEngine(Engine):
     def _chunks(self, array: da.Array) -> list[Any]:
         """A dask array's row chunks, in order, as task arguments.
 
-        Where the array's graph holds its chunks as data (``from_array`` of
-        a numpy array) and runs in this process, the chunks themselves: a
-        key a chunk costs the scheduler, most for many small chunks (on a
-        distributed cluster they stay keys: a job reading them twice sends
-        them once).  Else one Delayed a chunk, from ``to_delayed()``, which
-        optimizes the array's graph.
+        Where the array's graph holds its chunks as data (``from_array`` of a
+        numpy array) and runs in this process, the chunks themselves: a key a
+        chunk costs the scheduler, most for many small chunks.  On a cluster
+        they stay keys, sent once though a job reads them twice.  Else one
+        Delayed a chunk (``to_delayed()``, which optimizes the graph).
         """
         top = array.__dask_graph__().layers.get(array.name)
         if self.client is None and top is not None and top.is_materialized():
@@ -376,9 +373,8 @@ class DaskEngine(Engine):
     def _watch(self, futures: list) -> None:
         """Wait for ``futures``, failing if the cluster has no workers for too long.
 
-        Dask waits forever for workers to return; a batch job should not, so
-        after ``labelissues.no-workers-timeout`` seconds (default 60) without
-        a single worker the job is cancelled with a clear error.
+        Dask would wait forever for workers to return; a batch job fails after
+        ``labelissues.no-workers-timeout`` seconds (default 60) without one.
         """
         limit = float(dask.config.get("labelissues.no-workers-timeout", 60))
         since: float | None = None
@@ -415,8 +411,8 @@ def dask_engine(
     """The Dask engine for a job, with its blocks and kernel planned
     (:func:`~.blocks.plan_blocks`) from the cluster's workers and
     ``settings``, the :class:`~.blocks.BlockConfig` fields the caller set.
-    File and store inputs are read inside the tasks; other inputs become
-    dask arrays of the plan's row chunks (a dask array keeps its own unless cut)."""
+    Inputs other than files and stores become dask arrays of the plan's row
+    chunks (a dask array keeps its own unless cut)."""
     client = distributed_client(client)
     smallest, threads = cluster_workers(client)
     stored = inputs.stored_rows(labels), inputs.stored_rows(pred_probs)
@@ -438,9 +434,8 @@ def as_dask_arrays(labels: Any, pred_probs: Any, chunk_rows: tuple[int, ...] | N
     """Dask arrays of the two inputs with whole rows and the same row
     chunks: ``chunk_rows``, or a dask array's own (None).
 
-    Row sources become dask arrays whose tasks slice the source, so
-    memory-mapped and on-disk inputs are read block by block by whichever
-    worker runs the task.
+    Row sources become dask arrays whose tasks slice them: memory-mapped
+    and on-disk inputs are read block by block where the tasks run.
     """
     token = uuid.uuid4().hex[:12]
 

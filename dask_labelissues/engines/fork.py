@@ -11,12 +11,11 @@ Workers reach a job in one of two ways:
 
 * Inputs that pickle small (files and stores on disk), where the system
   has memfd: a pool forked once and kept is sent the job.  Each worker
-  maps the files itself (from the caller's working directory) and the
-  column buffers from their descriptors, and keeps a buffer mapped while
-  this process keeps it.  Forking for every job costs forks, exits and
-  page faults a kept worker pays once.  A kept worker exits after
-  :data:`IDLE_SECONDS` without a job, holding until then what this
-  process held when the pool was forked.
+  maps the files and the column buffers (from their descriptors) itself,
+  and keeps a buffer mapped while this process keeps it.  Forking for
+  every job costs forks, exits and page faults a kept worker pays once.
+  A kept worker exits after :data:`IDLE_SECONDS` without a job, holding
+  until then what this process held when the pool was forked.
 * Other inputs (arrays in memory, a store held in memory, whose pickle
   exceeds :data:`JOB_BYTES`): workers forked at the job's first map,
   which inherit everything and exit when the job ends.
@@ -171,8 +170,7 @@ def _start_workers(count: int, engine: LocalEngine | None) -> list[tuple[Any, An
 
 
 def _stop(workers: Sequence[tuple[Any, Any]], kill: bool) -> None:
-    """Ask workers to exit (``kill``: terminate them, as after a stage whose
-    results were not all taken) and wait for them."""
+    """Ask workers to exit (``kill``: terminate them) and wait for them."""
     for process, conn in workers:
         if kill:
             process.terminate()
@@ -270,8 +268,7 @@ def fork_available() -> bool:
 
 class ForkEngine(LocalEngine):
     """A :class:`~.local.LocalEngine` whose block tasks run in ``n_jobs``
-    forked processes (default: one per usable core), each owning a
-    contiguous run of blocks.
+    forked processes (default: one per usable core).
 
     ``warm_up``, if given, runs here before any worker gets the job: workers
     forked after it inherit what it loaded (numba's compiled kernels), and
@@ -368,10 +365,9 @@ class ForkEngine(LocalEngine):
         return self._results(mine)
 
     def _results(self, mine: list[list[tuple]]) -> Iterator[tuple[int, Any]]:
-        """``(block, result)`` as the workers send them, each worker's in
-        its tasks' order, so that a reduction merges each worker's states
-        as they arrive rather than holding later workers' until the blocks
-        before them are done."""
+        """``(block, result)`` as the workers send them (each worker's in block
+        order), so a reduction merges states as they arrive instead of holding
+        later workers' until earlier blocks are done."""
         pending = {w: own[::-1] for w, own in enumerate(mine) if own}
         while pending:
             conns = {self.workers[w][1]: w for w in pending}

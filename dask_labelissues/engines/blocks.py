@@ -359,8 +359,8 @@ class BlockReader:
     """
 
     def __init__(
-        self, labels: Any, probs: Any, start: int, stop: int, *, kind: Kind = ROWS, items_per_row: int = 1,
-        read_rows: int | None = None, release: Callable[[int, int], None] | None = None,
+        self, labels: Any, probs: Any, start: int, stop: int, kind: Kind = ROWS, items_per_row: int = 1,
+        read_rows: int | None = None, *, release: Callable[[int, int], None] | None = None,
     ) -> None:
         self._labels, self._probs = labels, probs
         self.start, self.stop = start, stop

@@ -55,12 +55,6 @@ def block_state(pair: Pair) -> Any:
     return pair.state
 
 
-def _reader(
-    labels: Any, probs: Any, start: int, stop: int, kind: Kind, per_row: int, read_rows: int | None
-) -> BlockReader:
-    return BlockReader(labels, probs, start, stop, kind=kind, items_per_row=per_row, read_rows=read_rows)
-
-
 class BlockTask:
     """A block task's function, with ``fn``'s name for the dashboard's task
     keys.  It gives ``fn`` the data of
@@ -74,7 +68,7 @@ class BlockTask:
         self.__name__ = getattr(fn, "__name__", "task")
 
     def __call__(self, *args: Any) -> Any:
-        return self.fn(*(_reader(*a) if reader else data_of(a) for reader, a in zip(self.readers, args)))
+        return self.fn(*(BlockReader(*a) if reader else data_of(a) for reader, a in zip(self.readers, args)))
 
 
 # One task function for every task of a stage.
@@ -315,7 +309,7 @@ class DaskEngine(Engine):
     # -- inputs ------------------------------------------------------------------
     @functools.cached_property
     def _readers(self) -> list[list]:
-        """Each block's reader arguments (:func:`_reader`'s), as a list."""
+        """Each block's :class:`~.blocks.BlockReader` arguments, as a list."""
         n = len(self.plan.bounds)
         per_block = (self.kind, self.items_per_row, self.plan.read_rows)
         if self.direct:

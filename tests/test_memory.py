@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from dask_labelissues.engines.blocks import TARGET_BLOCK_BYTES
 from dask_labelissues.synthetic import SyntheticSpec, write_npy
 
 pytestmark = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
@@ -72,29 +73,35 @@ MULTILABEL_RUN = """
 import sys, numpy as np
 from dask_labelissues import multilabel_classification as ml
 labels = np.load(sys.argv[1], mmap_mode="r")
-probs = np.load(sys.argv[2], mmap_mode="r")
+probs = np.load(sys.argv[2], mmap_mode="r")[: len(labels)]
 print(int(ml.find_label_issues(labels, probs).sum()))
 """
 
-#: A third of pred_probs, where a multi-label job's two threads once held
-#: their 64 MB blocks several times over and ran out.
+#: Where a multi-label job's two threads once held their 64 MB blocks
+#: several times over and ran out.
 MULTILABEL_LIMIT = 400_000_000
+#: The rows of ``big`` the multi-label job reads: eight blocks of the size
+#: a job plans without a memory limit, pred_probs of 537 MB, more than the
+#: cap (fewer rows than ``big``: each class is a problem of its own).
+MULTILABEL_ROWS = 8 * (TARGET_BLOCK_BYTES // (CLASSES * 4))
 
 
 def test_a_multilabel_job_plans_its_blocks_within_the_cap(big, tmp_path):
     """The job reads the process's limit (``prlimit --data``, ``ulimit -d``)
     as its memory and sizes its blocks to it."""
+    rows = MULTILABEL_ROWS
+    assert rows * CLASSES * 4 > MULTILABEL_LIMIT
     given = np.load(big["labels"], mmap_mode="r")
-    matrix = np.lib.format.open_memmap(tmp_path / "labels.npy", "w+", np.uint8, (ROWS, CLASSES))
-    for a in range(0, ROWS, 500_000):
-        block = np.zeros((min(500_000, ROWS - a), CLASSES), dtype=np.uint8)
+    matrix = np.lib.format.open_memmap(tmp_path / "labels.npy", "w+", np.uint8, (rows, CLASSES))
+    for a in range(0, rows, 500_000):
+        block = np.zeros((min(500_000, rows - a), CLASSES), dtype=np.uint8)
         block[np.arange(len(block)), given[a : a + len(block)]] = 1
         matrix[a : a + len(block)] = block
     matrix.flush()
     del matrix
     proc = _limited(MULTILABEL_RUN, str(tmp_path / "labels.npy"), big["pred_probs"], limit=MULTILABEL_LIMIT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 0.02 * ROWS < int(proc.stdout) < 0.5 * ROWS
+    assert 0.02 * rows < int(proc.stdout) < 0.5 * rows
 
 
 def _rss() -> int:

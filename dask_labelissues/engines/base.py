@@ -155,8 +155,8 @@ def distributed_client(client: Any = None) -> Any:
     """The distributed Client a job would run on: ``client``, or the
     scheduler Dask would use now if that is a Client; else None.
 
-    Asks nothing of Dask where neither dask nor distributed is imported:
-    no Client can exist then.
+    Asks nothing of Dask where dask or distributed is not imported yet: no
+    Client can exist then.
     """
     if client is not None:
         return client

@@ -292,7 +292,7 @@ def test_not_verbose_prints_nothing(small, tmp_path, capfd):
         labels_file=str(tmp_path / "l.npy"), pred_probs_file=str(tmp_path / "p.npy"), batch_size=1500, verbose=False
     )
     find_label_issues_batched(labels=small.labels, pred_probs=small.pred_probs, n_jobs=2, verbose=False)
-    rows = _printed(LabelInspector, small, capfd, verbose=False)
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""
+    rows = _printed(LabelInspector, small, capfd, verbose=False)
     assert all(o == "" and e == "" for _, o, e, _ in rows)

@@ -707,30 +707,40 @@ def test_distributed_cluster_gives_cleanlabs_mask(local_cluster, cleanlab_find, 
 
 def test_a_client_that_is_not_the_current_one_computes_the_results(local_cluster):
     """The job's results are computed on the cluster given, not on whatever
-    scheduler is current: numpy in, numpy out; dask in, a dask array whose
-    blocks that cluster holds."""
-    from distributed import Client
+    scheduler is current (here the synchronous one): numpy in, numpy out;
+    dask in, a dask array whose blocks that cluster holds."""
+    from distributed import Client, get_task_stream
 
     labels, probs = images(5)
     expected = segmentation.find_label_issues(labels, probs, backend="serial")
     scores = segmentation.get_label_quality_scores(labels, probs, backend="serial")
-    with Client(local_cluster.cluster, set_as_default=False) as other:
-        mask = segmentation.find_label_issues(labels, probs, client=other, images_per_block=2)
+
+    def on(client, call):
+        with get_task_stream(client=client) as stream:
+            out = call()
+        assert stream.data, "no task ran on the cluster given"
+        return out
+
+    with Client(local_cluster.cluster, set_as_default=False) as other, dask.config.set(scheduler="sync"):
+        mask = on(other, lambda: segmentation.find_label_issues(labels, probs, client=other, images_per_block=2))
         assert isinstance(mask, np.ndarray)
         np.testing.assert_array_equal(mask, expected)
-        _, pixel_scores = segmentation.get_label_quality_scores(labels, probs, client=other, images_per_block=2)
+        _, pixel_scores = on(
+            other, lambda: segmentation.get_label_quality_scores(labels, probs, client=other, images_per_block=2)
+        )
         np.testing.assert_array_equal(pixel_scores, scores[1])
         lazy = segmentation.find_label_issues(da.from_array(labels, chunks=(2, -1, -1)), probs, client=other)
         np.testing.assert_array_equal(other.compute(lazy).result(), expected)
         # What takes such a mask computes it on that cluster too.
-        table = segmentation.common_label_issues(lazy, labels, probs)
+        table = on(other, lambda: segmentation.common_label_issues(lazy, labels, probs))
         pd.testing.assert_frame_equal(table, segmentation.common_label_issues(expected, labels, probs))
         np.testing.assert_array_equal(
-            segmentation.filter_by_class(1, lazy, labels, probs), segmentation.filter_by_class(1, expected, labels, probs)
+            on(other, lambda: segmentation.filter_by_class(1, lazy, labels, probs)),
+            segmentation.filter_by_class(1, expected, labels, probs),
         )
-        by_issues, _ = segmentation.get_label_quality_scores(
+        by_issues, _ = on(other, lambda: segmentation.get_label_quality_scores(
             da.from_array(labels, chunks=(2, -1, -1)), probs, method="num_pixel_issues", client=other
-        )
+        ))
         np.testing.assert_array_equal(by_issues, 1.0 - expected.mean(axis=(1, 2)))
 
 

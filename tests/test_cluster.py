@@ -145,6 +145,7 @@ def test_client_that_is_not_the_default(cluster, dataset, tmp_path):
     reference = find_label_issues(paths["labels"], paths["pred_probs"], backend="serial").compute()
     with Client(cluster.address, set_as_default=False) as client:
         result = find_label_issues(paths["labels"], paths["pred_probs"], client=client)
+        assert result.backend == "dask" and result.client is client
         assert_identical(reference, result)
         rows = result.rows(result.issues[:5])
         np.testing.assert_array_equal(rows["given_label"], reference.given_label[reference.issues[:5]])

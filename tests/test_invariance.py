@@ -170,10 +170,9 @@ def test_local_cluster_matches_serial(local_cluster, tmp_path):
         on_cluster = find_label_issues(labels, probs, client=local_cluster, **settings)
         assert_identical(reference, on_cluster)
     # The default Client is picked up when none is passed.
-    assert_identical(
-        find_label_issues(data.labels, data.pred_probs, backend="serial"),
-        find_label_issues(labels, probs, chunk_rows=6000),
-    )
+    picked = find_label_issues(labels, probs, chunk_rows=6000)
+    assert picked.backend == "dask" and picked.client is local_cluster
+    assert_identical(find_label_issues(data.labels, data.pred_probs, backend="serial"), picked)
 
 
 def test_processes_scheduler(tmp_path):

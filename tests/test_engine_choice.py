@@ -299,7 +299,9 @@ def test_dask_engine_chunks_in_memory_inputs_as_its_balanced_blocks(workers):
     with pytest.MonkeyPatch.context() as mp, dask.config.set(num_workers=workers, scheduler="threads"):
         mp.setattr(blocks, "TARGET_BLOCK_BYTES", 150 * 32)  # 150 rows of 4 float64
         engine, _, _ = make_engine("dask", data.labels, data.pred_probs, ScoreSpec())
+        engine.close()
         assert len(set(engine.plan.chunks[:-1])) > 1  # uneven, as the test needs
+        assert engine.labels.chunks[0] == engine.pred_probs.chunks[0] == engine.plan.chunks
         got = find_label_issues(data.labels, data.pred_probs, backend="dask", filter_by="prune_by_noise_rate")
     np.testing.assert_array_equal(got.issues, want.issues)
     np.testing.assert_array_equal(np.asarray(got.is_label_issue), np.asarray(want.is_label_issue))

@@ -278,9 +278,12 @@ def test_first_bad_row_is_reported_whatever_block_fails_first(backend):
 
 def test_unnormalized_rows_accepted_on_purpose():
     labels, probs = _bad()
+    normalized = find_label_issues(labels, probs, backend="serial")
     probs *= 3.0
     result = find_label_issues(labels, probs, backend="serial", row_sum_tolerance=None)
-    assert result.num_issues >= 0
+    # Scaled rows scale every score and threshold alike: the same issues.
+    assert result.num_issues > 0
+    np.testing.assert_array_equal(result.issues, normalized.issues)
     with pytest.raises(ValueError, match="sums to 3"):
         find_label_issues(labels, probs, backend="serial")
 

@@ -123,6 +123,20 @@ def local_cluster():
             yield client
 
 
+@contextlib.contextmanager
+def runs_on(client):
+    """The block's work must run on ``client``'s cluster, not on whatever
+    scheduler is current: that is the synchronous one here, and the
+    cluster's task stream must see tasks (a fixture's cluster is often the
+    default client's too, where results alone cannot tell)."""
+    import dask
+    from distributed import get_task_stream
+
+    with dask.config.set(scheduler="sync"), get_task_stream(client=client) as stream:
+        yield
+    assert stream.data, "no task ran on the cluster given"
+
+
 #: The command line, as a user runs it, with this interpreter.
 CLI = [sys.executable, "-m", "dask_labelissues"]
 

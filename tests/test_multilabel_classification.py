@@ -16,6 +16,8 @@ from cleanlab.multilabel_classification import rank as cl_rank
 import dask_labelissues
 from dask_labelissues import multilabel_classification as ml
 
+from .conftest import runs_on
+
 FILTERS = ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"]
 
 
@@ -315,16 +317,23 @@ def test_dask_arrays_on_a_cluster(stored, local_cluster):
     root, labels, probs = stored
     expected = cleanlab_find(labels, probs, filter_by="both")
     matrix = np.load(root / "labels.npy")
-    got = ml.find_label_issues(da.from_array(matrix, chunks=(700, 6)), da.from_array(probs, chunks=(700, 6)),
-                               filter_by="both", client=local_cluster)
+    with runs_on(local_cluster):
+        got = ml.find_label_issues(da.from_array(matrix, chunks=(700, 6)), da.from_array(probs, chunks=(700, 6)),
+                                   filter_by="both", client=local_cluster)
     np.testing.assert_array_equal(got, expected)
-    top = dask_labelissues.find_label_issues(da.from_array(matrix, chunks=(700, 6)), da.from_array(probs, chunks=(700, 6)),
-                                             multi_label=True, filter_by="both", client=local_cluster)
-    np.testing.assert_array_equal(top.flagged, expected)
+    with runs_on(local_cluster):
+        top = dask_labelissues.find_label_issues(
+            da.from_array(matrix, chunks=(700, 6)), da.from_array(probs, chunks=(700, 6)),
+            multi_label=True, filter_by="both", client=local_cluster,
+        )
+        flagged = np.asarray(top.flagged)
+    np.testing.assert_array_equal(flagged, expected)
     # Rankings by scores made in the filter's last read, and by adjusted scores.
     for kwargs in ({}, {"rank_by_kwargs": {"adjust_pred_probs": True}}):
-        ranked = ml.find_label_issues(str(root / "labels.npy"), str(root / "probs.npy"), filter_by="both",
-                                      return_indices_ranked_by="normalized_margin", client=local_cluster, **kwargs)
+        with runs_on(local_cluster):
+            ranked = ml.find_label_issues(str(root / "labels.npy"), str(root / "probs.npy"), filter_by="both",
+                                          return_indices_ranked_by="normalized_margin", client=local_cluster,
+                                          **kwargs)
         np.testing.assert_array_equal(ranked, cleanlab_find(labels, probs, filter_by="both",
                                                             return_indices_ranked_by="normalized_margin", **kwargs))
 

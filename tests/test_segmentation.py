@@ -34,6 +34,8 @@ import dask_labelissues
 from dask_labelissues import segmentation
 from dask_labelissues.synthetic import SegmentationSpec, segmentation_images
 
+from .conftest import runs_on
+
 # A real cluster for the last test; importing the fixture (not copying it)
 # keeps one definition of how the package's LocalCluster is started.
 
@@ -709,17 +711,15 @@ def test_a_client_that_is_not_the_current_one_computes_the_results(local_cluster
     """The job's results are computed on the cluster given, not on whatever
     scheduler is current (here the synchronous one): numpy in, numpy out;
     dask in, a dask array whose blocks that cluster holds."""
-    from distributed import Client, get_task_stream
+    from distributed import Client
 
     labels, probs = images(5)
     expected = segmentation.find_label_issues(labels, probs, backend="serial")
     scores = segmentation.get_label_quality_scores(labels, probs, backend="serial")
 
     def on(client, call):
-        with get_task_stream(client=client) as stream:
-            out = call()
-        assert stream.data, "no task ran on the cluster given"
-        return out
+        with runs_on(client):
+            return call()
 
     with Client(local_cluster.cluster, set_as_default=False) as other, dask.config.set(scheduler="sync"):
         mask = on(other, lambda: segmentation.find_label_issues(labels, probs, client=other, images_per_block=2))

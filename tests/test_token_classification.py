@@ -19,6 +19,8 @@ from dask_labelissues.engines import make_engine
 from dask_labelissues.engines.blocks import BlockConfig, even_chunks, plan_blocks, snap_ends
 from dask_labelissues.kernels import ScoreSpec
 
+from .conftest import runs_on
+
 
 @functools.lru_cache(maxsize=None)
 def sentences(k: int, n: int = 300, seed: int = 0, dtype: str = "float64", empty: bool = False):
@@ -57,14 +59,15 @@ def selection(request, monkeypatch):
     each token's kept candidates (numpy's).  Yields how many jobs took the
     buckets."""
     taken = []
+
+    def run_filters(engine, *args, **kwargs):
+        taken.append(engine)
+        return lockstep.run_filters(engine, *args, **kwargs)
+
+    # Spied in both modes, so that the candidates' mode is seen not to take the buckets.
+    monkeypatch.setattr(tc, "run_filters", run_filters)
     if request.param == "buckets":
         monkeypatch.setattr(blocks, "NUMBA_MIN_CELLS", 0)
-
-        def run_filters(engine, *args, **kwargs):
-            taken.append(engine)
-            return lockstep.run_filters(engine, *args, **kwargs)
-
-        monkeypatch.setattr(tc, "run_filters", run_filters)
     else:
         monkeypatch.setattr(blocks, "choose_kernel", lambda spec, cells, **where: replace(spec, kernel="numpy"))
     yield taken
@@ -182,13 +185,15 @@ def test_dask_arrays_and_a_cluster(stored, local_cluster):
     root, labels, probs = stored
     expected = cl_filter.find_label_issues(labels, probs, n_jobs=1)
     y, p, offsets = flat(labels, probs)
-    got = tc.find_label_issues(da.from_array(y, chunks=600), da.from_array(p, chunks=(600, 5)),
-                               sentence_offsets=offsets, client=local_cluster)
+    with runs_on(local_cluster):
+        got = tc.find_label_issues(da.from_array(y, chunks=600), da.from_array(p, chunks=(600, 5)),
+                                   sentence_offsets=offsets, client=local_cluster)
     assert got == expected
     # The workers read the Zarr store themselves.
     z = root / "tokens.zarr"
-    got = tc.find_label_issues(f"{z}:labels", f"{z}:pred_probs", sentence_offsets=f"{z}:offsets",
-                               client=local_cluster, chunk_rows=900)
+    with runs_on(local_cluster):
+        got = tc.find_label_issues(f"{z}:labels", f"{z}:pred_probs", sentence_offsets=f"{z}:offsets",
+                                   client=local_cluster, chunk_rows=900)
     assert got == expected
     want, want_tokens = tc.get_label_quality_scores(y, p, sentence_offsets=offsets, backend="serial")
     # On a cluster the token scores stay there, lazy, whatever the input.
@@ -196,7 +201,9 @@ def test_dask_arrays_and_a_cluster(stored, local_cluster):
         ((f"{z}:labels", f"{z}:pred_probs"), {"chunk_rows": 900}),
         ((da.from_array(y, chunks=600), da.from_array(p, chunks=(600, 5))), {}),
     ]:
-        scores, tokens = tc.get_label_quality_scores(*inputs, sentence_offsets=offsets, client=local_cluster, **options)
+        with runs_on(local_cluster):
+            scores, tokens = tc.get_label_quality_scores(*inputs, sentence_offsets=offsets, client=local_cluster,
+                                                         **options)
         assert isinstance(tokens, da.Array)
         assert set(np.cumsum(tokens.chunks[0]).tolist()) <= set(offsets.tolist())
         assert np.array_equal(scores, want)

@@ -157,7 +157,9 @@ def test_a_failed_stage_stops_the_kept_workers_and_the_next_job_runs(files, tmp_
     np.save(tmp_path / "bad.npy", bad)
     with pytest.raises(ValueError, match="4321"):
         find_label_issues(labels, str(tmp_path / "bad.npy"), backend="fork", n_jobs=2, chunk_rows=700)
+    kept = pool_pids()
     assert_identical(reference, find_label_issues(labels, probs, backend="fork", n_jobs=2, chunk_rows=700))
+    assert pool_pids() == kept
     # A task that raises in a worker: the others may still be sending
     # results, so the workers are stopped.
     engine, _, _ = make_engine(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 
@@ -107,6 +108,23 @@ def environment(**values):
             else:
                 patch.setenv(name, value)
         yield
+
+
+@pytest.fixture(autouse=True)
+def _allocator_variables_kept():
+    """Each test leaves this process's allocator variables as it found them.
+
+    A distributed nanny writes its workers' settings into the environment
+    of the process that starts it (any plain LocalCluster), and every later
+    subprocess would inherit them: a multi-label job run after one took
+    twice as long under ``MALLOC_TRIM_THRESHOLD_=65536``."""
+    saved = {name: os.environ.get(name) for name in (*MALLOC_VARIABLES, "PYTHONHASHSEED")}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")

@@ -110,15 +110,20 @@ def environment(**values):
         yield
 
 
+#: What a distributed nanny sets for its workers (its default
+#: ``distributed.nanny.pre-spawn-environ``, and a hash seed).
+NANNY_VARIABLES = (*MALLOC_VARIABLES, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED")
+
+
 @pytest.fixture(autouse=True)
-def _allocator_variables_kept():
-    """Each test leaves this process's allocator variables as it found them.
+def _nanny_variables_kept():
+    """Each test leaves this process's :data:`NANNY_VARIABLES` as it found them.
 
     A distributed nanny writes its workers' settings into the environment
     of the process that starts it (any plain LocalCluster), and every later
     subprocess would inherit them: a multi-label job run after one took
     twice as long under ``MALLOC_TRIM_THRESHOLD_=65536``."""
-    saved = {name: os.environ.get(name) for name in (*MALLOC_VARIABLES, "PYTHONHASHSEED")}
+    saved = {name: os.environ.get(name) for name in NANNY_VARIABLES}
     yield
     for name, value in saved.items():
         if value is None:

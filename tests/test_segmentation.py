@@ -717,30 +717,27 @@ def test_a_client_that_is_not_the_current_one_computes_the_results(local_cluster
     expected = segmentation.find_label_issues(labels, probs, backend="serial")
     scores = segmentation.get_label_quality_scores(labels, probs, backend="serial")
 
-    def on(client, call):
-        with runs_on(client):
-            return call()
-
     with Client(local_cluster.cluster, set_as_default=False) as other, dask.config.set(scheduler="sync"):
-        mask = on(other, lambda: segmentation.find_label_issues(labels, probs, client=other, images_per_block=2))
+        with runs_on(other):
+            mask = segmentation.find_label_issues(labels, probs, client=other, images_per_block=2)
         assert isinstance(mask, np.ndarray)
         np.testing.assert_array_equal(mask, expected)
-        _, pixel_scores = on(
-            other, lambda: segmentation.get_label_quality_scores(labels, probs, client=other, images_per_block=2)
-        )
+        with runs_on(other):
+            _, pixel_scores = segmentation.get_label_quality_scores(labels, probs, client=other, images_per_block=2)
         np.testing.assert_array_equal(pixel_scores, scores[1])
         lazy = segmentation.find_label_issues(da.from_array(labels, chunks=(2, -1, -1)), probs, client=other)
         np.testing.assert_array_equal(other.compute(lazy).result(), expected)
         # What takes such a mask computes it on that cluster too.
-        table = on(other, lambda: segmentation.common_label_issues(lazy, labels, probs))
+        with runs_on(other):
+            table = segmentation.common_label_issues(lazy, labels, probs)
         pd.testing.assert_frame_equal(table, segmentation.common_label_issues(expected, labels, probs))
-        np.testing.assert_array_equal(
-            on(other, lambda: segmentation.filter_by_class(1, lazy, labels, probs)),
-            segmentation.filter_by_class(1, expected, labels, probs),
-        )
-        by_issues, _ = on(other, lambda: segmentation.get_label_quality_scores(
-            da.from_array(labels, chunks=(2, -1, -1)), probs, method="num_pixel_issues", client=other
-        ))
+        with runs_on(other):
+            by_class = segmentation.filter_by_class(1, lazy, labels, probs)
+        np.testing.assert_array_equal(by_class, segmentation.filter_by_class(1, expected, labels, probs))
+        with runs_on(other):
+            by_issues, _ = segmentation.get_label_quality_scores(
+                da.from_array(labels, chunks=(2, -1, -1)), probs, method="num_pixel_issues", client=other
+            )
         np.testing.assert_array_equal(by_issues, 1.0 - expected.mean(axis=(1, 2)))
 
 

@@ -188,8 +188,6 @@ def test_piece_bounds_cut_on_the_grid_of_the_read_size():
     assert piece_bounds(300, 1300, 400) == [(300, 400), (400, 800), (800, 1200), (1200, 1300)]
     assert piece_bounds(400, 800, 400) == [(400, 800)]
     assert piece_bounds(5, 17, None) == [(5, 17)]
-    with pytest.raises(ValueError, match="piece_rows must be >= 1"):
-        piece_bounds(0, 10, 0)
 
 
 def test_dask_block_rows():

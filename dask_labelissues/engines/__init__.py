@@ -7,9 +7,9 @@ reference.  :func:`make_engine` chooses among them (``backend="auto"``).
 
 from .base import INPUTS, START, Blocks, Column, Engine, PerBlock, Value
 from .blocks import BlockConfig, BlockPlan, BlockReader, plan_blocks
-from .plan import BACKEND_CHOICES, BACKENDS, choose_backend, make_engine
+from .plan import BACKEND_CHOICES, choose_backend, make_engine
 
 __all__ = [
-    "BACKENDS", "BACKEND_CHOICES", "INPUTS", "START", "BlockConfig", "BlockPlan", "BlockReader", "Blocks",
+    "BACKEND_CHOICES", "INPUTS", "START", "BlockConfig", "BlockPlan", "BlockReader", "Blocks",
     "Column", "Engine", "PerBlock", "Value", "choose_backend", "make_engine", "plan_blocks",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -54,23 +55,17 @@ def data_of(result: Any) -> Any:
     return result.data if isinstance(result, Pair) else result
 
 
-class _Marker:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-    def __reduce__(self) -> str:
-        # Pickled as a reference to this module's marker, so that a task
-        # sent to a worker process still holds the marker itself.
-        return self.name
+class _Marker(Enum):
+    # A member unpickles as itself: a task sent to a worker process still
+    # holds the marker.
+    INPUTS = "INPUTS"
+    START = "START"
 
 
 #: Task argument: the block's inputs, a :class:`~.blocks.BlockReader`.
-INPUTS = _Marker("INPUTS")
+INPUTS = _Marker.INPUTS
 #: Task argument: the job's index of the block's first item.
-START = _Marker("START")
+START = _Marker.START
 
 
 class Engine(ABC):
@@ -155,13 +150,11 @@ def distributed_client(client: Any = None) -> Any:
     """The distributed Client a job would run on: ``client``, or the
     scheduler Dask would use now if that is a Client; else None.
 
-    Asks nothing of Dask where dask or distributed is not imported yet: no
-    Client can exist then.
+    Asks nothing of Dask where distributed (which imports dask) is not
+    imported yet: no Client can exist then.
     """
-    if client is not None:
+    if client is not None or "distributed" not in sys.modules:
         return client
-    if "distributed" not in sys.modules or "dask" not in sys.modules:
-        return None
     import dask.base
     from distributed import Client
 

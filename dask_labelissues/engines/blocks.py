@@ -173,9 +173,7 @@ def snap_blocks(plan: BlockPlan, n_rows: int, cuts: np.ndarray) -> BlockPlan:
     """
     ends = snap_ends(np.cumsum(plan.chunks)[:-1], cuts, n_rows)
     bounds = block_bounds(np.diff(np.concatenate([[0], ends, [n_rows]])))
-    if bounds == plan.bounds:
-        return plan
-    return replace(plan, bounds=bounds, groups=None)
+    return plan if bounds == plan.bounds else replace(plan, bounds=bounds, groups=None)
 
 
 def snap_ends(ends: np.ndarray, cuts: np.ndarray, n_rows: int) -> np.ndarray:
@@ -253,12 +251,10 @@ def balanced_chunks(n_rows: int, rows: int, unit: int | None, threads: int) -> t
     chunks enough: a stage ends when its busiest thread does.  With one
     thread or none known, or data within one block: blocks of ``rows``.
     """
-    if threads < 2:
-        return even_chunks(n_rows, rows)
     unit = max(1, unit or 1)
     units = -(-n_rows // unit)
     blocks = -(-units // max(1, rows // unit))
-    if blocks < 2:  # data that fits one block is not cut for idle threads
+    if threads < 2 or blocks < 2:  # data that fits one block is not cut for idle threads
         return even_chunks(n_rows, rows)
     blocks = min(units, -(-blocks // threads) * threads)
     base, extra = divmod(units, blocks)
@@ -270,14 +266,11 @@ def balanced_chunks(n_rows: int, rows: int, unit: int | None, threads: int) -> t
 def block_bounds(chunks: Sequence[int]) -> tuple[tuple[int, int], ...]:
     """``((start, stop), ...)`` of consecutive blocks with the given sizes."""
     stops = np.cumsum(chunks).tolist()
-    starts = [0] + stops[:-1]
-    return tuple(zip(starts, stops))
+    return tuple(zip([0, *stops[:-1]], stops))
 
 
 def even_chunks(n_rows: int, chunk_rows: int) -> tuple[int, ...]:
     """Row chunk sizes of ``chunk_rows`` each, the last one shorter."""
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     full, rest = divmod(n_rows, chunk_rows)
     return (chunk_rows,) * full + ((rest,) if rest else ())
 
@@ -291,8 +284,6 @@ def piece_bounds(start: int, stop: int, piece_rows: int | None) -> list[tuple[in
     """
     if piece_rows is None or stop <= start:
         return [(start, stop)]
-    if piece_rows < 1:
-        raise ValueError(f"piece_rows must be >= 1, got {piece_rows}")
     first = (start // piece_rows + 1) * piece_rows
     edges = [start, *range(first, stop, piece_rows), stop]
     return list(zip(edges[:-1], edges[1:]))
@@ -304,8 +295,6 @@ def group_chunks(chunks: Sequence[int], rows: int) -> list[tuple[int, int]]:
     ``rows`` rows, so every group but the last holds ``rows`` to ``rows``
     plus one chunk.
     """
-    if rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
     groups, first, held = [], 0, 0
     for i, size in enumerate(chunks):
         held += size

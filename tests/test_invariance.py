@@ -300,7 +300,7 @@ def test_layer_keeps_the_graph_of_every_input():
     from dask.delayed import delayed
     from dask.highlevelgraph import HighLevelGraph
 
-    from dask_labelissues.engines.dask import _with_inputs, layer
+    from dask_labelissues.engines.dask import layer, merged_graph
 
     class Fresh:
         def __init__(self, key: str) -> None:
@@ -314,7 +314,7 @@ def test_layer_keeps_the_graph_of_every_input():
             return (self.key,)
 
     inputs = [Fresh(f"input-{i}") for i in range(300)]
-    graph = _with_inputs("total", {("total", 0): (sum, [x.key for x in inputs])}, inputs)
+    graph = merged_graph(inputs)
     assert all(x.key in graph.layers for x in inputs)
 
     values = [delayed(i, pure=False) for i in range(200)]

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import dask
 import dask.array as da
+import dask.system
 import numpy as np
 from dask.core import flatten
 from dask.delayed import Delayed, delayed
@@ -91,27 +92,17 @@ def layer(fn: Callable, rows: Sequence[tuple], suffix: tuple[int, ...] = (), nam
     of them) are passed by key, literals are never keys or tasks.
 
     A plain dict, not ``delayed(fn)(...)``, whose tokenizing and graph
-    merging grow with the inputs.
+    merging grow with the inputs, nor ``HighLevelGraph.from_collections``,
+    whose ``is_dask_collection`` check builds and tokenizes a new Delayed
+    for each attribute a Delayed lacks.
     """
     name = f"{name or getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:16]}"
     deps: dict[Any, Delayed] = {}
     tasks = {(name, i, *suffix): (fn, *(_ref(a, deps) for a in row)) for i, row in enumerate(rows)}
-    graph = _with_inputs(name, tasks, deps.values())
+    inputs = merged_graph(deps.values())
+    needs = {k for d in deps.values() for k in d.__dask_layers__()}
+    graph = HighLevelGraph({**inputs.layers, name: tasks}, {**inputs.dependencies, name: needs})
     return [Delayed(key, graph, layer=name) for key in tasks]
-
-
-def _with_inputs(name: str, tasks: dict, inputs: Iterable[Delayed]) -> HighLevelGraph:
-    """The graph of layer ``name`` over the graphs of its ``inputs``.
-
-    What ``HighLevelGraph.from_collections`` does, without its
-    ``is_dask_collection`` check, which builds and tokenizes a new Delayed
-    for each attribute a Delayed lacks.
-    """
-    inputs = list(inputs)
-    graph = merged_graph(inputs)
-    layers = {**graph.layers, name: tasks}
-    dependencies = {**graph.dependencies, name: {k for d in inputs for k in d.__dask_layers__()}}
-    return HighLevelGraph(layers, dependencies)
 
 
 def merged_graph(collections: Iterable[Delayed]) -> HighLevelGraph:
@@ -185,8 +176,6 @@ def cluster_workers(client: Any) -> tuple[int | None, int]:
     """The smallest worker memory limit (None if none is set) and the
     worker threads of a distributed ``client``, or of the local scheduler."""
     if client is None:
-        import dask.system
-
         return None, int(dask.config.get("num_workers", None) or dask.system.CPU_COUNT)
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     limits = [w["memory_limit"] for w in workers.values() if (w.get("memory_limit") or 0) > 0]
@@ -243,7 +232,6 @@ class DaskEngine(Engine):
         self.progress = progress
         self._columns = itertools.count()
 
-    # -- the primitives ----------------------------------------------------------
     def column(self, dtype: Any) -> Column:
         # Each task makes its block's rows, which stay on the worker.
         return Column(next(self._columns), np.dtype(dtype))
@@ -263,7 +251,12 @@ class DaskEngine(Engine):
             elif arg is START:
                 columns.append(self.starts)
             elif isinstance(arg, PerBlock):
-                columns.append(self._per_block(arg.values))
+                # Literals in the tasks (containers as keys), or scattered first
+                # where a distributed cluster would get more than INLINE_BYTES.
+                values = arg.values
+                if self.client is not None and sum(sizeof(v) for v in values) > INLINE_BYTES:
+                    values = held(self.client.scatter(list(values), hash=False), "per-block")
+                columns.append([delayed(v, pure=False) if isinstance(v, CONTAINERS) else v for v in values])
             else:
                 columns.append([shared(arg, n)] * n)
         rows = [tuple(column[i] for column in columns) for i in range(n)]
@@ -283,12 +276,9 @@ class DaskEngine(Engine):
         out = []
         for h, ask in zip(handles, asks):
             got = list(itertools.islice(values, len(ask)))
-            if isinstance(h, DaskBlocks):
-                out.append(got)
-                continue
-            if got:
+            if isinstance(h, DaskValue) and got:
                 h.value, h.part = got[0], None
-            out.append(h.value)
+            out.append(got if isinstance(h, DaskBlocks) else h.value)
         return out
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> da.Array:
@@ -298,15 +288,6 @@ class DaskEngine(Engine):
         chunks = (tuple(c * per_row for c in self.plan.chunks), *((s,) for s in shape))
         return da.Array(parts[0].dask, parts[0].key[0], chunks=chunks, dtype=dtype)
 
-    def _per_block(self, values: Sequence[Any]) -> list[Any]:
-        """Each block's own value of a :class:`~.base.PerBlock` argument:
-        literals in the tasks (containers as keys), or scattered first where
-        a distributed cluster would get more than :data:`INLINE_BYTES`."""
-        if self.client is not None and sum(sizeof(v) for v in values) > INLINE_BYTES:
-            return held(self.client.scatter(list(values), hash=False), "per-block")
-        return [delayed(v, pure=False) if isinstance(v, CONTAINERS) else v for v in values]
-
-    # -- inputs ------------------------------------------------------------------
     @functools.cached_property
     def _readers(self) -> list[list]:
         """Each block's :class:`~.blocks.BlockReader` arguments, as a list."""
@@ -335,7 +316,6 @@ class DaskEngine(Engine):
                 return chunks
         return array.to_delayed().ravel().tolist()
 
-    # -- running graphs ----------------------------------------------------------
     def _run(self, blocks: list[Delayed], wanted: list[Delayed]) -> tuple[list[Delayed], list[Any]]:
         """Keep ``blocks`` where they are computed and bring back ``wanted``,
         in one graph."""

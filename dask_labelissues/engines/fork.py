@@ -35,7 +35,7 @@ import warnings
 import weakref
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -79,8 +79,7 @@ def _serve(conn: Any, engine: LocalEngine | None) -> None:
             engine = _job(conn, body, mapped)
         elif op == "keep":
             engine = None
-            for key in set(mapped) - body:
-                del mapped[key]
+            mapped = {key: buf for key, buf in mapped.items() if key in body}
         else:
             _tasks(conn, engine, body)
         del body
@@ -118,10 +117,9 @@ def _tasks(conn: Any, engine: LocalEngine, tasks: list[tuple]) -> None:
         try:
             reply = (True, engine.call(*task))
         except BaseException as exc:  # sent to the parent, which raises it
-            reply = (False, exc)
-        _send(conn, reply)
-        if not reply[0]:
+            _send(conn, (False, exc))
             return
+        _send(conn, reply)
 
 
 def _send(conn: Any, reply: tuple[bool, Any]) -> None:
@@ -282,7 +280,7 @@ class ForkEngine(LocalEngine):
         warm_up: Callable[[], None] | None = None, **kwargs: Any,
     ) -> None:
         self.n_jobs = pool_size(n_jobs)
-        self.warm_up = warm_up
+        self.warm_up = warm_up or (lambda: None)
         self.workers: list[tuple[Any, Any]] = []
         # A stage whose results were not all taken (an error, Ctrl-C): close
         # terminates its workers.
@@ -309,8 +307,7 @@ class ForkEngine(LocalEngine):
             if _POOL is not None and (len(_POOL.workers) != self.n_jobs or not _POOL.alive()):
                 _stop_pool()
             if _POOL is None:
-                if self.warm_up is not None:
-                    self.warm_up()
+                self.warm_up()
                 _POOL = _Pool(self.n_jobs)
             return _POOL
         except BaseException:
@@ -318,14 +315,12 @@ class ForkEngine(LocalEngine):
             raise
 
     def _start(self) -> None:
-        if self.warm_up is not None:
-            self.warm_up()
+        self.warm_up()
         count = len(self._runs())
         if self.pool is not None:
             try:
                 handles = [shared_handle(c) for c in self.columns]
-                payload = None if None in handles else _job_state(self, handles)
-                if payload is not None and len(payload) <= JOB_BYTES:
+                if None not in handles and len(payload := _job_state(self, handles)) <= JOB_BYTES:
                     if self.pool.send_job(handles, count, payload):
                         self.workers = self.pool.workers[:count]
                         return
@@ -351,7 +346,10 @@ class ForkEngine(LocalEngine):
         ends = [-(-(w + 1) * n // workers) for w in range(workers)]
         return list(zip([0, *ends[:-1]], ends))
 
-    def _map(self, tasks: Sequence[tuple]) -> Iterable[tuple[int, Any]]:
+    def _map(self, tasks: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
+        """``(block, result)`` as the workers send them (each worker's in block
+        order), so a reduction merges states as they arrive instead of holding
+        later workers' until earlier blocks are done."""
         if self.busy:
             # Its workers may still hold results of the stage that failed.
             raise RuntimeError("a fork engine is not used again after a stage failed")
@@ -362,12 +360,6 @@ class ForkEngine(LocalEngine):
         for (_, conn), own in zip(self.workers, mine):
             if own:
                 conn.send(("tasks", own))
-        return self._results(mine)
-
-    def _results(self, mine: list[list[tuple]]) -> Iterator[tuple[int, Any]]:
-        """``(block, result)`` as the workers send them (each worker's in block
-        order), so a reduction merges states as they arrive instead of holding
-        later workers' until earlier blocks are done."""
         pending = {w: own[::-1] for w, own in enumerate(mine) if own}
         while pending:
             conns = {self.workers[w][1]: w for w in pending}

@@ -304,8 +304,7 @@ class _Folds:
         self.aggregation = aggregation
         self.ends = np.array([b for _, b in runs])
         self.acc: list[list[Any]] = [[] for _ in runs]
-        self.waiting = [0] * len(runs)
-        self.merged = [0] * len(runs)
+        self.waiting, self.merged = [0] * len(runs), [0] * len(runs)
 
     def add(self, block: int, state: Any) -> None:
         r = int(np.searchsorted(self.ends, block, side="right"))
@@ -346,22 +345,19 @@ class LocalEngine(Engine):
         keep_freed_memory()
         # One mapping of each file for the whole job (mapping every block
         # anew cost a tenth of a scan); a block's pages go once it is read.
-        self._labels_rows = _job_view(labels)
-        self._probs_rows = _job_view(pred_probs)
+        self._labels_rows, self._probs_rows = _job_view(labels), _job_view(pred_probs)
         self.progress = progress
         self.spill_dir = spill_dir
         self.columns: list[np.ndarray] = []
         self.started = False
 
-    # -- the primitives ----------------------------------------------------------
     def column(self, dtype: Any) -> Column:
         if self.started:
             raise RuntimeError("columns are declared before the job's first map")
-        dtype = np.dtype(dtype)
         self.columns.append(allocate(
             self.n_items, dtype, shared=self.shared_columns, spill_dir=self.spill_dir, descriptor=self.descriptors,
         ))
-        return Column(len(self.columns) - 1, dtype)
+        return Column(len(self.columns) - 1, self.columns[-1].dtype)
 
     def map(self, task: Callable[..., Any], *args: Any, out: Column | None = None, label: str | None = None) -> Blocks:
         return LocalBlocks(task, args, out, label)
@@ -392,15 +388,13 @@ class LocalEngine(Engine):
         return out
 
     def to_array(self, blocks: Blocks, dtype: Any, row_shape: tuple[int, ...] | None = None) -> np.ndarray:
-        self._finished(blocks)
+        results = self._finished(blocks)
         if blocks.out is not None:
             array = self.columns[blocks.out.index]
         else:
-            parts = [np.asarray(data_of(result)).reshape(-1) for result in blocks.results]
-            array = np.concatenate(parts).astype(dtype, copy=False)
+            array = np.concatenate([np.asarray(data_of(r)).reshape(-1) for r in results]).astype(dtype, copy=False)
         return array if row_shape is None else array.reshape((-1, *row_shape))
 
-    # -- running blocks ------------------------------------------------------------
     def _run(self, blocks: LocalBlocks, fold: bool = False) -> Iterator[tuple[int, Any]]:
         """The blocks' ``(block, result)`` pairs as :meth:`_map` yields them,
         run now unless their results are held already, keeping for later
@@ -461,16 +455,14 @@ class LocalEngine(Engine):
     def call(self, i: int, task: Callable, args: tuple, out: int | None) -> Any:
         """Run block ``i``'s task (see :meth:`_task`) here."""
         a, b = self.item_bounds[i]
-        readers = []
-        resolved = []
+        readers, resolved = [], []
         for arg in args:
             if isinstance(arg, _Rows):
                 arg = self.columns[arg.column][a:b]
             elif arg is INPUTS:
-                arg = BlockReader(
-                    self._labels_rows, self._probs_rows, *self.plan.bounds[i],
-                    kind=self.kind, items_per_row=self.items_per_row, release=self._release,
-                )
+                bounds = self.plan.bounds[i]
+                arg = BlockReader(self._labels_rows, self._probs_rows, *bounds, self.kind, self.items_per_row,
+                                  release=self._release)
                 readers.append(arg)
             resolved.append(arg)
         result = task(*resolved) if out is None else task(*resolved, out=self.columns[out][a:b]).state

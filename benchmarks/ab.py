@@ -14,11 +14,11 @@ were taken close together, so load from other work that comes and goes
 moves it less; and the turns cancel the advantage of running first or
 second (which can be a tenth of a warm call).
 
-How many samples: the memory runs, jobs on (c) in fresh processes, take
-``--repeats`` per tree (default 5); every other measurement is short (0.2
-to 4 s a sample) and noisier, so it takes three times as many, rounded up
-to an even number so that each tree runs first as often as second
-(``--short-repeats``).
+How many samples: the memory runs, jobs on (c) in fresh processes, and
+the scaling rounds, fresh clusters, take ``--repeats`` per tree (default
+5); every other measurement is short (0.2 to 4 s a sample) and noisier,
+so it takes three times as many, rounded up to an even number so that each
+tree runs first as often as second (``--short-repeats``).
 
 Every measurement runs in a subprocess whose ``PYTHONPATH`` is exactly the
 tree being measured (it comes before the editable install in ``sys.path``);
@@ -59,6 +59,15 @@ cli
     --output OUT.zarr`` on (a) .npy, the whole command's wall time; the
     store is removed between runs (untimed).  The last stores of the two
     trees are compared through ``open_results``.
+scaling
+    How the job scales from one worker to two: ``find_label_issues(...,
+    client=client)`` on (a) and (c) as Zarr, on a fresh LocalCluster of 1
+    and of 2 single-thread workers for every sample (a new subprocess of
+    the tree each time, so no idle cluster shares the cores), one untimed
+    call then one timed; trees and cluster sizes take turns round by
+    round.  Rows: each size's time, and the speedup (1 worker's time over
+    2 workers', per round), where above 1 in new/old the new tree scales
+    better.  ``--repeats`` rounds.
 memory
     Peak resident set of a fresh process running one job on (c) .npy (on (a)
     with ``--quick``), with the default backend and with ``backend="fork"``:
@@ -578,6 +587,42 @@ def bench_cli(trees: dict[str, str], repeats: int, data_dir: Path, work: Path) -
              **compare(digests)}]
 
 
+def bench_scaling(names: list[str], trees: dict[str, str], rounds: int, data_dir: Path, work: Path) -> list[dict]:
+    rows = []
+    for name in names:
+        paths = dataset_paths(name, data_dir)
+        log(f"[scaling] ({name}) Zarr on fresh LocalClusters of 1 and 2 x 1 thread; {rounds} rounds")
+        warm_page_cache(paths, "zarr")
+        request = {"op": "run", "labels": paths["labels_zarr"], "probs": paths["probs_zarr"], "kwargs": {},
+                   "client": True}
+        times = {n: {side: [] for side in SIDES} for n in (1, 2)}
+        digests: dict[str, dict[str, str]] = {}
+        unstable = set()
+        for rep in range(rounds):
+            for side in order(rep):
+                for n in ((1, 2) if rep % 2 == 0 else (2, 1)):
+                    child = Child(side, trees[side], work)
+                    try:
+                        child.ask(op="cluster", workers=n)
+                        first = child.ask(**request, full_digest=True)
+                        reply = child.ask(**request)
+                    finally:
+                        child.close()
+                    times[n][side].append(reply["seconds"])
+                    digests.setdefault(side, first["digest"])
+                    if first["digest"] != digests[side] or reply["digest"]["issues"] != digests[side]["issues"]:
+                        unstable.add(side)
+            log(f"  [{rep + 1}/{rounds}] ({name}) 1 worker: old {times[1]['old'][-1]:7.3f} s new "
+                f"{times[1]['new'][-1]:7.3f} s; 2 workers: old {times[2]['old'][-1]:7.3f} s new {times[2]['new'][-1]:7.3f} s")
+        common = {"dataset": name, **compare(digests), "unstable": sorted(unstable)}
+        for n in (1, 2):
+            rows.append({**common, "config": f"LocalCluster {n}x1, zarr", "what": "seconds", **summary(times[n])})
+        speedup = {side: [a / b for a, b in zip(times[1][side], times[2][side])] for side in SIDES}
+        rows.append({**common, "config": "LocalCluster 1x1 over 2x1", "what": "speedup (higher is better)",
+                     **summary(speedup)})
+    return rows
+
+
 def bench_memory(name: str, trees: dict[str, str], repeats: int, data_dir: Path, work: Path) -> list[dict]:
     paths = dataset_paths(name, data_dir)
     log(f"[memory] one job on ({name}) .npy per fresh process; {repeats} runs")
@@ -649,6 +694,7 @@ SECTIONS = {
     "first": ("First call in a fresh process", "s"),
     "cli": ("The CLI from the shell", "s"),
     "memory": ("Peak memory of a fresh process running one job", ""),
+    "scaling": ("One worker against two on a LocalCluster", "x"),
 }
 
 
@@ -658,13 +704,15 @@ def table(rows: list[dict[str, Any]], unit: str) -> list[str]:
     lines = [head + " old median | new median | new/old | paired new/old | old min–max | new min–max | n | digests match |",
              "|---|---|" + ("---|" if has_what else "") + "---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in rows:
-        fmt = "{:.3f}" if unit == "s" else "{:,.0f}"
+        # A section in "x" may hold rows of seconds too (its "what" says so).
+        u = "s" if r.get("what") == "seconds" else unit
+        fmt = "{:.3f}" if u in ("s", "x") else "{:,.0f}"
         o, n = r["old"], r["new"]
         match = "" if "match" not in r else "yes" if r["match"] else f"**NO** ({', '.join(r['differ'])})"
         if r.get("unstable"):
             match += f"; varies between calls in: {', '.join(r['unstable'])}"
         cells = [f"({r['dataset']})", r["config"], *([r.get("what", "")] if has_what else []),
-                 fmt.format(o["median"]) + (f" {unit}" if unit else ""), fmt.format(n["median"]) + (f" {unit}" if unit else ""),
+                 fmt.format(o["median"]) + (f" {u}" if u else ""), fmt.format(n["median"]) + (f" {u}" if u else ""),
                  f"{r['ratio']:.3f}", "–" if r["paired_ratio"] is None else f"{r['paired_ratio']:.3f}",
                  f"{fmt.format(o['min'])}–{fmt.format(o['max'])}",
                  f"{fmt.format(n['min'])}–{fmt.format(n['max'])}", str(o["n"]), match]
@@ -685,7 +733,7 @@ def markdown(report: dict[str, Any]) -> str:
         fp = t["fingerprint_start"] + ("" if t["fingerprint_end"] == t["fingerprint_start"]
                                        else f" → {t['fingerprint_end']} (**changed during the run**)")
         lines.append(f"| {side} | `{t['path']}` | {t['label']} | {fp} |")
-    lines += ["", f"Samples per tree: {report['short_repeats']} (memory: {report['repeats']}), "
+    lines += ["", f"Samples per tree: {report['short_repeats']} (memory and scaling: {report['repeats']}), "
               f"interleaved old/new; new/old is the ratio of the medians, below 1 when the new tree is faster or "
               f"smaller; paired new/old is the median over pairs of consecutive repeats (each tree first in "
               f"one of them) of the new tree's sum over the old's, less moved by other work on the machine; "
@@ -783,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         "first": lambda: bench_first(trees, short, args.data_dir, work),
         "cli": lambda: bench_cli(trees, short, args.data_dir, work),
         "memory": lambda: bench_memory("a" if args.quick else "c", trees, repeats, args.data_dir, work),
+        "scaling": lambda: bench_scaling(["a"] if args.quick else ["a", "c"], trees, repeats, args.data_dir, work),
     }
     report["errors"] = {}
     report["other_cpu"] = {}

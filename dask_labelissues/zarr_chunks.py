@@ -149,12 +149,17 @@ def _decode_file(path: str, decode: Decoder, out: np.ndarray) -> bool:
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return decode(b"", out)
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                return decode(view, out)
-            finally:
-                view.release()
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)
+    try:
+        return decode(view, out)
+    finally:
+        view.release()
+        # Where a view of the mapping made while decoding is still alive
+        # (seen once on a busy Dask worker, after the chunk was decoded),
+        # closing fails; the mapping then goes when that view does.
+        with contextlib.suppress(BufferError):
+            mapped.close()
 
 
 class _RowChunks:

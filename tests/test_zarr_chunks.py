@@ -301,3 +301,23 @@ def test_direct_chunk_writes_are_the_files_zarr_writes(tmp_path, case):
     assert len(got) == 3 and got == want
     np.testing.assert_array_equal(direct[:], through_zarr[:])
     assert not [p for p in os.listdir(tmp_path / "direct.zarr") if "partial" in p]
+
+
+def test_a_view_of_the_chunk_kept_past_its_decoding_does_not_fail_the_read(tmp_path):
+    """A view of a chunk file's mapping that outlives the decoder's return
+    (as one did on a busy Dask worker) leaves the read's result intact: the
+    mapping stays while the view does, instead of failing to close."""
+    from dask_labelissues import zarr_chunks
+
+    path = tmp_path / "chunk"
+    path.write_bytes(np.arange(8, dtype=np.int64).tobytes())
+    kept = []
+
+    def decode(raw, out):
+        kept.append(np.frombuffer(raw, dtype=np.uint8))  # a view that outlives the call
+        return zarr_chunks._copy(raw, out)
+
+    out = np.empty(8, dtype=np.int64)
+    assert zarr_chunks._decode_file(str(path), decode, out)
+    np.testing.assert_array_equal(out, np.arange(8))
+    np.testing.assert_array_equal(kept[0].view(np.int64), np.arange(8))

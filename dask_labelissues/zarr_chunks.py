@@ -154,11 +154,12 @@ def _decode_file(path: str, decode: Decoder, out: np.ndarray) -> bool:
     try:
         return decode(view, out)
     finally:
-        view.release()
         # Where a view of the mapping made while decoding is still alive
         # (seen once on a busy Dask worker, after the chunk was decoded),
-        # closing fails; the mapping then goes when that view does.
+        # releasing or closing fails; the mapping then goes when that view
+        # does.
         with contextlib.suppress(BufferError):
+            view.release()
             mapped.close()
 
 

@@ -61,13 +61,13 @@ cli
     trees are compared through ``open_results``.
 scaling
     How the job scales from one worker to two: ``find_label_issues(...,
-    client=client)`` on (a) and (c) as Zarr, on a fresh LocalCluster of 1
-    and of 2 single-thread workers for every sample (a new subprocess of
-    the tree each time, so no idle cluster shares the cores), one untimed
-    call then one timed; trees and cluster sizes take turns round by
-    round.  Rows: each size's time, and the speedup (1 worker's time over
-    2 workers', per round), where above 1 in new/old the new tree scales
-    better.  ``--repeats`` rounds.
+    client=client)`` on (a) and (c) as Zarr (on (a) only with ``--quick``),
+    on a fresh LocalCluster of 1 and of 2 single-thread workers for every
+    sample (a new subprocess of the tree each time, so no idle cluster
+    shares the cores), one untimed call then one timed; trees and cluster
+    sizes take turns round by round.  Rows: each size's time, and the
+    speedup (1 worker's time over 2 workers', per round), where above 1 in
+    new/old the new tree scales better.  ``--repeats`` rounds.
 memory
     Peak resident set of a fresh process running one job on (c) .npy (on (a)
     with ``--quick``), with the default backend and with ``backend="fork"``:

@@ -60,9 +60,8 @@ def make_engine(
         engine = dask_engine(labels, pred_probs, spec, settings, client=client, progress=progress, kind=kind)
         return engine, name, engine.client
     lab, probs = inputs.as_row_source(labels), inputs.as_row_source(pred_probs)
-    # The local engines' modules are imported for the jobs that run them only.
+    # The local engines' module is imported for the jobs that run them only.
     from .local import pool_size
-    from .serial import SerialEngine
 
     threads = 1 if name == "serial" else pool_size(n_jobs)
     config = BlockConfig.of_job(probs, spec, kind, threads=threads, process_memory=usable_memory(), **settings)
@@ -77,4 +76,6 @@ def make_engine(
 
         ready = None if warm_up is None else (lambda: warm_up(plan.spec))
         return fork_engine(lab, probs, plan, n_jobs=n_jobs, warm_up=ready, **common), name, None
+    from .serial import SerialEngine
+
     return SerialEngine(lab, probs, plan, **common), name, None

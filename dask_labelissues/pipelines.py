@@ -302,6 +302,7 @@ def run(engine: Engine, spec: ScoreSpec, health: bool = False) -> RawResult:
         issues = winners.index[keep]
         issue_scores = winners.score[keep]
         per_class_issues = np.bincount(winners.label[keep], minlength=k).astype(np.int64)
+        del winners, keep  # O(T) rows, not needed by the stages below
     result = RawResult(
         thresholds=passes.thresholds,
         estimated_num_issues=estimated,
@@ -345,8 +346,11 @@ def lowest_scores(engine: Engine, spec: ScoreSpec, passes: Passes) -> tuple[int,
         if selection.gathers_bucket():
             gathered = None
             if passes.prefetched is not None:
-                held, rows = passes.prefetched
+                # Used once: held on, these O(T) rows would stay alive
+                # through the stages after the selection.
+                (held, rows), passes.prefetched = passes.prefetched, None
                 gathered = states.narrow_prefix(rows, held, selection.shift, selection.prefix)
+                del rows
             if gathered is None:
                 gathered = _gather(engine, states.prefix_winners, records, scores, selection.shift, selection.prefix, START)
             winners, cutoff, quotas = selection.finish(gathered, engine.starts)  # ranked

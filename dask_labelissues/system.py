@@ -20,6 +20,9 @@ from typing import Any
 MALLOC_THRESHOLD = 128 << 20
 
 _MALLOC_SET = False
+#: glibc's ``malloc_trim`` once :func:`keep_freed_memory` has changed the
+#: thresholds, else None.
+_malloc_trim: Any = None
 
 
 def keep_freed_memory() -> None:
@@ -38,14 +41,16 @@ def keep_freed_memory() -> None:
     freed memory per allocator arena is kept rather than given back.  A
     variable the user set (``MALLOC_MMAP_THRESHOLD_``,
     ``MALLOC_TRIM_THRESHOLD_``) wins.  The embedded cluster gives its
-    workers the same setting through their environment.
+    workers the same setting through their environment.  The one-machine
+    engines give the kept memory back before each stage
+    (:func:`give_back_freed_memory`).
 
     Each allocator arena (one a thread that allocates, up to eight a core)
     keeps that much, which no other arena can take: under a 400 MB
     ``prlimit --data``, a multi-label job on 2,000,000 x 100 ended holding
     387 MB of address space with 128 MiB kept, 255 MB with 12 MiB.
     """
-    global _MALLOC_SET
+    global _MALLOC_SET, _malloc_trim
     if _MALLOC_SET:
         return
     _MALLOC_SET = True
@@ -56,7 +61,8 @@ def keep_freed_memory() -> None:
     try:
         import ctypes
 
-        mallopt = ctypes.CDLL(None).mallopt
+        libc = ctypes.CDLL(None)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):  # not glibc
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
@@ -66,6 +72,25 @@ def keep_freed_memory() -> None:
     if threshold != wanted:
         mallopt(m_mmap_threshold, threshold)
     mallopt(m_trim_threshold, threshold)
+    _malloc_trim = malloc_trim
+
+
+def give_back_freed_memory() -> None:
+    """Return to the system the freed memory :func:`keep_freed_memory` has
+    this process keep, in every allocator arena; nothing where it did not
+    change the allocator.
+
+    For the one-machine engines before each stage's blocks: what the
+    stages before left freed in their threads' arenas, and the O(T) arrays
+    of the selection between stages in the calling thread's arena, which
+    the stage's threads cannot take.  Kept, they added to the job's peak:
+    one job on 10,000,000 x 100 in .npy peaked at 597 to 599 MB, and at
+    588 to 589 MB with them given back (three runs each).  A stage's
+    threads then fault their first block's arrays in again, not every
+    block's.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def usable_memory() -> int:

@@ -716,3 +716,42 @@ def test_a_local_job_lets_the_allocator_keep_blocks_in_its_heap(backend, monkeyp
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 << 10))
     mapped = int(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
     assert heap == 0 and mapped >= 64 << 20, (heap, mapped)
+
+
+GIVE_BACK_PROBE = r"""
+import os, sys
+import numpy as np
+import dask_labelissues
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+rng = np.random.default_rng(0)
+labels, probs = rng.integers(0, 4, 5000), rng.dirichlet(np.ones(4), size=5000)
+dask_labelissues.find_label_issues(labels, probs, backend=sys.argv[1])  # sets the allocator, loads the kernels
+a = np.ones(24 << 20, np.uint8)  # from the heap, which keeps it when freed
+del a
+kept = rss()
+if sys.argv[2] == "job":
+    dask_labelissues.find_label_issues(labels, probs, backend=sys.argv[1])
+print(kept - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+@pytest.mark.parametrize("backend", ["serial", "threads", "fork"])
+def test_a_local_job_gives_back_the_memory_the_allocator_kept(backend, monkeypatch):
+    """The heap keeps freed arrays for reuse (the test above), so a job's
+    stages start by giving back what was freed before them: a thread's
+    arena holds its frees for that thread alone, and held, they add to the
+    job's peak."""
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+
+    def freed(then: str) -> int:
+        run = [sys.executable, "-c", GIVE_BACK_PROBE, backend, then]
+        return int(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
+
+    idle, after_job = freed("nothing"), freed("job")
+    assert idle < 4 << 20 and after_job >= 20 << 20, (idle, after_job)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..aggregations import Aggregation
 from ..kinds import ROWS, Kind
-from ..system import held_elsewhere, keep_freed_memory, usable_cores, usable_memory
+from ..system import give_back_freed_memory, held_elsewhere, keep_freed_memory, usable_cores, usable_memory
 from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, Value, data_of
 from .blocks import BlockPlan, BlockReader
 
@@ -412,6 +412,7 @@ class LocalEngine(Engine):
         n = len(self.plan.bounds)
         tasks = [self._task(i, blocks) for i in range(n)]
         self.started = True
+        give_back_freed_memory()
         results = self._map(tasks)
         if self.progress and blocks.label is not None:
             results = _progress(results, n, blocks.label)

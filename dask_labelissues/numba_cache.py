@@ -27,16 +27,21 @@ Imports nothing of the package, and neither numba nor numpy.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
 
 _SOURCE = Path(__file__).with_name("fused.py")
+# hashlib and subprocess are imported where used: every import of the
+# package loads this module; only a job that looks for the kernels in
+# numba's cache needs the one, and one that compiles them the other.
 _CHILD: subprocess.Popen | None = None
 
 # The background process's first lines: not the working directory's
@@ -54,6 +59,8 @@ def _key() -> str | None:
     """What numba's cache of the kernels depends on, hashed; None without
     numba.  The CPU model is left out (numba keys its entries by it too, so a
     cache shared by different machines misses, and then compiles)."""
+    import hashlib
+
     spec = importlib.util.find_spec("numba")
     if spec is None or spec.origin is None:
         return None
@@ -175,6 +182,8 @@ def _start() -> bool:
             return True  # another process's compile holds it
         if not fresh:
             return False
+        import subprocess
+
         flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
         root = str(_SOURCE.parent.parent)
         # The child inherits the locked descriptor: the lock is held for as

@@ -163,7 +163,7 @@ class _Child:
 def test_one_background_compile_at_a_time_and_none_after_one_failed(monkeypatch, tmp_path):
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     started = []
-    monkeypatch.setattr(numba_cache.subprocess, "Popen", lambda argv, **kw: started.append(_Child(argv, **kw)) or started[-1])
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: started.append(_Child(argv, **kw)) or started[-1])
     monkeypatch.setattr(numba_cache, "_lowest_priority", lambda pid: None)
     monkeypatch.setattr(numba_cache, "_CHILD", None)
     assert not numba_cache.compiled()
@@ -200,7 +200,7 @@ def test_a_compile_that_cannot_start_leaves_nothing_and_raises_nothing(monkeypat
     def fail(argv, **kwargs):
         raise TypeError("expected str, bytes or os.PathLike object, not NoneType")
 
-    monkeypatch.setattr(numba_cache.subprocess, "Popen", fail)
+    monkeypatch.setattr(subprocess, "Popen", fail)
     assert not numba_cache.compile_in_background()
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(numba_cache.sys, "frozen", True, raising=False)

@@ -35,13 +35,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# hashlib and subprocess are imported where used: every import of the
+# package loads this module; only a job that looks for the kernels in
+# numba's cache needs the one, and one that compiles them the other.
 if TYPE_CHECKING:
     import subprocess
 
 _SOURCE = Path(__file__).with_name("fused.py")
-# hashlib and subprocess are imported where used: every import of the
-# package loads this module; only a job that looks for the kernels in
-# numba's cache needs the one, and one that compiles them the other.
 _CHILD: subprocess.Popen | None = None
 
 # The background process's first lines: not the working directory's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import weakref
 
 import dask
 import numpy as np
@@ -234,6 +235,35 @@ def test_a_block_scanned_in_pieces_equals_one_scan(bad_piece):
     assert whole.state.rows == pieces.state.rows == 2600
     assert whole.state.problem == pieces.state.problem
     assert pieces.state.problem.row == (400 if bad_piece == 0 else 1400)
+
+
+def test_a_block_scanned_in_pieces_holds_one_piece_at_a_time():
+    """Each piece of pred_probs is freed before the next is read: a task
+    holds one piece, not two, however many its block has."""
+    from dask_labelissues.engines.blocks import BlockReader
+    from dask_labelissues.kernels import ScoreSpec
+    from dask_labelissues.pipelines import scan_block
+
+    class Source:
+        """Rows read as new arrays, counting at each read the earlier ones
+        still alive."""
+
+        def __init__(self, values):
+            self.values, self.given, self.alive_at_read = values, [], []
+
+        def __getitem__(self, rows):
+            self.alive_at_read.append(sum(ref() is not None for ref in self.given))
+            piece = self.values[rows].copy()
+            self.given.append(weakref.ref(piece))
+            return piece
+
+    data = make_dataset(3000, 40, seed=57, dtype=np.float32)
+    source = Source(data.pred_probs)
+    pieces = scan_block(BlockReader(data.labels, source, 300, 2900, read_rows=512), ScoreSpec(), False)
+    # Cut at multiples of 512: 300, 512, 1024, ..., 2560, 2900.
+    assert source.alive_at_read == [0] * 6
+    whole = scan_block(BlockReader(data.labels, data.pred_probs, 300, 2900), ScoreSpec(), False)
+    np.testing.assert_array_equal(whole.state.counts, pieces.state.counts)
 
 
 @pytest.mark.parametrize("settings,several,expected_reads", [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import json
 import logging
@@ -18,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 import numpy as np
 
@@ -914,5 +915,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.unraisablehook = previous_hook
 
 
+def run() -> NoReturn:
+    """The ``dask-labelissues`` command (and ``python -m dask_labelissues``):
+    :func:`main` on the shell's arguments, then exit with its code.
+
+    Python's shutdown collects what the job left in reference cycles, in
+    full passes over every object the collector tracks (about 124,000
+    after ``find`` on 2,000,000 rows: numba's, zarr's, the package's):
+    0.27 to 0.53 s of a 2 s command.  Frozen out of the collector first,
+    they are left to the operating system, and the exit takes 0.05 s.
+    atexit handlers (which stop the fork engine's kept workers) and
+    weakref finalizers still run.  :func:`main` leaves the collector
+    alone, for callers whose process goes on.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

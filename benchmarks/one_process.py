@@ -66,3 +66,9 @@ def main(labels_path: str, probs_path: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    # As the package's command does before it exits (cli.run): Python's
+    # last collections over numba's and zarr's objects are no work the job
+    # needs, and the floor is the least a process does.
+    import gc
+
+    gc.freeze()

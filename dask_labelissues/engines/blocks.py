@@ -415,14 +415,9 @@ class BlockReader:
         row = 0
         for part in parts:
             rows, items = len(part), self._items(part, row, scan=True)
-            # Held here while the next piece is read, a piece would be a
-            # second buffer of its size: on a cluster worker each new one
-            # was faulted in afresh (over a third more page faults a job).  The
-            # caller drops its own reference before asking for the next.
-            del part
+            del part  # not held while the next piece is read (nor by the caller)
             yield row * self.items_per_row, items
-            del items
-            row += rows
+            row, items = row + rows, None
 
     def views(
         self, kinds: Sequence[Kind], *, layout: Callable[[np.ndarray], np.ndarray] | None = None

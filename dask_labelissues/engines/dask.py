@@ -317,8 +317,7 @@ class DaskEngine(Engine):
         return array.to_delayed().ravel().tolist()
 
     def _run(self, blocks: list[Delayed], wanted: list[Delayed]) -> tuple[list[Delayed], list[Any]]:
-        """Keep ``blocks`` where they are computed and bring back ``wanted``,
-        in one graph."""
+        """Keep ``blocks`` where they are computed and bring back ``wanted``, in one graph."""
         if not blocks and not wanted:
             return [], []
         # No graph optimization: fusing would give the blocks and the merged

@@ -143,8 +143,7 @@ class BufferPool:
         self._local = threading.local()
 
     def take(self, kind: tuple, nbytes: int) -> mmap.mmap | None:
-        """A free buffer of ``kind`` holding ``nbytes`` (at most twice as
-        large), or None."""
+        """A free buffer of ``kind`` holding ``nbytes`` (at most twice as large), or None."""
         with self._lock:
             fits = [s.buf for s in self._slots if s.kind == kind and nbytes <= len(s.buf) <= 2 * nbytes and s.free()]
             # The caller's reference marks it taken for every other caller.
@@ -237,8 +236,7 @@ def held_bytes(state: Any) -> int:
 
 
 def pool_size(n_jobs: int | None) -> int:
-    """Threads or processes for a one-machine pool: ``n_jobs``, checked, or
-    one per usable core."""
+    """Threads or processes for a one-machine pool: ``n_jobs``, checked, or one per usable core."""
     if n_jobs is None:
         return usable_cores()
     if n_jobs < 1:

@@ -695,8 +695,8 @@ def test_a_zarr_json_of_another_shape_is_no_results_store(tmp_path, meta):
 @pytest.mark.parametrize("bad", [False, True], ids=["ok", "bad input"])
 def test_the_command_leaves_its_objects_to_the_os_at_exit(data, tmp_path, bad):
     """The shell command exits with main's code, its objects frozen out of
-    the collector (Python's last collections over them took a quarter of
-    a 2 s command); atexit handlers still run after it."""
+    the collector (Python's last collections over them took up to a
+    quarter of a 2 s command); atexit handlers still run after it."""
     d, paths, _ = data
     script = ("import atexit, gc, runpy, sys\n"
               "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"

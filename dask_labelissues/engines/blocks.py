@@ -415,7 +415,7 @@ class BlockReader:
         row = 0
         for part in parts:
             rows, items = len(part), self._items(part, row, scan=True)
-            del part  # not held while the next piece is read (nor by the caller)
+            del part  # freed before the next piece is read, where the caller drops it too
             yield row * self.items_per_row, items
             row, items = row + rows, None
 

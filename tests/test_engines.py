@@ -35,6 +35,7 @@ from dask_labelissues.engines import INPUTS, START, PerBlock, make_engine
 from dask_labelissues.filters import FilterSpec
 from dask_labelissues.kernels import ScoreSpec
 from dask_labelissues.kinds import PIXELS, ROWS
+from dask_labelissues.system import GIVE_BACK_MIN_BYTES
 
 
 N, K = 37, 4
@@ -730,7 +731,7 @@ def rss():
 rng = np.random.default_rng(0)
 labels, probs = rng.integers(0, 4, 5000), rng.dirichlet(np.ones(4), size=5000)
 dask_labelissues.find_label_issues(labels, probs, backend=sys.argv[1])  # sets the allocator, loads the kernels
-a = np.ones(24 << 20, np.uint8)  # from the heap, which keeps it when freed
+a = np.ones(int(sys.argv[3]) << 20, np.uint8)  # from the heap, which keeps it when freed
 del a
 kept = rss()
 if sys.argv[2] == "job":
@@ -745,13 +746,16 @@ def test_a_local_job_gives_back_the_memory_the_allocator_kept(backend, monkeypat
     """The heap keeps freed arrays for reuse (the test above), so a job's
     stages start by giving back what was freed before them: a thread's
     arena holds its frees for that thread alone, and held, they add to the
-    job's peak."""
+    job's peak.  Less than GIVE_BACK_MIN_BYTES stays, for the stages to
+    reuse without faulting it in again."""
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(name, raising=False)
+    least = GIVE_BACK_MIN_BYTES >> 20
 
-    def freed(then: str) -> int:
-        run = [sys.executable, "-c", GIVE_BACK_PROBE, backend, then]
+    def freed(then: str, mib: int) -> int:
+        run = [sys.executable, "-c", GIVE_BACK_PROBE, backend, then, str(mib)]
         return int(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
 
-    idle, after_job = freed("nothing"), freed("job")
-    assert idle < 4 << 20 and after_job >= 20 << 20, (idle, after_job)
+    idle, after_job = freed("nothing", 2 * least), freed("job", 2 * least)
+    assert idle < 4 << 20 and after_job >= (2 * least - 4) << 20, (idle, after_job)
+    assert freed("job", least // 4) < 4 << 20

@@ -17,6 +17,7 @@ the fork engine is best not forked from a process that holds it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import subprocess
@@ -758,4 +759,5 @@ def test_a_local_job_gives_back_the_memory_the_allocator_kept(backend, monkeypat
 
     idle, after_job = freed("nothing", 2 * least), freed("job", 2 * least)
     assert idle < 4 << 20 and after_job >= (2 * least - 4) << 20, (idle, after_job)
-    assert freed("job", least // 4) < 4 << 20
+    if hasattr(ctypes.CDLL(None), "mallinfo2"):  # glibc 2.33 and later; before, every stage gives back
+        assert freed("job", least // 4) < 4 << 20

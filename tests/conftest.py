@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,6 +13,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+# A suite started in the background by a non-interactive shell (``cmd &``)
+# inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+# handler, here or in the commands the tests start: the interrupt tests
+# need Python's usual handler.  The tests of an ignored SIGINT ignore it
+# themselves.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

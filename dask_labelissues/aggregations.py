@@ -10,6 +10,10 @@ merged state already is.
 
 A block task whose rows are kept for later stages returns a :class:`Pair`:
 the rows stay where the task ran, and only the state goes up the tree.
+
+The blueprints of cleanlab.filter's methods (the confident joint, the
+selections) are registered by :mod:`dask_labelissues.filters`, which a job
+imports only when it runs one.
 """
 
 from __future__ import annotations
@@ -21,11 +25,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import states
-from .filters import GroupTop, JointState
 from .states import CountState, HistogramState, OutlookState, ScoreState, ThresholdState, Winners
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Pair:
     """A block task's two results: per-row ``data`` kept where the task ran,
     and the small ``state`` that goes up a reduction's tree."""
@@ -107,12 +110,10 @@ FIRST_BUCKET = register(Aggregation("first_bucket", ScoreState.combine, _first_b
 HISTOGRAM = register(Aggregation("histogram", HistogramState.combine))
 #: ``off_diagonal`` counts.
 COUNTS = register(Aggregation("counts", CountState.combine))
-#: The confident joint.
-JOINT = register(Aggregation("joint", JointState.combine))
-#: The kept rows of each group of a filter.
-GROUP_TOP = register(Aggregation("group_top", GroupTop.combine))
 #: Rows gathered from every block, in block order.
 WINNERS = register(Aggregation("winners", Winners.combine))
+
+
 def _sum_counts(parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.sum(parts, axis=0, dtype=np.int64)
 
@@ -158,8 +159,3 @@ def _combine_each(combine: Callable[[Sequence[Any]], Any], optional: bool, parts
 
 def _finalize_each(finalize: Callable[..., Any], optional: bool, merged: Sequence[Any], *args: Any) -> list[Any]:
     return [None if optional and m is None else finalize(m, *args) for m in merged]
-
-
-#: The kept rows of each selection a filter makes
-#: (:func:`dask_labelissues.filters.selection_candidates`), side by side.
-SELECTIONS = each(GROUP_TOP, optional=True)

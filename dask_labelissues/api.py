@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import filters, inputs
+from . import inputs
 from .engines import BACKEND_CHOICES, make_engine
-from .filters import filter_spec
 from .kernels import METHODS, ScoreSpec
 from .pipelines import run, run_filter, warm_up
 from .results import LabelIssues
@@ -220,7 +219,13 @@ def find_label_issues(
                 )
         method = return_indices_ranked_by
     spec = ScoreSpec(method, bool(adjust_pred_probs), estimation_method, row_sum_tolerance)
-    fspec = filter_spec(filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class)
+    fspec = None
+    if filter_by is not None or frac_noise != 1.0 or num_to_remove_per_class is not None or min_examples_per_class != 1:
+        # cleanlab.filter's methods load for the jobs that run one (or are
+        # given their options, which filter_spec refuses without filter_by).
+        from . import filters
+
+        fspec = filters.filter_spec(filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class)
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
     lab, probs, n, k = inputs.open_pair(labels, pred_probs)

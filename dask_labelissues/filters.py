@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import fused, kernels
+from .aggregations import Aggregation, each, register
 from .kernels import FLOATING_POINT_COMPARISON
 
 FILTERS = (
@@ -153,7 +154,7 @@ class FilterSpec:
 SPLIT = {"margin": 0.0, "p_label": 0.5, "margin_score": 0.5}
 
 
-@dataclass
+@dataclass(eq=False)
 class JointState:
     """The confident joint, sparse: counts of (given label, counted class)
     codes ``given * K + counted``; the rows counted off the diagonal that
@@ -388,7 +389,7 @@ def key_dtype(native: np.dtype) -> np.dtype:
     return np.dtype(np.float32 if native.kind == "f" and native.itemsize == 4 else np.float64)
 
 
-@dataclass
+@dataclass(eq=False)
 class GroupTop:
     """The ``limits[g]`` rows with the smallest (key, index) in each group g.
 
@@ -515,7 +516,16 @@ class GroupTop:
         return rows
 
 
-@dataclass(frozen=True)
+#: The confident joint's reduction.
+JOINT = register(Aggregation("joint", JointState.combine))
+#: The kept rows of each group of a filter.
+GROUP_TOP = register(Aggregation("group_top", GroupTop.combine))
+#: The kept rows of each selection a filter makes
+#: (:func:`selection_candidates`), side by side.
+SELECTIONS = each(GROUP_TOP, optional=True)
+
+
+@dataclass(frozen=True, eq=False)
 class Cells:
     """The (given, other) cells a noise-rate selection prunes from, and how many."""
 
@@ -623,7 +633,7 @@ def _pairs(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return codes, key
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BucketCut:
     """Noise-rate selections decided by the buckets of their keys.
 
@@ -858,7 +868,7 @@ def decided(top: GroupTop, unsure: np.ndarray, exact: GroupTop) -> GroupTop:
 
 
 # -- the mask ----------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MaskRule:
     """How a block's ``is_label_issue`` follows from its records.
 
@@ -995,7 +1005,7 @@ def _keep_at_least(pcm: np.ndarray, n: int, frac_noise: float) -> np.ndarray:
     return round_rows(reduced.astype(np.int64))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
     """What to select once the confident joint is known."""
 

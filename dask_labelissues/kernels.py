@@ -125,7 +125,7 @@ class InputProblem:
     kind: str = "value"  # "value" -> ValueError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Planes:
     """Items stored class by class, as images' pred_probs are: ``data`` is
     ``(n, K, P)``, and item ``i * P + p`` (pixel ``p`` of image ``i``) has

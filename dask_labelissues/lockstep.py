@@ -43,10 +43,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import filters
-from .aggregations import GROUP_TOP, JOINT, PAIR_COUNTS, SELECTIONS, THRESHOLDS, WINNERS, Pair, each
+from .aggregations import PAIR_COUNTS, THRESHOLDS, WINNERS, Pair, each
 from .engines.base import INPUTS, START, Engine, PerBlock
 from .engines.blocks import BlockReader
-from .filters import FilterSpec, MaskRule, Plan
+from .filters import GROUP_TOP, JOINT, SELECTIONS, FilterSpec, MaskRule, Plan
 from .kernels import ScoreSpec
 from .kinds import Kind
 from .pipelines import exact_cells_block, flag_block, joint_block, scan_block, score_block

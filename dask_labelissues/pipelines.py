@@ -12,21 +12,25 @@ and when each runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from . import filters, fused, kernels, states
+from . import fused, kernels, states
 from .aggregations import (
-    FIRST_BUCKET, GROUP_TOP, HISTOGRAM, JOINT, PAIR_COUNTS, SCORES, SELECTIONS, THRESHOLDS, THRESHOLDS_OUTLOOK,
-    WINNERS, Pair,
+    FIRST_BUCKET, HISTOGRAM, PAIR_COUNTS, SCORES, THRESHOLDS, THRESHOLDS_OUTLOOK, WINNERS, Pair,
 )
 from .engines.base import INPUTS, START, Blocks, Engine, PerBlock
 from .engines.blocks import BlockReader
-from .filters import Cells, FilterSpec, MaskRule
 from .kernels import ScoreSpec
 from .sentences import block_offsets, sentence_block
 from .states import CountState, InputValueError, OutlookState, ScoreState, Selection, ThresholdState, Winners
+
+# cleanlab.filter's methods and their blueprints are imported by the
+# functions that run one (``from . import filters``): the package's import
+# and a job without a filter do not load them.
+if TYPE_CHECKING:
+    from .filters import Cells, FilterSpec, GroupTop, JointState, MaskRule
 
 #: Most classes for which pass one also keeps each block's
 #: :class:`~dask_labelissues.states.OutlookState` (see :func:`_outlook`).
@@ -114,18 +118,24 @@ def joint_block(
     out: np.ndarray | None = None, with_joint: bool = True,
 ) -> Pair:
     """A filter's second read of a block (:func:`dask_labelissues.filters.joint_block`)."""
+    from . import filters
+
     rows, state = filters.joint_block(rec, block.probs(), thresholds, fspec, kernel, with_joint)
     rows = _into(out, rows)
     return Pair(rows, state)
 
 
-def joint_counts_block(rec: np.ndarray, block: BlockReader, thresholds: np.ndarray, kernel: str) -> filters.JointState:
+def joint_counts_block(rec: np.ndarray, block: BlockReader, thresholds: np.ndarray, kernel: str) -> JointState:
     """A block's part of the confident joint alone (dataset health)."""
+    from . import filters
+
     return filters.joint_counts_block(rec, block.probs(), thresholds, kernel)
 
 
-def exact_cells_block(block: BlockReader, cells: Cells) -> filters.GroupTop:
+def exact_cells_block(block: BlockReader, cells: Cells) -> GroupTop:
     """A block's candidates for undecided cells, from pred_probs itself."""
+    from . import filters
+
     return filters.exact_cells_block(block.labels(), block.probs(), block.item_start, cells)
 
 
@@ -137,6 +147,8 @@ def flag_block(
     item order or (``ranked``) by score, ties by item: ranked in the
     blocks, where the kernels are loaded, the caller's ranking of all of
     them merges runs."""
+    from . import filters
+
     mask = filters.mask_block(rule, rec, joint, start)
     mask = _into(out, mask)
     flagged = Winners.chunk(rec, scores, mask, start)
@@ -151,7 +163,7 @@ def issue_mask_block(
 
 
 # -- the jobs ---------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)
 class RawResult:
     """What :func:`run` or :func:`run_filter` computes, before the API wraps it."""
 
@@ -168,7 +180,7 @@ class RawResult:
     num_label_issues: int | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Passes:
     """What the first two passes leave: states, kept blocks, and rows
     gathered ahead for the selection."""
@@ -365,8 +377,10 @@ def lowest_scores(engine: Engine, spec: ScoreSpec, passes: Passes) -> tuple[int,
     return cutoff, quotas or [0] * len(engine.starts), winners
 
 
-def _select(engine: Engine, task: Any, *args: Any) -> filters.GroupTop:
-    return engine.compute(engine.reduce(engine.map(task, *args), GROUP_TOP))[0]
+def _select(engine: Engine, task: Any, *args: Any) -> GroupTop:
+    from . import filters
+
+    return engine.compute(engine.reduce(engine.map(task, *args), filters.GROUP_TOP))[0]
 
 
 def run_filter(
@@ -395,6 +409,8 @@ def run_filter(
     count from instead of the data's (the second read still makes each
     item's joint record, which the selections need).
     """
+    from . import filters
+
     k = engine.n_classes
     columns = _columns(engine, spec, fspec, dtype)
     passes = first_passes(engine, spec, columns, select=False)
@@ -408,13 +424,13 @@ def run_filter(
             joint_block, records, INPUTS, passes.thresholds, fspec, spec.kernel,
             out=columns["joint"], label="second read: confident joint",
         )
-        (state,) = engine.compute(engine.reduce(joint, JOINT), keep=[joint])
+        (state,) = engine.compute(engine.reduce(joint, filters.JOINT), keep=[joint])
         reads += 1
         estimated = state.off_diagonal
         plan, calibrated = filters.plan(fspec, state, counts, confident_joint)
         if fspec.selects:
             tops = engine.map(filters.selection_candidates, plan, fspec, joint, records, START)
-            (merged,) = engine.compute(engine.reduce(tops, SELECTIONS))
+            (merged,) = engine.compute(engine.reduce(tops, filters.SELECTIONS))
             cells_top = merged[0]
             if cells_top is not None:
                 unsure = cells_top.uncertain(plan.cells.given)
@@ -423,7 +439,7 @@ def run_filter(
                     reads += 1
                     merged[0] = filters.decided(cells_top, unsure, exact)
             selected = tuple(top.rows() for top in merged if top is not None)
-    rule = MaskRule(fspec.filter_by, selected)
+    rule = filters.MaskRule(fspec.filter_by, selected)
     # Each task gets only its own block's share of the selected rows.
     rules = PerBlock([rule.restrict(a, b) for a, b in engine.item_bounds])
     flags = engine.map(flag_block, rules, records, joint, passes.scores, START, ranked, out=columns["mask"])
@@ -449,7 +465,7 @@ def run_filter(
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class JointResult:
     """What :func:`run_joint` computes: dataset health's inputs."""
 
@@ -464,8 +480,10 @@ def joint_of(engine: Engine, records: Blocks, thresholds: np.ndarray, counts: np
     """The calibrated confident joint and cleanlab's ``num_label_issues``
     from one more read of pred_probs, after pass one (no per-item joint
     records are kept)."""
+    from . import filters
+
     parts = engine.map(joint_counts_block, records, INPUTS, thresholds, spec.kernel, label="second read: confident joint")
-    (state,) = engine.compute(engine.reduce(parts, JOINT))
+    (state,) = engine.compute(engine.reduce(parts, filters.JOINT))
     return filters.calibrate(state.matrix(engine.n_classes), counts), int(state.off_diagonal)
 
 
@@ -481,7 +499,7 @@ def run_joint(engine: Engine, spec: ScoreSpec) -> JointResult:
 
 
 # -- semantic segmentation ----------------------------------------------------------
-@dataclass
+@dataclass(eq=False)
 class PixelResult:
     """What :func:`run_segmentation` computes."""
 

@@ -9,8 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from . import store
-
 
 @dataclass
 class LabelIssues:
@@ -132,6 +130,8 @@ class LabelIssues:
     ) -> str:
         """Write the results to a Zarr v3 store, atomically; see
         :func:`dask_labelissues.store.write_results`."""
+        from . import store
+
         return store.write_results(
             self, path, overwrite=overwrite, attrs=attrs, client=client or self.client
         )
@@ -219,4 +219,6 @@ def open_results(path: str | os.PathLike) -> LabelIssues:
     The small arrays are loaded; the N-long ones are dask arrays over the
     store, read only when used.  The store's attributes are in ``metadata``.
     """
+    from . import store
+
     return LabelIssues(**store.read_results(path))

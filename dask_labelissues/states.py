@@ -56,7 +56,11 @@ def located(where: Callable[[int], str], amend: Callable[[str], str] | None = No
         raise InputValueError(amend(message) if amend else message, exc.row) from None
 
 
-@dataclass
+# The states (and the package's other records of arrays) are dataclasses
+# with eq=False: the __eq__ a dataclass generates compares the fields as
+# tuples, which raises for arrays of more than one element, and every
+# import of the package would pay to compile it.
+@dataclass(eq=False)
 class ThresholdState:
     """Pass one: rows per given label, exact sums of their own-class
     probability, and the first bad row seen."""
@@ -141,7 +145,7 @@ def scan_block(
     return rec, ThresholdState(counts, sums, len(labels), problem)
 
 
-@dataclass
+@dataclass(eq=False)
 class CountState:
     """Pass two: what the number of label issues is estimated from.
 
@@ -217,7 +221,7 @@ def block_scores(
     return kernels.scores_from_records(rec, thresholds, spec)
 
 
-@dataclass
+@dataclass(eq=False)
 class ScoreState:
     """Pass two's merged state: the count state, and the first radix-select
     round's histogram of the new scores (so selection starts without another
@@ -270,7 +274,7 @@ def score_block(
     return scores, ScoreState(counts, HistogramState.chunk(scores, 0, 0))
 
 
-@dataclass
+@dataclass(eq=False)
 class HistogramState:
     """One radix-select round: counts of the next digit of the score keys.
 
@@ -413,7 +417,7 @@ class Selection:
         return out
 
 
-@dataclass
+@dataclass(eq=False)
 class Winners:
     """The rows of the top set, gathered from every block: O(T) in size."""
 
@@ -543,7 +547,7 @@ def first_bucket(state: ScoreState, estimation_method: str, n_rows: int) -> tupl
     return selection.shift, selection.prefix
 
 
-@dataclass
+@dataclass(eq=False)
 class OutlookState:
     """Pass one's outlook on pass two, for scores the records already hold
     (no ``adjust_pred_probs``): the first radix-select digits of the scores,

@@ -12,8 +12,8 @@ A block task whose rows are kept for later stages returns a :class:`Pair`:
 the rows stay where the task ran, and only the state goes up the tree.
 
 The blueprints of cleanlab.filter's methods (the confident joint, the
-selections) are registered by :mod:`dask_labelissues.filters`, which a job
-imports only when it runs one.
+selections) are registered by :mod:`dask_labelissues.filters`, which the
+package's import and a job that needs no confident joint do not load.
 """
 
 from __future__ import annotations

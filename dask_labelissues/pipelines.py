@@ -4,7 +4,8 @@
 :func:`run_filter` one of cleanlab.filter's methods, :func:`run_joint`
 dataset health's confident joint.  Each is a sequence of maps of the block
 tasks below over an engine's blocks, reductions of their states by the
-blueprints of :mod:`dask_labelissues.aggregations`, and computes
+blueprints of :mod:`dask_labelissues.aggregations` (the filters' in
+:mod:`dask_labelissues.filters`), and computes
 (:class:`dask_labelissues.engines.base.Engine`); the engine decides where
 and when each runs.
 """
@@ -27,8 +28,8 @@ from .sentences import block_offsets, sentence_block
 from .states import CountState, InputValueError, OutlookState, ScoreState, Selection, ThresholdState, Winners
 
 # cleanlab.filter's methods and their blueprints are imported by the
-# functions that run one (``from . import filters``): the package's import
-# and a job without a filter do not load them.
+# functions that use them (``from . import filters``): the package's import
+# and a job that needs no confident joint do not load them.
 if TYPE_CHECKING:
     from .filters import Cells, FilterSpec, GroupTop, JointState, MaskRule
 

@@ -104,6 +104,35 @@ def test_a_small_first_call_imports_no_numba_dask_or_zarr():
     assert out["issues"] == find_label_issues(labels, probs, backend="serial").issues.tolist()
 
 
+
+FRESH_FILTER = r"""
+import json
+import numpy as np
+from dask_labelissues import find_label_issues
+rng = np.random.default_rng(1)
+probs = rng.dirichlet(np.ones(6), 6_000)
+labels = rng.integers(0, 6, 6_000)
+out = {}
+for backend in ("serial", "fork"):
+    result = find_label_issues(labels, probs, filter_by="prune_by_noise_rate", health=True, backend=backend)
+    out[backend] = [result.issues.tolist(), result.confident_joint.tolist()]
+print(json.dumps(out))
+"""
+
+
+def test_a_filter_job_in_a_fresh_process_loads_what_it_needs():
+    """The filters' module and blueprints load with the first job that runs
+    one, in this process and in forked workers, with the results of a
+    process that had them loaded from the start."""
+    proc = subprocess.run([sys.executable, "-c", FRESH_FILTER], capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout)
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(6), 6_000)
+    labels = rng.integers(0, 6, 6_000)
+    want = find_label_issues(labels, probs, filter_by="prune_by_noise_rate", health=True, backend="serial")
+    for backend in ("serial", "fork"):
+        assert out[backend] == [want.issues.tolist(), want.confident_joint.tolist()], backend
+
 def test_group_chunks():
     assert group_chunks([2000] * 10, 4500) == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert group_chunks([2000] * 9, 6000) == [(0, 3), (3, 6), (6, 9)]

@@ -104,7 +104,6 @@ def test_a_small_first_call_imports_no_numba_dask_or_zarr():
     assert out["issues"] == find_label_issues(labels, probs, backend="serial").issues.tolist()
 
 
-
 FRESH_FILTER = r"""
 import json
 import numpy as np

@@ -308,10 +308,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    # zarr is needed only for the results store at the end; imported beside
-    # the job, its 0.1 to 0.3 s overlap the job's first reads (whose
-    # kernels release the GIL) instead of following them.
-    threading.Thread(target=_import_quietly, args=("zarr",), daemon=True).start()
+    _import_beside_the_job("zarr")
     from .api import find_label_issues
     from .inputs import open_path
 
@@ -415,7 +412,7 @@ def _find_task(args: argparse.Namespace, output: str) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    threading.Thread(target=_import_quietly, args=("zarr",), daemon=True).start()
+    _import_beside_the_job("zarr")
     import numpy as np
 
     from . import segmentation
@@ -573,6 +570,18 @@ def _left_as_it_was(args: argparse.Namespace) -> str:
     if now == getattr(args, "output_was", now):
         return f"the store at {output} is as it was"
     return f"the results were written to {output}, complete, before it stopped"
+
+
+def _import_beside_the_job(name: str) -> None:
+    """Import ``name`` in a thread of its own: zarr is needed only for the
+    results store at the end, and imported beside the job its 0.1 to 0.3 s
+    overlap the job's first reads (whose kernels release the GIL) instead
+    of following them."""
+    # Not a daemon: Python waits for the import before it shuts down.  A
+    # command that failed at once (bad input) otherwise exited with the
+    # import still running, and the interpreter's teardown under it
+    # crashed the process (SIGSEGV) in 1 to 5 runs in 100 here.
+    threading.Thread(target=_import_quietly, args=(name,), name=f"import {name}").start()
 
 
 def _import_quietly(name: str) -> None:

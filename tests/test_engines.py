@@ -684,6 +684,30 @@ def test_pixels_match_rows_on_a_cluster(local_cluster, pipeline):
     assert_same_bits(got, rows_reference(pipeline), pipeline)
 
 
+def test_blocks_start_in_their_order_on_a_cluster(tmp_path):
+    """On a distributed cluster each stage's block tasks start in block
+    order (``dask.order`` alone gives none), so the balanced plan's larger
+    blocks run first and a stage's workers end together."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from dask_labelissues import find_label_issues
+    from dask_labelissues.synthetic import SyntheticSpec, write_zarr
+
+    store = str(tmp_path / "data.zarr")
+    write_zarr(SyntheticSpec(12000, 6, seed=8), store, chunk_rows=1024)
+    # One worker thread: tasks start one at a time, in priority order.
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client, get_task_stream(client) as stream:
+        find_label_issues(f"{store}:labels", f"{store}:pred_probs", client=client, chunk_rows=1024)
+    started: dict[str, list[int]] = {}
+    for task in sorted(stream.data, key=lambda t: t["startstops"][0]["start"]):
+        key = task["key"]
+        if isinstance(key, tuple) and isinstance(key[1], int):
+            started.setdefault(key[0], []).append(key[1])
+    assert max(len(blocks) for blocks in started.values()) == 12  # 11 of 1,024 rows, 1 of 736
+    assert all(blocks == sorted(blocks) for blocks in started.values()), started
+
+
 FREED_MEMORY_PROBE = r"""
 import ctypes, sys
 import numpy as np

@@ -228,10 +228,13 @@ def test_dask_sees_the_size_of_kept_blocks():
     from dask.sizeof import sizeof
 
     from dask_labelissues.aggregations import Pair
-    from dask_labelissues.engines import dask  # noqa: F401  (registers the size of a Pair)
 
     records = np.zeros(100_000, dtype=np.float64)
     assert sizeof(Pair(records, None)) >= records.nbytes
+    # A column's rows are a view, and a merge's result a tuple of arrays.
+    view = np.zeros(200_000)[50_000:150_000]
+    assert sizeof(Pair(view, None)) >= view.nbytes
+    assert sizeof(Pair((records, view), None)) >= 2 * records.nbytes
 
 
 @pytest.mark.parametrize("filter_by", [None, "prune_by_noise_rate"])

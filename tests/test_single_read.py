@@ -213,6 +213,20 @@ def test_dask_block_rows():
     assert dask_block_rows(2_000_000, 131072, 400, 32, 0) == 131072
 
 
+def test_blocks_read_in_tasks_are_balanced_over_the_threads():
+    from dask_labelissues.engines.blocks import BlockConfig, plan_blocks
+    from dask_labelissues.kernels import ScoreSpec
+
+    # (c): 10,000,000 x 100 float32 in 131,072-row chunks, 2 worker threads:
+    # pieces of one chunk; 20 blocks, larger first, of 4 pieces and of 3
+    # (the last ends inside one), not 19 of 4 and one of 38,528 rows, which
+    # left a worker idle for a block's length at the end of pass one.
+    chunk = 131072
+    config = BlockConfig(n_rows=10_000_000, row_bytes=400, record_bytes=32, spec=ScoreSpec(), cells=10**9,
+                         storage_rows=chunk, reads_in_tasks=True, threads=2)
+    assert plan_blocks(config).chunks == (4 * chunk,) * 17 + (3 * chunk,) * 2 + (10_000_000 - 74 * chunk,)
+
+
 @pytest.mark.parametrize("bad_piece", [0, 1])
 def test_a_block_scanned_in_pieces_equals_one_scan(bad_piece):
     """Records and state of a block scanned piece by piece are those of one
@@ -294,9 +308,10 @@ def test_dask_blocks_of_several_pieces_read_one_piece_at_a_time(tmp_path, monkey
     np.testing.assert_array_equal(result.issues, reference.issues)
     np.testing.assert_array_equal(result.label_quality_scores, reference.label_quality_scores)
     np.testing.assert_array_equal(result.is_label_issue, reference.is_label_issue)
-    # 2 threads, 30 pieces: blocks of 4 pieces (30 // 4 = 7, at most 4), or
-    # one where pred_probs is read again.
-    assert lazy.is_label_issue.chunks[0] == ((1600,) * 7 + (800,) if several else (400,) * 30)
+    # 2 threads, 30 pieces: blocks of at most 4 pieces (30 // 4 = 7, at most
+    # 4), 8 of them (a multiple of the threads) as even as whole pieces
+    # allow, or one piece a block where pred_probs is read again.
+    assert lazy.is_label_issue.chunks[0] == ((1600,) * 6 + (1200,) * 2 if several else (400,) * 30)
     # Every read of pred_probs is one piece of 400 rows on the grid.
     grid = [(a, a + 400) for a in range(0, 12000, 400)]
     assert result.reads == expected_reads

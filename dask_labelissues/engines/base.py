@@ -56,8 +56,7 @@ def data_of(result: Any) -> Any:
 
 
 class _Marker(Enum):
-    # A member unpickles as itself: a task sent to a worker process still
-    # holds the marker.
+    # A member unpickles as itself: a task sent to a worker process still holds the marker.
     INPUTS = "INPUTS"
     START = "START"
 

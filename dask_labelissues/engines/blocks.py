@@ -149,7 +149,8 @@ def plan_blocks(config: BlockConfig) -> BlockPlan:
         chunks = even_chunks(c.n_rows, c.chunk_rows)
         read_rows = read_rows if c.reads_in_tasks else None
     elif c.reads_in_tasks and c.single_read:
-        chunks = even_chunks(c.n_rows, dask_block_rows(c.n_rows, read_rows, c.row_bytes, c.record_bytes, c.threads))
+        rows = dask_block_rows(c.n_rows, read_rows, c.row_bytes, c.record_bytes, c.threads)
+        chunks = balanced_chunks(c.n_rows, rows, read_rows, c.threads)
     elif c.array_chunks is not None and not c.reads_in_tasks:
         chunks, read_rows = c.array_chunks, None
         rows = auto_chunk_rows(c.row_bytes, None, target)
@@ -245,11 +246,11 @@ def dask_block_rows(n_rows: int, read_rows: int, row_bytes: int, record_bytes: i
 
 
 def balanced_chunks(n_rows: int, rows: int, unit: int | None, threads: int) -> tuple[int, ...]:
-    """Block sizes of at most ``rows`` rows in whole storage chunks of
-    ``unit`` rows (the last block may end inside one), as even as whole
-    chunks allow, and a multiple of ``threads`` blocks where there are
-    chunks enough: a stage ends when its busiest thread does.  With one
-    thread or none known, or data within one block: blocks of ``rows``.
+    """Block sizes of at most ``rows`` rows in whole units of ``unit`` rows
+    (storage chunks, or a task's pieces; the last block may end inside one),
+    as even as whole units allow, and a multiple of ``threads`` blocks where
+    there are units enough: a stage ends when its busiest thread does.  With
+    one thread or none known, or data within one block: blocks of ``rows``.
     """
     unit = max(1, unit or 1)
     units = -(-n_rows // unit)

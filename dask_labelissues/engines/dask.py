@@ -38,13 +38,6 @@ from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, 
 from .blocks import BlockConfig, BlockPlan, BlockReader, plan_blocks
 
 
-@sizeof.register(Pair)
-def _sizeof_pair(pair: Pair) -> int:
-    # Without this Dask would count a kept block as a few dozen bytes, and
-    # neither spill it when memory runs short nor weigh moving it.
-    return int(sizeof(pair.data)) + int(sizeof(pair.state))
-
-
 def _rows_of(x: Any, row_shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(data_of(x)).reshape((-1, *row_shape))
 
@@ -170,6 +163,17 @@ def tree_reduce(parts: Sequence[Delayed], aggregation: Aggregation, args: tuple 
         groups = [(level[i : i + SPLIT_EVERY],) for i in range(0, len(level), SPLIT_EVERY)]
         level = layer(aggregation.combine, groups, name=f"{aggregation.name}-combine")
     return layer(aggregation.root, [(level, *args)], name=aggregation.name)[0]
+
+
+def in_block_order(base: Any, key: Any) -> float:
+    """A task's priority on a cluster: the job's (``base``: a number or a
+    function of the key, 0 unless set with ``dask.annotate``) plus a
+    fraction below one, less for a later block, so that a stage's blocks
+    start in order, the balanced plan's larger ones first, not in
+    ``dask.order``'s, which may leave a large one to run alone at the end.
+    The job's tasks run before other work of its priority, after higher."""
+    block = key[1] if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int) else -1
+    return (base(key) if callable(base) else base) + 1 / (block + 2)
 
 
 def cluster_workers(client: Any) -> tuple[int | None, int]:
@@ -326,7 +330,9 @@ class DaskEngine(Engine):
             # The graph as it is (Client.get does not optimize it): Client.persist
             # would first make and tokenize an expression of each Delayed.
             everything = [*blocks, *wanted]
-            futures = self.client.get(merged_graph(everything), [d.key for d in everything], sync=False)
+            ordered = functools.partial(in_block_order, dask.get_annotations().get("priority", 0))
+            with dask.annotate(priority=ordered):
+                futures = self.client.get(merged_graph(everything), [d.key for d in everything], sync=False)
             if self.progress:
                 from distributed import progress
 
@@ -354,8 +360,7 @@ class DaskEngine(Engine):
         for future in futures:
             while future.status != "finished":  # read locally: no round trip
                 try:
-                    # Waits on this future's own client (not the default one)
-                    # and moves no data.
+                    # Waits on this future's own client (not the default one) and moves no data.
                     error = future.exception(timeout=1.0)
                 except TimeoutError:  # still running
                     pass

@@ -152,8 +152,7 @@ def _start_workers(count: int, engine: LocalEngine | None) -> list[tuple[Any, An
     context = mp.get_context("fork")
     workers: list[tuple[Any, Any]] = []
     try:
-        # These workers touch a buffer only in their job's tasks: the
-        # buffers stay listed.
+        # These workers touch a buffer only in their job's tasks: the buffers stay listed.
         with BUFFERS.workers_forked():
             for _ in range(count):
                 parent, child = context.Pipe()

@@ -138,8 +138,7 @@ class BufferPool:
         self.limit = limit
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
-        # Set in the forking thread, where fork handlers run, while the fork
-        # engine forks workers.
+        # Set in the forking thread, where fork handlers run, while the fork engine forks workers.
         self._local = threading.local()
 
     def take(self, kind: tuple, nbytes: int) -> mmap.mmap | None:
@@ -267,10 +266,8 @@ class LocalBlocks(Blocks):
         self.task, self.args, self.out, self.label = task, args, out, label
         self.results: list[Any] | None = None
         self.reduced = False
-        # A reduction took a column map's states, and only its rows are kept.
-        self.states_dropped = False
-        # A compute asked to keep these blocks for later stages.
-        self.kept = False
+        self.states_dropped = False  # a reduction took a column map's states: only its rows are kept
+        self.kept = False  # a compute asked to keep these blocks for later stages
 
 
 class LocalValue(Value):

@@ -708,6 +708,17 @@ def test_blocks_start_in_their_order_on_a_cluster(tmp_path):
     assert all(blocks == sorted(blocks) for blocks in started.values()), started
 
 
+def test_block_priorities_stay_within_the_jobs():
+    """Block tasks rank by index just below the job's priority (the user's,
+    a number or a function of the key), never past the next whole one."""
+    from dask_labelissues.engines.dask import in_block_order
+
+    ranks = [in_block_order(0, ("scan", i)) for i in range(1000)]
+    assert ranks[0] == 0 and all(-1 < b < a for a, b in zip(ranks, ranks[1:]))
+    assert 4 < in_block_order(5, ("scan", 10**9)) < in_block_order(5, ("scan", 3)) < 5
+    assert in_block_order(lambda key: len(key[0]), ("scan", 0)) == 4
+
+
 FREED_MEMORY_PROBE = r"""
 import ctypes, sys
 import numpy as np

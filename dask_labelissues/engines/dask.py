@@ -26,7 +26,7 @@ import dask.system
 import numpy as np
 from dask.core import flatten
 from dask.delayed import Delayed, delayed
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.sizeof import sizeof
 
 from .. import inputs
@@ -79,10 +79,11 @@ def _ref(arg: Any, deps: dict[Any, Delayed]) -> Any:
     return arg
 
 
-def layer(fn: Callable, rows: Sequence[tuple], suffix: tuple[int, ...] = (), name: str | None = None) -> list[Delayed]:
+def layer(fn: Callable, rows: Sequence[tuple], suffix: tuple[int, ...] = (), name: str | None = None,
+          annotations: dict[str, Any] | None = None) -> list[Delayed]:
     """One task ``fn(*row)`` per row, as one graph layer named ``name`` (or
-    ``fn``'s name: what the dashboard shows); Delayed arguments (and lists
-    of them) are passed by key, literals are never keys or tasks.
+    ``fn``'s name: what the dashboard shows) with ``annotations``; Delayed
+    arguments (and lists of them) go by key, literals never as keys or tasks.
 
     A plain dict, not ``delayed(fn)(...)``, whose tokenizing and graph
     merging grow with the inputs, nor ``HighLevelGraph.from_collections``,
@@ -94,7 +95,8 @@ def layer(fn: Callable, rows: Sequence[tuple], suffix: tuple[int, ...] = (), nam
     tasks = {(name, i, *suffix): (fn, *(_ref(a, deps) for a in row)) for i, row in enumerate(rows)}
     inputs = merged_graph(deps.values())
     needs = {k for d in deps.values() for k in d.__dask_layers__()}
-    graph = HighLevelGraph({**inputs.layers, name: tasks}, {**inputs.dependencies, name: needs})
+    layers = {**inputs.layers, name: MaterializedLayer(tasks, annotations)}
+    graph = HighLevelGraph(layers, {**inputs.dependencies, name: needs})
     return [Delayed(key, graph, layer=name) for key in tasks]
 
 
@@ -166,14 +168,12 @@ def tree_reduce(parts: Sequence[Delayed], aggregation: Aggregation, args: tuple 
 
 
 def in_block_order(base: Any, key: Any) -> float:
-    """A task's priority on a cluster: the job's (``base``: a number or a
-    function of the key, 0 unless set with ``dask.annotate``) plus a
-    fraction below one, less for a later block, so that a stage's blocks
-    start in order, the balanced plan's larger ones first, not in
-    ``dask.order``'s, which may leave a large one to run alone at the end.
-    The job's tasks run before other work of its priority, after higher."""
-    block = key[1] if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int) else -1
-    return (base(key) if callable(base) else base) + 1 / (block + 2)
+    """A block task's priority: the job's (``base``, a number or a function
+    of the key; 0 unless set with ``dask.annotate``) less a fraction below
+    one growing with the block index.  Blocks start in order, larger first
+    (``dask.order`` may leave a large one alone at a stage's end), after
+    the job's merges and other work of its priority."""
+    return (base(key) if callable(base) else base) - key[1] / (key[1] + 1)
 
 
 def cluster_workers(client: Any) -> tuple[int | None, int]:
@@ -264,7 +264,8 @@ class DaskEngine(Engine):
             else:
                 columns.append([shared(arg, n)] * n)
         rows = [tuple(column[i] for column in columns) for i in range(n)]
-        return DaskBlocks(layer(_block_task(task, readers), rows), pairs=out is not None)
+        ordered = {"priority": functools.partial(in_block_order, dask.get_annotations().get("priority", 0))}
+        return DaskBlocks(layer(_block_task(task, readers), rows, annotations=ordered), pairs=out is not None)
 
     def reduce(self, blocks: Blocks, aggregation: Aggregation, *args: Any) -> Value:
         assert isinstance(blocks, DaskBlocks)
@@ -330,9 +331,7 @@ class DaskEngine(Engine):
             # The graph as it is (Client.get does not optimize it): Client.persist
             # would first make and tokenize an expression of each Delayed.
             everything = [*blocks, *wanted]
-            ordered = functools.partial(in_block_order, dask.get_annotations().get("priority", 0))
-            with dask.annotate(priority=ordered):
-                futures = self.client.get(merged_graph(everything), [d.key for d in everything], sync=False)
+            futures = self.client.get(merged_graph(everything), [d.key for d in everything], sync=False)
             if self.progress:
                 from distributed import progress
 

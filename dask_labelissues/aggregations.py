@@ -49,7 +49,7 @@ def _held_bytes(x: Any) -> int:
     none for a view), summed over tuples and lists."""
     if isinstance(x, (tuple, list)):
         return sum(_held_bytes(v) for v in x)
-    return getattr(x, "nbytes", None) or sys.getsizeof(x)
+    return int(getattr(x, "nbytes", None) or sys.getsizeof(x))
 
 
 @dataclass(frozen=True)

@@ -708,6 +708,29 @@ def test_blocks_start_in_their_order_on_a_cluster(tmp_path):
     assert all(blocks == sorted(blocks) for blocks in started.values()), started
 
 
+def test_block_layers_add_their_order_to_the_users_annotations(tmp_path):
+    """Blocks that read their own inputs rank by index below the priority in
+    effect when the job is built, whose other annotations they keep (a
+    layer's own would replace them); blocks of dask-array inputs keep Dask's
+    order, which loads each chunk just before its block."""
+    import dask.array as da
+
+    labels, probs = contract_data()
+    np.save(tmp_path / "labels.npy", labels)
+    np.save(tmp_path / "probs.npy", probs)
+    sources = [inputs.open_source(str(tmp_path / f"{name}.npy"), name) for name in ("labels", "probs")]
+    for pair, ordered in ((sources, True), ([da.from_array(labels, 10), da.from_array(probs, (10, -1))], False)):
+        with dask.annotate(retries=2, priority=3):
+            engine, _, _ = make_engine("dask", *pair, ScoreSpec(), chunk_rows=10)
+            parts = engine.map(pipelines.scan_block, INPUTS, ScoreSpec(), False).parts
+        annotations = parts[0].dask.layers[parts[0].key[0]].annotations
+        assert annotations["retries"] == 2 and len(parts) > 2
+        if ordered:
+            assert [annotations["priority"](p.key) for p in parts] == [3 - i / (i + 1) for i in range(len(parts))]
+        else:
+            assert annotations["priority"] == 3
+
+
 def test_block_priorities_stay_within_the_jobs():
     """Block tasks rank by index just below the job's priority (the user's,
     a number or a function of the key), never past the next whole one."""

@@ -168,11 +168,11 @@ def tree_reduce(parts: Sequence[Delayed], aggregation: Aggregation, args: tuple 
 
 
 def in_block_order(base: Any, key: Any) -> float:
-    """A block task's priority: the job's (``base``, a number or a function
-    of the key; 0 unless set with ``dask.annotate``) less a fraction below
-    one growing with the block index.  Blocks start in order, larger first
-    (``dask.order`` may leave a large one alone at a stage's end), after
-    the job's merges and other work of its priority."""
+    """A task's priority where blocks read their inputs: the job's (``base``,
+    a number or a function of the key; 0 unless set with ``dask.annotate``)
+    less a fraction below one growing with the block index.  Blocks start in
+    order, larger first (``dask.order`` may leave a large one alone at a
+    stage's end), after the job's merges and other work of its priority."""
     return (base(key) if callable(base) else base) - key[1] / (key[1] + 1)
 
 
@@ -264,8 +264,9 @@ class DaskEngine(Engine):
             else:
                 columns.append([shared(arg, n)] * n)
         rows = [tuple(column[i] for column in columns) for i in range(n)]
-        ordered = {"priority": functools.partial(in_block_order, dask.get_annotations().get("priority", 0))}
-        return DaskBlocks(layer(_block_task(task, readers), rows, annotations=ordered), pairs=out is not None)
+        own = dask.get_annotations()  # the user's, which a layer's own annotations would replace
+        order = {**own, "priority": functools.partial(in_block_order, own.get("priority", 0))} if self.direct else None
+        return DaskBlocks(layer(_block_task(task, readers), rows, annotations=order), pairs=out is not None)
 
     def reduce(self, blocks: Blocks, aggregation: Aggregation, *args: Any) -> Value:
         assert isinstance(blocks, DaskBlocks)

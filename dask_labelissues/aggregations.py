@@ -41,14 +41,15 @@ class Pair:
         # What Dask counts a kept block as: else a few dozen bytes, and it
         # would neither spill the block when memory runs short nor weigh
         # moving it.
-        return object.__sizeof__(self) + _held_bytes(self.data) + _held_bytes(self.state)
+        return object.__sizeof__(self) + held_bytes(self.data) + held_bytes(self.state)
 
 
-def _held_bytes(x: Any) -> int:
+def held_bytes(x: Any) -> int:
     """Bytes ``x`` holds: an array's rows (of which ``sys.getsizeof`` counts
-    none for a view), summed over tuples and lists."""
+    none for a view), a state's as it says them (``__sizeof__``), summed
+    over tuples and lists.  What Dask and the local reductions weigh."""
     if isinstance(x, (tuple, list)):
-        return sum(_held_bytes(v) for v in x)
+        return sum(held_bytes(v) for v in x)
     return int(getattr(x, "nbytes", None) or sys.getsizeof(x))
 
 

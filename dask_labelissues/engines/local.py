@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..aggregations import Aggregation
+from ..aggregations import Aggregation, held_bytes
 from ..kinds import ROWS, Kind
 from ..system import give_back_freed_memory, held_elsewhere, keep_freed_memory, usable_cores, usable_memory
 from .base import INPUTS, SPLIT_EVERY, START, Blocks, Column, Engine, PerBlock, Value, data_of
@@ -224,14 +224,6 @@ if hasattr(os, "register_at_fork"):
 
 #: Bytes of unmerged states :class:`_Folds` holds before it merges some.
 FOLD_BYTES = 32 * 2**20
-
-
-def held_bytes(state: Any) -> int:
-    """What ``state`` holds, as ``sys.getsizeof`` counts it (the states
-    holding arrays say their bytes), summed over lists and tuples."""
-    if isinstance(state, (list, tuple)):
-        return sum(held_bytes(s) for s in state)
-    return sys.getsizeof(state)
 
 
 def pool_size(n_jobs: int | None) -> int:

@@ -773,7 +773,12 @@ def _exponent_sums(probs: np.ndarray, k: int, limbs: tuple[int, int, float]) -> 
         raise ValueError(f"limbs {limbs}: the scale must be 2**(limb_bits - 31)")
     unit_shift = 150 + 31 - n_limbs * limb_bits
     if probs.dtype != np.float32 or not 0 < unit_shift < 128 or k > EXPONENT_SUMS_MAX_K:
-        return np.zeros((0,) * probs.ndim, dtype=np.uint32), np.zeros((k, 0), dtype=np.int64), 0, limb_bits
+        # As writeable as ``probs``, as the view below is: numba compiles a
+        # kernel per writeability, and ``dask-labelissues compile`` runs
+        # only the views'.
+        bits = np.zeros((0,) * probs.ndim, dtype=np.uint32)
+        bits.setflags(write=probs.flags.writeable)
+        return bits, np.zeros((k, 0), dtype=np.int64), 0, limb_bits
     return probs.view(np.uint32), np.zeros((k, 128), dtype=np.int64), unit_shift, limb_bits
 
 

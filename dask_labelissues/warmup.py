@@ -5,7 +5,8 @@ Numba compiles a kernel for each set of argument types it is called with,
 so the kernels are compiled by running the usual jobs on small data:
 pred_probs of either float width, in memory and memory-mapped from
 ``.npy`` files (read-only arrays are a type of their own), the batched
-method and a ``cleanlab.filter`` method.  A job of another kind (a
+method, a score that reads the rows twice and a ``cleanlab.filter``
+method, and what the fork engine runs before it forks its workers.  A job of another kind (a
 segmentation or token job, say) still compiles its own kernels the first
 time it runs.
 """
@@ -46,6 +47,9 @@ def compile_kernels(stamp: Path | None = None) -> float:
         Without numba.
     """
     from .api import find_label_issues
+    from .filters import filter_spec
+    from .kernels import ScoreSpec
+    from .pipelines import warm_up
 
     started = time.perf_counter()
     stamp = numba_cache.stamp_path() if stamp is None else stamp
@@ -68,6 +72,17 @@ def compile_kernels(stamp: Path | None = None) -> float:
                 for source in ((labels, probs), paths):
                     find_label_issues(*source, backend="serial")
                     find_label_issues(*source, filter_by="prune_by_noise_rate", backend="serial")
+                    # A score that needs the thresholds reads the rows twice, with kernels of its own.
+                    find_label_issues(*source, method="confidence_weighted_entropy", backend="serial")
+                # The fork engine's parent runs the kernels on fresh
+                # columns before it forks, of a layout the jobs above never
+                # pass them: without this its first job compiles them.
+                for spec, fspec in (
+                    (ScoreSpec(kernel="numba"), None),
+                    (ScoreSpec(kernel="numba"), filter_spec("prune_by_noise_rate", 1.0, None, 1)),
+                    (ScoreSpec("confidence_weighted_entropy", kernel="numba"), None),
+                ):
+                    warm_up(spec, fspec, probs.shape[1], probs.dtype)
     finally:
         if saved is not None:
             os.environ["DASK_LABELISSUES_KERNEL"] = saved

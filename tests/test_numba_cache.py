@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -21,13 +22,18 @@ from dask_labelissues.kernels import ScoreSpec
 from .conftest import make_dataset
 
 JOB = """
-import hashlib, sys, numpy as np
+import hashlib, json, sys, numpy as np
 from dask_labelissues import find_label_issues, fused, numba_cache
 from dask_labelissues.engines import blocks
 # Small as the data are, the job is planned as a large one.
 blocks.NUMBA_MIN_CELLS = 0
-data = np.load(sys.argv[1])
-r = find_label_issues(data["labels"], data["probs"], chunk_rows=333)
+if sys.argv[1].endswith(".npz"):
+    data = np.load(sys.argv[1])
+    labels, probs = data["labels"], data["probs"]
+else:  # a directory of .npy files, read memory-mapped
+    labels, probs = sys.argv[1] + "/labels.npy", sys.argv[1] + "/probs.npy"
+options = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+r = find_label_issues(labels, probs, chunk_rows=333, **options)
 h = hashlib.sha256()
 for a in (r.issues, r.label_quality_scores, r.confident_thresholds, np.array([r.estimated_num_issues])):
     h.update(np.ascontiguousarray(a).tobytes())
@@ -35,9 +41,9 @@ print(h.hexdigest(), "numba" if fused.numba_loaded() else "numpy", numba_cache.c
 """
 
 
-def _run_job(path, env):
-    out = subprocess.run([sys.executable, "-c", JOB, str(path)], env=env, capture_output=True, text=True,
-                         timeout=300)
+def _run_job(path, env, **options):
+    out = subprocess.run([sys.executable, "-c", JOB, str(path), json.dumps(options)], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.split()
 
@@ -75,6 +81,21 @@ def test_a_cold_cache_runs_numpy_compiles_in_the_background_and_the_next_job_loa
     again = _run_job(path, env)
     assert again == [digest, "numba", "True"]
     # The second job loaded every kernel it ran from the cache.
+    assert sorted(p.name for p in cache.rglob("*.nbc")) == compiled_files
+
+    # So do jobs of the fork engine, of a score that reads the rows twice,
+    # of a filter, and of float32 rows with more classes than the exponent
+    # sums take (whose kernels' arguments differ), from memory and from
+    # read-only memory-mapped files.
+    wide = make_dataset(2_000, fused.EXPONENT_SUMS_MAX_K + 44, seed=12, dtype=np.float32)
+    np.savez(tmp_path / "wide.npz", labels=wide.labels, probs=wide.pred_probs)
+    (tmp_path / "wide").mkdir()
+    np.save(tmp_path / "wide" / "labels.npy", wide.labels)
+    np.save(tmp_path / "wide" / "probs.npy", wide.pred_probs)
+    for options in ({"backend": "fork"}, {"backend": "fork", "method": "confidence_weighted_entropy"},
+                    {"backend": "fork", "filter_by": "prune_by_noise_rate"}, {"backend": "threads"}):
+        for data_path in (path, tmp_path / "wide.npz", tmp_path / "wide"):
+            assert _run_job(data_path, env, **options)[1:] == ["numba", "True"]
     assert sorted(p.name for p in cache.rglob("*.nbc")) == compiled_files
 
 

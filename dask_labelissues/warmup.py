@@ -6,9 +6,9 @@ so the kernels are compiled by running the usual jobs on small data:
 pred_probs of either float width, in memory and memory-mapped from
 ``.npy`` files (read-only arrays are a type of their own), the batched
 method, a score that reads the rows twice and a ``cleanlab.filter``
-method, and what the fork engine runs before it forks its workers.  A job of another kind (a
-segmentation or token job, say) still compiles its own kernels the first
-time it runs.
+method, and what the fork engine runs before it forks its workers.  A
+job of another kind (a segmentation or token job, say) still compiles
+its own kernels the first time it runs.
 """
 
 from __future__ import annotations

@@ -72,11 +72,11 @@ def compile_kernels(stamp: Path | None = None) -> float:
                 for source in ((labels, probs), paths):
                     find_label_issues(*source, backend="serial")
                     find_label_issues(*source, filter_by="prune_by_noise_rate", backend="serial")
-                    # A score that needs the thresholds reads the rows twice, with kernels of its own.
-                    find_label_issues(*source, method="confidence_weighted_entropy", backend="serial")
                 # The fork engine's parent runs the kernels on fresh
                 # columns before it forks, of a layout the jobs above never
-                # pass them: without this its first job compiles them.
+                # pass them: without this its first job compiles them.  A
+                # score that reads the rows twice has kernels of its own,
+                # which take no columns: its warm-up serves every engine.
                 for spec, fspec in (
                     (ScoreSpec(kernel="numba"), None),
                     (ScoreSpec(kernel="numba"), filter_spec("prune_by_noise_rate", 1.0, None, 1)),

@@ -93,7 +93,8 @@ def test_a_cold_cache_runs_numpy_compiles_in_the_background_and_the_next_job_loa
     np.save(tmp_path / "wide" / "labels.npy", wide.labels)
     np.save(tmp_path / "wide" / "probs.npy", wide.pred_probs)
     for options in ({"backend": "fork"}, {"backend": "fork", "method": "confidence_weighted_entropy"},
-                    {"backend": "fork", "filter_by": "prune_by_noise_rate"}, {"backend": "threads"}):
+                    {"backend": "fork", "filter_by": "prune_by_noise_rate"}, {"backend": "threads"},
+                    {"backend": "threads", "method": "confidence_weighted_entropy"}):
         for data_path in (path, tmp_path / "wide.npz", tmp_path / "wide"):
             assert _run_job(data_path, env, **options)[1:] == ["numba", "True"]
     assert sorted(p.name for p in cache.rglob("*.nbc")) == compiled_files

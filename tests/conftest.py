@@ -151,7 +151,7 @@ def local_cluster():
     from dask_labelissues.cluster import local_cluster as start
 
     with environment(**dict.fromkeys((*MALLOC_VARIABLES, "PYTHONHASHSEED"))):
-        with start(2, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
+        with start(2, memory_limit="1GiB", dashboard_address=":0") as cluster, Client(cluster) as client:
             yield client
 
 

@@ -82,7 +82,7 @@ def test_on_a_dask_cluster_the_joint_is_computed_there() -> None:
     from distributed import Client, LocalCluster
 
     d = make_dataset(4000, 5, seed=6)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       host="127.0.0.1") as cluster, Client(cluster, set_as_default=False) as client:
         with runs_on(client):
             ours = dataset.rank_classes_by_label_quality(d.labels, d.pred_probs, client=client, chunk_rows=900)

@@ -43,7 +43,7 @@ def test_auto_runs_on_a_current_distributed_client():
     from distributed import Client, LocalCluster
 
     data = make_dataset(3000, 5, seed=4)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         assert choose_backend("auto", data.labels, data.pred_probs) == "dask"
         result = find_label_issues(data.labels, data.pred_probs)

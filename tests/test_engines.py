@@ -696,7 +696,7 @@ def test_blocks_start_in_their_order_on_a_cluster(tmp_path):
     store = str(tmp_path / "data.zarr")
     write_zarr(SyntheticSpec(12000, 6, seed=8), store, chunk_rows=1024)
     # One worker thread: tasks start one at a time, in priority order.
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster, set_as_default=False) as client, get_task_stream(client) as stream:
         find_label_issues(f"{store}:labels", f"{store}:pred_probs", client=client, chunk_rows=1024)
     started: dict[str, list[int]] = {}

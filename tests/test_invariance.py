@@ -152,7 +152,7 @@ def test_local_cluster_leaves_a_set_allocator_variable_alone():
     mine = {"MALLOC_TRIM_THRESHOLD_": "1048576", "MALLOC_MMAP_THRESHOLD_": None, "PYTHONHASHSEED": None}
     read = environment_reader()
     with environment(**mine):
-        with start(1, memory_limit="1GiB", dashboard_address=None) as cluster, Client(cluster) as client:
+        with start(1, memory_limit="1GiB", dashboard_address=":0") as cluster, Client(cluster) as client:
             (env,) = client.run(read).values()
             assert read() == mine
         assert read() == mine

@@ -274,7 +274,7 @@ def _sparse_counts(codes: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarra
     """The distinct codes in ``0..cells-1`` and how often each occurs."""
     if cells <= DENSE_CELLS:
         dense = np.bincount(codes, minlength=cells)
-        unique = np.flatnonzero(dense)
+        unique = kernels.occupied_bins(dense)
         return unique.astype(np.int64), dense[unique].astype(np.int64)
     unique, counts = np.unique(codes, return_counts=True)
     return unique.astype(np.int64), counts.astype(np.int64)

@@ -499,6 +499,17 @@ def digit_histogram(keys: np.ndarray, round_index: int, prefix: int) -> np.ndarr
     return np.bincount(digits, minlength=N_DIGIT_BINS).astype(np.int64)
 
 
+def occupied_bins(dense: np.ndarray) -> np.ndarray:
+    """The indices of a histogram's non-zero bins, ascending (``np.flatnonzero``).
+
+    Through a boolean mask: numpy finds the non-zero entries of a boolean
+    array with vector instructions and those of an int64 one a value at a
+    time, which on the 65,536 bins of a block's radix histogram took 119
+    microseconds against 19 (the same indices).
+    """
+    return np.flatnonzero(dense != 0)
+
+
 def selected_rows(keys: np.ndarray, cutoff: int, quota: int) -> np.ndarray:
     """Mask of the rows in the top set: keys below the cutoff, plus the first
     ``quota`` rows (by index) whose key equals it."""

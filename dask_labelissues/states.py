@@ -263,7 +263,7 @@ def score_block(
         fast = fused.score_records(rec, cut, scores, kernels.DIGIT_BITS, spec.kernel, total_only)
         if fast is not None:
             prune, norm, n, dense = fast
-            digits = np.flatnonzero(dense)
+            digits = kernels.occupied_bins(dense)
             first = HistogramState(digits.astype(np.int64), dense[digits])
             return scores, ScoreState(CountState(prune, norm, n), first)
     scores = block_scores(rec, thresholds, spec, labels, probs)
@@ -289,7 +289,7 @@ class HistogramState:
     def chunk(cls, scores: np.ndarray, round_index: int, prefix: int) -> "HistogramState":
         keys = kernels.score_keys(scores)
         dense = kernels.digit_histogram(keys, round_index, prefix)
-        digits = np.flatnonzero(dense)
+        digits = kernels.occupied_bins(dense)
         return cls(digits.astype(np.int64), dense[digits])
 
     @classmethod
@@ -297,7 +297,7 @@ class HistogramState:
         dense = np.zeros(kernels.N_DIGIT_BINS, dtype=np.int64)
         for s in states:
             dense[s.digits] += s.counts
-        digits = np.flatnonzero(dense)
+        digits = kernels.occupied_bins(dense)
         return cls(digits.astype(np.int64), dense[digits])
 
     def dense(self) -> np.ndarray:

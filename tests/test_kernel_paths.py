@@ -165,15 +165,15 @@ def _edge_block(dtype, k=7, n=3000, seed=9):
     return labels, probs
 
 
-def _bad_block(dtype, bad):
+def _bad_block(dtype, bad, k=7, n=3000):
     """:func:`_edge_block` with one bad value of the kind ``bad`` names (None: none)."""
-    labels, probs = _edge_block(dtype)
+    labels, probs = _edge_block(dtype, k, n)
     if bad == "nan":
         probs[2500, 3] = np.nan
     elif bad == "negative":
         probs[1700, 0] = -0.25
     elif bad == "label":
-        labels[1900] = 7
+        labels[1900] = k
     elif bad == "sum":
         probs[2100] *= dtype(1.01)
     elif bad == "zeros":
@@ -185,6 +185,7 @@ def _bad_block(dtype, bad):
     elif bad == "inf":
         probs[2300, 4] = np.inf
     elif bad == "minus zero":  # not bad: -0.0 >= 0
+        probs[1000, 6] += probs[1000, 5]
         probs[1000, 5] = -0.0
     return labels, probs
 
@@ -228,6 +229,33 @@ def test_the_fused_pass_one_loop_gives_the_numpy_paths_bits(dtype, method, bad):
                        states.scan_block(labels, probs, 1000, numpy_spec), bad)
     if bad not in GOOD:
         assert 1000 <= st_a.problem.row < 4000
+
+
+@pytest.mark.parametrize("dtype, k", [(np.float32, 128), (np.float32, 1000), (np.float64, 257)])
+@pytest.mark.parametrize("bad", BAD_KINDS)
+def test_the_wide_rows_loop_gives_the_row_by_row_loops_bits(dtype, k, bad, monkeypatch):
+    """Rows of many classes are scanned four at a time, their values
+    compared as integers: the same records, sums and first bad row as the
+    row-by-row loop and numpy give, with a last group of fewer than four
+    rows, ties, -0.0 and every kind of bad value."""
+    from dask_labelissues import states
+    from dask_labelissues.kernels import ScoreSpec
+
+    assert k >= fused.RECORDS_WIDE_K[np.dtype(dtype)]  # the wide loop runs unless told not to
+    labels, probs = _bad_block(dtype, bad, k, n=3003)
+    # Zeros of either sign, in rows that stay good.
+    rows = probs[300:340]
+    rows[:, 10:20] = 0
+    rows /= rows.sum(axis=1, keepdims=True, dtype=np.float64).astype(dtype)
+    rows[:, 10:15] = -0.0
+    spec = ScoreSpec("self_confidence", kernel="numba")
+    wide = states.scan_block(labels, probs, 1000, spec)
+    numpy = states.scan_block(labels, probs, 1000, ScoreSpec("self_confidence", kernel="numpy"))
+    with monkeypatch.context() as m:
+        m.setattr(fused, "RECORDS_WIDE_K", {np.dtype(np.float32): 10**9, np.dtype(np.float64): 10**9})
+        by_row = states.scan_block(labels, probs, 1000, spec)
+    for other in (by_row, numpy):
+        _same_scans(wide, other, bad)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

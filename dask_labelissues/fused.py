@@ -71,14 +71,15 @@ def _skip_numbas_blas_probe() -> None:
         arraymath.ensure_blas = real
 
 
-#: The fewest classes, per float width, for which pass one's loop
-#: (``records``) takes the self-confidence records four rows at a time,
-#: comparing the values' bits as integers.  On the development machine (AMD
-#: EPYC, 64 MB blocks) that loop took 0.71 of the row-by-row loop's time on
-#: float32 at 1,000 classes, 0.85 at 256 and 0.94 at 128; on float64 0.92 at
-#: 256 and the same time at 128 to 200; more than it below.  Both give the
-#: same records.
-RECORDS_WIDE_K = {np.dtype(np.float32): 128, np.dtype(np.float64): 256}
+#: The fewest classes for which pass one takes the self-confidence records
+#: of float32 rows four at a time, comparing the values' bits as integers
+#: (``records_wide``, against ``records`` row by row).  On the development
+#: machine (AMD EPYC, 64 MB blocks) that loop took 0.71 of the row-by-row
+#: loop's time at 1,000 classes, 0.85 at 256 and 0.94 at 128, and more than
+#: it below.  Both give the same records.  float64 rows stay row by row:
+#: they gained 0.92 at 256 classes and 0.96 at 1,000, less than the compile
+#: of the loop's variants for them costs.
+RECORDS_WIDE_K = 128
 
 
 def _build_numba() -> tuple[Any, ...] | None:
@@ -202,7 +203,7 @@ def _build_numba() -> tuple[Any, ...] | None:
     @numba.njit(nogil=True, cache=True)
     def records(probs, raw_labels, eps, tolerance, max_value, margin,
                 p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs,
-                bits, acc, unit_shift, limb_bits, wide, ibits, ubits, sign):
+                bits, acc, unit_shift, limb_bits):
         # The whole of pass one's per-row work in one read of each row: the
         # scan above, the records, the near-tie rule, the checks of
         # find_problem, the class counts and the limbs of the exact sums.
@@ -212,135 +213,167 @@ def _build_numba() -> tuple[Any, ...] | None:
         # (147 cache entries after one benchmark run).
         n, k = probs.shape
         first_bad = -1
-        if wide:
-            # Rows of many classes (:data:`RECORDS_WIDE_K`), four at a time,
-            # for the self-confidence records: their maximum, argmax and sign test compare the
-            # values' bits as integers (``ibits``, ``ubits``: views of
-            # ``probs``), which the compiler turns into vector instructions,
-            # as it does not the float comparisons of the loop below, and
-            # the four rows' sums, each added in column order as below, run
-            # side by side instead of one after another.
-            #
-            # The bits order the values as floats do where the sign bits
-            # are clear.  A row holding a NaN, an infinity or a negative
-            # value is refused by its sum or by ``neg`` in either loop; only
-            # in such rows can the maximum differ (a NaN's place, the sign
-            # of a zero maximum), and a refused row's records are not used.
-            grp_arg = np.zeros(4, dtype=np.int64)
-            grp_neg = np.zeros(4, dtype=np.bool_)
-            grp_total = np.zeros(4, dtype=np.float64)
-            for i0 in range(0, n, 4):
-                i1 = min(i0 + 4, n)
+        for i in range(n):
+            raw = raw_labels[i]
+            y = min(max(raw, 0), k - 1)
+            best = probs[i, 0]
+            arg = 0
+            low = best
+            total = np.float64(best)
+            other = -np.inf
+            if y != 0:
+                other = np.float64(best)
+            for j in range(1, k):
+                v = probs[i, j]
+                if v > best:
+                    best = v
+                    arg = j
+                if v < low:
+                    low = v
+                total += v
+                if margin and j != y and v > other:
+                    other = np.float64(v)
+            own = probs[i, y]
+            if first_bad < 0:
+                # Combined with & and |, not and/or: no short-circuit
+                # branches per row here (about 6% of the loop).  0 < total
+                # < inf is isfinite(total) and total > 0, NaN failing both.
+                fine = (raw >= 0) & (raw < k) & (total > 0.0) & (total < np.inf) & (low >= 0)
+                fine = fine & (np.float64(best) < max_value) & ((tolerance < 0) | (abs(total - 1.0) <= tolerance))
+                if not fine:
+                    first_bad = i
+            plus = own + eps  # in the input's dtype, as cleanlab adds it
+            p_pred[i] = best
+            label[i] = y
+            pred[i] = arg
+            reduce[i] = (arg == y) | ((arg < y) & (best < plus)) | ((arg > y) & (best <= plus))
+            own64 = np.float64(own)
+            if margin:
+                score[i] = (own64 - other + 1.0) / 2.0
+            else:
+                score[i] = own64
+            counts[y] += 1
+            if bits.shape[0] > 0:
+                # float32: the value's mantissa added to its class's sum of
+                # that binary exponent (exact; see flush below), for
+                # values below 2 (the sign bit clear, exponent under 128).
+                b = np.int64(bits[i, y])
+                e = b >> 23
+                if e < 128:
+                    m = b & 0x7FFFFF
+                    if e == 0:
+                        e = 1
+                    else:
+                        m |= 0x800000
+                    if e < unit_shift:  # below the sums' unit: cut, as the limbs' floor cuts
+                        m >>= unit_shift - e
+                        e = unit_shift
+                    acc[y, e] += m
+                    continue
+            if not (np.isfinite(own64) and own64 >= 0 and own64 < max_value):
+                own64 = 0.0  # a bad row: the job fails, the sums need only stay finite
+            rest = own64 * scale
+            for j in range(n_limbs):
+                limb = np.floor(rest)
+                sums[y, j] += np.int64(limb)
+                rest = (rest - limb) * base
+        # flush: acc[y, e] is in units of 2**(e - unit_shift) of the sums'
+        # unit; spread over the limbs, lowest first, the top one unbounded.
+        for y in range(acc.shape[0]):
+            for e in range(unit_shift, acc.shape[1]):
+                v = acc[y, e]
+                if v == 0:
+                    continue
+                at = e - unit_shift
+                j = n_limbs - 1 - at // limb_bits
+                lo = at % limb_bits
+                while v > 0:
+                    if j == 0:
+                        sums[y, 0] += v << lo
+                        break
+                    room = limb_bits - lo
+                    sums[y, j] += (v & ((1 << room) - 1)) << lo
+                    v >>= room
+                    j -= 1
+                    lo = 0
+        return first_bad
+
+    @numba.njit(nogil=True, cache=True)
+    def records_wide(probs, raw_labels, eps, tolerance, max_value,
+                     p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs,
+                     bits, acc, unit_shift, limb_bits, ibits, ubits, sign):
+        # records' work, for the self-confidence records of float32 rows of
+        # many classes (:data:`RECORDS_WIDE_K`), four rows at a time: their
+        # maximum, argmax and sign test compare the values' bits as
+        # integers (``ibits``, ``ubits``: views of ``probs``), which the
+        # compiler turns into vector instructions, as it does not the
+        # float comparisons of records' loop, and the four rows' sums, each
+        # added in column order as records adds it, run side by side
+        # instead of one after another.  A kernel of its own, so that jobs
+        # on fewer classes do not load its code; the per-row work after the
+        # row's reductions is records', written out again for the reason
+        # records gives.
+        #
+        # The bits order the values as floats do where the sign bits are
+        # clear.  A row holding a NaN, an infinity or a negative value is
+        # refused here and in records, by its sum or by ``neg``; only in
+        # such rows can the maximum differ (a NaN's place, the sign of a
+        # zero maximum), and a refused row's records are not used.
+        n, k = probs.shape
+        first_bad = -1
+        grp_arg = np.zeros(4, dtype=np.int64)
+        grp_neg = np.zeros(4, dtype=np.bool_)
+        grp_total = np.zeros(4, dtype=np.float64)
+        for i0 in range(0, n, 4):
+            i1 = min(i0 + 4, n)
+            for i in range(i0, i1):
+                bm = ibits[i, 0]
+                bu = ubits[i, 0]
+                for j in range(1, k):
+                    bv = ibits[i, j]
+                    bm = bv if bv > bm else bm
+                    bw = ubits[i, j]
+                    bu = bw if bw > bu else bu
+                a = 0
+                for j in range(k):
+                    if ibits[i, j] == bm:
+                        a = j
+                        break
+                grp_arg[i - i0] = a
+                grp_neg[i - i0] = bu > sign  # a sign bit set on anything but -0.0
+            if i1 - i0 == 4:
+                t0 = np.float64(probs[i0, 0])
+                t1 = np.float64(probs[i0 + 1, 0])
+                t2 = np.float64(probs[i0 + 2, 0])
+                t3 = np.float64(probs[i0 + 3, 0])
+                for j in range(1, k):
+                    t0 += probs[i0, j]
+                    t1 += probs[i0 + 1, j]
+                    t2 += probs[i0 + 2, j]
+                    t3 += probs[i0 + 3, j]
+                grp_total[0] = t0
+                grp_total[1] = t1
+                grp_total[2] = t2
+                grp_total[3] = t3
+            else:
                 for i in range(i0, i1):
-                    bm = ibits[i, 0]
-                    bu = ubits[i, 0]
+                    t = np.float64(probs[i, 0])
                     for j in range(1, k):
-                        bv = ibits[i, j]
-                        bm = bv if bv > bm else bm
-                        bw = ubits[i, j]
-                        bu = bw if bw > bu else bu
-                    a = 0
-                    for j in range(k):
-                        if ibits[i, j] == bm:
-                            a = j
-                            break
-                    grp_arg[i - i0] = a
-                    grp_neg[i - i0] = bu > sign  # a sign bit set on anything but -0.0
-                if i1 - i0 == 4:
-                    t0 = np.float64(probs[i0, 0])
-                    t1 = np.float64(probs[i0 + 1, 0])
-                    t2 = np.float64(probs[i0 + 2, 0])
-                    t3 = np.float64(probs[i0 + 3, 0])
-                    for j in range(1, k):
-                        t0 += probs[i0, j]
-                        t1 += probs[i0 + 1, j]
-                        t2 += probs[i0 + 2, j]
-                        t3 += probs[i0 + 3, j]
-                    grp_total[0] = t0
-                    grp_total[1] = t1
-                    grp_total[2] = t2
-                    grp_total[3] = t3
-                else:
-                    for i in range(i0, i1):
-                        t = np.float64(probs[i, 0])
-                        for j in range(1, k):
-                            t += probs[i, j]
-                        grp_total[i - i0] = t
-                for i in range(i0, i1):
-                    raw = raw_labels[i]
-                    y = min(max(raw, 0), k - 1)
-                    arg = grp_arg[i - i0]
-                    best = probs[i, arg]
-                    total = grp_total[i - i0]
-                    neg = grp_neg[i - i0]
-                    own = probs[i, y]
-                    if first_bad < 0:
-                        # Combined with & and |, not and/or: no short-circuit
-                        # branches per row here (about 6% of the loop).  0 < total
-                        # < inf is isfinite(total) and total > 0, NaN failing both.
-                        fine = (raw >= 0) & (raw < k) & (total > 0.0) & (total < np.inf) & (not neg)
-                        fine = fine & (np.float64(best) < max_value) & ((tolerance < 0) | (abs(total - 1.0) <= tolerance))
-                        if not fine:
-                            first_bad = i
-                    plus = own + eps  # in the input's dtype, as cleanlab adds it
-                    p_pred[i] = best
-                    label[i] = y
-                    pred[i] = arg
-                    reduce[i] = (arg == y) | ((arg < y) & (best < plus)) | ((arg > y) & (best <= plus))
-                    own64 = np.float64(own)
-                    score[i] = own64
-                    counts[y] += 1
-                    if bits.shape[0] > 0:
-                        # float32: the value's mantissa added to its class's sum of
-                        # that binary exponent (exact; see flush below), for
-                        # values below 2 (the sign bit clear, exponent under 128).
-                        b = np.int64(bits[i, y])
-                        e = b >> 23
-                        if e < 128:
-                            m = b & 0x7FFFFF
-                            if e == 0:
-                                e = 1
-                            else:
-                                m |= 0x800000
-                            if e < unit_shift:  # below the sums' unit: cut, as the limbs' floor cuts
-                                m >>= unit_shift - e
-                                e = unit_shift
-                            acc[y, e] += m
-                            continue
-                    if not (np.isfinite(own64) and own64 >= 0 and own64 < max_value):
-                        own64 = 0.0  # a bad row: the job fails, the sums need only stay finite
-                    rest = own64 * scale
-                    for j in range(n_limbs):
-                        limb = np.floor(rest)
-                        sums[y, j] += np.int64(limb)
-                        rest = (rest - limb) * base
-        else:
-            for i in range(n):
+                        t += probs[i, j]
+                    grp_total[i - i0] = t
+            for i in range(i0, i1):
                 raw = raw_labels[i]
                 y = min(max(raw, 0), k - 1)
-                best = probs[i, 0]
-                arg = 0
-                low = best
-                total = np.float64(best)
-                other = -np.inf
-                if y != 0:
-                    other = np.float64(best)
-                for j in range(1, k):
-                    v = probs[i, j]
-                    if v > best:
-                        best = v
-                        arg = j
-                    if v < low:
-                        low = v
-                    total += v
-                    if margin and j != y and v > other:
-                        other = np.float64(v)
+                arg = grp_arg[i - i0]
+                best = probs[i, arg]
+                total = grp_total[i - i0]
+                neg = grp_neg[i - i0]
                 own = probs[i, y]
                 if first_bad < 0:
                     # Combined with & and |, not and/or: no short-circuit
                     # branches per row here (about 6% of the loop).  0 < total
                     # < inf is isfinite(total) and total > 0, NaN failing both.
-                    fine = (raw >= 0) & (raw < k) & (total > 0.0) & (total < np.inf) & (low >= 0)
+                    fine = (raw >= 0) & (raw < k) & (total > 0.0) & (total < np.inf) & (not neg)
                     fine = fine & (np.float64(best) < max_value) & ((tolerance < 0) | (abs(total - 1.0) <= tolerance))
                     if not fine:
                         first_bad = i
@@ -350,10 +383,7 @@ def _build_numba() -> tuple[Any, ...] | None:
                 pred[i] = arg
                 reduce[i] = (arg == y) | ((arg < y) & (best < plus)) | ((arg > y) & (best <= plus))
                 own64 = np.float64(own)
-                if margin:
-                    score[i] = (own64 - other + 1.0) / 2.0
-                else:
-                    score[i] = own64
+                score[i] = own64
                 counts[y] += 1
                 if bits.shape[0] > 0:
                     # float32: the value's mantissa added to its class's sum of
@@ -635,7 +665,8 @@ def _build_numba() -> tuple[Any, ...] | None:
                 found += 1
         return found
 
-    return scan, limbs, joint, records, scored, select, key_order, merge_top, pair_buckets, boundary_pairs
+    return (scan, limbs, joint, records, scored, select, key_order, merge_top, pair_buckets, boundary_pairs,
+            records_wide)
 
 
 _NUMBA: tuple[Any, ...] | None = None
@@ -931,13 +962,14 @@ def scan_records(
     counts = np.zeros(k, dtype=np.int64)
     sums = np.zeros((k, n_limbs), dtype=np.int64)
     probs = np.ascontiguousarray(probs)
-    first_bad = fast[3](
-        probs, labels.astype(np.int64, copy=False), probs.dtype.type(eps),
-        -1.0 if tolerance is None else float(tolerance), float(max_value), margin,
-        rec["p_pred"], rec["score"], rec["label"], rec["pred"], rec["reduce"],
-        counts, sums, scale, float(1 << limb_bits), n_limbs, *_exponent_sums(probs, k, limbs),
-        not margin and k >= RECORDS_WIDE_K[probs.dtype], *_bits_views(probs),
-    )
+    head = (probs, labels.astype(np.int64, copy=False), probs.dtype.type(eps),
+            -1.0 if tolerance is None else float(tolerance), float(max_value))
+    tail = (rec["p_pred"], rec["score"], rec["label"], rec["pred"], rec["reduce"],
+            counts, sums, scale, float(1 << limb_bits), n_limbs, *_exponent_sums(probs, k, limbs))
+    if not margin and k >= RECORDS_WIDE_K and probs.dtype == np.float32:
+        first_bad = fast[10](*head, *tail, *_bits_views(probs))
+    else:
+        first_bad = fast[3](*head, margin, *tail)
     return counts, sums, int(first_bad)
 
 

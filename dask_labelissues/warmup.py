@@ -5,7 +5,8 @@ Numba compiles a kernel for each set of argument types it is called with,
 so the kernels are compiled by running the usual jobs on small data:
 pred_probs of either float width, in memory and memory-mapped from
 ``.npy`` files (read-only arrays are a type of their own), the batched
-method, a score that reads the rows twice and a ``cleanlab.filter``
+method (float32 rows of many classes have a pass-one loop of their
+own), a score that reads the rows twice and a ``cleanlab.filter``
 method, and what the fork engine runs before it forks its workers.  A
 job of another kind (a segmentation or token job, say) still compiles
 its own kernels the first time it runs.
@@ -72,6 +73,16 @@ def compile_kernels(stamp: Path | None = None) -> float:
                 for source in ((labels, probs), paths):
                     find_label_issues(*source, backend="serial")
                     find_label_issues(*source, filter_by="prune_by_noise_rate", backend="serial")
+                if dtype == "float32":
+                    # float32 rows of many classes have a pass-one loop of their own.
+                    k = fused.RECORDS_WIDE_K
+                    wide = generate_block(SyntheticSpec(2_000, k, seed=i, dtype=dtype), 0)[:2]
+                    wide_paths = [os.path.join(tmp, f"{name}-wide.npy") for name in ("labels", "pred_probs")]
+                    for path, array in zip(wide_paths, wide):
+                        np.save(path, array)
+                    for source in (wide, wide_paths):
+                        find_label_issues(*source, backend="serial")
+                    warm_up(ScoreSpec(kernel="numba"), None, k, probs.dtype)
                 # The fork engine's parent runs the kernels on fresh
                 # columns before it forks, of a layout the jobs above never
                 # pass them: without this its first job compiles them.  A

@@ -203,7 +203,7 @@ def _build_numba() -> tuple[Any, ...] | None:
     @numba.njit(nogil=True, cache=True)
     def records(probs, raw_labels, eps, tolerance, max_value, margin,
                 p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs,
-                bits, acc, unit_shift, limb_bits):
+                bits, acc, unit_shift):
         # The whole of pass one's per-row work in one read of each row: the
         # scan above, the records, the near-tie rule, the checks of
         # find_problem, the class counts and the limbs of the exact sums.
@@ -255,7 +255,7 @@ def _build_numba() -> tuple[Any, ...] | None:
             counts[y] += 1
             if bits.shape[0] > 0:
                 # float32: the value's mantissa added to its class's sum of
-                # that binary exponent (exact; see flush below), for
+                # that binary exponent (exact; see flush_exponent_sums), for
                 # values below 2 (the sign bit clear, exponent under 128).
                 b = np.int64(bits[i, y])
                 e = b >> 23
@@ -277,31 +277,12 @@ def _build_numba() -> tuple[Any, ...] | None:
                 limb = np.floor(rest)
                 sums[y, j] += np.int64(limb)
                 rest = (rest - limb) * base
-        # flush: acc[y, e] is in units of 2**(e - unit_shift) of the sums'
-        # unit; spread over the limbs, lowest first, the top one unbounded.
-        for y in range(acc.shape[0]):
-            for e in range(unit_shift, acc.shape[1]):
-                v = acc[y, e]
-                if v == 0:
-                    continue
-                at = e - unit_shift
-                j = n_limbs - 1 - at // limb_bits
-                lo = at % limb_bits
-                while v > 0:
-                    if j == 0:
-                        sums[y, 0] += v << lo
-                        break
-                    room = limb_bits - lo
-                    sums[y, j] += (v & ((1 << room) - 1)) << lo
-                    v >>= room
-                    j -= 1
-                    lo = 0
         return first_bad
 
     @numba.njit(nogil=True, cache=True)
     def records_wide(probs, raw_labels, eps, tolerance, max_value,
                      p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs,
-                     bits, acc, unit_shift, limb_bits, ibits, ubits, sign):
+                     bits, acc, unit_shift, ibits, ubits, sign):
         # records' work, for the self-confidence records of float32 rows of
         # many classes (:data:`RECORDS_WIDE_K`), four rows at a time: their
         # maximum, argmax and sign test compare the values' bits as
@@ -387,7 +368,7 @@ def _build_numba() -> tuple[Any, ...] | None:
                 counts[y] += 1
                 if bits.shape[0] > 0:
                     # float32: the value's mantissa added to its class's sum of
-                    # that binary exponent (exact; see flush below), for
+                    # that binary exponent (exact; see flush_exponent_sums), for
                     # values below 2 (the sign bit clear, exponent under 128).
                     b = np.int64(bits[i, y])
                     e = b >> 23
@@ -409,8 +390,14 @@ def _build_numba() -> tuple[Any, ...] | None:
                     limb = np.floor(rest)
                     sums[y, j] += np.int64(limb)
                     rest = (rest - limb) * base
-        # flush: acc[y, e] is in units of 2**(e - unit_shift) of the sums'
-        # unit; spread over the limbs, lowest first, the top one unbounded.
+        return first_bad
+
+    @numba.njit(nogil=True, cache=True)
+    def flush_exponent_sums(acc, sums, unit_shift, limb_bits, n_limbs):
+        # After a loop that added float32 values by exponent (records,
+        # records_wide, records_planes): acc[y, e] is in units of
+        # 2**(e - unit_shift) of the sums' unit; spread over the limbs,
+        # lowest first, the top one unbounded.
         for y in range(acc.shape[0]):
             for e in range(unit_shift, acc.shape[1]):
                 v = acc[y, e]
@@ -428,7 +415,6 @@ def _build_numba() -> tuple[Any, ...] | None:
                     v >>= room
                     j -= 1
                     lo = 0
-        return first_bad
 
     @numba.njit(nogil=True, cache=True)
     def scored(score, score_bits, label, pred, p_pred, cut, out, prune, norm, n_rows, hist, shift, top, nan_key):
@@ -666,7 +652,7 @@ def _build_numba() -> tuple[Any, ...] | None:
         return found
 
     return (scan, limbs, joint, records, scored, select, key_order, merge_top, pair_buckets, boundary_pairs,
-            records_wide)
+            records_wide, flush_exponent_sums)
 
 
 _NUMBA: tuple[Any, ...] | None = None
@@ -895,14 +881,14 @@ def scan_rows(
 EXPONENT_SUMS_MAX_K = 256
 
 
-def _exponent_sums(probs: np.ndarray, k: int, limbs: tuple[int, int, float]) -> tuple[np.ndarray, np.ndarray, int, int]:
+def _exponent_sums(probs: np.ndarray, k: int, limbs: tuple[int, int, float]) -> tuple[np.ndarray, np.ndarray, int]:
     """The loops' arguments for adding float32 values by binary exponent:
-    ``(bits, acc, unit_shift, limb_bits)``.
+    ``(bits, acc, unit_shift)``.
 
     A float32 value below 2 is ``m * 2**(e - 150)``, ``m`` below ``2**24``:
     the loops add ``m`` to ``acc[class, e]`` (int64: exact for 2**39 values)
     and spread each class's ``acc`` over the exact sums' limbs once, at the
-    end of the block, instead of cutting every value into limbs (a quarter
+    end of the block (``flush_exponent_sums``), instead of cutting every value into limbs (a quarter
     of a segmentation block's pass one).  The sums' unit is ``2**(31 -
     n_limbs * limb_bits)``, ``2**(unit_shift - 150)``; a value below it is
     cut to the unit as the limbs' floor cuts it, so the class totals are
@@ -922,8 +908,8 @@ def _exponent_sums(probs: np.ndarray, k: int, limbs: tuple[int, int, float]) -> 
         # only the views'.
         bits = np.zeros((0,) * probs.ndim, dtype=np.uint32)
         bits.setflags(write=probs.flags.writeable)
-        return bits, np.zeros((k, 0), dtype=np.int64), 0, limb_bits
-    return probs.view(np.uint32), np.zeros((k, 128), dtype=np.int64), unit_shift, limb_bits
+        return bits, np.zeros((k, 0), dtype=np.int64), 0
+    return probs.view(np.uint32), np.zeros((k, 128), dtype=np.int64), unit_shift
 
 
 def scan_records(
@@ -962,14 +948,16 @@ def scan_records(
     counts = np.zeros(k, dtype=np.int64)
     sums = np.zeros((k, n_limbs), dtype=np.int64)
     probs = np.ascontiguousarray(probs)
+    bits, acc, unit_shift = _exponent_sums(probs, k, limbs)
     head = (probs, labels.astype(np.int64, copy=False), probs.dtype.type(eps),
             -1.0 if tolerance is None else float(tolerance), float(max_value))
     tail = (rec["p_pred"], rec["score"], rec["label"], rec["pred"], rec["reduce"],
-            counts, sums, scale, float(1 << limb_bits), n_limbs, *_exponent_sums(probs, k, limbs))
+            counts, sums, scale, float(1 << limb_bits), n_limbs, bits, acc, unit_shift)
     if not margin and k >= RECORDS_WIDE_K and probs.dtype == np.float32:
         first_bad = fast[10](*head, *tail, *_bits_views(probs))
     else:
         first_bad = fast[3](*head, margin, *tail)
+    fast[11](acc, sums, unit_shift, limb_bits, n_limbs)
     return counts, sums, int(first_bad)
 
 
@@ -992,10 +980,10 @@ def _build_planes() -> Any:
     @numba.njit(nogil=True, cache=True)
     def records_planes(planes, raw_labels, eps, tolerance, max_value,
                        p_pred, score, label, pred, reduce, counts, sums, scale, base, n_limbs,
-                       best, arg, low, total, bits, acc, unit_shift, limb_bits):
+                       best, arg, low, total, bits, acc, unit_shift):
         # records' per-row work (self-confidence) on items stored class by
         # class: planes[i, j, p] is item i * P + p's probability of class j.
-        # Its checks, sums and flush are records', written out again for the
+        # Its checks and sums are records', written out again for the
         # reason records gives (a shared helper defeated numba's cache).
         # The classes are taken one plane at a time, each pixel's running
         # max, argmax, min and float64 sum kept in ``best``, ``arg``, ``low``
@@ -1061,23 +1049,6 @@ def _build_planes() -> Any:
                     limb = np.floor(rest)
                     sums[y, j] += np.int64(limb)
                     rest = (rest - limb) * base
-        for y in range(acc.shape[0]):
-            for e in range(unit_shift, acc.shape[1]):
-                v = acc[y, e]
-                if v == 0:
-                    continue
-                at = e - unit_shift
-                j = n_limbs - 1 - at // limb_bits
-                lo = at % limb_bits
-                while v > 0:
-                    if j == 0:
-                        sums[y, 0] += v << lo
-                        break
-                    room = limb_bits - lo
-                    sums[y, j] += (v & ((1 << room) - 1)) << lo
-                    v >>= room
-                    j -= 1
-                    lo = 0
         return first_bad
 
     return records_planes
@@ -1114,14 +1085,16 @@ def scan_planes(
     counts = np.zeros(k, dtype=np.int64)
     sums = np.zeros((k, n_limbs), dtype=np.int64)
     planes = np.ascontiguousarray(planes)
+    bits, acc, unit_shift = _exponent_sums(planes, k, limbs)
     first_bad = _PLANES(
         planes, labels.astype(np.int64, copy=False), planes.dtype.type(eps),
         -1.0 if tolerance is None else float(tolerance), float(max_value),
         rec["p_pred"], rec["score"], rec["label"], rec["pred"], rec["reduce"],
         counts, sums, scale, float(1 << limb_bits), n_limbs,
         np.empty(m, dtype=planes.dtype), np.empty(m, dtype=np.int64), np.empty(m, dtype=planes.dtype),
-        np.empty(m, dtype=np.float64), *_exponent_sums(planes, k, limbs),
+        np.empty(m, dtype=np.float64), bits, acc, unit_shift,
     )
+    _kernels(kernel)[11](acc, sums, unit_shift, limb_bits, n_limbs)
     return counts, sums, int(first_bad)
 
 

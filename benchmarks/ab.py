@@ -95,10 +95,11 @@ process (dask, distributed and zarr loaded; with a LocalCluster, the
 scheduler runs in it) visits some 90,000 objects and took 40 to 110 ms
 here.  Without it, the objects the untimed call and this script's digests
 allocated made one due, and it fell inside the timed call at a point fixed
-by the allocation counts rather than by the job.  In the scaling rounds on (a)
-(6 fresh clusters per tree and size, 9e09962 against b894215), it fell at
-the start of the timed call in one tree, on the critical path, and with 2
-workers during the scan in the other, where the idle scheduler hid it.
+by the allocation counts rather than by the job.  Traced in the scaling
+procedure on (a) (6 fresh clusters per tree and size, 9e09962 against
+b894215), it fell at the start of the timed call in one tree, on the
+critical path, and with 2 workers during the scan in the other, where the
+idle scheduler hid it.
 The fresh processes (first call, CLI, memory) are left as a user's are.
 
 Each tree's package is compiled to bytecode once before the run (its
@@ -273,10 +274,9 @@ def handle(dli: Any, state: dict[str, Any], request: dict[str, Any]) -> dict[str
         client = state["client"] if request.get("client") else None
         if client is not None:
             kwargs["client"] = client
-        # The previous call's garbage and this harness's (the digests) are
-        # collected here, untimed: left, a full collection (see the module's
-        # docstring) fell inside the timed call wherever the allocation
-        # counts put it.
+        # A full collection made due by the calls before and this script's
+        # digests runs here, untimed, rather than inside the timed call
+        # wherever the allocation counts put it (see the module's docstring).
         gc.collect()
         t = time.perf_counter()
         result = dli.find_label_issues(request["labels"], request["probs"], **kwargs)

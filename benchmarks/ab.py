@@ -136,6 +136,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import resource
 import select
 import shutil
@@ -481,7 +482,30 @@ def summary(samples: dict[str, list[float]]) -> dict[str, Any]:
     old, new = samples["old"], samples["new"]
     blocks = [(new[i] + new[i + 1]) / (old[i] + old[i + 1]) for i in range(0, len(old) - 1, 2) if old[i] + old[i + 1]]
     out["paired_ratio"] = statistics.median(blocks) if blocks else None
+    out["ratio_interval"] = ratio_interval(old, new)
     return out
+
+
+def ratio_interval(old: Sequence[float], new: Sequence[float], resamples: int = 4000,
+                   level: float = 0.95) -> tuple[float, float] | None:
+    """A percentile bootstrap interval of new/old, the ratio of the medians:
+    each tree's samples drawn again with replacement, ``resamples`` times
+    (seeded, so a stored run renders the same interval again).  Where it
+    holds 1, the run cannot tell the trees apart on that figure; an A/A run
+    (one tree on both sides) shows how far identical code strays."""
+    if len(old) < 2 or len(new) < 2:
+        return None
+    draw = random.Random(0)
+    ratios = []
+    for _ in range(resamples):
+        o = statistics.median(draw.choices(old, k=len(old)))
+        if o:
+            ratios.append(statistics.median(draw.choices(new, k=len(new))) / o)
+    if not ratios:
+        return None
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * (len(ratios) - 1))], ratios[int(round((1 - tail) * (len(ratios) - 1)))]
 
 
 def compare(digests: dict[str, dict[str, str]]) -> dict[str, Any]:
@@ -732,19 +756,22 @@ SECTIONS = {
 def table(rows: list[dict[str, Any]], unit: str) -> list[str]:
     has_what = any("what" in r for r in rows)
     head = "| dataset | config |" + (" measure |" if has_what else "")
-    lines = [head + " old median | new median | new/old | paired new/old | old min–max | new min–max | n | digests match |",
-             "|---|---|" + ("---|" if has_what else "") + "---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    lines = [head + " old median | new median | new/old | 95% interval | paired new/old | old min–max | new min–max | n | digests match |",
+             "|---|---|" + ("---|" if has_what else "") + "---:|---:|---:|:---:|---:|---:|---:|---:|:---:|"]
     for r in rows:
         # A section in "x" may hold rows of seconds too (its "what" says so).
         u = "s" if r.get("what") == "seconds" else unit
         fmt = "{:.3f}" if u in ("s", "x") else "{:,.0f}"
         o, n = r["old"], r["new"]
+        # Runs stored before the interval was reported have their samples.
+        interval = r.get("ratio_interval") or ratio_interval(r["samples"]["old"], r["samples"]["new"])
         match = "" if "match" not in r else "yes" if r["match"] else f"**NO** ({', '.join(r['differ'])})"
         if r.get("unstable"):
             match += f"; varies between calls in: {', '.join(r['unstable'])}"
         cells = [f"({r['dataset']})", r["config"], *([r.get("what", "")] if has_what else []),
                  fmt.format(o["median"]) + (f" {u}" if u else ""), fmt.format(n["median"]) + (f" {u}" if u else ""),
-                 f"{r['ratio']:.3f}", "–" if r["paired_ratio"] is None else f"{r['paired_ratio']:.3f}",
+                 f"{r['ratio']:.3f}", "–" if interval is None else f"{interval[0]:.3f}–{interval[1]:.3f}",
+                 "–" if r["paired_ratio"] is None else f"{r['paired_ratio']:.3f}",
                  f"{fmt.format(o['min'])}–{fmt.format(o['max'])}",
                  f"{fmt.format(n['min'])}–{fmt.format(n['max'])}", str(o["n"]), match]
         lines.append("| " + " | ".join(cells) + " |")
@@ -766,7 +793,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {side} | `{t['path']}` | {t['label']} | {fp} |")
     lines += ["", f"Samples per tree: {report['short_repeats']} (memory and scaling: {report['repeats']}), "
               f"interleaved old/new; new/old is the ratio of the medians, below 1 when the new tree is faster or "
-              f"smaller; paired new/old is the median over pairs of consecutive repeats (each tree first in "
+              f"smaller, with a 95% bootstrap interval (each tree's samples drawn again); paired new/old is the median over pairs of consecutive repeats (each tree first in "
               f"one of them) of the new tree's sum over the old's, less moved by other work on the machine; "
               f"{'quick run, without (c)' if report['quick'] else 'all datasets'}; took {report['elapsed_s'] / 60:.1f} min. "
               + ("Each tree's package was compiled to bytecode once before the run (as an install does) and "
@@ -819,8 +846,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--old", required=True, help="the tree before (a directory holding dask_labelissues/)")
-    p.add_argument("--new", required=True, help="the tree after")
+    p.add_argument("--old", help="the tree before (a directory holding dask_labelissues/)")
+    p.add_argument("--new", help="the tree after")
+    p.add_argument("--render", type=Path, metavar="RUN.json",
+                   help="print the report of a stored run again, as this script now writes it, and measure nothing")
     p.add_argument("--repeats", type=int, help="samples per tree of the memory runs (default 5; 3 with --quick)")
     p.add_argument("--short-repeats", type=int, help="samples per tree of the other measurements "
                                                     "(default 3 x repeats, rounded up to an even number)")
@@ -833,6 +862,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())))
+        return 0
+    if not (args.old and args.new):
+        p.error("--old and --new are required")
     repeats = args.repeats or (3 if args.quick else 5)
     short = args.short_repeats or 3 * repeats + (3 * repeats) % 2
     sections = args.sections.split(",")

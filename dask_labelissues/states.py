@@ -386,10 +386,7 @@ class Selection:
             )
         order, ranked_keys = _ranked(kernels.score_keys(gathered.score), gathered.index)
         taken, ranked_keys = order[: self.target], ranked_keys[: self.target]
-        cutoff = int(ranked_keys[-1])
-        at_cutoff = gathered.index[taken[ranked_keys == np.uint64(cutoff)]]
-        block = np.searchsorted(np.asarray(starts), at_cutoff, side="right") - 1
-        quotas = np.bincount(block, minlength=len(starts)).tolist()
+        cutoff, quotas = _cut_at(gathered.index, taken, ranked_keys, starts)
         # Freed before the take allocates the winners: held through it, the
         # ranked keys of every gathered row added to the process's peak (a
         # fork job's parent on 10,000,000 x 100: 4 MB).
@@ -402,12 +399,9 @@ class Selection:
         mask, not the rows, so no process holds O(T) of them."""
         if bucket.index.size != self.bucket:
             raise RuntimeError(f"the selection gathered {bucket.index.size} rows, not the {self.bucket} of its bucket")
-        keys = kernels.score_keys(bucket.score)
-        taken = rank_order(keys, bucket.index)[: self.target - self.below]
-        cutoff = int(keys[taken[-1]])
-        at_cutoff = bucket.index[taken[keys[taken] == np.uint64(cutoff)]]
-        block = np.searchsorted(np.asarray(starts), at_cutoff, side="right") - 1
-        return cutoff, np.bincount(block, minlength=len(starts)).tolist()
+        order, ranked_keys = _ranked(kernels.score_keys(bucket.score), bucket.index)
+        taken = self.target - self.below
+        return _cut_at(bucket.index, order[:taken], ranked_keys[:taken], starts)
 
     def quotas(self, equal_per_block: Sequence[int]) -> list[int]:
         """After all rounds: per block, how many rows with the cutoff key
@@ -419,6 +413,16 @@ class Selection:
             out.append(q)
             left -= q
         return out
+
+
+def _cut_at(index: np.ndarray, taken: np.ndarray, taken_keys: np.ndarray, starts: Sequence[int]) -> tuple[int, list[int]]:
+    """The cut-off key, the last of the ranked rows ``taken`` (positions
+    in ``index``, their keys ``taken_keys``), and per block, how many of
+    them have it: the quotas :func:`selected_block` takes at the cut-off."""
+    cutoff = int(taken_keys[-1])
+    at_cutoff = index[taken[taken_keys == np.uint64(cutoff)]]
+    block = np.searchsorted(np.asarray(starts), at_cutoff, side="right") - 1
+    return cutoff, np.bincount(block, minlength=len(starts)).tolist()
 
 
 @dataclass(eq=False)

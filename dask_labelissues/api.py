@@ -9,7 +9,7 @@ import numpy as np
 
 from . import inputs
 from .engines import BACKEND_CHOICES, make_engine
-from .kernels import METHODS, ScoreSpec
+from .kernels import METHODS, ScoreSpec, filter_requested
 from .pipelines import run, run_filter, warm_up
 from .results import LabelIssues
 
@@ -220,7 +220,7 @@ def find_label_issues(
         method = return_indices_ranked_by
     spec = ScoreSpec(method, bool(adjust_pred_probs), estimation_method, row_sum_tolerance)
     fspec = None
-    if filter_by is not None or frac_noise != 1.0 or num_to_remove_per_class is not None or min_examples_per_class != 1:
+    if filter_requested(filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class):
         # cleanlab.filter's methods load for the jobs that run one (or are
         # given their options, which filter_spec refuses without filter_by).
         from . import filters

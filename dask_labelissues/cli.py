@@ -25,8 +25,7 @@ import numpy as np
 
 from . import __version__
 from .engines.plan import BACKEND_CHOICES
-from .filters import FILTERS
-from .kernels import ESTIMATION_METHODS, METHODS
+from .kernels import ESTIMATION_METHODS, FILTERS, METHODS
 
 EXIT_ERROR = 2
 

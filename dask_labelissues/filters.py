@@ -39,18 +39,8 @@ import numpy as np
 
 from . import fused, kernels
 from .aggregations import Aggregation, each, register
-from .kernels import FLOATING_POINT_COMPARISON
+from .kernels import FILTERS, FLOATING_POINT_COMPARISON, PRUNE_FILTERS, filter_requested
 
-FILTERS = (
-    "prune_by_noise_rate",
-    "prune_by_class",
-    "both",
-    "confident_learning",
-    "predicted_neq_given",
-    "low_normalized_margin",
-    "low_self_confidence",
-)
-PRUNE_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both")
 
 #: Candidate classes kept per row for the noise-rate selection.
 CANDIDATES = 8
@@ -226,7 +216,7 @@ def filter_spec(
     ``num_to_remove_per_class`` stays one entry: the caller, which knows K,
     repeats it."""
     if filter_by is None:
-        if frac_noise != 1.0 or num_to_remove_per_class is not None or min_examples_per_class != 1:
+        if filter_requested(filter_by, frac_noise, num_to_remove_per_class, min_examples_per_class):
             raise ValueError(
                 "frac_noise, num_to_remove_per_class and min_examples_per_class need filter_by "
                 "(one of cleanlab.filter's methods)"

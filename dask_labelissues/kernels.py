@@ -12,6 +12,7 @@ split into blocks; that is what makes the output identical for any chunking.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,34 @@ CLIP_FLOOR = 1e-6
 
 METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 ESTIMATION_METHODS = ("off_diagonal", "off_diagonal_calibrated")
+#: cleanlab.filter's ``filter_by`` methods (:mod:`dask_labelissues.filters`),
+#: named here so that the API and the CLI need not load that module for a
+#: job that runs none of them.
+FILTERS = (
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "predicted_neq_given",
+    "low_normalized_margin",
+    "low_self_confidence",
+)
+PRUNE_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both")
+
+
+def filter_requested(
+    filter_by: str | None, frac_noise: float, num_to_remove_per_class: Any, min_examples_per_class: int
+) -> bool:
+    """Whether cleanlab.filter's arguments ask for one of its methods:
+    ``filter_by``, or a prune option away from its default (which
+    :func:`dask_labelissues.filters.filter_spec` refuses without
+    ``filter_by``)."""
+    return (
+        filter_by is not None
+        or frac_noise != 1.0
+        or num_to_remove_per_class is not None
+        or min_examples_per_class != 1
+    )
 
 #: Bits of a radix-select digit; 4 rounds cover a 64-bit key.
 DIGIT_BITS = 16

@@ -39,7 +39,7 @@ import numpy as np
 from . import inputs
 from .filters import caller_stacklevel, checked_joint, counts_from_given, filter_spec, whole_count
 from .engines import make_engine
-from .kernels import InputProblem, ScoreSpec
+from .kernels import METHODS, InputProblem, ScoreSpec
 from .kinds import OneVsRest
 from .lockstep import ProblemsResult, run_filters, run_problem_scores
 from .pipelines import run_row_scores
@@ -55,7 +55,6 @@ __all__ = [
     "get_label_quality_scores_per_class",
 ]
 
-METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 #: cleanlab's default aggregation of the per-class scores.
 DEFAULT_AGGREGATOR = {"method": "exponential_moving_average", "alpha": 0.8}
 #: cleanlab's floor for the confidence-weighted entropy's divisions.

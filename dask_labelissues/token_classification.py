@@ -43,7 +43,7 @@ from .api import find_label_issues as _find_rows
 from .engines import make_engine
 from .filter import adjusts
 from .filters import filter_spec
-from .kernels import ScoreSpec
+from .kernels import METHODS, ScoreSpec
 from .kinds import ROWS
 from .lockstep import by_buckets, run_filters
 from .pipelines import run_sentence_scores, warm_up
@@ -57,7 +57,6 @@ __all__ = [
     "issues_from_scores",
 ]
 
-TOKEN_SCORE_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 #: What :func:`get_label_quality_scores` passes to the engine.
 ENGINE_OPTIONS = ("backend", "client", "chunk_rows", "n_jobs", "progress", "row_sum_tolerance", "spill_dir")
 
@@ -115,9 +114,9 @@ def find_label_issues(
         negative, a token not summing to 1, a label outside ``0..K-1``),
         named by sentence and token.
     """
-    if return_indices_ranked_by not in TOKEN_SCORE_METHODS:
+    if return_indices_ranked_by not in METHODS:
         raise ValueError(
-            f"return_indices_ranked_by={return_indices_ranked_by!r} is not one of {', '.join(TOKEN_SCORE_METHODS)}"
+            f"return_indices_ranked_by={return_indices_ranked_by!r} is not one of {', '.join(METHODS)}"
         )
     del low_memory  # the exact method runs in bounded memory already
     flat_labels, flat_probs, offsets = _tokens(labels, pred_probs, sentence_offsets)
@@ -235,8 +234,8 @@ def get_label_quality_scores(
     TypeError
         An option the engine does not take.
     """
-    if token_score_method not in TOKEN_SCORE_METHODS:
-        raise ValueError(f"token_score_method={token_score_method!r} is not one of {', '.join(TOKEN_SCORE_METHODS)}")
+    if token_score_method not in METHODS:
+        raise ValueError(f"token_score_method={token_score_method!r} is not one of {', '.join(METHODS)}")
     if sentence_score_method not in SENTENCE_SCORE_METHODS:
         raise ValueError(
             f"sentence_score_method={sentence_score_method!r} is not one of {', '.join(SENTENCE_SCORE_METHODS)}"

@@ -712,3 +712,25 @@ def test_the_command_leaves_its_objects_to_the_os_at_exit(data, tmp_path, bad):
     assert done.returncode == (2 if bad else 0), done.stderr
     assert done.stderr.startswith("error: ") if bad else out.exists()
     assert done.stdout.splitlines()[-1] == "frozen at exit: True"
+
+
+LOADED_FILTERS = (
+    "import atexit, sys; from dask_labelissues.cli import run; "
+    "atexit.register(lambda: print('filters loaded:', 'dask_labelissues.filters' in sys.modules, file=sys.stderr)); "
+    "sys.argv[0] = 'dask-labelissues'; run()"
+)
+
+
+@pytest.mark.parametrize("extra, loaded", [([], False), (["--filter-by", "both"], True)])
+def test_the_cli_loads_cleanlab_filters_only_for_a_filter_job(data, tmp_path, extra, loaded):
+    """A command without ``--filter-by`` does not pay for loading the filters."""
+    d, paths, expected = data
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADED_FILTERS, "find", "--labels", paths["labels"], "--pred-probs",
+         paths["pred_probs"], "--output", str(tmp_path / "o.zarr"), "--json", "--no-progress", *extra],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"filters loaded: {loaded}" in proc.stderr
+    if not extra:
+        assert json.loads(proc.stdout)["num_issues"] == expected.num_issues

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 #: Most classes for which pass one also keeps each block's
 #: :class:`~dask_labelissues.states.OutlookState` (see :func:`_outlook`).
 #: A block's state is K x 16 or more counts: at most 128 KB up to here,
-#: where a block's records (32 bytes a row, about 64 MB of pred_probs a
-#: block) are about 500 KB; with more classes the state would outgrow the
+#: where a block's records (25 bytes a row, about 64 MB of pred_probs a
+#: block) are about 400 KB; with more classes the state would outgrow the
 #: records it sits beside.
 OUTLOOK_MAX_CLASSES = 1024
 
@@ -566,7 +566,7 @@ def pixel_scores_of(engine: Engine, spec: ScoreSpec, records: Blocks, image_shap
     scores = engine.to_array(records, spec.record_dtype(), row_shape=image_shape)["score"]
     if isinstance(scores, np.ndarray):
         # A copy of the field, 8 bytes a pixel: a view would keep the whole
-        # records column (32 bytes a pixel, or its spill file) alive.
+        # records column (25 bytes a pixel, or its spill file) alive.
         scores = np.ascontiguousarray(scores)
     return scores
 
@@ -728,7 +728,7 @@ def sentence_scan_block(
     out: np.ndarray | None = None,
 ) -> Pair:
     """Pass one on a block of whole sentences and its sentences' scores, in
-    one task: the records (32 bytes a token) live only in the task, and the
+    one task: the records (25 bytes a token) live only in the task, and the
     block's token scores (8 bytes a token) go to ``out``.
 
     Returns

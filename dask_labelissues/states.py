@@ -666,7 +666,7 @@ def issue_mask_block(
     ``dropped`` (positions in the block: the near ties the given label
     wins, which the client knows from the top set's rows).  The near-tie
     flags are not read from the records: where the engine keeps the scores,
-    the task reads 8 bytes a row instead of the records' 32 more."""
+    the task reads 8 bytes a row instead of the records' 25 more."""
     if len(dropped) and (np.min(dropped) < 0 or np.max(dropped) >= len(scores)):
         raise IndexError(f"dropped rows outside the block's {len(scores)} rows")
     fast = fused.issue_mask(scores, cutoff, quota, dropped, out=out)

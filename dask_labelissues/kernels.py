@@ -59,6 +59,7 @@ def filter_requested(
         or min_examples_per_class != 1
     )
 
+
 #: Bits of a radix-select digit; 4 rounds cover a 64-bit key.
 DIGIT_BITS = 16
 N_DIGIT_BINS = 1 << DIGIT_BITS
@@ -145,8 +146,8 @@ class ScoreSpec:
         # Packed, not aligned: 25 bytes a row, not 32.  The records are
         # what a job keeps of every row between its passes, so their size
         # is most of its memory beyond one block: a job on 10,000,000 x 100
-        # peaked 11% lower in one process and in each fork worker, and ran
-        # the same to 2% slower (its unaligned loads) on one thread.
+        # peaked 11% lower in one process and in each fork worker, and took
+        # the same time to 2% more on one thread.
         return np.dtype(fields)
 
 

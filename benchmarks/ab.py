@@ -793,8 +793,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {side} | `{t['path']}` | {t['label']} | {fp} |")
     lines += ["", f"Samples per tree: {report['short_repeats']} (memory and scaling: {report['repeats']}), "
               f"interleaved old/new; new/old is the ratio of the medians, below 1 when the new tree is faster or "
-              f"smaller, with a 95% bootstrap interval (each tree's samples drawn again); paired new/old is the median over pairs of consecutive repeats (each tree first in "
-              f"one of them) of the new tree's sum over the old's, less moved by other work on the machine; "
+              f"smaller, with a 95% bootstrap interval (each tree's samples drawn again); paired new/old is "
+              f"the median over pairs of consecutive repeats (each tree first in one of them) of the new "
+              f"tree's sum over the old's, less moved by other work on the machine; "
               f"{'quick run, without (c)' if report['quick'] else 'all datasets'}; took {report['elapsed_s'] / 60:.1f} min. "
               + ("Each tree's package was compiled to bytecode once before the run (as an install does) and "
                  "every process loaded it." if report.get("bytecode") else
